@@ -1,0 +1,308 @@
+"""The ``cnnrepair`` command: argument parsing, progress bars and error reporting around the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from cnnrepair.errors import CnnRepairError
+
+EPILOG = """examples:
+  cnnrepair reproduce                                   # whole pipeline on the embedded 8x8 digits
+  cnnrepair reproduce --dataset mnist --data-dir ../shared/datasets/mnist --out runs/mnist
+  cnnrepair train --dataset cifar10 --data-dir ../shared/datasets/cifar10-jpeg.tar.gz --out runs/cifar10 --epochs 12
+  cnnrepair hybrid --out runs/cifar10 --kh-train-size 10000
+"""
+
+
+class _Bars:
+    """Maps the library's ``progress(desc, done, total)`` calls onto tqdm bars on stderr."""
+
+    def __init__(self, enabled: bool, tty: bool):
+        self.enabled = enabled
+        self.tty = tty
+        self.bar = None
+        self.desc = None
+        self.last = 0.0
+
+    def __call__(self, desc: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if not self.tty:  # logs: one line every 15 s and at the end of each step
+            now = time.monotonic()
+            if done >= total or now - self.last > 15:
+                self.last = now
+                _say(f"  {desc}: {done}/{total}")
+            return
+        from tqdm import tqdm
+
+        if desc != self.desc or self.bar is None:
+            self.close()
+            self.bar = tqdm(total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
+            self.desc = desc
+        self.bar.n = done
+        self.bar.refresh()
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar, self.desc = None, None
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    from cnnrepair.data import DATASETS
+
+    p.add_argument("--dataset", choices=DATASETS, default="digits", help="dataset (default: digits, embedded, needs no files)")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="dataset location: IDX folder (MNIST-style), cifar-10-batches-py folder, image-folder tree or its .tar.gz "
+                        "(default: $CNNREPAIR_DATA/<dataset>, ./data/<dataset>, ../shared/datasets/...)")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", default=None, help="mnist-nn, cifar10-nn or digits-nn (default: the dataset's)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the dataset's recipe)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--seed", type=int, default=0, help="seed for initialisation, shuffling and augmentation (default 0)")
+
+
+def _add_hybrid_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lh-c", type=float, default=0.01, help="C of the linear SVM (LH), on standardised features (default 0.01)")
+    p.add_argument("--kh-c", type=float, default=10.0, help="C of the RBF SVM (KH) (default 10)")
+    p.add_argument("--kh-train-size", type=int, default=None,
+                   help="fit KH on a stratified subset of this many training features (faster; default: all, exact)")
+    p.add_argument("--no-kh", action="store_true", help="skip KH (exact RBF SVC is slow on large feature sets)")
+
+
+def _eps_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers (e.g. 0.025,0.05)") from None
+
+
+def _add_attack_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--attacks", default="fgsm,pgd", help="comma-separated attacks: fgsm (the paper's), pgd (default: fgsm,pgd)")
+    p.add_argument("--eps", type=_eps_list, default=None,
+                   help="comma-separated epsilons on the [0, 1] pixel scale (default: the paper's grid for the dataset)")
+    p.add_argument("--attack-images", type=int, default=None, help="attack a seeded slice of this many test images (default: all)")
+    p.add_argument("--pgd-images", type=int, default=None, help="slice for PGD alone, which costs --pgd-steps times FGSM (default: --attack-images)")
+    p.add_argument("--pgd-steps", type=int, default=20, help="PGD iterations (default 20, step 2.5*eps/steps, random start)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="cnnrepair",
+        description="Train CNNs, build CNN+SVM hybrids, attack them and repair the linear head by linear programming "
+                    "(Guidotti & Leofante 2020). Every command writes into one run directory (--out).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("reproduce", help="run every stage: train, hybrids (LH, KH), attack sweeps, export", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_data_args(p)
+    p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<dataset>)")
+    _add_train_args(p)
+    _add_hybrid_args(p)
+    _add_attack_args(p)
+
+    p = sub.add_parser("train", help="train the dataset's CNN (resumes from the run's checkpoint)")
+    _add_data_args(p)
+    p.add_argument("--out", type=Path, required=True, help="run directory")
+    _add_train_args(p)
+
+    p = sub.add_parser("hybrid", help="fit LH (linear SVM) and KH (RBF SVM) heads on a trained run's features")
+    p.add_argument("--out", type=Path, required=True, help="run directory of a trained CNN")
+    _add_hybrid_args(p)
+
+    p = sub.add_parser("attack", help="sweep attacks over epsilon on every model of a run (paper figure 2) with the transfer matrix")
+    p.add_argument("--out", type=Path, required=True, help="run directory with a trained CNN (and hybrids)")
+    p.add_argument("--models", default=None, help="comma-separated models to attack: nn, lh, kh, rlh (default: all in the run)")
+    _add_attack_args(p)
+
+    p = sub.add_parser("export", help="export a run's models with torch.export (.pt2), loadable without cnnrepair")
+    p.add_argument("--out", type=Path, required=True, help="run directory")
+
+    p = sub.add_parser("download", help="download a dataset and verify its checksums (needs internet)")
+    p.add_argument("name", choices=["mnist"], help="dataset to fetch")
+    p.add_argument("--dest", type=Path, default=Path("data"), help="parent folder (default: data)")
+    return parser
+
+
+def _cmd_train(args: argparse.Namespace, bars: _Bars, run=None):
+    from cnnrepair.data import load_dataset
+    from cnnrepair.pipeline import stage_train, train_config
+    from cnnrepair.rundir import RunDir
+
+    cfg = train_config(args.dataset, {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed})
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
+        raise CnnRepairError(f"--epochs and --batch-size must be >= 1 and --lr > 0 (got {cfg.epochs}, {cfg.batch_size}, {cfg.lr})")
+    run = run or RunDir(args.out)
+    run.init(args.dataset, {"data_dir": str(args.data_dir) if args.data_dir else None, "seed": args.seed})
+    _say(f"loading {args.dataset} ...")
+    ds = load_dataset(args.dataset, args.data_dir)
+    _say(f"{ds.name}: {len(ds.y_train)} train / {len(ds.y_test)} test images of {'x'.join(map(str, ds.image_shape))}, {ds.num_classes} classes")
+    model = stage_train(run, ds, cfg, args.arch, bars)
+    res = run.results
+    p = res["params"]["nn"]
+    _say(f"{res['arch']}: {p['total']:,} parameters ({p['features']:,} features + {p['head']:,} head); "
+         f"NN test accuracy {100 * res['accuracy']['nn']:.2f}%")
+    return run, ds, model
+
+
+def _cmd_hybrid(args: argparse.Namespace, bars: _Bars, run=None, ds=None, model=None):
+    from cnnrepair.pipeline import load_nn, open_dataset, stage_features, stage_hybrid
+    from cnnrepair.rundir import RunDir
+
+    run = run or RunDir(args.out)
+    cfg = run.require()
+    ds = ds or open_dataset(run)
+    model = model or load_nn(run)
+    if args.kh_train_size is not None and args.kh_train_size < 10 * ds.num_classes:
+        raise CnnRepairError(f"--kh-train-size {args.kh_train_size} is too small; use at least {10 * ds.num_classes}")
+    _say("extracting features ...")
+    feats = stage_features(run, model, ds, bars)
+    kinds = ("lh",) if args.no_kh else ("lh", "kh")
+    _say(f"fitting {' and '.join(k.upper() for k in kinds)} on {feats['train'].shape[1]} features ...")
+    hybrids = stage_hybrid(run, model, ds, feats, args.lh_c, args.kh_c, args.kh_train_size, cfg.get("seed", 0), kinds)
+    res = run.results
+    for k in kinds:
+        h = res["hybrid"][k]
+        _say(f"{k.upper()}: test accuracy {100 * res['accuracy'][k]:.2f}% (fit {res['timings_s'][f'fit_{k}']:.1f}s on {h['n_train']} samples, "
+             f"max |torch - sklearn| = {h['max_abs_diff_vs_sklearn']:.1e})")
+    return run, ds, model, hybrids
+
+
+def _cmd_attack(args: argparse.Namespace, bars: _Bars, run=None, ds=None):
+    from cnnrepair.attacks import PAPER_EPS, get_attack
+    from cnnrepair.pipeline import load_models, open_dataset, stage_attack
+    from cnnrepair.report import plot_attack_curves
+    from cnnrepair.rundir import RunDir
+
+    run = run or RunDir(args.out)
+    cfg = run.require()
+    names = [n.strip() for n in args.attacks.split(",") if n.strip()]
+    for n in names:
+        get_attack(n)
+    eps = args.eps if args.eps is not None else PAPER_EPS.get(cfg["dataset"], PAPER_EPS["mnist"])
+    models = load_models(run, [m.strip() for m in args.models.split(",")] if getattr(args, "models", None) else None)
+    ds = ds or open_dataset(run)
+    for n in (args.attack_images, args.pgd_images):
+        if n is not None and n < 1:
+            raise CnnRepairError(f"--attack-images/--pgd-images must be >= 1 (got {n})")
+    for name in names:
+        n_images = args.pgd_images if name == "pgd" and args.pgd_images else args.attack_images
+        _say(f"{name.upper()} sweep over eps {', '.join(f'{e:g}' for e in eps)} on {', '.join(m.upper() for m in models)} ...")
+        r = stage_attack(run, ds, models, name, eps, n_images, args.pgd_steps if name == "pgd" else None, cfg.get("seed", 0), bars)
+        for m, accs in r["own"].items():
+            _say(f"  {m.upper()}: clean {100 * r['clean'][m]:.2f}% -> own adversarial set " + " ".join(f"{100 * a:.1f}" for a in accs))
+    results = run.results["attack"]
+    fig = plot_attack_curves({n: results[n] for n in names}, cfg["dataset"], run.sub("figures/attack_curves.png"))
+    _write_examples(run, ds, models, names[0], eps[-1])
+    _say(f"figure: {fig}")
+    return models
+
+
+def _write_examples(run, ds, models, attack_name: str, eps: float) -> None:
+    """Figure of a few clean/adversarial pairs on the first hybrid (or NN) at the largest eps."""
+    import numpy as np
+    import torch
+
+    from cnnrepair.data import to_float
+    from cnnrepair.evaluation import load_set
+    from cnnrepair.report import plot_examples
+
+    res = run.results["attack"][attack_name]
+    source = "lh" if "lh" in models else next(iter(models))
+    n = res["n_images"]
+    idx = np.arange(len(ds.y_test))
+    if n < len(ds.y_test):
+        idx = np.sort(np.random.default_rng(run.config.get("seed", 0)).permutation(len(ds.y_test))[:n])
+    aset = load_set(run.path, attack_name, source, eps, n)
+    pick = aset.index[:8]
+    clean = to_float(ds.x_test[idx][pick])
+    adv = aset.images(ds.x_test[idx])[:8]
+    with torch.no_grad():
+        cp = models[source](clean).argmax(1).numpy()
+        ap = models[source](adv).argmax(1).numpy()
+    plot_examples(clean.numpy(), adv.numpy(), ds.y_test[idx][pick], cp, ap, ds.classes,
+                  f"{attack_name.upper()} on {source.upper()}, eps={eps:g}: clean (top) and adversarial (bottom)",
+                  run.sub(f"figures/examples_{attack_name}.png"))
+
+
+def _cmd_export(args: argparse.Namespace, bars: _Bars, run=None, models=None):
+    from cnnrepair.pipeline import load_hybrid, load_nn, open_dataset
+    from cnnrepair.pipeline import export_models
+    from cnnrepair.rundir import RunDir
+
+    run = run or RunDir(args.out)
+    run.require()
+    if models is None:
+        nn = load_nn(run)
+        models = {"nn": nn}
+        for kind in ("lh", "kh", "rlh"):
+            if (run.path / f"models/{kind}.pt").is_file():
+                models[kind] = load_hybrid(run, kind, nn)
+    shape = tuple(run.results.get("input_shape") or open_dataset(run).image_shape)
+    written = export_models(run, models, shape)
+    _say("exported " + ", ".join(f"{k} -> {v}" for k, v in written.items()))
+    return written
+
+
+def _cmd_reproduce(args: argparse.Namespace, bars: _Bars):
+    from cnnrepair.report import write_summary
+
+    args.out = args.out or Path("runs") / args.dataset
+    t0 = time.perf_counter()
+    run, ds, model = _cmd_train(args, bars)
+    run, ds, model, hybrids = _cmd_hybrid(args, bars, run, ds, model)
+    _cmd_attack(args, bars, run, ds)
+    _cmd_export(args, bars, run, {"nn": model, **hybrids})
+    run.update_results(timings_s={"reproduce_total": time.perf_counter() - t0})
+    summary = write_summary(run)
+    _say(f"done in {time.perf_counter() - t0:.0f}s; results: {run.path / 'results.json'}; summary: {summary}")
+
+
+def _cmd_download(args: argparse.Namespace, bars: _Bars):
+    from cnnrepair.data import download_dataset
+
+    folder = download_dataset(args.name, args.dest)
+    _say(f"{args.name} verified in {folder}")
+
+
+COMMANDS: dict[str, Callable] = {
+    "reproduce": _cmd_reproduce, "train": _cmd_train, "hybrid": _cmd_hybrid, "attack": _cmd_attack, "export": _cmd_export, "download": _cmd_download,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: returns 0 on success, 2 on bad input (one line on stderr), 130 on Ctrl-C."""
+    args = build_parser().parse_args(argv)
+    bars = _Bars(not args.quiet, sys.stderr.isatty())
+    try:
+        COMMANDS[args.command](args, bars)
+    except CnnRepairError as exc:
+        bars.close()
+        print(f"cnnrepair: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        bars.close()
+        print("cnnrepair: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    bars.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

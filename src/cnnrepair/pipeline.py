@@ -1,0 +1,213 @@
+"""The paper's stages as functions over a run directory: train, extract features, fit hybrids, export.
+
+Each stage reads what earlier stages left in the run directory, writes its own outputs atomically,
+and records its results and timings in ``results.json``; the CLI only wires them together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cnnrepair.data import Dataset, load_dataset
+from cnnrepair.errors import CnnRepairError
+from cnnrepair.hybrid import HybridNet, fit_linear_svm, fit_rbf_svm, load_head, save_head
+from cnnrepair.io import load_npz, load_torch, save_npz, save_torch
+from cnnrepair.models import DEFAULT_ARCH, SplitNet, build_model, param_counts
+from cnnrepair.rundir import RunDir
+from cnnrepair.training import RECIPES, Progress, TrainConfig, accuracy, outputs, train
+
+NN_WEIGHTS = "models/nn.pt"
+TRAIN_CKPT = "checkpoints/nn_train.pt"
+FEATURES = "features.npz"
+
+
+def open_dataset(run: RunDir) -> Dataset:
+    """Load the dataset a run was made for."""
+    cfg = run.require()
+    return load_dataset(cfg["dataset"], cfg.get("data_dir"))
+
+
+def train_config(dataset: str, overrides: dict[str, Any]) -> TrainConfig:
+    """The dataset's recipe with the user's non-None overrides applied."""
+    base = asdict(RECIPES.get(dataset, TrainConfig()))
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**base)
+
+
+def stage_train(run: RunDir, ds: Dataset, cfg: TrainConfig, arch: str | None = None, progress: Progress | None = None) -> SplitNet:
+    """Train (or resume, or reuse) the CNN and record its parameter counts and test accuracy."""
+    arch = arch or DEFAULT_ARCH.get(ds.name, "mnist-nn")
+    torch.manual_seed(cfg.seed)
+    model = build_model(arch, ds.image_shape, ds.num_classes)
+    weights = run.path / NN_WEIGHTS
+    reused = weights.is_file()
+    t0 = time.perf_counter()
+    if reused:
+        state = load_torch(weights, "model weights")
+        if state.get("arch") != arch or state.get("train") != asdict(cfg):
+            raise CnnRepairError(f"{weights}: trained with other settings ({state.get('arch')}, {state.get('train')}); use another --out")
+        _load_weights(model, state, weights)
+        history = state.get("history", [])
+    else:
+        history = train(model, ds.x_train, ds.y_train, cfg, run.sub(TRAIN_CKPT), progress)
+        save_torch(run.sub(NN_WEIGHTS), {"arch": arch, "model": model.state_dict(), "train": asdict(cfg), "history": history,
+                                         "input_shape": list(ds.image_shape), "num_classes": ds.num_classes})
+    train_s = time.perf_counter() - t0
+    acc = accuracy(model, ds.x_test, ds.y_test)
+    run.update_results(
+        dataset=ds.name, seed=cfg.seed, arch=arch, classes=ds.classes, input_shape=list(ds.image_shape),
+        params={"nn": param_counts(model)},
+        accuracy={"nn": acc},
+        training={"config": asdict(cfg), "history": history, "n_train": int(len(ds.y_train)), "n_test": int(len(ds.y_test))},
+        **({} if reused else {"timings_s": {"train": train_s}}),
+    )
+    return model
+
+
+def _load_weights(model: torch.nn.Module, state: dict, path: Path) -> None:
+    try:
+        model.load_state_dict(state["model"])
+    except (KeyError, RuntimeError) as exc:
+        raise CnnRepairError(f"{path}: weights do not fit the model ({str(exc).splitlines()[0][:120]}); delete it and retrain") from None
+    model.eval()
+
+
+def load_nn(run: RunDir) -> SplitNet:
+    """The trained CNN of a run."""
+    path = run.path / NN_WEIGHTS
+    state = load_torch(path, "model weights")
+    try:
+        model = build_model(state["arch"], tuple(state["input_shape"]), int(state["num_classes"]))
+    except KeyError as exc:
+        raise CnnRepairError(f"{path}: not a cnnrepair model file (missing {exc}); delete it and rerun `cnnrepair train`") from None
+    _load_weights(model, state, path)
+    return model
+
+
+def _fingerprint(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def stage_features(run: RunDir, model: SplitNet, ds: Dataset, progress: Progress | None = None) -> dict[str, np.ndarray]:
+    """Extract train/test features once; reuse the cache while the CNN weights are unchanged."""
+    path = run.path / FEATURES
+    fp = _fingerprint(run.path / NN_WEIGHTS)
+    if path.is_file():
+        cached = load_npz(path, "feature cache")
+        if str(cached.get("fingerprint")) == fp and len(cached["train"]) == len(ds.y_train) and len(cached["test"]) == len(ds.y_test):
+            return cached
+    t0 = time.perf_counter()
+    feats = {
+        "train": outputs(model.features, ds.x_train, 500, progress, "features train"),
+        "test": outputs(model.features, ds.x_test, 500, progress, "features test"),
+    }
+    save_npz(path, train=feats["train"], test=feats["test"], fingerprint=np.array(fp))
+    run.update_results(timings_s={"features": time.perf_counter() - t0})
+    return feats
+
+
+def stage_hybrid(run: RunDir, model: SplitNet, ds: Dataset, feats: dict[str, np.ndarray], lh_c: float = 0.01, kh_c: float = 10.0,
+                 kh_train_size: int | None = None, seed: int = 0, kinds: tuple[str, ...] = ("lh", "kh")) -> dict[str, HybridNet]:
+    """Fit LH and KH on the cached features; record accuracy, agreement with scikit-learn and timings."""
+    out, acc, timing, info = {}, {}, {}, {}
+    for kind in kinds:
+        xtr, ytr = feats["train"], ds.y_train
+        if kind == "kh" and kh_train_size and kh_train_size < len(ytr):
+            idx = _stratified_subset(ytr, kh_train_size, seed)
+            xtr, ytr = xtr[idx], ytr[idx]
+        if kind == "lh":
+            head, pipe, fit = fit_linear_svm(xtr, ytr, C=lh_c, seed=seed)
+        else:
+            head, pipe, fit = fit_rbf_svm(xtr, ytr, C=kh_c)
+        with torch.no_grad():
+            torch_dec = head(torch.as_tensor(feats["test"])).double().numpy()
+        sk_dec = pipe.decision_function(np.asarray(feats["test"], np.float64))
+        if sk_dec.ndim == 1:
+            sk_dec = np.stack([-sk_dec, sk_dec], 1)
+        hybrid = HybridNet(model.features, head).eval()
+        acc[kind] = float((torch_dec.argmax(1) == ds.y_test).mean())
+        timing[f"fit_{kind}"] = fit.seconds
+        info[kind] = {"C": lh_c if kind == "lh" else kh_c, "n_train": fit.n_train, "n_support": fit.n_support,
+                      "converged": fit.converged, "sklearn_accuracy": float((pipe.predict(np.asarray(feats["test"], np.float64)) == ds.y_test).mean()),
+                      "max_abs_diff_vs_sklearn": float(np.abs(torch_dec - sk_dec).max())}
+        save_head(run.sub(f"models/{kind}.pt"), head, info[kind])
+        out[kind] = hybrid
+    params = {k: sum(b.numel() for b in h.head.buffers()) for k, h in out.items()}
+    run.update_results(accuracy=acc, timings_s=timing, hybrid=info, params=params)
+    return out
+
+
+def _stratified_subset(y: np.ndarray, n: int, seed: int) -> np.ndarray:
+    from sklearn.model_selection import train_test_split
+
+    idx, _ = train_test_split(np.arange(len(y)), train_size=n, random_state=seed, stratify=y)
+    return np.sort(idx)
+
+
+def load_hybrid(run: RunDir, kind: str, model: SplitNet | None = None) -> HybridNet:
+    """A fitted hybrid (``lh``, ``kh`` or ``rlh``) of a run."""
+    path = run.path / f"models/{kind}.pt"
+    if not path.is_file():
+        raise CnnRepairError(f"{path}: no {kind.upper()} in this run; run `cnnrepair hybrid --out {run.path}` first")
+    return HybridNet((model or load_nn(run)).features, load_head(path)).eval()
+
+
+def export_models(run: RunDir, models: dict[str, torch.nn.Module], input_shape: tuple[int, int, int]) -> dict[str, str]:
+    """Export each model with ``torch.export`` to ``export/<name>.pt2``, loadable without cnnrepair."""
+    from cnnrepair.io import atomic_write
+
+    written = {}
+    for name, model in models.items():
+        example = torch.zeros(2, *input_shape)
+        batch = torch.export.Dim("batch", min=1, max=1 << 20)
+        program = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: batch},))
+        path = run.sub(f"export/{name}.pt2")
+        atomic_write(path, lambda p, program=program: torch.export.save(program, str(p)))
+        written[name] = str(path.relative_to(run.path))
+    run.update_results(exports=written)
+    return written
+
+
+def model_fingerprints(run: RunDir, names: list[str]) -> dict[str, str]:
+    """Short content hashes of each model file (NN plus its heads), so cached attacks notice retraining."""
+    nn_fp = _fingerprint(run.path / NN_WEIGHTS)
+    return {n: nn_fp if n == "nn" else nn_fp + _fingerprint(run.path / f"models/{n}.pt") for n in names}
+
+
+def load_models(run: RunDir, names: list[str] | None = None) -> dict[str, torch.nn.Module]:
+    """NN and every hybrid the run has (or exactly ``names``), sharing one feature extractor."""
+    nn = load_nn(run)
+    available = ["nn"] + [k for k in ("lh", "kh", "rlh") if (run.path / f"models/{k}.pt").is_file()]
+    if names is None:
+        names = available
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise CnnRepairError(f"{run.path}: no model {', '.join(unknown)} in this run (it has {', '.join(available)}); "
+                             f"fit it first or choose from those")
+    return {n: nn if n == "nn" else load_hybrid(run, n, nn) for n in names}
+
+
+def stage_attack(run: RunDir, ds: Dataset, models: dict[str, torch.nn.Module], attack_name: str, eps_list: list[float],
+                 n_images: int | None = None, steps: int | None = None, seed: int = 0, progress: Progress | None = None) -> dict:
+    """Sweep ``attack_name`` over ``eps_list`` on the test set (or a seeded slice of ``n_images``)."""
+    from cnnrepair.attacks import get_attack
+    from cnnrepair.evaluation import sweep
+
+    spec = get_attack(attack_name, **({"steps": steps} if steps else {}))
+    x, y = ds.x_test, ds.y_test
+    if n_images is not None and n_images < len(y):
+        idx = np.sort(np.random.default_rng(seed).permutation(len(y))[:n_images])
+        x, y = x[idx], y[idx]
+    t0 = time.perf_counter()
+    result = sweep(models, x, y, eps_list, spec, run.path, model_fingerprints(run, list(models)), seed, progress)
+    result["seconds"] = time.perf_counter() - t0
+    prev = run.results.get("attack", {})
+    run.update_results(attack={**prev, attack_name: result}, timings_s={f"attack_{attack_name}": result["seconds"]})
+    return result

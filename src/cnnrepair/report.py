@@ -1,0 +1,93 @@
+"""Human-readable summaries and figures written from a run's ``results.json``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from cnnrepair.io import write_text
+from cnnrepair.rundir import RunDir
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def write_summary(run: RunDir) -> Path:
+    """Write ``summary.md`` from results.json and return its path."""
+    res = run.results
+    acc, params, t = res.get("accuracy", {}), res.get("params", {}), res.get("timings_s", {})
+    lines = [f"# cnnrepair run: {res.get('dataset', '?')}", "",
+             f"Architecture {res.get('arch', '?')}, seed {res.get('seed', '?')}, "
+             f"{res.get('training', {}).get('n_train', '?')} train / {res.get('training', {}).get('n_test', '?')} test images.", "",
+             "| model | test accuracy | parameters |", "| --- | --- | --- |"]
+    nn_params = params.get("nn", {})
+    if "nn" in acc:
+        lines.append(f"| NN | {_pct(acc['nn'])} | {nn_params.get('total', 0):,} ({nn_params.get('features', 0):,} features + {nn_params.get('head', 0):,} head) |")
+    for kind in ("lh", "kh", "rlh"):
+        if kind in acc:
+            lines.append(f"| {kind.upper()} | {_pct(acc[kind])} | {nn_params.get('features', 0):,} features + {params.get(kind, 0):,} head values |")
+    if t:
+        lines += ["", "| step | seconds |", "| --- | --- |"] + [f"| {k} | {v:.1f} |" for k, v in t.items()]
+    path = run.path / "summary.md"
+    write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+MODEL_STYLE = {"nn": ("NN", "tab:blue"), "lh": ("LH", "tab:orange"), "kh": ("KH", "tab:green"), "rlh": ("RLH", "tab:red")}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_attack_curves(attack_results: dict, dataset: str, path: Path) -> Path:
+    """Paper figure 2: accuracy on each model's own adversarial test set against epsilon, one panel per attack."""
+    from cnnrepair.io import atomic_write
+
+    plt = _plt()
+    names = list(attack_results)
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.8), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        r = attack_results[name]
+        for model, accs in r["own"].items():
+            label, color = MODEL_STYLE.get(model, (model.upper(), None))
+            ax.plot(r["eps"], [100 * a for a in accs], marker="o", label=label, color=color)
+            ax.axhline(100 * r["clean"][model], color=color, linestyle=":", linewidth=1)
+        ax.set_title(f"{name.upper()} on {dataset} ({r['n_images']} test images)")
+        ax.set_xlabel("epsilon (L-inf, pixels in [0, 1])")
+        ax.set_ylabel("accuracy on own adversarial test set (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    atomic_write(Path(path), lambda p: fig.savefig(p, dpi=110, format="png"))
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_examples(clean: np.ndarray, adv: np.ndarray, labels, clean_pred, adv_pred, classes: list[str], title: str, path: Path) -> Path:
+    """A row of clean images over their adversarial versions, each with the model's prediction."""
+    from cnnrepair.io import atomic_write
+
+    plt = _plt()
+    n = len(clean)
+    fig, axes = plt.subplots(2, max(n, 1), figsize=(1.6 * max(n, 1), 3.6), squeeze=False)
+    for i in range(n):
+        for row, (img, pred) in enumerate(((clean[i], clean_pred[i]), (adv[i], adv_pred[i]))):
+            ax = axes[row][i]
+            im = img.transpose(1, 2, 0)
+            ax.imshow(im[..., 0] if im.shape[2] == 1 else im, cmap="gray" if im.shape[2] == 1 else None, vmin=0, vmax=1)
+            ok = pred == labels[i]
+            ax.set_title(f"{'clean' if row == 0 else 'adv'}: {classes[pred]}", fontsize=8, color="black" if ok else "red")
+            ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    atomic_write(Path(path), lambda p: fig.savefig(p, dpi=110, format="png"))
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,152 @@
+"""Seeded, resumable training of a SplitNet, batched evaluation and feature extraction.
+
+Recipe: AdamW with a one-cycle learning-rate schedule (cosine annealing after a warm-up) and
+cross-entropy; for colour images random 4-pixel-padded crops and horizontal flips. Each epoch's
+shuffle and augmentation come from a generator seeded by (seed, epoch), so a run resumed from its
+checkpoint takes exactly the same steps as one that never stopped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnrepair.data import to_float
+from cnnrepair.errors import CnnRepairError
+from cnnrepair.io import load_torch, save_torch
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run."""
+
+    epochs: int = 6
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    augment: bool = False
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+RECIPES: dict[str, TrainConfig] = {
+    "digits": TrainConfig(epochs=40, batch_size=64, lr=3e-3),
+    "mnist": TrainConfig(epochs=6, batch_size=128, lr=2e-3),
+    "fashion-mnist": TrainConfig(epochs=10, batch_size=128, lr=2e-3),
+    "kmnist": TrainConfig(epochs=10, batch_size=128, lr=2e-3),
+    "cifar10": TrainConfig(epochs=12, batch_size=128, lr=1e-3, augment=True),
+}
+
+
+def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random 4-pixel-padded (reflect) crop and horizontal flip, batched."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (4, 4, 4, 4), mode="reflect")
+    dy = torch.randint(0, 9, (n,), generator=g)
+    dx = torch.randint(0, 9, (n,), generator=g)
+    rows = (dy[:, None] + torch.arange(h)[None])[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w)[None])[:, None, None, :]
+    out = padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+    flip = torch.rand(n, generator=g) < 0.5
+    out[flip] = out[flip].flip(3)
+    return out
+
+
+def train(
+    model: nn.Module,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    cfg: TrainConfig,
+    checkpoint: Path | None = None,
+    progress: Progress | None = None,
+) -> list[dict]:
+    """Train ``model`` in place, resuming from ``checkpoint`` if it holds an unfinished run.
+
+    Returns the per-epoch history (loss, accuracy on the training batches, learning rate).
+    """
+    n = len(y_train)
+    if n == 0:
+        raise CnnRepairError("training set is empty; check the dataset")
+    steps_per_epoch = (n + cfg.batch_size - 1) // cfg.batch_size
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, pct_start=0.2)
+    start, history = 0, []
+    if checkpoint is not None and Path(checkpoint).is_file():
+        state = load_torch(checkpoint, "training checkpoint")
+        saved = state.get("config", {})
+        if {k: saved.get(k) for k in ("epochs", "batch_size", "lr", "seed")} != {k: getattr(cfg, k) for k in ("epochs", "batch_size", "lr", "seed")}:
+            raise CnnRepairError(f"{checkpoint}: checkpoint was trained with {saved}, not the requested settings; use another --out or the same settings")
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise CnnRepairError(f"{checkpoint}: checkpoint does not fit this model ({str(exc).splitlines()[0][:120]}); delete it or use another --out") from None
+        start, history = int(state["epoch"]), list(state.get("history", []))
+    x_all = torch.as_tensor(x_train)
+    y_all = torch.as_tensor(y_train, dtype=torch.long)
+    for epoch in range(start, cfg.epochs):
+        model.train()
+        g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        perm = torch.randperm(n, generator=g)
+        tot_loss, tot_correct = 0.0, 0
+        for step in range(steps_per_epoch):
+            idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            xb, yb = to_float(x_all[idx]), y_all[idx]
+            if cfg.augment:
+                xb = _augment(xb, g)
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            tot_loss += loss.item() * len(idx)
+            tot_correct += int((logits.argmax(1) == yb).sum())
+            if progress:
+                progress(f"train epoch {epoch + 1}/{cfg.epochs}", step + 1, steps_per_epoch)
+        history.append({"epoch": epoch + 1, "loss": tot_loss / n, "train_acc": tot_correct / n, "lr": sched.get_last_lr()[0]})
+        if checkpoint is not None:
+            save_torch(Path(checkpoint), {
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "epoch": epoch + 1, "config": asdict(cfg), "history": history,
+            })
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: np.ndarray | torch.Tensor, batch_size: int = 1000) -> np.ndarray:
+    """Predicted labels for uint8 or [0, 1] float images."""
+    return np.concatenate([batch.argmax(1).numpy() for batch in _batched(model, x, batch_size)]) if len(x) else np.zeros(0, np.int64)
+
+
+@torch.no_grad()
+def outputs(model: nn.Module, x: np.ndarray | torch.Tensor, batch_size: int = 1000, progress: Progress | None = None, desc: str = "") -> np.ndarray:
+    """Model outputs (logits, decision values or features) for uint8 or [0, 1] float images."""
+    chunks = list(_batched(model, x, batch_size, progress, desc))
+    return torch.cat(chunks).numpy() if chunks else np.zeros((0,), np.float32)
+
+
+def _batched(model: nn.Module, x, batch_size: int, progress: Progress | None = None, desc: str = ""):
+    was_training = model.training
+    model.eval()
+    total = (len(x) + batch_size - 1) // batch_size
+    for i in range(total):
+        yield model(to_float(x[i * batch_size:(i + 1) * batch_size]))
+        if progress:
+            progress(desc, i + 1, total)
+    model.train(was_training)
+
+
+def accuracy(model: nn.Module, x: np.ndarray | torch.Tensor, y: np.ndarray) -> float:
+    """Share of images classified correctly."""
+    return float((predict(model, x) == np.asarray(y)).mean()) if len(y) else float("nan")
