@@ -161,6 +161,7 @@ class _SafeUnpickler(pickle.Unpickler):
 
     _ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
         ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
     }
 

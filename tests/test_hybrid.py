@@ -1,0 +1,79 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from cnnrepair.hybrid import HybridNet, fit_linear_svm, fit_rbf_svm, load_head, save_head
+from cnnrepair.pipeline import load_hybrid, load_nn
+from cnnrepair.rundir import RunDir
+from cnnrepair.training import outputs
+
+
+@pytest.fixture(scope="module")
+def feats(digits_run, digits):
+    model = load_nn(RunDir(digits_run))
+    return model, outputs(model.features, digits.x_train), outputs(model.features, digits.x_test)
+
+
+@pytest.mark.parametrize("kind", ["lh", "kh"])
+def test_torch_head_matches_sklearn_decision_function(feats, digits, kind, tmp_path):
+    model, xtr, xte = feats
+    fit = fit_linear_svm if kind == "lh" else fit_rbf_svm
+    head, pipe, info = fit(xtr, digits.y_train)
+    sk = pipe.decision_function(xte.astype(np.float64))
+    with torch.no_grad():
+        ours = head(torch.as_tensor(xte)).double().numpy()
+    assert np.abs(ours - sk).max() < 1e-5
+    assert (ours.argmax(1) == pipe.predict(xte.astype(np.float64))).all()
+    assert info.n_train == len(digits.y_train) and info.seconds > 0
+    save_head(tmp_path / "h.pt", head)
+    with torch.no_grad():
+        again = load_head(tmp_path / "h.pt")(torch.as_tensor(xte)).double().numpy()
+    np.testing.assert_array_equal(again, ours)
+
+
+@pytest.mark.parametrize("kind", ["lh", "kh"])
+def test_gradients_reach_the_input_through_the_svm(digits_run, digits, kind):
+    hybrid = load_hybrid(RunDir(digits_run), kind)
+    x = torch.as_tensor(digits.x_test[:4]).float().div(255).requires_grad_(True)
+    loss = torch.nn.functional.cross_entropy(hybrid(x), torch.as_tensor(digits.y_test[:4]))
+    loss.backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(not p.requires_grad for p in hybrid.features.parameters())
+
+
+def test_run_records_accuracy_and_agreement(digits_run):
+    res = RunDir(digits_run).results
+    assert set(res["accuracy"]) >= {"nn", "lh", "kh"}
+    assert all(0.85 < res["accuracy"][k] <= 1 for k in ("nn", "lh", "kh"))
+    for k in ("lh", "kh"):
+        assert res["hybrid"][k]["max_abs_diff_vs_sklearn"] < 1e-5
+        assert res["hybrid"][k]["sklearn_accuracy"] == pytest.approx(res["accuracy"][k], abs=1e-9)
+    assert res["params"]["nn"]["total"] == 13_706 and res["timings_s"]["fit_kh"] > 0
+
+
+def test_exported_models_load_without_cnnrepair(digits_run, digits, tmp_path):
+    from cnnrepair.pipeline import export_models, load_models
+
+    run = RunDir(digits_run)
+    models = load_models(run)
+    written = export_models(run, models, (1, 8, 8))
+    assert set(written) == {"nn", "lh", "kh"}
+    x = torch.as_tensor(digits.x_test[:5]).float().div(255)
+    np.save(tmp_path / "x.npy", x.numpy())
+    script = (
+        "import sys, numpy as np, torch\n"
+        "sys.modules['cnnrepair'] = None\n"  # importing the package would now fail
+        f"x = torch.as_tensor(np.load({str(tmp_path / 'x.npy')!r}))\n"
+        "for name in sys.argv[1:]:\n"
+        "    m = torch.export.load(name).module()\n"
+        "    print(','.join(str(v) for v in m(x).argmax(1).tolist()))\n"
+    )
+    paths = [str(digits_run / written[k]) for k in ("nn", "lh", "kh")]
+    out = subprocess.run([sys.executable, "-c", script, *paths], capture_output=True, text=True, check=True).stdout.split()
+    for line, k in zip(out, ("nn", "lh", "kh")):
+        with torch.no_grad():
+            expected = models[k](x).argmax(1).tolist()
+        assert line == ",".join(map(str, expected))
