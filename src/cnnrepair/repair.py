@@ -297,7 +297,6 @@ def wilcoxon_select(clean: np.ndarray, adversarial: np.ndarray, p_threshold: flo
         raise CnnRepairError(f"selection threshold must be in (0, 1], got {p_threshold}")
     pvals = np.ones(clean.shape[1])
     changing = np.flatnonzero((clean != adversarial).any(0))
-    if len(changing):
-        res = wilcoxon(clean[:, changing], adversarial[:, changing], axis=0, zero_method="wilcox")
-        pvals[changing] = np.nan_to_num(np.asarray(res.pvalue, np.float64), nan=1.0)
+    for j in changing:  # one call a feature: SciPy picks the exact or normal method per feature, as by hand
+        pvals[j] = np.nan_to_num(float(wilcoxon(clean[:, j], adversarial[:, j], zero_method="wilcox").pvalue), nan=1.0)
     return pvals < p_threshold, pvals

@@ -1,0 +1,143 @@
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from scipy.optimize import linprog
+from scipy.stats import wilcoxon
+
+from cnnrepair.errors import CnnRepairError
+from cnnrepair.repair import RepairProblem, repair, wilcoxon_select
+
+
+def _problem(k=4, d=30, K=3, seed=0, sparsity=0.5, **kw):
+    rng = np.random.default_rng(seed)
+    X = np.maximum(rng.normal(size=(K, d)), 0) * (rng.random((K, d)) > sparsity)
+    X[:, 0] = 0.0  # a feature that is zero on every repair point
+    return RepairProblem(rng.normal(size=(k, d)), rng.normal(size=k), X, rng.normal(size=(K, k)) * 3, **kw)
+
+
+def _linprog_reference(p: RepairProblem) -> float:
+    """The whole program at once, written independently: gamma free, t >= |gamma|, delta >= 0."""
+    k, d = p.W.shape
+    K = p.X.shape[0]
+    n_g = k * d
+    # variable order: gamma (k*d, row-major), t (k*d), delta (K*k, point-major)
+    c = np.concatenate([np.zeros(n_g), np.ones(n_g), np.full(K * k, p.delta_weight)])
+    rows, rhs = [], []
+    I = sp.identity(n_g, format="csr")
+    rows += [sp.hstack([I, -I, sp.csr_matrix((n_g, K * k))]), sp.hstack([-I, -I, sp.csr_matrix((n_g, K * k))])]
+    rhs += [np.zeros(n_g), np.zeros(n_g)]
+    G = sp.lil_matrix((K * k, n_g))
+    D = sp.lil_matrix((K * k, K * k))
+    r = np.zeros(K * k)
+    for a in range(K):
+        for i in range(k):
+            row = a * k + i
+            G[row, i * d:(i + 1) * d] = p.X[a]
+            D[row, row] = -1.0
+            r[row] = p.Y[a, i] - p.W[i] @ p.X[a] - p.b[i]
+    G, D = G.tocsr(), D.tocsr()
+    rows += [sp.hstack([G, sp.csr_matrix((K * k, n_g)), D]), sp.hstack([-G, sp.csr_matrix((K * k, n_g)), D])]
+    rhs += [r, -r]
+    bounds = [(None, None)] * n_g + [(0, None)] * (n_g + K * k)
+    if p.mask is not None:
+        for i in range(k):
+            for j in np.flatnonzero(~p.mask):
+                bounds[i * d + j] = (0, 0)
+    res = linprog(c, A_ub=sp.vstack(rows).tocsr(), b_ub=np.concatenate(rhs), bounds=bounds, method="highs")
+    assert res.status == 0
+    return res.fun
+
+
+def _check_feasible(p: RepairProblem, r, tol=1e-7):
+    dec = p.X @ (p.W + r.gamma).T + p.b
+    assert np.all(np.abs(dec - p.Y) <= r.delta + tol)
+    assert np.all(r.delta >= 0)
+    assert r.objective == pytest.approx(np.abs(r.gamma).sum() + p.delta_weight * r.delta.sum(), rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("masked", [False, True])
+def test_backends_agree_with_independent_linprog(seed, masked):
+    p = _problem(seed=seed, K=1 + seed * 2)
+    if masked:
+        p = RepairProblem(p.W, p.b, p.X, p.Y, mask=np.arange(p.W.shape[1]) % 3 != 0)
+    ref = _linprog_reference(p)
+    results = {s: repair(p, s) for s in ("highs", "highs-ipm", "cvxopt")}
+    for name, r in results.items():
+        assert r.ok, name
+        assert r.objective == pytest.approx(ref, rel=1e-6), name
+        _check_feasible(p, r, tol=1e-6 if name == "cvxopt" else 1e-7)
+        if masked:
+            assert np.all(r.gamma[:, ~p.mask] == 0)
+        assert np.all(r.gamma[:, 0] == 0)  # zero on every point: never worth changing
+
+
+def test_parallel_classes_give_the_same_optimum():
+    p = _problem(k=6, d=40, K=5, seed=4)
+    a, b = repair(p, "highs"), repair(p, "highs", n_jobs=2)
+    assert a.objective == pytest.approx(b.objective, rel=1e-9)
+
+
+def test_single_point_hits_its_targets_with_a_large_enough_budget():
+    p = _problem(K=1, seed=3, delta_weight=1e3)
+    r = repair(p)
+    dec = p.X @ (p.W + r.gamma).T + p.b
+    np.testing.assert_allclose(dec, p.Y, atol=1e-7)
+    assert r.delta.max() < 1e-9
+    # a cheap slack instead leaves targets missed rather than editing weights
+    cheap = repair(RepairProblem(p.W, p.b, p.X, p.Y, delta_weight=1e-3))
+    assert np.abs(cheap.gamma).sum() == 0 and cheap.delta.sum() > 0
+
+
+def test_hard_targets_that_cannot_be_met_are_reported_infeasible():
+    p = _problem(K=3, seed=5)
+    X = p.X.copy()
+    X[1] = X[0]  # identical points with different targets: no weights satisfy both exactly
+    Y = p.Y.copy()
+    Y[1] = Y[0] + 1
+    r = repair(RepairProblem(p.W, p.b, X, Y, hard=True))
+    assert not r.ok and r.status.startswith("infeasible")
+    assert np.isnan(r.objective)
+
+
+def test_bounded_changes_respect_the_bound():
+    p = _problem(seed=6, max_change=0.05)
+    r = repair(p, "highs")
+    assert r.ok and np.abs(r.gamma).max() <= 0.05 + 1e-9
+    rc = repair(p, "cvxopt")
+    assert rc.objective == pytest.approx(r.objective, rel=1e-6)
+
+
+def test_bad_repair_input():
+    p = _problem()
+    with pytest.raises(CnnRepairError, match="X has 29 features but W has 30"):
+        RepairProblem(p.W, p.b, p.X[:, 1:], p.Y)
+    with pytest.raises(CnnRepairError, match="Y must be 3 x 4"):
+        RepairProblem(p.W, p.b, p.X, p.Y[:, 1:])
+    X = p.X.copy()
+    X[0, 3] = np.nan
+    with pytest.raises(CnnRepairError, match="X contains NaN"):
+        RepairProblem(p.W, p.b, X, p.Y)
+    with pytest.raises(CnnRepairError, match="mask selects nothing"):
+        RepairProblem(p.W, p.b, p.X, p.Y, mask=np.zeros(30, bool))
+    with pytest.raises(CnnRepairError, match="unknown solver"):
+        repair(p, "gurobi")
+
+
+def test_wilcoxon_selection_matches_scipy_on_a_hand_made_case():
+    rng = np.random.default_rng(0)
+    n = 30
+    clean = rng.random((n, 4))
+    adv = clean.copy()
+    adv[:, 0] += 0.5 + 0.01 * rng.random(n)  # always up: tiny p
+    adv[:, 1] += rng.normal(scale=0.1, size=n)  # noise: large p
+    adv[:5, 2] += 0.1  # a few changes
+    # feature 3 never changes
+    mask, p = wilcoxon_select(clean, adv, 0.1)
+    for j in range(3):
+        assert p[j] == pytest.approx(wilcoxon(clean[:, j], adv[:, j]).pvalue)
+    assert p[3] == 1.0
+    assert mask.tolist() == [True, wilcoxon(clean[:, 1], adv[:, 1]).pvalue < 0.1, p[2] < 0.1, False]
+    assert mask[0] and not mask[3]
+    with pytest.raises(CnnRepairError, match="paired"):
+        wilcoxon_select(clean, adv[:, :3])
