@@ -99,6 +99,32 @@ def _add_attack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pgd-steps", type=int, default=20, help="PGD iterations (default 20, step 2.5*eps/steps, random start)")
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers (e.g. 1,50)") from None
+
+
+def _add_repair_args(p: argparse.ArgumentParser) -> None:
+    from cnnrepair.repair import SOLVERS
+
+    p.add_argument("--repair-eps", type=_eps_list, default=None, help="epsilons to repair at (default: the attack grid)")
+    p.add_argument("--k", type=_int_list, default=[1, 50], help="numbers of repair points, comma-separated (default 1,50; the paper used 1)")
+    p.add_argument("--selection", default="none,wilcoxon", help="feature selection variants: none, wilcoxon (default: both)")
+    p.add_argument("--select-p", type=float, default=0.1, help="Wilcoxon p-value threshold (default 0.1, the paper's)")
+    p.add_argument("--target", choices=["clean", "label"], default="clean",
+                   help="target decision values: LH's on the clean image (default) or +-1 one-vs-rest margins")
+    p.add_argument("--solver", choices=SOLVERS, default="highs", help="LP solver (default highs; cvxopt is the paper's)")
+    p.add_argument("--time-limit", type=float, default=None, help="seconds per class LP before giving up")
+    p.add_argument("--eval-images", type=int, default=None, help="evaluate on a seeded slice of this many test images (default: all)")
+    p.add_argument("--jobs", type=int, default=1, help="class LPs solved in parallel (default 1)")
+    p.add_argument("--anchors", choices=["none", "pairs"], default="none",
+                   help="pairs: also keep each repair point's clean image at LH's values (beyond the paper; default none)")
+    p.add_argument("--extra-anchors", type=int, default=0, help="clean training images whose LH values the repair must keep (default 0)")
+    p.add_argument("--anchor-weight", type=float, default=1.0, help="slack price of anchor points relative to repair points (default 1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(
@@ -116,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     _add_hybrid_args(p)
     _add_attack_args(p)
+    _add_repair_args(p)
 
     p = sub.add_parser("train", help="train the dataset's CNN (resumes from the run's checkpoint)")
     _add_data_args(p)
@@ -130,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="run directory with a trained CNN (and hybrids)")
     p.add_argument("--models", default=None, help="comma-separated models to attack: nn, lh, kh, rlh (default: all in the run)")
     _add_attack_args(p)
+
+    p = sub.add_parser("repair", help="repair LH's head by linear programming and evaluate RLH (paper figure 3)")
+    p.add_argument("--out", type=Path, required=True, help="run directory with NN and LH")
+    _add_repair_args(p)
 
     p = sub.add_parser("export", help="export a run's models with torch.export (.pt2), loadable without cnnrepair")
     p.add_argument("--out", type=Path, required=True, help="run directory")
@@ -241,6 +272,53 @@ def _write_examples(run, ds, models, attack_name: str, eps: float) -> None:
                   run.sub(f"figures/examples_{attack_name}.png"))
 
 
+def _cmd_repair(args: argparse.Namespace, bars: _Bars, run=None, ds=None):
+    from cnnrepair.attacks import PAPER_EPS, check_eps
+    from cnnrepair.experiment import RepairSettings
+    from cnnrepair.pipeline import open_dataset, stage_repair
+    from cnnrepair.report import plot_repair
+    from cnnrepair.rundir import RunDir
+
+    run = run or RunDir(args.out)
+    cfg = run.require()
+    eps = args.repair_eps or getattr(args, "eps", None) or PAPER_EPS.get(cfg["dataset"], PAPER_EPS["mnist"])
+    eps = [check_eps(e) for e in eps]
+    if not args.k or min(args.k) < 1:
+        raise CnnRepairError(f"--k needs positive integers (got {args.k})")
+    selections = [v.strip() for v in args.selection.split(",") if v.strip()]
+    for sel in selections:
+        if sel not in ("none", "wilcoxon"):
+            raise CnnRepairError(f"unknown --selection {sel!r}; choose none, wilcoxon or both")
+    if not (0 < args.select_p <= 1):
+        raise CnnRepairError(f"--select-p must be in (0, 1], got {args.select_p}")
+    settings = RepairSettings(eps=eps, ks=sorted(set(args.k)), selections=selections, solver=args.solver, target=args.target,
+                              select_p=args.select_p, eval_images=args.eval_images, time_limit=args.time_limit,
+                              n_jobs=args.jobs, seed=cfg.get("seed", 0), anchors=args.anchors,
+                              extra_anchors=args.extra_anchors, anchor_weight=args.anchor_weight)
+    if args.extra_anchors < 0 or args.anchor_weight <= 0:
+        raise CnnRepairError("--extra-anchors must be >= 0 and --anchor-weight > 0")
+    ds = ds or open_dataset(run)
+    _say(f"repairing LH at eps {', '.join(f'{e:g}' for e in eps)} with K={settings.ks}, selection {selections}, solver {args.solver} ...")
+    result = stage_repair(run, ds, settings, bars)
+    for e in result["entries"]:
+        if "lp" not in e:
+            _say(f"  eps={e['eps']:g} K={e['k']} {e['selection']}: skipped, {e['error']}")
+            continue
+        lp = e["lp"]
+        k = f"{e['k']}" if e["k_used"] == e["k"] else f"{e['k_used']} (of {e['k']} asked: all there are)"
+        head = f"  eps={e['eps']:g} K={k} {e['selection']:8s} LP {lp['size']['variables']:,} vars {lp['status']} {lp['seconds']:.2f}s"
+        if "accuracy" in e:
+            a = e["accuracy"]
+            _say(f"{head}: Data LH {100 * a['lh']['data']:.2f} -> RLH {100 * a['rlh']['data']:.2f}, "
+                 f"unseen LH adversaries fixed {100 * e['generalisation']:.1f}%, efficacy {100 * e['efficacy']:.0f}%, "
+                 f"RHADV RLH {100 * a['rlh']['rhadv']:.2f} vs HADV LH {100 * a['lh']['hadv']:.2f}")
+        else:
+            _say(f"{head}: {e['error']}")
+    fig = plot_repair(result["entries"], cfg["dataset"], run.sub("figures/repair.png"))
+    _say(f"figure: {fig}")
+    return result
+
+
 def _cmd_export(args: argparse.Namespace, bars: _Bars, run=None, models=None):
     from cnnrepair.pipeline import load_hybrid, load_nn, open_dataset
     from cnnrepair.pipeline import export_models
@@ -268,7 +346,10 @@ def _cmd_reproduce(args: argparse.Namespace, bars: _Bars):
     run, ds, model = _cmd_train(args, bars)
     run, ds, model, hybrids = _cmd_hybrid(args, bars, run, ds, model)
     _cmd_attack(args, bars, run, ds)
-    _cmd_export(args, bars, run, {"nn": model, **hybrids})
+    _cmd_repair(args, bars, run, ds)
+    from cnnrepair.pipeline import load_models
+
+    _cmd_export(args, bars, run, load_models(run))
     run.update_results(timings_s={"reproduce_total": time.perf_counter() - t0})
     summary = write_summary(run)
     _say(f"done in {time.perf_counter() - t0:.0f}s; results: {run.path / 'results.json'}; summary: {summary}")
@@ -282,7 +363,7 @@ def _cmd_download(args: argparse.Namespace, bars: _Bars):
 
 
 COMMANDS: dict[str, Callable] = {
-    "reproduce": _cmd_reproduce, "train": _cmd_train, "hybrid": _cmd_hybrid, "attack": _cmd_attack, "export": _cmd_export, "download": _cmd_download,
+    "reproduce": _cmd_reproduce, "train": _cmd_train, "hybrid": _cmd_hybrid, "attack": _cmd_attack, "repair": _cmd_repair, "export": _cmd_export, "download": _cmd_download,
 }
 
 

@@ -211,3 +211,30 @@ def stage_attack(run: RunDir, ds: Dataset, models: dict[str, torch.nn.Module], a
     prev = run.results.get("attack", {})
     run.update_results(attack={**prev, attack_name: result}, timings_s={f"attack_{attack_name}": result["seconds"]})
     return result
+
+
+def stage_repair(run: RunDir, ds: Dataset, settings, progress: Progress | None = None) -> dict:
+    """Run the paper's repair experiment and install the primary RLH as ``models/rlh.pt``.
+
+    The primary RLH is the entry at the middle epsilon of the grid, the largest K, no selection.
+    """
+    import shutil
+
+    from cnnrepair.experiment import run_repair_experiment
+
+    models = load_models(run, ["nn", "lh"])
+    feats = load_npz(run.path / FEATURES, "feature cache")
+    t0 = time.perf_counter()
+    entries = run_repair_experiment(run, ds, models, feats["test"], settings, model_fingerprints(run, ["nn", "lh"]), progress)
+    seconds = time.perf_counter() - t0
+    primary_eps = settings.eps[len(settings.eps) // 2]
+    sel = "none" if "none" in settings.selections else settings.selections[0]
+    primary = f"eps{primary_eps:g}_k{max(settings.ks)}_{sel}"
+    src = run.path / "repair" / primary / "rlh.pt"
+    if src.is_file():
+        from cnnrepair.io import atomic_write
+
+        atomic_write(run.sub("models/rlh.pt"), lambda p: shutil.copyfile(src, p))
+    result = {"settings": asdict(settings), "primary": primary if src.is_file() else None, "entries": entries}
+    run.update_results(repair=result, timings_s={"repair": seconds})
+    return result

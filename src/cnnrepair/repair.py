@@ -35,7 +35,12 @@ SOLVERS = ("highs", "highs-ipm", "cvxopt")
 
 @dataclass
 class RepairProblem:
-    """Arrays of one repair: head ``W`` (k x d), ``b`` (k), points ``X`` (K x d), targets ``Y`` (K x k)."""
+    """Arrays of one repair: head ``W`` (k x d), ``b`` (k), points ``X`` (K x d), targets ``Y`` (K x k).
+
+    ``delta_weight`` (lambda) prices every slack; ``point_weights`` scales it per point (e.g. to
+    weigh clean anchor points, whose targets are LH's own values, against adversarial ones);
+    ``max_change`` bounds every |gamma_ij|; ``hard`` forbids slack (the LP may then be infeasible).
+    """
 
     W: np.ndarray
     b: np.ndarray
@@ -45,6 +50,7 @@ class RepairProblem:
     delta_weight: float = 1.0
     max_change: float | None = None
     hard: bool = False
+    point_weights: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.W = np.asarray(self.W, np.float64)
@@ -67,6 +73,10 @@ class RepairProblem:
                 raise CnnRepairError(f"repair: mask has {self.mask.size} entries, W has {d} features")
             if not self.mask.any():
                 raise CnnRepairError("repair: the feature mask selects nothing; raise the selection threshold (--select-p) or drop selection")
+        if self.point_weights is not None:
+            self.point_weights = np.asarray(self.point_weights, np.float64).reshape(-1)
+            if self.point_weights.shape != (self.X.shape[0],) or not np.all(self.point_weights > 0):
+                raise CnnRepairError(f"repair: point_weights must be {self.X.shape[0]} positive numbers, one per point")
         if self.delta_weight <= 0:
             raise CnnRepairError(f"repair: delta_weight must be > 0 (got {self.delta_weight})")
         if self.max_change is not None and self.max_change <= 0:
@@ -100,23 +110,25 @@ class ClassLP:
 class TargetConstraints:
     """Two-sided target family: |(w_i + gamma_i) x_k + b_i - y_ki| <= delta_ki for every point k."""
 
-    def rows(self, p: RepairProblem, i: int, Xc: sp.csr_matrix, cols: np.ndarray) -> tuple[sp.csr_matrix, sp.csr_matrix, np.ndarray]:
-        """(coefficients on gamma, coefficients on this family's slacks, right-hand side) for class i."""
+    def rows(self, p: RepairProblem, i: int, Xc: sp.csr_matrix, cols: np.ndarray) -> tuple[sp.csr_matrix, sp.csr_matrix, np.ndarray, np.ndarray]:
+        """(coefficients on gamma, on this family's slacks, right-hand side, slack costs) for class i."""
         r = p.Y[:, i] - p.X @ p.W[i] - p.b[i]
         K = Xc.shape[0]
         eye = sp.identity(K, format="csr")
-        return sp.vstack([Xc, -Xc], format="csr"), sp.vstack([-eye, -eye], format="csr"), np.concatenate([r, -r])
+        cost = p.delta_weight * (p.point_weights if p.point_weights is not None else np.ones(K))
+        return sp.vstack([Xc, -Xc], format="csr"), sp.vstack([-eye, -eye], format="csr"), np.concatenate([r, -r]), cost
 
 
 def build_class_lp(p: RepairProblem, i: int, cols: np.ndarray, Xc: sp.csr_matrix, families=None) -> ClassLP:
     """Assemble class i's LP over variables [g+ (m), g- (m), slacks of each family]."""
     families = families or [TargetConstraints()]
-    blocks, slack_blocks, rhs = [], [], []
+    blocks, slack_blocks, rhs, costs = [], [], [], []
     for fam in families:
-        G, S, h = fam.rows(p, i, Xc, cols)
+        G, S, h, cost = fam.rows(p, i, Xc, cols)
         blocks.append(G)
         slack_blocks.append(S)
         rhs.append(h)
+        costs.append(cost)
     n_slack = [S.shape[1] for S in slack_blocks]
     m = len(cols)
     rows = []
@@ -127,7 +139,7 @@ def build_class_lp(p: RepairProblem, i: int, cols: np.ndarray, Xc: sp.csr_matrix
         rows.append(sp.hstack([G, -G, left, S, right], format="csr"))
         offset += S.shape[1]
     A = sp.vstack(rows, format="csr")
-    c = np.concatenate([np.ones(2 * m), np.full(sum(n_slack), p.delta_weight)])
+    c = np.concatenate([np.ones(2 * m), *costs])
     upper = np.full(A.shape[1], np.inf)
     if p.max_change is not None:
         upper[:2 * m] = p.max_change
@@ -276,7 +288,8 @@ def repair(p: RepairProblem, solver: str = "highs", time_limit: float | None = N
         g = x[:m] - x[m:2 * m]
         gamma[o["class"], cols] = np.where(np.abs(g) > 1e-12, g, 0.0)
         delta[:, o["class"]] = np.maximum(x[2 * m:2 * m + K], 0.0)
-    objective = float(np.abs(gamma).sum() + p.delta_weight * delta.sum()) if status == "optimal" else float("nan")
+    weights = p.point_weights if p.point_weights is not None else np.ones(K)
+    objective = float(np.abs(gamma).sum() + p.delta_weight * (weights @ delta).sum()) if status == "optimal" else float("nan")
     size["full_variables"] = int(k * (2 * d + K))
     return RepairResult(gamma, delta, objective, status, solver, time.perf_counter() - t0, size, outs)
 

@@ -91,3 +91,44 @@ def plot_examples(clean: np.ndarray, adv: np.ndarray, labels, clean_pred, adv_pr
     atomic_write(Path(path), lambda p: fig.savefig(p, dpi=110, format="png"))
     plt.close(fig)
     return Path(path)
+
+
+SPLITS = [("data", "Data (clean test set)"), ("adv", "ADV (LH's test adversaries alone)"), ("nadv", "NADV (NN's adversarial set)"),
+          ("hadv", "HADV (LH's adversarial set)"), ("rhadv", "RHADV (fresh attack on RLH)")]
+
+
+def plot_repair(entries: list[dict], dataset: str, path: Path) -> Path:
+    """Paper figure 3: accuracy of NN, LH and each RLH variant against epsilon on every evaluation set."""
+    from cnnrepair.io import atomic_write
+
+    plt = _plt()
+    ok = [e for e in entries if "accuracy" in e]
+    fig, axes = plt.subplots(1, len(SPLITS), figsize=(4.2 * len(SPLITS), 3.8), squeeze=False)
+    variants = sorted({(e["k"], e["selection"]) for e in ok})
+    styles = ["-", "--", "-.", ":"]
+    for ax, (split, title) in zip(axes[0], SPLITS):
+        # RHADV differs per RLH variant, so NN and LH are drawn there on their own set (HADV) for reference
+        ref_split = "hadv" if split == "rhadv" else split
+        for model in ("nn", "lh") if split != "rhadv" else ("lh",):
+            pts = sorted({(e["eps"], e["accuracy"][model][ref_split]) for e in ok if e["accuracy"][model][ref_split] is not None})
+            if pts:
+                label, color = MODEL_STYLE[model]
+                ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", color=color,
+                        label=label if split != "rhadv" else "LH on HADV", linestyle="-" if split != "rhadv" else "--")
+        for i, (k, sel) in enumerate(variants):
+            pts = sorted((e["eps"], e["accuracy"]["rlh"][split]) for e in ok if (e["k"], e["selection"]) == (k, sel)
+                         and e["accuracy"]["rlh"][split] is not None)
+            if pts:
+                ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="s", color=MODEL_STYLE["rlh"][1],
+                        linestyle=styles[i % len(styles)], label=f"RLH K={k}{'' if sel == 'none' else ', ' + sel}")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("epsilon")
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"Repair of the linear hybrid on {dataset}", fontsize=10)
+    fig.tight_layout()
+    atomic_write(Path(path), lambda p: fig.savefig(p, dpi=110, format="png"))
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,257 @@
+"""The paper's repair experiment (section 3.2, figure 3): repair points, RLH, and its evaluation.
+
+For each epsilon: attack LH on *training* images to get repair points, solve the repair LP for
+each (K, feature selection) setting, save the repaired head (RLH), and evaluate NN, LH and RLH on
+the clean test set (Data), on LH's test adversarial examples alone (ADV), and on the adversarial
+test sets of NN (NADV), LH (HADV) and of a fresh attack on RLH itself (RHADV).
+
+Targets: by default the decision values LH gives the *clean* training image an adversarial example
+came from (the paper's "correct values of the decision function"); ``target="label"`` uses the
+one-vs-rest margins instead (+1 for the true class, -1 for the others). Only adversarial examples
+whose clean image LH classifies correctly are used, so a clean target is always a correct one.
+The bias is not changed.
+
+Anchors (beyond the paper, off by default): ``anchors="pairs"`` adds each repair point's clean
+image as a point whose target is LH's own decision values, so the repair must keep the clean
+image where it was; ``extra_anchors=N`` adds N more correctly classified clean training images.
+Both enter the same LP as weighted target rows, which keeps clean accuracy from drawing down.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cnnrepair.attacks import attack, get_attack
+from cnnrepair.data import Dataset, to_float
+from cnnrepair.errors import CnnRepairError
+from cnnrepair.evaluation import make_adversarial_set, set_path
+from cnnrepair.hybrid import HybridNet, LinearHead, save_head
+from cnnrepair.io import load_npz, save_npz
+from cnnrepair.repair import RepairProblem, repair, wilcoxon_select
+from cnnrepair.rundir import RunDir
+from cnnrepair.training import Progress, outputs
+
+
+@dataclass
+class RepairSettings:
+    """What to repair with: epsilons, numbers of repair points, selection, solver and targets."""
+
+    eps: list[float]
+    ks: list[int]
+    selections: list[str]
+    solver: str = "highs"
+    target: str = "clean"
+    select_p: float = 0.1
+    attack: str = "fgsm"
+    eval_images: int | None = None
+    time_limit: float | None = None
+    n_jobs: int = 1
+    seed: int = 0
+    anchors: str = "none"
+    extra_anchors: int = 0
+    anchor_weight: float = 1.0
+
+
+def repair_pool(run: RunDir, ds: Dataset, lh: HybridNet, eps: float, needed: int, attack_name: str, seed: int,
+                progress: Progress | None = None) -> dict[str, np.ndarray]:
+    """Adversarial examples of LH on training images (cached): indices, clean and adversarial features.
+
+    Training images are attacked in seeded chunks until ``needed`` successes are found (or the
+    training set is used up); only images LH classifies correctly when clean are kept.
+    """
+    path = run.path / "repair" / f"pool_{attack_name}_eps{eps:g}.npz"
+    if path.is_file():
+        pool = load_npz(path, "repair pool")
+        if len(pool["index"]) >= needed or bool(pool["exhausted"]):
+            return pool
+    spec = get_attack(attack_name)
+    order = np.random.default_rng(seed).permutation(len(ds.y_train))
+    chunk = max(1000, 4 * needed)
+    idx_list, clean_list, adv_list, used = [], [], [], 0
+    torch.manual_seed(seed)
+    while used < len(order) and sum(len(i) for i in idx_list) < needed:
+        take = order[used:used + chunk]
+        used += len(take)
+        x = to_float(ds.x_train[take])
+        y = ds.y_train[take]
+        with torch.no_grad():
+            clean_ok = lh(x).argmax(1).numpy() == y
+        adv, success = attack(lh, x, y, eps, spec, progress=progress, desc=f"repair points eps={eps:g}")
+        keep = np.flatnonzero(success.numpy() & clean_ok)
+        if len(keep):
+            idx_list.append(take[keep])
+            clean_list.append(outputs(lh.features, x[keep]))
+            adv_list.append(outputs(lh.features, adv[keep]))
+    d = lh.head.weight.shape[1]
+    pool = {
+        "index": np.concatenate(idx_list) if idx_list else np.zeros(0, np.int64),
+        "clean": np.concatenate(clean_list) if clean_list else np.zeros((0, d), np.float32),
+        "adv": np.concatenate(adv_list) if adv_list else np.zeros((0, d), np.float32),
+        "exhausted": np.array(used >= len(order)),
+        "attacked": np.array(used),
+    }
+    save_npz(path, **pool)
+    return pool
+
+
+def targets(lh_head: LinearHead, clean_feats: np.ndarray, labels: np.ndarray, kind: str) -> np.ndarray:
+    """Target decision values for repair points: LH's values on the clean image, or +-1 margins."""
+    if kind == "clean":
+        return lh_head.decision_values(clean_feats)
+    if kind == "label":
+        y = -np.ones((len(labels), lh_head.weight.shape[0]))
+        y[np.arange(len(labels)), labels] = 1.0
+        return y
+    raise CnnRepairError(f"unknown repair target {kind!r}; choose clean or label")
+
+
+def _anchor_pool(ds: Dataset, lh: HybridNet, s: RepairSettings) -> dict[str, np.ndarray]:
+    """Features and LH decision values of ``extra_anchors`` correctly classified clean training images."""
+    if s.anchors not in ("none", "pairs"):
+        raise CnnRepairError(f"unknown anchors {s.anchors!r}; choose none or pairs")
+    if s.extra_anchors <= 0:
+        return {"x": np.zeros((0, lh.head.weight.shape[1]), np.float32), "y": np.zeros((0, lh.head.weight.shape[0]))}
+    order = np.random.default_rng(s.seed + 1).permutation(len(ds.y_train))[:2 * s.extra_anchors]
+    feats = outputs(lh.features, ds.x_train[order])
+    dec = lh.head.decision_values(feats)
+    ok = np.flatnonzero(dec.argmax(1) == ds.y_train[order])[:s.extra_anchors]
+    return {"x": feats[ok], "y": dec[ok]}
+
+
+def _with_anchors(X: np.ndarray, Y: np.ndarray, clean: np.ndarray, lh_head: LinearHead, anchor_pool: dict, s: RepairSettings):
+    """Append anchor rows (clean counterparts and/or extra clean points, targets = LH's own values) with their slack weights."""
+    xs, ys = [X], [Y]
+    if s.anchors == "pairs":
+        xs.append(clean)
+        ys.append(lh_head.decision_values(clean))
+    xs.append(anchor_pool["x"])
+    ys.append(anchor_pool["y"])
+    Xa, Ya = np.concatenate(xs), np.concatenate(ys)
+    n_anchor = len(Xa) - len(X)
+    weights = np.concatenate([np.ones(len(X)), np.full(n_anchor, s.anchor_weight)]) if n_anchor else None
+    return Xa, Ya, weights, n_anchor
+
+
+def _acc(pred: np.ndarray, y: np.ndarray) -> float | None:
+    return float((pred == y).mean()) if len(y) else None
+
+
+def run_repair_experiment(run: RunDir, ds: Dataset, models: dict[str, torch.nn.Module], test_feats: np.ndarray,
+                          s: RepairSettings, fingerprints: dict[str, str], progress: Progress | None = None) -> list[dict]:
+    """Every (eps, K, selection) entry: repair, save RLH and its LP, evaluate. Returns the entries."""
+    lh, nn_model = models["lh"], models["nn"]
+    W, b = lh.head.weight.numpy(), lh.head.bias.numpy()
+    spec = get_attack(s.attack)
+    x_test, y_test = ds.x_test, ds.y_test
+    sub = np.arange(len(y_test))
+    if s.eval_images is not None and s.eval_images < len(y_test):
+        sub = np.sort(np.random.default_rng(s.seed).permutation(len(y_test))[:s.eval_images])
+    x_eval, y_eval, f_eval = x_test[sub], y_test[sub], test_feats[sub]
+    with torch.no_grad():
+        clean_nn = nn_model.head(torch.as_tensor(f_eval)).argmax(1).numpy()
+        clean_lh = lh.head(torch.as_tensor(f_eval)).argmax(1).numpy()
+    anchor_pool = _anchor_pool(ds, lh, s)
+    entries = []
+    for eps in s.eps:
+        sets, set_feats = {}, {}
+        for src in ("nn", "lh"):
+            path = set_path(run.path, s.attack, src, eps) if len(sub) == len(y_test) else None
+            sets[src], _ = make_adversarial_set(models[src], x_eval, y_eval, eps, spec, path, fingerprints.get(src, ""), s.seed,
+                                                progress, f"{s.attack} on {src.upper()} eps={eps:g}")
+            set_feats[src] = outputs(lh.features, sets[src].images(x_eval))
+        pool = repair_pool(run, ds, lh, eps, max(s.ks), s.attack, s.seed, progress)
+        n_pool = len(pool["index"])
+        mask_cache: dict[str, tuple[np.ndarray | None, dict]] = {}
+        for sel in s.selections:
+            if sel == "none":
+                mask_cache[sel] = (None, {"selected": int(W.shape[1])})
+            elif sel == "wilcoxon":
+                if n_pool < 6:
+                    mask_cache[sel] = (None, {"error": f"only {n_pool} clean/adversarial pairs: too few for a Wilcoxon test"})
+                    continue
+                mask, pvals = wilcoxon_select(pool["clean"], pool["adv"], s.select_p)
+                if not mask.any():
+                    mask_cache[sel] = (None, {"error": f"Wilcoxon selection keeps no feature at p < {s.select_p}; raise --select-p"})
+                    continue
+                mask_cache[sel] = (mask, {"selected": int(mask.sum()), "pairs": n_pool, "p_threshold": s.select_p})
+            else:
+                raise CnnRepairError(f"unknown feature selection {sel!r}; choose none or wilcoxon")
+        for K in s.ks:
+            k_used = min(K, n_pool)  # a small training set may hold fewer adversaries than asked for: use all, say so
+            X = pool["adv"][:k_used]
+            Y = targets(lh.head, pool["clean"][:k_used], ds.y_train[pool["index"][:k_used]], s.target)
+            X, Y, weights, n_anchor = _with_anchors(X, Y, pool["clean"][:k_used], lh.head, anchor_pool, s)
+            for sel in s.selections:
+                if "error" in mask_cache[sel][1]:
+                    entries.append({"eps": eps, "k": K, "k_used": k_used, "selection": sel, **mask_cache[sel][1]})
+                    continue
+                if k_used == 0:
+                    entries.append({"eps": eps, "k": K, "k_used": 0, "selection": sel, "error": "no adversarial training example of LH found; nothing to repair"})
+                    continue
+                mask, sel_info = mask_cache[sel]
+                problem = RepairProblem(W, b, X, Y, mask=mask, point_weights=weights)
+                result = repair(problem, s.solver, s.time_limit, n_jobs=s.n_jobs)
+                name = f"eps{eps:g}_k{K}_{sel}"
+                entry = {"eps": eps, "k": K, "k_used": k_used, "selection": sel, **sel_info, "target": s.target,
+                         "anchors": s.anchors, "n_anchor_points": n_anchor, "lp": result.summary()}
+                entry["lp"].pop("per_class")
+                save_npz(run.sub(f"repair/{name}/repair_problem.npz"), W=W, b=b, X=X, Y=Y,
+                         mask=mask if mask is not None else np.ones(W.shape[1], bool), gamma=result.gamma, delta=result.delta,
+                         objective=np.array(result.objective), solver=np.array(result.solver), status=np.array(result.status))
+                if not result.ok:
+                    entry["error"] = f"LP not solved ({result.status}); no RLH saved"
+                    entries.append(entry)
+                    continue
+                rlh_head = LinearHead(W + result.gamma, b)
+                save_head(run.sub(f"repair/{name}/rlh.pt"), rlh_head, {"eps": eps, "k": K, "selection": sel})
+                rlh = HybridNet(lh.features, rlh_head).eval()
+                entry.update(_evaluate(rlh, lh, clean_nn, clean_lh, f_eval, y_eval, x_eval, sets, set_feats, X,
+                                       ds.y_train[pool["index"][:k_used]], k_used, eps, spec, s.seed, progress, models))
+                entries.append(entry)
+    return entries
+
+
+def _evaluate(rlh, lh, clean_nn, clean_lh, f_eval, y_eval, x_eval, sets, set_feats, X, y_points, k_used, eps, spec, seed, progress, models) -> dict:
+    """Figure-3 accuracies and the repair-literature measures for one RLH."""
+    with torch.no_grad():
+        head = {"nn": models["nn"].head, "lh": lh.head, "rlh": rlh.head}
+        clean = {"nn": clean_nn, "lh": clean_lh, "rlh": rlh.head(torch.as_tensor(f_eval)).argmax(1).numpy()}
+        on_sets = {src: {m: h(torch.as_tensor(set_feats[src])).argmax(1).numpy() for m, h in head.items()} for src in sets}
+        points_ok = rlh.head(torch.as_tensor(X[:k_used], dtype=torch.float32)).argmax(1).numpy() == y_points
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    adv, success = attack(rlh, x_eval, y_eval, eps, spec, progress=progress, desc=f"fresh {spec.name} on RLH eps={eps:g}")
+    rh_idx = np.flatnonzero(success.numpy())
+    rh_feats = outputs(lh.features, adv[rh_idx])
+    with torch.no_grad():
+        on_rh = {m: h(torch.as_tensor(rh_feats)).argmax(1).numpy() for m, h in head.items()}
+    attack_s = time.perf_counter() - t0
+
+    def set_acc(idx: np.ndarray, preds: dict, m: str) -> float:
+        p = clean[m].copy()
+        p[idx] = preds[m]
+        return float((p == y_eval).mean())
+
+    acc = {}
+    for m in ("nn", "lh", "rlh"):
+        acc[m] = {
+            "data": _acc(clean[m], y_eval),
+            "adv": _acc(on_sets["lh"][m], y_eval[sets["lh"].index]),
+            "nadv": set_acc(sets["nn"].index, on_sets["nn"], m),
+            "hadv": set_acc(sets["lh"].index, on_sets["lh"], m),
+            "rhadv": set_acc(rh_idx, on_rh, m),
+        }
+    return {
+        "accuracy": acc,
+        "efficacy": float(points_ok.mean()),
+        "drawdown": acc["lh"]["data"] - acc["rlh"]["data"],
+        "generalisation": acc["rlh"]["adv"],
+        "unseen_lh_adversaries": int(len(sets["lh"].index)),
+        "rlh_attack_success_rate": float(len(rh_idx) / len(y_eval)),
+        "rhadv_attack_seconds": attack_s,
+        "n_eval_images": int(len(y_eval)),
+    }
