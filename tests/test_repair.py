@@ -62,7 +62,7 @@ def test_backends_agree_with_independent_linprog(seed, masked):
     if masked:
         p = RepairProblem(p.W, p.b, p.X, p.Y, mask=np.arange(p.W.shape[1]) % 3 != 0)
     ref = _linprog_reference(p)
-    results = {s: repair(p, s) for s in ("highs", "highs-ipm", "cvxopt")}
+    results = {s: repair(p, s) for s in ("highs", "highs-cg", "highs-ipm", "cvxopt")}
     for name, r in results.items():
         assert r.ok, name
         assert r.objective == pytest.approx(ref, rel=1e-6), name
@@ -141,3 +141,14 @@ def test_wilcoxon_selection_matches_scipy_on_a_hand_made_case():
     assert mask[0] and not mask[3]
     with pytest.raises(CnnRepairError, match="paired"):
         wilcoxon_select(clean, adv[:, :3])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_column_generation_is_exact_on_a_larger_sparse_problem(seed):
+    # enough features that column generation needs several pricing rounds
+    p = _problem(k=3, d=900, K=40, seed=seed, sparsity=0.7)
+    cg, full = repair(p, "highs-cg"), repair(p, "highs")
+    assert cg.objective == pytest.approx(full.objective, rel=1e-6)
+    assert cg.objective == pytest.approx(_linprog_reference(p), rel=1e-6)
+    assert max(o["rounds"] for o in cg.per_class) > 1
+    _check_feasible(p, cg)

@@ -121,6 +121,8 @@ def _add_repair_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, default=1, help="class LPs solved in parallel (default 1)")
     p.add_argument("--anchors", choices=["none", "pairs"], default="none",
                    help="pairs: also keep each repair point's clean image at LH's values (beyond the paper; default none)")
+    p.add_argument("--points", choices=["random", "typical"], default="random",
+                   help="which repair points come first: random (seeded; default) or typical (feature shift closest to the pool's mean)")
     p.add_argument("--extra-anchors", type=int, default=0, help="clean training images whose LH values the repair must keep (default 0)")
     p.add_argument("--anchor-weight", type=float, default=1.0, help="slack price of anchor points relative to repair points (default 1)")
 
@@ -238,8 +240,7 @@ def _cmd_attack(args: argparse.Namespace, bars: _Bars, run=None, ds=None):
         r = stage_attack(run, ds, models, name, eps, n_images, args.pgd_steps if name == "pgd" else None, cfg.get("seed", 0), bars)
         for m, accs in r["own"].items():
             _say(f"  {m.upper()}: clean {100 * r['clean'][m]:.2f}% -> own adversarial set " + " ".join(f"{100 * a:.1f}" for a in accs))
-    results = run.results["attack"]
-    fig = plot_attack_curves({n: results[n] for n in names}, cfg["dataset"], run.sub("figures/attack_curves.png"))
+    fig = plot_attack_curves(run.results["attack"], cfg["dataset"], run.sub("figures/attack_curves.png"))
     _write_examples(run, ds, models, names[0], eps[-1])
     _say(f"figure: {fig}")
     return models
@@ -293,7 +294,7 @@ def _cmd_repair(args: argparse.Namespace, bars: _Bars, run=None, ds=None):
         raise CnnRepairError(f"--select-p must be in (0, 1], got {args.select_p}")
     settings = RepairSettings(eps=eps, ks=sorted(set(args.k)), selections=selections, solver=args.solver, target=args.target,
                               select_p=args.select_p, eval_images=args.eval_images, time_limit=args.time_limit,
-                              n_jobs=args.jobs, seed=cfg.get("seed", 0), anchors=args.anchors,
+                              n_jobs=args.jobs, seed=cfg.get("seed", 0), anchors=args.anchors, points=args.points,
                               extra_anchors=args.extra_anchors, anchor_weight=args.anchor_weight)
     if args.extra_anchors < 0 or args.anchor_weight <= 0:
         raise CnnRepairError("--extra-anchors must be >= 0 and --anchor-weight > 0")
@@ -367,12 +368,28 @@ COMMANDS: dict[str, Callable] = {
 }
 
 
+def _record_command(args: argparse.Namespace, argv: list[str], seconds: float) -> None:
+    """Append the command line and its wall time to the run's results, so every figure can be traced to a command."""
+    from cnnrepair.rundir import RunDir
+
+    out = getattr(args, "out", None)
+    if out is None or not (Path(out) / "results.json").is_file():
+        return
+    run = RunDir(out)
+    history = run.results.get("commands", [])
+    history.append({"command": "cnnrepair " + " ".join(argv), "wall_s": round(seconds, 2),
+                    "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    run.update_results(commands=history)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: returns 0 on success, 2 on bad input (one line on stderr), 130 on Ctrl-C."""
     args = build_parser().parse_args(argv)
     bars = _Bars(not args.quiet, sys.stderr.isatty())
+    t0 = time.perf_counter()
     try:
         COMMANDS[args.command](args, bars)
+        _record_command(args, list(sys.argv[1:] if argv is None else argv), time.perf_counter() - t0)
     except CnnRepairError as exc:
         bars.close()
         print(f"cnnrepair: error: {exc}", file=sys.stderr)

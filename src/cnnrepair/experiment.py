@@ -52,6 +52,7 @@ class RepairSettings:
     n_jobs: int = 1
     seed: int = 0
     anchors: str = "none"
+    points: str = "random"
     extra_anchors: int = 0
     anchor_weight: float = 1.0
 
@@ -96,6 +97,24 @@ def repair_pool(run: RunDir, ds: Dataset, lh: HybridNet, eps: float, needed: int
     }
     save_npz(path, **pool)
     return pool
+
+
+def order_points(pool: dict[str, np.ndarray], how: str) -> dict[str, np.ndarray]:
+    """Order the repair pool: ``random`` (seeded, as attacked) or ``typical`` first.
+
+    ``typical`` ranks each pair by the cosine similarity of its feature shift (adversarial minus
+    clean) to the pool's mean shift, so the first K points carry the perturbation pattern most
+    adversarial examples share. Uses training images only.
+    """
+    if how == "random" or len(pool["index"]) == 0:
+        return pool
+    if how != "typical":
+        raise CnnRepairError(f"unknown repair point order {how!r}; choose random or typical")
+    shift = pool["adv"].astype(np.float64) - pool["clean"]
+    mean = shift.mean(0)
+    score = shift @ mean / (np.linalg.norm(shift, axis=1) * np.linalg.norm(mean) + 1e-12)
+    order = np.argsort(-score, kind="stable")
+    return {k: (v[order] if isinstance(v, np.ndarray) and v.ndim >= 1 and len(v) == len(order) else v) for k, v in pool.items()}
 
 
 def targets(lh_head: LinearHead, clean_feats: np.ndarray, labels: np.ndarray, kind: str) -> np.ndarray:
@@ -163,7 +182,7 @@ def run_repair_experiment(run: RunDir, ds: Dataset, models: dict[str, torch.nn.M
             sets[src], _ = make_adversarial_set(models[src], x_eval, y_eval, eps, spec, path, fingerprints.get(src, ""), s.seed,
                                                 progress, f"{s.attack} on {src.upper()} eps={eps:g}")
             set_feats[src] = outputs(lh.features, sets[src].images(x_eval))
-        pool = repair_pool(run, ds, lh, eps, max(s.ks), s.attack, s.seed, progress)
+        pool = order_points(repair_pool(run, ds, lh, eps, max(s.ks), s.attack, s.seed, progress), s.points)
         n_pool = len(pool["index"])
         mask_cache: dict[str, tuple[np.ndarray | None, dict]] = {}
         for sel in s.selections:

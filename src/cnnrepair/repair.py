@@ -30,7 +30,7 @@ import scipy.sparse as sp
 
 from cnnrepair.errors import CnnRepairError
 
-SOLVERS = ("highs", "highs-ipm", "cvxopt")
+SOLVERS = ("highs", "highs-cg", "highs-ipm", "cvxopt")
 
 
 @dataclass
@@ -94,12 +94,17 @@ class RepairProblem:
 
 @dataclass
 class ClassLP:
-    """One class's LP in the form: minimise c x s.t. A x <= ub, 0 <= x <= upper."""
+    """One class's LP: minimise c x s.t. row_lower <= A x <= row_upper, 0 <= x <= col_upper.
+
+    Columns are [g+ (m), g- (m), slacks of each family]; the first ``m`` features' gamma is
+    g+ - g-.
+    """
 
     c: np.ndarray
-    A: sp.csr_matrix
-    ub: np.ndarray
-    upper: np.ndarray
+    A: sp.csc_matrix
+    row_lower: np.ndarray
+    row_upper: np.ndarray
+    col_upper: np.ndarray
     n_gamma: int
 
     @property
@@ -108,44 +113,41 @@ class ClassLP:
 
 
 class TargetConstraints:
-    """Two-sided target family: |(w_i + gamma_i) x_k + b_i - y_ki| <= delta_ki for every point k."""
+    """Target family: (w_i + gamma_i) x_k + b_i - y_ki = e+_k - e-_k, with delta_k = e+_k + e-_k.
 
-    def rows(self, p: RepairProblem, i: int, Xc: sp.csr_matrix, cols: np.ndarray) -> tuple[sp.csr_matrix, sp.csr_matrix, np.ndarray, np.ndarray]:
-        """(coefficients on gamma, on this family's slacks, right-hand side, slack costs) for class i."""
+    At the optimum one of e+_k, e-_k is zero, so this is the paper's two-sided constraint with
+    slack delta_k, written with one equality row per point instead of two inequality rows.
+    """
+
+    def rows(self, p: RepairProblem, i: int, Xc: sp.csc_matrix):
+        """(coefficients on gamma, on this family's slacks, row lower, row upper, slack costs) for class i."""
         r = p.Y[:, i] - p.X @ p.W[i] - p.b[i]
         K = Xc.shape[0]
-        eye = sp.identity(K, format="csr")
-        cost = p.delta_weight * (p.point_weights if p.point_weights is not None else np.ones(K))
-        return sp.vstack([Xc, -Xc], format="csr"), sp.vstack([-eye, -eye], format="csr"), np.concatenate([r, -r]), cost
+        eye = sp.identity(K, format="csc")
+        w = p.delta_weight * (p.point_weights if p.point_weights is not None else np.ones(K))
+        return Xc, sp.hstack([-eye, eye], format="csc"), r, r, np.concatenate([w, w])
 
 
-def build_class_lp(p: RepairProblem, i: int, cols: np.ndarray, Xc: sp.csr_matrix, families=None) -> ClassLP:
-    """Assemble class i's LP over variables [g+ (m), g- (m), slacks of each family]."""
+def build_class_lp(p: RepairProblem, i: int, Xc: sp.csc_matrix, families=None) -> ClassLP:
+    """Assemble class i's LP over the columns ``Xc`` (the live, masked features)."""
     families = families or [TargetConstraints()]
-    blocks, slack_blocks, rhs, costs = [], [], [], []
-    for fam in families:
-        G, S, h, cost = fam.rows(p, i, Xc, cols)
-        blocks.append(G)
-        slack_blocks.append(S)
-        rhs.append(h)
-        costs.append(cost)
-    n_slack = [S.shape[1] for S in slack_blocks]
-    m = len(cols)
-    rows = []
-    offset = 0
-    for G, S in zip(blocks, slack_blocks):
-        left = sp.csr_matrix((S.shape[0], offset))
-        right = sp.csr_matrix((S.shape[0], sum(n_slack) - offset - S.shape[1]))
-        rows.append(sp.hstack([G, -G, left, S, right], format="csr"))
-        offset += S.shape[1]
-    A = sp.vstack(rows, format="csr")
-    c = np.concatenate([np.ones(2 * m), *costs])
-    upper = np.full(A.shape[1], np.inf)
+    parts = [fam.rows(p, i, Xc) for fam in families]
+    n_rows = [G.shape[0] for G, *_ in parts]
+    n_slack = [S.shape[1] for _, S, *_ in parts]
+    G = sp.vstack([G for G, *_ in parts], format="csc")
+    S = sp.block_diag([S for _, S, *_ in parts], format="csc") if len(parts) > 1 else parts[0][1]
+    assert S.shape == (sum(n_rows), sum(n_slack))
+    m = Xc.shape[1]
+    A = sp.hstack([G, -G, S], format="csc")
+    c = np.concatenate([np.ones(2 * m), *[cost for *_, cost in parts]])
+    col_upper = np.full(A.shape[1], np.inf)
     if p.max_change is not None:
-        upper[:2 * m] = p.max_change
+        col_upper[:2 * m] = p.max_change
     if p.hard:
-        upper[2 * m:] = 0.0
-    return ClassLP(c, A, np.concatenate(rhs), upper, m)
+        col_upper[2 * m:] = 0.0
+    lower = np.concatenate([lo for _, _, lo, _, _ in parts])
+    upper = np.concatenate([up for _, _, _, up, _ in parts])
+    return ClassLP(c, A, lower, upper, col_upper, m)
 
 
 @dataclass
@@ -187,7 +189,7 @@ def _stdout_silenced():
         os.close(saved)
 
 
-def _solve_highs(lp: ClassLP, time_limit: float | None, method: str) -> tuple[str, np.ndarray | None, float | None]:
+def _new_highs(time_limit: float | None, method: str):
     import highspy
 
     with _stdout_silenced():  # HiGHS prints a banner on stdout when the first instance is made
@@ -199,72 +201,162 @@ def _solve_highs(lp: ClassLP, time_limit: float | None, method: str) -> tuple[st
         h.setOptionValue("run_crossover", "on")
     if time_limit is not None:
         h.setOptionValue("time_limit", float(time_limit))
-    A = lp.A.tocsc()
+    return h
+
+
+def _highs_status(h) -> str:
+    import highspy
+
+    status = h.getModelStatus()
+    names = {highspy.HighsModelStatus.kOptimal: "optimal", highspy.HighsModelStatus.kInfeasible: "infeasible",
+             highspy.HighsModelStatus.kUnbounded: "unbounded", highspy.HighsModelStatus.kTimeLimit: "time_limit",
+             highspy.HighsModelStatus.kUnboundedOrInfeasible: "infeasible"}
+    return names.get(status, h.modelStatusToString(status).lower().replace(" ", "_"))
+
+
+def _pass_lp(h, c, A: sp.csc_matrix, col_upper, row_lower, row_upper) -> None:
+    import highspy
+
+    inf = highspy.kHighsInf
     model = highspy.HighsLp()
     model.num_col_, model.num_row_ = A.shape[1], A.shape[0]
-    model.col_cost_ = lp.c
+    model.col_cost_ = c
     model.col_lower_ = np.zeros(A.shape[1])
-    model.col_upper_ = np.where(np.isinf(lp.upper), highspy.kHighsInf, lp.upper)
-    model.row_lower_ = np.full(A.shape[0], -highspy.kHighsInf)
-    model.row_upper_ = lp.ub
+    model.col_upper_ = np.where(np.isinf(col_upper), inf, col_upper)
+    model.row_lower_ = np.where(np.isinf(row_lower), -inf, row_lower)
+    model.row_upper_ = np.where(np.isinf(row_upper), inf, row_upper)
     model.a_matrix_.format_ = highspy.MatrixFormat.kColwise
     model.a_matrix_.start_ = A.indptr
     model.a_matrix_.index_ = A.indices
     model.a_matrix_.value_ = A.data
     h.passModel(model)
+
+
+def _solve_highs(lp: ClassLP, time_limit: float | None, method: str) -> tuple[str, np.ndarray | None, float | None, int]:
+    """The whole class LP in one go (simplex or interior point with crossover)."""
+    h = _new_highs(time_limit, method)
+    _pass_lp(h, lp.c, lp.A, lp.col_upper, lp.row_lower, lp.row_upper)
     h.run()
-    status = h.getModelStatus()
-    names = {highspy.HighsModelStatus.kOptimal: "optimal", highspy.HighsModelStatus.kInfeasible: "infeasible",
-             highspy.HighsModelStatus.kUnbounded: "unbounded", highspy.HighsModelStatus.kTimeLimit: "time_limit",
-             highspy.HighsModelStatus.kUnboundedOrInfeasible: "infeasible"}
-    name = names.get(status, h.modelStatusToString(status).lower().replace(" ", "_"))
+    name = _highs_status(h)
     if name != "optimal":
-        return name, None, None
-    return name, np.asarray(h.getSolution().col_value), float(h.getInfo().objective_function_value)
+        return name, None, None, 1
+    return name, np.asarray(h.getSolution().col_value), float(h.getInfo().objective_function_value), 1
 
 
-def _solve_cvxopt(lp: ClassLP, time_limit: float | None) -> tuple[str, np.ndarray | None, float | None]:
+def _solve_highs_colgen(lp: ClassLP, time_limit: float | None, batch: int = 200, tol: float = 1e-9,
+                        max_rounds: int = 10_000) -> tuple[str, np.ndarray | None, float | None, int]:
+    """Exact column generation: start from the slacks and a few gamma columns, add priced-out ones.
+
+    At the L1 optimum most gamma are zero, so the restricted LP stays small. A gamma column j
+    (g+ or g-) has reduced cost 1 -+ a_j^T y for row duals y; while some |a_j^T y| > 1 + tol it
+    enters (largest violations first, ``batch`` a round, warm-started). When none is left the
+    restricted optimum is optimal for the full LP.
+    """
+    m = lp.n_gamma
+    G = lp.A[:, :m]
+    slack = lp.A[:, 2 * m:]
+    h = _new_highs(time_limit, "simplex")
+    start = time.perf_counter()
+    # first columns: the features most aligned with the residuals
+    score = np.abs(G.T @ np.where(np.isfinite(lp.row_upper), lp.row_upper, 0.0))
+    active = list(np.argsort(-score)[:min(m, batch)])
+    A0 = sp.hstack([slack, G[:, active], -G[:, active]], format="csc")
+    ns = slack.shape[1]
+    c0 = np.concatenate([lp.c[2 * m:], lp.c[active], lp.c[[m + j for j in active]]])
+    up0 = np.concatenate([lp.col_upper[2 * m:], lp.col_upper[active], lp.col_upper[[m + j for j in active]]])
+    _pass_lp(h, c0, A0, up0, lp.row_lower, lp.row_upper)
+    in_active = np.zeros(m, bool)
+    in_active[active] = True
+    colmap = [*active, *(m + j for j in active)]  # full-LP index of each restricted gamma column, in order
+    rounds = 0
+    while True:
+        if time_limit is not None:
+            h.setOptionValue("time_limit", max(1e-3, float(time_limit) - (time.perf_counter() - start)))
+        h.run()
+        rounds += 1
+        name = _highs_status(h)
+        if name != "optimal":
+            return name, None, None, rounds
+        y = np.asarray(h.getSolution().row_dual)
+        v = np.abs(G.T @ y)
+        v[in_active] = 0.0
+        new = np.flatnonzero(v > 1.0 + tol)
+        if len(new) == 0:
+            break
+        if rounds >= max_rounds:
+            return "not_converged", None, None, rounds
+        new = new[np.argsort(-v[new])][:batch]
+        block = sp.hstack([G[:, new], -G[:, new]], format="csc")
+        cost = np.concatenate([lp.c[new], lp.c[m + new]])
+        upper = np.concatenate([lp.col_upper[new], lp.col_upper[m + new]])
+        h.addCols(len(cost), cost, np.zeros(len(cost)), upper, block.nnz, block.indptr[:-1], block.indices, block.data)
+        in_active[new] = True
+        colmap.extend([*new.tolist(), *(m + new).tolist()])
+    xr = np.asarray(h.getSolution().col_value)
+    x = np.zeros(lp.A.shape[1])
+    x[2 * m:] = xr[:ns]
+    x[np.asarray(colmap, int)] = xr[ns:]
+    return "optimal", x, float(h.getInfo().objective_function_value), rounds
+
+
+def _solve_cvxopt(lp: ClassLP, time_limit: float | None) -> tuple[str, np.ndarray | None, float | None, int]:
     try:
         import cvxopt
         from cvxopt import solvers
     except ImportError:
         raise CnnRepairError("solver cvxopt is not installed; `pip install cvxopt` or use --solver highs") from None
     n = lp.A.shape[1]
-    bounded = np.flatnonzero(np.isfinite(lp.upper))
-    G = sp.vstack([lp.A, -sp.identity(n, format="csr"), sp.identity(n, format="csr")[bounded]], format="coo")
-    h = np.concatenate([lp.ub, np.zeros(n), lp.upper[bounded]])
-    Gc = cvxopt.spmatrix(G.data.tolist(), G.row.tolist(), G.col.tolist(), size=G.shape)
+    A = lp.A.tocsr()
+    eq = np.flatnonzero(lp.row_lower == lp.row_upper)
+    ub = np.flatnonzero((lp.row_lower != lp.row_upper) & np.isfinite(lp.row_upper))
+    lb = np.flatnonzero((lp.row_lower != lp.row_upper) & np.isfinite(lp.row_lower))
+    bounded = np.flatnonzero(np.isfinite(lp.col_upper))
+    eye = sp.identity(n, format="csr")
+    G = sp.vstack([A[ub], -A[lb], -eye, eye[bounded]], format="coo")
+    h = np.concatenate([lp.row_upper[ub], -lp.row_lower[lb], np.zeros(n), lp.col_upper[bounded]])
+
+    def spm(M):
+        M = M.tocoo()
+        return cvxopt.spmatrix(M.data.tolist(), M.row.tolist(), M.col.tolist(), size=M.shape)
+
     opts = {"show_progress": False, "abstol": 1e-9, "reltol": 1e-9, "feastol": 1e-9, "maxiters": 200}
-    sol = solvers.lp(cvxopt.matrix(lp.c), Gc, cvxopt.matrix(h), options=opts)
+    kwargs = {"A": spm(A[eq]), "b": cvxopt.matrix(lp.row_upper[eq])} if len(eq) else {}
+    sol = solvers.lp(cvxopt.matrix(lp.c), spm(G), cvxopt.matrix(h), options=opts, **kwargs)
     status = {"optimal": "optimal", "primal infeasible": "infeasible", "dual infeasible": "unbounded"}.get(sol["status"], "not_converged")
     if sol["x"] is None or status != "optimal":
-        return status, None, None
+        return status, None, None, int(sol.get("iterations", 0))
     x = np.asarray(sol["x"]).reshape(-1)
-    return status, x, float(lp.c @ x)
+    return status, x, float(lp.c @ x), int(sol.get("iterations", 0))
 
 
 def repair(p: RepairProblem, solver: str = "highs", time_limit: float | None = None, families=None, n_jobs: int = 1) -> RepairResult:
     """Solve the repair LP class by class; returns gamma, delta and the optimum.
 
-    A class whose LP is not solved to optimality makes the whole result non-optimal (``status``
-    names the first failure); callers must not save such a head as repaired.
+    Solvers: ``highs`` (default: the whole class LP with HiGHS dual simplex), ``highs-cg`` (HiGHS
+    simplex with exact column generation, faster when few features end up changed),
+    ``highs-ipm`` (HiGHS interior point with crossover) and ``cvxopt`` (the paper's solver). All
+    are exact. A class whose LP is not solved to optimality
+    makes the whole result non-optimal (``status`` names the first failure); callers must not save
+    such a head as repaired.
     """
     if solver not in SOLVERS:
         raise CnnRepairError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     t0 = time.perf_counter()
     cols = p.columns()
-    Xc = sp.csr_matrix(p.X[:, cols])
+    Xc = sp.csc_matrix(p.X[:, cols])
     k, d = p.W.shape
     K = p.X.shape[0]
 
     def one(i: int) -> dict:
         ti = time.perf_counter()
-        lp = build_class_lp(p, i, cols, Xc, families)
+        lp = build_class_lp(p, i, Xc, families)
         if solver == "cvxopt":
-            status, x, obj = _solve_cvxopt(lp, time_limit)
+            status, x, obj, rounds = _solve_cvxopt(lp, time_limit)
+        elif solver == "highs-cg" and not p.hard and lp.n_gamma > 0:
+            status, x, obj, rounds = _solve_highs_colgen(lp, time_limit)
         else:
-            status, x, obj = _solve_highs(lp, time_limit, solver)
-        return {"class": i, "status": status, "objective": obj, "seconds": time.perf_counter() - ti, "x": x, "lp": lp}
+            status, x, obj, rounds = _solve_highs(lp, time_limit, solver)
+        return {"class": i, "status": status, "objective": obj, "seconds": time.perf_counter() - ti, "rounds": rounds, "x": x, "lp": lp}
 
     if n_jobs == 1 or k == 1:
         outs = [one(i) for i in range(k)]
@@ -287,10 +379,10 @@ def repair(p: RepairProblem, solver: str = "highs", time_limit: float | None = N
         m = lp.n_gamma
         g = x[:m] - x[m:2 * m]
         gamma[o["class"], cols] = np.where(np.abs(g) > 1e-12, g, 0.0)
-        delta[:, o["class"]] = np.maximum(x[2 * m:2 * m + K], 0.0)
+        delta[:, o["class"]] = np.maximum(x[2 * m:2 * m + K] + x[2 * m + K:2 * m + 2 * K], 0.0)
     weights = p.point_weights if p.point_weights is not None else np.ones(K)
     objective = float(np.abs(gamma).sum() + p.delta_weight * (weights @ delta).sum()) if status == "optimal" else float("nan")
-    size["full_variables"] = int(k * (2 * d + K))
+    size["full_variables"] = int(k * (2 * d + 2 * K))
     return RepairResult(gamma, delta, objective, status, solver, time.perf_counter() - t0, size, outs)
 
 

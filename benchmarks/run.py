@@ -1,0 +1,174 @@
+"""Benchmarks and the committed results: `python -m benchmarks.run NAME [options]`.
+
+NAME is one of:
+  collect   copy measured figures from run directories into benchmarks/results/*.json
+  readme    regenerate the README's results section from benchmarks/results/*.json
+  lp        repair-LP scaling: our default path against cvxopt and one generic cvxpy model
+
+Every JSON written here records the machine's core count, the library versions and the commands
+that produced its numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+README = ROOT.parent / "README.md"
+
+
+def _machine() -> dict:
+    from cnnrepair.rundir import library_versions
+
+    return {"cores": os.cpu_count(), "platform": sys.platform, "versions": library_versions(),
+            "measured": time.strftime("%Y-%m-%d", time.gmtime())}
+
+
+def _load(run: Path) -> dict:
+    res = json.loads((run / "results.json").read_text())
+    res["_config"] = json.loads((run / "config.json").read_text())
+    return res
+
+
+def _write(name: str, obj: dict) -> Path:
+    from cnnrepair.io import write_json
+
+    path = RESULTS / name
+    write_json(path, obj)
+    return path
+
+
+def collect(runs: list[Path]) -> list[Path]:
+    """accuracy.json, attack.json and repair.json from finished run directories."""
+    acc, att, rep = {}, {}, {}
+    for run in runs:
+        r = _load(run)
+        label = r["dataset"] + (" (JPEG q75)" if r["dataset"] == "cifar10" and "jpeg" in str(r["_config"].get("data_dir", "")) else "")
+        common = {"run": str(run), "commands": r.get("commands", []), "seed": r["seed"]}
+        acc[label] = {
+            "accuracy": r["accuracy"], "params": r["params"], "epochs": r["training"]["config"]["epochs"],
+            "training": r["training"]["config"], "n_train": r["training"]["n_train"], "n_test": r["training"]["n_test"],
+            "hybrid": r.get("hybrid", {}), "timings_s": r["timings_s"], **common,
+        }
+        if "attack" in r:
+            att[label] = {name: {k: v for k, v in a.items()} for name, a in r["attack"].items()} | {"_": common}
+        if "repair" in r:
+            rep[label] = {**r["repair"], "_": common}
+    out = []
+    machine = _machine()
+    if acc:
+        out.append(_write("accuracy.json", {"machine": machine, "datasets": acc}))
+    if att:
+        out.append(_write("attack.json", {"machine": machine, "datasets": att}))
+    if rep:
+        out.append(_write("repair.json", {"machine": machine, "datasets": rep}))
+    return out
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
+
+
+def readme_section() -> str:
+    """The README's results section, generated from benchmarks/results/*.json."""
+    lines = []
+    acc_path = RESULTS / "accuracy.json"
+    if acc_path.is_file():
+        acc = json.loads(acc_path.read_text())
+        lines += ["### Accuracy on the full test sets (paper section 3.1)", "",
+                  "| dataset | NN | LH | KH | paper NN / LH / KH | epochs | train s | LH fit s | KH fit s (training samples) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        paper = {"mnist": "97.12 / 98.72 / 98.86", "cifar10 (JPEG q75)": "85.4 / 85.6 / 85.51", "cifar10": "85.4 / 85.6 / 85.51"}
+        for ds, r in acc["datasets"].items():
+            a, t = r["accuracy"], r["timings_s"]
+            kh_n = r.get("hybrid", {}).get("kh", {}).get("n_train", "-")
+            lines.append(f"| {ds} | {_pct(a.get('nn'))} | {_pct(a.get('lh'))} | {_pct(a.get('kh'))} | {paper.get(ds, '-')} | {r['epochs']} | "
+                         f"{t.get('train', 0):.0f} | {t.get('fit_lh', 0):.0f} | {t.get('fit_kh', 0):.0f} ({kh_n}) |")
+        lines += ["", f"Measured on {acc['machine']['cores']} CPU cores, {acc['machine']['measured']}; commands in "
+                      "`benchmarks/results/accuracy.json`.", ""]
+    att_path = RESULTS / "attack.json"
+    if att_path.is_file():
+        att = json.loads(att_path.read_text())
+        lines += ["### Accuracy under attack (paper figure 2): each model on its own adversarial test set", ""]
+        for ds, attacks in att["datasets"].items():
+            for name, a in attacks.items():
+                if name == "_":
+                    continue
+                lines += [f"**{ds}, {name.upper()}** ({a['n_images']} test images"
+                          + (f", {a['settings']['steps']} steps" if a['settings']['steps'] > 1 else "") + ")", "",
+                          "| model | clean | " + " | ".join(f"eps {e:g}" for e in a["eps"]) + " | s / 10k images |",
+                          "| --- | --- | " + " | ".join("---" for _ in a["eps"]) + " | --- |"]
+                for m, accs in a["own"].items():
+                    sec = a["seconds_per_10k_images"].get(m)
+                    lines.append(f"| {m.upper()} | {_pct(a['clean'][m])} | " + " | ".join(_pct(v) for v in accs)
+                                 + f" | {'-' if sec is None else f'{sec:.1f}'} |")
+                lines.append("")
+    rep_path = RESULTS / "repair.json"
+    if rep_path.is_file():
+        rep = json.loads(rep_path.read_text())
+        lines += ["### Repair of the linear head (paper figure 3)", "",
+                  "Data: clean test accuracy; fixed: share of unseen LH test adversaries RLH gets right (generalisation); "
+                  "HADV / RHADV: LH on its adversarial test set, RLH on a fresh attack on itself.", ""]
+        for ds, r in rep["datasets"].items():
+            s = r["settings"]
+            lines += [f"**{ds}** (target {s['target']}, anchors {s.get('anchors', 'none')}, points {s.get('points', 'random')}, "
+                      f"solver {s['solver']})", "",
+                      "| eps | K | selection | LP variables | LP s | Data LH | Data RLH | drawdown | fixed | efficacy | HADV LH | RHADV RLH |",
+                      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            for e in r["entries"]:
+                if "accuracy" not in e:
+                    lines.append(f"| {e['eps']:g} | {e['k']} | {e['selection']} | - | - | - | - | - | - | - | - | {e.get('error', '')} |")
+                    continue
+                a = e["accuracy"]
+                lines.append(f"| {e['eps']:g} | {e['k_used']} | {e['selection']} | {e['lp']['size']['variables']:,} | {e['lp']['seconds']:.2f} | "
+                             f"{_pct(a['lh']['data'])} | {_pct(a['rlh']['data'])} | {100 * e['drawdown']:.2f} | {_pct(e['generalisation'])} | "
+                             f"{_pct(e['efficacy'])} | {_pct(a['lh']['hadv'])} | {_pct(a['rlh']['rhadv'])} |")
+            lines.append("")
+    lp_path = RESULTS / "lp_scaling.json"
+    if lp_path.is_file():
+        lp = json.loads(lp_path.read_text())
+        lines += ["### Repair LP scaling", "", lp.get("table_md", ""), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def readme() -> Path:
+    """Replace the text between the README's results markers."""
+    text = README.read_text()
+    begin, end = "<!-- results:begin -->", "<!-- results:end -->"
+    if begin not in text or end not in text:
+        raise SystemExit(f"{README}: results markers missing; add {begin} and {end}")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    README.write_text(f"{head}{begin}\n{readme_section()}{end}{tail}")
+    return README
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="name", required=True)
+    p = sub.add_parser("collect", help="copy figures from finished run directories into benchmarks/results")
+    p.add_argument("runs", nargs="+", type=Path)
+    sub.add_parser("readme", help="regenerate the README's results section")
+    p = sub.add_parser("lp", help="repair-LP scaling benchmark")
+    p.add_argument("--quick", action="store_true", help="small sizes only")
+    args = parser.parse_args(argv)
+    if args.name == "collect":
+        for path in collect(args.runs):
+            print(f"wrote {path}")
+    elif args.name == "readme":
+        print(f"updated {readme()}")
+    elif args.name == "lp":
+        from benchmarks.lp_scaling import run as run_lp
+
+        print(f"wrote {run_lp(quick=args.quick)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+
+from cnnrepair.errors import CnnRepairError
+from cnnrepair.experiment import RepairSettings, _with_anchors, order_points, targets
+from cnnrepair.hybrid import LinearHead
+from cnnrepair.repair import RepairProblem, repair
+
+
+def _pool(rng, n=20, d=12):
+    clean = rng.random((n, d))
+    shift = np.zeros((n, d))
+    shift[:, 0] = 1.0  # the shared adversarial pattern
+    shift += rng.normal(scale=0.3, size=(n, d))
+    shift[7] = 0.0
+    shift[7, 0] = 1.0  # the most typical pair
+    return {"index": np.arange(n), "clean": clean, "adv": clean + shift, "exhausted": np.array(False)}
+
+
+def test_typical_order_puts_the_shared_pattern_first():
+    rng = np.random.default_rng(0)
+    pool = _pool(rng)
+    ordered = order_points(pool, "typical")
+    assert ordered["index"][0] == 7
+    np.testing.assert_array_equal(ordered["adv"][0], pool["adv"][7])
+    assert sorted(ordered["index"]) == list(range(20))
+    assert order_points(pool, "random") is pool
+    with pytest.raises(CnnRepairError, match="unknown repair point order"):
+        order_points(pool, "best")
+
+
+def test_targets_clean_and_label():
+    head = LinearHead(np.eye(3), np.zeros(3))
+    clean = np.array([[0.2, 0.9, 0.1]])
+    np.testing.assert_allclose(targets(head, clean, np.array([1]), "clean"), clean)
+    np.testing.assert_allclose(targets(head, clean, np.array([1]), "label"), [[-1, 1, -1]])
+    with pytest.raises(CnnRepairError, match="unknown repair target"):
+        targets(head, clean, np.array([1]), "soft")
+
+
+def test_pair_anchors_keep_the_clean_image_where_it_was():
+    rng = np.random.default_rng(1)
+    k, d = 4, 15
+    W, b = rng.normal(size=(k, d)), rng.normal(size=k)
+    head = LinearHead(W, b)
+    clean = rng.random((3, d))
+    adv = clean + rng.random((3, d))
+    Y = head.decision_values(clean)
+    empty = {"x": np.zeros((0, d)), "y": np.zeros((0, k))}
+    s = RepairSettings(eps=[0.1], ks=[3], selections=["none"], anchors="pairs", anchor_weight=1e3)
+    X2, Y2, w, n_anchor = _with_anchors(adv, Y, clean, head, empty, s)
+    assert n_anchor == 3 and X2.shape == (6, d) and list(w) == [1, 1, 1, 1e3, 1e3, 1e3]
+    r = repair(RepairProblem(W, b, X2, Y2, point_weights=w, delta_weight=10.0))
+    assert r.ok
+    np.testing.assert_allclose(clean @ (W + r.gamma).T + b, Y, atol=1e-6)  # anchors held
+    plain = repair(RepairProblem(W, b, adv, Y, delta_weight=10.0))
+    assert np.abs(clean @ (W + plain.gamma).T + b - Y).max() > 1e-3  # without anchors the clean images move
