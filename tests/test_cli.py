@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from cnnrepair.cli import main
-from cnnrepair.rundir import RunDir
 
 
 def _err(capsys) -> str:

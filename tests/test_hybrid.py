@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from cnnrepair.hybrid import HybridNet, fit_linear_svm, fit_rbf_svm, load_head, save_head
+from cnnrepair.hybrid import fit_linear_svm, fit_rbf_svm, load_head, save_head
 from cnnrepair.pipeline import load_hybrid, load_nn
 from cnnrepair.rundir import RunDir
 from cnnrepair.training import outputs

@@ -124,6 +124,8 @@ def _add_repair_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--points", choices=["random", "typical"], default="random",
                    help="which repair points come first: random (seeded; default) or typical (feature shift closest to the pool's mean)")
     p.add_argument("--extra-anchors", type=int, default=0, help="clean training images whose LH values the repair must keep (default 0)")
+    p.add_argument("--delta-weight", type=float, default=1.0,
+                   help="price of one unit of slack against one unit of |gamma| (lambda; default 1, the paper's objective)")
     p.add_argument("--anchor-weight", type=float, default=1.0, help="slack price of anchor points relative to repair points (default 1)")
 
 
@@ -295,9 +297,10 @@ def _cmd_repair(args: argparse.Namespace, bars: _Bars, run=None, ds=None):
     settings = RepairSettings(eps=eps, ks=sorted(set(args.k)), selections=selections, solver=args.solver, target=args.target,
                               select_p=args.select_p, eval_images=args.eval_images, time_limit=args.time_limit,
                               n_jobs=args.jobs, seed=cfg.get("seed", 0), anchors=args.anchors, points=args.points,
-                              extra_anchors=args.extra_anchors, anchor_weight=args.anchor_weight)
-    if args.extra_anchors < 0 or args.anchor_weight <= 0:
-        raise CnnRepairError("--extra-anchors must be >= 0 and --anchor-weight > 0")
+                              extra_anchors=args.extra_anchors, anchor_weight=args.anchor_weight,
+                              delta_weight=args.delta_weight)
+    if args.extra_anchors < 0 or args.anchor_weight <= 0 or args.delta_weight <= 0:
+        raise CnnRepairError("--extra-anchors must be >= 0, --anchor-weight and --delta-weight > 0")
     ds = ds or open_dataset(run)
     _say(f"repairing LH at eps {', '.join(f'{e:g}' for e in eps)} with K={settings.ks}, selection {selections}, solver {args.solver} ...")
     result = stage_repair(run, ds, settings, bars)

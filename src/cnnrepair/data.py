@@ -436,7 +436,7 @@ def download_dataset(name: str, dest: Path | str, urls: dict[str, tuple[str, str
         if target.is_file() and content_sha256(target) == sha:
             continue
 
-        def _fetch(tmp: Path, url: str = url) -> None:
+        def _fetch(tmp: Path, url: str = url, sha: str = sha) -> None:
             try:
                 with urllib.request.urlopen(url, timeout=60) as resp, open(tmp, "wb") as out:
                     while chunk := resp.read(1 << 20):

@@ -55,6 +55,7 @@ class RepairSettings:
     points: str = "random"
     extra_anchors: int = 0
     anchor_weight: float = 1.0
+    delta_weight: float = 1.0
 
 
 def repair_pool(run: RunDir, ds: Dataset, lh: HybridNet, eps: float, needed: int, attack_name: str, seed: int,
@@ -212,7 +213,7 @@ def run_repair_experiment(run: RunDir, ds: Dataset, models: dict[str, torch.nn.M
                     entries.append({"eps": eps, "k": K, "k_used": 0, "selection": sel, "error": "no adversarial training example of LH found; nothing to repair"})
                     continue
                 mask, sel_info = mask_cache[sel]
-                problem = RepairProblem(W, b, X, Y, mask=mask, point_weights=weights)
+                problem = RepairProblem(W, b, X, Y, mask=mask, point_weights=weights, delta_weight=s.delta_weight)
                 result = repair(problem, s.solver, s.time_limit, n_jobs=s.n_jobs)
                 name = f"eps{eps:g}_k{K}_{sel}"
                 entry = {"eps": eps, "k": K, "k_used": k_used, "selection": sel, **sel_info, "target": s.target,

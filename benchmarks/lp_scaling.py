@@ -1,0 +1,147 @@
+"""Repair-LP scaling: our solver paths against cvxopt (the paper's) and one generic cvxpy model.
+
+Each problem is solved by every path in the same run, each in a child process under a time cap
+(a path that exceeds it is recorded as ``timeout``, not left out); the table reports wall time,
+objective, agreement with our default's objective and the ratio of each time to our default's.
+Problems: random ReLU-like features (60% zeros) and, where run directories exist, real features
+(adversarial training examples of LH and LH's own weights).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+
+
+def random_problem(d: int, K: int, k: int = 10, seed: int = 0):
+    from cnnrepair.repair import RepairProblem
+
+    rng = np.random.default_rng(seed)
+    X = np.maximum(rng.normal(size=(K, d)), 0) * (rng.random((K, d)) > 0.6)
+    W = rng.normal(size=(k, d)) * 0.05
+    return RepairProblem(W, rng.normal(size=k), X, X @ W.T + rng.normal(size=(K, k)))
+
+
+def real_problem(run: Path, K: int):
+    """LH of a run with its repair pool's adversarial features as X and clean decision values as Y."""
+    from cnnrepair.hybrid import load_head
+    from cnnrepair.repair import RepairProblem
+
+    head = load_head(run / "models" / "lh.pt")
+    pools = sorted((run / "repair").glob("pool_fgsm_eps*.npz"), key=lambda p: -np.load(p)["index"].size)
+    if not pools:
+        return None
+    pool = np.load(pools[0])
+    if len(pool["index"]) < K:
+        return None
+    W, b = head.weight.numpy(), head.bias.numpy()
+    return RepairProblem(W, b, pool["adv"][:K], head.decision_values(pool["clean"][:K]))
+
+
+def _solve_ours(p, solver):
+    from cnnrepair.repair import repair
+
+    r = repair(p, solver)
+    return r.objective if r.ok else float("nan")
+
+
+def _solve_cvxpy(p, solver):
+    import cvxpy as cp
+
+    k, d = p.W.shape
+    gamma = cp.Variable((k, d))
+    delta = cp.Variable((p.X.shape[0], k), nonneg=True)
+    resid = p.X @ (p.W + gamma).T + p.b[None] - p.Y
+    prob = cp.Problem(cp.Minimize(cp.sum(cp.abs(gamma)) + cp.sum(delta)), [resid <= delta, -resid <= delta])
+    prob.solve(solver=solver)
+    return float(prob.value) if prob.status == "optimal" else float("nan")
+
+
+PATHS = {
+    "ours (highs)": (_solve_ours, "highs"),
+    "ours (highs-cg)": (_solve_ours, "highs-cg"),
+    "cvxopt (paper)": (_solve_ours, "cvxopt"),
+    "cvxpy+clarabel": (_solve_cvxpy, "CLARABEL"),
+    "cvxpy+highs": (_solve_cvxpy, "HIGHS"),
+}
+
+
+def _child(conn, fn, problem, arg):
+    t0 = time.perf_counter()
+    try:
+        obj = fn(problem, arg)
+        conn.send(("ok", obj, time.perf_counter() - t0))
+    except Exception as exc:  # recorded in the table, never hidden
+        conn.send(("error", f"{type(exc).__name__}: {str(exc)[:100]}", time.perf_counter() - t0))
+
+
+def timed(fn, problem, arg, cap: float) -> dict:
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(child, fn, problem, arg))
+    proc.start()
+    if parent.poll(cap):
+        status, value, seconds = parent.recv()
+        proc.join()
+        return {"status": status, "objective": value if status == "ok" else None, "seconds": seconds,
+                **({"error": value} if status == "error" else {})}
+    proc.kill()
+    proc.join()
+    return {"status": "timeout", "objective": None, "seconds": None, "cap_s": cap}
+
+
+def run(quick: bool = False, runs: dict[str, Path] | None = None, cap: float = 120.0) -> Path:
+    from benchmarks.run import _machine, _write
+
+    sizes = [(800, 1), (800, 10), (800, 100), (4096, 1), (4096, 10), (4096, 100)] if quick else \
+        [(800, 1), (800, 10), (800, 100), (800, 1000), (4096, 1), (4096, 10), (4096, 100), (4096, 1000)]
+    slow_caps = {"cvxopt (paper)": min(cap, 60.0), "cvxpy+clarabel": cap, "cvxpy+highs": cap}
+    problems = [(f"random d={d} K={K}", random_problem(d, K)) for d, K in sizes]
+    for name, run_dir in (runs or {}).items():
+        for K in (1, 10, 100, 1000):
+            p = real_problem(run_dir, K)
+            if p is not None:
+                problems.append((f"{name} real d={p.W.shape[1]} K={K}", p))
+    rows = []
+    for label, p in problems:
+        row = {"problem": label, "d": int(p.W.shape[1]), "K": int(p.X.shape[0]), "classes": int(p.W.shape[0]), "paths": {}}
+        for path, (fn, arg) in PATHS.items():
+            row["paths"][path] = timed(fn, p, arg, slow_caps.get(path, cap))
+            print(f"{label:32s} {path:18s} {row['paths'][path]}", file=sys.stderr, flush=True)
+        base = row["paths"]["ours (highs)"]
+        for res in row["paths"].values():
+            if res["seconds"] is not None and base["seconds"]:
+                res["ratio_to_ours"] = res["seconds"] / base["seconds"]
+            if res["objective"] is not None and base["objective"] is not None:
+                res["rel_diff_objective"] = abs(res["objective"] - base["objective"]) / max(1.0, abs(base["objective"]))
+        rows.append(row)
+    table = _table(rows)
+    cmd = "python -m benchmarks.run lp" + (" --quick" if quick else "")
+    return _write("lp_scaling.json", {"machine": _machine(), "command": cmd, "cap_s": cap, "rows": rows, "table_md": table})
+
+
+def _table(rows: list[dict]) -> str:
+    paths = list(PATHS)
+    head = "| problem | " + " | ".join(paths) + " |"
+    lines = [head, "|" + " --- |" * (len(paths) + 1)]
+    for r in rows:
+        cells = []
+        for pth in paths:
+            res = r["paths"][pth]
+            if res["status"] == "timeout":
+                cells.append(f"> {res['cap_s']:.0f} s (cap)")
+            elif res["status"] == "error":
+                cells.append("error")
+            else:
+                ratio = res.get("ratio_to_ours")
+                agree = res.get("rel_diff_objective")
+                cells.append(f"{res['seconds']:.2f} s" + (f" (x{ratio:.1f})" if ratio and pth != "ours (highs)" else "")
+                             + (" DIFFERS" if agree is not None and agree > 1e-6 else ""))
+        lines.append(f"| {r['problem']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\nTimes are wall seconds for all 10 classes; (xN) is the ratio to our default; every finished path reached our default's objective to 1e-6 relative unless marked DIFFERS."
