@@ -3,6 +3,8 @@
 NAME is one of:
   collect   copy measured figures from run directories into benchmarks/results/*.json
   readme    regenerate the README's results section from benchmarks/results/*.json
+  kh        exact KH fit time against training-set size (power-law extrapolation to the full set)
+  attack-overhead  FGSM through our wrapper against Foolbox called directly (the wrapper's cost)
   lp        repair-LP scaling: our default path against cvxopt and one generic cvxpy model
 
 Every JSON written here records the machine's core count, the library versions and the commands
@@ -130,6 +132,24 @@ def readme_section() -> str:
                              f"{_pct(a['lh']['data'])} | {_pct(a['rlh']['data'])} | {100 * e['drawdown']:.2f} | {_pct(e['generalisation'])} | "
                              f"{_pct(e['efficacy'])} | {_pct(a['lh']['hadv'])} | {_pct(a['rlh']['rhadv'])} |")
             lines.append("")
+    for kh_path in sorted(RESULTS.glob("kh_scaling_*.json")):
+        kh = json.loads(kh_path.read_text())
+        lines += [f"### Exact KH fitting time on {kh['dataset']} features", "",
+                  "| training features | fit s | support vectors | KH test accuracy |", "| --- | --- | --- | --- |"]
+        lines += [f"| {p['n_train']:,} | {p['seconds']:.0f} | {p['n_support']:,} | {_pct(p['test_accuracy'])} |" for p in kh["points"]]
+        if kh.get("extrapolated_full_seconds"):
+            lines += ["", f"Fit time grows as n^{kh['power_law_exponent']:.2f} here; the exact fit on all {kh['n_full']:,} "
+                          f"training features would take about {kh['extrapolated_full_seconds'] / 3600:.1f} hours on this machine "
+                          f"(`{kh['command']}`)."]
+        lines.append("")
+    ov_path = RESULTS / "attack_overhead.json"
+    if ov_path.is_file():
+        ov = json.loads(ov_path.read_text())
+        lines += [f"### Attack wrapper overhead ({ov['dataset']}, FGSM eps {ov['eps']}, median of {ov['rounds']} rounds)", "",
+                  "| model | Foolbox direct (images/s) | cnnrepair.attack (images/s) | overhead |", "| --- | --- | --- | --- |"]
+        for m, r in ov["models"].items():
+            lines.append(f"| {m.upper()} | {r['images_per_s']['foolbox']:.0f} | {r['images_per_s']['cnnrepair']:.0f} | {100 * r['overhead']:+.1f}% |")
+        lines.append("")
     lp_path = RESULTS / "lp_scaling.json"
     if lp_path.is_file():
         lp = json.loads(lp_path.read_text())
@@ -155,6 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("collect", help="copy figures from finished run directories into benchmarks/results")
     p.add_argument("runs", nargs="+", type=Path)
     sub.add_parser("readme", help="regenerate the README's results section")
+    p = sub.add_parser("kh", help="exact KH fit time against training-set size on a run's features")
+    p.add_argument("run", type=Path)
+    p.add_argument("--sizes", default="2500,5000,10000", help="comma-separated training-set sizes")
+    p = sub.add_parser("attack-overhead", help="FGSM through cnnrepair's wrapper against Foolbox called directly")
+    p.add_argument("--run", type=Path, default=None, help="run directory whose NN and LH to attack (default: an untrained DIGITS-NN)")
+    p.add_argument("--images", type=int, default=2000)
     p = sub.add_parser("lp", help="repair-LP scaling benchmark")
     p.add_argument("--quick", action="store_true", help="small sizes only")
     args = parser.parse_args(argv)
@@ -163,6 +189,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {path}")
     elif args.name == "readme":
         print(f"updated {readme()}")
+    elif args.name == "kh":
+        from benchmarks.kh_scaling import run as run_kh
+
+        print(f"wrote {run_kh(args.run, [int(v) for v in args.sizes.split(',')])}")
+    elif args.name == "attack-overhead":
+        from benchmarks.attack_overhead import run as run_overhead
+
+        print(f"wrote {run_overhead(args.run, args.images)}")
     elif args.name == "lp":
         from benchmarks.lp_scaling import run as run_lp
 

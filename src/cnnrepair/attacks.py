@@ -92,11 +92,12 @@ def attack(model: nn.Module, images: np.ndarray | torch.Tensor, labels: np.ndarr
         xb, yb = x[i * batch_size:(i + 1) * batch_size], y[i * batch_size:(i + 1) * batch_size]
         if eps == 0:
             adv = xb.clone()
-        else:
-            _, adv, _ = atk(fmodel, xb, yb, epsilons=eps)
-            adv = torch.minimum(torch.maximum(adv.detach(), xb - eps), xb + eps).clamp_(0.0, 1.0)
-        with torch.no_grad():
-            succ.append(model(adv).argmax(1) != yb)
+            with torch.no_grad():
+                success = model(adv).argmax(1) != yb
+        else:  # Foolbox clips to the eps-ball and [0, 1] and reports success on exactly those images
+            _, adv, success = atk(fmodel, xb, yb, epsilons=eps)
+            adv = adv.detach()
+        succ.append(success.cpu())
         advs.append(adv)
         if progress:
             progress(desc or f"{spec.name} eps={eps:g}", i + 1, total)

@@ -25,10 +25,12 @@ def library_versions() -> dict[str, str]:
 
     out = {"python": platform.python_version(), "cnnrepair": cnnrepair.__version__, "torch": torch.__version__,
            "numpy": numpy.__version__, "scipy": scipy.__version__, "scikit-learn": sklearn.__version__}
-    for mod in ("highspy", "foolbox", "cvxopt"):
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("highspy", "foolbox", "cvxopt", "cvxpy"):
         try:
-            out[mod] = __import__(mod).__version__
-        except Exception:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
             continue
     return out
 

@@ -1,0 +1,63 @@
+"""FGSM throughput of cnnrepair's attack wrapper against calling Foolbox directly on the same model.
+
+Both paths attack the same images of the same model, alternating, several rounds; the ratio of
+the median times is the wrapper's cost (input checks, batching, clipping, success mask).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def run(run_dir: Path | None = None, n_images: int = 2000, rounds: int = 5, eps: float = 0.1) -> Path:
+    import foolbox as fb
+
+    from benchmarks.run import _machine, _write
+    from cnnrepair.attacks import attack
+    from cnnrepair.data import load_dataset, to_float
+    from cnnrepair.pipeline import load_models
+    from cnnrepair.rundir import RunDir
+
+    if run_dir is not None:
+        run = RunDir(run_dir)
+        models = load_models(run, ["nn", "lh"])
+        ds = load_dataset(run.config["dataset"], run.config.get("data_dir"))
+        label = run.config["dataset"]
+    else:
+        from cnnrepair.models import digits_nn
+
+        torch.manual_seed(0)
+        models = {"nn": digits_nn().eval()}
+        ds = load_dataset("digits")
+        label = "digits (untrained)"
+    x = to_float(ds.x_test[:n_images])
+    y = torch.as_tensor(ds.y_test[:n_images])
+    rows = {}
+    for name, model in models.items():
+        fmodel = fb.PyTorchModel(model.eval(), bounds=(0.0, 1.0))
+        fgsm = fb.attacks.FGSM()
+
+        def direct(fgsm=fgsm, fmodel=fmodel):
+            for i in range(0, len(x), 500):
+                fgsm(fmodel, x[i:i + 500], y[i:i + 500], epsilons=eps)
+
+        def ours(model=model):
+            attack(model, x, y.numpy(), eps, "fgsm", batch_size=500)
+
+        times = {"foolbox": [], "cnnrepair": []}
+        direct()  # warm-up
+        for _ in range(rounds):
+            for key, fn in (("foolbox", direct), ("cnnrepair", ours)):
+                t0 = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - t0)
+        med = {k: float(np.median(v)) for k, v in times.items()}
+        rows[name] = {"median_s": med, "images": len(x), "images_per_s": {k: len(x) / v for k, v in med.items()},
+                      "overhead": med["cnnrepair"] / med["foolbox"] - 1.0, "all_s": times}
+    cmd = "python -m benchmarks.run attack-overhead" + (f" --run {run_dir}" if run_dir else "")
+    return _write("attack_overhead.json", {"machine": _machine(), "command": cmd, "dataset": label, "eps": eps,
+                                            "rounds": rounds, "models": rows})

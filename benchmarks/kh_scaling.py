@@ -1,0 +1,41 @@
+"""Exact RBF-SVM (KH) fitting time against training-set size on a run's cached CNN features.
+
+Fits KH on stratified subsets of growing size, records seconds and test accuracy, fits a power
+law t = a * n^p to the measured points and extrapolates to the full training set. Used where an
+exact fit on every training feature would take hours (CIFAR-10: 50,000 x 4,096).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def run(run_dir: Path, sizes: list[int], C: float = 10.0) -> Path:
+    from benchmarks.run import _machine, _write
+    from cnnrepair.hybrid import fit_rbf_svm
+    from cnnrepair.io import load_npz
+    from cnnrepair.pipeline import _stratified_subset
+    from cnnrepair.rundir import RunDir
+
+    run = RunDir(run_dir)
+    res = run.results
+    feats = load_npz(run.path / "features.npz", "feature cache")
+    from cnnrepair.pipeline import open_dataset
+
+    ds = open_dataset(run)
+    points = []
+    for n in sizes:
+        idx = _stratified_subset(ds.y_train, n, res.get("seed", 0)) if n < len(ds.y_train) else np.arange(len(ds.y_train))
+        head, pipe, info = fit_rbf_svm(feats["train"][idx], ds.y_train[idx], C=C)
+        acc = float((pipe.predict(np.asarray(feats["test"], np.float64)) == ds.y_test).mean())
+        points.append({"n_train": int(n), "seconds": info.seconds, "n_support": info.n_support, "test_accuracy": acc})
+    ns = np.array([p["n_train"] for p in points], float)
+    ts = np.array([p["seconds"] for p in points], float)
+    slope, icpt = np.polyfit(np.log(ns), np.log(ts), 1) if len(ns) > 1 else (float("nan"), float("nan"))
+    full = len(ds.y_train)
+    out = {"machine": _machine(), "dataset": res["dataset"], "C": C, "points": points, "power_law_exponent": float(slope),
+           "extrapolated_full_seconds": float(np.exp(icpt) * full ** slope) if len(ns) > 1 else None, "n_full": full,
+           "command": f"python -m benchmarks.run kh {run_dir} --sizes {','.join(map(str, sizes))}"}
+    return _write(f"kh_scaling_{res['dataset']}.json", out)
