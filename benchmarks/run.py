@@ -182,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", type=Path, default=None, help="run directory whose NN and LH to attack (default: an untrained DIGITS-NN)")
     p.add_argument("--images", type=int, default=2000)
     p = sub.add_parser("lp", help="repair-LP scaling benchmark")
-    p.add_argument("--quick", action="store_true", help="small sizes only")
+    p.add_argument("--quick", action="store_true", help="small sizes only (K up to 100)")
+    p.add_argument("--cap", type=float, default=120.0, help="seconds each solver path may take on one problem (default 120)")
+    p.add_argument("--real", nargs="*", type=Path, default=[], help="run directories whose LH and repair pools give real problems")
     args = parser.parse_args(argv)
     if args.name == "collect":
         for path in collect(args.runs):
@@ -200,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.name == "lp":
         from benchmarks.lp_scaling import run as run_lp
 
-        print(f"wrote {run_lp(quick=args.quick)}")
+        print(f"wrote {run_lp(quick=args.quick, runs={p.name: p for p in args.real}, cap=args.cap)}")
     return 0
 
 

@@ -184,7 +184,7 @@ def _cmd_train(args: argparse.Namespace, bars: _Bars, run=None):
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
         raise CnnRepairError(f"--epochs and --batch-size must be >= 1 and --lr > 0 (got {cfg.epochs}, {cfg.batch_size}, {cfg.lr})")
     run = run or RunDir(args.out)
-    run.init(args.dataset, {"data_dir": str(args.data_dir) if args.data_dir else None, "seed": args.seed})
+    run.init(args.dataset, {"data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None, "seed": args.seed})
     _say(f"loading {args.dataset} ...")
     ds = load_dataset(args.dataset, args.data_dir)
     _say(f"{ds.name}: {len(ds.y_train)} train / {len(ds.y_test)} test images of {'x'.join(map(str, ds.image_shape))}, {ds.num_classes} classes")
