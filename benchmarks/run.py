@@ -77,6 +77,23 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.2f}"
 
 
+def _compare_sentence(a: dict) -> str:
+    """How LH fares against NN (the paper: LH more vulnerable), computed from the curves."""
+    own, eps = a["own"], a["eps"]
+    if "lh" not in own or "nn" not in own:
+        return ""
+
+    def where(flags: list[bool]) -> str:
+        hits = [f"{e:g}" for e, f in zip(eps, flags) if f]
+        return "every eps" if len(hits) == len(eps) else ("eps " + ", ".join(hits) if hits else "no eps")
+
+    parts = [f"LH is more vulnerable than NN at {where([lh < nn for lh, nn in zip(own['lh'], own['nn'])])} (the paper found LH more vulnerable)",
+             f"LH is below its clean accuracy at {where([lh < a['clean']['lh'] for lh in own['lh']])}"]
+    if "kh" in own:
+        parts.append(f"KH is more robust than NN at {where([k > n for k, n in zip(own['kh'], own['nn'])])}")
+    return "; ".join(parts) + "."
+
+
 def readme_section() -> str:
     """The README's results section, generated from benchmarks/results/*.json."""
     lines = []
@@ -110,7 +127,7 @@ def readme_section() -> str:
                     sec = a["seconds_per_10k_images"].get(m)
                     lines.append(f"| {m.upper()} | {_pct(a['clean'][m])} | " + " | ".join(_pct(v) for v in accs)
                                  + f" | {'-' if sec is None else f'{sec:.1f}'} |")
-                lines.append("")
+                lines += ["", _compare_sentence(a), ""]
     rep_path = RESULTS / "repair.json"
     if rep_path.is_file():
         rep = json.loads(rep_path.read_text())

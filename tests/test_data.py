@@ -111,6 +111,8 @@ def test_cifar_pickles_folder_and_canonical_tarball(tmp_path):
         tar.add(folder, arcname="cifar-10-batches-py")
     ds2 = load_dataset("cifar10", tar_path, cache=False)
     np.testing.assert_array_equal(ds2.x_test, ds.x_test)
+    ds3 = load_dataset("cifar10", tmp_path, cache=False)  # a folder holding the downloaded tarball
+    np.testing.assert_array_equal(ds3.x_train, ds.x_train)
 
 
 def test_cifar_pickle_with_code_is_refused(tmp_path):
@@ -213,6 +215,18 @@ def test_download_verifies_checksums_against_local_files(tmp_path):
     with pytest.raises(CnnRepairError, match="checksum mismatch"):
         download_dataset("mnist", tmp_path / "data", urls=bad)
     assert not (folder / name).exists() and not list(folder.glob(".*tmp*"))
+
+
+def test_download_with_md5_of_the_served_file(tmp_path):
+    import hashlib
+
+    src = tmp_path / "cifar-10-python.tar.gz"
+    src.write_bytes(b"pretend tarball")
+    md5 = "md5:" + hashlib.md5(src.read_bytes()).hexdigest()
+    folder = download_dataset("cifar10", tmp_path / "data", urls={src.name: (src.as_uri(), md5)})
+    assert (folder / src.name).read_bytes() == b"pretend tarball"
+    with pytest.raises(CnnRepairError, match="checksum mismatch"):
+        download_dataset("cifar10", tmp_path / "other", urls={src.name: (src.as_uri(), "md5:" + "0" * 32)})
 
 
 def test_download_checksums_match_real_mnist_when_present():

@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="run directory")
 
     p = sub.add_parser("download", help="download a dataset and verify its checksums (needs internet)")
-    p.add_argument("name", choices=["mnist"], help="dataset to fetch")
+    p.add_argument("name", choices=["mnist", "cifar10"], help="dataset to fetch (cifar10: the canonical python tarball)")
     p.add_argument("--dest", type=Path, default=Path("data"), help="parent folder (default: data)")
     return parser
 

@@ -394,6 +394,8 @@ def load_dataset(name: str, data_dir: Path | str | None = None, cache: bool = Tr
         where = path if path is not None else f"data/{name}"
         raise CnnRepairError(f"{where}: {name} dataset not found; pass --data-dir DIR or run `cnnrepair download {name} --dest data`")
     if name == "cifar10":
+        if path.is_dir() and (path / "cifar-10-python.tar.gz").is_file():  # where `cnnrepair download cifar10` puts it
+            path = path / "cifar-10-python.tar.gz"
         if path.is_file():
             return _cached(path, name, lambda: _load_cifar_tar(path)) if cache else _load_cifar_tar(path)
         if (path / "data_batch_1").is_file() or (path / "cifar-10-batches-py").is_dir():
@@ -404,8 +406,12 @@ def load_dataset(name: str, data_dir: Path | str | None = None, cache: bool = Tr
 
 # --- downloads (for users who are online) -----------------------------------------------------
 
-# Checksums are of the *decompressed* IDX content, so re-gzipped mirrors verify too.
+# IDX checksums are sha256 of the *decompressed* content, so re-gzipped mirrors verify too;
+# "md5:" marks a checksum of the file as served (CIFAR-10's published one).
 DOWNLOADS: dict[str, dict[str, tuple[str, str]]] = {
+    "cifar10": {
+        "cifar-10-python.tar.gz": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "md5:c58f30108f718f92721af3b95e74349a"),
+    },
     "mnist": {
         f"{IDX_FILES['train_images']}.gz": ("https://ossci-datasets.s3.amazonaws.com/mnist/train-images-idx3-ubyte.gz",
                                              "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db"),
@@ -424,6 +430,13 @@ def content_sha256(path: Path) -> str:
     return hashlib.sha256(_read_maybe_gzip(Path(path))).hexdigest()
 
 
+def checksum(path: Path, expected: str) -> str:
+    """The file's checksum in the form of ``expected``: "md5:<hex>" of the raw file, else content sha256."""
+    if expected.startswith("md5:"):
+        return "md5:" + hashlib.md5(Path(path).read_bytes()).hexdigest()
+    return content_sha256(path)
+
+
 def download_dataset(name: str, dest: Path | str, urls: dict[str, tuple[str, str]] | None = None) -> Path:
     """Fetch ``name`` into ``dest/name``, verify every file's checksum, and return the folder."""
     table = urls if urls is not None else DOWNLOADS.get(name)
@@ -433,7 +446,7 @@ def download_dataset(name: str, dest: Path | str, urls: dict[str, tuple[str, str
     folder.mkdir(parents=True, exist_ok=True)
     for filename, (url, sha) in table.items():
         target = folder / filename
-        if target.is_file() and content_sha256(target) == sha:
+        if target.is_file() and checksum(target, sha) == sha:
             continue
 
         def _fetch(tmp: Path, url: str = url, sha: str = sha) -> None:
@@ -443,9 +456,9 @@ def download_dataset(name: str, dest: Path | str, urls: dict[str, tuple[str, str
                         out.write(chunk)
             except OSError as exc:
                 raise CnnRepairError(f"{url}: download failed ({exc}); check the connection or place the files in {folder} by hand") from None
-            got = content_sha256(tmp)
+            got = checksum(tmp, sha)
             if got != sha:
-                raise CnnRepairError(f"{url}: checksum mismatch (sha256 {got[:12]}..., expected {sha[:12]}...); the mirror is corrupt, try again later")
+                raise CnnRepairError(f"{url}: checksum mismatch ({got[:16]}..., expected {sha[:16]}...); the download is corrupt, try again later")
 
         atomic_write(target, _fetch)
     return folder
