@@ -46,23 +46,40 @@ def _write(name: str, obj: dict) -> Path:
     return path
 
 
-def collect(runs: list[Path]) -> list[Path]:
-    """accuracy.json, attack.json and repair.json from finished run directories."""
+def collect(runs: list[Path], repair_only: list[Path] | None = None) -> list[Path]:
+    """accuracy.json, attack.json and repair.json from finished run directories.
+
+    Runs in ``repair_only`` (variants of another run's repair, sharing its NN and LH) add their
+    repair entries alone.
+    """
     acc, att, rep = {}, {}, {}
-    for run in runs:
+    out_figs: list[Path] = []
+    for run in [*runs, *(repair_only or [])]:
         r = _load(run)
-        label = r["dataset"] + (" (JPEG q75)" if r["dataset"] == "cifar10" and "jpeg" in str(r["_config"].get("data_dir", "")) else "")
+        label = run.name + (" (JPEG q75)" if r["dataset"] == "cifar10" and "jpeg" in str(r["_config"].get("data_dir", "")) else "")
         common = {"run": str(run), "commands": r.get("commands", []), "seed": r["seed"]}
+        if run in (repair_only or []):
+            if "repair" in r:
+                rep[label] = {**r["repair"], "_": {"run": str(run), "commands": r.get("commands", []), "seed": r["seed"]}}
+            continue
         acc[label] = {
             "accuracy": r["accuracy"], "params": r["params"], "epochs": r["training"]["config"]["epochs"],
             "training": r["training"]["config"], "n_train": r["training"]["n_train"], "n_test": r["training"]["n_test"],
             "hybrid": r.get("hybrid", {}), "timings_s": r["timings_s"], **common,
         }
+        for fig in ("attack_curves", "repair"):
+            src = run / "figures" / f"{fig}.png"
+            if src.is_file():
+                import shutil
+
+                dest = RESULTS / f"{run.name}_{fig}.png"
+                shutil.copyfile(src, dest)
+                out_figs.append(dest)
         if "attack" in r:
             att[label] = {name: {k: v for k, v in a.items()} for name, a in r["attack"].items()} | {"_": common}
         if "repair" in r:
             rep[label] = {**r["repair"], "_": common}
-    out = []
+    out = list(out_figs)
     machine = _machine()
     if acc:
         out.append(_write("accuracy.json", {"machine": machine, "datasets": acc}))
@@ -115,6 +132,7 @@ def readme_section() -> str:
     if att_path.is_file():
         att = json.loads(att_path.read_text())
         lines += ["### Accuracy under attack (paper figure 2): each model on its own adversarial test set", ""]
+        lines += [f"![{p.stem}]({p.relative_to(README.parent).as_posix()})" for p in sorted(RESULTS.glob("*_attack_curves.png"))] + [""]
         for ds, attacks in att["datasets"].items():
             for name, a in attacks.items():
                 if name == "_":
@@ -131,7 +149,9 @@ def readme_section() -> str:
     rep_path = RESULTS / "repair.json"
     if rep_path.is_file():
         rep = json.loads(rep_path.read_text())
-        lines += ["### Repair of the linear head (paper figure 3)", "",
+        lines += ["### Repair of the linear head (paper figure 3)", ""]
+        lines += [f"![{p.stem}]({p.relative_to(README.parent).as_posix()})" for p in sorted(RESULTS.glob("*_repair.png"))] + [""]
+        lines += [
                   "Data: clean test accuracy; fixed: share of unseen LH test adversaries RLH gets right (generalisation); "
                   "HADV / RHADV: LH on its adversarial test set, RLH on a fresh attack on itself.", ""]
         for ds, r in rep["datasets"].items():
@@ -191,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="name", required=True)
     p = sub.add_parser("collect", help="copy figures from finished run directories into benchmarks/results")
     p.add_argument("runs", nargs="+", type=Path)
+    p.add_argument("--repair-only", nargs="*", type=Path, default=[], help="runs whose repair entries alone are collected")
     sub.add_parser("readme", help="regenerate the README's results section")
     p = sub.add_parser("kh", help="exact KH fit time against training-set size on a run's features")
     p.add_argument("run", type=Path)
@@ -204,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--real", nargs="*", type=Path, default=[], help="run directories whose LH and repair pools give real problems")
     args = parser.parse_args(argv)
     if args.name == "collect":
-        for path in collect(args.runs):
+        for path in collect(args.runs, args.repair_only):
             print(f"wrote {path}")
     elif args.name == "readme":
         print(f"updated {readme()}")
