@@ -20,8 +20,8 @@ def test_collect_and_readme_from_a_run(digits_run, tmp_path, monkeypatch):
     bench.readme()
     text = readme.read_text()
     assert "old" not in text and text.startswith("intro") and text.rstrip().endswith("outro")
-    lh = f"{100 * acc['datasets']['digits']['accuracy']['lh']:.2f}"
-    assert "| digits |" in text and lh in text
+    lh = f"{100 * acc['datasets'][label]['accuracy']['lh']:.2f}"
+    assert f"| {label} |" in text and lh in text
 
 
 def test_lp_benchmark_paths_agree_and_cap_is_recorded():
