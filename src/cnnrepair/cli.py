@@ -83,11 +83,20 @@ def _add_hybrid_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-kh", action="store_true", help="skip KH (exact RBF SVC is slow on large feature sets)")
 
 
-def _eps_list(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers (e.g. 0.025,0.05)") from None
+def _list_of(kind: type, what: str, example: str) -> Callable[[str], list]:
+    """An argparse type for comma-separated lists of ``kind``."""
+
+    def parse(text: str) -> list:
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {what} (e.g. {example})") from None
+
+    return parse
+
+
+_eps_list = _list_of(float, "numbers", "0.025,0.05")
+_int_list = _list_of(int, "integers", "1,50")
 
 
 def _add_attack_args(p: argparse.ArgumentParser) -> None:
@@ -97,13 +106,6 @@ def _add_attack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attack-images", type=int, default=None, help="attack a seeded slice of this many test images (default: all)")
     p.add_argument("--pgd-images", type=int, default=None, help="slice for PGD alone, which costs --pgd-steps times FGSM (default: --attack-images)")
     p.add_argument("--pgd-steps", type=int, default=20, help="PGD iterations (default 20, step 2.5*eps/steps, random start)")
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers (e.g. 1,50)") from None
 
 
 def _add_repair_args(p: argparse.ArgumentParser) -> None:
