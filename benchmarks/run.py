@@ -127,7 +127,15 @@ def readme_section() -> str:
             lines.append(f"| {ds} | {_pct(a.get('nn'))} | {_pct(a.get('lh'))} | {_pct(a.get('kh'))} | {paper.get(ds, '-')} | {r['epochs']} | "
                          f"{t.get('train', 0):.0f} | {t.get('fit_lh', 0):.0f} | {t.get('fit_kh', 0):.0f} ({kh_n}) |")
         lines += ["", f"Measured on {acc['machine']['cores']} CPU cores, {acc['machine']['measured']}; commands in "
-                      "`benchmarks/results/accuracy.json`.", ""]
+                      "`benchmarks/results/accuracy.json`.", "",
+                  "Pipeline timings (seconds per stage, as recorded in each run's `results.json`; stages that ran while "
+                  "other jobs shared the 2 cores are slower than they would be alone):", ""]
+        stages = ["train", "features", "fit_lh", "fit_kh", "attack_fgsm", "attack_pgd", "repair"]
+        lines += ["| dataset | " + " | ".join(stages) + " |", "|" + " --- |" * (len(stages) + 1)]
+        for ds, r in acc["datasets"].items():
+            t = r["timings_s"]
+            lines.append(f"| {ds} | " + " | ".join(f"{t[k]:.0f}" if k in t else "-" for k in stages) + " |")
+        lines.append("")
     att_path = RESULTS / "attack.json"
     if att_path.is_file():
         att = json.loads(att_path.read_text())
