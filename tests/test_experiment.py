@@ -55,3 +55,31 @@ def test_pair_anchors_keep_the_clean_image_where_it_was():
     np.testing.assert_allclose(clean @ (W + r.gamma).T + b, Y, atol=1e-6)  # anchors held
     plain = repair(RepairProblem(W, b, adv, Y, delta_weight=10.0))
     assert np.abs(clean @ (W + plain.gamma).T + b - Y).max() > 1e-3  # without anchors the clean images move
+
+
+def test_unsolved_lp_never_saves_a_repaired_model(digits_run, tmp_path, monkeypatch):
+    import shutil
+
+    import cnnrepair.experiment as exp
+    from cnnrepair.pipeline import open_dataset, stage_repair
+    from cnnrepair.repair import RepairResult
+    from cnnrepair.rundir import RunDir
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(digits_run, run_dir)
+    run = RunDir(run_dir)
+
+    def failing(problem, *args, **kwargs):
+        k, d = problem.W.shape
+        return RepairResult(np.zeros((k, d)), np.zeros((len(problem.X), k)), float("nan"), "time_limit (class 0)", "highs", 0.0,
+                            {"variables": 1, "constraints": 1, "nonzeros": 1})
+
+    monkeypatch.setattr(exp, "repair", failing)
+    settings = RepairSettings(eps=[0.1], ks=[5], selections=["none"], eval_images=50)
+    result = stage_repair(run, open_dataset(run), settings)
+    entry = result["entries"][0]
+    assert entry["lp"]["status"].startswith("time_limit") and "no RLH saved" in entry["error"]
+    assert result["primary"] is None
+    assert not (run_dir / "models" / "rlh.pt").exists()
+    assert not list((run_dir / "repair").rglob("rlh.pt"))
+    assert "accuracy" not in entry
