@@ -29,8 +29,14 @@ def run(run_dir: Path, sizes: list[int], C: float = 10.0) -> Path:
     for n in sizes:
         idx = _stratified_subset(ds.y_train, n, res.get("seed", 0)) if n < len(ds.y_train) else np.arange(len(ds.y_train))
         head, pipe, info = fit_rbf_svm(feats["train"][idx], ds.y_train[idx], C=C)
-        acc = float((pipe.predict(np.asarray(feats["test"], np.float64)) == ds.y_test).mean())
+        dec = pipe.decision_function(np.asarray(feats["test"], np.float64))
+        acc = float((pipe.classes_[dec.argmax(1)] == ds.y_test).mean())
         points.append({"n_train": int(n), "seconds": info.seconds, "n_support": info.n_support, "test_accuracy": acc})
+    kh = res.get("hybrid", {}).get("kh")
+    if kh and kh["n_train"] not in sizes and kh.get("C") == C:  # the run's own KH is one more measured point
+        points.append({"n_train": kh["n_train"], "seconds": res["timings_s"]["fit_kh"], "n_support": kh["n_support"],
+                       "test_accuracy": res["accuracy"]["kh"], "from": "the run's own `cnnrepair hybrid`"})
+    points.sort(key=lambda p: p["n_train"])
     ns = np.array([p["n_train"] for p in points], float)
     ts = np.array([p["seconds"] for p in points], float)
     slope, icpt = np.polyfit(np.log(ns), np.log(ts), 1) if len(ns) > 1 else (float("nan"), float("nan"))
