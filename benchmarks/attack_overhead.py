@@ -58,6 +58,6 @@ def run(run_dir: Path | None = None, n_images: int = 2000, rounds: int = 5, eps:
         med = {k: float(np.median(v)) for k, v in times.items()}
         rows[name] = {"median_s": med, "images": len(x), "images_per_s": {k: len(x) / v for k, v in med.items()},
                       "overhead": med["cnnrepair"] / med["foolbox"] - 1.0, "all_s": times}
-    cmd = "python -m benchmarks.run attack-overhead" + (f" --run {run_dir}" if run_dir else "")
+    cmd = "python -m benchmarks.run attack-overhead" + (f" --run {run_dir}" if run_dir else "") + f" --images {n_images}"
     return _write("attack_overhead.json", {"machine": _machine(), "command": cmd, "dataset": label, "eps": eps,
                                             "rounds": rounds, "models": rows})

@@ -3,7 +3,8 @@ import json
 import pytest
 
 import benchmarks.run as bench
-from benchmarks.lp_scaling import _solve_cvxpy, _solve_ours, random_problem, timed
+from benchmarks.lp_scaling import PATHS, _solve_ours, grow_pool, random_problem, real_problem, timed
+from cnnrepair.repair import AUTO_IPM_POINTS
 
 
 def test_collect_and_readme_from_a_run(digits_run, tmp_path, monkeypatch):
@@ -25,10 +26,23 @@ def test_collect_and_readme_from_a_run(digits_run, tmp_path, monkeypatch):
 
 
 def test_lp_benchmark_paths_agree_and_cap_is_recorded():
-    p = random_problem(60, 5, k=3)
+    p = random_problem(60, AUTO_IPM_POINTS + 5, k=3)  # enough points for the default to take the interior point
     ours = timed(_solve_ours, p, "highs", 60)
-    for fn, arg in ((_solve_ours, "cvxopt"), (_solve_ours, "highs-cg"), (_solve_cvxpy, "CLARABEL")):
+    for name, (fn, arg) in PATHS.items():
         res = timed(fn, p, arg, 60)
-        assert res["status"] == "ok" and res["objective"] == pytest.approx(ours["objective"], rel=1e-5)
+        assert res["status"] == "ok" and res["objective"] == pytest.approx(ours["objective"], rel=1e-6), name
     slow = timed(lambda *_: __import__("time").sleep(5), p, None, 0.2)
     assert slow["status"] == "timeout" and slow["cap_s"] == 0.2
+
+
+def test_real_lp_problems_grow_the_repair_pool_they_need(digits_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(digits_run, run)
+    assert real_problem(run, 30) is None  # no pool yet
+    grow_pool(run, 30)
+    problem, eps = real_problem(run, 30)
+    assert problem.X.shape == (30, problem.W.shape[1]) and eps > 0
+    grow_pool(run, 30)  # already big enough: nothing attacked again
+    assert len(list((run / "repair").glob("pool_*.npz"))) == 1

@@ -5,7 +5,7 @@ from scipy.optimize import linprog
 from scipy.stats import wilcoxon
 
 from cnnrepair.errors import CnnRepairError
-from cnnrepair.repair import RepairProblem, repair, wilcoxon_select
+from cnnrepair.repair import AUTO_IPM_POINTS, SOLVERS, RepairProblem, repair, wilcoxon_select
 
 
 def _problem(k=4, d=30, K=3, seed=0, sparsity=0.5, **kw):
@@ -52,7 +52,8 @@ def _check_feasible(p: RepairProblem, r, tol=1e-7):
     dec = p.X @ (p.W + r.gamma).T + p.b
     assert np.all(np.abs(dec - p.Y) <= r.delta + tol)
     assert np.all(r.delta >= 0)
-    assert r.objective == pytest.approx(np.abs(r.gamma).sum() + p.delta_weight * r.delta.sum(), rel=1e-9)
+    weights = p.point_weights if p.point_weights is not None else np.ones(p.X.shape[0])
+    assert r.objective == pytest.approx(np.abs(r.gamma).sum() + p.delta_weight * (weights @ r.delta).sum(), rel=1e-9)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -62,7 +63,7 @@ def test_backends_agree_with_independent_linprog(seed, masked):
     if masked:
         p = RepairProblem(p.W, p.b, p.X, p.Y, mask=np.arange(p.W.shape[1]) % 3 != 0)
     ref = _linprog_reference(p)
-    results = {s: repair(p, s) for s in ("highs", "highs-cg", "highs-ipm", "cvxopt")}
+    results = {s: repair(p, s) for s in SOLVERS}
     for name, r in results.items():
         assert r.ok, name
         assert r.objective == pytest.approx(ref, rel=1e-6), name
@@ -70,6 +71,38 @@ def test_backends_agree_with_independent_linprog(seed, masked):
         if masked:
             assert np.all(r.gamma[:, ~p.mask] == 0)
         assert np.all(r.gamma[:, 0] == 0)  # zero on every point: never worth changing
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_default_path_for_many_points_reaches_the_simplex_optimum(weighted):
+    """``auto`` switches to the certified interior point for many points: same optimum as simplex."""
+    rng = np.random.default_rng(7)
+    p = _problem(k=3, d=25, K=AUTO_IPM_POINTS + 10, seed=8, delta_weight=0.7 if weighted else 1.0,
+                 point_weights=rng.uniform(0.5, 2.0, AUTO_IPM_POINTS + 10) if weighted else None)
+    auto, simplex = repair(p), repair(p, "highs")
+    assert auto.ok and simplex.ok
+    assert all(c["path"] == "ipm" for c in auto.per_class)
+    assert all(c["lower_bound"] <= simplex.per_class[i]["objective"] + 1e-9 for i, c in enumerate(auto.per_class))
+    assert auto.objective == pytest.approx(simplex.objective, rel=1e-8)
+    _check_feasible(p, auto)
+    assert np.all(auto.gamma[:, 0] == 0)
+
+
+def test_interior_point_leaves_programs_it_does_not_handle_to_simplex():
+    p = _problem(seed=6, max_change=0.05)
+    r = repair(p, "ipm")
+    assert r.ok and all(c["path"] == "highs" for c in r.per_class)
+    assert r.objective == pytest.approx(repair(p, "highs").objective, rel=1e-9)
+
+
+def test_a_stalled_interior_point_hands_the_class_to_simplex(monkeypatch):
+    import cnnrepair.repair as R
+
+    p = _problem(k=2, d=20, K=8, seed=10)
+    monkeypatch.setattr(R, "_ipm_l1", lambda *a, **k: ("not_converged", None, float("nan"), float("nan"), 150))
+    r = repair(p, "ipm")
+    assert r.ok and all(c["path"].startswith("highs (ipm") for c in r.per_class)
+    assert r.objective == pytest.approx(repair(p, "highs").objective, rel=1e-9)
 
 
 def test_parallel_classes_give_the_same_optimum():
@@ -152,3 +185,19 @@ def test_column_generation_is_exact_on_a_larger_sparse_problem(seed):
     assert cg.objective == pytest.approx(_linprog_reference(p), rel=1e-6)
     assert max(o["rounds"] for o in cg.per_class) > 1
     _check_feasible(p, cg)
+
+
+def test_classes_spread_over_a_dask_cluster_through_joblib():
+    """joblib's Dask backend runs the per-class LPs on a (here local, two-process) Dask cluster."""
+    from dask.distributed import Client, LocalCluster, get_task_stream
+    from joblib import parallel_config
+
+    p = _problem(k=4, d=40, K=AUTO_IPM_POINTS + 5, seed=9)
+    local = repair(p)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
+        with parallel_config(backend="dask"), get_task_stream(client) as tasks:
+            spread = repair(p, n_jobs=-1)
+        workers = set(client.scheduler_info()["workers"])
+    assert len(tasks.data) == p.num_classes and {t["worker"] for t in tasks.data} <= workers  # one task a class, on the cluster
+    assert spread.ok and spread.objective == pytest.approx(local.objective, rel=1e-9)
+    np.testing.assert_allclose(spread.gamma, local.gamma, atol=1e-9)

@@ -117,7 +117,8 @@ def _add_repair_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--select-p", type=float, default=0.1, help="Wilcoxon p-value threshold (default 0.1, the paper's)")
     p.add_argument("--target", choices=["clean", "label"], default="clean",
                    help="target decision values: LH's on the clean image (default) or +-1 one-vs-rest margins")
-    p.add_argument("--solver", choices=SOLVERS, default="highs", help="LP solver (default highs; cvxopt is the paper's)")
+    p.add_argument("--solver", choices=SOLVERS, default="auto",
+                   help="LP solver (default auto: HiGHS simplex for few points, our certified interior point for many; cvxopt is the paper's)")
     p.add_argument("--time-limit", type=float, default=None, help="seconds per class LP before giving up")
     p.add_argument("--eval-images", type=int, default=None, help="evaluate on a seeded slice of this many test images (default: all)")
     p.add_argument("--jobs", type=int, default=1, help="class LPs solved in parallel (default 1)")

@@ -43,7 +43,7 @@ class RepairSettings:
     eps: list[float]
     ks: list[int]
     selections: list[str]
-    solver: str = "highs"
+    solver: str = "auto"
     target: str = "clean"
     select_p: float = 0.1
     attack: str = "fgsm"

@@ -12,7 +12,9 @@ them small: features outside the mask, and features that are zero on every repai
 lower the objective, so their gamma is fixed at 0 and their columns are dropped. The constraint
 matrix is sparse (ReLU features are mostly zero).
 
-Backends: HiGHS (default, through ``highspy``) and cvxopt (the paper's solver). Constraint families
+Backends: HiGHS simplex (through ``highspy``), a dense interior-point method of ours that ends with
+a duality certificate (the default for many points, where simplex slows down), and cvxopt (the
+paper's solver). Constraint families
 are objects that emit rows, so hard margins or clean points to preserve can be added beside the
 targets without touching the solver code.
 """
@@ -30,7 +32,11 @@ import scipy.sparse as sp
 
 from cnnrepair.errors import CnnRepairError
 
-SOLVERS = ("highs", "highs-cg", "highs-ipm", "cvxopt")
+SOLVERS = ("auto", "highs", "highs-cg", "highs-ipm", "ipm", "cvxopt")
+AUTO_IPM_POINTS = 50  # from this many repair points on, ``auto`` picks the interior point (see benchmarks)
+IPM_MAX_POINTS = 8000  # its normal matrix is points x points, dense
+IPM_GAP = 1e-9  # certified relative duality gap the interior point aims for ...
+IPM_GAP_STALLED = 1e-7  # ... and accepts when it stalls; worse than this, simplex takes over
 
 
 @dataclass
@@ -329,34 +335,190 @@ def _solve_cvxopt(lp: ClassLP, time_limit: float | None) -> tuple[str, np.ndarra
     return status, x, float(lp.c @ x), int(sol.get("iterations", 0))
 
 
-def repair(p: RepairProblem, solver: str = "highs", time_limit: float | None = None, families=None, n_jobs: int = 1) -> RepairResult:
+@dataclass
+class _NewtonSystem:
+    """One interior-point iteration's linear system, factored once, solved for several right-hand sides."""
+
+    X: np.ndarray
+    Xt: np.ndarray
+    factor: np.ndarray  # lower Cholesky factor of X D X^T + diag
+    rp: np.ndarray
+    rd: list[np.ndarray]
+    P: list[np.ndarray]
+    Z: list[np.ndarray]
+    D: list[np.ndarray]
+
+    def direction(self, comp: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+        """Steps (dy, dP, dZ) for complementarity right-hand sides ``comp`` (one per block)."""
+        import scipy.linalg as sla
+
+        P, Z, D, rd, X = self.P, self.Z, self.D, self.rd, self.X
+        q = [(c - x * rdi) / z for c, x, rdi, z in zip(comp, P, rd, Z)]
+        rhs = self.rp - (X @ (q[0] - q[1]) - q[2] + q[3])
+        dy = sla.solve_triangular(self.factor, sla.solve_triangular(self.factor, rhs, lower=True, check_finite=False),
+                                  lower=True, trans="T", check_finite=False)
+        Xtdy = self.Xt @ dy
+        dP = [q[0] + D[0] * Xtdy, q[1] - D[1] * Xtdy, q[2] - D[2] * dy, q[3] + D[3] * dy]
+        dZ = [rd[0] - Xtdy, rd[1] + Xtdy, rd[2] + dy, rd[3] - dy]
+        return dy, dP, dZ
+
+
+def _max_step(v: list[np.ndarray], dv: list[np.ndarray]) -> float:
+    """Largest step in [0, 1] that keeps every block of ``v + step * dv`` non-negative."""
+    ratios = [np.min(-x[dx < 0] / dx[dx < 0], initial=np.inf) for x, dx in zip(v, dv)]
+    return min(1.0, min(ratios))
+
+
+def _ipm_l1(X: np.ndarray, Xt: np.ndarray, r: np.ndarray, w: np.ndarray, tol: float = IPM_GAP, max_iter: int = 150,
+            accept: float = IPM_GAP_STALLED, patience: int = 8,
+            deadline: float | None = None) -> tuple[str, np.ndarray | None, float, float, int]:
+    """Mehrotra predictor-corrector for one class: min |g|_1 + w^T |X g - r| (X dense, K x m).
+
+    Standard form: columns g+, g-, e+, e- >= 0 with X(g+ - g-) - e+ + e- = r; the start is primal
+    and dual feasible. Each iteration factors the K x K normal matrix X D X^T + diag (one Cholesky).
+    It stops only on a certificate: g is feasible by construction (the slacks are |X g - r|), and
+    the dual iterate scaled into |X^T u| <= 1, |u| <= w is dual feasible, so r^T u is a lower bound
+    on the optimum. Returns (status, g, objective, lower bound, iterations) for the best certified
+    iterate; status "optimal" means (objective - lower bound) <= tol * max(1, objective), or
+    <= accept * max(1, objective) once ``patience`` iterations bring no better certificate (the
+    late iterations are ill-conditioned and can stall a hair above ``tol``). Numerical trouble
+    ends the iterations the same way: with the best certificate found, if it is good enough.
+    """
+    K, m = X.shape
+    t = 1.0 + np.abs(r).mean()
+    P = [np.full(m, t), np.full(m, t), np.maximum(-r, 0) + t, np.maximum(r, 0) + t]  # g+, g-, e+, e-
+    Z = [np.ones(m), np.ones(m), w.copy(), w.copy()]  # their reduced costs (dual slacks)
+    y = np.zeros(K)
+    n = 2 * m + 2 * K
+    best_g, best_upper, best_lower, best_it = None, float("inf"), -float("inf"), 0
+
+    def result(it: int) -> tuple[str, np.ndarray | None, float, float, int]:
+        ok = best_upper - best_lower <= accept * max(1.0, abs(best_upper))
+        return ("optimal" if ok else "not_converged"), best_g, best_upper, best_lower, it
+
+    def certificate(g: np.ndarray, u: np.ndarray) -> tuple[float, float]:
+        upper = float(np.abs(g).sum() + w @ np.abs(X @ g - r))
+        scale = max(1.0, float(np.abs(Xt @ u).max(initial=0.0)), float((np.abs(u) / w).max()))
+        return upper, float(r @ u) / scale
+
+    with np.errstate(all="ignore"):
+        for it in range(max_iter):
+            g = P[0] - P[1]
+            upper, lower = certificate(g, y)
+            if not (np.isfinite(upper) and np.isfinite(lower)):
+                return result(it)
+            if upper - lower < best_upper - best_lower:
+                best_g, best_upper, best_lower, best_it = g, upper, lower, it
+            if upper - lower <= tol * max(1.0, abs(upper)) or it - best_it >= patience:
+                return result(it)
+            if deadline is not None and time.perf_counter() > deadline:
+                return "time_limit", None, float("nan"), float("nan"), it
+            Xty = Xt @ y
+            rd = [1.0 - Xty - Z[0], 1.0 + Xty - Z[1], w + y - Z[2], w - y - Z[3]]
+            rp = r - (X @ g - P[2] + P[3])
+            mu = sum(x @ z for x, z in zip(P, Z)) / n
+            D = [x / z for x, z in zip(P, Z)]
+            Xs = X * np.sqrt(D[0] + D[1])
+            M = Xs @ Xs.T
+            M[np.diag_indices(K)] += D[2] + D[3]
+            factor, reg = None, 1e-14 * float(M.diagonal().max())
+            while factor is None and reg < 1e-4 * float(M.diagonal().max()):
+                try:  # late iterations are ill-conditioned: regularise only as much as needed
+                    factor = np.linalg.cholesky(M)  # numpy's BLAS, like the product above: one thread pool
+                except np.linalg.LinAlgError:
+                    M[np.diag_indices(K)] += reg
+                    reg *= 100.0
+            if factor is None:
+                return result(it)
+
+            newton = _NewtonSystem(X, Xt, factor, rp, rd, P, Z, D)
+            dy, dP, dZ = newton.direction([-x * z for x, z in zip(P, Z)])
+            ap, ad = _max_step(P, dP), _max_step(Z, dZ)
+            mu_aff = sum((x + ap * dx) @ (z + ad * dz) for x, dx, z, dz in zip(P, dP, Z, dZ)) / n
+            sigma = (mu_aff / mu) ** 3
+            dy, dP, dZ = newton.direction([-x * z + sigma * mu - dx * dz for x, z, dx, dz in zip(P, Z, dP, dZ)])
+            ap, ad = 0.995 * _max_step(P, dP), 0.995 * _max_step(Z, dZ)
+            P = [x + ap * dx for x, dx in zip(P, dP)]
+            Z = [z + ad * dz for z, dz in zip(Z, dZ)]
+            y = y + ad * dy
+    return result(max_iter)
+
+
+def _solve_ipm(X: np.ndarray, Xt: np.ndarray, r: np.ndarray, w: np.ndarray, n_gamma: int,
+               time_limit: float | None) -> tuple[str, np.ndarray | None, float | None, int, float | None]:
+    """Certified interior point for one class, as a column vector in the class LP's layout.
+
+    An interior point does not land exactly on zeros: weight changes below 1e-6 (else 1e-8, 1e-10)
+    of the largest are set to zero when the certificate still holds after it.
+    """
+    deadline = None if time_limit is None else time.perf_counter() + time_limit
+    status, g, upper, lower, it = _ipm_l1(X, Xt, r, w, deadline=deadline)
+    if status != "optimal":
+        return status, None, None, it, None
+    allowed = max(IPM_GAP, (upper - lower) / max(1.0, abs(upper)))
+    for threshold in (1e-6, 1e-8, 1e-10):
+        g2 = np.where(np.abs(g) <= threshold * max(1.0, float(np.abs(g).max(initial=0.0))), 0.0, g)
+        upper2 = float(np.abs(g2).sum() + w @ np.abs(X @ g2 - r))
+        if upper2 - lower <= allowed * max(1.0, abs(upper2)):
+            g, upper = g2, upper2
+            break
+    e = X @ g - r
+    x = np.concatenate([np.maximum(g, 0), np.maximum(-g, 0), np.maximum(e, 0), np.maximum(-e, 0)])
+    assert x.size == 2 * n_gamma + 2 * len(r)
+    return "optimal", x, upper, it, lower
+
+
+def repair(p: RepairProblem, solver: str = "auto", time_limit: float | None = None, families=None, n_jobs: int = 1) -> RepairResult:
     """Solve the repair LP class by class; returns gamma, delta and the optimum.
 
-    Solvers: ``highs`` (default: the whole class LP with HiGHS dual simplex), ``highs-cg`` (HiGHS
-    simplex with exact column generation, faster when few features end up changed),
-    ``highs-ipm`` (HiGHS interior point with crossover) and ``cvxopt`` (the paper's solver). All
-    are exact. A class whose LP is not solved to optimality
-    makes the whole result non-optimal (``status`` names the first failure); callers must not save
-    such a head as repaired.
+    Solvers: ``auto`` (default: ``highs`` below ``AUTO_IPM_POINTS`` repair points, ``ipm`` from
+    there on), ``highs`` (HiGHS dual simplex on the whole class LP: a vertex optimum),
+    ``highs-cg`` (HiGHS simplex with exact column generation, faster when few features end up
+    changed), ``highs-ipm`` (HiGHS interior point with crossover), ``ipm`` (our dense
+    interior point, stopped by a duality certificate of relative gap <= 1e-9; plain programs only,
+    others go to ``highs``) and ``cvxopt`` (the paper's solver). A class whose LP is not solved to
+    optimality makes the whole result non-optimal (``status`` names the first failure); callers
+    must not save such a head as repaired. ``n_jobs`` > 1 (or -1) solves classes in parallel
+    through joblib: threads by default, or any joblib backend set by the caller, e.g.
+    ``with joblib.parallel_config(backend="dask")`` to spread them over a Dask cluster.
     """
     if solver not in SOLVERS:
         raise CnnRepairError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     t0 = time.perf_counter()
     cols = p.columns()
-    Xc = sp.csc_matrix(p.X[:, cols])
+    Xd = np.ascontiguousarray(p.X[:, cols])
+    Xc = sp.csc_matrix(Xd)
     k, d = p.W.shape
     K = p.X.shape[0]
+    plain = families is None and not p.hard and p.max_change is None and K <= IPM_MAX_POINTS and len(cols) > 0
+    use_ipm = plain and (solver == "ipm" or (solver == "auto" and K >= AUTO_IPM_POINTS))
+    Xt = np.ascontiguousarray(Xd.T) if use_ipm else None
+    w = p.delta_weight * (p.point_weights if p.point_weights is not None else np.ones(K))
 
     def one(i: int) -> dict:
         ti = time.perf_counter()
-        lp = build_class_lp(p, i, Xc, families)
-        if solver == "cvxopt":
-            status, x, obj, rounds = _solve_cvxopt(lp, time_limit)
-        elif solver == "highs-cg" and not p.hard and lp.n_gamma > 0:
-            status, x, obj, rounds = _solve_highs_colgen(lp, time_limit)
+        extra = {}
+        if use_ipm:
+            r = p.Y[:, i] - p.X @ p.W[i] - p.b[i]
+            status, x, obj, rounds, lower = _solve_ipm(Xd, Xt, r, w, len(cols), time_limit)
+            m = len(cols)
+            lp_size = {"variables": 2 * m + 2 * K, "constraints": K, "nonzeros": 2 * Xc.nnz + 2 * K}
+            extra = {"path": "ipm", "lower_bound": lower}
+            if status == "not_converged":  # exact fallback, recorded
+                extra = {"path": f"highs (ipm {status})"}
+                status, x, obj, rounds = _solve_highs(build_class_lp(p, i, Xc, families), time_limit, "highs")
         else:
-            status, x, obj, rounds = _solve_highs(lp, time_limit, solver)
-        return {"class": i, "status": status, "objective": obj, "seconds": time.perf_counter() - ti, "rounds": rounds, "x": x, "lp": lp}
+            lp = build_class_lp(p, i, Xc, families)
+            lp_size = lp.size
+            if solver == "cvxopt":
+                status, x, obj, rounds = _solve_cvxopt(lp, time_limit)
+            elif solver == "highs-cg" and not p.hard and lp.n_gamma > 0:
+                status, x, obj, rounds = _solve_highs_colgen(lp, time_limit)
+            else:
+                status, x, obj, rounds = _solve_highs(lp, time_limit, solver)
+            extra = {"path": "highs" if solver in ("auto", "ipm") else solver}
+        return {"class": i, "status": status, "objective": obj, "seconds": time.perf_counter() - ti, "rounds": rounds,
+                **extra, "x": x, "lp_size": lp_size}
 
     if n_jobs == 1 or k == 1:
         outs = [one(i) for i in range(k)]
@@ -369,21 +531,21 @@ def repair(p: RepairProblem, solver: str = "highs", time_limit: float | None = N
     size = {"variables": 0, "constraints": 0, "nonzeros": 0}
     status = "optimal"
     for o in outs:
-        lp = o.pop("lp")
-        for key, v in lp.size.items():
+        for key, v in o.pop("lp_size").items():
             size[key] += v
         x = o.pop("x")
         if o["status"] != "optimal":
             status = status if status != "optimal" else f"{o['status']} (class {o['class']})"
             continue
-        m = lp.n_gamma
+        m = len(cols)
         g = x[:m] - x[m:2 * m]
         gamma[o["class"], cols] = np.where(np.abs(g) > 1e-12, g, 0.0)
         delta[:, o["class"]] = np.maximum(x[2 * m:2 * m + K] + x[2 * m + K:2 * m + 2 * K], 0.0)
     weights = p.point_weights if p.point_weights is not None else np.ones(K)
     objective = float(np.abs(gamma).sum() + p.delta_weight * (weights @ delta).sum()) if status == "optimal" else float("nan")
     size["full_variables"] = int(k * (2 * d + 2 * K))
-    return RepairResult(gamma, delta, objective, status, solver, time.perf_counter() - t0, size, outs)
+    used = solver if solver not in ("auto", "ipm") else f"{solver} ({'ipm' if use_ipm else 'highs'})"
+    return RepairResult(gamma, delta, objective, status, used, time.perf_counter() - t0, size, outs)
 
 
 def wilcoxon_select(clean: np.ndarray, adversarial: np.ndarray, p_threshold: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
