@@ -168,7 +168,7 @@ def run(quick: bool = False, runs: dict[str, Path] | None = None, cap: float = 1
                 res["rel_diff_objective"] = abs(res["objective"] - base["objective"]) / max(1.0, abs(base["objective"]))
         rows.append(row)
     table = _table(rows)
-    cmd = "python -m benchmarks.run lp" + (" --quick" if quick else "") + f" --cap {cap:g}" + "".join(f" --real {p}" for p in (runs or {}).values())
+    cmd = "python -m benchmarks.run lp" + (" --quick" if quick else "") + f" --cap {cap:g}" + (" --real " + " ".join(str(p) for p in runs.values()) if runs else "")
     return _write("lp_scaling.json", {"machine": _machine(), "command": cmd, "cap_s": cap, "rows": rows, "table_md": table})
 
 
