@@ -28,29 +28,36 @@ def random_problem(d: int, K: int, k: int = 10, seed: int = 0):
     return RepairProblem(W, rng.normal(size=k), X, X @ W.T + rng.normal(size=(K, k)))
 
 
+def _largest_pool(run: Path) -> tuple[Path, int, float] | None:
+    """The run's largest FGSM repair pool: (path, number of points, eps), or None if it has none."""
+    sizes = {p: int(np.load(p)["index"].size) for p in (run / "repair").glob("pool_fgsm_eps*.npz")}
+    if not sizes:
+        return None
+    path = max(sizes, key=sizes.get)
+    return path, sizes[path], float(path.stem.split("eps")[-1])
+
+
 def grow_pool(run: Path, K: int) -> None:
     """Make sure the run's largest repair pool holds K points: attack more training images if not.
 
     The pool is grown at the eps of the largest existing pool (else the run's largest attack eps),
     with the run's seed, exactly as ``cnnrepair repair`` would grow it.
     """
-    import json
-
     from cnnrepair.attacks import PAPER_EPS
     from cnnrepair.data import load_dataset
     from cnnrepair.experiment import repair_pool
     from cnnrepair.pipeline import load_models
     from cnnrepair.rundir import RunDir
 
-    sizes = {p: int(np.load(p)["index"].size) for p in (run / "repair").glob("pool_fgsm_eps*.npz")}
-    if sizes and max(sizes.values()) >= K:
+    largest = _largest_pool(run)
+    if largest is not None and largest[1] >= K:
         return
     rd = RunDir(run)
     cfg = rd.require()
-    if sizes:
-        eps = float(max(sizes, key=sizes.get).stem.split("eps")[-1])
+    if largest is not None:
+        eps = largest[2]
     else:
-        grid = json.loads((run / "results.json").read_text()).get("attack", {}).get("fgsm", {}).get("eps")
+        grid = rd.results.get("attack", {}).get("fgsm", {}).get("eps")
         eps = max(grid or PAPER_EPS.get(cfg["dataset"], PAPER_EPS["mnist"]))
     repair_pool(rd, load_dataset(cfg["dataset"], cfg.get("data_dir")), load_models(rd, ["lh"])["lh"], eps, K, "fgsm", cfg["seed"])
 
@@ -63,14 +70,13 @@ def real_problem(run: Path, K: int):
     from cnnrepair.hybrid import load_head
     from cnnrepair.repair import RepairProblem
 
-    head = load_head(run / "models" / "lh.pt")
-    sizes = {p: int(np.load(p)["index"].size) for p in (run / "repair").glob("pool_fgsm_eps*.npz")}
-    if not sizes or max(sizes.values()) < K:
+    largest = _largest_pool(run)
+    if largest is None or largest[1] < K:
         return None
-    path = max(sizes, key=sizes.get)
+    path, _, eps = largest
     pool = np.load(path)
+    head = load_head(run / "models" / "lh.pt")
     W, b = head.weight.numpy(), head.bias.numpy()
-    eps = float(path.stem.split("eps")[-1])
     return RepairProblem(W, b, pool["adv"][:K], head.decision_values(pool["clean"][:K])), eps
 
 

@@ -92,6 +92,15 @@ class RepairProblem:
     def num_classes(self) -> int:
         return self.W.shape[0]
 
+    def slack_weights(self) -> np.ndarray:
+        """Price of each point's slack: ``delta_weight`` times its ``point_weights`` entry (1 if none)."""
+        K = self.X.shape[0]
+        return self.delta_weight * (self.point_weights if self.point_weights is not None else np.ones(K))
+
+    def residual(self, i: int) -> np.ndarray:
+        """How far class i's decision values on the points are from their targets: Y_i - (X w_i + b_i)."""
+        return self.Y[:, i] - self.X @ self.W[i] - self.b[i]
+
     def columns(self) -> np.ndarray:
         """Features whose weights may change and can matter: in the mask and non-zero on some point."""
         live = np.abs(self.X).max(0) > 0
@@ -127,10 +136,9 @@ class TargetConstraints:
 
     def rows(self, p: RepairProblem, i: int, Xc: sp.csc_matrix):
         """(coefficients on gamma, on this family's slacks, row lower, row upper, slack costs) for class i."""
-        r = p.Y[:, i] - p.X @ p.W[i] - p.b[i]
-        K = Xc.shape[0]
-        eye = sp.identity(K, format="csc")
-        w = p.delta_weight * (p.point_weights if p.point_weights is not None else np.ones(K))
+        r = p.residual(i)
+        eye = sp.identity(Xc.shape[0], format="csc")
+        w = p.slack_weights()
         return Xc, sp.hstack([-eye, eye], format="csc"), r, r, np.concatenate([w, w])
 
 
@@ -369,6 +377,11 @@ def _max_step(v: list[np.ndarray], dv: list[np.ndarray]) -> float:
     return min(1.0, min(ratios))
 
 
+def _l1_objective(X: np.ndarray, r: np.ndarray, w: np.ndarray, g: np.ndarray) -> float:
+    """One class's objective at weight change g, its slacks taken as |X g - r| (always feasible)."""
+    return float(np.abs(g).sum() + w @ np.abs(X @ g - r))
+
+
 def _ipm_l1(X: np.ndarray, Xt: np.ndarray, r: np.ndarray, w: np.ndarray, tol: float = IPM_GAP, max_iter: int = 150,
             accept: float = IPM_GAP_STALLED, patience: int = 8,
             deadline: float | None = None) -> tuple[str, np.ndarray | None, float, float, int]:
@@ -397,7 +410,7 @@ def _ipm_l1(X: np.ndarray, Xt: np.ndarray, r: np.ndarray, w: np.ndarray, tol: fl
         return ("optimal" if ok else "not_converged"), best_g, best_upper, best_lower, it
 
     def certificate(g: np.ndarray, u: np.ndarray) -> tuple[float, float]:
-        upper = float(np.abs(g).sum() + w @ np.abs(X @ g - r))
+        upper = _l1_objective(X, r, w, g)
         scale = max(1.0, float(np.abs(Xt @ u).max(initial=0.0)), float((np.abs(u) / w).max()))
         return upper, float(r @ u) / scale
 
@@ -458,7 +471,7 @@ def _solve_ipm(X: np.ndarray, Xt: np.ndarray, r: np.ndarray, w: np.ndarray, n_ga
     allowed = max(IPM_GAP, (upper - lower) / max(1.0, abs(upper)))
     for threshold in (1e-6, 1e-8, 1e-10):
         g2 = np.where(np.abs(g) <= threshold * max(1.0, float(np.abs(g).max(initial=0.0))), 0.0, g)
-        upper2 = float(np.abs(g2).sum() + w @ np.abs(X @ g2 - r))
+        upper2 = _l1_objective(X, r, w, g2)
         if upper2 - lower <= allowed * max(1.0, abs(upper2)):
             g, upper = g2, upper2
             break
@@ -486,27 +499,26 @@ def repair(p: RepairProblem, solver: str = "auto", time_limit: float | None = No
         raise CnnRepairError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     t0 = time.perf_counter()
     cols = p.columns()
+    m = len(cols)
     Xd = np.ascontiguousarray(p.X[:, cols])
-    Xc = sp.csc_matrix(Xd)
     k, d = p.W.shape
     K = p.X.shape[0]
-    plain = families is None and not p.hard and p.max_change is None and K <= IPM_MAX_POINTS and len(cols) > 0
+    plain = families is None and not p.hard and p.max_change is None and K <= IPM_MAX_POINTS and m > 0
     use_ipm = plain and (solver == "ipm" or (solver == "auto" and K >= AUTO_IPM_POINTS))
+    # the interior point works on the dense matrix; the sparse one is built only for simplex/cvxopt
+    Xc = None if use_ipm else sp.csc_matrix(Xd)
     Xt = np.ascontiguousarray(Xd.T) if use_ipm else None
-    w = p.delta_weight * (p.point_weights if p.point_weights is not None else np.ones(K))
+    ipm_size = {"variables": 2 * m + 2 * K, "constraints": K, "nonzeros": 2 * int(np.count_nonzero(Xd)) + 2 * K} if use_ipm else None
 
     def one(i: int) -> dict:
         ti = time.perf_counter()
-        extra = {}
         if use_ipm:
-            r = p.Y[:, i] - p.X @ p.W[i] - p.b[i]
-            status, x, obj, rounds, lower = _solve_ipm(Xd, Xt, r, w, len(cols), time_limit)
-            m = len(cols)
-            lp_size = {"variables": 2 * m + 2 * K, "constraints": K, "nonzeros": 2 * Xc.nnz + 2 * K}
+            status, x, obj, rounds, lower = _solve_ipm(Xd, Xt, p.residual(i), p.slack_weights(), m, time_limit)
+            lp_size = ipm_size
             extra = {"path": "ipm", "lower_bound": lower}
             if status == "not_converged":  # exact fallback, recorded
                 extra = {"path": f"highs (ipm {status})"}
-                status, x, obj, rounds = _solve_highs(build_class_lp(p, i, Xc, families), time_limit, "highs")
+                status, x, obj, rounds = _solve_highs(build_class_lp(p, i, sp.csc_matrix(Xd), families), time_limit, "highs")
         else:
             lp = build_class_lp(p, i, Xc, families)
             lp_size = lp.size
@@ -537,12 +549,10 @@ def repair(p: RepairProblem, solver: str = "auto", time_limit: float | None = No
         if o["status"] != "optimal":
             status = status if status != "optimal" else f"{o['status']} (class {o['class']})"
             continue
-        m = len(cols)
         g = x[:m] - x[m:2 * m]
         gamma[o["class"], cols] = np.where(np.abs(g) > 1e-12, g, 0.0)
         delta[:, o["class"]] = np.maximum(x[2 * m:2 * m + K] + x[2 * m + K:2 * m + 2 * K], 0.0)
-    weights = p.point_weights if p.point_weights is not None else np.ones(K)
-    objective = float(np.abs(gamma).sum() + p.delta_weight * (weights @ delta).sum()) if status == "optimal" else float("nan")
+    objective = float(np.abs(gamma).sum() + (p.slack_weights() @ delta).sum()) if status == "optimal" else float("nan")
     size["full_variables"] = int(k * (2 * d + 2 * K))
     used = solver if solver not in ("auto", "ipm") else f"{solver} ({'ipm' if use_ipm else 'highs'})"
     return RepairResult(gamma, delta, objective, status, used, time.perf_counter() - t0, size, outs)
