@@ -240,6 +240,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cap", type=float, default=120.0, help="seconds each solver path may take on one problem (default 120)")
     p.add_argument("--real", nargs="*", type=Path, default=[], help="run directories whose LH and repair pools give real problems")
     args = parser.parse_args(argv)
+    from cnnrepair.errors import CnnRepairError
+
+    try:
+        _dispatch(args)
+    except CnnRepairError as exc:
+        print(f"benchmarks: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _dispatch(args: argparse.Namespace) -> None:
+    """Run the benchmark ``args.name`` names."""
     if args.name == "collect":
         for path in collect(args.runs, args.repair_only):
             print(f"wrote {path}")
@@ -257,7 +269,6 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.lp_scaling import run as run_lp
 
         print(f"wrote {run_lp(quick=args.quick, runs={p.name: p for p in args.real}, cap=args.cap)}")
-    return 0
 
 
 if __name__ == "__main__":

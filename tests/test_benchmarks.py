@@ -46,3 +46,11 @@ def test_real_lp_problems_grow_the_repair_pool_they_need(digits_run, tmp_path):
     assert problem.X.shape == (30, problem.W.shape[1]) and eps > 0
     grow_pool(run, 30)  # already big enough: nothing attacked again
     assert len(list((run / "repair").glob("pool_*.npz"))) == 1
+
+
+def test_a_benchmark_on_a_folder_that_is_no_run_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "RESULTS", tmp_path / "results")
+    assert bench.main(["lp", "--quick", "--real", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a cnnrepair run directory" in err[0] and "nope" in err[0]
+    assert not (tmp_path / "results").exists()
