@@ -5,6 +5,7 @@ NAME is one of:
   readme    regenerate the README's results section from benchmarks/results/*.json
   kh        exact KH fit time against training-set size (power-law extrapolation to the full set)
   attack-overhead  FGSM through our wrapper against Foolbox called directly (the wrapper's cost)
+  k1        one-point repair ceiling: every candidate repair point tried, scored on the test set
   lp        repair-LP scaling: our default path against cvxopt and one generic cvxpy model
 
 Every JSON written here records the machine's core count, the library versions and the commands
@@ -57,10 +58,10 @@ def collect(runs: list[Path], repair_only: list[Path] | None = None) -> list[Pat
     for run in [*runs, *(repair_only or [])]:
         r = _load(run)
         label = run.name + (" (JPEG q75)" if r["dataset"] == "cifar10" and "jpeg" in str(r["_config"].get("data_dir", "")) else "")
-        common = {"run": str(run), "commands": r.get("commands", []), "seed": r["seed"]}
+        common = {"run": str(run), "dataset": r["dataset"], "commands": r.get("commands", []), "seed": r["seed"]}
         if run in (repair_only or []):
             if "repair" in r:
-                rep[label] = {**r["repair"], "_": {"run": str(run), "commands": r.get("commands", []), "seed": r["seed"]}}
+                rep[label] = {**r["repair"], "_": common}
             continue
         acc[label] = {
             "accuracy": r["accuracy"], "params": r["params"], "epochs": r["training"]["config"]["epochs"],
@@ -109,6 +110,74 @@ def _compare_sentence(a: dict) -> str:
     if "kh" in own:
         parts.append(f"KH is more robust than NN at {where([k > n for k, n in zip(own['kh'], own['nn'])])}")
     return "; ".join(parts) + "."
+
+
+def _target_table(rep: dict, fixed_min: float = 0.2, drawdown_max: float = 0.5) -> list[str]:
+    """Per repair run and K: "fixed / drawdown" at each eps, marked where both targets are met."""
+    lines = [f"**Repair targets at a glance**: fixed % / drawdown points for each run and K; "
+             f"**bold** where at least {100 * fixed_min:g}% of unseen LH adversaries are fixed and at most "
+             f"{drawdown_max:g} points of clean accuracy are lost (selection none).", ""]
+    for ds, r in rep.items():
+        entries = [e for e in r["entries"] if "accuracy" in e and e["selection"] == "none"]
+        eps = sorted({e["eps"] for e in entries})
+        if not eps:
+            continue
+        lines += [f"| {ds} | " + " | ".join(f"eps {x:g}" for x in eps) + " |", "| --- |" + " --- |" * len(eps)]
+        for k in sorted({e["k"] for e in entries}):
+            cells = []
+            for x in eps:
+                e = next((e for e in entries if e["eps"] == x and e["k"] == k), None)
+                if e is None:
+                    cells.append("-")
+                    continue
+                cell = f"{100 * e['generalisation']:.1f} / {100 * e['drawdown']:.2f}"
+                cells.append(f"**{cell}**" if e["generalisation"] >= fixed_min and 100 * e["drawdown"] <= drawdown_max else cell)
+            lines.append(f"| K = {k} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def plot_targets(rep: dict, dataset: str, path: Path, fixed_min: float = 0.2, drawdown_max: float = 0.5,
+                 k1: dict | None = None) -> Path | None:
+    """Fixed share and drawdown against eps for every repair run and K of one dataset, with the targets drawn in.
+
+    ``k1`` (a ``k1_ceiling.json`` of the same dataset) adds the best single repair point within budget.
+    """
+    from cnnrepair.io import atomic_write
+    from cnnrepair.report import _plt
+
+    runs = {label: r for label, r in rep.items() if r["_"].get("dataset") == dataset}
+    if not runs:
+        return None
+    plt = _plt()
+    fig, (ax_f, ax_d) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for label, r in runs.items():
+        entries = [e for e in r["entries"] if "accuracy" in e and e["selection"] == "none"]
+        for k in sorted({e["k"] for e in entries}):
+            pts = sorted((e["eps"], 100 * e["generalisation"], 100 * e["drawdown"]) for e in entries if e["k"] == k)
+            style = "--" if k == 1 else "-"
+            line, = ax_f.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle=style, label=f"{label} K={k}")
+            ax_d.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", linestyle=style, color=line.get_color())
+    if k1 is not None and k1["dataset"] == dataset:
+        best: dict[float, float] = {}
+        for row in k1["rows"]:
+            if row["fixed_max_within_budget"] is not None:
+                best[row["eps"]] = max(best.get(row["eps"], 0.0), row["fixed_max_within_budget"])
+        ax_f.plot(sorted(best), [best[e] for e in sorted(best)], color="k", linestyle=":", marker="x",
+                  label="K=1, best point picked on the test set")
+    ax_f.axhline(100 * fixed_min, color="k", linewidth=0.8)
+    ax_d.axhline(drawdown_max, color="k", linewidth=0.8)
+    ax_f.set(xlabel="epsilon", ylabel="unseen LH adversaries fixed (%)", title="generalisation (target: above the line)")
+    ax_d.set(xlabel="epsilon", ylabel="clean accuracy lost (points)", title="drawdown (target: below the line)")
+    ax_d.set_ylim(-0.5, max(3.0, drawdown_max * 2))
+    for ax in (ax_f, ax_d):
+        ax.grid(alpha=0.3)
+    ax_f.legend(fontsize=7)
+    fig.suptitle(f"Repair of LH on {dataset}: every run and K (selection none)", fontsize=10)
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, dpi=110, format="png"))
+    plt.close(fig)
+    return path
 
 
 def readme_section() -> str:
@@ -167,19 +236,51 @@ def readme_section() -> str:
             extra = (f", {s['extra_anchors']} extra clean anchors at slack weight {s.get('anchor_weight', 1.0):g}"
                      if s.get("extra_anchors") else "")
             dw = f", slack weight {s['delta_weight']:g}" if s.get("delta_weight", 1.0) != 1.0 else ""
+            if s.get("anchor_weights"):
+                extra = (f", {s['extra_anchors']} extra clean anchors, slack weight calibrated over {', '.join(f'{w:g}' for w in s['anchor_weights'])} "
+                         f"to {s['drawdown_budget']:g} points of drawdown on {s['val_images']:,} held-out training images")
+            if s.get("min_point_eps"):
+                extra += f", repair points attacked at eps >= {s['min_point_eps']:g}"
+            cal = any("calibration" in e for e in r["entries"])
             lines += [f"**{ds}** (target {s['target']}, anchors {s.get('anchors', 'none')}{extra}{dw}, points {s.get('points', 'random')}, "
                       f"solver {s['solver']})", "",
-                      "| eps | K | selection | LP variables | LP s | Data LH | Data RLH | drawdown | fixed | efficacy | HADV LH | RHADV RLH |",
-                      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                      "| eps | K | selection | LP variables | LP s | Data LH | Data RLH | drawdown | fixed | efficacy | HADV LH | RHADV RLH |"
+                      + (" anchor weight (held-out drawdown) |" if cal else ""),
+                      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if cal else "")]
             for e in r["entries"]:
                 if "accuracy" not in e:
-                    lines.append(f"| {e['eps']:g} | {e['k']} | {e['selection']} | - | - | - | - | - | - | - | - | {e.get('error', '')} |")
+                    lines.append(f"| {e['eps']:g} | {e['k']} | {e['selection']} | - | - | - | - | - | - | - | - | {e.get('error', '')} |"
+                                 + (" - |" if cal else ""))
                     continue
                 a = e["accuracy"]
-                lines.append(f"| {e['eps']:g} | {e['k_used']} | {e['selection']} | {e['lp']['size']['variables']:,} | {e['lp']['seconds']:.2f} | "
-                             f"{_pct(a['lh']['data'])} | {_pct(a['rlh']['data'])} | {100 * e['drawdown']:.2f} | {_pct(e['generalisation'])} | "
-                             f"{_pct(e['efficacy'])} | {_pct(a['lh']['hadv'])} | {_pct(a['rlh']['rhadv'])} |")
+                row = (f"| {e['eps']:g} | {e['k_used']} | {e['selection']} | {e['lp']['size']['variables']:,} | {e['lp']['seconds']:.2f} | "
+                       f"{_pct(a['lh']['data'])} | {_pct(a['rlh']['data'])} | {100 * e['drawdown']:.2f} | {_pct(e['generalisation'])} | "
+                       f"{_pct(e['efficacy'])} | {_pct(a['lh']['hadv'])} | {_pct(a['rlh']['rhadv'])} |")
+                if cal:
+                    c = e.get("calibration")
+                    kept = next((t for t in c["tried"] if t["anchor_weight"] == c["anchor_weight"]), {}) if c else {}
+                    row += (f" {c['anchor_weight']:g} ({kept.get('val_drawdown', float('nan')):.2f})"
+                            + ("" if c["budget_met"] else ", over budget") + " |") if c else " - |"
+                lines.append(row)
             lines.append("")
+        lines += _target_table(rep["datasets"])
+        k1_file = RESULTS / "k1_ceiling.json"
+        fig = plot_targets(rep["datasets"], "mnist", RESULTS / "mnist_repair_targets.png",
+                           k1=json.loads(k1_file.read_text()) if k1_file.is_file() else None)
+        if fig is not None:
+            lines += [f"![{fig.stem}]({fig.relative_to(README.parent).as_posix()})", ""]
+    k1_path = RESULTS / "k1_ceiling.json"
+    if k1_path.is_file():
+        from benchmarks.k1_ceiling import table as k1_table
+
+        k1 = json.loads(k1_path.read_text())
+        lines += [f"### One repair point: the ceiling ({k1['dataset']})", "",
+                  f"`{k1['command']}`: each of the first {max(r['candidates'] for r in k1['rows'])} adversarial training examples "
+                  f"of LH is tried as the single repair point (K = 1); the repaired head is scored on the unseen LH test "
+                  f"adversaries (fixed, %) and on clean test images (drawdown, budget {k1['budget_points']:g} points). "
+                  "The best candidate is chosen *on the test set*, so it bounds any rule that picks one point. "
+                  "Columns changed: the most feature columns of W any single-point repair touched.", "",
+                  k1_table(k1), ""]
     for kh_path in sorted(RESULTS.glob("kh_scaling_*.json")):
         kh = json.loads(kh_path.read_text())
         lines += [f"### Exact KH fitting time on {kh['dataset']} features", "",
@@ -235,6 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("attack-overhead", help="FGSM through cnnrepair's wrapper against Foolbox called directly")
     p.add_argument("--run", type=Path, default=None, help="run directory whose NN and LH to attack (default: an untrained DIGITS-NN)")
     p.add_argument("--images", type=int, default=2000)
+    p = sub.add_parser("k1", help="ceiling of one-point repair: every candidate point tried, scored on the test set")
+    p.add_argument("run", type=Path)
+    p.add_argument("--candidates", type=int, default=200, help="adversarial training examples tried as the one point (default 200)")
+    p.add_argument("--budget", type=float, default=0.5, help="drawdown budget in points of clean accuracy (default 0.5)")
     p = sub.add_parser("lp", help="repair-LP scaling benchmark")
     p.add_argument("--quick", action="store_true", help="small sizes only (K up to 100)")
     p.add_argument("--cap", type=float, default=120.0, help="seconds each solver path may take on one problem (default 120)")
@@ -265,6 +370,10 @@ def _dispatch(args: argparse.Namespace) -> None:
         from benchmarks.attack_overhead import run as run_overhead
 
         print(f"wrote {run_overhead(args.run, args.images)}")
+    elif args.name == "k1":
+        from benchmarks.k1_ceiling import run as run_k1
+
+        print(f"wrote {run_k1(args.run, args.candidates, args.budget)}")
     elif args.name == "lp":
         from benchmarks.lp_scaling import run as run_lp
 

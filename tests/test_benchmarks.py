@@ -54,3 +54,48 @@ def test_a_benchmark_on_a_folder_that_is_no_run_says_so_in_one_line(tmp_path, mo
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a cnnrepair run directory" in err[0] and "nope" in err[0]
     assert not (tmp_path / "results").exists()
+
+
+def test_one_point_ceiling_changes_one_column_and_lands_in_the_readme(digits_run, tmp_path, monkeypatch):
+    import shutil
+
+    from cnnrepair.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(digits_run, run)
+    assert main(["--quiet", "attack", "--out", str(run), "--attacks", "fgsm", "--eps", "0.05,0.1", "--models", "lh"]) == 0
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:begin -->\n<!-- results:end -->\n")
+    monkeypatch.setattr(bench, "README", readme)
+    assert bench.main(["k1", str(run), "--candidates", "4"]) == 0
+    res = json.loads((tmp_path / "k1_ceiling.json").read_text())
+    assert {(r["eps"], r["target"]) for r in res["rows"]} <= {(e, t) for e in (0.05, 0.1) for t in ("clean", "label")}
+    assert res["rows"]
+    for r in res["rows"]:
+        assert 1 <= r["candidates"] <= 4 and 0 <= r["fixed_median"] <= r["fixed_max"] <= 100
+        assert r["columns_changed_max"] == 1  # one point: the L1 optimum moves a single feature column
+        assert r["fixed_max_within_budget"] is None or r["fixed_max_within_budget"] <= r["fixed_max"]
+    bench.readme()
+    assert "One repair point: the ceiling" in readme.read_text()
+
+
+def test_one_point_ceiling_needs_attack_results(digits_run, capsys):
+    assert bench.main(["k1", str(digits_run)]) == 2
+    assert "no FGSM attack results" in capsys.readouterr().err
+
+
+def test_target_table_and_plot_mark_where_both_targets_hold(tmp_path):
+    def entry(eps, k, fixed, dd):
+        return {"eps": eps, "k": k, "selection": "none", "accuracy": {}, "generalisation": fixed, "drawdown": dd}
+
+    rep = {"m-cal": {"_": {"dataset": "mnist"}, "entries": [entry(0.1, 1, 0.05, 0.001), entry(0.1, 1000, 0.3, 0.004),
+                                                          entry(0.2, 1000, 0.4, 0.006), {"eps": 0.2, "k": 1, "selection": "none", "error": "x"}]},
+           "c": {"_": {"dataset": "cifar10"}, "entries": [entry(0.1, 1, 0.5, 0.0)]}}
+    text = "\n".join(bench._target_table(rep))
+    assert "| K = 1 | 5.0 / 0.10 | - |" in text
+    assert "| K = 1000 | **30.0 / 0.40** | 40.0 / 0.60 |" in text  # 0.6 points of drawdown misses the target
+    k1 = {"dataset": "mnist", "rows": [{"eps": 0.1, "fixed_max_within_budget": 12.0}, {"eps": 0.2, "fixed_max_within_budget": None}]}
+    path = bench.plot_targets(rep, "mnist", tmp_path / "t.png", k1=k1)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert bench.plot_targets(rep, "svhn", tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()

@@ -83,3 +83,46 @@ def test_unsolved_lp_never_saves_a_repaired_model(digits_run, tmp_path, monkeypa
     assert not (run_dir / "models" / "rlh.pt").exists()
     assert not list((run_dir / "repair").rglob("rlh.pt"))
     assert "accuracy" not in entry
+
+
+def test_calibration_keeps_the_boldest_anchor_weight_within_budget(digits_run, tmp_path):
+    import shutil
+
+    from cnnrepair.pipeline import open_dataset, stage_repair
+    from cnnrepair.rundir import RunDir
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(digits_run, run_dir)
+    run = RunDir(run_dir)
+    ds = open_dataset(run)
+    common = dict(eps=[0.1], ks=[20], selections=["none"], eval_images=60, extra_anchors=30, anchor_weights=[0.01, 1.0, 100.0],
+                  val_images=200, delta_weight=10.0)
+
+    loose = stage_repair(run, ds, RepairSettings(**common, drawdown_budget=100.0))["entries"][0]
+    cal = loose["calibration"]
+    assert cal["anchor_weight"] == 0.01 and cal["budget_met"] and len(cal["tried"]) == 1
+    assert cal["val_images"] <= 200 and "val_drawdown" in cal["tried"][0]
+
+    strict = stage_repair(run, ds, RepairSettings(**common, drawdown_budget=-1.0))["entries"][0]
+    cal = strict["calibration"]
+    assert [t["anchor_weight"] for t in cal["tried"]] == [0.01, 1.0, 100.0]
+    assert cal["anchor_weight"] == 100.0 and not cal["budget_met"]
+    saved = np.load(run_dir / "repair" / "eps0.1_k20_none" / "repair_problem.npz")
+    assert saved["X"].shape[0] == strict["k_used"] + 30  # the kept solve's rows, anchors included
+    assert list(saved["point_weights"][-30:]) == [100.0] * 30
+    objective = np.abs(saved["gamma"]).sum() + saved["delta_weight"] * (saved["point_weights"][:, None] * saved["delta"]).sum()
+    assert objective == pytest.approx(float(saved["objective"]), rel=1e-6)  # the export alone re-checks the objective
+    # a bolder weight never keeps the clean validation images better than the most cautious one
+    dd = [t["val_drawdown"] for t in cal["tried"]]
+    assert dd[0] >= dd[-1] - 1e-9
+
+
+def test_calibration_needs_anchors(digits_run, tmp_path, capsys):
+    import shutil
+
+    from cnnrepair.cli import main
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(digits_run, run_dir)
+    assert main(["--quiet", "repair", "--out", str(run_dir), "--anchor-weight", "0.1,1"]) == 2
+    assert "need anchors" in capsys.readouterr().err

@@ -129,7 +129,14 @@ def _add_repair_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extra-anchors", type=int, default=0, help="clean training images whose LH values the repair must keep (default 0)")
     p.add_argument("--delta-weight", type=float, default=1.0,
                    help="price of one unit of slack against one unit of |gamma| (lambda; default 1, the paper's objective)")
-    p.add_argument("--anchor-weight", type=float, default=1.0, help="slack price of anchor points relative to repair points (default 1)")
+    p.add_argument("--anchor-weight", type=_eps_list, default=[1.0],
+                   help="slack price of anchor points relative to repair points (default 1); several, comma-separated, are "
+                        "calibrated: the smallest within --drawdown-budget on held-out training images is kept")
+    p.add_argument("--drawdown-budget", type=float, default=0.5,
+                   help="points of clean accuracy calibration may lose on held-out training images (default 0.5)")
+    p.add_argument("--min-point-eps", type=float, default=0.0,
+                   help="attack training images for repair points at no less than this epsilon (default 0: the repair epsilon)")
+    p.add_argument("--val-images", type=int, default=10000, help="held-out clean training images for calibration (default 10000)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -300,10 +307,16 @@ def _cmd_repair(args: argparse.Namespace, bars: _Bars, run=None, ds=None):
     settings = RepairSettings(eps=eps, ks=sorted(set(args.k)), selections=selections, solver=args.solver, target=args.target,
                               select_p=args.select_p, eval_images=args.eval_images, time_limit=args.time_limit,
                               n_jobs=args.jobs, seed=cfg.get("seed", 0), anchors=args.anchors, points=args.points,
-                              extra_anchors=args.extra_anchors, anchor_weight=args.anchor_weight,
-                              delta_weight=args.delta_weight)
-    if args.extra_anchors < 0 or args.anchor_weight <= 0 or args.delta_weight <= 0:
+                              extra_anchors=args.extra_anchors, anchor_weight=max(args.anchor_weight),
+                              anchor_weights=sorted(set(args.anchor_weight)) if len(set(args.anchor_weight)) > 1 else [],
+                              drawdown_budget=args.drawdown_budget, val_images=args.val_images, delta_weight=args.delta_weight,
+                              min_point_eps=check_eps(args.min_point_eps) if args.min_point_eps else 0.0)
+    if args.extra_anchors < 0 or min(args.anchor_weight) <= 0 or args.delta_weight <= 0:
         raise CnnRepairError("--extra-anchors must be >= 0, --anchor-weight and --delta-weight > 0")
+    if settings.anchor_weights and (args.extra_anchors == 0 and args.anchors == "none"):
+        raise CnnRepairError("several --anchor-weight values need anchors to weigh; add --extra-anchors N or --anchors pairs")
+    if settings.anchor_weights and (args.drawdown_budget < 0 or args.val_images < 1):
+        raise CnnRepairError("--drawdown-budget must be >= 0 and --val-images >= 1")
     ds = ds or open_dataset(run)
     _say(f"repairing LH at eps {', '.join(f'{e:g}' for e in eps)} with K={settings.ks}, selection {selections}, solver {args.solver} ...")
     result = stage_repair(run, ds, settings, bars)
@@ -314,6 +327,10 @@ def _cmd_repair(args: argparse.Namespace, bars: _Bars, run=None, ds=None):
         lp = e["lp"]
         k = f"{e['k']}" if e["k_used"] == e["k"] else f"{e['k_used']} (of {e['k']} asked: all there are)"
         head = f"  eps={e['eps']:g} K={k} {e['selection']:8s} LP {lp['size']['variables']:,} vars {lp['status']} {lp['seconds']:.2f}s"
+        if "calibration" in e:
+            c = e["calibration"]
+            head += (f", anchor weight {c['anchor_weight']:g} of {len(c['tried'])} tried"
+                     + ("" if c["budget_met"] else f" (none within {c['budget']:g} points on held-out training images)"))
         if "accuracy" in e:
             a = e["accuracy"]
             _say(f"{head}: Data LH {100 * a['lh']['data']:.2f} -> RLH {100 * a['rlh']['data']:.2f}, "
