@@ -98,7 +98,9 @@ def test_calibration_keeps_the_boldest_anchor_weight_within_budget(digits_run, t
     common = dict(eps=[0.1], ks=[20], selections=["none"], eval_images=60, extra_anchors=30, anchor_weights=[0.01, 1.0, 100.0],
                   val_images=200, delta_weight=10.0)
 
-    loose = stage_repair(run, ds, RepairSettings(**common, drawdown_budget=100.0))["entries"][0]
+    loose = stage_repair(run, ds, RepairSettings(**common, drawdown_budget=100.0, min_point_eps=0.2))["entries"][0]
+    assert loose["eps"] == 0.1 and loose["point_eps"] == 0.2  # repair points from the larger ball
+    assert (run_dir / "repair" / "pool_fgsm_eps0.2.npz").is_file() and not (run_dir / "repair" / "pool_fgsm_eps0.1.npz").exists()
     cal = loose["calibration"]
     assert cal["anchor_weight"] == 0.01 and cal["budget_met"] and len(cal["tried"]) == 1
     assert cal["val_images"] <= 200 and "val_drawdown" in cal["tried"][0]
