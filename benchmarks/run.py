@@ -112,13 +112,18 @@ def _compare_sentence(a: dict) -> str:
     return "; ".join(parts) + "."
 
 
+def _plain_entries(r: dict) -> list[dict]:
+    """A repair run's evaluated entries without feature selection."""
+    return [e for e in r["entries"] if "accuracy" in e and e["selection"] == "none"]
+
+
 def _target_table(rep: dict, fixed_min: float = 0.2, drawdown_max: float = 0.5) -> list[str]:
     """Per repair run and K: "fixed / drawdown" at each eps, marked where both targets are met."""
     lines = [f"**Repair targets at a glance**: fixed % / drawdown points for each run and K; "
              f"**bold** where at least {100 * fixed_min:g}% of unseen LH adversaries are fixed and at most "
              f"{drawdown_max:g} points of clean accuracy are lost (selection none).", ""]
     for ds, r in rep.items():
-        entries = [e for e in r["entries"] if "accuracy" in e and e["selection"] == "none"]
+        entries = _plain_entries(r)
         eps = sorted({e["eps"] for e in entries})
         if not eps:
             continue
@@ -152,7 +157,7 @@ def plot_targets(rep: dict, dataset: str, path: Path, fixed_min: float = 0.2, dr
     plt = _plt()
     fig, (ax_f, ax_d) = plt.subplots(1, 2, figsize=(10, 3.8))
     for label, r in runs.items():
-        entries = [e for e in r["entries"] if "accuracy" in e and e["selection"] == "none"]
+        entries = _plain_entries(r)
         for k in sorted({e["k"] for e in entries}):
             pts = sorted((e["eps"], 100 * e["generalisation"], 100 * e["drawdown"]) for e in entries if e["k"] == k)
             style = "--" if k == 1 else "-"
@@ -258,7 +263,7 @@ def readme_section() -> str:
                        f"{_pct(e['efficacy'])} | {_pct(a['lh']['hadv'])} | {_pct(a['rlh']['rhadv'])} |")
                 if cal:
                     c = e.get("calibration")
-                    kept = next((t for t in c["tried"] if t["anchor_weight"] == c["anchor_weight"]), {}) if c else {}
+                    kept = c["tried"][-1] if c else {}  # calibration keeps the last weight it tried
                     row += (f" {c['anchor_weight']:g} ({kept.get('val_drawdown', float('nan')):.2f})"
                             + ("" if c["budget_met"] else ", over budget") + " |") if c else " - |"
                 lines.append(row)

@@ -143,21 +143,30 @@ def targets(lh_head: LinearHead, clean_feats: np.ndarray, labels: np.ndarray, ki
     raise CnnRepairError(f"unknown repair target {kind!r}; choose clean or label")
 
 
+def _clean_order(ds: Dataset, s: RepairSettings) -> np.ndarray:
+    """The seeded order clean training images are drawn in: anchors from its head, calibration images after them."""
+    return np.random.default_rng(s.seed + 1).permutation(len(ds.y_train))
+
+
 def _anchor_pool(ds: Dataset, lh: HybridNet, s: RepairSettings) -> dict[str, np.ndarray]:
     """Features and LH decision values of ``extra_anchors`` correctly classified clean training images."""
     if s.anchors not in ("none", "pairs"):
         raise CnnRepairError(f"unknown anchors {s.anchors!r}; choose none or pairs")
     if s.extra_anchors <= 0:
         return {"x": np.zeros((0, lh.head.weight.shape[1]), np.float32), "y": np.zeros((0, lh.head.weight.shape[0]))}
-    order = np.random.default_rng(s.seed + 1).permutation(len(ds.y_train))[:2 * s.extra_anchors]
+    order = _clean_order(ds, s)[:2 * s.extra_anchors]
     feats = outputs(lh.features, ds.x_train[order])
     dec = lh.head.decision_values(feats)
     ok = np.flatnonzero(dec.argmax(1) == ds.y_train[order])[:s.extra_anchors]
     return {"x": feats[ok], "y": dec[ok]}
 
 
-def _with_anchors(X: np.ndarray, Y: np.ndarray, clean: np.ndarray, lh_head: LinearHead, anchor_pool: dict, s: RepairSettings,
-                  anchor_weight: float | None = None):
+def _point_weights(n_points: int, n_anchor: int, anchor_weight: float) -> np.ndarray | None:
+    """Slack weights: 1 for each repair point, ``anchor_weight`` for each anchor (None when there are no anchors)."""
+    return np.concatenate([np.ones(n_points), np.full(n_anchor, anchor_weight)]) if n_anchor else None
+
+
+def _with_anchors(X: np.ndarray, Y: np.ndarray, clean: np.ndarray, lh_head: LinearHead, anchor_pool: dict, s: RepairSettings):
     """Append anchor rows (clean counterparts and/or extra clean points, targets = LH's own values) with their slack weights."""
     xs, ys = [X], [Y]
     if s.anchors == "pairs":
@@ -167,9 +176,7 @@ def _with_anchors(X: np.ndarray, Y: np.ndarray, clean: np.ndarray, lh_head: Line
     ys.append(anchor_pool["y"])
     Xa, Ya = np.concatenate(xs), np.concatenate(ys)
     n_anchor = len(Xa) - len(X)
-    aw = s.anchor_weight if anchor_weight is None else anchor_weight
-    weights = np.concatenate([np.ones(len(X)), np.full(n_anchor, aw)]) if n_anchor else None
-    return Xa, Ya, weights, n_anchor
+    return Xa, Ya, _point_weights(len(X), n_anchor, s.anchor_weight), n_anchor
 
 
 def _validation_pool(ds: Dataset, lh: HybridNet, s: RepairSettings) -> dict[str, np.ndarray]:
@@ -177,8 +184,8 @@ def _validation_pool(ds: Dataset, lh: HybridNet, s: RepairSettings) -> dict[str,
     d = lh.head.weight.shape[1]
     if len(s.anchor_weights) < 2:
         return {"index": np.zeros(0, np.int64), "x": np.zeros((0, d), np.float32), "y": np.zeros(0, np.int64)}
-    start = 2 * s.extra_anchors  # _anchor_pool draws from the first 2 * extra_anchors of the same permutation
-    idx = np.sort(np.random.default_rng(s.seed + 1).permutation(len(ds.y_train))[start:start + s.val_images])
+    start = 2 * s.extra_anchors  # _anchor_pool draws from the first 2 * extra_anchors of the same order
+    idx = np.sort(_clean_order(ds, s)[start:start + s.val_images])
     if len(idx) == 0:
         raise CnnRepairError(f"no training images left for calibration after {s.extra_anchors} anchors; lower --extra-anchors")
     return {"index": idx, "x": outputs(lh.features, ds.x_train[idx]), "y": ds.y_train[idx]}
@@ -192,26 +199,27 @@ def _solve(W: np.ndarray, b: np.ndarray, X: np.ndarray, Y: np.ndarray, clean: np
     accuracy lost on ``val``) is within ``s.drawdown_budget`` is kept. If none is, the largest is
     kept and the entry says the budget was not met. Returns (result, rows, calibration or None).
     """
-    if len(s.anchor_weights) < 2:
-        Xa, Ya, weights, n_anchor = _with_anchors(X, Y, clean, lh_head, anchor_pool, s)
+    Xa, Ya, _, n_anchor = _with_anchors(X, Y, clean, lh_head, anchor_pool, s)
+
+    def solve(aw: float):
+        weights = _point_weights(len(X), n_anchor, aw)
         problem = RepairProblem(W, b, Xa, Ya, mask=mask, point_weights=weights, delta_weight=s.delta_weight)
-        return repair(problem, s.solver, s.time_limit, n_jobs=s.n_jobs), (Xa, Ya, weights, n_anchor), None
+        return repair(problem, s.solver, s.time_limit, n_jobs=s.n_jobs), (Xa, Ya, weights, n_anchor)
+
+    if len(s.anchor_weights) < 2:
+        return (*solve(s.anchor_weight), None)
     base = float((lh_head.decision_values(val["x"]).argmax(1) == val["y"]).mean())
-    tried, chosen = [], None
+    tried = []
     for aw in sorted(s.anchor_weights):
-        Xa, Ya, weights, n_anchor = _with_anchors(X, Y, clean, lh_head, anchor_pool, s, aw)
-        result = repair(RepairProblem(W, b, Xa, Ya, mask=mask, point_weights=weights, delta_weight=s.delta_weight),
-                        s.solver, s.time_limit, n_jobs=s.n_jobs)
+        result, rows = solve(aw)
         row = {"anchor_weight": aw, "status": result.status, "seconds": result.seconds}
         if result.ok:
-            acc = float(((val["x"] @ (W + result.gamma).T + b).argmax(1) == val["y"]).mean())
+            acc = float((LinearHead(W + result.gamma, b).decision_values(val["x"]).argmax(1) == val["y"]).mean())
             row["val_drawdown"] = 100 * (base - acc)
         tried.append(row)
-        chosen = (result, (Xa, Ya, weights, n_anchor), aw)
         if result.ok and row["val_drawdown"] <= s.drawdown_budget:
             break
-    result, rows, aw = chosen
-    met = bool(tried[-1].get("val_drawdown", np.inf) <= s.drawdown_budget)
+    met = bool(tried[-1].get("val_drawdown", np.inf) <= s.drawdown_budget)  # the kept weight is the last one tried
     return result, rows, {"anchor_weight": aw, "budget": s.drawdown_budget, "budget_met": met,
                           "val_images": int(len(val["y"])), "tried": tried}
 
