@@ -5,7 +5,7 @@ from scipy.optimize import linprog
 from scipy.stats import wilcoxon
 
 from cnnrepair.errors import CnnRepairError
-from cnnrepair.repair import AUTO_IPM_POINTS, SOLVERS, RepairProblem, repair, wilcoxon_select
+from cnnrepair.repair import AUTO_IPM_POINTS, SOLVERS, BoundConstraints, RepairProblem, repair, wilcoxon_select
 
 
 def _problem(k=4, d=30, K=3, seed=0, sparsity=0.5, **kw):
@@ -16,12 +16,16 @@ def _problem(k=4, d=30, K=3, seed=0, sparsity=0.5, **kw):
 
 
 def _linprog_reference(p: RepairProblem) -> float:
-    """The whole program at once, written independently: gamma free, t >= |gamma|, delta >= 0."""
+    """The whole program at once, written independently: gamma free, t >= |gamma|, delta >= 0.
+
+    Each point's slack costs delta_weight times its point weight (1 when none are given).
+    """
     k, d = p.W.shape
     K = p.X.shape[0]
     n_g = k * d
+    point_price = p.delta_weight * (np.ones(K) if p.point_weights is None else np.asarray(p.point_weights, float))
     # variable order: gamma (k*d, row-major), t (k*d), delta (K*k, point-major)
-    c = np.concatenate([np.zeros(n_g), np.ones(n_g), np.full(K * k, p.delta_weight)])
+    c = np.concatenate([np.zeros(n_g), np.ones(n_g), np.repeat(point_price, k)])
     rows, rhs = [], []
     I = sp.identity(n_g, format="csr")
     rows += [sp.hstack([I, -I, sp.csr_matrix((n_g, K * k))]), sp.hstack([-I, -I, sp.csr_matrix((n_g, K * k))])]
@@ -48,9 +52,11 @@ def _linprog_reference(p: RepairProblem) -> float:
     return res.fun
 
 
-def _check_feasible(p: RepairProblem, r, tol=1e-7):
+def _check_feasible(p: RepairProblem, r, tol=1e-9):
+    """Every constraint holds to ``tol`` relative to the magnitude of the terms it adds up."""
     dec = p.X @ (p.W + r.gamma).T + p.b
-    assert np.all(np.abs(dec - p.Y) <= r.delta + tol)
+    size = np.abs(p.X) @ np.abs(p.W + r.gamma).T + np.abs(p.b) + np.abs(p.Y)
+    assert np.all(np.abs(dec - p.Y) <= r.delta + tol * size)
     assert np.all(r.delta >= 0)
     weights = p.point_weights if p.point_weights is not None else np.ones(p.X.shape[0])
     assert r.objective == pytest.approx(np.abs(r.gamma).sum() + p.delta_weight * (weights @ r.delta).sum(), rel=1e-9)
@@ -67,7 +73,7 @@ def test_backends_agree_with_independent_linprog(seed, masked):
     for name, r in results.items():
         assert r.ok, name
         assert r.objective == pytest.approx(ref, rel=1e-6), name
-        _check_feasible(p, r, tol=1e-6 if name == "cvxopt" else 1e-7)
+        _check_feasible(p, r)
         if masked:
             assert np.all(r.gamma[:, ~p.mask] == 0)
         assert np.all(r.gamma[:, 0] == 0)  # zero on every point: never worth changing
@@ -201,3 +207,75 @@ def test_classes_spread_over_a_dask_cluster_through_joblib():
     assert len(tasks.data) == p.num_classes and {t["worker"] for t in tasks.data} <= workers  # one task a class, on the cluster
     assert spread.ok and spread.objective == pytest.approx(local.objective, rel=1e-9)
     np.testing.assert_allclose(spread.gamma, local.gamma, atol=1e-9)
+
+
+def _weighted_problem(K: int, scale: float = 1.0, seed: int = 11) -> RepairProblem:
+    rng = np.random.default_rng(seed)
+    base = _problem(k=3, d=20, K=K, seed=seed)
+    return RepairProblem(base.W * scale, base.b * scale, base.X, base.Y * scale, delta_weight=0.8,
+                         point_weights=rng.uniform(0.3, 3.0, K))
+
+
+@pytest.mark.parametrize("K", [4, AUTO_IPM_POINTS + 6])
+@pytest.mark.parametrize("scale", [1e-8, 1.0, 1e6])
+def test_every_solver_gives_the_same_relative_answer_at_any_scale(K, scale):
+    """(W, b, Y) scaled by s: the optimum is s times the unscaled one, on every path, weights honoured."""
+    ref = _linprog_reference(_weighted_problem(K))
+    p = _weighted_problem(K, scale)
+    for name in SOLVERS:
+        r = repair(p, name)
+        assert r.ok, name
+        assert r.objective == pytest.approx(scale * ref, rel=1e-6), name
+        _check_feasible(p, r)
+        if name in ("auto", "ipm") and K >= AUTO_IPM_POINTS:
+            assert all(c["path"] == "ipm" for c in r.per_class)
+            assert all(c["lower_bound"] <= c["objective"] * (1 + 1e-12) for c in r.per_class)
+            assert all(c["objective"] - c["lower_bound"] <= 1e-7 * c["objective"] for c in r.per_class)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_a_huge_feature_leaves_no_constraint_violated(solver):
+    """Slacks are recomputed from the final weight changes, after tiny changes are zeroed.
+
+    Feature 3 is measured in units 1e8 times smaller (W's column rescaled to match), so its weight
+    changes are around 1e-8: every path still returns a solution that meets its own constraints.
+    """
+    p = _weighted_problem(AUTO_IPM_POINTS + 6)
+    X, W = p.X.copy(), p.W.copy()
+    X[:, 3] *= 1e8
+    W[:, 3] /= 1e8
+    p = RepairProblem(W, p.b, X, p.Y, delta_weight=p.delta_weight, point_weights=p.point_weights)
+    r = repair(p, solver)
+    assert r.ok
+    _check_feasible(p, r)
+    assert r.objective == pytest.approx(repair(p, "highs").objective, rel=1e-6)
+
+
+@pytest.mark.parametrize("solver", ["auto", "highs", "highs-cg"])
+def test_a_feature_scaled_alone_leaves_no_constraint_violated(solver):
+    """The review's case: one feature times 1e8 with W unchanged (residuals up to 1e8 beside ones of size 1)."""
+    p = _weighted_problem(AUTO_IPM_POINTS + 6)
+    X = p.X.copy()
+    X[:, 3] *= 1e8
+    p = RepairProblem(p.W, p.b, X, p.Y, delta_weight=p.delta_weight, point_weights=p.point_weights)
+    r = repair(p, solver)
+    assert r.ok
+    _check_feasible(p, r)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_a_family_keeps_the_columns_its_own_points_need(solver):
+    """x = [1, 0] must reach 1 exactly while anchor a = [1, 1] stays within 0.01: gamma = [1, -1]."""
+    p = RepairProblem(np.zeros((1, 2)), np.zeros(1), np.array([[1.0, 0.0]]), np.array([[1.0]]), hard=True)
+    keep = BoundConstraints(np.array([[1.0, 1.0]]), np.array([[-0.01]]), np.array([[0.01]]))
+    r = repair(p, solver, families=[TargetConstraintsOnly(), keep])
+    assert r.ok, r.status
+    assert r.objective == pytest.approx(1.99, rel=1e-6)
+    assert abs(np.array([1.0, 1.0]) @ r.gamma[0]) <= 0.01 + 1e-9
+    assert np.array([1.0, 0.0]) @ r.gamma[0] == pytest.approx(1.0, abs=1e-9)
+
+
+def TargetConstraintsOnly():
+    from cnnrepair.repair import TargetConstraints
+
+    return TargetConstraints()

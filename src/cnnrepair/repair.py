@@ -16,7 +16,14 @@ Backends: HiGHS simplex (through ``highspy``), a dense interior-point method of 
 a duality certificate (the default for many points, where simplex slows down), and cvxopt (the
 paper's solver). Constraint families
 are objects that emit rows, so hard margins or clean points to preserve can be added beside the
-targets without touching the solver code.
+targets without touching the solver code; a family names the points it constrains, and every
+feature non-zero on any of them keeps its column.
+
+Scale: the program is homogeneous in (W, b, Y) (scale them by s and the optimum scales by s), so
+each class LP is divided by the largest magnitude of its right-hand side before any solver sees it
+and its solution is multiplied back. Every solver path then works at the same scale, and the
+interior point's certified gap is relative to the objective itself. Slacks and the objective are
+recomputed from the final weight changes, after small changes are zeroed.
 """
 
 from __future__ import annotations
@@ -101,9 +108,18 @@ class RepairProblem:
         """How far class i's decision values on the points are from their targets: Y_i - (X w_i + b_i)."""
         return self.Y[:, i] - self.X @ self.W[i] - self.b[i]
 
-    def columns(self) -> np.ndarray:
-        """Features whose weights may change and can matter: in the mask and non-zero on some point."""
-        live = np.abs(self.X).max(0) > 0
+    def columns(self, families=None) -> np.ndarray:
+        """Features whose weights may change and can matter: in the mask and non-zero on some point.
+
+        The points are those of every constraint family (the repair points alone by default): a
+        feature that is zero on the repair points may still be needed to keep another family's
+        points where they must stay.
+        """
+        mats = [fam.points(self) for fam in (families or [TargetConstraints()])]
+        live = np.zeros(self.W.shape[1], bool)
+        for M in mats:
+            if len(M):
+                live |= np.abs(M).max(0) > 0
         return np.flatnonzero(live if self.mask is None else live & self.mask)
 
 
@@ -112,7 +128,9 @@ class ClassLP:
     """One class's LP: minimise c x s.t. row_lower <= A x <= row_upper, 0 <= x <= col_upper.
 
     Columns are [g+ (m), g- (m), slacks of each family]; the first ``m`` features' gamma is
-    g+ - g-.
+    g+ - g- divided by ``col_scale`` (each gamma column has unit largest entry). Row and column
+    bounds are divided by ``scale`` (the largest finite row bound); :meth:`gamma` maps a solution
+    back to the class's original units.
     """
 
     c: np.ndarray
@@ -121,6 +139,13 @@ class ClassLP:
     row_upper: np.ndarray
     col_upper: np.ndarray
     n_gamma: int
+    scale: float = 1.0
+    col_scale: np.ndarray | None = None
+
+    def gamma(self, x: np.ndarray) -> np.ndarray:
+        """The class's weight change in original units from a solution ``x`` of this LP."""
+        h = x[:self.n_gamma] - x[self.n_gamma:2 * self.n_gamma]
+        return h * self.scale / (1.0 if self.col_scale is None else self.col_scale)
 
     @property
     def size(self) -> dict[str, int]:
@@ -132,36 +157,81 @@ class TargetConstraints:
 
     At the optimum one of e+_k, e-_k is zero, so this is the paper's two-sided constraint with
     slack delta_k, written with one equality row per point instead of two inequality rows.
+
+    A constraint family has three methods: ``points(p)`` (the feature rows it constrains, so their
+    live features keep a column), ``rows(p, i, cols)`` (its rows for class i over the features
+    ``cols``) and ``penalty(p, i, gamma_i)`` (the cost of its slacks at a weight change, recomputed
+    from gamma so that the reported objective is exactly what the change costs).
     """
 
-    def rows(self, p: RepairProblem, i: int, Xc: sp.csc_matrix):
+    def points(self, p: RepairProblem) -> np.ndarray:
+        return p.X
+
+    def rows(self, p: RepairProblem, i: int, cols: np.ndarray):
         """(coefficients on gamma, on this family's slacks, row lower, row upper, slack costs) for class i."""
         r = p.residual(i)
-        eye = sp.identity(Xc.shape[0], format="csc")
+        eye = sp.identity(len(r), format="csc")
         w = p.slack_weights()
-        return Xc, sp.hstack([-eye, eye], format="csc"), r, r, np.concatenate([w, w])
+        return sp.csc_matrix(p.X[:, cols]), sp.hstack([-eye, eye], format="csc"), r, r, np.concatenate([w, w])
+
+    def penalty(self, p: RepairProblem, i: int, gamma_i: np.ndarray) -> float:
+        return float(p.slack_weights() @ np.abs(p.X @ gamma_i - p.residual(i)))
 
 
-def build_class_lp(p: RepairProblem, i: int, Xc: sp.csc_matrix, families=None) -> ClassLP:
-    """Assemble class i's LP over the columns ``Xc`` (the live, masked features)."""
+class BoundConstraints:
+    """Hard bounds on the repaired decision values of extra points: lower <= A (w + gamma) + b <= upper.
+
+    ``points`` (n x d) are feature rows, ``lower`` and ``upper`` (n x k) bounds per point and class
+    (``-inf``/``inf`` where unbounded). No slack: a spec that cannot hold makes the LP infeasible.
+    """
+
+    def __init__(self, points: np.ndarray, lower: np.ndarray, upper: np.ndarray):
+        self.A = np.atleast_2d(np.asarray(points, np.float64))
+        self.lower = np.asarray(lower, np.float64).reshape(len(self.A), -1)
+        self.upper = np.asarray(upper, np.float64).reshape(len(self.A), -1)
+
+    def points(self, p: RepairProblem) -> np.ndarray:
+        if self.A.shape[1] != p.W.shape[1] or self.lower.shape[1] != p.W.shape[0]:
+            raise CnnRepairError(f"repair: bound points are {self.A.shape} with {self.lower.shape[1]} classes, "
+                                 f"the head is {p.W.shape}; give one row of d features and k bounds per point")
+        return self.A
+
+    def rows(self, p: RepairProblem, i: int, cols: np.ndarray):
+        now = self.A @ p.W[i] + p.b[i]
+        return (sp.csc_matrix(self.A[:, cols]), sp.csc_matrix((len(self.A), 0)), self.lower[:, i] - now,
+                self.upper[:, i] - now, np.zeros(0))
+
+    def penalty(self, p: RepairProblem, i: int, gamma_i: np.ndarray) -> float:
+        return 0.0
+
+
+def build_class_lp(p: RepairProblem, i: int, cols: np.ndarray, families=None) -> ClassLP:
+    """Assemble class i's LP over the features ``cols`` (the live, masked ones), rescaled (see ClassLP)."""
     families = families or [TargetConstraints()]
-    parts = [fam.rows(p, i, Xc) for fam in families]
+    parts = [fam.rows(p, i, cols) for fam in families]
     n_rows = [G.shape[0] for G, *_ in parts]
     n_slack = [S.shape[1] for _, S, *_ in parts]
     G = sp.vstack([G for G, *_ in parts], format="csc")
     S = sp.block_diag([S for _, S, *_ in parts], format="csc") if len(parts) > 1 else parts[0][1]
     assert S.shape == (sum(n_rows), sum(n_slack))
-    m = Xc.shape[1]
+    m = len(cols)
+    # column scaling: gamma_j = h_j / c_j with c_j the largest |feature j|, so every column of G
+    # has unit size whatever the features' units (the cost of h_j becomes 1 / c_j)
+    colmax = np.asarray(abs(G).max(0).todense()).reshape(-1) if m else np.zeros(0)
+    colmax[colmax == 0] = 1.0
+    G = G @ sp.diags(1.0 / colmax)
     A = sp.hstack([G, -G, S], format="csc")
-    c = np.concatenate([np.ones(2 * m), *[cost for *_, cost in parts]])
-    col_upper = np.full(A.shape[1], np.inf)
-    if p.max_change is not None:
-        col_upper[:2 * m] = p.max_change
-    if p.hard:
-        col_upper[2 * m:] = 0.0
+    c = np.concatenate([1.0 / colmax, 1.0 / colmax, *[cost for *_, cost in parts]])
     lower = np.concatenate([lo for _, _, lo, _, _ in parts])
     upper = np.concatenate([up for _, _, _, up, _ in parts])
-    return ClassLP(c, A, lower, upper, col_upper, m)
+    bounds = np.abs(np.concatenate([lower, upper]))
+    scale = float(bounds[np.isfinite(bounds)].max(initial=0.0)) or 1.0
+    col_upper = np.full(A.shape[1], np.inf)
+    if p.max_change is not None:
+        col_upper[:2 * m] = np.tile(p.max_change * colmax / scale, 2)
+    if p.hard:
+        col_upper[2 * m:] = 0.0
+    return ClassLP(c, A, lower / scale, upper / scale, col_upper, m, scale, colmax)
 
 
 @dataclass
@@ -262,7 +332,7 @@ def _solve_highs_colgen(lp: ClassLP, time_limit: float | None, batch: int = 200,
     """Exact column generation: start from the slacks and a few gamma columns, add priced-out ones.
 
     At the L1 optimum most gamma are zero, so the restricted LP stays small. A gamma column j
-    (g+ or g-) has reduced cost 1 -+ a_j^T y for row duals y; while some |a_j^T y| > 1 + tol it
+    (g+ or g-) has reduced cost c_j -+ a_j^T y for row duals y; while some |a_j^T y| > (1 + tol) c_j it
     enters (largest violations first, ``batch`` a round, warm-started). When none is left the
     restricted optimum is optimal for the full LP.
     """
@@ -292,7 +362,7 @@ def _solve_highs_colgen(lp: ClassLP, time_limit: float | None, batch: int = 200,
         if name != "optimal":
             return name, None, None, rounds
         y = np.asarray(h.getSolution().row_dual)
-        v = np.abs(G.T @ y)
+        v = np.abs(G.T @ y) / lp.c[:m]
         v[in_active] = 0.0
         new = np.flatnonzero(v > 1.0 + tol)
         if len(new) == 0:
@@ -335,7 +405,10 @@ def _solve_cvxopt(lp: ClassLP, time_limit: float | None) -> tuple[str, np.ndarra
 
     opts = {"show_progress": False, "abstol": 1e-9, "reltol": 1e-9, "feastol": 1e-9, "maxiters": 200}
     kwargs = {"A": spm(A[eq]), "b": cvxopt.matrix(lp.row_upper[eq])} if len(eq) else {}
-    sol = solvers.lp(cvxopt.matrix(lp.c), spm(G), cvxopt.matrix(h), options=opts, **kwargs)
+    try:
+        sol = solvers.lp(cvxopt.matrix(lp.c), spm(G), cvxopt.matrix(h), options=opts, **kwargs)
+    except (ValueError, ArithmeticError):  # cvxopt's singular KKT system: a status, not a crash
+        return "numerical_error", None, None, 0
     status = {"optimal": "optimal", "primal infeasible": "infeasible", "dual infeasible": "unbounded"}.get(sol["status"], "not_converged")
     if sol["x"] is None or status != "optimal":
         return status, None, None, int(sol.get("iterations", 0))
@@ -392,8 +465,8 @@ def _ipm_l1(X: np.ndarray, Xt: np.ndarray, r: np.ndarray, w: np.ndarray, tol: fl
     It stops only on a certificate: g is feasible by construction (the slacks are |X g - r|), and
     the dual iterate scaled into |X^T u| <= 1, |u| <= w is dual feasible, so r^T u is a lower bound
     on the optimum. Returns (status, g, objective, lower bound, iterations) for the best certified
-    iterate; status "optimal" means (objective - lower bound) <= tol * max(1, objective), or
-    <= accept * max(1, objective) once ``patience`` iterations bring no better certificate (the
+    iterate; status "optimal" means (objective - lower bound) <= tol * objective, or
+    <= accept * objective once ``patience`` iterations bring no better certificate (the
     late iterations are ill-conditioned and can stall a hair above ``tol``). Numerical trouble
     ends the iterations the same way: with the best certificate found, if it is good enough.
     """
@@ -406,7 +479,7 @@ def _ipm_l1(X: np.ndarray, Xt: np.ndarray, r: np.ndarray, w: np.ndarray, tol: fl
     best_g, best_upper, best_lower, best_it = None, float("inf"), -float("inf"), 0
 
     def result(it: int) -> tuple[str, np.ndarray | None, float, float, int]:
-        ok = best_upper - best_lower <= accept * max(1.0, abs(best_upper))
+        ok = best_upper - best_lower <= accept * abs(best_upper)
         return ("optimal" if ok else "not_converged"), best_g, best_upper, best_lower, it
 
     def certificate(g: np.ndarray, u: np.ndarray) -> tuple[float, float]:
@@ -422,7 +495,7 @@ def _ipm_l1(X: np.ndarray, Xt: np.ndarray, r: np.ndarray, w: np.ndarray, tol: fl
                 return result(it)
             if upper - lower < best_upper - best_lower:
                 best_g, best_upper, best_lower, best_it = g, upper, lower, it
-            if upper - lower <= tol * max(1.0, abs(upper)) or it - best_it >= patience:
+            if upper - lower <= tol * abs(upper) or it - best_it >= patience:
                 return result(it)
             if deadline is not None and time.perf_counter() > deadline:
                 return "time_limit", None, float("nan"), float("nan"), it
@@ -468,11 +541,11 @@ def _solve_ipm(X: np.ndarray, Xt: np.ndarray, r: np.ndarray, w: np.ndarray, n_ga
     status, g, upper, lower, it = _ipm_l1(X, Xt, r, w, deadline=deadline)
     if status != "optimal":
         return status, None, None, it, None
-    allowed = max(IPM_GAP, (upper - lower) / max(1.0, abs(upper)))
+    allowed = max(IPM_GAP, (upper - lower) / abs(upper))
     for threshold in (1e-6, 1e-8, 1e-10):
-        g2 = np.where(np.abs(g) <= threshold * max(1.0, float(np.abs(g).max(initial=0.0))), 0.0, g)
+        g2 = np.where(np.abs(g) <= threshold * float(np.abs(g).max(initial=0.0)), 0.0, g)
         upper2 = _l1_objective(X, r, w, g2)
-        if upper2 - lower <= allowed * max(1.0, abs(upper2)):
+        if upper2 - lower <= allowed * abs(upper2):
             g, upper = g2, upper2
             break
     e = X @ g - r
@@ -481,7 +554,8 @@ def _solve_ipm(X: np.ndarray, Xt: np.ndarray, r: np.ndarray, w: np.ndarray, n_ga
     return "optimal", x, upper, it, lower
 
 
-def repair(p: RepairProblem, solver: str = "auto", time_limit: float | None = None, families=None, n_jobs: int = 1) -> RepairResult:
+def repair(p: RepairProblem, solver: str = "auto", time_limit: float | None = None, families=None, n_jobs: int = 1,
+           threads: int | None = None) -> RepairResult:
     """Solve the repair LP class by class; returns gamma, delta and the optimum.
 
     Solvers: ``auto`` (default: ``highs`` below ``AUTO_IPM_POINTS`` repair points, ``ipm`` from
@@ -489,48 +563,80 @@ def repair(p: RepairProblem, solver: str = "auto", time_limit: float | None = No
     ``highs-cg`` (HiGHS simplex with exact column generation, faster when few features end up
     changed), ``highs-ipm`` (HiGHS interior point with crossover), ``ipm`` (our dense
     interior point, stopped by a duality certificate of relative gap <= 1e-9; plain programs only,
-    others go to ``highs``) and ``cvxopt`` (the paper's solver). A class whose LP is not solved to
-    optimality makes the whole result non-optimal (``status`` names the first failure); callers
-    must not save such a head as repaired. ``n_jobs`` > 1 (or -1) solves classes in parallel
-    through joblib: threads by default, or any joblib backend set by the caller, e.g.
-    ``with joblib.parallel_config(backend="dask")`` to spread them over a Dask cluster.
+    others go to ``highs``) and ``cvxopt`` (the paper's solver). Each class LP is rescaled first
+    (see the module docstring), so every path gives the same relative answer at any scale of
+    (W, b, Y). A class whose LP is not solved to optimality makes the whole result non-optimal
+    (``status`` names the first failure); callers must not save such a head as repaired.
+    ``n_jobs`` > 1 (or -1) solves classes in parallel through joblib: threads by default, or any
+    joblib backend set by the caller, e.g. ``with joblib.parallel_config(backend="dask")`` to
+    spread them over a Dask cluster. ``threads`` caps the BLAS/OpenMP threads of the solve
+    (threadpoolctl); ``None`` takes :func:`default_threads`.
     """
     if solver not in SOLVERS:
         raise CnnRepairError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    if threads is not None and threads < 1:
+        raise CnnRepairError(f"threads must be >= 1 (got {threads})")
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=threads or default_threads()):
+        return _repair(p, solver, time_limit, families, n_jobs)
+
+
+def default_threads() -> int:
+    """BLAS/OpenMP threads for a repair solve: ``CNNREPAIR_THREADS`` if set, else 1.
+
+    Measured on 2 cores (README, "Threads"): one thread was as fast as two on an idle machine and
+    many times faster on a loaded one, where BLAS threads spin against each other and torch's.
+    """
+    value = os.environ.get("CNNREPAIR_THREADS", "").strip()
+    if not value:
+        return 1
+    if not value.isdigit() or int(value) < 1:
+        raise CnnRepairError(f"CNNREPAIR_THREADS={value!r} is not a positive integer; set it to e.g. 1 or 2")
+    return int(value)
+
+
+def _repair(p: RepairProblem, solver: str, time_limit: float | None, families, n_jobs: int) -> RepairResult:
     t0 = time.perf_counter()
-    cols = p.columns()
+    families = families or [TargetConstraints()]
+    cols = p.columns(families)
     m = len(cols)
     Xd = np.ascontiguousarray(p.X[:, cols])
     k, d = p.W.shape
     K = p.X.shape[0]
-    plain = families is None and not p.hard and p.max_change is None and K <= IPM_MAX_POINTS and m > 0
-    use_ipm = plain and (solver == "ipm" or (solver == "auto" and K >= AUTO_IPM_POINTS))
-    # the interior point works on the dense matrix; the sparse one is built only for simplex/cvxopt
-    Xc = None if use_ipm else sp.csc_matrix(Xd)
+    plain = len(families) == 1 and isinstance(families[0], TargetConstraints) and not p.hard and p.max_change is None
+    use_ipm = plain and K <= IPM_MAX_POINTS and m > 0 and (solver == "ipm" or (solver == "auto" and K >= AUTO_IPM_POINTS))
     Xt = np.ascontiguousarray(Xd.T) if use_ipm else None
     ipm_size = {"variables": 2 * m + 2 * K, "constraints": K, "nonzeros": 2 * int(np.count_nonzero(Xd)) + 2 * K} if use_ipm else None
+
+    def simplex(i: int, method: str) -> tuple:
+        lp = build_class_lp(p, i, cols, families)
+        if solver == "cvxopt":
+            status, x, _, rounds = _solve_cvxopt(lp, time_limit)
+        elif method == "highs-cg" and not p.hard and lp.n_gamma > 0:
+            status, x, _, rounds = _solve_highs_colgen(lp, time_limit)
+        else:
+            status, x, _, rounds = _solve_highs(lp, time_limit, method)
+        return status, None if x is None else lp.gamma(x), rounds, lp.size
 
     def one(i: int) -> dict:
         ti = time.perf_counter()
         if use_ipm:
-            status, x, obj, rounds, lower = _solve_ipm(Xd, Xt, p.residual(i), p.slack_weights(), m, time_limit)
+            r = p.residual(i)
+            scale = float(np.abs(r).max(initial=0.0)) or 1.0
+            status, x, _, rounds, lower = _solve_ipm(Xd, Xt, r / scale, p.slack_weights(), m, time_limit)
+            g = None if x is None else (x[:m] - x[m:2 * m]) * scale
             lp_size = ipm_size
-            extra = {"path": "ipm", "lower_bound": lower}
+            extra = {"path": "ipm", "lower_bound": None if lower is None else lower * scale}
             if status == "not_converged":  # exact fallback, recorded
                 extra = {"path": f"highs (ipm {status})"}
-                status, x, obj, rounds = _solve_highs(build_class_lp(p, i, sp.csc_matrix(Xd), families), time_limit, "highs")
+                status, g, rounds, _ = simplex(i, "highs")
         else:
-            lp = build_class_lp(p, i, Xc, families)
-            lp_size = lp.size
-            if solver == "cvxopt":
-                status, x, obj, rounds = _solve_cvxopt(lp, time_limit)
-            elif solver == "highs-cg" and not p.hard and lp.n_gamma > 0:
-                status, x, obj, rounds = _solve_highs_colgen(lp, time_limit)
-            else:
-                status, x, obj, rounds = _solve_highs(lp, time_limit, solver)
+            status, g, rounds, lp_size = simplex(i, solver if solver not in ("auto", "ipm") else "highs")
             extra = {"path": "highs" if solver in ("auto", "ipm") else solver}
-        return {"class": i, "status": status, "objective": obj, "seconds": time.perf_counter() - ti, "rounds": rounds,
-                **extra, "x": x, "lp_size": lp_size}
+        if g is not None:  # roundoff-sized changes are zeroed relative to the largest, then everything is recomputed
+            g = np.where(np.abs(g) > 1e-12 * float(np.abs(g).max(initial=0.0)), g, 0.0)
+        return {"class": i, "status": status, "seconds": time.perf_counter() - ti, "rounds": rounds, **extra, "g": g, "lp_size": lp_size}
 
     if n_jobs == 1 or k == 1:
         outs = [one(i) for i in range(k)]
@@ -539,20 +645,23 @@ def repair(p: RepairProblem, solver: str = "auto", time_limit: float | None = No
 
         outs = Parallel(n_jobs=n_jobs, prefer="threads")(delayed(one)(i) for i in range(k))
     gamma = np.zeros((k, d))
-    delta = np.zeros((K, k))
     size = {"variables": 0, "constraints": 0, "nonzeros": 0}
     status = "optimal"
     for o in outs:
         for key, v in o.pop("lp_size").items():
             size[key] += v
-        x = o.pop("x")
+        g = o.pop("g")
         if o["status"] != "optimal":
             status = status if status != "optimal" else f"{o['status']} (class {o['class']})"
             continue
-        g = x[:m] - x[m:2 * m]
-        gamma[o["class"], cols] = np.where(np.abs(g) > 1e-12, g, 0.0)
-        delta[:, o["class"]] = np.maximum(x[2 * m:2 * m + K] + x[2 * m + K:2 * m + 2 * K], 0.0)
-    objective = float(np.abs(gamma).sum() + (p.slack_weights() @ delta).sum()) if status == "optimal" else float("nan")
+        gamma[o["class"], cols] = g
+    # slacks, per-class objectives and the total are all computed last, from the final gamma
+    delta = np.abs(p.X @ (p.W + gamma).T + p.b - p.Y)
+    for o in outs:
+        i = o["class"]
+        o["objective"] = (float(np.abs(gamma[i]).sum() + sum(f.penalty(p, i, gamma[i]) for f in families))
+                          if o["status"] == "optimal" else None)
+    objective = float(sum(o["objective"] for o in outs)) if status == "optimal" else float("nan")
     size["full_variables"] = int(k * (2 * d + 2 * K))
     used = solver if solver not in ("auto", "ipm") else f"{solver} ({'ipm' if use_ipm else 'highs'})"
     return RepairResult(gamma, delta, objective, status, used, time.perf_counter() - t0, size, outs)
