@@ -28,7 +28,7 @@ def run(run_dir: Path, candidates: int = 200, budget: float = 0.5, out: Path | N
     from cnnrepair.evaluation import AdversarialSet, set_path
     from cnnrepair.experiment import repair_pool, targets
     from cnnrepair.io import load_npz, write_json
-    from cnnrepair.pipeline import load_models
+    from cnnrepair.pipeline import load_models, model_fingerprints
     from cnnrepair.repair import RepairProblem, repair
     from cnnrepair.rundir import RunDir
     from cnnrepair.training import outputs
@@ -42,6 +42,7 @@ def run(run_dir: Path, candidates: int = 200, budget: float = 0.5, out: Path | N
         raise CnnRepairError(f"{run_dir}: no FGSM attack results; run `cnnrepair attack --out {run_dir} --attacks fgsm` first")
     ds = load_dataset(cfg["dataset"], cfg.get("data_dir"))
     lh = load_models(rd, ["lh"])["lh"]
+    lh_fp = model_fingerprints(rd, ["lh"])["lh"]
     W, b = lh.head.weight.numpy().astype(np.float64), lh.head.bias.numpy().astype(np.float64)
     f_test = load_npz(rd.path / "features.npz", "feature cache")["test"].astype(np.float64)
     y_test = ds.y_test
@@ -56,9 +57,10 @@ def run(run_dir: Path, candidates: int = 200, budget: float = 0.5, out: Path | N
         if len(saved["index"]) == 0:
             continue
         adv_set = AdversarialSet(eps, saved["index"], saved["delta"], len(y_test))
-        f_adv = outputs(lh.features, adv_set.images(ds.x_test)).astype(np.float64)
-        y_adv = y_test[adv_set.index]
-        pool = repair_pool(rd, ds, lh, eps, candidates, "fgsm", cfg.get("seed", 0))
+        true_adv = adv_set.adversarial((f_test @ W.T + b).argmax(1), y_test)  # clean errors are no adversaries
+        f_adv = outputs(lh.features, adv_set.images(ds.x_test)[true_adv]).astype(np.float64)
+        y_adv = y_test[adv_set.index[true_adv]]
+        pool = repair_pool(rd, ds, lh, eps, candidates, "fgsm", cfg.get("seed", 0), lh_fingerprint=lh_fp)
         n = min(candidates, len(pool["index"]))
         for kind in ("clean", "label"):
             fixed, drawdown, columns = [], [], []

@@ -105,7 +105,9 @@ def test_calibration_keeps_the_boldest_anchor_weight_within_budget(digits_run, t
     assert cal["anchor_weight"] == 0.01 and cal["budget_met"] and len(cal["tried"]) == 1
     assert cal["val_images"] <= 200 and "val_drawdown" in cal["tried"][0]
 
-    strict = stage_repair(run, ds, RepairSettings(**common, drawdown_budget=-1.0))["entries"][0]
+    with pytest.raises(CnnRepairError, match="made with other settings"):  # never replaced silently
+        stage_repair(run, ds, RepairSettings(**common, drawdown_budget=-1.0))
+    strict = stage_repair(run, ds, RepairSettings(**common, drawdown_budget=-1.0), overwrite=True)["entries"][0]
     cal = strict["calibration"]
     assert [t["anchor_weight"] for t in cal["tried"]] == [0.01, 1.0, 100.0]
     assert cal["anchor_weight"] == 100.0 and not cal["budget_met"]

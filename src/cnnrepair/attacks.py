@@ -44,8 +44,16 @@ class AttackSpec:
 
 ATTACKS: dict[str, Callable[..., AttackSpec]] = {
     "fgsm": lambda **_: AttackSpec("fgsm"),
-    "pgd": lambda steps=20, rel_stepsize=2.5 / 20, **_: AttackSpec("pgd", steps=steps, rel_stepsize=rel_stepsize, random_start=True),
+    "pgd": lambda steps=20, rel_stepsize=None, **_: AttackSpec("pgd", steps=steps, rel_stepsize=_pgd_step(steps, rel_stepsize),
+                                                               random_start=True),
 }
+
+
+def _pgd_step(steps: int, rel_stepsize: float | None) -> float:
+    """PGD's step relative to eps: 2.5 / steps unless given (Madry et al.'s rule, so the walk can cross the ball)."""
+    if steps < 1:
+        raise CnnRepairError(f"PGD needs at least one step (got --pgd-steps {steps})")
+    return 2.5 / steps if rel_stepsize is None else float(rel_stepsize)
 
 
 def get_attack(name: str, **kwargs) -> AttackSpec:
@@ -61,6 +69,13 @@ def _foolbox_attack(spec: AttackSpec):
     if spec.name == "fgsm":
         return fb.attacks.FGSM()
     return fb.attacks.LinfPGD(steps=spec.steps, rel_stepsize=spec.rel_stepsize, random_start=spec.random_start)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where a model's parameters and buffers live (CPU for a model that has none)."""
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
 
 
 def check_eps(eps: float) -> float:
@@ -84,12 +99,13 @@ def attack(model: nn.Module, images: np.ndarray | torch.Tensor, labels: np.ndarr
     if len(x) and (x.min() < 0 or x.max() > 1):
         raise CnnRepairError(f"images must lie in [0, 1] (got [{float(x.min()):.3g}, {float(x.max()):.3g}]); divide pixel values by 255")
     model.eval()
-    fmodel = fb.PyTorchModel(model, bounds=(0.0, 1.0))
+    device = model_device(model)
+    fmodel = fb.PyTorchModel(model, bounds=(0.0, 1.0), device=device)  # never let Foolbox move the model
     atk = _foolbox_attack(spec)
     advs, succ = [], []
     total = (len(x) + batch_size - 1) // batch_size
     for i in range(total):
-        xb, yb = x[i * batch_size:(i + 1) * batch_size], y[i * batch_size:(i + 1) * batch_size]
+        xb, yb = x[i * batch_size:(i + 1) * batch_size].to(device), y[i * batch_size:(i + 1) * batch_size].to(device)
         if eps == 0:
             adv = xb.clone()
             with torch.no_grad():
@@ -98,7 +114,7 @@ def attack(model: nn.Module, images: np.ndarray | torch.Tensor, labels: np.ndarr
             _, adv, success = atk(fmodel, xb, yb, epsilons=eps)
             adv = adv.detach()
         succ.append(success.cpu())
-        advs.append(adv)
+        advs.append(adv.cpu())
         if progress:
             progress(desc or f"{spec.name} eps={eps:g}", i + 1, total)
     if not advs:

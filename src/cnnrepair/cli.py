@@ -137,6 +137,115 @@ def _add_repair_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-point-eps", type=float, default=0.0,
                    help="attack training images for repair points at no less than this epsilon (default 0: the repair epsilon)")
     p.add_argument("--val-images", type=int, default=10000, help="held-out clean training images for calibration (default 10000)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="BLAS/OpenMP threads for the LP solves (default: $CNNREPAIR_THREADS, else 1; see the README's Threads)")
+    p.add_argument("--variant", default=None,
+                   help="keep this repair beside the run's main one under this name (e.g. anchored): its own entries, "
+                        "results and figure, nothing promoted to models/rlh.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace repair results made with other settings (default: refuse, so no result is lost)")
+
+
+def _train_settings(args: argparse.Namespace):
+    """The training recipe with the user's overrides, checked."""
+    from cnnrepair.pipeline import train_config
+
+    cfg = train_config(args.dataset, {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed})
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
+        raise CnnRepairError(f"--epochs and --batch-size must be >= 1 and --lr > 0 (got {cfg.epochs}, {cfg.batch_size}, {cfg.lr})")
+    return cfg
+
+
+def _check_hybrid(args: argparse.Namespace) -> None:
+    if args.lh_c <= 0 or args.kh_c <= 0:
+        raise CnnRepairError(f"--lh-c and --kh-c must be > 0 (got {args.lh_c}, {args.kh_c})")
+    if args.kh_train_size is not None and args.kh_train_size < 20:
+        raise CnnRepairError(f"--kh-train-size {args.kh_train_size} is too small; use at least 10 per class (e.g. 1000)")
+
+
+def _attack_plan(args: argparse.Namespace, dataset: str) -> tuple[list[str], list[float]]:
+    """Checked attack names and epsilons (the dataset's paper grid unless --eps is given)."""
+    from cnnrepair.attacks import PAPER_EPS, check_eps, get_attack
+
+    names = [n.strip() for n in args.attacks.split(",") if n.strip()]
+    if not names:
+        raise CnnRepairError("--attacks names no attack; give e.g. fgsm,pgd")
+    for n in names:
+        get_attack(n, steps=args.pgd_steps)
+    for n in (args.attack_images, args.pgd_images):
+        if n is not None and n < 1:
+            raise CnnRepairError(f"--attack-images/--pgd-images must be >= 1 (got {n})")
+    eps = args.eps if args.eps is not None else PAPER_EPS.get(dataset, PAPER_EPS["mnist"])
+    if not eps:
+        raise CnnRepairError("--eps names no epsilon; give e.g. 0.05,0.1")
+    return names, [check_eps(e) for e in eps]
+
+
+def _repair_settings(args: argparse.Namespace, dataset: str, seed: int):
+    """Every repair option checked and gathered into RepairSettings (before any work starts)."""
+    from cnnrepair.attacks import PAPER_EPS, check_eps
+    from cnnrepair.experiment import RepairSettings
+
+    eps = args.repair_eps or getattr(args, "eps", None) or PAPER_EPS.get(dataset, PAPER_EPS["mnist"])
+    eps = [check_eps(e) for e in eps]
+    if not args.k or min(args.k) < 1:
+        raise CnnRepairError(f"--k needs positive integers (got {args.k})")
+    selections = [v.strip() for v in args.selection.split(",") if v.strip()]
+    for sel in selections or ["(none given)"]:
+        if sel not in ("none", "wilcoxon"):
+            raise CnnRepairError(f"unknown --selection {sel!r}; choose none, wilcoxon or both")
+    if not (0 < args.select_p <= 1):
+        raise CnnRepairError(f"--select-p must be in (0, 1], got {args.select_p}")
+    if args.extra_anchors < 0 or not args.anchor_weight or min(args.anchor_weight) <= 0 or args.delta_weight <= 0:
+        raise CnnRepairError("--extra-anchors must be >= 0, --anchor-weight and --delta-weight > 0")
+    several = len(set(args.anchor_weight)) > 1
+    if several and (args.extra_anchors == 0 and args.anchors == "none"):
+        raise CnnRepairError("several --anchor-weight values need anchors to weigh; add --extra-anchors N or --anchors pairs")
+    if several and (args.drawdown_budget < 0 or args.val_images < 1):
+        raise CnnRepairError("--drawdown-budget must be >= 0 and --val-images >= 1")
+    if args.eval_images is not None and args.eval_images < 1:
+        raise CnnRepairError(f"--eval-images must be >= 1 (got {args.eval_images})")
+    if args.time_limit is not None and args.time_limit <= 0:
+        raise CnnRepairError(f"--time-limit must be > 0 seconds (got {args.time_limit})")
+    if args.jobs == 0 or args.jobs < -1:
+        raise CnnRepairError(f"--jobs must be >= 1, or -1 for every core (got {args.jobs})")
+    if args.threads is not None and args.threads < 1:
+        raise CnnRepairError(f"--threads must be >= 1 (got {args.threads})")
+    return RepairSettings(eps=eps, ks=sorted(set(args.k)), selections=selections, solver=args.solver, target=args.target,
+                          select_p=args.select_p, eval_images=args.eval_images, time_limit=args.time_limit,
+                          n_jobs=args.jobs, seed=seed, anchors=args.anchors, points=args.points,
+                          extra_anchors=args.extra_anchors, anchor_weight=max(args.anchor_weight),
+                          anchor_weights=sorted(set(args.anchor_weight)) if several else [],
+                          drawdown_budget=args.drawdown_budget, val_images=args.val_images, delta_weight=args.delta_weight,
+                          min_point_eps=check_eps(args.min_point_eps) if args.min_point_eps else 0.0, threads=args.threads)
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Check every option and the run directory before any long work starts (one-line errors)."""
+    from cnnrepair.pipeline import check_repair_target
+    from cnnrepair.rundir import RunDir
+
+    cmd = args.command
+    if cmd == "download":
+        return
+    if cmd == "reproduce":
+        args.out = args.out or Path("runs") / args.dataset
+    run = RunDir(args.out)
+    if cmd in ("reproduce", "train"):
+        run.check(args.dataset)
+        _train_settings(args)
+        dataset, seed = args.dataset, args.seed
+    else:
+        cfg = run.require()
+        run.check()
+        dataset, seed = cfg["dataset"], cfg.get("seed", 0)
+    if cmd in ("reproduce", "hybrid"):
+        _check_hybrid(args)
+    if cmd in ("reproduce", "attack"):
+        _attack_plan(args, dataset)
+    if cmd in ("reproduce", "repair"):
+        settings = _repair_settings(args, dataset, seed)
+        check_repair_target(run, settings, args.variant, args.overwrite)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,10 +255,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train CNNs, build CNN+SVM hybrids, attack them and repair the linear head by linear programming "
                     "(Guidotti & Leofante 2020). Every command writes into one run directory (--out).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from cnnrepair import __version__
+
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--version", action="version", version=f"cnnrepair {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("reproduce", help="run every stage: train, hybrids (LH, KH), attack sweeps, export", epilog=EPILOG,
+    def add_parser(name: str, **kw) -> argparse.ArgumentParser:  # --quiet works before or after the command
+        return sub.add_parser(name, parents=[common], **kw)
+
+    p = add_parser("reproduce", help="run every stage: train, hybrids (LH, KH), attack sweeps, export", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_data_args(p)
     p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<dataset>)")
@@ -158,28 +275,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_attack_args(p)
     _add_repair_args(p)
 
-    p = sub.add_parser("train", help="train the dataset's CNN (resumes from the run's checkpoint)")
+    p = add_parser("train", help="train the dataset's CNN (resumes from the run's checkpoint)")
     _add_data_args(p)
     p.add_argument("--out", type=Path, required=True, help="run directory")
     _add_train_args(p)
 
-    p = sub.add_parser("hybrid", help="fit LH (linear SVM) and KH (RBF SVM) heads on a trained run's features")
+    p = add_parser("hybrid", help="fit LH (linear SVM) and KH (RBF SVM) heads on a trained run's features")
     p.add_argument("--out", type=Path, required=True, help="run directory of a trained CNN")
     _add_hybrid_args(p)
 
-    p = sub.add_parser("attack", help="sweep attacks over epsilon on every model of a run (paper figure 2) with the transfer matrix")
+    p = add_parser("attack", help="sweep attacks over epsilon on every model of a run (paper figure 2) with the transfer matrix")
     p.add_argument("--out", type=Path, required=True, help="run directory with a trained CNN (and hybrids)")
     p.add_argument("--models", default=None, help="comma-separated models to attack: nn, lh, kh, rlh (default: all in the run)")
     _add_attack_args(p)
 
-    p = sub.add_parser("repair", help="repair LH's head by linear programming and evaluate RLH (paper figure 3)")
+    p = add_parser("repair", help="repair LH's head by linear programming and evaluate RLH (paper figure 3)")
     p.add_argument("--out", type=Path, required=True, help="run directory with NN and LH")
     _add_repair_args(p)
 
-    p = sub.add_parser("export", help="export a run's models with torch.export (.pt2), loadable without cnnrepair")
+    p = add_parser("export", help="export a run's models with torch.export (.pt2), loadable without cnnrepair")
     p.add_argument("--out", type=Path, required=True, help="run directory")
 
-    p = sub.add_parser("download", help="download a dataset and verify its checksums (needs internet)")
+    p = add_parser("download", help="download a dataset and verify its checksums (needs internet)")
     p.add_argument("name", choices=["mnist", "cifar10"], help="dataset to fetch (cifar10: the canonical python tarball)")
     p.add_argument("--dest", type=Path, default=Path("data"), help="parent folder (default: data)")
     return parser
@@ -187,16 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_train(args: argparse.Namespace, bars: _Bars, run=None):
     from cnnrepair.data import load_dataset
-    from cnnrepair.pipeline import stage_train, train_config
+    from cnnrepair.pipeline import stage_train
     from cnnrepair.rundir import RunDir
 
-    cfg = train_config(args.dataset, {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed})
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
-        raise CnnRepairError(f"--epochs and --batch-size must be >= 1 and --lr > 0 (got {cfg.epochs}, {cfg.batch_size}, {cfg.lr})")
+    cfg = _train_settings(args)
     run = run or RunDir(args.out)
-    run.init(args.dataset, {"data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None, "seed": args.seed})
     _say(f"loading {args.dataset} ...")
-    ds = load_dataset(args.dataset, args.data_dir)
+    ds = load_dataset(args.dataset, args.data_dir)  # before the run directory is made: a bad dataset leaves nothing behind
+    run.init(args.dataset, {"data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None, "seed": args.seed})
     _say(f"{ds.name}: {len(ds.y_train)} train / {len(ds.y_test)} test images of {'x'.join(map(str, ds.image_shape))}, {ds.num_classes} classes")
     model = stage_train(run, ds, cfg, args.arch, bars)
     res = run.results
@@ -230,22 +345,15 @@ def _cmd_hybrid(args: argparse.Namespace, bars: _Bars, run=None, ds=None, model=
 
 
 def _cmd_attack(args: argparse.Namespace, bars: _Bars, run=None, ds=None):
-    from cnnrepair.attacks import PAPER_EPS, get_attack
     from cnnrepair.pipeline import load_models, open_dataset, stage_attack
     from cnnrepair.report import plot_attack_curves
     from cnnrepair.rundir import RunDir
 
     run = run or RunDir(args.out)
     cfg = run.require()
-    names = [n.strip() for n in args.attacks.split(",") if n.strip()]
-    for n in names:
-        get_attack(n)
-    eps = args.eps if args.eps is not None else PAPER_EPS.get(cfg["dataset"], PAPER_EPS["mnist"])
+    names, eps = _attack_plan(args, cfg["dataset"])
     models = load_models(run, [m.strip() for m in args.models.split(",")] if getattr(args, "models", None) else None)
     ds = ds or open_dataset(run)
-    for n in (args.attack_images, args.pgd_images):
-        if n is not None and n < 1:
-            raise CnnRepairError(f"--attack-images/--pgd-images must be >= 1 (got {n})")
     for name in names:
         n_images = args.pgd_images if name == "pgd" and args.pgd_images else args.attack_images
         _say(f"{name.upper()} sweep over eps {', '.join(f'{e:g}' for e in eps)} on {', '.join(m.upper() for m in models)} ...")
@@ -286,40 +394,19 @@ def _write_examples(run, ds, models, attack_name: str, eps: float) -> None:
 
 
 def _cmd_repair(args: argparse.Namespace, bars: _Bars, run=None, ds=None):
-    from cnnrepair.attacks import PAPER_EPS, check_eps
-    from cnnrepair.experiment import RepairSettings
     from cnnrepair.pipeline import open_dataset, stage_repair
     from cnnrepair.report import plot_repair
     from cnnrepair.rundir import RunDir
 
     run = run or RunDir(args.out)
     cfg = run.require()
-    eps = args.repair_eps or getattr(args, "eps", None) or PAPER_EPS.get(cfg["dataset"], PAPER_EPS["mnist"])
-    eps = [check_eps(e) for e in eps]
-    if not args.k or min(args.k) < 1:
-        raise CnnRepairError(f"--k needs positive integers (got {args.k})")
-    selections = [v.strip() for v in args.selection.split(",") if v.strip()]
-    for sel in selections:
-        if sel not in ("none", "wilcoxon"):
-            raise CnnRepairError(f"unknown --selection {sel!r}; choose none, wilcoxon or both")
-    if not (0 < args.select_p <= 1):
-        raise CnnRepairError(f"--select-p must be in (0, 1], got {args.select_p}")
-    settings = RepairSettings(eps=eps, ks=sorted(set(args.k)), selections=selections, solver=args.solver, target=args.target,
-                              select_p=args.select_p, eval_images=args.eval_images, time_limit=args.time_limit,
-                              n_jobs=args.jobs, seed=cfg.get("seed", 0), anchors=args.anchors, points=args.points,
-                              extra_anchors=args.extra_anchors, anchor_weight=max(args.anchor_weight),
-                              anchor_weights=sorted(set(args.anchor_weight)) if len(set(args.anchor_weight)) > 1 else [],
-                              drawdown_budget=args.drawdown_budget, val_images=args.val_images, delta_weight=args.delta_weight,
-                              min_point_eps=check_eps(args.min_point_eps) if args.min_point_eps else 0.0)
-    if args.extra_anchors < 0 or min(args.anchor_weight) <= 0 or args.delta_weight <= 0:
-        raise CnnRepairError("--extra-anchors must be >= 0, --anchor-weight and --delta-weight > 0")
-    if settings.anchor_weights and (args.extra_anchors == 0 and args.anchors == "none"):
-        raise CnnRepairError("several --anchor-weight values need anchors to weigh; add --extra-anchors N or --anchors pairs")
-    if settings.anchor_weights and (args.drawdown_budget < 0 or args.val_images < 1):
-        raise CnnRepairError("--drawdown-budget must be >= 0 and --val-images >= 1")
+    settings = _repair_settings(args, cfg["dataset"], cfg.get("seed", 0))
+    eps, selections = settings.eps, settings.selections
     ds = ds or open_dataset(run)
     _say(f"repairing LH at eps {', '.join(f'{e:g}' for e in eps)} with K={settings.ks}, selection {selections}, solver {args.solver} ...")
-    result = stage_repair(run, ds, settings, bars)
+    if args.variant is None and not args.overwrite and "rlh" in run.results.get("accuracy", {}):
+        _say("the main repair replaces models/rlh.pt; its export, RLH attack results and summary.md are refreshed with it")
+    result = stage_repair(run, ds, settings, bars, args.variant, args.overwrite)
     for e in result["entries"]:
         if "lp" not in e:
             _say(f"  eps={e['eps']:g} K={e['k']} {e['selection']}: skipped, {e['error']}")
@@ -338,7 +425,10 @@ def _cmd_repair(args: argparse.Namespace, bars: _Bars, run=None, ds=None):
                  f"RHADV RLH {100 * a['rlh']['rhadv']:.2f} vs HADV LH {100 * a['lh']['hadv']:.2f}")
         else:
             _say(f"{head}: {e['error']}")
-    fig = plot_repair(result["entries"], cfg["dataset"], run.sub("figures/repair.png"))
+    for e in result["entries"]:
+        if "warning" in e:
+            _say(f"  warning: eps={e['eps']:g} K={e['k']} {e['selection']}: {e['warning']}")
+    fig = plot_repair(result["entries"], cfg["dataset"], run.sub(f"figures/repair{'_' + args.variant if args.variant else ''}.png"))
     _say(f"figure: {fig}")
     return result
 
@@ -365,7 +455,6 @@ def _cmd_export(args: argparse.Namespace, bars: _Bars, run=None, models=None):
 def _cmd_reproduce(args: argparse.Namespace, bars: _Bars):
     from cnnrepair.report import write_summary
 
-    args.out = args.out or Path("runs") / args.dataset
     t0 = time.perf_counter()
     run, ds, model = _cmd_train(args, bars)
     run, ds, model, hybrids = _cmd_hybrid(args, bars, run, ds, model)
@@ -411,6 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bars = _Bars(not args.quiet, sys.stderr.isatty())
     t0 = time.perf_counter()
     try:
+        validate(args)
         COMMANDS[args.command](args, bars)
         _record_command(args, list(sys.argv[1:] if argv is None else argv), time.perf_counter() - t0)
     except CnnRepairError as exc:

@@ -33,6 +33,15 @@ class AdversarialSet:
         """The replaced images alone (adversarial examples), in [0, 1]."""
         return decode_perturbation(x_uint8[self.index], self.delta, self.eps)
 
+    def adversarial(self, clean_pred: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Positions (into ``index``) of true adversarial examples: images the source model got right clean.
+
+        An attack "succeeds" on an image the model already misclassifies, but an adversarial
+        example exists only for an image it gets right (the paper's definition): generalisation
+        is measured on these alone. The set itself (and so NADV/HADV/RHADV) keeps every success.
+        """
+        return np.flatnonzero(np.asarray(clean_pred)[self.index] == np.asarray(y)[self.index])
+
     def full(self, x_uint8: np.ndarray) -> torch.Tensor:
         """The whole test set with the replacements made."""
         x = to_float(x_uint8)

@@ -29,8 +29,10 @@ recorded with its validation drawdown.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -70,19 +72,23 @@ class RepairSettings:
     drawdown_budget: float = 0.5
     val_images: int = 10000
     min_point_eps: float = 0.0
+    threads: int | None = None
 
 
 def repair_pool(run: RunDir, ds: Dataset, lh: HybridNet, eps: float, needed: int, attack_name: str, seed: int,
-                progress: Progress | None = None) -> dict[str, np.ndarray]:
+                progress: Progress | None = None, lh_fingerprint: str = "") -> dict[str, np.ndarray]:
     """Adversarial examples of LH on training images (cached): indices, clean and adversarial features.
 
     Training images are attacked in seeded chunks until ``needed`` successes are found (or the
-    training set is used up); only images LH classifies correctly when clean are kept.
+    training set is used up); only images LH classifies correctly when clean are kept. The cache
+    is keyed by what the pool depends on (the LH weights through ``lh_fingerprint``, the attack,
+    eps and seed): a refitted head never reuses another head's repair points.
     """
     path = run.path / "repair" / f"pool_{attack_name}_eps{eps:g}.npz"
+    key = hashlib.sha256(f"{lh_fingerprint}|{get_attack(attack_name).as_dict()}|{eps!r}|{seed}".encode()).hexdigest()[:16]
     if path.is_file():
         pool = load_npz(path, "repair pool")
-        if len(pool["index"]) >= needed or bool(pool["exhausted"]):
+        if str(pool.get("key")) == key and (len(pool["index"]) >= needed or bool(pool["exhausted"])):
             return pool
     spec = get_attack(attack_name)
     order = np.random.default_rng(seed).permutation(len(ds.y_train))
@@ -109,6 +115,7 @@ def repair_pool(run: RunDir, ds: Dataset, lh: HybridNet, eps: float, needed: int
         "adv": np.concatenate(adv_list) if adv_list else np.zeros((0, d), np.float32),
         "exhausted": np.array(used >= len(order)),
         "attacked": np.array(used),
+        "key": np.array(key),
     }
     save_npz(path, **pool)
     return pool
@@ -204,7 +211,7 @@ def _solve(W: np.ndarray, b: np.ndarray, X: np.ndarray, Y: np.ndarray, clean: np
     def solve(aw: float):
         weights = _point_weights(len(X), n_anchor, aw)
         problem = RepairProblem(W, b, Xa, Ya, mask=mask, point_weights=weights, delta_weight=s.delta_weight)
-        return repair(problem, s.solver, s.time_limit, n_jobs=s.n_jobs), (Xa, Ya, weights, n_anchor)
+        return repair(problem, s.solver, s.time_limit, n_jobs=s.n_jobs, threads=s.threads), (Xa, Ya, weights, n_anchor)
 
     if len(s.anchor_weights) < 2:
         return (*solve(s.anchor_weight), None)
@@ -229,8 +236,14 @@ def _acc(pred: np.ndarray, y: np.ndarray) -> float | None:
 
 
 def run_repair_experiment(run: RunDir, ds: Dataset, models: dict[str, torch.nn.Module], test_feats: np.ndarray,
-                          s: RepairSettings, fingerprints: dict[str, str], progress: Progress | None = None) -> list[dict]:
-    """Every (eps, K, selection) entry: repair, save RLH and its LP, evaluate. Returns the entries."""
+                          s: RepairSettings, fingerprints: dict[str, str], progress: Progress | None = None,
+                          folder: Path | None = None) -> list[dict]:
+    """Every (eps, K, selection) entry: repair, save RLH and its LP under ``folder``, evaluate. Returns the entries.
+
+    Only an entry whose LP was solved to optimality gets an ``rlh.pt``; a warning is recorded when
+    the optimum changes no weight (the RLH is then LH itself).
+    """
+    folder = Path(folder) if folder is not None else run.path / "repair"
     lh, nn_model = models["lh"], models["nn"]
     W, b = lh.head.weight.numpy(), lh.head.bias.numpy()
     spec = get_attack(s.attack)
@@ -253,7 +266,8 @@ def run_repair_experiment(run: RunDir, ds: Dataset, models: dict[str, torch.nn.M
                                                 progress, f"{s.attack} on {src.upper()} eps={eps:g}")
             set_feats[src] = outputs(lh.features, sets[src].images(x_eval))
         point_eps = max(eps, s.min_point_eps)
-        pool = order_points(repair_pool(run, ds, lh, point_eps, max(s.ks), s.attack, s.seed, progress), s.points)
+        pool = order_points(repair_pool(run, ds, lh, point_eps, max(s.ks), s.attack, s.seed, progress, fingerprints.get("lh", "")),
+                            s.points)
         n_pool = len(pool["index"])
         mask_cache: dict[str, tuple[np.ndarray | None, dict]] = {}
         for sel in s.selections:
@@ -286,12 +300,13 @@ def run_repair_experiment(run: RunDir, ds: Dataset, models: dict[str, torch.nn.M
                 mask, sel_info = mask_cache[sel]
                 result, (Xa, Ya, weights, n_anchor), calibration = _solve(W, b, X, Y, pool["clean"][:k_used], lh.head, anchor_pool, val, mask, s)
                 name = f"eps{eps:g}_k{K}_{sel}"
-                entry = {"eps": eps, "point_eps": point_eps, "k": K, "k_used": k_used, "selection": sel, **sel_info, "target": s.target,
+                entry = {"name": name, "eps": eps, "point_eps": point_eps, "k": K, "k_used": k_used, "selection": sel, **sel_info,
+                         "target": s.target,
                          "anchors": s.anchors, "n_anchor_points": n_anchor, "lp": result.summary()}
                 if calibration is not None:
                     entry["calibration"] = calibration
                 entry["lp"].pop("per_class")
-                save_npz(run.sub(f"repair/{name}/repair_problem.npz"), W=W, b=b, X=Xa, Y=Ya,
+                save_npz(folder / name / "repair_problem.npz", W=W, b=b, X=Xa, Y=Ya,
                          mask=mask if mask is not None else np.ones(W.shape[1], bool), gamma=result.gamma, delta=result.delta,
                          objective=np.array(result.objective), solver=np.array(result.solver), status=np.array(result.status),
                          point_weights=weights if weights is not None else np.ones(len(Xa)), delta_weight=np.array(s.delta_weight))
@@ -299,8 +314,10 @@ def run_repair_experiment(run: RunDir, ds: Dataset, models: dict[str, torch.nn.M
                     entry["error"] = f"LP not solved ({result.status}); no RLH saved"
                     entries.append(entry)
                     continue
+                if not result.gamma.any():
+                    entry["warning"] = "the optimum changes no weight: RLH is LH (slack is cheaper; raise --delta-weight or K)"
                 rlh_head = LinearHead(W + result.gamma, b)
-                save_head(run.sub(f"repair/{name}/rlh.pt"), rlh_head, {"eps": eps, "k": K, "selection": sel})
+                save_head(folder / name / "rlh.pt", rlh_head, {"eps": eps, "k": K, "selection": sel})
                 rlh = HybridNet(lh.features, rlh_head).eval()
                 entry.update(_evaluate(rlh, lh, clean_nn, clean_lh, f_eval, y_eval, x_eval, sets, set_feats, X,
                                        ds.y_train[pool["index"][:k_used]], k_used, eps, spec, s.seed, progress, models))
@@ -329,11 +346,14 @@ def _evaluate(rlh, lh, clean_nn, clean_lh, f_eval, y_eval, x_eval, sets, set_fea
         p[idx] = preds[m]
         return float((p == y_eval).mean())
 
+    true_adv = sets["lh"].adversarial(clean_lh, y_eval)  # LH's test adversaries, clean errors left out
+    clean_err = np.setdiff1d(np.arange(len(sets["lh"].index)), true_adv)
     acc = {}
     for m in ("nn", "lh", "rlh"):
         acc[m] = {
             "data": _acc(clean[m], y_eval),
-            "adv": _acc(on_sets["lh"][m], y_eval[sets["lh"].index]),
+            "adv": _acc(on_sets["lh"][m][true_adv], y_eval[sets["lh"].index[true_adv]]),
+            "clean_errors": _acc(on_sets["lh"][m][clean_err], y_eval[sets["lh"].index[clean_err]]),
             "nadv": set_acc(sets["nn"].index, on_sets["nn"], m),
             "hadv": set_acc(sets["lh"].index, on_sets["lh"], m),
             "rhadv": set_acc(rh_idx, on_rh, m),
@@ -343,7 +363,8 @@ def _evaluate(rlh, lh, clean_nn, clean_lh, f_eval, y_eval, x_eval, sets, set_fea
         "efficacy": float(points_ok.mean()),
         "drawdown": acc["lh"]["data"] - acc["rlh"]["data"],
         "generalisation": acc["rlh"]["adv"],
-        "unseen_lh_adversaries": int(len(sets["lh"].index)),
+        "unseen_lh_adversaries": int(len(true_adv)),
+        "lh_attack_successes_on_clean_errors": int(len(clean_err)),
         "rlh_attack_success_rate": float(len(rh_idx) / len(y_eval)),
         "rhadv_attack_seconds": attack_s,
         "n_eval_images": int(len(y_eval)),

@@ -34,8 +34,8 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON, atomically."""
-    text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"
+    """Write ``obj`` as strict JSON (NaN and infinities become null), indented, atomically."""
+    text = json.dumps(_finite(obj), indent=2, sort_keys=False, default=_json_default, allow_nan=False) + "\n"
     atomic_write(path, lambda p: p.write_text(text))
 
 
@@ -96,6 +96,19 @@ def load_npz(path: Path, what: str = "array file") -> dict[str, np.ndarray]:
             return {k: data[k] for k in data.files}
     except Exception as exc:
         raise CnnRepairError(f"{path}: unreadable {what} ({type(exc).__name__}); delete it and rerun") from None
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with every non-finite float (Python or NumPy) replaced by None, so strict parsers read it."""
+    if isinstance(obj, float | np.floating):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, np.ndarray) and obj.dtype.kind == "f":
+        return _finite(obj.tolist())
+    return obj
 
 
 def _json_default(obj: Any) -> Any:

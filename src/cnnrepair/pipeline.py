@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -169,7 +170,9 @@ def export_models(run: RunDir, models: dict[str, torch.nn.Module], input_shape: 
         batch = torch.export.Dim("batch", min=1, max=1 << 20)
         program = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: batch},))
         path = run.sub(f"export/{name}.pt2")
-        atomic_write(path, lambda p, program=program: torch.export.save(program, str(p)))
+        with warnings.catch_warnings():  # torch warns about shared CPU tensors (the heads share one extractor): harmless here
+            warnings.filterwarnings("ignore", message="No complete tensor found in the group")
+            atomic_write(path, lambda p, program=program: torch.export.save(program, str(p)))
         written[name] = str(path.relative_to(run.path))
     run.update_results(exports=written)
     return written
@@ -217,28 +220,108 @@ def stage_attack(run: RunDir, ds: Dataset, models: dict[str, torch.nn.Module], a
     return result
 
 
-def stage_repair(run: RunDir, ds: Dataset, settings, progress: Progress | None = None) -> dict:
-    """Run the paper's repair experiment and install the primary RLH as ``models/rlh.pt``.
+REPAIR_KEYS_WITHOUT_EFFECT = ("n_jobs", "threads")  # settings that cannot change a repair's results
 
-    The primary RLH is the entry at the middle epsilon of the grid, the largest K, no selection.
+
+def repair_section(run: RunDir, variant: str | None) -> dict | None:
+    """The recorded repair of ``variant`` (None: the run's main repair), or None."""
+    res = run.results
+    return res.get("repair") if not variant else res.get("repair_variants", {}).get(variant)
+
+
+def check_repair_target(run: RunDir, settings, variant: str | None, overwrite: bool) -> None:
+    """Refuse to replace repair results made with other settings (unless ``overwrite``), before any work."""
+    import re
+
+    if variant is not None and not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,39}", variant):
+        raise CnnRepairError(f"--variant {variant!r}: use 1-40 lower-case letters, digits, '-' or '_' (e.g. anchored)")
+    old = repair_section(run, variant)
+    if overwrite or not old or "settings" not in old:
+        return
+    new = asdict(settings)
+    diff = [f"{k}: {old['settings'].get(k)!r} -> {v!r}" for k, v in new.items()
+            if k not in REPAIR_KEYS_WITHOUT_EFFECT and old["settings"].get(k) != v]
+    if diff:
+        what = f"repair variant {variant!r}" if variant else "main repair"
+        raise CnnRepairError(f"{run.path}: its {what} was made with other settings ({'; '.join(diff[:4])}"
+                             f"{'; ...' if len(diff) > 4 else ''}); pass --variant NAME to keep both, or --overwrite to replace it")
+
+
+def repair_folder(run: RunDir, variant: str | None) -> Path:
+    """Where a repair's entries live: ``repair/`` for the main repair, ``repair/variants/NAME/`` for a variant."""
+    return run.path / "repair" if not variant else run.path / "repair" / "variants" / variant
+
+
+def stage_repair(run: RunDir, ds: Dataset, settings, progress: Progress | None = None, variant: str | None = None,
+                 overwrite: bool = False) -> dict:
+    """Run the paper's repair experiment; the main repair installs its primary RLH as ``models/rlh.pt``.
+
+    The primary RLH is the entry at the middle epsilon of the grid, the largest K, no selection,
+    promoted only if that entry was solved in this run. Results made with other settings are never
+    replaced silently (see :func:`check_repair_target`); a variant (``variant="anchored"``) keeps its
+    own entries and results beside the main repair and promotes nothing. Everything derived from
+    ``models/rlh.pt`` (its export, attack results on RLH, summary.md) is refreshed or removed with it.
     """
     import shutil
 
     from cnnrepair.experiment import run_repair_experiment
 
+    check_repair_target(run, settings, variant, overwrite)
+    folder = repair_folder(run, variant)
+    for old in folder.glob("eps*_k*_*"):  # a previous solve of this repair: never left to pass for this one's
+        if old.is_dir():
+            shutil.rmtree(old)
     models = load_models(run, ["nn", "lh"])
     feats = load_npz(run.path / FEATURES, "feature cache")
     t0 = time.perf_counter()
-    entries = run_repair_experiment(run, ds, models, feats["test"], settings, model_fingerprints(run, ["nn", "lh"]), progress)
+    entries = run_repair_experiment(run, ds, models, feats["test"], settings, model_fingerprints(run, ["nn", "lh"]), progress,
+                                    folder)
     seconds = time.perf_counter() - t0
     primary_eps = settings.eps[len(settings.eps) // 2]
     sel = "none" if "none" in settings.selections else settings.selections[0]
     primary = f"eps{primary_eps:g}_k{max(settings.ks)}_{sel}"
-    src = run.path / "repair" / primary / "rlh.pt"
-    if src.is_file():
-        from cnnrepair.io import atomic_write
-
-        atomic_write(run.sub("models/rlh.pt"), lambda p: shutil.copyfile(src, p))
-    result = {"settings": asdict(settings), "primary": primary if src.is_file() else None, "entries": entries}
+    solved = any(e.get("name") == primary and "accuracy" in e for e in entries)
+    result = {"settings": asdict(settings), "primary": primary if solved else None, "entries": entries, "seconds": seconds}
+    if variant:
+        run.update_results(repair_variants={**run.results.get("repair_variants", {}), variant: result})
+        return result
     run.update_results(repair=result, timings_s={"repair": seconds})
+    _promote_rlh(run, ds, folder / primary / "rlh.pt" if solved else None)
     return result
+
+
+def _promote_rlh(run: RunDir, ds: Dataset, src: Path | None) -> None:
+    """Install ``src`` as models/rlh.pt (or remove it when None) and refresh what derives from it."""
+    import shutil
+
+    from cnnrepair.io import atomic_write
+    from cnnrepair.report import write_summary
+
+    if src is not None:
+        atomic_write(run.sub("models/rlh.pt"), lambda p: shutil.copyfile(src, p))
+    else:
+        (run.path / "models" / "rlh.pt").unlink(missing_ok=True)
+    res = run.results
+    res["attack"] = {name: _without_rlh(a) for name, a in res.get("attack", {}).items()}  # measured on the old RLH
+    res.setdefault("accuracy", {}).pop("rlh", None)
+    res.setdefault("exports", {}).pop("rlh", None)
+    if src is not None:
+        res["accuracy"]["rlh"] = accuracy(load_hybrid(run, "rlh"), ds.x_test, ds.y_test)
+    run.write_results(res)
+    export = run.path / "export" / "rlh.pt2"
+    had_export = export.is_file()
+    export.unlink(missing_ok=True)
+    if src is not None and had_export:
+        export_models(run, {"rlh": load_hybrid(run, "rlh")}, tuple(res["input_shape"]))
+    write_summary(run)
+
+
+def _without_rlh(a: dict) -> dict:
+    """An attack sweep's results with every RLH entry removed (they belong to a replaced model)."""
+    out = dict(a)
+    for key in ("clean", "own", "success_rate", "adv_only", "seconds_per_10k_images"):
+        if isinstance(out.get(key), dict):
+            out[key] = {m: v for m, v in out[key].items() if m != "rlh"}
+    if isinstance(out.get("transfer"), dict):
+        out["transfer"] = {src: {t: v for t, v in row.items() if t != "rlh"} for src, row in out["transfer"].items() if src != "rlh"}
+    return out

@@ -47,18 +47,33 @@ class RunDir:
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
 
+    def _read(self, name: str) -> dict[str, Any]:
+        p = self.path / name
+        if not p.is_file():
+            return {}
+        obj = read_json(p)
+        if not isinstance(obj, dict):
+            raise CnnRepairError(f"{p}: not a cnnrepair {name} (holds a JSON {type(obj).__name__}, not an object); "
+                                 f"delete it and rerun the step that writes it")
+        return obj
+
     @property
     def config(self) -> dict[str, Any]:
-        p = self.path / CONFIG
-        return read_json(p) if p.is_file() else {}
+        return self._read(CONFIG)
 
-    def init(self, dataset: str, settings: dict[str, Any]) -> dict[str, Any]:
-        """Create or reopen the run for ``dataset``; refuse a run directory made for another dataset."""
+    def check(self, dataset: str | None = None) -> None:
+        """Fail now, before any work, on an unreadable config/results file or a run made for another dataset."""
         if self.path.exists() and not self.path.is_dir():
             raise CnnRepairError(f"{self.path}: exists and is not a directory; choose another --out")
         cfg = self.config
-        if cfg and cfg.get("dataset") != dataset:
+        self.results  # noqa: B018 - reading validates it
+        if dataset is not None and cfg and cfg.get("dataset") != dataset:
             raise CnnRepairError(f"{self.path}: run directory was made for dataset {cfg.get('dataset')!r}, not {dataset!r}; choose another --out")
+
+    def init(self, dataset: str, settings: dict[str, Any]) -> dict[str, Any]:
+        """Create or reopen the run for ``dataset``; refuse a run directory made for another dataset."""
+        self.check(dataset)
+        cfg = self.config
         cfg.setdefault("dataset", dataset)
         cfg.update(settings)
         cfg["versions"] = library_versions()
@@ -76,8 +91,11 @@ class RunDir:
 
     @property
     def results(self) -> dict[str, Any]:
-        p = self.path / RESULTS
-        return read_json(p) if p.is_file() else {}
+        return self._read(RESULTS)
+
+    def write_results(self, res: dict[str, Any]) -> None:
+        """Replace results.json with ``res``, atomically (for removing stale entries, which a merge cannot)."""
+        write_json(self.path / RESULTS, res)
 
     def update_results(self, **sections: Any) -> dict[str, Any]:
         """Merge ``sections`` into results.json (dicts merged one level deep), atomically."""
