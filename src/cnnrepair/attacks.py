@@ -16,7 +16,7 @@ from torch import nn
 
 from cnnrepair.data import to_float
 from cnnrepair.errors import CnnRepairError
-from cnnrepair.training import Progress
+from cnnrepair.training import Progress, model_device
 
 PAPER_EPS = {
     "mnist": [0.025, 0.05, 0.075, 0.1, 0.125, 0.15],
@@ -69,13 +69,6 @@ def _foolbox_attack(spec: AttackSpec):
     if spec.name == "fgsm":
         return fb.attacks.FGSM()
     return fb.attacks.LinfPGD(steps=spec.steps, rel_stepsize=spec.rel_stepsize, random_start=spec.random_start)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Where a model's parameters and buffers live (CPU for a model that has none)."""
-    for t in (*model.parameters(), *model.buffers()):
-        return t.device
-    return torch.device("cpu")
 
 
 def check_eps(eps: float) -> float:

@@ -67,6 +67,23 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                         "(default: $CNNREPAIR_DATA/<dataset>, ./data/<dataset>, ../shared/datasets/...)")
 
 
+def _add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto",
+                   help="where networks run: cpu, cuda, cuda:N or auto (default: CUDA when present, else the CPU)")
+
+
+def _device(args: argparse.Namespace, run, stage: str):
+    """The checked --device, recorded in the run's results for ``stage`` (figures name the hardware that made them)."""
+    import torch
+
+    from cnnrepair.training import resolve_device
+
+    dev = resolve_device(getattr(args, "device", None))
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    run.update_results(devices={**run.results.get("devices", {}), stage: f"{dev} ({name})"})
+    return dev
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default=None, help="mnist-nn, cifar10-nn or digits-nn (default: the dataset's)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the dataset's recipe)")
@@ -231,6 +248,10 @@ def validate(args: argparse.Namespace) -> None:
     if cmd == "reproduce":
         args.out = args.out or Path("runs") / args.dataset
     run = RunDir(args.out)
+    if hasattr(args, "device"):
+        from cnnrepair.training import resolve_device
+
+        resolve_device(args.device)
     if cmd in ("reproduce", "train"):
         run.check(args.dataset)
         _train_settings(args)
@@ -269,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add_parser("reproduce", help="run every stage: train, hybrids (LH, KH), attack sweeps, export", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_data_args(p)
+    _add_device_arg(p)
     p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<dataset>)")
     _add_train_args(p)
     _add_hybrid_args(p)
@@ -277,20 +299,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add_parser("train", help="train the dataset's CNN (resumes from the run's checkpoint)")
     _add_data_args(p)
+    _add_device_arg(p)
     p.add_argument("--out", type=Path, required=True, help="run directory")
     _add_train_args(p)
 
     p = add_parser("hybrid", help="fit LH (linear SVM) and KH (RBF SVM) heads on a trained run's features")
     p.add_argument("--out", type=Path, required=True, help="run directory of a trained CNN")
+    _add_device_arg(p)
     _add_hybrid_args(p)
 
     p = add_parser("attack", help="sweep attacks over epsilon on every model of a run (paper figure 2) with the transfer matrix")
     p.add_argument("--out", type=Path, required=True, help="run directory with a trained CNN (and hybrids)")
     p.add_argument("--models", default=None, help="comma-separated models to attack: nn, lh, kh, rlh (default: all in the run)")
+    _add_device_arg(p)
     _add_attack_args(p)
 
     p = add_parser("repair", help="repair LH's head by linear programming and evaluate RLH (paper figure 3)")
     p.add_argument("--out", type=Path, required=True, help="run directory with NN and LH")
+    _add_device_arg(p)
     _add_repair_args(p)
 
     p = add_parser("export", help="export a run's models with torch.export (.pt2), loadable without cnnrepair")
@@ -313,7 +339,7 @@ def _cmd_train(args: argparse.Namespace, bars: _Bars, run=None):
     ds = load_dataset(args.dataset, args.data_dir)  # before the run directory is made: a bad dataset leaves nothing behind
     run.init(args.dataset, {"data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None, "seed": args.seed})
     _say(f"{ds.name}: {len(ds.y_train)} train / {len(ds.y_test)} test images of {'x'.join(map(str, ds.image_shape))}, {ds.num_classes} classes")
-    model = stage_train(run, ds, cfg, args.arch, bars)
+    model = stage_train(run, ds, cfg, args.arch, bars, _device(args, run, "train"))
     res = run.results
     p = res["params"]["nn"]
     _say(f"{res['arch']}: {p['total']:,} parameters ({p['features']:,} features + {p['head']:,} head); "
@@ -328,7 +354,7 @@ def _cmd_hybrid(args: argparse.Namespace, bars: _Bars, run=None, ds=None, model=
     run = run or RunDir(args.out)
     cfg = run.require()
     ds = ds or open_dataset(run)
-    model = model or load_nn(run)
+    model = model or load_nn(run, _device(args, run, "hybrid"))
     if args.kh_train_size is not None and args.kh_train_size < 10 * ds.num_classes:
         raise CnnRepairError(f"--kh-train-size {args.kh_train_size} is too small; use at least {10 * ds.num_classes}")
     _say("extracting features ...")
@@ -352,7 +378,8 @@ def _cmd_attack(args: argparse.Namespace, bars: _Bars, run=None, ds=None):
     run = run or RunDir(args.out)
     cfg = run.require()
     names, eps = _attack_plan(args, cfg["dataset"])
-    models = load_models(run, [m.strip() for m in args.models.split(",")] if getattr(args, "models", None) else None)
+    models = load_models(run, [m.strip() for m in args.models.split(",")] if getattr(args, "models", None) else None,
+                         _device(args, run, "attack"))
     ds = ds or open_dataset(run)
     for name in names:
         n_images = args.pgd_images if name == "pgd" and args.pgd_images else args.attack_images
@@ -374,6 +401,7 @@ def _write_examples(run, ds, models, attack_name: str, eps: float) -> None:
     from cnnrepair.data import to_float
     from cnnrepair.evaluation import load_set
     from cnnrepair.report import plot_examples
+    from cnnrepair.training import predict
 
     res = run.results["attack"][attack_name]
     source = "lh" if "lh" in models else next(iter(models))
@@ -386,8 +414,7 @@ def _write_examples(run, ds, models, attack_name: str, eps: float) -> None:
     clean = to_float(ds.x_test[idx][pick])
     adv = aset.images(ds.x_test[idx])[:8]
     with torch.no_grad():
-        cp = models[source](clean).argmax(1).numpy()
-        ap = models[source](adv).argmax(1).numpy()
+        cp, ap = predict(models[source], clean), predict(models[source], adv)
     plot_examples(clean.numpy(), adv.numpy(), ds.y_test[idx][pick], cp, ap, ds.classes,
                   f"{attack_name.upper()} on {source.upper()}, eps={eps:g}: clean (top) and adversarial (bottom)",
                   run.sub(f"figures/examples_{attack_name}.png"))
@@ -406,7 +433,7 @@ def _cmd_repair(args: argparse.Namespace, bars: _Bars, run=None, ds=None):
     _say(f"repairing LH at eps {', '.join(f'{e:g}' for e in eps)} with K={settings.ks}, selection {selections}, solver {args.solver} ...")
     if args.variant is None and not args.overwrite and "rlh" in run.results.get("accuracy", {}):
         _say("the main repair replaces models/rlh.pt; its export, RLH attack results and summary.md are refreshed with it")
-    result = stage_repair(run, ds, settings, bars, args.variant, args.overwrite)
+    result = stage_repair(run, ds, settings, bars, args.variant, args.overwrite, _device(args, run, "repair"))
     for e in result["entries"]:
         if "lp" not in e:
             _say(f"  eps={e['eps']:g} K={e['k']} {e['selection']}: skipped, {e['error']}")

@@ -20,7 +20,7 @@ from cnnrepair.attacks import AttackSpec, attack, check_eps, decode_perturbation
 from cnnrepair.data import to_float
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.io import load_npz, save_npz
-from cnnrepair.training import Progress
+from cnnrepair.training import Progress, model_device, predict
 
 
 class AdversarialSet:
@@ -79,7 +79,7 @@ def make_adversarial_set(model: nn.Module, x_uint8: np.ndarray, y: np.ndarray, e
     aset = AdversarialSet(eps, idx.numpy(), delta, len(y))
     if len(idx):  # keep only examples that stay adversarial after encoding
         with torch.no_grad():
-            still = (model(aset.images(x_uint8)).argmax(1).numpy() != np.asarray(y)[aset.index])
+            still = predict(model, aset.images(x_uint8)) != np.asarray(y)[aset.index]
         aset = AdversarialSet(eps, aset.index[still], delta[still], len(y))
     if path is not None:
         save_npz(path, index=aset.index, delta=aset.delta, eps=np.array(eps), key=np.array(key))
@@ -99,16 +99,16 @@ def predictions_on_sets(models: dict[str, nn.Module], x_uint8: np.ndarray, sets:
     def predict_all(x: torch.Tensor) -> dict[str, np.ndarray]:
         out = {name: [] for name in models}
         for i in range(0, len(x), batch_size):
-            xb = x[i:i + batch_size]
             for names in groups.values():
                 first = models[names[0]]
+                xb = x[i:i + batch_size].to(model_device(first))
                 if hasattr(first, "features") and hasattr(first, "head"):
                     feats = first.features(xb)
                     for n in names:
-                        out[n].append(models[n].head(feats).argmax(1).numpy())
+                        out[n].append(models[n].head(feats).argmax(1).cpu().numpy())
                 else:
                     for n in names:
-                        out[n].append(models[n](xb).argmax(1).numpy())
+                        out[n].append(models[n](xb).argmax(1).cpu().numpy())
         return {n: np.concatenate(v) if v else np.zeros(0, np.int64) for n, v in out.items()}
 
     for m in models.values():

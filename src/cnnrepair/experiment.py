@@ -45,7 +45,7 @@ from cnnrepair.hybrid import HybridNet, LinearHead, save_head
 from cnnrepair.io import load_npz, save_npz
 from cnnrepair.repair import RepairProblem, repair, wilcoxon_select
 from cnnrepair.rundir import RunDir
-from cnnrepair.training import Progress, outputs
+from cnnrepair.training import Progress, model_device, outputs, predict
 
 
 @dataclass
@@ -100,8 +100,7 @@ def repair_pool(run: RunDir, ds: Dataset, lh: HybridNet, eps: float, needed: int
         used += len(take)
         x = to_float(ds.x_train[take])
         y = ds.y_train[take]
-        with torch.no_grad():
-            clean_ok = lh(x).argmax(1).numpy() == y
+        clean_ok = predict(lh, x) == y
         adv, success = attack(lh, x, y, eps, spec, progress=progress, desc=f"repair points eps={eps:g}")
         keep = np.flatnonzero(success.numpy() & clean_ok)
         if len(keep):
@@ -245,16 +244,14 @@ def run_repair_experiment(run: RunDir, ds: Dataset, models: dict[str, torch.nn.M
     """
     folder = Path(folder) if folder is not None else run.path / "repair"
     lh, nn_model = models["lh"], models["nn"]
-    W, b = lh.head.weight.numpy(), lh.head.bias.numpy()
+    W, b = lh.head.weight.cpu().numpy(), lh.head.bias.cpu().numpy()
     spec = get_attack(s.attack)
     x_test, y_test = ds.x_test, ds.y_test
     sub = np.arange(len(y_test))
     if s.eval_images is not None and s.eval_images < len(y_test):
         sub = np.sort(np.random.default_rng(s.seed).permutation(len(y_test))[:s.eval_images])
     x_eval, y_eval, f_eval = x_test[sub], y_test[sub], test_feats[sub]
-    with torch.no_grad():
-        clean_nn = nn_model.head(torch.as_tensor(f_eval)).argmax(1).numpy()
-        clean_lh = lh.head(torch.as_tensor(f_eval)).argmax(1).numpy()
+    clean_nn, clean_lh = predict(nn_model.head, f_eval), predict(lh.head, f_eval)
     anchor_pool = _anchor_pool(ds, lh, s)
     val_pool = _validation_pool(ds, lh, s)
     entries = []
@@ -318,7 +315,7 @@ def run_repair_experiment(run: RunDir, ds: Dataset, models: dict[str, torch.nn.M
                     entry["warning"] = "the optimum changes no weight: RLH is LH (slack is cheaper; raise --delta-weight or K)"
                 rlh_head = LinearHead(W + result.gamma, b)
                 save_head(folder / name / "rlh.pt", rlh_head, {"eps": eps, "k": K, "selection": sel})
-                rlh = HybridNet(lh.features, rlh_head).eval()
+                rlh = HybridNet(lh.features, rlh_head.to(model_device(lh.head))).eval()
                 entry.update(_evaluate(rlh, lh, clean_nn, clean_lh, f_eval, y_eval, x_eval, sets, set_feats, X,
                                        ds.y_train[pool["index"][:k_used]], k_used, eps, spec, s.seed, progress, models))
                 entries.append(entry)
@@ -327,18 +324,16 @@ def run_repair_experiment(run: RunDir, ds: Dataset, models: dict[str, torch.nn.M
 
 def _evaluate(rlh, lh, clean_nn, clean_lh, f_eval, y_eval, x_eval, sets, set_feats, X, y_points, k_used, eps, spec, seed, progress, models) -> dict:
     """Figure-3 accuracies and the repair-literature measures for one RLH."""
-    with torch.no_grad():
-        head = {"nn": models["nn"].head, "lh": lh.head, "rlh": rlh.head}
-        clean = {"nn": clean_nn, "lh": clean_lh, "rlh": rlh.head(torch.as_tensor(f_eval)).argmax(1).numpy()}
-        on_sets = {src: {m: h(torch.as_tensor(set_feats[src])).argmax(1).numpy() for m, h in head.items()} for src in sets}
-        points_ok = rlh.head(torch.as_tensor(X[:k_used], dtype=torch.float32)).argmax(1).numpy() == y_points
+    head = {"nn": models["nn"].head, "lh": lh.head, "rlh": rlh.head}
+    clean = {"nn": clean_nn, "lh": clean_lh, "rlh": predict(rlh.head, f_eval)}
+    on_sets = {src: {m: predict(h, set_feats[src]) for m, h in head.items()} for src in sets}
+    points_ok = predict(rlh.head, X[:k_used]) == y_points
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     adv, success = attack(rlh, x_eval, y_eval, eps, spec, progress=progress, desc=f"fresh {spec.name} on RLH eps={eps:g}")
     rh_idx = np.flatnonzero(success.numpy())
     rh_feats = outputs(lh.features, adv[rh_idx])
-    with torch.no_grad():
-        on_rh = {m: h(torch.as_tensor(rh_feats)).argmax(1).numpy() for m, h in head.items()}
+    on_rh = {m: predict(h, rh_feats) for m, h in head.items()}
     attack_s = time.perf_counter() - t0
 
     def set_acc(idx: np.ndarray, preds: dict, m: str) -> float:

@@ -38,7 +38,7 @@ class LinearHead(nn.Module):
 
     def decision_values(self, x: np.ndarray) -> np.ndarray:
         """Decision values in float64 for a feature matrix."""
-        return np.asarray(x, np.float64) @ self.weight.numpy().T + self.bias.numpy()
+        return np.asarray(x, np.float64) @ self.weight.cpu().numpy().T + self.bias.cpu().numpy()
 
 
 class RBFHead(nn.Module):

@@ -22,7 +22,7 @@ from cnnrepair.hybrid import HybridNet, fit_linear_svm, fit_rbf_svm, load_head, 
 from cnnrepair.io import load_npz, load_torch, save_npz, save_torch
 from cnnrepair.models import DEFAULT_ARCH, SplitNet, build_model, param_counts
 from cnnrepair.rundir import RunDir
-from cnnrepair.training import RECIPES, Progress, TrainConfig, accuracy, outputs, train
+from cnnrepair.training import RECIPES, Progress, TrainConfig, accuracy, cpu_state, model_device, outputs, train
 
 NN_WEIGHTS = "models/nn.pt"
 TRAIN_CKPT = "checkpoints/nn_train.pt"
@@ -42,8 +42,9 @@ def train_config(dataset: str, overrides: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def stage_train(run: RunDir, ds: Dataset, cfg: TrainConfig, arch: str | None = None, progress: Progress | None = None) -> SplitNet:
-    """Train (or resume, or reuse) the CNN and record its parameter counts and test accuracy."""
+def stage_train(run: RunDir, ds: Dataset, cfg: TrainConfig, arch: str | None = None, progress: Progress | None = None,
+                device: torch.device | None = None) -> SplitNet:
+    """Train (or resume, or reuse) the CNN on ``device`` and record its parameter counts and test accuracy."""
     arch = arch or DEFAULT_ARCH.get(ds.name, "mnist-nn")
     torch.manual_seed(cfg.seed)
     model = build_model(arch, ds.image_shape, ds.num_classes)
@@ -55,10 +56,11 @@ def stage_train(run: RunDir, ds: Dataset, cfg: TrainConfig, arch: str | None = N
         if state.get("arch") != arch or state.get("train") != asdict(cfg):
             raise CnnRepairError(f"{weights}: trained with other settings ({state.get('arch')}, {state.get('train')}); use another --out")
         _load_weights(model, state, weights)
+        model.to(device or "cpu")
         history = state.get("history", [])
     else:
-        history = train(model, ds.x_train, ds.y_train, cfg, run.sub(TRAIN_CKPT), progress)
-        save_torch(run.sub(NN_WEIGHTS), {"arch": arch, "model": model.state_dict(), "train": asdict(cfg), "history": history,
+        history = train(model, ds.x_train, ds.y_train, cfg, run.sub(TRAIN_CKPT), progress, device)
+        save_torch(run.sub(NN_WEIGHTS), {"arch": arch, "model": cpu_state(model), "train": asdict(cfg), "history": history,
                                          "input_shape": list(ds.image_shape), "num_classes": ds.num_classes})
     train_s = time.perf_counter() - t0
     acc = accuracy(model, ds.x_test, ds.y_test)
@@ -80,8 +82,8 @@ def _load_weights(model: torch.nn.Module, state: dict, path: Path) -> None:
     model.eval()
 
 
-def load_nn(run: RunDir) -> SplitNet:
-    """The trained CNN of a run."""
+def load_nn(run: RunDir, device: torch.device | None = None) -> SplitNet:
+    """The trained CNN of a run, on ``device`` (default: the CPU)."""
     path = run.path / NN_WEIGHTS
     state = load_torch(path, "model weights")
     try:
@@ -89,7 +91,7 @@ def load_nn(run: RunDir) -> SplitNet:
     except KeyError as exc:
         raise CnnRepairError(f"{path}: not a cnnrepair model file (missing {exc}); delete it and rerun `cnnrepair train`") from None
     _load_weights(model, state, path)
-    return model
+    return model.to(device or "cpu")
 
 
 def _fingerprint(path: Path) -> str:
@@ -132,7 +134,7 @@ def stage_hybrid(run: RunDir, model: SplitNet, ds: Dataset, feats: dict[str, np.
         sk_dec = pipe.decision_function(np.asarray(feats["test"], np.float64))
         if sk_dec.ndim == 1:
             sk_dec = np.stack([-sk_dec, sk_dec], 1)
-        hybrid = HybridNet(model.features, head).eval()
+        hybrid = HybridNet(model.features, head.to(model_device(model))).eval()
         acc[kind] = float((torch_dec.argmax(1) == ds.y_test).mean())
         timing[f"fit_{kind}"] = fit.seconds
         info[kind] = {"C": lh_c if kind == "lh" else kh_c, "n_train": fit.n_train, "n_support": fit.n_support,
@@ -157,7 +159,8 @@ def load_hybrid(run: RunDir, kind: str, model: SplitNet | None = None) -> Hybrid
     path = run.path / f"models/{kind}.pt"
     if not path.is_file():
         raise CnnRepairError(f"{path}: no {kind.upper()} in this run; run `cnnrepair hybrid --out {run.path}` first")
-    return HybridNet((model or load_nn(run)).features, load_head(path)).eval()
+    model = model or load_nn(run)
+    return HybridNet(model.features, load_head(path).to(model_device(model))).eval()
 
 
 def export_models(run: RunDir, models: dict[str, torch.nn.Module], input_shape: tuple[int, int, int]) -> dict[str, str]:
@@ -184,9 +187,9 @@ def model_fingerprints(run: RunDir, names: list[str]) -> dict[str, str]:
     return {n: nn_fp if n == "nn" else nn_fp + _fingerprint(run.path / f"models/{n}.pt") for n in names}
 
 
-def load_models(run: RunDir, names: list[str] | None = None) -> dict[str, torch.nn.Module]:
-    """NN and every hybrid the run has (or exactly ``names``), sharing one feature extractor."""
-    nn = load_nn(run)
+def load_models(run: RunDir, names: list[str] | None = None, device: torch.device | None = None) -> dict[str, torch.nn.Module]:
+    """NN and every hybrid the run has (or exactly ``names``), sharing one feature extractor, on ``device``."""
+    nn = load_nn(run, device)
     available = ["nn"] + [k for k in ("lh", "kh", "rlh") if (run.path / f"models/{k}.pt").is_file()]
     if names is None:
         names = available
@@ -253,7 +256,7 @@ def repair_folder(run: RunDir, variant: str | None) -> Path:
 
 
 def stage_repair(run: RunDir, ds: Dataset, settings, progress: Progress | None = None, variant: str | None = None,
-                 overwrite: bool = False) -> dict:
+                 overwrite: bool = False, device: torch.device | None = None) -> dict:
     """Run the paper's repair experiment; the main repair installs its primary RLH as ``models/rlh.pt``.
 
     The primary RLH is the entry at the middle epsilon of the grid, the largest K, no selection,
@@ -271,7 +274,7 @@ def stage_repair(run: RunDir, ds: Dataset, settings, progress: Progress | None =
     for old in folder.glob("eps*_k*_*"):  # a previous solve of this repair: never left to pass for this one's
         if old.is_dir():
             shutil.rmtree(old)
-    models = load_models(run, ["nn", "lh"])
+    models = load_models(run, ["nn", "lh"], device)
     feats = load_npz(run.path / FEATURES, "feature cache")
     t0 = time.perf_counter()
     entries = run_repair_experiment(run, ds, models, feats["test"], settings, model_fingerprints(run, ["nn", "lh"]), progress,

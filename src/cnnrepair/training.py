@@ -24,6 +24,28 @@ from cnnrepair.io import load_torch, save_torch
 Progress = Callable[[str, int, int], None]
 
 
+def resolve_device(name: str | None = None) -> torch.device:
+    """``None``/``"auto"``: CUDA when present, else the CPU; otherwise the named device, checked."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise CnnRepairError(f"--device {name!r} is not a device; use cpu, cuda, cuda:1 or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CnnRepairError(f"--device {name}: this machine has no CUDA device; use --device cpu (or auto)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise CnnRepairError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here; use cuda:0")
+    return dev
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where a model's parameters and buffers live (the CPU for a model that has none)."""
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
 @dataclass
 class TrainConfig:
     """Hyper-parameters of one training run."""
@@ -67,11 +89,16 @@ def train(
     cfg: TrainConfig,
     checkpoint: Path | None = None,
     progress: Progress | None = None,
+    device: torch.device | str | None = None,
 ) -> list[dict]:
-    """Train ``model`` in place, resuming from ``checkpoint`` if it holds an unfinished run.
+    """Train ``model`` in place on ``device`` (default: where it is), resuming from ``checkpoint``.
 
-    Returns the per-epoch history (loss, accuracy on the training batches, learning rate).
+    Batches are drawn and augmented on the CPU from the seeded generator, then moved, so the
+    steps taken do not depend on the device. Returns the per-epoch history (loss, accuracy on
+    the training batches, learning rate).
     """
+    dev = torch.device(device) if device is not None else model_device(model)
+    model.to(dev)
     n = len(y_train)
     if n == 0:
         raise CnnRepairError("training set is empty; check the dataset")
@@ -103,6 +130,7 @@ def train(
             xb, yb = to_float(x_all[idx]), y_all[idx]
             if cfg.augment:
                 xb = _augment(xb, g)
+            xb, yb = xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
             logits = model(xb)
             loss = F.cross_entropy(logits, yb)
             opt.zero_grad(set_to_none=True)
@@ -116,7 +144,7 @@ def train(
         history.append({"epoch": epoch + 1, "loss": tot_loss / n, "train_acc": tot_correct / n, "lr": sched.get_last_lr()[0]})
         if checkpoint is not None:
             save_torch(Path(checkpoint), {
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "model": cpu_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "epoch": epoch + 1, "config": asdict(cfg), "history": history,
             })
     model.eval()
@@ -129,6 +157,11 @@ def predict(model: nn.Module, x: np.ndarray | torch.Tensor, batch_size: int = 10
     return np.concatenate([batch.argmax(1).numpy() for batch in _batched(model, x, batch_size)]) if len(x) else np.zeros(0, np.int64)
 
 
+def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict on the CPU, so saved weights load anywhere."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
 @torch.no_grad()
 def outputs(model: nn.Module, x: np.ndarray | torch.Tensor, batch_size: int = 1000, progress: Progress | None = None, desc: str = "") -> np.ndarray:
     """Model outputs (logits, decision values or features) for uint8 or [0, 1] float images."""
@@ -139,9 +172,10 @@ def outputs(model: nn.Module, x: np.ndarray | torch.Tensor, batch_size: int = 10
 def _batched(model: nn.Module, x, batch_size: int, progress: Progress | None = None, desc: str = ""):
     was_training = model.training
     model.eval()
+    dev = model_device(model)
     total = (len(x) + batch_size - 1) // batch_size
-    for i in range(total):
-        yield model(to_float(x[i * batch_size:(i + 1) * batch_size]))
+    for i in range(total):  # batches go to the model's device, results come back to the CPU
+        yield model(to_float(x[i * batch_size:(i + 1) * batch_size]).to(dev)).cpu()
         if progress:
             progress(desc, i + 1, total)
     model.train(was_training)
