@@ -98,6 +98,8 @@ def _add_hybrid_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kh-train-size", type=int, default=None,
                    help="fit KH on a stratified subset of this many training features (faster; default: all, exact)")
     p.add_argument("--no-kh", action="store_true", help="skip KH (exact RBF SVC is slow on large feature sets)")
+    p.add_argument("--svm-jobs", type=int, default=1,
+                   help="processes fitting LH's one-vs-rest classes in parallel (same weights; default 1, -1: every core)")
 
 
 def _list_of(kind: type, what: str, example: str) -> Callable[[str], list]:
@@ -176,6 +178,8 @@ def _train_settings(args: argparse.Namespace):
 def _check_hybrid(args: argparse.Namespace) -> None:
     if args.lh_c <= 0 or args.kh_c <= 0:
         raise CnnRepairError(f"--lh-c and --kh-c must be > 0 (got {args.lh_c}, {args.kh_c})")
+    if args.svm_jobs == 0 or args.svm_jobs < -1:
+        raise CnnRepairError(f"--svm-jobs must be >= 1, or -1 for every core (got {args.svm_jobs})")
     if args.kh_train_size is not None and args.kh_train_size < 20:
         raise CnnRepairError(f"--kh-train-size {args.kh_train_size} is too small; use at least 10 per class (e.g. 1000)")
 
@@ -361,7 +365,12 @@ def _cmd_hybrid(args: argparse.Namespace, bars: _Bars, run=None, ds=None, model=
     feats = stage_features(run, model, ds, bars)
     kinds = ("lh",) if args.no_kh else ("lh", "kh")
     _say(f"fitting {' and '.join(k.upper() for k in kinds)} on {feats['train'].shape[1]} features ...")
-    hybrids = stage_hybrid(run, model, ds, feats, args.lh_c, args.kh_c, args.kh_train_size, cfg.get("seed", 0), kinds)
+    n_kh = min(args.kh_train_size or len(ds.y_train), len(ds.y_train))
+    if "kh" in kinds and n_kh > 20000:
+        _say(f"note: the exact KH fit on {n_kh:,} training features can take minutes to an hour on 2 cores "
+             f"(MNIST: 3.5 min, Fashion-MNIST: 43 min); --kh-train-size 10000 or --no-kh shortens it")
+    hybrids = stage_hybrid(run, model, ds, feats, args.lh_c, args.kh_c, args.kh_train_size, cfg.get("seed", 0), kinds,
+                           args.svm_jobs, bars)
     res = run.results
     for k in kinds:
         h = res["hybrid"][k]

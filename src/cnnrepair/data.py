@@ -135,6 +135,12 @@ def _find_idx(folder: Path, stem: str) -> Path:
     raise CnnRepairError(f"{folder}: missing {stem}[.gz]; put the four IDX files there (or run `cnnrepair download`)")
 
 
+IDX_CLASSES: dict[str, list[str]] = {
+    "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
+    "kmnist": ["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"],  # the hiragana of KMNIST's classmap.csv, romanised
+}
+
+
 def load_idx_folder(folder: Path | str, name: str = "mnist", classes: list[str] | None = None) -> Dataset:
     """Read the four standard IDX files (gzipped or not) from ``folder`` or ``folder/raw``."""
     folder = Path(folder)
@@ -150,7 +156,7 @@ def load_idx_folder(folder: Path | str, name: str = "mnist", classes: list[str] 
     n_classes = int(max(arrays["train_labels"].max(), arrays["test_labels"].max())) + 1
     ds = Dataset(name, arrays["train_images"][:, None].copy(), arrays["train_labels"].astype(np.int64),
                  arrays["test_images"][:, None].copy(), arrays["test_labels"].astype(np.int64),
-                 classes or [str(i) for i in range(n_classes)], str(folder))
+                 classes or IDX_CLASSES.get(name) or [str(i) for i in range(n_classes)], str(folder))
     return _validate(ds)
 
 

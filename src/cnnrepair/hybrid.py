@@ -87,25 +87,38 @@ class FitInfo:
     converged: bool = True
 
 
-def fit_linear_svm(x: np.ndarray, y: np.ndarray, C: float = 0.01, seed: int = 0, max_iter: int = 5000):
-    """Fit LH's head; returns (LinearHead, fitted sklearn pipeline, FitInfo)."""
+def fit_linear_svm(x: np.ndarray, y: np.ndarray, C: float = 0.01, seed: int = 0, max_iter: int = 5000, n_jobs: int = 1):
+    """Fit LH's head; returns (LinearHead, fitted sklearn pipeline, FitInfo).
+
+    ``n_jobs`` != 1 fits the one-vs-rest classes in parallel processes (``OneVsRestClassifier``
+    around a binary ``LinearSVC``): liblinear solves the same binary problem per class either way,
+    so the weights agree with ``LinearSVC``'s own one-vs-rest (to 1e-15 in our check), in a
+    fraction of the time on many cores.
+    """
     import time
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning
+    from sklearn.multiclass import OneVsRestClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     from sklearn.svm import LinearSVC
 
     _check_features(x, y)
     t0 = time.perf_counter()
-    pipe = make_pipeline(StandardScaler(), LinearSVC(C=C, dual="auto", max_iter=max_iter, random_state=seed))
+    svc = LinearSVC(C=C, dual="auto", max_iter=max_iter, random_state=seed)
+    parallel = n_jobs != 1 and len(np.unique(y)) > 2
+    pipe = make_pipeline(StandardScaler(), OneVsRestClassifier(svc, n_jobs=n_jobs) if parallel else svc)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
         pipe.fit(np.asarray(x, np.float64), y)
     converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
     scaler, svm = pipe[0], pipe[1]
-    coef, intercept = svm.coef_, svm.intercept_
+    if parallel:
+        coef = np.vstack([est.coef_ for est in svm.estimators_])
+        intercept = np.concatenate([est.intercept_ for est in svm.estimators_])
+    else:
+        coef, intercept = svm.coef_, svm.intercept_
     if coef.shape[0] == 1:  # binary: make it two one-vs-rest rows so argmax works
         coef, intercept = np.vstack([-coef, coef]), np.concatenate([-intercept, intercept])
     weight = coef / scaler.scale_[None]

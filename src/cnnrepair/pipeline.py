@@ -22,7 +22,7 @@ from cnnrepair.hybrid import HybridNet, fit_linear_svm, fit_rbf_svm, load_head, 
 from cnnrepair.io import load_npz, load_torch, save_npz, save_torch
 from cnnrepair.models import DEFAULT_ARCH, SplitNet, build_model, param_counts
 from cnnrepair.rundir import RunDir
-from cnnrepair.training import RECIPES, Progress, TrainConfig, accuracy, cpu_state, model_device, outputs, train
+from cnnrepair.training import RECIPES, Progress, TrainConfig, accuracy, cpu_state, elapsed, model_device, outputs, train
 
 NN_WEIGHTS = "models/nn.pt"
 TRAIN_CKPT = "checkpoints/nn_train.pt"
@@ -117,7 +117,8 @@ def stage_features(run: RunDir, model: SplitNet, ds: Dataset, progress: Progress
 
 
 def stage_hybrid(run: RunDir, model: SplitNet, ds: Dataset, feats: dict[str, np.ndarray], lh_c: float = 0.01, kh_c: float = 10.0,
-                 kh_train_size: int | None = None, seed: int = 0, kinds: tuple[str, ...] = ("lh", "kh")) -> dict[str, HybridNet]:
+                 kh_train_size: int | None = None, seed: int = 0, kinds: tuple[str, ...] = ("lh", "kh"), lh_jobs: int = 1,
+                 progress: Progress | None = None) -> dict[str, HybridNet]:
     """Fit LH and KH on the cached features; record accuracy, agreement with scikit-learn and timings."""
     out, acc, timing, info = {}, {}, {}, {}
     for kind in kinds:
@@ -126,9 +127,11 @@ def stage_hybrid(run: RunDir, model: SplitNet, ds: Dataset, feats: dict[str, np.
             idx = _stratified_subset(ytr, kh_train_size, seed)
             xtr, ytr = xtr[idx], ytr[idx]
         if kind == "lh":
-            head, pipe, fit = fit_linear_svm(xtr, ytr, C=lh_c, seed=seed)
+            with elapsed(progress, f"fitting LH on {len(ytr):,} x {xtr.shape[1]:,} features"):
+                head, pipe, fit = fit_linear_svm(xtr, ytr, C=lh_c, seed=seed, n_jobs=lh_jobs)
         else:
-            head, pipe, fit = fit_rbf_svm(xtr, ytr, C=kh_c)
+            with elapsed(progress, f"fitting KH on {len(ytr):,} x {xtr.shape[1]:,} features"):
+                head, pipe, fit = fit_rbf_svm(xtr, ytr, C=kh_c)
         with torch.no_grad():
             torch_dec = head(torch.as_tensor(feats["test"])).double().numpy()
         sk_dec = pipe.decision_function(np.asarray(feats["test"], np.float64))

@@ -28,6 +28,24 @@ def write_summary(run: RunDir) -> Path:
     for kind in ("lh", "kh", "rlh"):
         if kind in acc:
             lines.append(f"| {kind.upper()} | {_pct(acc[kind])} | {nn_params.get('features', 0):,} features + {params.get(kind, 0):,} head values |")
+    for name, a in res.get("attack", {}).items():
+        lines += ["", f"## {name.upper()}: accuracy on each model's own adversarial test set ({a['n_images']} images)", "",
+                  "| model | clean | " + " | ".join(f"eps {e:g}" for e in a["eps"]) + " |",
+                  "| --- | --- | " + " | ".join("---" for _ in a["eps"]) + " |"]
+        lines += [f"| {m.upper()} | {_pct(a['clean'][m])} | " + " | ".join(_pct(v) for v in accs) + " |" for m, accs in a["own"].items()]
+    repairs = {"main repair": res["repair"]} if "repair" in res else {}
+    repairs.update({f"repair variant {k}": v for k, v in res.get("repair_variants", {}).items()})
+    for title, rep in repairs.items():
+        lines += ["", f"## {title} (fixed: LH's true test adversaries RLH gets right)", "",
+                  "| eps | K used | selection | status | Data RLH | drawdown | fixed | efficacy | note |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for e in rep.get("entries", []):
+            if "accuracy" in e:
+                lines.append(f"| {e['eps']:g} | {e['k_used']} | {e['selection']} | {e['lp']['status']} | {_pct(e['accuracy']['rlh']['data'])} | "
+                             f"{100 * e['drawdown']:.2f} | {_pct(e['generalisation'])} | {_pct(e['efficacy'])} | {e.get('warning', '')} |")
+            else:
+                lines.append(f"| {e['eps']:g} | {e.get('k_used', '-')} | {e['selection']} | {e.get('lp', {}).get('status', '-')} | - | - | - | - | "
+                             f"{e.get('error', '')} |")
     if t:
         lines += ["", "| step | seconds |", "| --- | --- |"] + [f"| {k} | {v:.1f} |" for k, v in t.items()]
     path = run.path / "summary.md"
@@ -93,7 +111,7 @@ def plot_examples(clean: np.ndarray, adv: np.ndarray, labels, clean_pred, adv_pr
     return Path(path)
 
 
-SPLITS = [("data", "Data (clean test set)"), ("adv", "ADV (LH's test adversaries alone)"), ("nadv", "NADV (NN's adversarial set)"),
+SPLITS = [("data", "Data (clean test set)"), ("adv", "fixed: LH's true test adversaries"), ("nadv", "NADV (NN's adversarial set)"),
           ("hadv", "HADV (LH's adversarial set)"), ("rhadv", "RHADV (fresh attack on RLH)")]
 
 
@@ -103,8 +121,11 @@ def plot_repair(entries: list[dict], dataset: str, path: Path) -> Path:
 
     plt = _plt()
     ok = [e for e in entries if "accuracy" in e]
-    fig, axes = plt.subplots(1, len(SPLITS), figsize=(4.2 * len(SPLITS), 3.8), squeeze=False)
+    fig, grid = plt.subplots(2, 3, figsize=(13, 7.6), squeeze=False)  # five panels and a legend, readable at page width
+    axes = [grid.reshape(-1)[:len(SPLITS)]]
     variants = sorted({(e["k"], e["selection"]) for e in ok})
+    used = {v: sorted({e["k_used"] for e in ok if (e["k"], e["selection"]) == v}) for v in variants}
+    colours = plt.get_cmap("Reds")(np.linspace(0.45, 0.95, max(1, len(variants))))
     styles = ["-", "--", "-.", ":"]
     for ax, (split, title) in zip(axes[0], SPLITS):
         # RHADV differs per RLH variant, so NN and LH are drawn there on their own set (HADV) for reference
@@ -119,14 +140,17 @@ def plot_repair(entries: list[dict], dataset: str, path: Path) -> Path:
             pts = sorted((e["eps"], e["accuracy"]["rlh"][split]) for e in ok if (e["k"], e["selection"]) == (k, sel)
                          and e["accuracy"]["rlh"][split] is not None)
             if pts:
-                ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="s", color=MODEL_STYLE["rlh"][1],
-                        linestyle=styles[i % len(styles)], label=f"RLH K={k}{'' if sel == 'none' else ', ' + sel}")
+                kk = f"{k}" if used[(k, sel)] == [k] else f"{'/'.join(map(str, used[(k, sel)]))} of {k}"
+                ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="s", color=colours[i],
+                        linestyle=styles[i % len(styles)], label=f"RLH K={kk}{'' if sel == 'none' else ', ' + sel}")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("epsilon")
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    axes[0][-1].legend(fontsize=7)
+    handles = {h.get_label(): h for ax in axes[0] for h in ax.get_lines()}
+    legend_ax = grid.reshape(-1)[-1]
+    legend_ax.axis("off")
+    legend_ax.legend(list(handles.values()), list(handles), loc="center", fontsize=9)
     fig.suptitle(f"Repair of the linear hybrid on {dataset}", fontsize=10)
     fig.tight_layout()
     atomic_write(Path(path), lambda p: fig.savefig(p, dpi=110, format="png"))

@@ -8,7 +8,10 @@ checkpoint takes exactly the same steps as one that never stopped.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,6 +25,33 @@ from cnnrepair.errors import CnnRepairError
 from cnnrepair.io import load_torch, save_torch
 
 Progress = Callable[[str, int, int], None]
+
+
+@contextmanager
+def elapsed(progress: Progress | None, desc: str, every: float = 15.0):
+    """Report ``desc`` with its elapsed seconds every ``every`` s while a silent blocking call runs.
+
+    The callback gets ``(f"{desc}: {s}s elapsed", 0, 1)`` from a background thread and a final
+    ``(desc, 1, 1)``; nothing is reported without a callback.
+    """
+    if progress is None:
+        yield
+        return
+    stop = threading.Event()
+    t0 = time.monotonic()
+
+    def beat() -> None:
+        while not stop.wait(every):
+            progress(f"{desc}: {time.monotonic() - t0:.0f}s elapsed", 0, 1)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        progress(f"{desc}: done in {time.monotonic() - t0:.0f}s", 1, 1)
 
 
 def resolve_device(name: str | None = None) -> torch.device:
