@@ -162,7 +162,7 @@ def _check_features(x: np.ndarray, y: np.ndarray) -> None:
 
 def save_head(path: Path, head: nn.Module, meta: dict | None = None) -> None:
     """Save an SVM head as plain tensors plus its kind (loadable with weights_only=True)."""
-    state = {k: v for k, v in head.state_dict().items() if k != "sv_sqnorm"}
+    state = {k: v.detach().cpu() for k, v in head.state_dict().items() if k != "sv_sqnorm"}
     save_torch(Path(path), {"kind": head.kind, "state": state, "meta": meta or {}})
 
 
