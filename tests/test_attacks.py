@@ -107,8 +107,14 @@ def test_perturbation_codec_stays_within_eps(digits):
 def test_sweep_transfer_matrix_and_saved_sets(models, digits, tmp_path):
     res = sweep(models, digits.x_test[:120], digits.y_test[:120], [0.05, 0.15], get_attack("fgsm"), tmp_path)
     assert set(res["transfer"]) == set(models) and all(len(v) == 2 for t in res["transfer"].values() for v in t.values())
+    from cnnrepair.evaluation import load_set
+    from cnnrepair.training import predict
+
+    y = digits.y_test[:120]
     for m in models:
-        assert res["own"][m] == res["transfer"][m][m]
+        for i, eps in enumerate([0.05, 0.15]):  # each model on its own saved set, recomputed from the file alone
+            full = load_set(tmp_path, "fgsm", m, eps, 120).full(digits.x_test[:120])
+            assert res["own"][m][i] == pytest.approx(float((predict(models[m], full) == y).mean()), abs=1e-12)
         assert res["own"][m][1] <= res["clean"][m]
         assert abs(1 - res["success_rate"][m][0] - res["own"][m][0]) < 0.03
     again = sweep(models, digits.x_test[:120], digits.y_test[:120], [0.05, 0.15], get_attack("fgsm"), tmp_path)

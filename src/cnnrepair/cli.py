@@ -489,8 +489,6 @@ def _cmd_export(args: argparse.Namespace, bars: _Bars, run=None, models=None):
 
 
 def _cmd_reproduce(args: argparse.Namespace, bars: _Bars):
-    from cnnrepair.report import write_summary
-
     t0 = time.perf_counter()
     run, ds, model = _cmd_train(args, bars)
     run, ds, model, hybrids = _cmd_hybrid(args, bars, run, ds, model)
@@ -500,8 +498,7 @@ def _cmd_reproduce(args: argparse.Namespace, bars: _Bars):
 
     _cmd_export(args, bars, run, load_models(run))
     run.update_results(timings_s={"reproduce_total": time.perf_counter() - t0})
-    summary = write_summary(run)
-    _say(f"done in {time.perf_counter() - t0:.0f}s; results: {run.path / 'results.json'}; summary: {summary}")
+    _say(f"done in {time.perf_counter() - t0:.0f}s; results: {run.path / 'results.json'}; summary: {run.path / 'summary.md'}")
 
 
 def _cmd_download(args: argparse.Namespace, bars: _Bars):
@@ -517,7 +514,11 @@ COMMANDS: dict[str, Callable] = {
 
 
 def _record_command(args: argparse.Namespace, argv: list[str], seconds: float) -> None:
-    """Append the command line and its wall time to the run's results, so every figure can be traced to a command."""
+    """Append the command line and its wall time to the run's results, so every figure can be traced to a command.
+
+    summary.md is rewritten after every command, so it never lags behind results.json.
+    """
+    from cnnrepair.report import write_summary
     from cnnrepair.rundir import RunDir
 
     out = getattr(args, "out", None)
@@ -528,6 +529,7 @@ def _record_command(args: argparse.Namespace, argv: list[str], seconds: float) -
     history.append({"command": "cnnrepair " + " ".join(argv), "wall_s": round(seconds, 2),
                     "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     run.update_results(commands=history)
+    write_summary(run)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

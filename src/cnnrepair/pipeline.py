@@ -266,7 +266,7 @@ def stage_repair(run: RunDir, ds: Dataset, settings, progress: Progress | None =
     promoted only if that entry was solved in this run. Results made with other settings are never
     replaced silently (see :func:`check_repair_target`); a variant (``variant="anchored"``) keeps its
     own entries and results beside the main repair and promotes nothing. Everything derived from
-    ``models/rlh.pt`` (its export, attack results on RLH, summary.md) is refreshed or removed with it.
+    ``models/rlh.pt`` (its export, attack results and accuracy of RLH) is refreshed or removed with it.
     """
     import shutil
 
@@ -301,7 +301,6 @@ def _promote_rlh(run: RunDir, ds: Dataset, src: Path | None) -> None:
     import shutil
 
     from cnnrepair.io import atomic_write
-    from cnnrepair.report import write_summary
 
     if src is not None:
         atomic_write(run.sub("models/rlh.pt"), lambda p: shutil.copyfile(src, p))
@@ -319,7 +318,6 @@ def _promote_rlh(run: RunDir, ds: Dataset, src: Path | None) -> None:
     export.unlink(missing_ok=True)
     if src is not None and had_export:
         export_models(run, {"rlh": load_hybrid(run, "rlh")}, tuple(res["input_shape"]))
-    write_summary(run)
 
 
 def _without_rlh(a: dict) -> dict:
