@@ -7,6 +7,7 @@ NAME is one of:
   attack-overhead  FGSM through our wrapper against Foolbox called directly (the wrapper's cost)
   k1        one-point repair ceiling: every candidate repair point tried, scored on the test set
   lp        repair-LP scaling: our default path against cvxopt and one generic cvxpy model
+  threads   LP solve time with one and two BLAS threads, on an idle machine and beside a busy process
 
 Every JSON written here records the machine's core count, the library versions and the commands
 that produced its numbers.
@@ -47,27 +48,26 @@ def _write(name: str, obj: dict) -> Path:
     return path
 
 
-def collect(runs: list[Path], repair_only: list[Path] | None = None) -> list[Path]:
+def collect(runs: list[Path]) -> list[Path]:
     """accuracy.json, attack.json and repair.json from finished run directories.
 
-    Runs in ``repair_only`` (variants of another run's repair, sharing its NN and LH) add their
-    repair entries alone.
+    A run's main repair is labelled with the run's name, each of its repair variants (``cnnrepair
+    repair --variant NAME``) as ``<run>-<NAME>``.
     """
     acc, att, rep = {}, {}, {}
     out_figs: list[Path] = []
-    for run in [*runs, *(repair_only or [])]:
+    for run in runs:
         r = _load(run)
-        label = run.name + (" (JPEG q75)" if r["dataset"] == "cifar10" and "jpeg" in str(r["_config"].get("data_dir", "")) else "")
-        common = {"run": str(run), "dataset": r["dataset"], "commands": r.get("commands", []), "seed": r["seed"]}
-        if run in (repair_only or []):
-            if "repair" in r:
-                rep[label] = {**r["repair"], "_": common}
-            continue
+        jpeg = " (JPEG q75)" if r["dataset"] == "cifar10" and "jpeg" in str(r["_config"].get("data_dir", "")) else ""
+        label = run.name + jpeg
+        common = {"run": str(run), "dataset": r["dataset"], "commands": r.get("commands", []), "seed": r["seed"],
+                  "devices": r.get("devices", {})}
         acc[label] = {
             "accuracy": r["accuracy"], "params": r["params"], "epochs": r["training"]["config"]["epochs"],
             "training": r["training"]["config"], "n_train": r["training"]["n_train"], "n_test": r["training"]["n_test"],
             "hybrid": r.get("hybrid", {}), "timings_s": r["timings_s"], **common,
         }
+
         for fig in ("attack_curves", "repair"):
             src = run / "figures" / f"{fig}.png"
             if src.is_file():
@@ -80,6 +80,8 @@ def collect(runs: list[Path], repair_only: list[Path] | None = None) -> list[Pat
             att[label] = {name: {k: v for k, v in a.items()} for name, a in r["attack"].items()} | {"_": common}
         if "repair" in r:
             rep[label] = {**r["repair"], "_": common}
+        for variant, v in r.get("repair_variants", {}).items():
+            rep[f"{run.name}-{variant}{jpeg}"] = {**v, "_": common}
     out = list(out_figs)
     machine = _machine()
     if acc:
@@ -192,16 +194,17 @@ def readme_section() -> str:
     if acc_path.is_file():
         acc = json.loads(acc_path.read_text())
         lines += ["### Accuracy on the full test sets (paper section 3.1)", "",
-                  "| dataset | NN | LH | KH | paper NN / LH / KH | epochs | train s | LH fit s | KH fit s (training samples) |",
+                  "| dataset | NN | LH | KH | paper NN / LH / KH | epochs | train s (device) | LH fit s | KH fit s (training samples) |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         paper = {"mnist": "97.12 / 98.72 / 98.86", "cifar10 (JPEG q75)": "85.4 / 85.6 / 85.51", "cifar10": "85.4 / 85.6 / 85.51"}
         for ds, r in acc["datasets"].items():
             a, t = r["accuracy"], r["timings_s"]
             kh_n = r.get("hybrid", {}).get("kh", {}).get("n_train", "-")
+            dev = r.get("devices", {}).get("train", "cpu").split(" (")[-1].rstrip(")")
             lines.append(f"| {ds} | {_pct(a.get('nn'))} | {_pct(a.get('lh'))} | {_pct(a.get('kh'))} | {paper.get(ds, '-')} | {r['epochs']} | "
-                         f"{t.get('train', 0):.0f} | {t.get('fit_lh', 0):.0f} | {t.get('fit_kh', 0):.0f} ({kh_n}) |")
-        lines += ["", f"Measured on {acc['machine']['cores']} CPU cores, {acc['machine']['measured']}; commands in "
-                      "`benchmarks/results/accuracy.json`.", "",
+                         f"{t.get('train', 0):.0f} ({dev}) | {t.get('fit_lh', 0):.0f} | {t.get('fit_kh', 0):.0f} ({kh_n}) |")
+        lines += ["", f"Everything but the training marked with a GPU ran on {acc['machine']['cores']} CPU cores, "
+                      f"{acc['machine']['measured']}; commands in `benchmarks/results/accuracy.json`.", "",
                   "Pipeline timings (seconds per stage, as recorded in each run's `results.json`; stages that ran while "
                   "other jobs shared the 2 cores are slower than they would be alone):", ""]
         stages = ["train", "features", "fit_lh", "fit_kh", "attack_fgsm", "attack_pgd", "repair"]
@@ -234,7 +237,8 @@ def readme_section() -> str:
         lines += ["### Repair of the linear head (paper figure 3)", ""]
         lines += [f"![{p.stem}]({p.relative_to(README.parent).as_posix()})" for p in sorted(RESULTS.glob("*_repair.png"))] + [""]
         lines += [
-                  "Data: clean test accuracy; fixed: share of unseen LH test adversaries RLH gets right (generalisation); "
+                  "Data: clean test accuracy; fixed: share of LH's unseen test adversaries RLH gets right (generalisation), "
+                  "counting only true adversarial examples, images LH classifies correctly when clean (LH adv.: how many); "
                   "HADV / RHADV: LH on its adversarial test set, RLH on a fresh attack on itself.", ""]
         for ds, r in rep["datasets"].items():
             s = r["settings"]
@@ -249,18 +253,18 @@ def readme_section() -> str:
             cal = any("calibration" in e for e in r["entries"])
             lines += [f"**{ds}** (target {s['target']}, anchors {s.get('anchors', 'none')}{extra}{dw}, points {s.get('points', 'random')}, "
                       f"solver {s['solver']})", "",
-                      "| eps | K | selection | LP variables | LP s | Data LH | Data RLH | drawdown | fixed | efficacy | HADV LH | RHADV RLH |"
+                      "| eps | K | selection | LP variables | LP s | Data LH | Data RLH | drawdown | fixed | LH adv. | efficacy | HADV LH | RHADV RLH |"
                       + (" anchor weight (held-out drawdown) |" if cal else ""),
-                      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if cal else "")]
+                      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if cal else "")]
             for e in r["entries"]:
                 if "accuracy" not in e:
-                    lines.append(f"| {e['eps']:g} | {e['k']} | {e['selection']} | - | - | - | - | - | - | - | - | {e.get('error', '')} |"
+                    lines.append(f"| {e['eps']:g} | {e['k']} | {e['selection']} | - | - | - | - | - | - | - | - | - | {e.get('error', '')} |"
                                  + (" - |" if cal else ""))
                     continue
                 a = e["accuracy"]
                 row = (f"| {e['eps']:g} | {e['k_used']} | {e['selection']} | {e['lp']['size']['variables']:,} | {e['lp']['seconds']:.2f} | "
                        f"{_pct(a['lh']['data'])} | {_pct(a['rlh']['data'])} | {100 * e['drawdown']:.2f} | {_pct(e['generalisation'])} | "
-                       f"{_pct(e['efficacy'])} | {_pct(a['lh']['hadv'])} | {_pct(a['rlh']['rhadv'])} |")
+                       f"{e['unseen_lh_adversaries']:,} | {_pct(e['efficacy'])} | {_pct(a['lh']['hadv'])} | {_pct(a['rlh']['rhadv'])} |")
                 if cal:
                     c = e.get("calibration")
                     kept = c["tried"][-1] if c else {}  # calibration keeps the last weight it tried
@@ -304,6 +308,15 @@ def readme_section() -> str:
         for m, r in ov["models"].items():
             lines.append(f"| {m.upper()} | {r['images_per_s']['foolbox']:.0f} | {r['images_per_s']['cnnrepair']:.0f} | {100 * r['overhead']:+.1f}% |")
         lines.append("")
+    th_path = RESULTS / "threads.json"
+    if th_path.is_file():
+        from benchmarks.threads import table as threads_table
+
+        th = json.loads(th_path.read_text())
+        lines += ["### Threads for the repair LP (random ReLU-like features, 10 classes)", "",
+                  f"`{th['command']}` on {th['machine']['cores']} CPU cores, {th['machine']['measured']}; \"busy\": a second "
+                  "process multiplies NumPy matrices with its default threads meanwhile. The default is one thread.", "",
+                  threads_table(th), ""]
     lp_path = RESULTS / "lp_scaling.json"
     if lp_path.is_file():
         from benchmarks.lp_scaling import _table as lp_table  # regenerated, so table changes apply to old runs too
@@ -333,7 +346,6 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="name", required=True)
     p = sub.add_parser("collect", help="copy figures from finished run directories into benchmarks/results")
     p.add_argument("runs", nargs="+", type=Path)
-    p.add_argument("--repair-only", nargs="*", type=Path, default=[], help="runs whose repair entries alone are collected")
     sub.add_parser("readme", help="regenerate the README's results section")
     p = sub.add_parser("kh", help="exact KH fit time against training-set size on a run's features")
     p.add_argument("run", type=Path)
@@ -345,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run", type=Path)
     p.add_argument("--candidates", type=int, default=200, help="adversarial training examples tried as the one point (default 200)")
     p.add_argument("--budget", type=float, default=0.5, help="drawdown budget in points of clean accuracy (default 0.5)")
+    p = sub.add_parser("threads", help="LP time with 1 and 2 BLAS threads, idle and beside a busy process")
+    p.add_argument("--cap", type=float, default=120.0, help="seconds a solve may take (default 120)")
     p = sub.add_parser("lp", help="repair-LP scaling benchmark")
     p.add_argument("--quick", action="store_true", help="small sizes only (K up to 100)")
     p.add_argument("--cap", type=float, default=120.0, help="seconds each solver path may take on one problem (default 120)")
@@ -363,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> None:
     """Run the benchmark ``args.name`` names."""
     if args.name == "collect":
-        for path in collect(args.runs, args.repair_only):
+        for path in collect(args.runs):
             print(f"wrote {path}")
     elif args.name == "readme":
         print(f"updated {readme()}")
@@ -379,6 +393,10 @@ def _dispatch(args: argparse.Namespace) -> None:
         from benchmarks.k1_ceiling import run as run_k1
 
         print(f"wrote {run_k1(args.run, args.candidates, args.budget)}")
+    elif args.name == "threads":
+        from benchmarks.threads import run as run_threads
+
+        print(f"wrote {run_threads(cap=args.cap)}")
     elif args.name == "lp":
         from benchmarks.lp_scaling import run as run_lp
 

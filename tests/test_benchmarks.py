@@ -99,3 +99,35 @@ def test_target_table_and_plot_mark_where_both_targets_hold(tmp_path):
     path = bench.plot_targets(rep, "mnist", tmp_path / "t.png", k1=k1)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert bench.plot_targets(rep, "svhn", tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+
+
+def test_threads_benchmark_times_both_counts_idle_and_busy(tmp_path, monkeypatch):
+    from benchmarks.threads import run, table
+
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    res = json.loads(run(sizes=(12,), d=30, cap=60).read_text())
+    assert [(r["load"], r["threads"]) for r in res["rows"]] == [("idle", 1), ("idle", 2), ("busy", 1), ("busy", 2)]
+    done = [r for r in res["rows"] if r["status"] == "ok"]
+    assert all(r["seconds"] > 0 for r in done) and [r["threads"] for r in done[:2]] == [1, 2]  # idle: both finish
+    assert all(r["status"] == "timeout" and r["cap_s"] == 60 for r in res["rows"] if r not in done)  # busy: spinning may hit the cap
+    objectives = {round(r["objective"], 9) for r in done}
+    assert len(objectives) == 1  # the thread count never changes the answer
+    assert "| busy | 12 x 30 |" in table(res)
+
+
+def test_collect_labels_repair_variants_by_run_and_name(digits_run, tmp_path, monkeypatch):
+    import shutil
+
+    from cnnrepair.cli import main
+
+    run = tmp_path / "digits"
+    shutil.copytree(digits_run, run)
+    for extra in ([], ["--variant", "anchored", "--extra-anchors", "5"]):
+        assert main(["--quiet", "repair", "--out", str(run), "--repair-eps", "0.1", "--k", "4", "--selection", "none",
+                     "--eval-images", "30", *extra]) == 0
+    monkeypatch.setattr(bench, "RESULTS", tmp_path / "results")
+    (tmp_path / "results").mkdir()
+    bench.collect([run])
+    rep = json.loads((tmp_path / "results" / "repair.json").read_text())["datasets"]
+    assert list(rep) == ["digits", "digits-anchored"]
+    assert rep["digits-anchored"]["settings"]["extra_anchors"] == 5 and rep["digits"]["settings"]["extra_anchors"] == 0
