@@ -134,7 +134,8 @@ def stage_hybrid(run: RunDir, model: SplitNet, ds: Dataset, feats: dict[str, np.
                 head, pipe, fit = fit_rbf_svm(xtr, ytr, C=kh_c)
         with torch.no_grad():
             torch_dec = head(torch.as_tensor(feats["test"])).double().numpy()
-        sk_dec = pipe.decision_function(np.asarray(feats["test"], np.float64))
+        with elapsed(progress, f"checking {kind.upper()} against scikit-learn on {len(feats['test']):,} test features"):
+            sk_dec = pipe.decision_function(np.asarray(feats["test"], np.float64))
         if sk_dec.ndim == 1:
             sk_dec = np.stack([-sk_dec, sk_dec], 1)
         hybrid = HybridNet(model.features, head.to(model_device(model))).eval()
