@@ -123,8 +123,9 @@ def _child(conn, fn, problem, arg):
         conn.send(("error", f"{type(exc).__name__}: {str(exc)[:100]}", time.perf_counter() - t0))
 
 
-def timed(fn, problem, arg, cap: float) -> dict:
-    ctx = mp.get_context("fork")
+def timed(fn, problem, arg, cap: float, start: str = "fork") -> dict:
+    """``fn(problem, arg)`` in a child process (``start``: fork or spawn) under a cap of ``cap`` seconds."""
+    ctx = mp.get_context(start)
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(child, fn, problem, arg))
     proc.start()

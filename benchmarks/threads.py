@@ -1,6 +1,7 @@
 """BLAS/OpenMP threads for the repair LP: one against two, on an idle machine and beside a busy process.
 
-Each solve runs in its own process under a cap (``benchmarks.lp_scaling.timed``), after torch has
+Each solve runs in its own freshly started process under a cap (``benchmarks.lp_scaling.timed``;
+spawned, since a forked child of a process whose OpenMP pool is up can hang), after torch has
 started its own thread pool as it has in the pipeline. "busy" starts a second process that multiplies
 NumPy matrices with its default threads for the whole measurement, as a concurrent job on a shared
 machine does. Both thread counts solve the same problems in the same run, so their ratio is what to
@@ -40,16 +41,17 @@ def run(sizes: tuple[int, ...] = (400, 1000), d: int = 800, cap: float = 120.0) 
 
     rows = []
     for load in ("idle", "busy"):
-        stop, hog = mp.get_context("fork").Event(), None
+        ctx = mp.get_context("spawn")
+        stop, hog = ctx.Event(), None
         if load == "busy":
-            hog = mp.get_context("fork").Process(target=_busy, args=(stop,), daemon=True)
+            hog = ctx.Process(target=_busy, args=(stop,), daemon=True)
             hog.start()
             time.sleep(1.0)
         try:
             for K in sizes:
                 p = random_problem(d, K)
                 for threads in (1, 2):
-                    rows.append({"load": load, "K": K, "d": d, "threads": threads, **timed(_solve, p, threads, cap)})
+                    rows.append({"load": load, "K": K, "d": d, "threads": threads, **timed(_solve, p, threads, cap, "spawn")})
         finally:
             stop.set()
             if hog is not None:
