@@ -13,6 +13,8 @@ import numpy as np
 
 
 def run(run_dir: Path, sizes: list[int], C: float = 10.0) -> Path:
+    import torch
+
     from benchmarks.run import _machine, _write
     from cnnrepair.hybrid import fit_rbf_svm
     from cnnrepair.io import load_npz
@@ -29,8 +31,9 @@ def run(run_dir: Path, sizes: list[int], C: float = 10.0) -> Path:
     for n in sizes:
         idx = _stratified_subset(ds.y_train, n, res.get("seed", 0)) if n < len(ds.y_train) else np.arange(len(ds.y_train))
         head, pipe, info = fit_rbf_svm(feats["train"][idx], ds.y_train[idx], C=C)
-        dec = pipe.decision_function(np.asarray(feats["test"], np.float64))
-        acc = float((pipe.classes_[dec.argmax(1)] == ds.y_test).mean())
+        with torch.no_grad():  # the torch head equals decision_function to 1e-5 (tested) and is far faster on 10,000 points
+            dec = head(torch.as_tensor(feats["test"])).numpy()
+        acc = float((dec.argmax(1) == ds.y_test).mean())
         points.append({"n_train": int(n), "seconds": info.seconds, "n_support": info.n_support, "test_accuracy": acc})
     kh = res.get("hybrid", {}).get("kh")
     if kh and kh["n_train"] not in sizes and kh.get("C") == C:  # the run's own KH is one more measured point
