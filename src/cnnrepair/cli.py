@@ -461,7 +461,6 @@ def _cmd_repair(args: argparse.Namespace, bars: _Bars, run=None, ds=None):
                  f"RHADV RLH {100 * a['rlh']['rhadv']:.2f} vs HADV LH {100 * a['lh']['hadv']:.2f}")
         else:
             _say(f"{head}: {e['error']}")
-    for e in result["entries"]:
         if "warning" in e:
             _say(f"  warning: eps={e['eps']:g} K={e['k']} {e['selection']}: {e['warning']}")
     fig = plot_repair(result["entries"], cfg["dataset"], run.sub(f"figures/repair{'_' + args.variant if args.variant else ''}.png"))
@@ -470,18 +469,12 @@ def _cmd_repair(args: argparse.Namespace, bars: _Bars, run=None, ds=None):
 
 
 def _cmd_export(args: argparse.Namespace, bars: _Bars, run=None, models=None):
-    from cnnrepair.pipeline import load_hybrid, load_nn, open_dataset
-    from cnnrepair.pipeline import export_models
+    from cnnrepair.pipeline import export_models, load_models, open_dataset
     from cnnrepair.rundir import RunDir
 
     run = run or RunDir(args.out)
     run.require()
-    if models is None:
-        nn = load_nn(run)
-        models = {"nn": nn}
-        for kind in ("lh", "kh", "rlh"):
-            if (run.path / f"models/{kind}.pt").is_file():
-                models[kind] = load_hybrid(run, kind, nn)
+    models = models or load_models(run)  # NN and every head the run has, on the CPU
     shape = tuple(run.results.get("input_shape") or open_dataset(run).image_shape)
     written = export_models(run, models, shape)
     _say("exported " + ", ".join(f"{k} -> {v}" for k, v in written.items()))
@@ -494,9 +487,7 @@ def _cmd_reproduce(args: argparse.Namespace, bars: _Bars):
     run, ds, model, hybrids = _cmd_hybrid(args, bars, run, ds, model)
     _cmd_attack(args, bars, run, ds)
     _cmd_repair(args, bars, run, ds)
-    from cnnrepair.pipeline import load_models
-
-    _cmd_export(args, bars, run, load_models(run))
+    _cmd_export(args, bars, run)
     run.update_results(timings_s={"reproduce_total": time.perf_counter() - t0})
     _say(f"done in {time.perf_counter() - t0:.0f}s; results: {run.path / 'results.json'}; summary: {run.path / 'summary.md'}")
 

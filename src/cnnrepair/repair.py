@@ -530,28 +530,26 @@ def _ipm_l1(X: np.ndarray, Xt: np.ndarray, r: np.ndarray, w: np.ndarray, tol: fl
     return result(max_iter)
 
 
-def _solve_ipm(X: np.ndarray, Xt: np.ndarray, r: np.ndarray, w: np.ndarray, n_gamma: int,
-               time_limit: float | None) -> tuple[str, np.ndarray | None, float | None, int, float | None]:
-    """Certified interior point for one class, as a column vector in the class LP's layout.
+def _solve_ipm(X: np.ndarray, Xt: np.ndarray, r: np.ndarray, w: np.ndarray,
+               time_limit: float | None) -> tuple[str, np.ndarray | None, int, float | None]:
+    """Certified interior point for one class: (status, weight change g, iterations, certified lower bound).
 
     An interior point does not land exactly on zeros: weight changes below 1e-6 (else 1e-8, 1e-10)
-    of the largest are set to zero when the certificate still holds after it.
+    of the largest are set to zero when the certificate still holds after it. The caller
+    recomputes slacks and objective from g.
     """
     deadline = None if time_limit is None else time.perf_counter() + time_limit
     status, g, upper, lower, it = _ipm_l1(X, Xt, r, w, deadline=deadline)
     if status != "optimal":
-        return status, None, None, it, None
+        return status, None, it, None
     allowed = max(IPM_GAP, (upper - lower) / abs(upper))
     for threshold in (1e-6, 1e-8, 1e-10):
         g2 = np.where(np.abs(g) <= threshold * float(np.abs(g).max(initial=0.0)), 0.0, g)
         upper2 = _l1_objective(X, r, w, g2)
         if upper2 - lower <= allowed * abs(upper2):
-            g, upper = g2, upper2
+            g = g2
             break
-    e = X @ g - r
-    x = np.concatenate([np.maximum(g, 0), np.maximum(-g, 0), np.maximum(e, 0), np.maximum(-e, 0)])
-    assert x.size == 2 * n_gamma + 2 * len(r)
-    return "optimal", x, upper, it, lower
+    return "optimal", g, it, lower
 
 
 def repair(p: RepairProblem, solver: str = "auto", time_limit: float | None = None, families=None, n_jobs: int = 1,
@@ -624,8 +622,8 @@ def _repair(p: RepairProblem, solver: str, time_limit: float | None, families, n
         if use_ipm:
             r = p.residual(i)
             scale = float(np.abs(r).max(initial=0.0)) or 1.0
-            status, x, _, rounds, lower = _solve_ipm(Xd, Xt, r / scale, p.slack_weights(), m, time_limit)
-            g = None if x is None else (x[:m] - x[m:2 * m]) * scale
+            status, g, rounds, lower = _solve_ipm(Xd, Xt, r / scale, p.slack_weights(), time_limit)
+            g = None if g is None else g * scale
             lp_size = ipm_size
             extra = {"path": "ipm", "lower_bound": None if lower is None else lower * scale}
             if status == "not_converged":  # exact fallback, recorded
