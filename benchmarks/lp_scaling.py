@@ -41,7 +41,7 @@ def grow_pool(run: Path, K: int) -> None:
     """Make sure the run's largest repair pool holds K points: attack more training images if not.
 
     The pool is grown at the eps of the largest existing pool (else the run's largest attack eps),
-    with the run's seed, exactly as ``cnnrepair repair`` would grow it.
+    with the run's seed, exactly as ``cnnrepair repair-sweep`` would grow it.
     """
     from cnnrepair.attacks import PAPER_EPS
     from cnnrepair.data import load_dataset

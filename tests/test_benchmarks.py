@@ -123,7 +123,7 @@ def test_collect_labels_repair_variants_by_run_and_name(digits_run, tmp_path, mo
     run = tmp_path / "digits"
     shutil.copytree(digits_run, run)
     for extra in ([], ["--variant", "anchored", "--extra-anchors", "5"]):
-        assert main(["--quiet", "repair", "--out", str(run), "--repair-eps", "0.1", "--k", "4", "--selection", "none",
+        assert main(["--quiet", "repair-sweep", "--out", str(run), "--repair-eps", "0.1", "--k", "4", "--selection", "none",
                      "--eval-images", "30", *extra]) == 0
     monkeypatch.setattr(bench, "RESULTS", tmp_path / "results")
     (tmp_path / "results").mkdir()

@@ -101,11 +101,11 @@ def test_bad_attack_arguments(digits_run, capsys):
 def test_not_a_run_directory(tmp_path, capsys):
     assert main(["--quiet", "hybrid", "--out", str(tmp_path)]) == 2
     assert "not a cnnrepair run directory" in _err(capsys)
-    assert main(["--quiet", "repair", "--out", str(tmp_path)]) == 2
+    assert main(["--quiet", "repair-sweep", "--out", str(tmp_path)]) == 2
 
 
 def test_bad_repair_arguments(digits_run, capsys):
-    assert main(["--quiet", "repair", "--out", str(digits_run), "--selection", "lasso"]) == 2
+    assert main(["--quiet", "repair-sweep", "--out", str(digits_run), "--selection", "lasso"]) == 2
     assert "unknown --selection 'lasso'" in _err(capsys)
-    assert main(["--quiet", "repair", "--out", str(digits_run), "--k", "0"]) == 2
+    assert main(["--quiet", "repair-sweep", "--out", str(digits_run), "--k", "0"]) == 2
     assert "--k needs positive integers" in _err(capsys)

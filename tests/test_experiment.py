@@ -128,5 +128,5 @@ def test_calibration_needs_anchors(digits_run, tmp_path, capsys):
 
     run_dir = tmp_path / "run"
     shutil.copytree(digits_run, run_dir)
-    assert main(["--quiet", "repair", "--out", str(run_dir), "--anchor-weight", "0.1,1"]) == 2
+    assert main(["--quiet", "repair-sweep", "--out", str(run_dir), "--anchor-weight", "0.1,1"]) == 2
     assert "need anchors" in capsys.readouterr().err

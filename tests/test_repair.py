@@ -102,7 +102,7 @@ def test_interior_point_leaves_programs_it_does_not_handle_to_simplex():
 
 
 def test_a_stalled_interior_point_hands_the_class_to_simplex(monkeypatch):
-    import cnnrepair.repair as R
+    import cnnrepair.repair.targets as R
 
     p = _problem(k=2, d=20, K=8, seed=10)
     monkeypatch.setattr(R, "_ipm_l1", lambda *a, **k: ("not_converged", None, float("nan"), float("nan"), 150))

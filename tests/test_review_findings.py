@@ -70,7 +70,7 @@ def test_pgd_step_is_two_and_a_half_eps_over_the_steps(steps):
 def test_repair_caps_blas_threads_and_the_knob_is_checked(monkeypatch):
     from threadpoolctl import threadpool_info
 
-    import cnnrepair.repair as R
+    import cnnrepair.repair.targets as R
 
     seen = []
     real = R._repair
@@ -137,7 +137,7 @@ def test_a_failed_resolve_removes_the_old_rlh_and_what_derives_from_it(digits_ru
 
 def test_variants_keep_their_own_results_and_the_main_repair_refreshes_derived_files(digits_run, tmp_path, capsys):
     run = _copy(digits_run, tmp_path)
-    base = ["--quiet", "repair", "--out", str(run.path), "--repair-eps", "0.1", "--eval-images", "60", "--selection", "none"]
+    base = ["--quiet", "repair-sweep", "--out", str(run.path), "--repair-eps", "0.1", "--eval-images", "60", "--selection", "none"]
     assert main([*base, "--k", "5"]) == 0
     main_entries = run.results["repair"]["entries"]
     rlh_bytes = (run.path / "models" / "rlh.pt").read_bytes()
@@ -190,7 +190,7 @@ def test_refitted_lh_gets_repair_points_it_misclassifies(digits_run, tmp_path):
     from cnnrepair.training import predict
 
     run = _copy(digits_run, tmp_path)
-    assert main(["--quiet", "repair", "--out", str(run.path), "--repair-eps", "0.1", "--k", "10", "--selection", "none",
+    assert main(["--quiet", "repair-sweep", "--out", str(run.path), "--repair-eps", "0.1", "--k", "10", "--selection", "none",
                  "--eval-images", "40"]) == 0
     assert main(["--quiet", "hybrid", "--out", str(run.path), "--lh-c", "10", "--no-kh"]) == 0
     ds = open_dataset(run)
@@ -220,7 +220,7 @@ def test_a_broken_results_file_is_reported_before_any_work(digits_run, tmp_path,
     run = _copy(digits_run, tmp_path)
     (run.path / "results.json").write_text(content)
     before = sorted(p.name for p in run.path.rglob("*"))
-    for cmd in (["repair", "--k", "3"], ["attack"], ["hybrid"], ["export"]):
+    for cmd in (["repair-sweep", "--k", "3"], ["attack"], ["hybrid"], ["export"]):
         assert main(["--quiet", *cmd, "--out", str(run.path)]) == 2
         line = _err(capsys)
         assert line.startswith("cnnrepair: error:") and message in line and "results.json" in line
@@ -276,7 +276,7 @@ def test_fashion_mnist_and_kmnist_carry_their_class_names(tmp_path, name, first,
 # 15. what a reader sees -------------------------------------------------------------------------------
 
 def test_quiet_after_the_command_and_version(capsys, digits_run):
-    assert main(["repair", "--out", str(digits_run), "--quiet", "--k", "0"]) == 2  # parsed: the error is about K
+    assert main(["repair-sweep", "--out", str(digits_run), "--quiet", "--k", "0"]) == 2  # parsed: the error is about K
     assert "--k needs positive integers" in _err(capsys)
     with pytest.raises(SystemExit) as exc:
         main(["--version"])
@@ -292,7 +292,7 @@ def test_a_failed_start_leaves_no_config_that_blocks_the_folder(tmp_path, capsys
 
 def test_a_repair_that_changes_nothing_says_so(digits_run, tmp_path, capsys):
     run = _copy(digits_run, tmp_path)
-    assert main(["repair", "--out", str(run.path), "--repair-eps", "0.1", "--k", "1", "--selection", "none", "--eval-images", "40",
+    assert main(["repair-sweep", "--out", str(run.path), "--repair-eps", "0.1", "--k", "1", "--selection", "none", "--eval-images", "40",
                  "--delta-weight", "1e-9"]) == 0
     err = capsys.readouterr().err
     entry = run.results["repair"]["entries"][0]

@@ -6,6 +6,16 @@ linear head.
 """
 
 from cnnrepair.errors import CnnRepairError
+from cnnrepair.repair import (
+    ClassifierRepair,
+    MarginProblem,
+    MarginSolution,
+    RepairSpec,
+    last_layer,
+    repair_classifier,
+    solve_margins,
+)
 
 __version__ = "0.1.0"
-__all__ = ["CnnRepairError", "__version__"]
+__all__ = ["ClassifierRepair", "CnnRepairError", "MarginProblem", "MarginSolution", "RepairSpec", "__version__",
+           "last_layer", "repair_classifier", "solve_margins"]

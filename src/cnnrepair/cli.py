@@ -15,6 +15,8 @@ EPILOG = """examples:
   cnnrepair reproduce --dataset mnist --data-dir ../shared/datasets/mnist --out runs/mnist
   cnnrepair train --dataset cifar10 --data-dir ../shared/datasets/cifar10-jpeg.tar.gz --out runs/cifar10 --epochs 12
   cnnrepair hybrid --out runs/cifar10 --kh-train-size 10000
+  cnnrepair repair model.pt2 --points wrong.npz --keep clean.npz --out repaired/   # any classifier's last layer
+  cnnrepair verify repaired/certificate.json --model repaired/repaired.pt2 --points wrong.npz --keep clean.npz
 """
 
 
@@ -247,7 +249,10 @@ def validate(args: argparse.Namespace) -> None:
     from cnnrepair.rundir import RunDir
 
     cmd = args.command
-    if cmd == "download":
+    if cmd in ("download", "verify"):
+        return
+    if cmd == "repair":
+        _model_repair_job(args)
         return
     if cmd == "reproduce":
         args.out = args.out or Path("runs") / args.dataset
@@ -268,7 +273,7 @@ def validate(args: argparse.Namespace) -> None:
         _check_hybrid(args)
     if cmd in ("reproduce", "attack"):
         _attack_plan(args, dataset)
-    if cmd in ("reproduce", "repair"):
+    if cmd in ("reproduce", "repair-sweep"):
         settings = _repair_settings(args, dataset, seed)
         check_repair_target(run, settings, args.variant, args.overwrite)
 
@@ -318,7 +323,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_arg(p)
     _add_attack_args(p)
 
-    p = add_parser("repair", help="repair LH's head by linear programming and evaluate RLH (paper figure 3)")
+    p = add_parser("repair", help="repair the last linear layer of a model file so that given points get their labels (certified)")
+    _add_model_repair_args(p)
+
+    p = add_parser("verify", help="re-check a repair certificate against a model file and the points")
+    p.add_argument("certificate", type=Path, help="certificate.json written by cnnrepair repair")
+    p.add_argument("--model", type=Path, required=True, help="the repaired model file the certificate names")
+    p.add_argument("--points", type=Path, required=True, help="the repair points (.npz with x, y)")
+    p.add_argument("--keep", type=Path, default=None, help="the keep points, if the repair had any")
+    p.add_argument("--original", type=Path, default=None, help="the model before repair: also checks that only the layer changed, "
+                   "the change's norm, and the certified lower bound")
+
+    p = add_parser("repair-sweep", help="the paper's experiment: repair LH's head over (eps, K), evaluate RLH (paper figure 3)")
     p.add_argument("--out", type=Path, required=True, help="run directory with NN and LH")
     _add_device_arg(p)
     _add_repair_args(p)
@@ -429,6 +445,87 @@ def _write_examples(run, ds, models, attack_name: str, eps: float) -> None:
                   run.sub(f"figures/examples_{attack_name}.png"))
 
 
+def _add_model_repair_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", type=Path, help="the classifier: a torch.export program (.pt2) with a dynamic batch dimension")
+    p.add_argument("--points", type=Path, required=True, help=".npz with x (float32, N x input shape, model units) and y (int64 labels)")
+    p.add_argument("--out", type=Path, required=True, help="folder for repaired.pt2 and certificate.json")
+    p.add_argument("--spec", choices=["pointwise", "targets"], default="pointwise",
+                   help="pointwise: every point gets its label with --margin (guaranteed, minimal change); "
+                        "targets: the paper's program (default: pointwise)")
+    p.add_argument("--layer", default=None, help="the linear layer to repair (default: the one whose output is the model's output)")
+    p.add_argument("--margin", type=float, default=0.05, help="required logit[y] - max other logit of each point (default: 0.05)")
+    p.add_argument("--keep", type=Path, default=None, help=".npz with x (and optional y; default: the model's predictions) whose labels must survive")
+    p.add_argument("--keep-margin", type=float, default=0.0, help="margin the keep points must keep (default: 0)")
+    p.add_argument("--keep-price", type=float, default=None, help="make keep points soft: price per unit of margin shortfall (default: hard)")
+    p.add_argument("--norm", choices=["l1", "linf", "l1+linf"], default="l1",
+                   help="measure of the change to minimise; l1+linf is PRDNN's mean|d| + max|d| (default: l1)")
+    p.add_argument("--freeze-bias", action="store_true", help="change the weights only")
+    p.add_argument("--max-change", type=float, default=None, help="bound on each weight's change")
+    p.add_argument("--time-limit", type=float, default=None, help="seconds the solver may take")
+    p.add_argument("--threads", type=int, default=None, help="BLAS/OpenMP threads of the solve (default: CNNREPAIR_THREADS or 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing certificate in --out")
+
+
+def _model_repair_job(args: argparse.Namespace):
+    """Check every input of ``cnnrepair repair MODEL`` (nothing is written before this passes)."""
+    from cnnrepair.modelrepair import prepare
+    from cnnrepair.repair import RepairSpec
+
+    if args.threads is not None and args.threads < 1:
+        raise CnnRepairError(f"--threads must be >= 1 (got {args.threads})")
+    if args.time_limit is not None and not args.time_limit > 0:
+        raise CnnRepairError(f"--time-limit must be > 0 seconds (got {args.time_limit})")
+    if (args.out / "certificate.json").exists() and not args.overwrite:
+        raise CnnRepairError(f"{args.out} already holds a certificate; choose another --out or pass --overwrite")
+    if args.out.exists() and not args.out.is_dir():
+        raise CnnRepairError(f"--out {args.out} is a file; give a folder")
+    spec = RepairSpec(kind=args.spec, margin=args.margin, keep_margin=args.keep_margin, keep_price=args.keep_price,
+                      norm=args.norm, freeze_bias=args.freeze_bias, max_change=args.max_change)
+    args.job = prepare(args.model, args.points, spec, args.layer, args.keep)
+    return args.job
+
+
+def _cmd_model_repair(args: argparse.Namespace, bars: _Bars) -> int:
+    from cnnrepair.modelrepair import run
+
+    job = getattr(args, "job", None) or _model_repair_job(args)
+    _say(f"repairing layer {job.layer!r} of {job.model.path.name} on {len(job.points.x)} points"
+         + (f" (+{len(job.keep.x)} keep)" if job.keep is not None else "") + f", spec {job.spec.kind}, norm {job.spec.norm} ...")
+    t0 = time.perf_counter()
+    cert = run(job, args.out, args.time_limit, args.threads)
+    dt = time.perf_counter() - t0
+    if cert["status"] == "repaired":
+        ch = cert["change"]
+        low = min(p["margin_after"] for p in cert["points"])
+        _say(f"repaired in {dt:.1f}s: {len(cert['points'])} points, smallest margin {low:.4g} on the saved model; "
+             f"change {job.spec.norm} {cert['objective']:.6g} (certified >= {cert['lower_bound']:.6g}, gap {cert['gap']:.1e}), "
+             f"{ch['nonzero']} numbers changed")
+        if cert["keep"]["count"]:
+            _say(f"keep points: {cert['keep']['labels_kept']}/{cert['keep']['count']} keep their label, smallest margin {cert['keep']['smallest_margin_after']:.4g}")
+        _say(f"wrote {args.out / 'repaired.pt2'} and {args.out / 'certificate.json'}")
+        return 0
+    if cert["status"] == "infeasible":
+        conf = ", ".join(f"{c['set']}[{c['index']}] (label {c['label']})" for c in cert.get("conflicts", [])[:12])
+        _say(f"infeasible: no change of layer {job.layer!r} meets the spec; these points conflict: {conf}. "
+             f"No model written; details in {args.out / 'certificate.json'}")
+        return 1
+    _say(f"repair failed ({cert['solver']['status']}; {'; '.join(cert.get('notes', []))}); no model written; see {args.out / 'certificate.json'}")
+    return 1
+
+
+def _cmd_verify(args: argparse.Namespace, bars: _Bars) -> int:
+    from cnnrepair.modelrepair import verify
+
+    problems = verify(args.certificate, args.model, args.points, args.keep, args.original)
+    if problems:
+        for p in problems:
+            _say(f"FAILED: {p}")
+        return 1
+    checked = "margins, model hash" + (", only the layer changed, objective and lower bound" if args.original else "")
+    _say(f"certificate holds ({checked})")
+    return 0
+
+
 def _cmd_repair(args: argparse.Namespace, bars: _Bars, run=None, ds=None):
     from cnnrepair.pipeline import open_dataset, stage_repair
     from cnnrepair.report import plot_repair
@@ -500,7 +597,8 @@ def _cmd_download(args: argparse.Namespace, bars: _Bars):
 
 
 COMMANDS: dict[str, Callable] = {
-    "reproduce": _cmd_reproduce, "train": _cmd_train, "hybrid": _cmd_hybrid, "attack": _cmd_attack, "repair": _cmd_repair, "export": _cmd_export, "download": _cmd_download,
+    "reproduce": _cmd_reproduce, "train": _cmd_train, "hybrid": _cmd_hybrid, "attack": _cmd_attack, "repair-sweep": _cmd_repair,
+    "repair": _cmd_model_repair, "verify": _cmd_verify, "export": _cmd_export, "download": _cmd_download,
 }
 
 
@@ -530,7 +628,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         validate(args)
-        COMMANDS[args.command](args, bars)
+        code = COMMANDS[args.command](args, bars)
+        if args.command in ("repair", "verify"):
+            bars.close()
+            return int(code)
         _record_command(args, list(sys.argv[1:] if argv is None else argv), time.perf_counter() - t0)
     except CnnRepairError as exc:
         bars.close()

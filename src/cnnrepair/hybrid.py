@@ -57,10 +57,18 @@ class RBFHead(nn.Module):
         self.register_buffer("gamma", torch.tensor(float(gamma), dtype=f64))
         self.register_buffer("sv_sqnorm", (self.support_vectors ** 2).sum(1))
 
-    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+    def kernel(self, x: Tensor) -> Tensor:
+        """RBF kernel values between the standardised inputs and the support vectors (float64, N x n_sv).
+
+        The head is ``kernel(x) @ coef.T + bias``: linear in ``coef`` and ``bias``, which is what
+        lets repair edit KH with the same program as a linear layer.
+        """
         z = (x.double() - self.mean) / self.scale
         sq = (z * z).sum(1, keepdim=True) + self.sv_sqnorm[None] - 2.0 * z @ self.support_vectors.T
-        return (torch.exp(-self.gamma * sq.clamp_min(0.0)) @ self.coef.T + self.bias).float()
+        return torch.exp(-self.gamma * sq.clamp_min(0.0))
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        return (self.kernel(x) @ self.coef.T + self.bias).float()
 
 
 class HybridNet(nn.Module):

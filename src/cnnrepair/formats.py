@@ -1,0 +1,76 @@
+"""Model files in and out: a repaired model goes back in the format it came in.
+
+Today: ``torch.export`` programs (``.pt2``). The program runs as its ``GraphModule``; repair
+changes one layer's tensors in the program's state and saves the same program, so
+``torch.export.load`` reads the result without cnnrepair.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cnnrepair.errors import CnnRepairError
+from cnnrepair.io import atomic_write
+
+FORMATS = {".pt2": "torch.export"}
+
+
+@dataclass
+class LoadedModel:
+    """A model read from ``path``: ``module`` runs it; ``input_shape`` excludes the batch dimension."""
+
+    path: Path
+    format: str
+    module: nn.Module
+    input_shape: tuple[int, ...] | None
+    program: object = None
+
+
+def load_model(path: Path) -> LoadedModel:
+    """Read a model file (``.pt2``), with a one-line error when it cannot be used."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in FORMATS:
+        raise CnnRepairError(f"{path}: unknown model format {suffix or '(none)'}; give a torch.export program (.pt2)")
+    if not path.is_file():
+        raise CnnRepairError(f"{path}: no such model file")
+    try:
+        program = torch.export.load(str(path))
+        module = program.module()
+    except Exception as exc:  # noqa: BLE001 - any failure to read is the same user error
+        raise CnnRepairError(f"{path}: not a readable torch.export program ({type(exc).__name__}); re-export it with torch.export.save") from None
+    shape = _input_shape(program)
+    return LoadedModel(path, FORMATS[suffix], module, shape, program)
+
+
+def _input_shape(program) -> tuple[int, ...] | None:
+    """The per-example input shape of the program's single tensor input, when it is static."""
+    users = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in program.graph_signature.user_inputs]
+    if len(users) != 1:
+        raise CnnRepairError(f"the program takes {len(users)} inputs; repair needs a classifier with one input tensor")
+    val = users[0].meta.get("val")
+    if val is None:
+        return None
+    dims = list(val.shape)
+    if not isinstance(dims[0], torch.SymInt):
+        raise CnnRepairError(f"the program was exported for a fixed batch of {dims[0]}; re-export it with a dynamic batch "
+                             "dimension: torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim('batch')},))")
+    return tuple(int(d) for d in dims[1:])
+
+
+def save_model(loaded: LoadedModel, repaired: nn.Module, tensors: list[str], path: Path) -> None:
+    """Write ``repaired`` in ``loaded``'s format: the source program with ``tensors`` taken from ``repaired``."""
+    program = torch.export.load(str(loaded.path))  # a fresh copy: the loaded one stays the original
+    state = dict(repaired.named_parameters())
+    state.update(dict(repaired.named_buffers()))
+    for name in tensors:
+        if name not in program.state_dict:
+            raise CnnRepairError(f"the program has no tensor {name!r} to write; this layer cannot be saved in {loaded.format} form")
+        old = program.state_dict[name]
+        new = state[name].detach().to(old.dtype).cpu()
+        program.state_dict[name] = nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
+    atomic_write(Path(path), lambda p: torch.export.save(program, str(p)))

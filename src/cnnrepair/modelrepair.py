@@ -1,0 +1,220 @@
+"""Repair a model file and re-check a certificate: what ``cnnrepair repair`` and ``cnnrepair verify`` do.
+
+``prepare`` reads and checks everything (model, points, spec, layer) before any file is written;
+``run`` solves, saves ``repaired.pt2`` (only when the spec holds), reloads it, measures every
+margin on the saved file, and writes ``certificate.json``. ``verify`` re-checks a certificate
+against a model file and the points, without trusting anything the certificate says about them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cnnrepair.errors import CnnRepairError
+from cnnrepair.formats import LoadedModel, load_model, save_model
+from cnnrepair.io import load_npz, read_json, write_json
+from cnnrepair.repair import RepairSpec, last_layer, repair_classifier
+from cnnrepair.repair.certificate import check_claims, model_margins, sha256, witness_bound
+from cnnrepair.repair.margins import MarginProblem
+
+
+@dataclass
+class Points:
+    """Inputs ``x`` (model units) and labels ``y`` (None: the model's own predictions) read from an .npz."""
+
+    path: Path
+    x: torch.Tensor
+    y: np.ndarray | None
+
+
+def load_points(path: Path, what: str, labels_required: bool = True) -> Points:
+    """Read ``x`` (float, N x input shape) and ``y`` (int) from an .npz, with one-line errors."""
+    data = load_npz(Path(path), what)
+    if "x" not in data:
+        raise CnnRepairError(f"{path}: no array 'x' in the {what}; save it with np.savez(path, x=inputs, y=labels)")
+    if labels_required and "y" not in data:
+        raise CnnRepairError(f"{path}: no array 'y' in the {what}; save it with np.savez(path, x=inputs, y=labels)")
+    x = data["x"]
+    if not np.issubdtype(x.dtype, np.floating):
+        raise CnnRepairError(f"{path}: 'x' must be float32 inputs in the model's units (got {x.dtype}); convert with x.astype(np.float32)")
+    if not np.isfinite(x).all():
+        raise CnnRepairError(f"{path}: 'x' contains NaN or infinite values; remove those inputs")
+    y = data.get("y")
+    if y is not None and (y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer)):
+        raise CnnRepairError(f"{path}: 'y' must hold one integer label per input ({len(x)}), got {y.dtype} of shape {y.shape}")
+    return Points(Path(path), torch.from_numpy(np.ascontiguousarray(x, np.float32)), None if y is None else y.astype(np.int64))
+
+
+@dataclass
+class RepairJob:
+    """Everything ``cnnrepair repair`` needs, checked: the model, points, keep points, spec and layer."""
+
+    model: LoadedModel
+    points: Points
+    keep: Points | None
+    spec: RepairSpec
+    layer: str
+
+
+def prepare(model_path: Path, points_path: Path, spec: RepairSpec, layer: str | None = None, keep_path: Path | None = None) -> RepairJob:
+    """Load and check every input (raises CnnRepairError naming the problem); writes nothing."""
+    model = load_model(model_path)
+    points = load_points(points_path, "points file")
+    keep = load_points(keep_path, "keep file", labels_required=False) if keep_path is not None else None
+    for pts in (points, keep):
+        if pts is None:
+            continue
+        if len(pts.x) == 0 and pts is points:
+            raise CnnRepairError(f"{pts.path}: no points; give at least one input to repair")
+        if model.input_shape is not None and tuple(pts.x.shape[1:]) != model.input_shape:
+            raise CnnRepairError(f"{pts.path}: inputs of shape {tuple(pts.x.shape[1:])} but the model takes {model.input_shape}; "
+                                 "reshape them to the model's input shape")
+    try:
+        lay = last_layer(model.module, points.x[:2], layer)
+    except CnnRepairError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the model cannot run on these inputs
+        raise CnnRepairError(f"{points.path}: the model cannot run on these inputs ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
+    C = lay.shape[0]
+    for pts in (points, keep):
+        if pts is not None and pts.y is not None and len(pts.y) and (pts.y.min() < 0 or pts.y.max() >= C):
+            raise CnnRepairError(f"{pts.path}: labels must lie in 0..{C - 1} for this {C}-class model (got {pts.y.min()}..{pts.y.max()})")
+    return RepairJob(model, points, keep, spec, lay.name)
+
+
+def run(job: RepairJob, out: Path, time_limit: float | None = None, threads: int | None = None) -> dict:
+    """Repair, save ``out/repaired.pt2`` if the spec holds, re-measure on the saved file, write the certificate."""
+    out = Path(out)
+    keep = job.keep
+    result = repair_classifier(job.model.module, job.points.x, job.points.y, job.spec, layer=job.layer,
+                               keep_x=None if keep is None else keep.x, keep_y=None if keep is None else keep.y,
+                               time_limit=time_limit, threads=threads)
+    cert = result.certificate
+    cert["source_model"] = {"file": job.model.path.name, "sha256": sha256(job.model.path)}
+    cert["points_file"] = {"file": job.points.path.name, "sha256": sha256(job.points.path)}
+    if keep is not None:
+        cert["keep_file"] = {"file": keep.path.name, "sha256": sha256(keep.path)}
+    cert["notes"] = result.notes
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / "repaired.pt2"
+    if result.ok:
+        wname, bname = _layer_tensors(job, result)
+        save_model(job.model, result.model, [t for t in (wname, bname) if t], target)
+        saved = load_model(target).module
+        after = model_margins(saved, job.points.x, job.points.y)
+        for p, m in zip(cert["points"], after):
+            p["margin_after"] = float(m)
+        if keep is not None and cert["keep"]["count"]:
+            ky = _keep_labels(job, keep)
+            km = model_margins(saved, keep.x, ky)
+            cert["keep"]["smallest_margin_after"] = float(km.min())
+            cert["keep"]["labels_kept"] = int((km > 0).sum())
+        else:
+            km = np.zeros(0)
+        problems = check_claims(cert, after, km)
+        if problems:  # the saved file does not do what the solve promised: never certify it
+            target.unlink()
+            cert["status"] = "failed"
+            cert["notes"] = cert["notes"] + problems
+        else:
+            cert["model"] = {"file": target.name, "sha256": sha256(target)}
+    elif target.exists():
+        target.unlink()  # an old repaired model must not sit beside a certificate that does not cover it
+    write_json(out / "certificate.json", cert)
+    return cert
+
+
+def _keep_labels(job: RepairJob, keep: Points) -> np.ndarray:
+    """Keep labels as repair used them: the file's, or the original model's predictions."""
+    if keep.y is not None:
+        return keep.y
+    from cnnrepair.repair.certificate import model_logits
+
+    return model_logits(job.model.module, keep.x).argmax(1)
+
+
+def _layer_tensors(job: RepairJob, result) -> tuple[str, str | None]:
+    lay = last_layer(job.model.module, job.points.x[:2], job.layer)
+    return lay.parameter_names()
+
+
+def verify(cert_path: Path, model_path: Path, points_path: Path, keep_path: Path | None = None,
+           original_path: Path | None = None) -> list[str]:
+    """Re-check a certificate; returns the problems found (empty: every claim holds)."""
+    cert = read_json(Path(cert_path))
+    if not isinstance(cert, dict) or "spec" not in cert or "status" not in cert:
+        raise CnnRepairError(f"{cert_path}: not a cnnrepair certificate (no spec/status); give the certificate.json that repair wrote")
+    problems = []
+    if cert["status"] != "repaired":
+        return [f"the certificate's status is {cert['status']!r}: it certifies no repaired model"]
+    claimed = (cert.get("model") or {}).get("sha256")
+    if claimed != sha256(Path(model_path)):
+        problems.append(f"{model_path}: sha256 differs from the certificate's model (the file was altered or is another model)")
+    if cert.get("points_file") and cert["points_file"]["sha256"] != sha256(Path(points_path)):
+        problems.append(f"{points_path}: sha256 differs from the points the certificate was made on")
+    model = load_model(model_path).module
+    points = load_points(points_path, "points file")
+    after = model_margins(model, points.x, points.y)
+    keep_after = np.zeros(0)
+    if keep_path is not None:
+        keep = load_points(keep_path, "keep file", labels_required=False)
+        ky = keep.y
+        if ky is None:
+            if original_path is None:
+                problems.append("the keep file has no labels: pass --original so its labels can be recomputed")
+                ky = np.zeros(len(keep.x), np.int64)
+            else:
+                from cnnrepair.repair.certificate import model_logits
+
+                ky = model_logits(load_model(original_path).module, keep.x).argmax(1)
+        keep_after = model_margins(model, keep.x, ky)
+    elif (cert.get("keep") or {}).get("count"):
+        problems.append(f"the certificate covers {cert['keep']['count']} keep points: pass them with --keep")
+        keep_after = None
+    problems += check_claims(cert, after, keep_after if keep_after is not None else np.zeros(cert["keep"]["count"]) + np.inf)
+    if original_path is not None:
+        problems += _check_optimality(cert, load_model(original_path).module, model, points, keep_path, keep_after)
+    return problems
+
+
+def _check_optimality(cert: dict, original, repaired, points: Points, keep_path, keep_after) -> list[str]:
+    """Only the layer changed, the change's norm is the certified objective, and the witness bounds it from below."""
+    problems = []
+    layer = cert["layer"]
+    lay0 = last_layer(original, points.x[:2], layer)
+    lay1 = last_layer(repaired, points.x[:2], layer)
+    names = set(lay0.parameter_names())
+    s0 = {**dict(original.named_parameters()), **dict(original.named_buffers())}
+    s1 = {**dict(repaired.named_parameters()), **dict(repaired.named_buffers())}
+    for name, t in s0.items():
+        if name not in names and (name not in s1 or not torch.equal(t, s1[name])):
+            problems.append(f"tensor {name!r} differs from the original model: repair may change layer {layer!r} only")
+            break
+    spec = cert["spec"]
+    if spec["kind"] != "pointwise":
+        return problems
+    dW, db = lay1.weight - lay0.weight, lay1.bias - lay0.bias
+    feats = lay0.features(points.x)
+    labels = points.y
+    required = np.array([p["required"] for p in cert["points"]])
+    prices = np.full(len(labels), np.inf)
+    if keep_path is not None and cert["keep"]["count"]:
+        keep = load_points(keep_path, "keep file", labels_required=False)
+        kf = lay0.features(keep.x)
+        ky = keep.y if keep.y is not None else (kf @ lay0.weight.T + lay0.bias).argmax(1)
+        feats = np.vstack([feats, kf])
+        labels = np.concatenate([labels, ky])
+        required = np.concatenate([required, cert["keep"]["required"]])
+        prices = np.concatenate([prices, np.full(len(ky), np.inf if spec["keep_price"] is None else spec["keep_price"])])
+    problem = MarginProblem(lay0.weight, lay0.bias, feats, labels, required, prices, spec["norm"], spec["freeze_bias"], spec["max_change"])
+    objective = problem.objective(dW, db)
+    if abs(objective - cert["objective"]) > 1e-6 * max(1.0, abs(cert["objective"])):
+        problems.append(f"the change's {spec['norm']} norm is {objective:.9g}, the certificate says {cert['objective']:.9g}")
+    bound = witness_bound(problem, cert.get("lower_bound_witness") or {})
+    if bound < cert["lower_bound"] * (1 - 1e-9) - 1e-12:
+        problems.append(f"the multipliers prove a lower bound of {bound:.9g}, not the certified {cert['lower_bound']:.9g}")
+    return problems

@@ -1,0 +1,97 @@
+"""Certificates: what a repair claims, in plain JSON, and an independent re-check of the claim.
+
+A certificate names the repaired model file by sha256 and lists, per repair point, its margin
+before and after on the saved model (float32, as it runs). A third party re-checks it by running
+the model on the points (``margin >= spec.margin`` for each), recomputing the change from the
+original model, and recomputing the lower bound from the stored multipliers with the closed form
+of :func:`cnnrepair.repair.margins.certified_lower_bound` (weak duality; documented in the README).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cnnrepair.repair.margins import MarginProblem, certified_lower_bound, margins_of
+
+FORMAT = "cnnrepair-certificate/1"
+
+
+def sha256(path: Path) -> str:
+    """Hex sha256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_logits(model: nn.Module, x: np.ndarray | torch.Tensor, batch_size: int = 512) -> np.ndarray:
+    """The model's outputs as it runs (its own dtype, eval mode), returned as float64."""
+    from cnnrepair.repair.layer import _device
+
+    x = torch.as_tensor(x)
+    device = _device(model)
+    out = []
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            res = model(x[i:i + batch_size].to(device))
+            while isinstance(res, (tuple, list)):
+                res = res[0]
+            out.append(res.detach().double().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0))
+
+
+def model_margins(model: nn.Module, x, y: np.ndarray) -> np.ndarray:
+    """logit[y] - max_{j != y} logit[j] of the model as it runs, per input."""
+    if len(y) == 0:
+        return np.zeros(0)
+    return margins_of(model_logits(model, x), np.asarray(y, np.int64))
+
+
+def change_summary(dW: np.ndarray, db: np.ndarray, freeze_bias: bool) -> dict:
+    """L1, L-infinity and non-zeros of a change, weights and biases together."""
+    d = np.concatenate([dW.ravel(), [] if freeze_bias else db.ravel()])
+    return {"l1": float(np.abs(d).sum()), "linf": float(np.abs(d).max(initial=0.0)), "nonzero": int(np.count_nonzero(d)),
+            "weights_changed": int(np.count_nonzero(dW)), "biases_changed": int(np.count_nonzero(db)),
+            "rows_changed": int(np.count_nonzero(np.abs(np.hstack([dW, db[:, None]])).sum(1)))}
+
+
+def witness_bound(problem: MarginProblem, witness: dict) -> float:
+    """Recompute the certified lower bound from a certificate's multipliers."""
+    if not witness or not witness.get("point"):
+        return 0.0
+    return certified_lower_bound(problem, np.asarray(witness["point"], np.int64), np.asarray(witness["class"], np.int64),
+                                 np.asarray(witness["multiplier"], np.float64))
+
+
+def check_claims(cert: dict, margins_after: np.ndarray, keep_margins_after: np.ndarray) -> list[str]:
+    """Problems with a certificate's margin claims, given margins measured on the model (empty: it holds)."""
+    problems = []
+    spec = cert["spec"]
+    if cert["status"] != "repaired":
+        return problems
+    if len(margins_after) != len(cert["points"]):
+        return [f"the certificate lists {len(cert['points'])} repair points but {len(margins_after)} were given"]
+    low = np.flatnonzero(margins_after < spec["margin"])
+    if spec["kind"] == "pointwise" and len(low):
+        k = int(low[0])
+        problems.append(f"{len(low)} repair point(s) below the margin {spec['margin']:g} on this model "
+                        f"(point {k}: {margins_after[k]:.6g})")
+    claimed = np.array([p["margin_after"] for p in cert["points"]], np.float64)
+    off = np.flatnonzero(np.abs(claimed - margins_after) > 1e-5 * (1 + np.abs(claimed)))
+    if len(off):
+        k = int(off[0])
+        problems.append(f"{len(off)} repair point margin(s) differ from the certificate (point {k}: certified {claimed[k]:.6g}, measured {margins_after[k]:.6g})")
+    keep = cert.get("keep") or {}
+    if keep.get("count"):
+        if len(keep_margins_after) != keep["count"]:
+            problems.append(f"the certificate lists {keep['count']} keep points but {len(keep_margins_after)} were given")
+        elif spec["keep"] == "hard" and spec["kind"] == "pointwise" and (keep_margins_after < spec["keep_margin"]).any():
+            problems.append(f"{int((keep_margins_after < spec['keep_margin']).sum())} keep point(s) below the keep margin {spec['keep_margin']:g}")
+    return problems

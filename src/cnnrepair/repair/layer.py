@@ -1,0 +1,210 @@
+"""Any classifier as frozen features plus the linear layer that ends it.
+
+Repair edits one layer: an ``nn.Linear``, a hybrid's SVM head (``LinearHead``, or ``RBFHead``,
+which is linear in its dual coefficients given the kernel values), or the ``aten.linear`` call of a
+``torch.export`` graph. :func:`last_layer` finds it (by name, or the one whose output is the
+model's output), :meth:`LastLayer.features` computes what it receives, and
+:meth:`LastLayer.replaced` returns a copy of the model with new weights in that layer only.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from cnnrepair.errors import CnnRepairError
+
+
+def _is_graph(model: nn.Module) -> bool:
+    return isinstance(model, torch.fx.GraphModule)
+
+
+def _svm_heads():
+    from cnnrepair.hybrid import LinearHead, RBFHead
+
+    return LinearHead, RBFHead
+
+
+def _linear_nodes(gm: torch.fx.GraphModule) -> dict[str, torch.fx.Node]:
+    """``aten.linear`` calls whose weight is a stored parameter, by the parameter's module path."""
+    found = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in (torch.ops.aten.linear.default, torch.nn.functional.linear):
+            w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+            if isinstance(w, torch.fx.Node) and w.op == "get_attr" and str(w.target).endswith("weight"):
+                found[str(w.target)[: -len(".weight")] if "." in str(w.target) else ""] = node
+    return found
+
+
+def _graph_output(gm: torch.fx.GraphModule) -> torch.fx.Node | None:
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    arg = out.args[0]
+    while isinstance(arg, (tuple, list)) and len(arg) == 1:
+        arg = arg[0]
+    return arg if isinstance(arg, torch.fx.Node) else None
+
+
+def candidate_layers(model: nn.Module) -> list[str]:
+    """Names of the layers repair can edit, in the model's order."""
+    if _is_graph(model):
+        return list(_linear_nodes(model))
+    heads = (nn.Linear, *_svm_heads())
+    return [name for name, m in model.named_modules() if isinstance(m, heads)]
+
+
+@dataclass
+class LastLayer:
+    """The layer ``name`` of ``model``: ``logits = features(x) @ weight.T + bias``."""
+
+    model: nn.Module
+    name: str
+    kind: str  # linear | svm-linear | svm-rbf | graph-linear
+    weight: np.ndarray
+    bias: np.ndarray
+    has_bias: bool
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.shape)
+
+    def _module(self) -> nn.Module:
+        return self.model.get_submodule(self.name)
+
+    def _capture(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(layer input, layer output, model output) for a batch."""
+        if _is_graph(self.model):
+            node = _linear_nodes(self.model)[self.name]
+            seen = {}
+
+            class Catch(torch.fx.Interpreter):
+                def run_node(self, n):
+                    out = super().run_node(n)
+                    if n is node:
+                        seen["in"] = self.env[n.args[0]]
+                        seen["out"] = out
+                    return out
+
+            res = Catch(self.model).run(x)
+            while isinstance(res, (tuple, list)):
+                res = res[0]
+            return seen["in"], seen["out"], res
+        module, seen = self._module(), {}
+
+        def hook(_m, args, out):
+            seen["in"], seen["out"] = args[0], out
+
+        handle = module.register_forward_hook(hook)
+        try:
+            res = self.model(x)
+        finally:
+            handle.remove()
+        if "in" not in seen:
+            raise CnnRepairError(f"layer {self.name!r} is not used by the model's forward pass; name the layer that ends it (--layer)")
+        return seen["in"], seen["out"], res
+
+    def features(self, x: Tensor | np.ndarray, batch_size: int = 512) -> np.ndarray:
+        """What the layer multiplies by its weight, for each input (float64, N x n).
+
+        Checks on every batch that the layer's output is the model's output, so margins computed
+        from these features are the model's margins.
+        """
+        x = torch.as_tensor(x)
+        device = _device(self.model)
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(x), batch_size):
+                xb = x[i:i + batch_size].to(device)
+                inp, lay, res = self._capture(xb)
+                if lay.shape != res.shape or not torch.equal(lay, res):
+                    raise CnnRepairError(f"layer {self.name!r} does not end the classifier (its output is not the model's output); "
+                                         f"repair the last linear layer instead (choose from: {', '.join(candidate_layers(self.model))})")
+                if self.kind == "svm-rbf":
+                    inp = self._module().kernel(inp)
+                if inp.ndim != 2:
+                    raise CnnRepairError(f"layer {self.name!r} receives {inp.ndim}-d inputs; repair needs a layer applied to one feature vector per input")
+                out.append(inp.detach().double().cpu().numpy())
+        n = self.weight.shape[1]
+        return np.concatenate(out) if out else np.zeros((0, n))
+
+    def replaced(self, weight: np.ndarray, bias: np.ndarray) -> nn.Module:
+        """A deep copy of the model whose layer holds ``weight`` and ``bias`` (in the layer's own dtype)."""
+        model = copy.deepcopy(self.model)
+        for param, value in zip(self.parameter_names(), (weight, bias)):
+            if param is None:
+                continue
+            t = _get_tensor(model, param)
+            with torch.no_grad():
+                t.copy_(torch.as_tensor(np.asarray(value), dtype=t.dtype).to(t.device))
+        return model
+
+    def parameter_names(self) -> tuple[str, str | None]:
+        """Names (in the model's state) of the tensors repair writes: weight (or dual coefficients), bias."""
+        prefix = f"{self.name}." if self.name else ""
+        if self.kind == "svm-rbf":
+            return f"{prefix}coef", f"{prefix}bias"
+        return f"{prefix}weight", (f"{prefix}bias" if self.has_bias else None)
+
+
+def _get_tensor(model: nn.Module, name: str) -> Tensor:
+    owner, _, attr = name.rpartition(".")
+    mod = model.get_submodule(owner) if owner else model
+    return getattr(mod, attr)
+
+
+def _device(model: nn.Module) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def last_layer(model: nn.Module, sample: Tensor | np.ndarray, name: str | None = None) -> LastLayer:
+    """The linear layer that ends ``model`` (``name``, or found by running ``sample`` through it)."""
+    model.eval()
+    names = candidate_layers(model)
+    if name is not None and name not in names:
+        known = ", ".join(names) or "none"
+        raise CnnRepairError(f"no linear layer named {name!r} in the model (linear layers: {known}); pass one of them as the layer")
+    if not names:
+        raise CnnRepairError("the model has no linear layer to repair (nn.Linear, an SVM head or an aten.linear call)")
+    sample = torch.as_tensor(sample)[:2]
+    if name is None:
+        name = _ending_layer(model, names, sample)
+    if _is_graph(model):
+        node = _linear_nodes(model)[name]
+        w = _get_tensor(model, str(node.args[1].target))
+        b_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        has_bias = isinstance(b_arg, torch.fx.Node)
+        b = _get_tensor(model, str(b_arg.target)) if has_bias else None
+        kind = "graph-linear"
+    else:
+        mod = model.get_submodule(name)
+        LinearHead, RBFHead = _svm_heads()
+        if isinstance(mod, RBFHead):
+            w, b, has_bias, kind = mod.coef, mod.bias, True, "svm-rbf"
+        else:
+            w, b = mod.weight, mod.bias
+            has_bias, kind = b is not None, ("svm-linear" if isinstance(mod, LinearHead) else "linear")
+    W = w.detach().double().cpu().numpy().copy()
+    B = b.detach().double().cpu().numpy().copy() if b is not None else np.zeros(W.shape[0])
+    layer = LastLayer(model, name, kind, W, B, has_bias)
+    layer.features(sample)  # checks that it ends the classifier and takes flat features
+    return layer
+
+
+def _ending_layer(model: nn.Module, names: list[str], sample: Tensor) -> str:
+    """The candidate whose output is the model's output (the last one if several are)."""
+    for name in reversed(names):
+        probe = LastLayer(model, name, "graph-linear" if _is_graph(model) else "linear", np.zeros((1, 1)), np.zeros(1), True)
+        with torch.no_grad():
+            try:
+                _, lay, res = probe._capture(sample.to(_device(model)))
+            except CnnRepairError:
+                continue
+        if lay.shape == res.shape and torch.equal(lay, res):
+            return name
+    raise CnnRepairError(f"no linear layer ends this model (its output is not any linear layer's output; linear layers: {', '.join(names)}); "
+                         "a softmax or other layer after the last linear one must be removed before repair")

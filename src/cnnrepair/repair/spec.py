@@ -1,0 +1,59 @@
+"""What a repair must achieve: the spec, checked once, recorded in every certificate."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from cnnrepair.errors import CnnRepairError
+from cnnrepair.repair.margins import NORMS
+
+SPECS = ("pointwise", "targets")
+
+
+@dataclass(frozen=True)
+class RepairSpec:
+    """A repair spec on the last layer's logits.
+
+    * ``pointwise`` (the guarantee): every repair point gets ``logit[y] - max_{j != y} logit[j] >=
+      margin``; keep points keep their label with ``keep_margin`` (hard, or soft at ``keep_price``
+      per unit of shortfall); the change is minimal in ``norm`` (``l1``, ``linf`` or ``l1+linf`` =
+      PRDNN's mean|d| + max|d|), over weights and biases unless ``freeze_bias``, each within
+      ``max_change`` if set.
+    * ``targets``: the paper's equation 3: logits pulled toward targets with slack priced at
+      ``delta_weight``; keep points are anchors (targets = their current logits) weighted by
+      ``keep_price`` (1 if unset). L1 on the weights only; nothing is guaranteed.
+    """
+
+    kind: str = "pointwise"
+    margin: float = 0.05
+    keep_margin: float = 0.0
+    keep_price: float | None = None
+    norm: str = "l1"
+    freeze_bias: bool = False
+    max_change: float | None = None
+    delta_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in SPECS:
+            raise CnnRepairError(f"unknown spec {self.kind!r}; choose one of {', '.join(SPECS)}")
+        for name in ("margin", "keep_margin"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise CnnRepairError(f"{name.replace('_', ' ')} must be a finite number >= 0 (got {v}); margins are logit differences")
+        if self.norm not in NORMS:
+            raise CnnRepairError(f"unknown change norm {self.norm!r}; choose one of {', '.join(NORMS)}")
+        for name in ("keep_price", "max_change"):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise CnnRepairError(f"{name.replace('_', ' ')} must be a finite number > 0 (got {v})")
+        if not (math.isfinite(self.delta_weight) and self.delta_weight > 0):
+            raise CnnRepairError(f"delta weight must be > 0 (got {self.delta_weight})")
+        if self.kind == "targets" and self.norm != "l1":
+            raise CnnRepairError("the targets spec (the paper's program) measures change in L1 only; use --norm l1 or --spec pointwise")
+
+    def as_dict(self) -> dict:
+        """JSON-ready, with the norm's coefficients spelled out."""
+        d = asdict(self)
+        d["keep"] = "soft" if self.keep_price is not None else "hard"
+        return d
