@@ -162,15 +162,10 @@ def verify(cert_path: Path, model_path: Path, points_path: Path, keep_path: Path
     keep_after = np.zeros(0)
     if keep_path is not None:
         keep = load_points(keep_path, "keep file", labels_required=False)
-        ky = keep.y
-        if ky is None:
-            if original_path is None:
-                problems.append("the keep file has no labels: pass --original so its labels can be recomputed")
-                ky = np.zeros(len(keep.x), np.int64)
-            else:
-                from cnnrepair.repair.certificate import model_logits
-
-                ky = model_logits(load_model(original_path).module, keep.x).argmax(1)
+        ky = keep.y if keep.y is not None else np.asarray(cert["keep"].get("labels", []), np.int64)
+        if len(ky) != len(keep.x):
+            problems.append(f"{keep_path}: {len(keep.x)} keep inputs but the certificate lists {len(ky)} keep labels")
+            ky = np.zeros(len(keep.x), np.int64)
         keep_after = model_margins(model, keep.x, ky)
     elif (cert.get("keep") or {}).get("count"):
         problems.append(f"the certificate covers {cert['keep']['count']} keep points: pass them with --keep")
@@ -205,7 +200,7 @@ def _check_optimality(cert: dict, original, repaired, points: Points, keep_path,
     if keep_path is not None and cert["keep"]["count"]:
         keep = load_points(keep_path, "keep file", labels_required=False)
         kf = lay0.features(keep.x)
-        ky = keep.y if keep.y is not None else (kf @ lay0.weight.T + lay0.bias).argmax(1)
+        ky = keep.y if keep.y is not None else np.asarray(cert["keep"]["labels"], np.int64)
         feats = np.vstack([feats, kf])
         labels = np.concatenate([labels, ky])
         required = np.concatenate([required, cert["keep"]["required"]])

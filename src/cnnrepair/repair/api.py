@@ -190,7 +190,7 @@ def _certificate(lay, spec, status, sol, problem, dW, db, ya, base, after, requi
         "keep": {"count": int(len(ky)), "smallest_margin_before": float(keep_before.min()) if len(ky) else None,
                  "smallest_margin_after": float(keep_after.min()) if len(ky) else None,
                  "labels_kept": int((keep_after > 0).sum()), "below_keep_margin": int((keep_after < spec.keep_margin).sum()),
-                 "required": [float(r) for r in required[K:]]},
+                 "required": [float(r) for r in required[K:]], "labels": [int(v) for v in ky]},
         "solver": {"name": "cnnrepair.repair.margins (row and column generation on HiGHS)", "status": sol.status,
                    "seconds": sol.seconds, "rounds": sol.rounds, **sol.size,
                    "lp_objective": float(sol.objective) if np.isfinite(sol.objective) else None, "lp_gap": sol.gap if sol.ok else None},

@@ -32,12 +32,12 @@ def sha256(path: Path) -> str:
 
 def model_logits(model: nn.Module, x: np.ndarray | torch.Tensor, batch_size: int = 512) -> np.ndarray:
     """The model's outputs as it runs (its own dtype, eval mode), returned as float64."""
-    from cnnrepair.repair.layer import _device
+    from cnnrepair.repair.layer import _device, eval_mode
 
     x = torch.as_tensor(x)
     device = _device(model)
     out = []
-    model.eval()
+    eval_mode(model)
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
             res = model(x[i:i + batch_size].to(device))

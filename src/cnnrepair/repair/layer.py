@@ -10,6 +10,7 @@ model's output), :meth:`LastLayer.features` computes what it receives, and
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -132,7 +133,9 @@ class LastLayer:
 
     def replaced(self, weight: np.ndarray, bias: np.ndarray) -> nn.Module:
         """A deep copy of the model whose layer holds ``weight`` and ``bias`` (in the layer's own dtype)."""
-        model = copy.deepcopy(self.model)
+        with warnings.catch_warnings():  # copying a torch.export module warns about its own pytree internals
+            warnings.simplefilter("ignore", FutureWarning)
+            model = copy.deepcopy(self.model)
         for param, value in zip(self.parameter_names(), (weight, bias)):
             if param is None:
                 continue
@@ -155,6 +158,15 @@ def _get_tensor(model: nn.Module, name: str) -> Tensor:
     return getattr(mod, attr)
 
 
+def eval_mode(model: nn.Module) -> nn.Module:
+    """Put a model in eval mode; a ``torch.export`` module has no modes (its program was exported in one)."""
+    try:
+        model.eval()
+    except NotImplementedError:
+        pass
+    return model
+
+
 def _device(model: nn.Module) -> torch.device:
     for t in list(model.parameters()) + list(model.buffers()):
         return t.device
@@ -163,7 +175,7 @@ def _device(model: nn.Module) -> torch.device:
 
 def last_layer(model: nn.Module, sample: Tensor | np.ndarray, name: str | None = None) -> LastLayer:
     """The linear layer that ends ``model`` (``name``, or found by running ``sample`` through it)."""
-    model.eval()
+    eval_mode(model)
     names = candidate_layers(model)
     if name is not None and name not in names:
         known = ", ".join(names) or "none"

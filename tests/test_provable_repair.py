@@ -1,0 +1,300 @@
+"""Provable repair of a classifier's last layer: the margin program, the API, certificates and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linprog
+from torch import nn
+
+from cnnrepair import RepairSpec, repair_classifier
+from cnnrepair.cli import main
+from cnnrepair.errors import CnnRepairError
+from cnnrepair.repair import MarginProblem, certified_lower_bound, margins_of, solve_margins
+
+
+def reference_optimum(p: MarginProblem) -> float:
+    """The same spec as one dense LP for scipy's linprog: variables d (free), u >= |d|, t >= max u, soft shortfalls."""
+    C, n = p.weight.shape
+    nc = n if p.freeze_bias else n + 1
+    E, N = C * nc, len(p.labels)
+    L0 = p.features @ p.weight.T + p.bias
+    a, b = p.norm_coefficients()
+    soft = np.flatnonzero(np.isfinite(p.prices))
+    pos = {k: i for i, k in enumerate(soft)}
+    nv = 2 * E + 1 + len(soft)
+    c = np.concatenate([np.zeros(E), np.full(E, a), [b], p.prices[soft]])
+    rows, rhs = [], []
+    for k in range(N):
+        f = p.features[k] if p.freeze_bias else np.append(p.features[k], 1.0)
+        y = p.labels[k]
+        for j in range(C):
+            if j == y:
+                continue
+            row = np.zeros(nv)
+            row[y * nc:(y + 1) * nc] -= f
+            row[j * nc:(j + 1) * nc] += f
+            if k in pos:
+                row[2 * E + 1 + pos[k]] = -1.0
+            rows.append(row)
+            rhs.append(-(p.margins[k] - (L0[k, y] - L0[k, j])))
+    eye = np.eye(E)
+    for sign in (1.0, -1.0):  # |d| <= u
+        blk = np.zeros((E, nv))
+        blk[:, :E], blk[:, E:2 * E] = sign * eye, -eye
+        rows += list(blk)
+        rhs += [0.0] * E
+    blk = np.zeros((E, nv))  # u <= t
+    blk[:, E:2 * E], blk[:, 2 * E] = eye, -1.0
+    rows += list(blk)
+    rhs += [0.0] * E
+    B = p.max_change
+    bounds = [(-B, B) if B else (None, None)] * E + [(0, None)] * (E + 1 + len(soft))
+    res = linprog(c, A_ub=np.array(rows), b_ub=np.array(rhs), bounds=bounds, method="highs")
+    return res.fun if res.status == 0 else (np.inf if res.status == 2 else np.nan)
+
+
+def _problem(seed: int, norm: str, freeze_bias: bool, keep: str, max_change: float | None, scale: float = 1.0) -> MarginProblem:
+    rng = np.random.default_rng(seed)
+    C, n, K, NK = 4, 7, 8, 6
+    W, b = rng.normal(size=(C, n)), rng.normal(size=C)
+    F = np.maximum(rng.normal(size=(K + NK, n)), 0) + 0.05
+    pred = (F @ W.T + b).argmax(1)
+    labels = pred.copy()
+    labels[:K] = (pred[:K] + 1 + rng.integers(0, C - 1, K)) % C
+    margins = np.concatenate([np.full(K, 0.1), np.full(NK, 0.02)])
+    prices = None if keep == "none" else np.concatenate([np.full(K, np.inf), np.full(NK, np.inf if keep == "hard" else 0.7)])
+    if keep == "none":
+        F, labels, margins = F[:K], labels[:K], margins[:K]
+    return MarginProblem(W * scale, b * scale, F, labels, margins * scale, prices, norm, freeze_bias,
+                         None if max_change is None else max_change * scale)
+
+
+CASES = [(norm, fb, keep, mc) for norm in ("l1", "linf", "l1+linf") for fb in (False, True)
+         for keep, mc in (("none", None), ("hard", None), ("soft", None), ("hard", 4.0))]
+
+
+@pytest.mark.parametrize("norm,freeze_bias,keep,max_change", CASES)
+def test_the_margin_program_reaches_an_independent_linprog_optimum(norm, freeze_bias, keep, max_change):
+    solved = 0
+    for seed in range(3):
+        p = _problem(seed, norm, freeze_bias, keep, max_change)
+        ref = reference_optimum(p)
+        s = solve_margins(p)
+        if not np.isfinite(ref):
+            assert s.status == "infeasible" and len(s.conflicts) >= 1
+            continue
+        solved += 1
+        assert s.ok, s.status
+        assert s.objective == pytest.approx(ref, rel=1e-6, abs=1e-9)
+        assert s.gap <= 1e-6 and s.lower_bound <= ref * (1 + 1e-9) + 1e-12  # a certified bound never exceeds the optimum
+        m = margins_of(p.logits(s.delta_weight, s.delta_bias), p.labels)
+        hard = np.isinf(p.prices)
+        assert np.all(m[hard] >= p.margins[hard] - 1e-9 * (1 + np.abs(p.margins[hard])))
+        if freeze_bias:
+            assert not s.delta_bias.any()
+        if max_change is not None:
+            assert np.abs(s.delta_weight).max() <= max_change * (1 + 1e-9)
+    assert solved >= 1  # every case is checked against the reference at least once
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1.0, 1e6])
+def test_the_answer_is_relative_at_any_scale_of_the_logits(scale):
+    base = solve_margins(_problem(4, "l1", False, "hard", None))
+    s = solve_margins(_problem(4, "l1", False, "hard", None, scale=scale))
+    assert s.ok and s.gap <= 1e-6
+    assert s.objective == pytest.approx(base.objective * scale, rel=1e-7)
+
+
+def test_any_multipliers_give_a_valid_lower_bound():
+    rng = np.random.default_rng(7)
+    for norm in ("l1", "linf", "l1+linf"):
+        p = _problem(1, norm, False, "soft", None)
+        ref = reference_optimum(p)
+        for _ in range(20):
+            pts = rng.integers(0, len(p.labels), 12)
+            cls = (p.labels[pts] + rng.integers(1, p.num_classes, 12)) % p.num_classes
+            assert certified_lower_bound(p, pts, cls, rng.exponential(size=12) * 10 ** rng.uniform(-3, 2)) <= ref * (1 + 1e-9) + 1e-12
+
+
+def test_identical_features_with_two_labels_are_named_as_the_conflict():
+    rng = np.random.default_rng(3)
+    W, b = rng.normal(size=(3, 5)), rng.normal(size=3)
+    F = np.maximum(rng.normal(size=(6, 5)), 0) + 0.1
+    F[4] = F[1]
+    labels = np.array([0, 1, 2, 0, 2, 1])
+    s = solve_margins(MarginProblem(W, b, F, labels, 0.1))
+    assert s.status == "infeasible"
+    assert sorted(s.conflicts.tolist()) == [1, 4]
+
+
+# the library API on torch models -------------------------------------------------------------------
+
+def _mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 5)).eval()
+
+
+def _points(model: nn.Module, n: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 3, 4, generator=g)
+    with torch.no_grad():
+        pred = model(x).argmax(1).numpy()
+    return x, pred
+
+
+@pytest.mark.parametrize("norm", ["l1", "linf", "l1+linf"])
+def test_repair_classifier_fixes_every_point_on_the_float32_model_and_changes_only_the_last_layer(norm):
+    model = _mlp()
+    x, pred = _points(model, 40)
+    y = (pred + 1) % 5
+    keep_x = x[12:]
+    r = repair_classifier(model, x[:12], y[:12], RepairSpec(margin=0.1, norm=norm), keep_x=keep_x)
+    assert r.ok and r.layer == "3"
+    with torch.no_grad():
+        out = r.model(x[:12]).double().numpy()
+        keep_out = r.model(keep_x).argmax(1).numpy()
+    assert np.all(margins_of(out, y[:12]) >= 0.1)  # measured on the float32 model, as it runs
+    assert np.array_equal(keep_out, pred[12:])
+    for (name, p0), (_, p1) in zip(model.named_parameters(), r.model.named_parameters()):
+        assert torch.equal(p0, p1) == (not name.startswith("3."))
+    c = r.certificate
+    assert c["status"] == "repaired" and c["gap"] <= 1e-6 and c["keep"]["count"] == 28
+    assert min(p["margin_after"] for p in c["points"]) >= 0.1
+
+
+def test_frozen_bias_and_a_layer_without_bias():
+    model = _mlp()
+    x, pred = _points(model, 10)
+    r = repair_classifier(model, x, (pred + 2) % 5, RepairSpec(freeze_bias=True))
+    assert r.ok and torch.equal(r.model[3].bias, model[3].bias)
+    nobias = nn.Sequential(nn.Flatten(), nn.Linear(12, 5, bias=False)).eval()
+    x, pred = _points(nobias, 6)
+    r = repair_classifier(nobias, x, (pred + 1) % 5)
+    assert r.ok and r.certificate["spec"]["freeze_bias"] is True
+
+
+def test_lh_and_kh_heads_are_repaired_through_the_same_call():
+    from cnnrepair.hybrid import HybridNet, fit_linear_svm, fit_rbf_svm
+
+    rng = np.random.default_rng(0)
+    feats = nn.Flatten()
+    X = rng.normal(size=(90, 6)).astype(np.float32)
+    Y = (X[:, 0] > 0).astype(int) + (X[:, 1] > 0.5).astype(int)
+    for fit in (fit_linear_svm, fit_rbf_svm):
+        head = fit(X, Y)[0]
+        net = HybridNet(feats, head).eval()
+        xt = torch.from_numpy(X).reshape(90, 1, 6)
+        with torch.no_grad():
+            pred = net(xt).argmax(1).numpy()
+        y = (pred[:3] + 1) % 3
+        r = repair_classifier(net, xt[:3], y, RepairSpec(margin=0.05), keep_x=xt[6:16])
+        assert r.ok, r.notes
+        assert r.layer == "head" and r.certificate["layer_kind"] == ("svm-linear" if fit is fit_linear_svm else "svm-rbf")
+        with torch.no_grad():
+            assert np.all(margins_of(r.model(xt[:3]).double().numpy(), y) >= 0.05)
+            assert np.array_equal(r.model(xt[6:16]).argmax(1).numpy(), pred[6:16])
+        if fit is fit_rbf_svm:  # only the dual coefficients and biases move
+            assert torch.equal(r.model.head.support_vectors, head.support_vectors)
+            assert not torch.equal(r.model.head.coef, head.coef)
+
+
+def test_the_papers_targets_spec_runs_through_the_same_call_and_promises_nothing():
+    model = _mlp()
+    x, pred = _points(model, 20)
+    r = repair_classifier(model, x[:8], (pred[:8] + 1) % 5, RepairSpec(kind="targets"), keep_x=x[8:])
+    assert r.ok and r.certificate["lower_bound"] is None and "guarantees nothing" in r.certificate["note"]
+    assert torch.equal(r.model[3].bias, model[3].bias)  # the paper's program edits weights only
+
+
+def test_api_rejects_bad_points_with_one_line_errors():
+    model = _mlp()
+    x, pred = _points(model, 4)
+    with pytest.raises(CnnRepairError, match="labels must lie in 0..4"):
+        repair_classifier(model, x, np.array([0, 1, 2, 9]))
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(CnnRepairError, match="NaN"):
+        repair_classifier(model, bad, pred)
+    with pytest.raises(CnnRepairError, match="no linear layer named 'fc'"):
+        repair_classifier(model, x, pred, layer="fc")
+    with pytest.raises(CnnRepairError, match="does not end the classifier"):
+        repair_classifier(model, x, pred, layer="1")
+    with pytest.raises(CnnRepairError, match="margin must be"):
+        RepairSpec(margin=-0.1)
+    soft = nn.Sequential(_mlp(), nn.Softmax(1)).eval()
+    with pytest.raises(CnnRepairError, match="no linear layer ends this model"):
+        repair_classifier(soft, x, pred)
+
+
+# the command line on a torch.export file -------------------------------------------------------------
+
+@pytest.fixture()
+def exported(tmp_path):
+    model = _mlp()
+    program = torch.export.export(model, (torch.zeros(2, 1, 3, 4),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, str(tmp_path / "m.pt2"))
+    x, pred = _points(model, 30)
+    np.savez(tmp_path / "p.npz", x=x[:8].numpy(), y=((pred[:8] + 1) % 5).astype(np.int64))
+    np.savez(tmp_path / "k.npz", x=x[8:].numpy())
+    return tmp_path
+
+
+def test_cli_repair_writes_a_loadable_program_and_a_certificate_that_verify_checks(exported):
+    d = exported
+    out = d / "out"
+    assert main(["repair", str(d / "m.pt2"), "--points", str(d / "p.npz"), "--keep", str(d / "k.npz"), "--out", str(out),
+                 "--margin", "0.2", "--norm", "l1+linf"]) == 0
+    program = torch.export.load(str(out / "repaired.pt2"))  # plain torch, no cnnrepair
+    data = np.load(d / "p.npz")
+    with torch.no_grad():
+        logits = program.module()(torch.from_numpy(data["x"])).double().numpy()
+    assert np.all(margins_of(logits, data["y"]) >= 0.2)
+    cert = json.loads((out / "certificate.json").read_text())
+    for key in ("model", "layer", "spec", "status", "objective", "lower_bound", "change", "points", "keep"):
+        assert key in cert
+    assert cert["spec"]["norm"] == "l1+linf" and cert["status"] == "repaired"
+    args = ["verify", str(out / "certificate.json"), "--model", str(out / "repaired.pt2"), "--points", str(d / "p.npz"),
+            "--keep", str(d / "k.npz"), "--original", str(d / "m.pt2")]
+    assert main(args) == 0
+    # an altered model fails: the original put in place of the repaired one
+    (d / "altered.pt2").write_bytes((d / "m.pt2").read_bytes())
+    assert main([*args[:3], str(d / "altered.pt2"), *args[4:]]) == 1
+    # a certificate claiming a smaller change than the model holds fails against the original
+    cert["objective"] *= 0.5
+    (out / "certificate.json").write_text(json.dumps(cert))
+    assert main(args) == 1
+
+
+def test_cli_infeasible_spec_names_the_conflict_and_writes_no_model(exported, capsys):
+    d = exported
+    x = np.load(d / "p.npz")["x"]
+    np.savez(d / "dup.npz", x=np.concatenate([x[:3], x[:1]]), y=np.array([0, 1, 2, 3], np.int64))
+    out = d / "inf"
+    assert main(["repair", str(d / "m.pt2"), "--points", str(d / "dup.npz"), "--out", str(out)]) == 1
+    cert = json.loads((out / "certificate.json").read_text())
+    assert cert["status"] == "infeasible" and not (out / "repaired.pt2").exists()
+    assert sorted(c["index"] for c in cert["conflicts"]) == [0, 3]
+    assert "points[0]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("make,extra,message", [
+    (lambda d: None, ["--layer", "9"], "no linear layer named '9'"),
+    (lambda d: None, ["--layer", "1"], "does not end the classifier"),
+    (lambda d: None, ["--margin", "-1"], "margin must be"),
+    (lambda d: np.savez(d / "p.npz", x=np.zeros((2, 3, 3), np.float32), y=np.zeros(2, np.int64)), [], "the model takes (1, 3, 4)"),
+    (lambda d: np.savez(d / "p.npz", x=np.zeros((2, 1, 3, 4), np.float32), y=np.array([0, 7])), [], "labels must lie in 0..4"),
+    (lambda d: np.savez(d / "p.npz", x=np.full((2, 1, 3, 4), np.nan, np.float32), y=np.zeros(2, np.int64)), [], "NaN"),
+    (lambda d: (d / "m.pt2").write_bytes(b"not a program"), [], "not a readable torch.export program"),
+])
+def test_cli_bad_input_is_one_line_exit_2_and_nothing_written(exported, capsys, make, extra, message):
+    d = exported
+    make(d)
+    out = d / "out"
+    assert main(["repair", str(d / "m.pt2"), "--points", str(d / "p.npz"), "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cnnrepair: error:") and message in err[0]
+    assert not out.exists()
