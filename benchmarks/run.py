@@ -8,6 +8,7 @@ NAME is one of:
   k1        one-point repair ceiling: every candidate repair point tried, scored on the test set
   lp        repair-LP scaling: our default path against cvxopt and one generic cvxpy model
   threads   LP solve time with one and two BLAS threads, on an idle machine and beside a busy process
+  margins   pointwise repair program: our solver against HiGHS on the whole LP (L1 and PRDNN's program)
 
 Every JSON written here records the machine's core count, the library versions and the commands
 that produced its numbers.
@@ -359,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=0.5, help="drawdown budget in points of clean accuracy (default 0.5)")
     p = sub.add_parser("threads", help="LP time with 1 and 2 BLAS threads, idle and beside a busy process")
     p.add_argument("--cap", type=float, default=120.0, help="seconds a solve may take (default 120)")
+    p = sub.add_parser("margins", help="pointwise repair program: our solver against HiGHS on the whole LP")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, written to a temporary folder (a smoke check)")
+    p.add_argument("--cap", type=float, default=300.0, help="seconds each solve may take (default 300)")
     p = sub.add_parser("lp", help="repair-LP scaling benchmark")
     p.add_argument("--quick", action="store_true", help="small sizes only (K up to 100)")
     p.add_argument("--cap", type=float, default=120.0, help="seconds each solver path may take on one problem (default 120)")
@@ -397,6 +401,10 @@ def _dispatch(args: argparse.Namespace) -> None:
         from benchmarks.threads import run as run_threads
 
         print(f"wrote {run_threads(cap=args.cap)}")
+    elif args.name == "margins":
+        from benchmarks.margin_speed import run as run_margins
+
+        print(f"wrote {run_margins(quick=args.quick, cap=args.cap)}")
     elif args.name == "lp":
         from benchmarks.lp_scaling import run as run_lp
 

@@ -298,3 +298,29 @@ def test_cli_bad_input_is_one_line_exit_2_and_nothing_written(exported, capsys, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("cnnrepair: error:") and message in err[0]
     assert not out.exists()
+
+
+def test_the_readme_repair_example_runs_as_written(capsys):
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    blocks = [blk.split("```", 1)[0] for blk in text.split("```python\n")[1:]]
+    example = next(blk for blk in blocks if "repair_classifier(" in blk)
+    exec(compile(example, "README.md", "exec"), {})
+    status, layer, changed, certified = capsys.readouterr().out.split()
+    assert status == "repaired" and layer == "2" and int(changed) > 0 and certified == "True"
+
+
+def test_the_papers_experiment_runs_the_pointwise_spec_on_the_same_points(digits_run, tmp_path):
+    import shutil
+
+    from cnnrepair.rundir import RunDir
+
+    run = RunDir(shutil.copytree(digits_run, tmp_path / "run"))
+    base = ["--quiet", "repair-sweep", "--out", str(run.path), "--repair-eps", "0.1", "--eval-images", "60",
+            "--selection", "none", "--k", "5", "--extra-anchors", "20"]
+    assert main([*base, "--spec", "pointwise", "--margin", "0.1", "--variant", "pw"]) == 0
+    entry = run.results["repair_variants"]["pw"]["entries"][0]
+    assert entry["spec"] == "pointwise" and entry["lp"]["status"] == "optimal" and entry["lp"]["gap"] <= 1e-6
+    assert entry["efficacy"] == 1.0  # every repair point fixed, by construction
+    assert main([*base, "--spec", "pointwise", "--selection", "none,wilcoxon", "--variant", "pw2"]) == 2

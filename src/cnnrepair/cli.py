@@ -147,6 +147,10 @@ def _add_repair_args(p: argparse.ArgumentParser) -> None:
                    help="pairs: also keep each repair point's clean image at LH's values (beyond the paper; default none)")
     p.add_argument("--points", choices=["random", "typical"], default="random",
                    help="which repair points come first: random (seeded; default) or typical (feature shift closest to the pool's mean)")
+    p.add_argument("--spec", choices=["targets", "pointwise"], default="targets",
+                   help="targets: the paper's program (default); pointwise: every repair point gets its label with --margin, "
+                        "anchors keep LH's label, minimal L1 change (needs --selection none)")
+    p.add_argument("--margin", type=float, default=0.05, help="margin of the pointwise spec (default 0.05)")
     p.add_argument("--extra-anchors", type=int, default=0, help="clean training images whose LH values the repair must keep (default 0)")
     p.add_argument("--delta-weight", type=float, default=1.0,
                    help="price of one unit of slack against one unit of |gamma| (lambda; default 1, the paper's objective)")
@@ -221,6 +225,8 @@ def _repair_settings(args: argparse.Namespace, dataset: str, seed: int):
         raise CnnRepairError(f"--select-p must be in (0, 1], got {args.select_p}")
     if args.extra_anchors < 0 or not args.anchor_weight or min(args.anchor_weight) <= 0 or args.delta_weight <= 0:
         raise CnnRepairError("--extra-anchors must be >= 0, --anchor-weight and --delta-weight > 0")
+    if args.spec == "pointwise" and (args.margin < 0 or "wilcoxon" in args.selection):
+        raise CnnRepairError("--spec pointwise needs --margin >= 0 and --selection none (it changes any feature the optimum needs)")
     several = len(set(args.anchor_weight)) > 1
     if several and (args.extra_anchors == 0 and args.anchors == "none"):
         raise CnnRepairError("several --anchor-weight values need anchors to weigh; add --extra-anchors N or --anchors pairs")
@@ -236,7 +242,7 @@ def _repair_settings(args: argparse.Namespace, dataset: str, seed: int):
         raise CnnRepairError(f"--threads must be >= 1 (got {args.threads})")
     return RepairSettings(eps=eps, ks=sorted(set(args.k)), selections=selections, solver=args.solver, target=args.target,
                           select_p=args.select_p, eval_images=args.eval_images, time_limit=args.time_limit,
-                          n_jobs=args.jobs, seed=seed, anchors=args.anchors, points=args.points,
+                          n_jobs=args.jobs, seed=seed, spec=args.spec, margin=args.margin, anchors=args.anchors, points=args.points,
                           extra_anchors=args.extra_anchors, anchor_weight=max(args.anchor_weight),
                           anchor_weights=sorted(set(args.anchor_weight)) if several else [],
                           drawdown_budget=args.drawdown_budget, val_images=args.val_images, delta_weight=args.delta_weight,

@@ -43,7 +43,7 @@ from cnnrepair.errors import CnnRepairError
 from cnnrepair.evaluation import make_adversarial_set, set_path
 from cnnrepair.hybrid import HybridNet, LinearHead, save_head
 from cnnrepair.io import load_npz, save_npz
-from cnnrepair.repair import RepairProblem, repair, wilcoxon_select
+from cnnrepair.repair import MarginProblem, RepairProblem, RepairResult, repair, solve_margins, wilcoxon_select
 from cnnrepair.rundir import RunDir
 from cnnrepair.training import Progress, model_device, outputs, predict
 
@@ -73,6 +73,8 @@ class RepairSettings:
     val_images: int = 10000
     min_point_eps: float = 0.0
     threads: int | None = None
+    spec: str = "targets"
+    margin: float = 0.05
 
 
 def repair_pool(run: RunDir, ds: Dataset, lh: HybridNet, eps: float, needed: int, attack_name: str, seed: int,
@@ -197,8 +199,22 @@ def _validation_pool(ds: Dataset, lh: HybridNet, s: RepairSettings) -> dict[str,
     return {"index": idx, "x": outputs(lh.features, ds.x_train[idx]), "y": ds.y_train[idx]}
 
 
+def _solve_pointwise(W: np.ndarray, b: np.ndarray, Xa: np.ndarray, labels: np.ndarray, n_anchor: int, lh_head: LinearHead,
+                     s: RepairSettings) -> RepairResult:
+    """The guaranteed spec on the same points: every repair point labelled with ``s.margin``, every
+    anchor keeps LH's label (hard), minimal L1 change of W (the bias stays, as in the paper's RLH)."""
+    K = len(labels)
+    keep_labels = lh_head.decision_values(Xa[K:]).argmax(1) if n_anchor else np.zeros(0, np.int64)
+    problem = MarginProblem(W, b, Xa, np.concatenate([labels, keep_labels]),
+                            np.concatenate([np.full(K, s.margin), np.zeros(n_anchor)]), None, "l1", True)
+    sol = solve_margins(problem, time_limit=s.time_limit)
+    return RepairResult(sol.delta_weight, np.zeros((len(Xa), W.shape[0])), float(sol.objective) if sol.ok else float("nan"),
+                        sol.status, "margins", sol.seconds, {**sol.size, "variables": 2 * sol.size.get("entries", 0)},
+                        [{"lower_bound": sol.lower_bound, "gap": sol.gap}])
+
+
 def _solve(W: np.ndarray, b: np.ndarray, X: np.ndarray, Y: np.ndarray, clean: np.ndarray, lh_head: LinearHead, anchor_pool: dict,
-           val: dict[str, np.ndarray], mask: np.ndarray | None, s: RepairSettings):
+           val: dict[str, np.ndarray], mask: np.ndarray | None, s: RepairSettings, labels: np.ndarray | None = None):
     """Solve one entry's LP; with several anchor weights, calibrate on the validation images.
 
     Weights are tried from the smallest up; the first whose validation drawdown (points of clean
@@ -206,6 +222,8 @@ def _solve(W: np.ndarray, b: np.ndarray, X: np.ndarray, Y: np.ndarray, clean: np
     kept and the entry says the budget was not met. Returns (result, rows, calibration or None).
     """
     Xa, Ya, _, n_anchor = _with_anchors(X, Y, clean, lh_head, anchor_pool, s)
+    if s.spec == "pointwise":
+        return _solve_pointwise(W, b, Xa, labels, n_anchor, lh_head, s), (Xa, Ya, None, n_anchor), None
 
     def solve(aw: float):
         weights = _point_weights(len(X), n_anchor, aw)
@@ -295,14 +313,17 @@ def run_repair_experiment(run: RunDir, ds: Dataset, models: dict[str, torch.nn.M
                     entries.append({"eps": eps, "k": K, "k_used": 0, "selection": sel, "error": "no adversarial training example of LH found; nothing to repair"})
                     continue
                 mask, sel_info = mask_cache[sel]
-                result, (Xa, Ya, weights, n_anchor), calibration = _solve(W, b, X, Y, pool["clean"][:k_used], lh.head, anchor_pool, val, mask, s)
+                result, (Xa, Ya, weights, n_anchor), calibration = _solve(W, b, X, Y, pool["clean"][:k_used], lh.head, anchor_pool, val, mask, s,
+                                                                  ds.y_train[pool["index"][:k_used]])
                 name = f"eps{eps:g}_k{K}_{sel}"
                 entry = {"name": name, "eps": eps, "point_eps": point_eps, "k": K, "k_used": k_used, "selection": sel, **sel_info,
-                         "target": s.target,
+                         "target": s.target, "spec": s.spec, **({"margin": s.margin} if s.spec == "pointwise" else {}),
                          "anchors": s.anchors, "n_anchor_points": n_anchor, "lp": result.summary()}
                 if calibration is not None:
                     entry["calibration"] = calibration
-                entry["lp"].pop("per_class")
+                per_class = entry["lp"].pop("per_class")
+                if s.spec == "pointwise" and per_class:
+                    entry["lp"].update(per_class[0])  # its certified lower bound and gap
                 save_npz(folder / name / "repair_problem.npz", W=W, b=b, X=Xa, Y=Ya,
                          mask=mask if mask is not None else np.ones(W.shape[1], bool), gamma=result.gamma, delta=result.delta,
                          objective=np.array(result.objective), solver=np.array(result.solver), status=np.array(result.status),

@@ -1,0 +1,146 @@
+"""Speed of the pointwise (margin) repair program: our solver against HiGHS on the whole LP, side by side.
+
+Problems: 10 classes, ReLU-like random features (max(0, N(0,1))), a random head, and repair points
+labelled with their runner-up class (an adversarial example's true class is usually the runner-up),
+margin 0.05; keep points hold their current label (margin 0). Three programs on each:
+
+* ``ours``: :func:`cnnrepair.repair.solve_margins`, L1 (the default spec);
+* ``highs-lp``: the same L1 program written out in full (every row, every entry) for HiGHS;
+* ``prdnn``: PRDNN's program (mean|d| + max|d|, |d| <= 3, margin 0.05) in full for HiGHS, and the
+  same program through ``ours`` (``--norm l1+linf --max-change 3``).
+
+Each solve runs in its own spawned process under a cap; a program that timed out is not tried on
+larger sizes. Objectives of the same program are compared (relative difference) where both finished.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+SIZES = [(100, 800, 0), (1000, 512, 0), (1000, 800, 0), (1000, 800, 2000), (1000, 4096, 0)]
+QUICK = [(20, 64, 0), (40, 64, 40)]
+
+
+def problem(K: int, n: int, keep: int, norm: str = "l1", max_change: float | None = None, seed: int = 0):
+    from cnnrepair.repair import MarginProblem
+
+    rng = np.random.default_rng(seed)
+    C = 10
+    W = rng.normal(size=(C, n)) / np.sqrt(n)
+    b = 0.1 * rng.normal(size=C)
+    F = np.maximum(rng.normal(size=(K + keep, n)), 0.0)
+    L = F @ W.T + b
+    labels = L.argmax(1)
+    labels[:K] = np.argsort(-L[:K], 1)[:, 1]
+    margins = np.concatenate([np.full(K, 0.05), np.zeros(keep)])
+    return MarginProblem(W, b, F, labels, margins, None, norm, False, max_change)
+
+
+def full_lp_highs(p, time_limit: float | None = None) -> float:
+    """The whole program (all N(C-1) margin rows, all entries) handed to HiGHS; returns the optimum."""
+    from cnnrepair.repair.targets import _highs_status, _new_highs, _pass_lp
+
+    C, n = p.weight.shape
+    nc = n + 1
+    N = len(p.labels)
+    L0 = p.logits()
+    pts = np.repeat(np.arange(N), C)
+    cls = np.tile(np.arange(C), N)
+    keep = cls != p.labels[pts]
+    pts, cls = pts[keep], cls[keep]
+    rhs = p.margins[pts] - (L0[pts, p.labels[pts]] - L0[pts, cls])
+    Fb = np.hstack([p.features, np.ones((N, 1))])
+    m = len(pts)
+    rows = np.repeat(np.arange(m), 2 * nc)
+    cols = np.concatenate([np.stack([p.labels[pts] * nc + i, cls * nc + i], 1) for i in range(nc)], 1).reshape(-1)
+    vals = np.concatenate([np.stack([Fb[pts, i], -Fb[pts, i]], 1) for i in range(nc)], 1).reshape(-1)
+    A = sp.csc_matrix((vals, (rows, cols)), shape=(m, C * nc))
+    a, b = p.norm_coefficients()
+    E = C * nc
+    blocks = [A, -A]
+    cost = [np.full(2 * E, a)]
+    row_lo, row_hi = [rhs], [np.full(m, np.inf)]
+    if b > 0:  # d+ + d- - t <= 0
+        blocks.append(sp.csc_matrix((m, 1)))
+        I = sp.identity(E, format="csc")
+        lin = sp.hstack([I, I, -sp.csc_matrix(np.ones((E, 1)))], format="csc")
+        A_all = sp.vstack([sp.hstack(blocks, format="csc"), lin], format="csc")
+        cost.append([b])
+        row_lo.append(np.full(E, -np.inf))
+        row_hi.append(np.zeros(E))
+    else:
+        A_all = sp.hstack(blocks, format="csc")
+    c = np.concatenate(cost)
+    upper = np.full(A_all.shape[1], np.inf)
+    if p.max_change is not None:
+        upper[:2 * E] = p.max_change
+    h = _new_highs(time_limit, "simplex")
+    _pass_lp(h, c, A_all, upper, np.concatenate(row_lo), np.concatenate(row_hi))
+    h.run()
+    if _highs_status(h) != "optimal":
+        raise RuntimeError(_highs_status(h))
+    return float(h.getInfo().objective_function_value)
+
+
+def _ours(p, _arg):
+    from cnnrepair.repair import solve_margins
+
+    s = solve_margins(p)
+    if not s.ok:
+        raise RuntimeError(s.status)
+    return s.objective
+
+
+def _full(p, _arg):
+    return full_lp_highs(p)
+
+
+def run(quick: bool = False, cap: float = 300.0) -> Path:
+    """Every program on every size, each solve in its own process under ``cap`` seconds."""
+    from benchmarks.lp_scaling import timed
+    from benchmarks.run import _machine, _write
+
+    sizes = QUICK if quick else SIZES
+    rows = []
+    gave_up: set[str] = set()
+    for K, n, keep in sizes:
+        for program, norm, bound in (("l1", "l1", None), ("prdnn", "l1+linf", 3.0)):
+            p = problem(K, n, keep, norm, bound)
+            row = {"K": K, "features": n, "keep": keep, "program": program}
+            for solver, fn in (("ours", _ours), ("highs-lp", _full)):
+                key = f"{program}/{solver}/{keep > 0}"
+                if key in gave_up:
+                    row[solver] = {"status": "skipped", "seconds": None, "objective": None, "note": "timed out on a smaller size"}
+                    continue
+                t0 = time.perf_counter()
+                row[solver] = timed(fn, p, None, cap, start="spawn")
+                row[solver]["wall_s"] = time.perf_counter() - t0
+                if row[solver]["status"] == "timeout":
+                    gave_up.add(key)
+            a, b = row["ours"].get("objective"), row["highs-lp"].get("objective")
+            if a is not None and b is not None:
+                row["relative_difference"] = abs(a - b) / max(abs(b), 1e-300)
+                row["speedup"] = row["highs-lp"]["seconds"] / row["ours"]["seconds"]
+            rows.append(row)
+            print(f"K={K} n={n} keep={keep} {program}: ours {row['ours']['status']} {row['ours'].get('seconds')}, "
+                  f"highs-lp {row['highs-lp']['status']} {row['highs-lp'].get('seconds')}", flush=True)
+    out = {"machine": _machine(), "cap_s": cap, "quick": quick,
+           "command": "python -m benchmarks.run margins" + (" --quick" if quick else "") + f" --cap {cap:g}",
+           "problems": "10 classes, features max(0, N(0,1)), head N(0, 1/n), repair points labelled with their runner-up class, margin 0.05; keep points keep their label",
+           "rows": rows}
+    return _write_quick(out) if quick else _write("margin_speed.json", out)
+
+
+def _write_quick(out: dict) -> Path:
+    """Quick runs are for tests and smoke checks: they never replace the committed table."""
+    import tempfile
+
+    from cnnrepair.io import write_json
+
+    path = Path(tempfile.mkdtemp(prefix="margin-speed-")) / "margin_speed_quick.json"
+    write_json(path, out)
+    return path
