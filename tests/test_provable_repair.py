@@ -324,3 +324,22 @@ def test_the_papers_experiment_runs_the_pointwise_spec_on_the_same_points(digits
     assert entry["spec"] == "pointwise" and entry["lp"]["status"] == "optimal" and entry["lp"]["gap"] <= 1e-6
     assert entry["efficacy"] == 1.0  # every repair point fixed, by construction
     assert main([*base, "--spec", "pointwise", "--selection", "none,wilcoxon", "--variant", "pw2"]) == 2
+
+
+@pytest.mark.parametrize("keep,freeze_bias", [("none", False), ("hard", True), ("soft", False)])
+def test_the_interior_point_path_reaches_the_same_optimum(monkeypatch, keep, freeze_bias):
+    import cnnrepair.repair.margins as M
+
+    monkeypatch.setattr(M, "_IPM_ROWS", 1)  # every L1 problem takes the structured interior point
+    for seed in range(3):
+        p = _problem(seed, "l1", freeze_bias, keep, None)
+        ref = reference_optimum(p)
+        if not np.isfinite(ref):
+            continue
+        s = solve_margins(p)
+        assert s.ok and s.size.get("method") == "interior point"
+        assert s.objective == pytest.approx(ref, rel=1e-6) and s.gap <= 1e-6
+        assert s.lower_bound <= ref * (1 + 1e-9)
+        m = margins_of(p.logits(s.delta_weight, s.delta_bias), p.labels)
+        hard = np.isinf(p.prices)
+        assert np.all(m[hard] >= p.margins[hard] - 1e-7)  # the solve tolerance: 1e-8 of the largest required change

@@ -40,6 +40,7 @@ from cnnrepair.errors import CnnRepairError
 NORMS = ("l1", "linf", "l1+linf")
 GAP = 1e-6  # certified relative gap the solve must reach
 _FEAS = 1e-9  # primal / dual feasibility tolerance of the scaled program
+_CROSSOVER = "on"
 _IPM_ROWS = 300  # from this many margin rows on, a round runs HiGHS's interior point
 _PRICE_START, _PRICE_MAX = 1e3, 1e9  # elastic price of hard points, scaled units
 
@@ -387,6 +388,10 @@ def solve_margins(p: MarginProblem, time_limit: float | None = None, max_rounds:
         return MarginSolution("optimal", *zero, 0.0, 0.0, time.perf_counter() - t0)
     alpha = float(np.abs(p.features).max()) or 1.0
     beta = float(R0[need].max())
+    if p.norm == "l1" and p.max_change is None and int((R0 > 0).sum()) >= _IPM_ROWS:
+        found = _solve_rows_ipm(p, R0, alpha, beta, t0, time_limit)
+        if found is not None:
+            return found
     master = _Master(p, alpha, beta, time_limit)
     ncoef = master.ncoef
     # first rows: every (point, class) the unchanged layer violates
@@ -407,7 +412,7 @@ def solve_margins(p: MarginProblem, time_limit: float | None = None, max_rounds:
     master.add_entries(np.array(sorted(seed), np.int64))
     rounds = 0
     status = "optimal"
-    master.h.setOptionValue("run_crossover", "on")
+    master.h.setOptionValue("run_crossover", _CROSSOVER)
     while True:
         # many dense rows: HiGHS's interior point (with crossover) beat warm-started dual simplex by 10x in our runs
         master.h.setOptionValue("solver", "ipm" if len(master.rows) >= _IPM_ROWS else "simplex")
@@ -534,3 +539,205 @@ def find_conflicts(p: MarginProblem, suspects: list[int], master: _Master | None
             break
         chunk = max(1, chunk // 2)
     return np.asarray(cands, np.int64)
+
+
+_IPM_GAP = 1e-8  # certified relative gap each interior-point solve aims for
+_IPM_HARD_PRICE = 1e4  # elastic price of hard points in the interior point (scaled units)
+_NEAR = 0.02  # scaled units (the largest required change is 1)
+_IPM_PATIENCE = 6  # iterations without a better certificate before an interior-point solve stops
+
+
+class _RowsIPM:
+    """Mehrotra predictor-corrector for the L1 margin program on a set of rows, with every entry.
+
+    Standard form: ``A(p - q) + B e - s = r`` with p, q (entries), e (one shortfall per point),
+    s (surplus) >= 0; costs a, a, price, 0. The normal matrix ``A D A^T + B D_e B^T + D_s`` is
+    rows x rows and is built class by class (a row touches its label's and its rival's entries
+    only), so all ``C (n+1)`` entries cost only a product with the features: no column generation.
+    """
+
+    def __init__(self, p: MarginProblem, G: np.ndarray, alpha: float, pts: np.ndarray, cls: np.ndarray, r: np.ndarray,
+                 price: np.ndarray):
+        self.p, self.G, self.alpha = p, G, alpha
+        self.pts, self.cls, self.r = pts, cls, r
+        self.lab = p.labels[pts]
+        self.C = p.num_classes
+        self.nc = G.shape[1] + (0 if p.freeze_bias else 1)
+        self.Gt = G if p.freeze_bias else np.hstack([G, np.full((len(G), 1), 1.0 / alpha)])
+        self.points, self.row_point = np.unique(pts, return_inverse=True)
+        self.price = price[self.points]
+        m = len(pts)
+        self.B = sp.csr_matrix((np.ones(m), (np.arange(m), self.row_point)), shape=(m, len(self.points)))
+        self.by_class = []
+        for c in range(self.C):
+            idx = np.flatnonzero((self.lab == c) | (self.cls == c))
+            sign = np.where(self.lab[idx] == c, 1.0, -1.0)
+            self.by_class.append((idx, sign[:, None] * self.Gt[pts[idx]]))
+
+    def At(self, y: np.ndarray) -> np.ndarray:
+        """A^T y as a C x nc matrix."""
+        Z = np.zeros((self.C, self.nc))
+        for c, (idx, Gc) in enumerate(self.by_class):
+            Z[c] = y[idx] @ Gc
+        return Z
+
+    def A(self, d: np.ndarray) -> np.ndarray:
+        """A d for a change d (C x nc): the logit-difference change of every row."""
+        L = self.Gt[self.pts] @ d.T
+        rows = np.arange(len(self.pts))
+        return L[rows, self.lab] - L[rows, self.cls]
+
+    def solve(self, a: float, deadline: float | None) -> tuple[str, np.ndarray, np.ndarray]:
+        """(status, d, y): the change (C x nc, scaled units) and row multipliers of the best certified iterate."""
+        import scipy.linalg as sla
+
+        m, P = len(self.pts), len(self.points)
+        E = self.C * self.nc
+        w = self.price
+        t = 1.0 + float(np.abs(self.r).mean())
+        short0 = np.zeros(P)
+        np.maximum.at(short0, self.row_point, np.maximum(self.r, 0.0))
+        X = [np.full(E, t), np.full(E, t), short0 + t, None]
+        X[3] = self.B @ X[2] - self.r
+        Aty1 = np.abs(self.At(np.ones(m))).max()
+        eta = min(0.5 * a / max(Aty1, 1e-300), 0.5 * float(w.min()) / max(1.0, float(np.bincount(self.row_point).max())))
+        y = np.full(m, eta)
+        Aty = self.At(y).ravel()
+        Z = [a - Aty, a + Aty, w - self.B.T @ y, y.copy()]
+        n_all = 2 * E + P + m
+        best, best_it = (np.inf, None, None), 0  # (relative gap, d, y)
+        with np.errstate(all="ignore"):
+            for it in range(200):
+                d = (X[0] - X[1]).reshape(self.C, self.nc)
+                upper, lower = self._bounds(d, y, a)
+                rel = (upper - lower) / max(abs(upper), 1e-300)
+                if np.isfinite(rel) and rel < best[0] and self._hard_ok(d):
+                    best, best_it = (rel, d.copy(), y.copy()), it
+                if it - best_it > _IPM_PATIENCE:  # late iterations are ill-conditioned: keep the best certificate
+                    break
+                if upper - lower <= _IPM_GAP * abs(upper) and self._hard_ok(d):
+                    return "optimal", d, y
+                if deadline is not None and time.perf_counter() > deadline:
+                    return "time_limit", d, y
+                Aty = self.At(y).ravel()
+                rd = [a - Aty - Z[0], a + Aty - Z[1], w - self.B.T @ y - Z[2], y - Z[3]]
+                rp = self.r - (self.A(d) + self.B @ X[2] - X[3])
+                mu = sum(x @ z for x, z in zip(X, Z)) / n_all
+                D = [x / z for x, z in zip(X, Z)]
+                theta = (D[0] + D[1]).reshape(self.C, self.nc)
+                M = np.zeros((m, m))
+                for c, (idx, Gc) in enumerate(self.by_class):
+                    if len(idx):
+                        M[np.ix_(idx, idx)] += (Gc * theta[c]) @ Gc.T
+                M += (self.B.multiply(D[2][None, :]) @ self.B.T).toarray()
+                M[np.diag_indices(m)] += D[3]
+                factor, reg = None, 1e-14 * float(M.diagonal().max())
+                while factor is None and reg < 1e-4 * float(M.diagonal().max()):
+                    try:
+                        factor = np.linalg.cholesky(M)
+                    except np.linalg.LinAlgError:
+                        M[np.diag_indices(m)] += reg
+                        reg *= 100.0
+                if factor is None:
+                    break
+
+                def direction(comp):
+                    q = [(cm - x * r_) / z for cm, x, r_, z in zip(comp, X, rd, Z)]
+                    rhs = rp - (self.A((q[0] - q[1]).reshape(self.C, self.nc)) + self.B @ q[2] - q[3])
+                    dy = sla.solve_triangular(factor, sla.solve_triangular(factor, rhs, lower=True, check_finite=False),
+                                              lower=True, trans="T", check_finite=False)
+                    Atdy = self.At(dy).ravel()
+                    Btdy = self.B.T @ dy
+                    dX = [q[0] + D[0] * Atdy, q[1] - D[1] * Atdy, q[2] + D[2] * Btdy, q[3] - D[3] * dy]
+                    dZ = [rd[0] - Atdy, rd[1] + Atdy, rd[2] - Btdy, rd[3] + dy]
+                    return dy, dX, dZ
+
+                dy, dX, dZ = direction([-x * z for x, z in zip(X, Z)])
+                ap, ad = _step(X, dX), _step(Z, dZ)
+                mu_aff = sum((x + ap * dx) @ (z + ad * dz) for x, dx, z, dz in zip(X, dX, Z, dZ)) / n_all
+                sigma = (mu_aff / mu) ** 3
+                dy, dX, dZ = direction([-x * z + sigma * mu - dx * dz for x, z, dx, dz in zip(X, Z, dX, dZ)])
+                ap, ad = 0.995 * _step(X, dX), 0.995 * _step(Z, dZ)
+                X = [x + ap * dx for x, dx in zip(X, dX)]
+                Z = [z + ad * dz for z, dz in zip(Z, dZ)]
+                y = y + ad * dy
+        if best[1] is not None and best[0] <= 0.1 * GAP:  # stalled a hair above its aim, well within the contract
+            return "optimal", best[1], best[2]
+        return "not_converged", (X[0] - X[1]).reshape(self.C, self.nc), y
+
+    def _shortfall(self, d: np.ndarray) -> np.ndarray:
+        short = np.zeros(len(self.points))
+        np.maximum.at(short, self.row_point, np.maximum(self.r - self.A(d), 0.0))
+        return short
+
+    def _hard_ok(self, d: np.ndarray) -> bool:
+        hard = ~np.isfinite(self.p.prices[self.points])
+        return bool((self._shortfall(d)[hard] <= 10 * _FEAS).all())
+
+    def _bounds(self, d: np.ndarray, y: np.ndarray, a: float) -> tuple[float, float]:
+        """Elastic objective at d, and the certified lower bound of the same elastic program from y."""
+        short = self._shortfall(d)
+        upper = a * float(np.abs(d).sum()) + float(self.price @ short)
+        z = np.abs(self.At(y)).max()
+        cap = np.zeros(len(self.points))
+        np.add.at(cap, self.row_point, y)
+        s = min(1.0, a / max(z, 1e-300), float(np.min(self.price / np.maximum(cap, 1e-300))))
+        return upper, s * float(self.r @ y)
+
+
+def _step(v: list[np.ndarray], dv: list[np.ndarray]) -> float:
+    ratios = [np.min(-x[dx < 0] / dx[dx < 0], initial=np.inf) for x, dx in zip(v, dv)]
+    return min(1.0, min(ratios))
+
+
+def _solve_rows_ipm(p: MarginProblem, R0: np.ndarray, alpha: float, beta: float, t0: float,
+                    time_limit: float | None) -> MarginSolution | None:
+    """L1 without bounds, many rows: the structured interior point with row generation (None: let simplex do it)."""
+    N, C = R0.shape
+    G = p.features / alpha
+    price = np.where(np.isfinite(p.prices), p.prices * alpha, _IPM_HARD_PRICE)
+    in_set = R0 / beta > -_NEAR
+    in_set[np.arange(N), p.labels] = False
+    deadline = None if time_limit is None else t0 + time_limit
+    rounds = 0
+    while True:
+        pts, cls = np.nonzero(in_set)
+        ipm = _RowsIPM(p, G, alpha, pts, cls, R0[pts, cls] / beta, price)
+        status, d, y = ipm.solve(1.0, deadline)
+        rounds += 1
+        if status != "optimal":
+            return None
+        nc = ipm.nc
+        D = d * beta / alpha
+        dW, db = D[:, :p.weight.shape[1]], (D[:, -1] if not p.freeze_bias else np.zeros(C))
+        L = p.logits(dW, db)
+        Rk = (p.margins[:, None] - (L[np.arange(N), p.labels][:, None] - L)) / beta
+        Rk[np.arange(N), p.labels] = -np.inf
+        Rk[in_set] = -np.inf
+        allowed = np.zeros(N)
+        allowed[ipm.points] = ipm._shortfall(d)
+        allowed[~np.isfinite(p.prices)] = 0.0
+        bad = Rk - allowed[:, None] > 10 * _FEAS
+        if not bad.any():
+            break
+        # rows within a hair of binding bind after the next change as often as not: add them now, saving rounds
+        in_set |= bad | (Rk - allowed[:, None] > -_NEAR)
+    # an interior point is not a vertex: drop changes too small to matter when the certificate survives it
+    ydual = y / alpha
+    lower = certified_lower_bound(p, pts, cls, ydual)
+    for threshold in (1e-6, 1e-8, 1e-10, 0.0):
+        keep = np.abs(D) > threshold * np.abs(D).max(initial=0.0)
+        D2 = np.where(keep, D, 0.0)
+        dW2, db2 = D2[:, :p.weight.shape[1]], (D2[:, -1] if not p.freeze_bias else np.zeros(C))
+        short = p.shortfall(p.logits(dW2, db2))
+        hard = ~np.isfinite(p.prices)
+        obj = p.objective(dW2, db2)
+        if (short[hard] <= 10 * _FEAS * beta).all() and obj - lower <= GAP * obj:
+            dW, db = dW2.copy(), db2.copy()
+            break
+    size = {"rows": int(in_set.sum()), "entries": C * nc, "points": N, "full_rows": N * (C - 1), "full_entries": C * nc}
+    witness = {"point": pts.astype(np.int64), "class": cls.astype(np.int64), "multiplier": ydual}
+    obj = p.objective(dW, db)
+    if obj - lower > GAP * obj:
+        return None
+    return MarginSolution("optimal", dW, db, obj, lower, time.perf_counter() - t0, rounds, {**size, "method": "interior point"}, witness)
