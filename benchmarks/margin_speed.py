@@ -144,3 +144,24 @@ def _write_quick(out: dict) -> Path:
     path = Path(tempfile.mkdtemp(prefix="margin-speed-")) / "margin_speed_quick.json"
     write_json(path, out)
     return path
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: seconds per program and solver, the ratio, and whether the optima agree."""
+    out = ["| K | features | keep | program | ours (s) | HiGHS, whole LP (s) | HiGHS / ours | optima agree |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def cell(r: dict) -> str:
+        if r["status"] == "ok":
+            return f"{r['seconds']:.2f}"
+        if r["status"] == "timeout":
+            return f"> {r['cap_s']:g} (cap)"
+        return r["status"]
+
+    for row in rows:
+        agree = f"{row['relative_difference']:.0e}" if "relative_difference" in row else "-"
+        ratio = f"{row['speedup']:.1f}x" if "speedup" in row else (
+            f"> {row['highs-lp']['cap_s'] / row['ours']['seconds']:.0f}x" if row["highs-lp"]["status"] == "timeout" and row["ours"]["status"] == "ok" else "-")
+        name = "L1" if row["program"] == "l1" else "PRDNN's (mean + max, bound 3)"
+        out.append(f"| {row['K']:,} | {row['features']:,} | {row['keep']:,} | {name} | {cell(row['ours'])} | {cell(row['highs-lp'])} | {ratio} | {agree} |")
+    return "\n".join(out)

@@ -8,6 +8,7 @@ NAME is one of:
   k1        one-point repair ceiling: every candidate repair point tried, scored on the test set
   lp        repair-LP scaling: our default path against cvxopt and one generic cvxpy model
   threads   LP solve time with one and two BLAS threads, on an idle machine and beside a busy process
+  field     the repair field's measures on MNIST-C fog (efficacy, drawdown, generalisation)
   margins   pointwise repair program: our solver against HiGHS on the whole LP (L1 and PRDNN's program)
 
 Every JSON written here records the machine's core count, the library versions and the commands
@@ -252,11 +253,17 @@ def readme_section() -> str:
             if s.get("min_point_eps"):
                 extra += f", repair points attacked at eps >= {s['min_point_eps']:g}"
             cal = any("calibration" in e for e in r["entries"])
-            lines += [f"**{ds}** (target {s['target']}, anchors {s.get('anchors', 'none')}{extra}{dw}, points {s.get('points', 'random')}, "
-                      f"solver {s['solver']})", "",
-                      "| eps | K | selection | LP variables | LP s | Data LH | Data RLH | drawdown | fixed | LH adv. | efficacy | HADV LH | RHADV RLH |"
-                      + (" anchor weight (held-out drawdown) |" if cal else ""),
-                      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if cal else "")]
+            if s.get("spec") == "pointwise":
+                lines += [f"**{ds}** (pointwise spec: every repair point labelled with margin {s['margin']:g}, "
+                          f"{s['extra_anchors']} extra clean anchors as hard keep points, minimal L1 change of W)", "",
+                          "| eps | K | selection | LP variables | LP s | Data LH | Data RLH | drawdown | fixed | LH adv. | efficacy | HADV LH | RHADV RLH |",
+                          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            else:
+                lines += [f"**{ds}** (target {s['target']}, anchors {s.get('anchors', 'none')}{extra}{dw}, points {s.get('points', 'random')}, "
+                          f"solver {s['solver']})", "",
+                          "| eps | K | selection | LP variables | LP s | Data LH | Data RLH | drawdown | fixed | LH adv. | efficacy | HADV LH | RHADV RLH |"
+                          + (" anchor weight (held-out drawdown) |" if cal else ""),
+                          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if cal else "")]
             for e in r["entries"]:
                 if "accuracy" not in e:
                     lines.append(f"| {e['eps']:g} | {e['k']} | {e['selection']} | - | - | - | - | - | - | - | - | - | {e.get('error', '')} |"
@@ -327,6 +334,26 @@ def readme_section() -> str:
                   f"`{lp['command']}` on {lp['machine']['cores']} CPU cores, {lp['machine']['measured']}; each path runs in its own "
                   f"process under a {lp['cap_s']:g} s cap. `ours (auto)` is the default `repair()` path.", "",
                   lp_table(lp["rows"]), ""]
+    ms_path = RESULTS / "margin_speed.json"
+    if ms_path.is_file():
+        from benchmarks.margin_speed import table as margin_table
+
+        ms = json.loads(ms_path.read_text())
+        lines += ["### Pointwise repair: our solver against HiGHS on the whole program", "",
+                  f"`{ms['command']}` on {ms['machine']['cores']} CPU cores, {ms['machine']['measured']}; each solve in its own process "
+                  f"under a {ms['cap_s']:g} s cap (a program that timed out is not tried on larger sizes). {ms['problems']}.", "",
+                  margin_table(ms["rows"]), ""]
+    fog_path = RESULTS / "field_fog.json"
+    if fog_path.is_file():
+        from benchmarks.field import table as field_table
+
+        fg = json.loads(fog_path.read_text())
+        t = fg["task"]
+        lines += [f"### The field's measures on MNIST-C fog ({fg['run']})", "",
+                  f"`{fg['command']}`: fog severity {t['severity']} on the MNIST test set (seed {t['seed']}); repair the first "
+                  f"{t['repair_images']} fog images (pointwise, L1), generalisation on the other {t['generalisation_images']:,}, "
+                  f"drawdown on the clean test set; keep points: {t['keep_images']:,} clean training images the model gets right.", "",
+                  field_table(fg), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -360,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=0.5, help="drawdown budget in points of clean accuracy (default 0.5)")
     p = sub.add_parser("threads", help="LP time with 1 and 2 BLAS threads, idle and beside a busy process")
     p.add_argument("--cap", type=float, default=120.0, help="seconds a solve may take (default 120)")
+    p = sub.add_parser("field", help="efficacy, drawdown and generalisation of pointwise repair on MNIST-C fog")
+    p.add_argument("run", type=Path, help="a finished MNIST run directory (NN and LH)")
     p = sub.add_parser("margins", help="pointwise repair program: our solver against HiGHS on the whole LP")
     p.add_argument("--quick", action="store_true", help="tiny sizes, written to a temporary folder (a smoke check)")
     p.add_argument("--cap", type=float, default=300.0, help="seconds each solve may take (default 300)")
@@ -401,6 +430,10 @@ def _dispatch(args: argparse.Namespace) -> None:
         from benchmarks.threads import run as run_threads
 
         print(f"wrote {run_threads(cap=args.cap)}")
+    elif args.name == "field":
+        from benchmarks.field import run as run_field
+
+        print(f"wrote {run_field(args.run)}")
     elif args.name == "margins":
         from benchmarks.margin_speed import run as run_margins
 

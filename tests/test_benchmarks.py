@@ -1,5 +1,7 @@
 import json
 
+import numpy as np
+
 import pytest
 
 import benchmarks.run as bench
@@ -131,3 +133,24 @@ def test_collect_labels_repair_variants_by_run_and_name(digits_run, tmp_path, mo
     rep = json.loads((tmp_path / "results" / "repair.json").read_text())["datasets"]
     assert list(rep) == ["digits", "digits-anchored"]
     assert rep["digits-anchored"]["settings"]["extra_anchors"] == 5 and rep["digits"]["settings"]["extra_anchors"] == 0
+
+
+def test_margin_speed_benchmark_agrees_with_highs_on_the_whole_lp():
+    from benchmarks.margin_speed import run
+
+    out = json.loads(run(quick=True, cap=60).read_text())
+    assert out["rows"] and {r["program"] for r in out["rows"]} == {"l1", "prdnn"}
+    for row in out["rows"]:
+        assert row["ours"]["status"] == "ok" and row["highs-lp"]["status"] == "ok"
+        assert row["relative_difference"] <= 1e-6  # the same program, the same optimum
+
+
+def test_fog_is_reproducible_and_keeps_images_in_range():
+    from cnnrepair.corruptions import fog
+
+    x = (np.random.default_rng(0).random((3, 1, 28, 28)) * 255).astype(np.uint8)
+    a, b = fog(x, severity=5, seed=1), fog(x, severity=5, seed=1)
+    assert a.dtype == np.uint8 and a.shape == x.shape and np.array_equal(a, b)
+    assert not np.array_equal(a, fog(x, severity=5, seed=2)) and not np.array_equal(a, x)
+    with pytest.raises(ValueError, match="severity"):
+        fog(x, severity=6)

@@ -18,7 +18,9 @@ point) and, for L1, few entries change. :func:`solve_margins` exploits both, exa
 simplex on a restricted program, rows added when a point's margin is violated by the current
 change, entries added while their reduced cost is negative (``|A^T y| > a``), warm-started each
 round. It stops only when no row is violated and no entry prices out, which is optimality for the
-full program. Hard points are made elastic at a price that grows until their shortfall is zero; if
+full program. L1 problems with many violated rows (``_IPM_ROWS``, no ``max_change``) go first to a
+structured interior point (``_RowsIPM``): its normal matrix is rows x rows, built class by class,
+and holds every entry, so only rows are generated; each solve ends on the certificate below. Hard points are made elastic at a price that grows until their shortfall is zero; if
 it cannot be, a deletion filter names a small set of conflicting points (an irreducible infeasible
 subset of the points).
 
@@ -370,11 +372,13 @@ class _Master:
 
 
 def solve_margins(p: MarginProblem, time_limit: float | None = None, max_rounds: int = 10_000) -> MarginSolution:
-    """Solve the margin program exactly (row and column generation on HiGHS); see the module docstring.
+    """Solve the margin program exactly (structured interior point or HiGHS, with generation); see the module docstring.
 
     Status ``optimal`` comes with a certified lower bound whose relative gap to the objective is at
     most 1e-6; ``infeasible`` with ``conflicts`` (indices of points that cannot all meet their margins).
     """
+    from cnnrepair.repair.targets import _highs_status
+
     t0 = time.perf_counter()
     C, n = p.weight.shape
     N = len(p.labels)
@@ -420,8 +424,6 @@ def solve_margins(p: MarginProblem, time_limit: float | None = None, max_rounds:
             master.h.setOptionValue("time_limit", max(1e-3, time_limit - (time.perf_counter() - t0)))
         master.h.run()
         rounds += 1
-        from cnnrepair.repair.targets import _highs_status
-
         name = _highs_status(master.h)
         if name != "optimal":
             status = "time_limit" if name == "time_limit" else "failed"
@@ -591,6 +593,8 @@ class _RowsIPM:
         """(status, d, y): the change (C x nc, scaled units) and row multipliers of the best certified iterate."""
         import scipy.linalg as sla
 
+        from cnnrepair.repair.targets import _max_step as _step
+
         m, P = len(self.pts), len(self.points)
         E = self.C * self.nc
         w = self.price
@@ -683,11 +687,6 @@ class _RowsIPM:
         np.add.at(cap, self.row_point, y)
         s = min(1.0, a / max(z, 1e-300), float(np.min(self.price / np.maximum(cap, 1e-300))))
         return upper, s * float(self.r @ y)
-
-
-def _step(v: list[np.ndarray], dv: list[np.ndarray]) -> float:
-    ratios = [np.min(-x[dx < 0] / dx[dx < 0], initial=np.inf) for x, dx in zip(v, dv)]
-    return min(1.0, min(ratios))
 
 
 def _solve_rows_ipm(p: MarginProblem, R0: np.ndarray, alpha: float, beta: float, t0: float,
