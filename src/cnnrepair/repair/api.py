@@ -18,7 +18,7 @@ from torch import nn
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.repair.certificate import FORMAT, change_summary, model_margins
 from cnnrepair.repair.layer import LastLayer, last_layer
-from cnnrepair.repair.margins import MarginProblem, MarginSolution, margins_of, solve_margins
+from cnnrepair.repair.margins import MarginProblem, MarginSolution, solve_margins
 from cnnrepair.repair.spec import RepairSpec
 
 FLOAT32_ROUNDS = 5  # re-solves with a raised margin for points that float32 rounding left short
