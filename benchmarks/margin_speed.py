@@ -42,23 +42,13 @@ def problem(K: int, n: int, keep: int, norm: str = "l1", max_change: float | Non
 
 def full_lp_highs(p, time_limit: float | None = None) -> float:
     """The whole program (all N(C-1) margin rows, all entries) handed to HiGHS; returns the optimum."""
+    from cnnrepair.repair.margins import margin_rows
     from cnnrepair.repair.targets import _highs_status, _new_highs, _pass_lp
 
-    C, n = p.weight.shape
-    nc = n + 1
-    N = len(p.labels)
-    L0 = p.logits()
-    pts = np.repeat(np.arange(N), C)
-    cls = np.tile(np.arange(C), N)
-    keep = cls != p.labels[pts]
-    pts, cls = pts[keep], cls[keep]
-    rhs = p.margins[pts] - (L0[pts, p.labels[pts]] - L0[pts, cls])
-    Fb = np.hstack([p.features, np.ones((N, 1))])
-    m = len(pts)
-    rows = np.repeat(np.arange(m), 2 * nc)
-    cols = np.concatenate([np.stack([p.labels[pts] * nc + i, cls * nc + i], 1) for i in range(nc)], 1).reshape(-1)
-    vals = np.concatenate([np.stack([Fb[pts, i], -Fb[pts, i]], 1) for i in range(nc)], 1).reshape(-1)
-    A = sp.csc_matrix((vals, (rows, cols)), shape=(m, C * nc))
+    A, rhs = margin_rows(p, np.arange(len(p.labels)))
+    m = len(rhs)
+    C = p.num_classes
+    nc = A.shape[1] // C
     a, b = p.norm_coefficients()
     E = C * nc
     blocks = [A, -A]

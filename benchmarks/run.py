@@ -316,45 +316,40 @@ def readme_section() -> str:
         for m, r in ov["models"].items():
             lines.append(f"| {m.upper()} | {r['images_per_s']['foolbox']:.0f} | {r['images_per_s']['cnnrepair']:.0f} | {100 * r['overhead']:+.1f}% |")
         lines.append("")
-    th_path = RESULTS / "threads.json"
-    if th_path.is_file():
-        from benchmarks.threads import table as threads_table
+    from benchmarks.field import table as field_table
+    from benchmarks.lp_scaling import _table as lp_table  # regenerated, so table changes apply to old runs too
+    from benchmarks.margin_speed import table as margin_table
+    from benchmarks.threads import table as threads_table
 
-        th = json.loads(th_path.read_text())
-        lines += ["### Threads for the repair LP (random ReLU-like features, 10 classes)", "",
-                  f"`{th['command']}` on {th['machine']['cores']} CPU cores, {th['machine']['measured']}; \"busy\": a second "
-                  "process multiplies NumPy matrices with its default threads meanwhile. The default is one thread.", "",
-                  threads_table(th), ""]
-    lp_path = RESULTS / "lp_scaling.json"
-    if lp_path.is_file():
-        from benchmarks.lp_scaling import _table as lp_table  # regenerated, so table changes apply to old runs too
+    def on(d: dict) -> str:
+        return f"`{d['command']}` on {d['machine']['cores']} CPU cores, {d['machine']['measured']}"
 
-        lp = json.loads(lp_path.read_text())
-        lines += ["### Repair LP scaling (10 classes; random ReLU-like and real repair-pool features)", "",
-                  f"`{lp['command']}` on {lp['machine']['cores']} CPU cores, {lp['machine']['measured']}; each path runs in its own "
-                  f"process under a {lp['cap_s']:g} s cap. `ours (auto)` is the default `repair()` path.", "",
-                  lp_table(lp["rows"]), ""]
-    ms_path = RESULTS / "margin_speed.json"
-    if ms_path.is_file():
-        from benchmarks.margin_speed import table as margin_table
-
-        ms = json.loads(ms_path.read_text())
-        lines += ["### Pointwise repair: our solver against HiGHS on the whole program", "",
-                  f"`{ms['command']}` on {ms['machine']['cores']} CPU cores, {ms['machine']['measured']}; each solve in its own process "
-                  f"under a {ms['cap_s']:g} s cap (a program that timed out is not tried on larger sizes). {ms['problems']}.", "",
-                  margin_table(ms["rows"]), ""]
-    fog_path = RESULTS / "field_fog.json"
-    if fog_path.is_file():
-        from benchmarks.field import table as field_table
-
-        fg = json.loads(fog_path.read_text())
+    def fog_intro(fg: dict) -> str:
         t = fg["task"]
-        lines += [f"### The field's measures on MNIST-C fog ({fg['run']})", "",
-                  f"`{fg['command']}`: fog severity {t['severity']} on the MNIST test set (seed {t['seed']}); repair the first "
-                  f"{t['repair_images']} fog images (pointwise, L1), generalisation on the other {t['generalisation_images']:,}, "
-                  f"drawdown on the clean test set; keep points: {t['keep_images']:,} clean training images the model gets right.", "",
-                  field_table(fg), ""]
+        return (f"`{fg['command']}`: fog severity {t['severity']} on the MNIST test set (seed {t['seed']}); repair the first "
+                f"{t['repair_images']} fog images (pointwise, L1), generalisation on the other {t['generalisation_images']:,}, "
+                f"drawdown on the clean test set; keep points: {t['keep_images']:,} clean training images the model gets right.")
+
+    lines += _table_section("threads.json", lambda d: "### Threads for the repair LP (random ReLU-like features, 10 classes)",
+                            lambda d: f"{on(d)}; \"busy\": a second process multiplies NumPy matrices with its default threads "
+                                      "meanwhile. The default is one thread.", threads_table)
+    lines += _table_section("lp_scaling.json", lambda d: "### Repair LP scaling (10 classes; random ReLU-like and real repair-pool features)",
+                            lambda d: f"{on(d)}; each path runs in its own process under a {d['cap_s']:g} s cap. "
+                                      "`ours (auto)` is the default `repair()` path.", lambda d: lp_table(d["rows"]))
+    lines += _table_section("margin_speed.json", lambda d: "### Pointwise repair: our solver against HiGHS on the whole program",
+                            lambda d: f"{on(d)}; each solve in its own process under a {d['cap_s']:g} s cap (a program that timed "
+                                      f"out is not tried on larger sizes). {d['problems']}.", lambda d: margin_table(d["rows"]))
+    lines += _table_section("field_fog.json", lambda d: f"### The field's measures on MNIST-C fog ({d['run']})", fog_intro, field_table)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _table_section(name: str, title, intro, table) -> list[str]:
+    """Title, one sentence saying how it was measured, and the table of ``benchmarks/results/NAME`` (nothing if absent)."""
+    path = RESULTS / name
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    return [title(data), "", intro(data), "", table(data), ""]
 
 
 def readme() -> Path:

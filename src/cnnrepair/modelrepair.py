@@ -102,15 +102,13 @@ def run(job: RepairJob, out: Path, time_limit: float | None = None, threads: int
     out.mkdir(parents=True, exist_ok=True)
     target = out / "repaired.pt2"
     if result.ok:
-        wname, bname = _layer_tensors(job, result)
-        save_model(job.model, result.model, [t for t in (wname, bname) if t], target)
+        save_model(job.model, result.model, list(result.tensors), target)
         saved = load_model(target).module
         after = model_margins(saved, job.points.x, job.points.y)
         for p, m in zip(cert["points"], after):
             p["margin_after"] = float(m)
         if keep is not None and cert["keep"]["count"]:
-            ky = _keep_labels(job, keep)
-            km = model_margins(saved, keep.x, ky)
+            km = model_margins(saved, keep.x, np.asarray(cert["keep"]["labels"], np.int64))  # the labels repair kept
             cert["keep"]["smallest_margin_after"] = float(km.min())
             cert["keep"]["labels_kept"] = int((km > 0).sum())
         else:
@@ -126,20 +124,6 @@ def run(job: RepairJob, out: Path, time_limit: float | None = None, threads: int
         target.unlink()  # an old repaired model must not sit beside a certificate that does not cover it
     write_json(out / "certificate.json", cert)
     return cert
-
-
-def _keep_labels(job: RepairJob, keep: Points) -> np.ndarray:
-    """Keep labels as repair used them: the file's, or the original model's predictions."""
-    if keep.y is not None:
-        return keep.y
-    from cnnrepair.repair.certificate import model_logits
-
-    return model_logits(job.model.module, keep.x).argmax(1)
-
-
-def _layer_tensors(job: RepairJob, result) -> tuple[str, str | None]:
-    lay = last_layer(job.model.module, job.points.x[:2], job.layer)
-    return lay.parameter_names()
 
 
 def verify(cert_path: Path, model_path: Path, points_path: Path, keep_path: Path | None = None,

@@ -35,6 +35,7 @@ class ClassifierRepair:
     solution: object = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    tensors: tuple[str, ...] = ()  # names of the model tensors the repair wrote (the layer's weight, bias)
 
     @property
     def ok(self) -> bool:
@@ -56,9 +57,15 @@ def _as_points(x, y, name: str, num_classes: int | None, input_shape: tuple | No
         raise CnnRepairError(f"{name}: {len(xt)} inputs but labels of shape {ya.shape}; give one integer label per input")
     if not np.issubdtype(ya.dtype, np.integer):
         raise CnnRepairError(f"{name} labels must be integers (got {ya.dtype})")
-    if num_classes is not None and len(ya) and (ya.min() < 0 or ya.max() >= num_classes):
-        raise CnnRepairError(f"{name} labels must lie in 0..{num_classes - 1} (got {ya.min()}..{ya.max()})")
-    return xt, ya.astype(np.int64)
+    ya = ya.astype(np.int64)
+    if num_classes is not None:
+        _check_labels(ya, num_classes, name)
+    return xt, ya
+
+
+def _check_labels(y: np.ndarray, num_classes: int, name: str) -> None:
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        raise CnnRepairError(f"{name} labels must lie in 0..{num_classes - 1} (got {y.min()}..{y.max()})")
 
 
 def repair_classifier(model: nn.Module, x, y, spec: RepairSpec | None = None, *, layer: str | None = None,
@@ -87,7 +94,7 @@ def repair_classifier(model: nn.Module, x, y, spec: RepairSpec | None = None, *,
         raise CnnRepairError("no repair points given; pass at least one input and label")
     lay = last_layer(model, xt, layer)
     C = lay.shape[0]
-    xt, ya = _as_points(xt, ya, "repair points", C, None)
+    _check_labels(ya, C, "repair points")
     kx, ky = (None, None)
     if keep_x is not None:
         kx, ky = _as_points(keep_x, keep_y, "keep points", C, tuple(xt.shape[1:]))
@@ -105,10 +112,10 @@ def repair_classifier(model: nn.Module, x, y, spec: RepairSpec | None = None, *,
     with threadpool_limits(limits=threads or default_threads()):
         if spec.kind == "targets":
             return _targets(lay, spec, F, ya, FK, ky, xt, kx, targets, base, keep_before, t0)
-        return _pointwise(model, lay, spec, F, ya, FK, ky, xt, kx, base, keep_before, time_limit, t0)
+        return _pointwise(lay, spec, F, ya, FK, ky, xt, kx, base, keep_before, time_limit, t0)
 
 
-def _pointwise(model, lay: LastLayer, spec: RepairSpec, F, ya, FK, ky, xt, kx, base, keep_before, time_limit, t0) -> ClassifierRepair:
+def _pointwise(lay: LastLayer, spec: RepairSpec, F, ya, FK, ky, xt, kx, base, keep_before, time_limit, t0) -> ClassifierRepair:
     K, NK = len(ya), len(ky)
     feats = np.vstack([F, FK])
     labels = np.concatenate([ya, ky])
@@ -147,11 +154,14 @@ def _pointwise(model, lay: LastLayer, spec: RepairSpec, F, ya, FK, ky, xt, kx, b
         repaired = None
         after, keep_after = base, keep_before
     saved_dW, saved_db = (_saved_change(lay, repaired) if repaired is not None else (np.zeros_like(lay.weight), np.zeros_like(lay.bias)))
-    problem = MarginProblem(lay.weight, lay.bias, feats, labels, required + extra, prices, spec.norm, spec.freeze_bias, spec.max_change)
-    cert = _certificate(lay, spec, status, sol, problem, saved_dW, saved_db, ya, base, after, required + extra, ky, keep_before, keep_after)
+    cert = _certificate(lay, spec, status, sol, problem, saved_dW, saved_db, ya, base, after, problem.margins, ky, keep_before, keep_after)
     if status == "failed" and sol.status not in ("optimal",):
         notes.append(f"the solver stopped: {sol.status}")
-    return ClassifierRepair(status, repaired, lay.name, cert, sol, time.perf_counter() - t0, notes)
+    return ClassifierRepair(status, repaired, lay.name, cert, sol, time.perf_counter() - t0, notes, _written(lay))
+
+
+def _written(lay: LastLayer) -> tuple[str, ...]:
+    return tuple(name for name in lay.parameter_names() if name)
 
 
 def _saved_change(lay: LastLayer, repaired: nn.Module) -> tuple[np.ndarray, np.ndarray]:
@@ -234,8 +244,9 @@ def _targets(lay: LastLayer, spec: RepairSpec, F, ya, FK, ky, xt, kx, targets, b
         "points": [{"index": k, "label": int(ya[k]), "margin_before": float(base[k]), "margin_after": float(xs_margins[k]),
                     "required": None} for k in range(len(ya))],
         "keep": {"count": int(len(FK)), "smallest_margin_before": float(keep_before.min()) if len(FK) else None,
-                 "smallest_margin_after": float(keep_after.min()) if len(FK) else None, "labels_kept": int((keep_after > 0).sum())},
+                 "smallest_margin_after": float(keep_after.min()) if len(FK) else None, "labels_kept": int((keep_after > 0).sum()),
+                 "labels": [int(v) for v in ky]},
         "solver": {"name": f"cnnrepair.repair.targets ({result.solver})", "status": result.status, "seconds": result.seconds},
         "note": "the targets spec (the paper's program) guarantees nothing: margins after are measured, not enforced",
     }
-    return ClassifierRepair(status, repaired, lay.name, cert, result, time.perf_counter() - t0)
+    return ClassifierRepair(status, repaired, lay.name, cert, result, time.perf_counter() - t0, [], _written(lay))

@@ -32,10 +32,11 @@ def sha256(path: Path) -> str:
 
 def model_logits(model: nn.Module, x: np.ndarray | torch.Tensor, batch_size: int = 512) -> np.ndarray:
     """The model's outputs as it runs (its own dtype, eval mode), returned as float64."""
-    from cnnrepair.repair.layer import _device, eval_mode
+    from cnnrepair.repair.layer import eval_mode
+    from cnnrepair.training import model_device
 
     x = torch.as_tensor(x)
-    device = _device(model)
+    device = model_device(model)
     out = []
     eval_mode(model)
     with torch.no_grad():

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from cnnrepair.errors import CnnRepairError
+from cnnrepair.training import model_device
 
 
 def _is_graph(model: nn.Module) -> bool:
@@ -114,7 +115,7 @@ class LastLayer:
         from these features are the model's margins.
         """
         x = torch.as_tensor(x)
-        device = _device(self.model)
+        device = model_device(self.model)
         out = []
         with torch.no_grad():
             for i in range(0, len(x), batch_size):
@@ -167,12 +168,6 @@ def eval_mode(model: nn.Module) -> nn.Module:
     return model
 
 
-def _device(model: nn.Module) -> torch.device:
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
 def last_layer(model: nn.Module, sample: Tensor | np.ndarray, name: str | None = None) -> LastLayer:
     """The linear layer that ends ``model`` (``name``, or found by running ``sample`` through it)."""
     eval_mode(model)
@@ -213,7 +208,7 @@ def _ending_layer(model: nn.Module, names: list[str], sample: Tensor) -> str:
         probe = LastLayer(model, name, "graph-linear" if _is_graph(model) else "linear", np.zeros((1, 1)), np.zeros(1), True)
         with torch.no_grad():
             try:
-                _, lay, res = probe._capture(sample.to(_device(model)))
+                _, lay, res = probe._capture(sample.to(model_device(model)))
             except CnnRepairError:
                 continue
         if lay.shape == res.shape and torch.equal(lay, res):

@@ -481,35 +481,35 @@ def solve_margins(p: MarginProblem, time_limit: float | None = None, max_rounds:
     return MarginSolution("optimal", dW, db, obj, lb, seconds, rounds, size, witness)
 
 
+def margin_rows(p: MarginProblem, points: np.ndarray) -> tuple[sp.csc_matrix, np.ndarray]:
+    """Every margin row of ``points`` written out: ``A d >= rhs`` over the entries (class-major, bias last per class)."""
+    C, n = p.weight.shape
+    nc = n if p.freeze_bias else n + 1
+    pts = np.repeat(np.asarray(points, np.int64), C)
+    cls = np.tile(np.arange(C), len(points))
+    rival = cls != p.labels[pts]
+    pts, cls = pts[rival], cls[rival]
+    L0 = p.logits()
+    rhs = p.margins[pts] - (L0[pts, p.labels[pts]] - L0[pts, cls])
+    Fb = p.features[pts] if p.freeze_bias else np.hstack([p.features[pts], np.ones((len(pts), 1))])
+    m = len(pts)
+    rows = np.repeat(np.arange(m), 2 * nc)
+    cols = np.stack([p.labels[pts][:, None] * nc + np.arange(nc), cls[:, None] * nc + np.arange(nc)], 1).reshape(-1)
+    vals = np.stack([Fb, -Fb], 1).reshape(-1)
+    return sp.csc_matrix((vals, (rows, cols)), shape=(m, C * nc)), rhs
+
+
 def _hard_feasible(p: MarginProblem, points: list[int]) -> bool:
     """Can these points all meet their margins with some change (within ``max_change``)? One exact LP."""
     from cnnrepair.repair.targets import _highs_status, _new_highs, _pass_lp
 
-    C, n = p.weight.shape
-    ncoef = n if p.freeze_bias else n + 1
-    pts = np.asarray(points, np.int64)
-    L0 = p.logits()
-    rows_k, rows_j = [], []
-    for k in pts:
-        for j in range(C):
-            if j != p.labels[k]:
-                rows_k.append(k)
-                rows_j.append(j)
-    rk, rj = np.array(rows_k), np.array(rows_j)
-    rhs = p.margins[rk] - (L0[rk, p.labels[rk]] - L0[rk, rj])
-    Fb = p.features[rk] if p.freeze_bias else np.hstack([p.features[rk], np.ones((len(rk), 1))])
-    m = len(rk)
-    A = sp.lil_matrix((m, C * ncoef))
-    for r in range(m):
-        A[r, p.labels[rk[r]] * ncoef:(p.labels[rk[r]] + 1) * ncoef] = Fb[r]
-        A[r, rj[r] * ncoef:(rj[r] + 1) * ncoef] = -Fb[r]
-    A = A.tocsc()
-    scale = float(np.abs(Fb).max()) or 1.0
+    A, rhs = margin_rows(p, np.asarray(points, np.int64))
+    scale = float(np.abs(A.data).max(initial=0.0)) or 1.0
     A = sp.hstack([A, -A], format="csc") / scale
     rscale = float(np.abs(rhs).max()) or 1.0
     upper = np.full(A.shape[1], np.inf if p.max_change is None else p.max_change * scale / rscale)
     h = _new_highs(None, "simplex")
-    _pass_lp(h, np.zeros(A.shape[1]), A, upper, rhs / rscale, np.full(m, np.inf))
+    _pass_lp(h, np.zeros(A.shape[1]), A, upper, rhs / rscale, np.full(len(rhs), np.inf))
     h.run()
     return _highs_status(h) != "infeasible"
 
