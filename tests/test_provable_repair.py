@@ -343,3 +343,28 @@ def test_the_interior_point_path_reaches_the_same_optimum(monkeypatch, keep, fre
         m = margins_of(p.logits(s.delta_weight, s.delta_bias), p.labels)
         hard = np.isinf(p.prices)
         assert np.all(m[hard] >= p.margins[hard] - 1e-7)  # the solve tolerance: 1e-8 of the largest required change
+
+
+def test_an_exported_lh_program_is_repaired_from_its_file(tmp_path):
+    """Our own exported hybrids compute ``x @ W.T + b`` in float64: the file-level repair finds that layer too."""
+    from cnnrepair.hybrid import HybridNet, fit_linear_svm
+    from cnnrepair.modelrepair import prepare, run
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(90, 6)).astype(np.float32)
+    Y = (X[:, 0] > 0).astype(int) + (X[:, 1] > 0.5).astype(int)
+    net = HybridNet(nn.Flatten(), fit_linear_svm(X, Y)[0]).eval()
+    xt = torch.from_numpy(X).reshape(90, 1, 6)
+    program = torch.export.export(net, (xt[:2],), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, str(tmp_path / "lh.pt2"))
+    with torch.no_grad():
+        pred = net(xt).argmax(1).numpy()
+    y = ((pred[:3] + 1) % 3).astype(np.int64)
+    np.savez(tmp_path / "p.npz", x=X[:3].reshape(3, 1, 6), y=y)
+    job = prepare(tmp_path / "lh.pt2", tmp_path / "p.npz", RepairSpec(margin=0.05))
+    assert job.layer == "head"
+    cert = run(job, tmp_path / "out")
+    assert cert["status"] == "repaired"
+    saved = torch.export.load(str(tmp_path / "out" / "repaired.pt2")).module()
+    with torch.no_grad():
+        assert np.all(margins_of(saved(xt[:3]).double().numpy(), y) >= 0.05)

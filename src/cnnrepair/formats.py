@@ -7,6 +7,7 @@ changes one layer's tensors in the program's state and saves the same program, s
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,4 +74,9 @@ def save_model(loaded: LoadedModel, repaired: nn.Module, tensors: list[str], pat
         old = program.state_dict[name]
         new = state[name].detach().to(old.dtype).cpu()
         program.state_dict[name] = nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
-    atomic_write(Path(path), lambda p: torch.export.save(program, str(p)))
+    def write(p: Path) -> None:
+        with warnings.catch_warnings():  # torch warns when a replaced tensor no longer shares storage with its old group (CPU tensors: harmless)
+            warnings.filterwarnings("ignore", message="No complete tensor found in the group")
+            torch.export.save(program, str(p))
+
+    atomic_write(Path(path), write)

@@ -31,23 +31,47 @@ def _svm_heads():
     return LinearHead, RBFHead
 
 
-def _linear_nodes(gm: torch.fx.GraphModule) -> dict[str, torch.fx.Node]:
-    """``aten.linear`` calls whose weight is a stored parameter, by the parameter's module path."""
+@dataclass(frozen=True)
+class _GraphLinear:
+    """A linear map in an exported graph: ``out = inp @ weight.T (+ bias)``, weight and bias stored tensors."""
+
+    out: torch.fx.Node
+    inp: torch.fx.Node
+    weight: str
+    bias: str | None
+
+
+_TRANSPOSES = {torch.ops.aten.t.default, torch.ops.aten.numpy_T.default}
+
+
+def _attr(node) -> str | None:
+    return str(node.target) if isinstance(node, torch.fx.Node) and node.op == "get_attr" else None
+
+
+def _linear_nodes(gm: torch.fx.GraphModule) -> dict[str, _GraphLinear]:
+    """Linear maps on stored weights, by the weight's module path: ``aten.linear`` calls, and
+    ``x @ W.T + b`` as ``torch.export`` writes our SVM heads' float64 matmul."""
     found = {}
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in (torch.ops.aten.linear.default, torch.nn.functional.linear):
-            w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-            if isinstance(w, torch.fx.Node) and w.op == "get_attr" and str(w.target).endswith("weight"):
-                found[str(w.target)[: -len(".weight")] if "." in str(w.target) else ""] = node
+        if node.op != "call_function":
+            continue
+        lin = None
+        if node.target in (torch.ops.aten.linear.default, torch.nn.functional.linear):
+            b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            lin = _GraphLinear(node, node.args[0], _attr(node.args[1]), _attr(b))
+        elif node.target == torch.ops.aten.add.Tensor and isinstance(node.args[0], torch.fx.Node) and _attr(node.args[1]):
+            mm = node.args[0]
+            if mm.op == "call_function" and mm.target == torch.ops.aten.matmul.default and isinstance(mm.args[1], torch.fx.Node) \
+                    and mm.args[1].target in _TRANSPOSES:
+                lin = _GraphLinear(node, mm.args[0], _attr(mm.args[1].args[0]), _attr(node.args[1]))
+        if lin is not None and lin.weight and lin.weight.endswith("weight"):
+            found[lin.weight[: -len(".weight")] if "." in lin.weight else ""] = lin
     return found
 
 
-def _graph_output(gm: torch.fx.GraphModule) -> torch.fx.Node | None:
-    out = next(n for n in gm.graph.nodes if n.op == "output")
-    arg = out.args[0]
-    while isinstance(arg, (tuple, list)) and len(arg) == 1:
-        arg = arg[0]
-    return arg if isinstance(arg, torch.fx.Node) else None
+def _same_output(lay: Tensor, res: Tensor) -> bool:
+    """Is the layer's output the model's output (up to a final cast to the output's dtype)?"""
+    return lay.shape == res.shape and torch.equal(lay.to(res.dtype), res)
 
 
 def candidate_layers(model: nn.Module) -> list[str]:
@@ -79,14 +103,15 @@ class LastLayer:
     def _capture(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(layer input, layer output, model output) for a batch."""
         if _is_graph(self.model):
-            node = _linear_nodes(self.model)[self.name]
+            lin = _linear_nodes(self.model)[self.name]
             seen = {}
 
             class Catch(torch.fx.Interpreter):
                 def run_node(self, n):
                     out = super().run_node(n)
-                    if n is node:
-                        seen["in"] = self.env[n.args[0]]
+                    if n is lin.inp:  # kept when made: the interpreter frees values after their last use
+                        seen["in"] = out
+                    if n is lin.out:
                         seen["out"] = out
                     return out
 
@@ -121,7 +146,7 @@ class LastLayer:
             for i in range(0, len(x), batch_size):
                 xb = x[i:i + batch_size].to(device)
                 inp, lay, res = self._capture(xb)
-                if lay.shape != res.shape or not torch.equal(lay, res):
+                if not _same_output(lay, res):
                     raise CnnRepairError(f"layer {self.name!r} does not end the classifier (its output is not the model's output); "
                                          f"repair the last linear layer instead (choose from: {', '.join(candidate_layers(self.model))})")
                 if self.kind == "svm-rbf":
@@ -147,6 +172,9 @@ class LastLayer:
 
     def parameter_names(self) -> tuple[str, str | None]:
         """Names (in the model's state) of the tensors repair writes: weight (or dual coefficients), bias."""
+        if self.kind == "graph-linear":
+            lin = _linear_nodes(self.model)[self.name]
+            return lin.weight, lin.bias
         prefix = f"{self.name}." if self.name else ""
         if self.kind == "svm-rbf":
             return f"{prefix}coef", f"{prefix}bias"
@@ -181,11 +209,10 @@ def last_layer(model: nn.Module, sample: Tensor | np.ndarray, name: str | None =
     if name is None:
         name = _ending_layer(model, names, sample)
     if _is_graph(model):
-        node = _linear_nodes(model)[name]
-        w = _get_tensor(model, str(node.args[1].target))
-        b_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        has_bias = isinstance(b_arg, torch.fx.Node)
-        b = _get_tensor(model, str(b_arg.target)) if has_bias else None
+        lin = _linear_nodes(model)[name]
+        w = _get_tensor(model, lin.weight)
+        has_bias = lin.bias is not None
+        b = _get_tensor(model, lin.bias) if has_bias else None
         kind = "graph-linear"
     else:
         mod = model.get_submodule(name)
@@ -211,7 +238,7 @@ def _ending_layer(model: nn.Module, names: list[str], sample: Tensor) -> str:
                 _, lay, res = probe._capture(sample.to(model_device(model)))
             except CnnRepairError:
                 continue
-        if lay.shape == res.shape and torch.equal(lay, res):
+        if _same_output(lay, res):
             return name
     raise CnnRepairError(f"no linear layer ends this model (its output is not any linear layer's output; linear layers: {', '.join(names)}); "
                          "a softmax or other layer after the last linear one must be removed before repair")
