@@ -10,6 +10,7 @@ NAME is one of:
   threads   LP solve time with one and two BLAS threads, on an idle machine and beside a busy process
   field     the repair field's measures on MNIST-C fog (efficacy, drawdown, generalisation)
   margins   pointwise repair program: our solver against HiGHS on the whole LP (L1 and PRDNN's program)
+  large-k   the targets program with 2,000-60,000 repair points: our interior point against HiGHS (and on CUDA)
 
 Every JSON written here records the machine's core count, the library versions and the commands
 that produced its numbers.
@@ -387,6 +388,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("margins", help="pointwise repair program: our solver against HiGHS on the whole LP")
     p.add_argument("--quick", action="store_true", help="tiny sizes, written to a temporary folder (a smoke check)")
     p.add_argument("--cap", type=float, default=300.0, help="seconds each solve may take (default 300)")
+    p = sub.add_parser("large-k", help="targets program with tens of thousands of points: our interior point against HiGHS")
+    p.add_argument("runs", nargs="*", type=Path, help="finished run directories (named mnist / cifar10) whose LH gives real problems")
+    p.add_argument("--random", default="", help="extra random problems, e.g. 10000x800,60000x800 (K x features)")
+    p.add_argument("--quick", action="store_true", help="tiny random problems, written to a temporary folder (a smoke check)")
+    p.add_argument("--cap", type=float, default=900.0, help="seconds our solve may take on one problem (default 900)")
+    p.add_argument("--highs-cap", type=float, default=600.0, help="seconds HiGHS may take on one problem (default 600)")
     p = sub.add_parser("lp", help="repair-LP scaling benchmark")
     p.add_argument("--quick", action="store_true", help="small sizes only (K up to 100)")
     p.add_argument("--cap", type=float, default=120.0, help="seconds each solver path may take on one problem (default 120)")
@@ -409,6 +416,20 @@ def _dispatch(args: argparse.Namespace) -> None:
             print(f"wrote {path}")
     elif args.name == "readme":
         print(f"updated {readme()}")
+    elif args.name == "large-k":
+        from benchmarks.large_k import run as run_large
+        from cnnrepair.errors import CnnRepairError
+
+        runs = {}
+        for r in args.runs:
+            if r.name not in ("mnist", "cifar10") or not (r / "results.json").is_file():
+                raise CnnRepairError(f"{r}: not a finished run directory named mnist or cifar10; give e.g. runs/mnist")
+            runs[r.name] = r
+        try:
+            sizes = [tuple(int(v) for v in s.split("x")) for s in args.random.split(",") if s]
+        except ValueError:
+            raise CnnRepairError(f"--random {args.random!r}: give K x features pairs such as 10000x800,60000x800") from None
+        print(f"wrote {run_large(runs, args.cap, args.highs_cap, args.quick, sizes)}")
     elif args.name == "kh":
         from benchmarks.kh_scaling import run as run_kh
 

@@ -105,7 +105,7 @@ def test_a_stalled_interior_point_hands_the_class_to_simplex(monkeypatch):
     import cnnrepair.repair.targets as R
 
     p = _problem(k=2, d=20, K=8, seed=10)
-    monkeypatch.setattr(R, "_ipm_l1", lambda *a, **k: ("not_converged", None, float("nan"), float("nan"), 150))
+    monkeypatch.setattr(R.ipm, "solve_l1", lambda *a, **k: R.ipm.IPMResult("not_converged", None, float("nan"), float("nan"), 150, "points"))
     r = repair(p, "ipm")
     assert r.ok and all(c["path"].startswith("highs (ipm") for c in r.per_class)
     assert r.objective == pytest.approx(repair(p, "highs").objective, rel=1e-9)
@@ -290,3 +290,48 @@ def test_the_readme_library_example_runs_as_written(capsys):
     exec(compile(example, "README.md", "exec"), {})
     status, objective, changed, *_ = capsys.readouterr().out.split()
     assert status == "optimal" and float(objective) > 0 and int(changed) > 0
+
+
+@pytest.mark.parametrize("K,d", [(120, 15), (15, 60)])
+def test_both_sides_of_the_interior_point_reach_the_same_certified_optimum(K, d, monkeypatch):
+    """The points x points and the features x features forms solve the same program to the same optimum."""
+    import cnnrepair.repair.ipm as ipm
+
+    rng = np.random.default_rng(K + d)
+    base = _problem(k=3, d=d, K=K, seed=K)
+    p = RepairProblem(base.W, base.b, base.X, base.Y, delta_weight=0.6, point_weights=rng.uniform(0.3, 3.0, K))
+    ref = _linprog_reference(p)
+    picked = repair(p, "ipm")
+    assert {c["side"] for c in picked.per_class} == {"features" if K > d else "points"}
+    for side in ("points", "features"):
+        monkeypatch.setattr(ipm, "pick_side", lambda K, m, side=side: side)
+        r = repair(p, "ipm")
+        assert r.ok and {c["side"] for c in r.per_class} == {side}
+        assert r.objective == pytest.approx(ref, rel=1e-8), side
+        assert all(c["objective"] - c["lower_bound"] <= 1e-9 * c["objective"] for c in r.per_class), side
+        _check_feasible(p, r)
+
+
+def test_more_points_than_the_old_points_side_limit_stay_on_the_interior_point():
+    """9,000 points: the features side keeps the certified interior point (it used to fall back to simplex)."""
+    p = _problem(k=2, d=12, K=9000, seed=21)
+    r, ref = repair(p), repair(p, "highs")
+    assert r.ok and all(c["path"] == "ipm" and c["side"] == "features" for c in r.per_class)
+    assert r.objective == pytest.approx(ref.objective, rel=1e-8)
+
+
+def test_the_interior_point_device_is_checked():
+    with pytest.raises(CnnRepairError, match="device"):
+        repair(_problem(K=AUTO_IPM_POINTS), "ipm", device="cuda:7")
+    with pytest.raises(CnnRepairError, match="not a device"):
+        repair(_problem(K=AUTO_IPM_POINTS), "ipm", device="gpu0")
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device (run on the lent GPU machine)")
+def test_the_interior_point_on_cuda_gives_the_cpu_answer():
+    for K, d in ((AUTO_IPM_POINTS + 10, 25), (3000, 40)):
+        p = _problem(k=3, d=d, K=K, seed=K)
+        cpu, gpu = repair(p, "ipm"), repair(p, "ipm", device="cuda")
+        assert gpu.ok and all(c["device"].startswith("cuda") for c in gpu.per_class)
+        assert gpu.objective == pytest.approx(cpu.objective, rel=1e-9)
+        _check_feasible(p, gpu)

@@ -75,6 +75,7 @@ class RepairSettings:
     threads: int | None = None
     spec: str = "targets"
     margin: float = 0.05
+    lp_device: str | None = None  # where the interior point runs (None: the CPU)
 
 
 def repair_pool(run: RunDir, ds: Dataset, lh: HybridNet, eps: float, needed: int, attack_name: str, seed: int,
@@ -228,7 +229,8 @@ def _solve(W: np.ndarray, b: np.ndarray, X: np.ndarray, Y: np.ndarray, clean: np
     def solve(aw: float):
         weights = _point_weights(len(X), n_anchor, aw)
         problem = RepairProblem(W, b, Xa, Ya, mask=mask, point_weights=weights, delta_weight=s.delta_weight)
-        return repair(problem, s.solver, s.time_limit, n_jobs=s.n_jobs, threads=s.threads), (Xa, Ya, weights, n_anchor)
+        return (repair(problem, s.solver, s.time_limit, n_jobs=s.n_jobs, threads=s.threads, device=s.lp_device),
+                (Xa, Ya, weights, n_anchor))
 
     if len(s.anchor_weights) < 2:
         return (*solve(s.anchor_weight), None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -227,7 +227,7 @@ def stage_attack(run: RunDir, ds: Dataset, models: dict[str, torch.nn.Module], a
     return result
 
 
-REPAIR_KEYS_WITHOUT_EFFECT = ("n_jobs", "threads")  # settings that cannot change a repair's results
+REPAIR_KEYS_WITHOUT_EFFECT = ("n_jobs", "threads", "lp_device")  # settings that cannot change a repair's results
 
 
 def repair_section(run: RunDir, variant: str | None) -> dict | None:
@@ -273,6 +273,8 @@ def stage_repair(run: RunDir, ds: Dataset, settings, progress: Progress | None =
 
     from cnnrepair.experiment import run_repair_experiment
 
+    if device is not None and settings.lp_device is None:
+        settings = replace(settings, lp_device=str(device))
     check_repair_target(run, settings, variant, overwrite)
     folder = repair_folder(run, variant)
     for old in folder.glob("eps*_k*_*"):  # a previous solve of this repair: never left to pass for this one's

@@ -549,6 +549,12 @@ _NEAR = 0.02  # scaled units (the largest required change is 1)
 _IPM_PATIENCE = 6  # iterations without a better certificate before an interior-point solve stops
 
 
+def _max_step(v: list[np.ndarray], dv: list[np.ndarray]) -> float:
+    """Largest step in [0, 1] that keeps every block of ``v + step * dv`` non-negative."""
+    ratios = [np.min(-x[dx < 0] / dx[dx < 0], initial=np.inf) for x, dx in zip(v, dv)]
+    return min(1.0, min(ratios))
+
+
 class _RowsIPM:
     """Mehrotra predictor-corrector for the L1 margin program on a set of rows, with every entry.
 
@@ -592,8 +598,6 @@ class _RowsIPM:
     def solve(self, a: float, deadline: float | None) -> tuple[str, np.ndarray, np.ndarray]:
         """(status, d, y): the change (C x nc, scaled units) and row multipliers of the best certified iterate."""
         import scipy.linalg as sla
-
-        from cnnrepair.repair.targets import _max_step as _step
 
         m, P = len(self.pts), len(self.points)
         E = self.C * self.nc
@@ -657,11 +661,11 @@ class _RowsIPM:
                     return dy, dX, dZ
 
                 dy, dX, dZ = direction([-x * z for x, z in zip(X, Z)])
-                ap, ad = _step(X, dX), _step(Z, dZ)
+                ap, ad = _max_step(X, dX), _max_step(Z, dZ)
                 mu_aff = sum((x + ap * dx) @ (z + ad * dz) for x, dx, z, dz in zip(X, dX, Z, dZ)) / n_all
                 sigma = (mu_aff / mu) ** 3
                 dy, dX, dZ = direction([-x * z + sigma * mu - dx * dz for x, z, dx, dz in zip(X, Z, dX, dZ)])
-                ap, ad = 0.995 * _step(X, dX), 0.995 * _step(Z, dZ)
+                ap, ad = 0.995 * _max_step(X, dX), 0.995 * _max_step(Z, dZ)
                 X = [x + ap * dx for x, dx in zip(X, dX)]
                 Z = [z + ad * dz for z, dz in zip(Z, dZ)]
                 y = y + ad * dy

@@ -13,8 +13,8 @@ lower the objective, so their gamma is fixed at 0 and their columns are dropped.
 matrix is sparse (ReLU features are mostly zero).
 
 Backends: HiGHS simplex (through ``highspy``), a dense interior-point method of ours that ends with
-a duality certificate (the default for many points, where simplex slows down), and cvxopt (the
-paper's solver). Constraint families
+a duality certificate (:mod:`cnnrepair.repair.ipm`, on the CPU or a GPU; the default for many
+points, where simplex slows down), and cvxopt (the paper's solver). Constraint families
 are objects that emit rows, so hard margins or clean points to preserve can be added beside the
 targets without touching the solver code; a family names the points it constrains, and every
 feature non-zero on any of them keeps its column.
@@ -36,14 +36,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
+import torch
 
 from cnnrepair.errors import CnnRepairError
+from cnnrepair.repair import ipm
 
 SOLVERS = ("auto", "highs", "highs-cg", "highs-ipm", "ipm", "cvxopt")
 AUTO_IPM_POINTS = 50  # from this many repair points on, ``auto`` picks the interior point (see benchmarks)
-IPM_MAX_POINTS = 8000  # its normal matrix is points x points, dense
-IPM_GAP = 1e-9  # certified relative duality gap the interior point aims for ...
-IPM_GAP_STALLED = 1e-7  # ... and accepts when it stalls; worse than this, simplex takes over
 
 
 @dataclass
@@ -416,152 +415,29 @@ def _solve_cvxopt(lp: ClassLP, time_limit: float | None) -> tuple[str, np.ndarra
     return status, x, float(lp.c @ x), int(sol.get("iterations", 0))
 
 
-@dataclass
-class _NewtonSystem:
-    """One interior-point iteration's linear system, factored once, solved for several right-hand sides."""
-
-    X: np.ndarray
-    Xt: np.ndarray
-    factor: np.ndarray  # lower Cholesky factor of X D X^T + diag
-    rp: np.ndarray
-    rd: list[np.ndarray]
-    P: list[np.ndarray]
-    Z: list[np.ndarray]
-    D: list[np.ndarray]
-
-    def direction(self, comp: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
-        """Steps (dy, dP, dZ) for complementarity right-hand sides ``comp`` (one per block)."""
-        import scipy.linalg as sla
-
-        P, Z, D, rd, X = self.P, self.Z, self.D, self.rd, self.X
-        q = [(c - x * rdi) / z for c, x, rdi, z in zip(comp, P, rd, Z)]
-        rhs = self.rp - (X @ (q[0] - q[1]) - q[2] + q[3])
-        dy = sla.solve_triangular(self.factor, sla.solve_triangular(self.factor, rhs, lower=True, check_finite=False),
-                                  lower=True, trans="T", check_finite=False)
-        Xtdy = self.Xt @ dy
-        dP = [q[0] + D[0] * Xtdy, q[1] - D[1] * Xtdy, q[2] - D[2] * dy, q[3] + D[3] * dy]
-        dZ = [rd[0] - Xtdy, rd[1] + Xtdy, rd[2] + dy, rd[3] - dy]
-        return dy, dP, dZ
-
-
-def _max_step(v: list[np.ndarray], dv: list[np.ndarray]) -> float:
-    """Largest step in [0, 1] that keeps every block of ``v + step * dv`` non-negative."""
-    ratios = [np.min(-x[dx < 0] / dx[dx < 0], initial=np.inf) for x, dx in zip(v, dv)]
-    return min(1.0, min(ratios))
-
-
-def _l1_objective(X: np.ndarray, r: np.ndarray, w: np.ndarray, g: np.ndarray) -> float:
-    """One class's objective at weight change g, its slacks taken as |X g - r| (always feasible)."""
-    return float(np.abs(g).sum() + w @ np.abs(X @ g - r))
-
-
-def _ipm_l1(X: np.ndarray, Xt: np.ndarray, r: np.ndarray, w: np.ndarray, tol: float = IPM_GAP, max_iter: int = 150,
-            accept: float = IPM_GAP_STALLED, patience: int = 8,
-            deadline: float | None = None) -> tuple[str, np.ndarray | None, float, float, int]:
-    """Mehrotra predictor-corrector for one class: min |g|_1 + w^T |X g - r| (X dense, K x m).
-
-    Standard form: columns g+, g-, e+, e- >= 0 with X(g+ - g-) - e+ + e- = r; the start is primal
-    and dual feasible. Each iteration factors the K x K normal matrix X D X^T + diag (one Cholesky).
-    It stops only on a certificate: g is feasible by construction (the slacks are |X g - r|), and
-    the dual iterate scaled into |X^T u| <= 1, |u| <= w is dual feasible, so r^T u is a lower bound
-    on the optimum. Returns (status, g, objective, lower bound, iterations) for the best certified
-    iterate; status "optimal" means (objective - lower bound) <= tol * objective, or
-    <= accept * objective once ``patience`` iterations bring no better certificate (the
-    late iterations are ill-conditioned and can stall a hair above ``tol``). Numerical trouble
-    ends the iterations the same way: with the best certificate found, if it is good enough.
-    """
-    K, m = X.shape
-    t = 1.0 + np.abs(r).mean()
-    P = [np.full(m, t), np.full(m, t), np.maximum(-r, 0) + t, np.maximum(r, 0) + t]  # g+, g-, e+, e-
-    Z = [np.ones(m), np.ones(m), w.copy(), w.copy()]  # their reduced costs (dual slacks)
-    y = np.zeros(K)
-    n = 2 * m + 2 * K
-    best_g, best_upper, best_lower, best_it = None, float("inf"), -float("inf"), 0
-
-    def result(it: int) -> tuple[str, np.ndarray | None, float, float, int]:
-        ok = best_upper - best_lower <= accept * abs(best_upper)
-        return ("optimal" if ok else "not_converged"), best_g, best_upper, best_lower, it
-
-    def certificate(g: np.ndarray, u: np.ndarray) -> tuple[float, float]:
-        upper = _l1_objective(X, r, w, g)
-        scale = max(1.0, float(np.abs(Xt @ u).max(initial=0.0)), float((np.abs(u) / w).max()))
-        return upper, float(r @ u) / scale
-
-    with np.errstate(all="ignore"):
-        for it in range(max_iter):
-            g = P[0] - P[1]
-            upper, lower = certificate(g, y)
-            if not (np.isfinite(upper) and np.isfinite(lower)):
-                return result(it)
-            if upper - lower < best_upper - best_lower:
-                best_g, best_upper, best_lower, best_it = g, upper, lower, it
-            if upper - lower <= tol * abs(upper) or it - best_it >= patience:
-                return result(it)
-            if deadline is not None and time.perf_counter() > deadline:
-                return "time_limit", None, float("nan"), float("nan"), it
-            Xty = Xt @ y
-            rd = [1.0 - Xty - Z[0], 1.0 + Xty - Z[1], w + y - Z[2], w - y - Z[3]]
-            rp = r - (X @ g - P[2] + P[3])
-            mu = sum(x @ z for x, z in zip(P, Z)) / n
-            D = [x / z for x, z in zip(P, Z)]
-            Xs = X * np.sqrt(D[0] + D[1])
-            M = Xs @ Xs.T
-            M[np.diag_indices(K)] += D[2] + D[3]
-            factor, reg = None, 1e-14 * float(M.diagonal().max())
-            while factor is None and reg < 1e-4 * float(M.diagonal().max()):
-                try:  # late iterations are ill-conditioned: regularise only as much as needed
-                    factor = np.linalg.cholesky(M)  # numpy's BLAS, like the product above: one thread pool
-                except np.linalg.LinAlgError:
-                    M[np.diag_indices(K)] += reg
-                    reg *= 100.0
-            if factor is None:
-                return result(it)
-
-            newton = _NewtonSystem(X, Xt, factor, rp, rd, P, Z, D)
-            dy, dP, dZ = newton.direction([-x * z for x, z in zip(P, Z)])
-            ap, ad = _max_step(P, dP), _max_step(Z, dZ)
-            mu_aff = sum((x + ap * dx) @ (z + ad * dz) for x, dx, z, dz in zip(P, dP, Z, dZ)) / n
-            sigma = (mu_aff / mu) ** 3
-            dy, dP, dZ = newton.direction([-x * z + sigma * mu - dx * dz for x, z, dx, dz in zip(P, Z, dP, dZ)])
-            ap, ad = 0.995 * _max_step(P, dP), 0.995 * _max_step(Z, dZ)
-            P = [x + ap * dx for x, dx in zip(P, dP)]
-            Z = [z + ad * dz for z, dz in zip(Z, dZ)]
-            y = y + ad * dy
-    return result(max_iter)
-
-
-def _solve_ipm(X: np.ndarray, Xt: np.ndarray, r: np.ndarray, w: np.ndarray,
-               time_limit: float | None) -> tuple[str, np.ndarray | None, int, float | None]:
-    """Certified interior point for one class: (status, weight change g, iterations, certified lower bound).
-
-    An interior point does not land exactly on zeros: weight changes below 1e-6 (else 1e-8, 1e-10)
-    of the largest are set to zero when the certificate still holds after it. The caller
-    recomputes slacks and objective from g.
-    """
+def _solve_ipm(X: torch.Tensor, r: torch.Tensor, w: torch.Tensor,
+               time_limit: float | None) -> tuple[str, np.ndarray | None, int, float | None, str]:
+    """Certified interior point for one class: (status, weight change g, iterations, certified lower bound, side)."""
     deadline = None if time_limit is None else time.perf_counter() + time_limit
-    status, g, upper, lower, it = _ipm_l1(X, Xt, r, w, deadline=deadline)
-    if status != "optimal":
-        return status, None, it, None
-    allowed = max(IPM_GAP, (upper - lower) / abs(upper))
-    for threshold in (1e-6, 1e-8, 1e-10):
-        g2 = np.where(np.abs(g) <= threshold * float(np.abs(g).max(initial=0.0)), 0.0, g)
-        upper2 = _l1_objective(X, r, w, g2)
-        if upper2 - lower <= allowed * abs(upper2):
-            g = g2
-            break
-    return "optimal", g, it, lower
+    res = ipm.solve_l1(X, r, w, deadline=deadline)
+    if res.status != "optimal":
+        return res.status, None, res.iterations, None, res.side
+    return "optimal", ipm.sparsify(X, r, w, res), res.iterations, res.lower_bound, res.side
 
 
 def repair(p: RepairProblem, solver: str = "auto", time_limit: float | None = None, families=None, n_jobs: int = 1,
-           threads: int | None = None) -> RepairResult:
+           threads: int | None = None, device: str | None = None) -> RepairResult:
     """Solve the repair LP class by class; returns gamma, delta and the optimum.
 
     Solvers: ``auto`` (default: ``highs`` below ``AUTO_IPM_POINTS`` repair points, ``ipm`` from
     there on), ``highs`` (HiGHS dual simplex on the whole class LP: a vertex optimum),
     ``highs-cg`` (HiGHS simplex with exact column generation, faster when few features end up
     changed), ``highs-ipm`` (HiGHS interior point with crossover), ``ipm`` (our dense
-    interior point, stopped by a duality certificate of relative gap <= 1e-9; plain programs only,
-    others go to ``highs``) and ``cvxopt`` (the paper's solver). Each class LP is rescaled first
+    interior point, :mod:`cnnrepair.repair.ipm`, stopped by a duality certificate of relative gap
+    <= 1e-9; it factors a points x points or a features x features matrix, whichever is cheaper;
+    plain programs only, others go to ``highs``) and ``cvxopt`` (the paper's solver).
+    ``device`` (default: the CPU) is where the interior point runs: ``"cuda"``, ``"cuda:1"`` or
+    ``"auto"`` (CUDA when present); its certificate is checked the same way on any device. Each class LP is rescaled first
     (see the module docstring), so every path gives the same relative answer at any scale of
     (W, b, Y). A class whose LP is not solved to optimality makes the whole result non-optimal
     (``status`` names the first failure); callers must not save such a head as repaired.
@@ -576,8 +452,22 @@ def repair(p: RepairProblem, solver: str = "auto", time_limit: float | None = No
         raise CnnRepairError(f"threads must be >= 1 (got {threads})")
     from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(limits=threads or default_threads()):
-        return _repair(p, solver, time_limit, families, n_jobs)
+    from cnnrepair.training import resolve_device
+
+    dev = resolve_device(device) if device is not None else torch.device("cpu")
+    with threadpool_limits(limits=threads or default_threads()), _torch_threads(threads or default_threads()):
+        return _repair(p, solver, time_limit, families, n_jobs, dev)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """torch's own intra-op threads, capped like the BLAS ones and restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def default_threads() -> int:
@@ -594,7 +484,7 @@ def default_threads() -> int:
     return int(value)
 
 
-def _repair(p: RepairProblem, solver: str, time_limit: float | None, families, n_jobs: int) -> RepairResult:
+def _repair(p: RepairProblem, solver: str, time_limit: float | None, families, n_jobs: int, device: torch.device) -> RepairResult:
     t0 = time.perf_counter()
     families = families or [TargetConstraints()]
     cols = p.columns(families)
@@ -603,8 +493,9 @@ def _repair(p: RepairProblem, solver: str, time_limit: float | None, families, n
     k, d = p.W.shape
     K = p.X.shape[0]
     plain = len(families) == 1 and isinstance(families[0], TargetConstraints) and not p.hard and p.max_change is None
-    use_ipm = plain and K <= IPM_MAX_POINTS and m > 0 and (solver == "ipm" or (solver == "auto" and K >= AUTO_IPM_POINTS))
-    Xt = np.ascontiguousarray(Xd.T) if use_ipm else None
+    use_ipm = plain and m > 0 and (solver == "ipm" or (solver == "auto" and K >= AUTO_IPM_POINTS))
+    Xg = torch.as_tensor(Xd, device=device) if use_ipm else None
+    wg = torch.as_tensor(p.slack_weights(), device=device) if use_ipm else None
     ipm_size = {"variables": 2 * m + 2 * K, "constraints": K, "nonzeros": 2 * int(np.count_nonzero(Xd)) + 2 * K} if use_ipm else None
 
     def simplex(i: int, method: str) -> tuple:
@@ -622,10 +513,10 @@ def _repair(p: RepairProblem, solver: str, time_limit: float | None, families, n
         if use_ipm:
             r = p.residual(i)
             scale = float(np.abs(r).max(initial=0.0)) or 1.0
-            status, g, rounds, lower = _solve_ipm(Xd, Xt, r / scale, p.slack_weights(), time_limit)
+            status, g, rounds, lower, side = _solve_ipm(Xg, torch.as_tensor(r / scale, device=device), wg, time_limit)
             g = None if g is None else g * scale
             lp_size = ipm_size
-            extra = {"path": "ipm", "lower_bound": None if lower is None else lower * scale}
+            extra = {"path": "ipm", "side": side, "device": str(device), "lower_bound": None if lower is None else lower * scale}
             if status == "not_converged":  # exact fallback, recorded
                 extra = {"path": f"highs (ipm {status})"}
                 status, g, rounds, _ = simplex(i, "highs")

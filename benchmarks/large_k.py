@@ -1,0 +1,284 @@
+"""The targets program with tens of thousands of repair points: our interior point against HiGHS.
+
+Problems are the paper's program at scale: the repair points are FGSM adversarial examples of the
+first K training images (a seeded order), whatever the attack's outcome, their features X those
+of LH's frozen feature map, their targets LH's decision values on the clean images, slack price 1,
+every feature allowed to change. ``random`` problems (ReLU-like features of the same shapes, a
+random head) stand in where no run directory exists (the GPU machine).
+
+Paths, each solve in its own spawned process under a cap: ``ours`` (``repair(p, "ipm")``, the
+cheaper normal-equation side picked for each shape), ``highs`` (HiGHS dual simplex on each whole
+class LP), and where CUDA is present ``ours (cuda)`` with the CPU figure of the same machine beside
+it. Memory: the peak resident memory a solve added beyond its input (CPU) or the peak CUDA
+allocation. A second table times one interior-point iteration's matrix (form + factor) on each
+side, to show where the choice flips.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REAL = [("mnist", 2_000, 0.1), ("mnist", 10_000, 0.1), ("mnist", 60_000, 0.1), ("cifar10", 10_000, 0.01)]
+QUICK = [("random", 600, 40), ("random", 300, 120)]
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def real_problem(run: Path, K: int, eps: float, seed: int = 0):
+    """The paper's program on K FGSM examples of the run's training images (cached in the run, keyed)."""
+    import torch
+
+    from cnnrepair.attacks import attack
+    from cnnrepair.data import load_dataset, to_float
+    from cnnrepair.hybrid import load_head
+    from cnnrepair.io import load_npz, save_npz
+    from cnnrepair.pipeline import load_models
+    from cnnrepair.repair import RepairProblem
+    from cnnrepair.rundir import RunDir
+    from cnnrepair.training import outputs, resolve_device
+
+    rd = RunDir(run)
+    cfg = rd.require()
+    lh_file = run / "models" / "lh.pt"
+    key = hashlib.sha256(lh_file.read_bytes() + (run / "models" / "nn.pt").read_bytes()
+                         + f"|fgsm|{eps!r}|{K}|{seed}".encode()).hexdigest()[:16]
+    cache = run / "bench" / f"large_k_fgsm_eps{eps:g}_K{K}.npz"
+    arrays = load_npz(cache, "large-K problem") if cache.is_file() else None
+    if arrays is None or str(arrays["key"]) != key:
+        ds = load_dataset(cfg["dataset"], cfg.get("data_dir"))
+        if len(ds.y_train) < K:
+            raise SystemExit(f"{run}: {len(ds.y_train)} training images, fewer than K={K}")
+        lh = load_models(rd, ["lh"], resolve_device(None))["lh"]
+        take = np.random.default_rng(seed).permutation(len(ds.y_train))[:K]
+        torch.manual_seed(seed)
+        clean, adv = [], []
+        t0 = time.perf_counter()
+        for i in range(0, K, 5000):
+            x = to_float(ds.x_train[take[i:i + 5000]])
+            a, _ = attack(lh, x, ds.y_train[take[i:i + 5000]], eps, "fgsm")
+            clean.append(outputs(lh.features, x))
+            adv.append(outputs(lh.features, a))
+            _log(f"  {run.name}: attacked {min(i + 5000, K)}/{K} training images ({time.perf_counter() - t0:.0f}s)")
+        arrays = {"clean": np.concatenate(clean), "adv": np.concatenate(adv), "key": np.array(key)}
+        save_npz(cache, **arrays)
+    head = load_head(lh_file)
+    W, b = head.weight.numpy(), head.bias.numpy()
+    return RepairProblem(W, b, arrays["adv"], head.decision_values(arrays["clean"]))
+
+
+def random_problem(K: int, d: int, seed: int = 0):
+    """ReLU-like features (60% zeros) with targets a little off the head's own values."""
+    from cnnrepair.repair import RepairProblem
+
+    rng = np.random.default_rng(seed)
+    X = np.maximum(rng.normal(size=(K, d)), 0) * (rng.random((K, d)) > 0.6)
+    W = rng.normal(size=(10, d)) / np.sqrt(d)
+    b = 0.1 * rng.normal(size=10)
+    return RepairProblem(W, b, X, X @ W.T + b + 0.3 * rng.normal(size=(K, 10)))
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_peak() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # resets the peak resident size to the current one
+    except OSError:
+        pass
+
+
+def _solve(p, arg):
+    """One path; returns (objective, details)."""
+    from cnnrepair.repair import repair
+
+    solver, device, threads = arg
+    if device == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+    _reset_peak()
+    before = _rss_mb()
+    r = repair(p, solver, device=device, threads=threads)
+    detail = {"solver_status": r.status, "iterations": [c["rounds"] for c in r.per_class],
+              "sides": sorted({c.get("side", "-") for c in r.per_class}), "extra_rss_mb": _rss_mb() - before}
+    if device == "cuda":
+        import torch
+
+        detail["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    if r.ok:
+        gaps = [(c["objective"] - c["lower_bound"]) / max(c["objective"], 1e-300) for c in r.per_class if c.get("lower_bound") is not None]
+        detail["worst_certified_gap"] = max(gaps) if gaps else None
+    return (r.objective if r.ok else float("nan")), detail
+
+
+def _child(conn, problem, arg):
+    t0 = time.perf_counter()
+    try:
+        obj, detail = _solve(problem, arg)
+        conn.send(("ok" if np.isfinite(obj) else "not_optimal", obj, time.perf_counter() - t0, detail))
+    except Exception as exc:  # recorded in the table, never hidden
+        conn.send(("error", f"{type(exc).__name__}: {str(exc)[:120]}", time.perf_counter() - t0, {}))
+
+
+def timed(problem, arg, cap: float) -> dict:
+    """One path in a spawned process under ``cap`` seconds."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(child, problem, arg))
+    proc.start()
+    if parent.poll(cap):
+        status, value, seconds, detail = parent.recv()
+        proc.join()
+        out = {"status": status, "objective": value if status == "ok" else None, "seconds": seconds, **detail}
+        if status == "error":
+            out["error"] = value
+        return out
+    proc.kill()
+    proc.join()
+    return {"status": "timeout", "objective": None, "seconds": None, "cap_s": cap}
+
+
+def side_timing(shapes: list[tuple[int, int]], device: str = "cpu", repeats: int = 3) -> list[dict]:
+    """Seconds to form and factor one iteration's matrix on each side, for ReLU-like X of each shape."""
+    import torch
+
+    from cnnrepair.repair.ipm import _Newton, pick_side
+
+    rows = []
+    rng = np.random.default_rng(0)
+    for K, m in shapes:
+        X = torch.as_tensor(np.maximum(rng.normal(size=(K, m)), 0) * (rng.random((K, m)) > 0.6), device=device)
+        P = [torch.as_tensor(rng.uniform(0.1, 2, n), device=device) for n in (m, m, K, K)]
+        Z = [torch.as_tensor(rng.uniform(0.1, 2, n), device=device) for n in (m, m, K, K)]
+        D = [x / z for x, z in zip(P, Z)]
+        row = {"K": K, "features": m, "picked": pick_side(K, m), "device": device}
+        for side in ("points", "features"):
+            best = float("inf")
+            for _ in range(repeats):
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                _Newton(X, side, P, Z, D, None, None)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                best = min(best, time.perf_counter() - t0)
+            row[f"{side}_s"] = best
+        rows.append(row)
+        _log(f"  side timing K={K} m={m}: points {row['points_s']:.3f}s, features {row['features_s']:.3f}s (picked {row['picked']})")
+    return rows
+
+
+def run(runs: dict[str, Path] | None = None, cap: float = 900.0, highs_cap: float = 600.0, quick: bool = False,
+        random_sizes: list[tuple[int, int]] | None = None, out_name: str | None = None) -> Path:
+    """Every problem with every path; HiGHS is not tried again on a larger problem once it timed out."""
+    import torch
+
+    from benchmarks.run import _machine, _write
+
+    problems = []
+    if quick:
+        problems = [(f"random K={K} d={d}", lambda K=K, d=d: random_problem(K, d)) for _, K, d in QUICK]
+    else:
+        for name, K, eps in REAL:
+            if runs and name in runs:
+                problems.append((f"{name} FGSM eps={eps:g} K={K}", lambda r=runs[name], K=K, e=eps: real_problem(r, K, e)))
+        for K, d in random_sizes or []:
+            problems.append((f"random K={K} d={d}", lambda K=K, d=d: random_problem(K, d)))
+    cuda = torch.cuda.is_available()
+    paths = {"ours": ("ipm", "cpu", None)}
+    if cuda:
+        import os
+
+        paths = {"ours (cpu, all cores)": ("ipm", "cpu", os.cpu_count()), "ours (cuda)": ("ipm", "cuda", None)}
+    else:
+        paths["highs"] = ("highs", "cpu", None)
+    rows, highs_out = [], None  # (K, live features) of the problem HiGHS timed out on
+    for label, make in problems:
+        t0 = time.perf_counter()
+        p = make()
+        live = int((np.abs(p.X).max(0) > 0).sum())
+        row = {"problem": label, "K": int(p.X.shape[0]), "features": int(p.X.shape[1]), "live_features": live,
+               "classes": int(p.W.shape[0]), "build_s": time.perf_counter() - t0, "paths": {}}
+        for name, arg in paths.items():
+            if name == "highs" and highs_out is not None and row["K"] >= highs_out[0] and live >= highs_out[1]:
+                row["paths"][name] = {"status": "skipped", "seconds": None, "objective": None,
+                                      "reason": f"timed out at K={highs_out[0]:,}, {highs_out[1]:,} features"}
+                continue
+            res = timed(p, arg, highs_cap if name == "highs" else cap)
+            if name == "highs" and res["status"] == "timeout":
+                highs_out = (row["K"], live)
+            row["paths"][name] = res
+            _log(f"{label:34s} {name:22s} {res.get('status')} {res.get('seconds')}")
+        done = [r for r in row["paths"].values() if r.get("objective") is not None]
+        if len(done) > 1:
+            objs = [r["objective"] for r in done]
+            row["relative_difference"] = (max(objs) - min(objs)) / max(abs(min(objs)), 1e-300)
+        rows.append(row)
+    shapes = [(2000, 800), (5000, 800), (10000, 800)] if not quick else [(200, 40), (40, 200)]
+    sides = side_timing(shapes, "cuda" if cuda else "cpu")
+    cmd = "python -m benchmarks.run large-k" + (" --quick" if quick else "") + (
+        " " + " ".join(str(r) for r in runs.values()) if runs and not quick else "") + f" --cap {cap:g} --highs-cap {highs_cap:g}"
+    if random_sizes:
+        cmd += " --random " + ",".join(f"{K}x{d}" for K, d in random_sizes)
+    out = {"machine": _machine(), "command": cmd, "cap_s": cap, "highs_cap_s": highs_cap,
+           "device": torch.cuda.get_device_name(0) if cuda else "cpu", "rows": rows, "side_timing": sides}
+    if quick:
+        import tempfile
+
+        from cnnrepair.io import write_json
+
+        path = Path(tempfile.mkdtemp(prefix="large-k-")) / "large_k_quick.json"
+        write_json(path, out)
+        return path
+    return _write(out_name or ("large_k_gpu.json" if cuda else "large_k.json"), out)
+
+
+def _cell(res: dict, base: float | None) -> str:
+    if res["status"] == "timeout":
+        return f"> {res['cap_s']:.0f} s (cap)" + (f", > x{res['cap_s'] / base:.1f}" if base else "")
+    if res["status"] == "skipped":
+        return f"skipped ({res['reason']})"
+    if res["status"] != "ok":
+        return res["status"]
+    ratio = f" (x{res['seconds'] / base:.1f})" if base and res["seconds"] != base else ""
+    return f"{res['seconds']:.1f} s{ratio}"
+
+
+def table(result: dict) -> str:
+    """Markdown: seconds per path with the ratio to ours, iterations, side, memory, agreement."""
+    rows = result["rows"]
+    paths = list(dict.fromkeys(p for r in rows for p in r["paths"]))
+    base_name = paths[0]
+    head = ["problem", "live features"] + paths + ["iterations (per class)", "side", "extra memory", "objectives agree"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in rows:
+        base = r["paths"][base_name]
+        b = base["seconds"] if base["status"] == "ok" else None
+        cells = [r["problem"], f"{r['live_features']:,}"] + [_cell(r["paths"][p], b) for p in paths]
+        its = base.get("iterations") or []
+        cells.append(f"{min(its)}-{max(its)}" if its else "-")
+        cells.append(", ".join(base.get("sides", [])) or "-")
+        mem = base.get("cuda_peak_mb") or base.get("extra_rss_mb")
+        cells.append(f"{mem:,.0f} MB" if mem is not None else "-")
+        rel = r.get("relative_difference")
+        cells.append(f"{rel:.0e}" if rel is not None else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| K x features | points side (K x K) | features side | picked |", "| --- | --- | --- | --- |"]
+    for s in result["side_timing"]:
+        lines.append(f"| {s['K']:,} x {s['features']:,} | {s['points_s']:.3f} s | {s['features_s']:.3f} s | {s['picked']} |")
+    return "\n".join(lines)
