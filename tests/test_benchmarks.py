@@ -145,6 +145,26 @@ def test_margin_speed_benchmark_agrees_with_highs_on_the_whole_lp():
         assert row["relative_difference"] <= 1e-6  # the same program, the same optimum
 
 
+def test_large_k_benchmark_agrees_with_highs_and_times_both_sides():
+    import torch
+
+    from benchmarks.large_k import run, table
+
+    out = json.loads(run(quick=True, cap=120, highs_cap=120).read_text())
+    assert len(out["rows"]) == 2
+    for row in out["rows"]:
+        paths = row["paths"]
+        assert all(r["status"] == "ok" for r in paths.values()), paths
+        assert row["relative_difference"] <= 1e-7  # the same program, the same optimum
+        ours = next(iter(paths.values()))
+        assert ours["sides"] == ["features"] and ours["worst_certified_gap"] <= 1e-7
+    if not torch.cuda.is_available():
+        assert set(out["rows"][0]["paths"]) == {"ours", "highs"}
+    assert [s["picked"] for s in out["side_timing"]] == ["features", "points"]
+    assert all(s["points_s"] > 0 and s["features_s"] > 0 for s in out["side_timing"])
+    assert "| random K=600 d=40 |" in table(out)
+
+
 def test_fog_is_reproducible_and_keeps_images_in_range():
     from cnnrepair.corruptions import fog
 
