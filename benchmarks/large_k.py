@@ -212,6 +212,25 @@ def run(runs: dict[str, Path] | None = None, cap: float = 900.0, highs_cap: floa
         paths = {"ours (cpu, all cores)": ("ipm", "cpu", os.cpu_count()), "ours (cuda)": ("ipm", "cuda", None)}
     else:
         paths["highs"] = ("highs", "cpu", None)
+    cmd = "python -m benchmarks.run large-k" + (" --quick" if quick else "") + (
+        " " + " ".join(str(r) for r in runs.values()) if runs and not quick else "") + f" --cap {cap:g} --highs-cap {highs_cap:g}"
+    if random_sizes:
+        cmd += " --random " + ",".join(f"{K}x{d}" for K, d in random_sizes)
+
+    def write(rows: list[dict], sides: list[dict], complete: bool) -> Path:
+        """Written after every problem, so a run stopped early keeps what it measured."""
+        out = {"machine": _machine(), "command": cmd, "cap_s": cap, "highs_cap_s": highs_cap, "complete": complete,
+               "device": torch.cuda.get_device_name(0) if cuda else "cpu", "rows": rows, "side_timing": sides}
+        if quick:
+            import tempfile
+
+            from cnnrepair.io import write_json
+
+            path = Path(tempfile.mkdtemp(prefix="large-k-")) / "large_k_quick.json"
+            write_json(path, out)
+            return path
+        return _write(out_name or ("large_k_gpu.json" if cuda else "large_k.json"), out)
+
     rows, highs_out = [], None  # (K, live features) of the problem HiGHS timed out on
     for label, make in problems:
         t0 = time.perf_counter()
@@ -234,23 +253,9 @@ def run(runs: dict[str, Path] | None = None, cap: float = 900.0, highs_cap: floa
             objs = [r["objective"] for r in done]
             row["relative_difference"] = (max(objs) - min(objs)) / max(abs(min(objs)), 1e-300)
         rows.append(row)
+        write(rows, [], False)
     shapes = [(2000, 800), (5000, 800), (10000, 800)] if not quick else [(200, 40), (40, 200)]
-    sides = side_timing(shapes, "cuda" if cuda else "cpu")
-    cmd = "python -m benchmarks.run large-k" + (" --quick" if quick else "") + (
-        " " + " ".join(str(r) for r in runs.values()) if runs and not quick else "") + f" --cap {cap:g} --highs-cap {highs_cap:g}"
-    if random_sizes:
-        cmd += " --random " + ",".join(f"{K}x{d}" for K, d in random_sizes)
-    out = {"machine": _machine(), "command": cmd, "cap_s": cap, "highs_cap_s": highs_cap,
-           "device": torch.cuda.get_device_name(0) if cuda else "cpu", "rows": rows, "side_timing": sides}
-    if quick:
-        import tempfile
-
-        from cnnrepair.io import write_json
-
-        path = Path(tempfile.mkdtemp(prefix="large-k-")) / "large_k_quick.json"
-        write_json(path, out)
-        return path
-    return _write(out_name or ("large_k_gpu.json" if cuda else "large_k.json"), out)
+    return write(rows, side_timing(shapes, "cuda" if cuda else "cpu"), True)
 
 
 def _cell(res: dict, base: float | None) -> str:

@@ -99,5 +99,6 @@ def test_recorded_accuracy_matches_an_independent_scikit_learn_fit(digits_run, d
 def test_parallel_lh_fit_gives_the_same_weights(feats, digits):
     a, _, _ = fit_linear_svm(feats[1], digits.y_train)
     b, _, _ = fit_linear_svm(feats[1], digits.y_train, n_jobs=2)
-    np.testing.assert_allclose(b.weight.numpy(), a.weight.numpy(), rtol=0, atol=1e-10)
-    np.testing.assert_allclose(b.bias.numpy(), a.bias.numpy(), rtol=0, atol=1e-10)
+    # the same one-vs-rest fits, in another order: equal up to roundoff (2.7e-11 relative was seen on a 16-core machine)
+    np.testing.assert_allclose(b.weight.numpy(), a.weight.numpy(), rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(b.bias.numpy(), a.bias.numpy(), rtol=1e-9, atol=1e-10)

@@ -159,8 +159,9 @@ class TargetConstraints:
 
     A constraint family has three methods: ``points(p)`` (the feature rows it constrains, so their
     live features keep a column), ``rows(p, i, cols)`` (its rows for class i over the features
-    ``cols``) and ``penalty(p, i, gamma_i)`` (the cost of its slacks at a weight change, recomputed
-    from gamma so that the reported objective is exactly what the change costs).
+    ``cols``) and ``penalty(p, i, gamma_i, delta)`` (the cost of its slacks at a weight change,
+    recomputed from gamma so that the reported objective is exactly what the change costs; ``delta``
+    is the result's own slack matrix, so objective and slacks are one computation).
     """
 
     def points(self, p: RepairProblem) -> np.ndarray:
@@ -173,8 +174,8 @@ class TargetConstraints:
         w = p.slack_weights()
         return sp.csc_matrix(p.X[:, cols]), sp.hstack([-eye, eye], format="csc"), r, r, np.concatenate([w, w])
 
-    def penalty(self, p: RepairProblem, i: int, gamma_i: np.ndarray) -> float:
-        return float(p.slack_weights() @ np.abs(p.X @ gamma_i - p.residual(i)))
+    def penalty(self, p: RepairProblem, i: int, gamma_i: np.ndarray, delta: np.ndarray) -> float:
+        return float(p.slack_weights() @ delta[:, i])
 
 
 class BoundConstraints:
@@ -200,7 +201,7 @@ class BoundConstraints:
         return (sp.csc_matrix(self.A[:, cols]), sp.csc_matrix((len(self.A), 0)), self.lower[:, i] - now,
                 self.upper[:, i] - now, np.zeros(0))
 
-    def penalty(self, p: RepairProblem, i: int, gamma_i: np.ndarray) -> float:
+    def penalty(self, p: RepairProblem, i: int, gamma_i: np.ndarray, delta: np.ndarray) -> float:
         return 0.0
 
 
@@ -548,7 +549,7 @@ def _repair(p: RepairProblem, solver: str, time_limit: float | None, families, n
     delta = np.abs(p.X @ (p.W + gamma).T + p.b - p.Y)
     for o in outs:
         i = o["class"]
-        o["objective"] = (float(np.abs(gamma[i]).sum() + sum(f.penalty(p, i, gamma[i]) for f in families))
+        o["objective"] = (float(np.abs(gamma[i]).sum() + sum(f.penalty(p, i, gamma[i], delta) for f in families))
                           if o["status"] == "optimal" else None)
     objective = float(sum(o["objective"] for o in outs)) if status == "optimal" else float("nan")
     size["full_variables"] = int(k * (2 * d + 2 * K))
