@@ -17,6 +17,8 @@ EPILOG = """examples:
   cnnrepair hybrid --out runs/cifar10 --kh-train-size 10000
   cnnrepair repair model.pt2 --points wrong.npz --keep clean.npz --out repaired/   # any classifier's last layer
   cnnrepair verify repaired/certificate.json --model repaired/repaired.pt2 --points wrong.npz --keep clean.npz
+  cnnrepair repair model.onnx --points wrong.npz --out repaired/                   # ONNX in, repaired/repaired.onnx out
+  cnnrepair vnnlib repaired/repaired.onnx --points wrong.npz --eps 0.01 --out props/  # properties for any VNN-COMP verifier
 """
 
 
@@ -255,7 +257,7 @@ def validate(args: argparse.Namespace) -> None:
     from cnnrepair.rundir import RunDir
 
     cmd = args.command
-    if cmd in ("download", "verify"):
+    if cmd in ("download", "verify", "vnnlib"):
         return
     if cmd == "repair":
         _model_repair_job(args)
@@ -339,6 +341,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=Path, default=None, help="the keep points, if the repair had any")
     p.add_argument("--original", type=Path, default=None, help="the model before repair: also checks that only the layer changed, "
                    "the change's norm, and the certified lower bound")
+
+    p = add_parser("vnnlib", help="write VNN-LIB robustness properties (one L-inf ball per point) for any VNN-COMP verifier")
+    p.add_argument("model", type=Path, help="the model the properties are about (.onnx for most verifiers, or .pt2)")
+    p.add_argument("--points", type=Path, required=True, help=".npz with x (model units) and optional y (default: the model's labels)")
+    p.add_argument("--eps", type=float, required=True, help="L-inf radius of each ball, in the model's input units")
+    p.add_argument("--range", default="0,1", help="input domain the balls are clipped to, LOW,HIGH, or 'none' (default: 0,1)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per property written to instances.csv (default 60)")
+    p.add_argument("--out", type=Path, required=True, help="folder for point_<i>.vnnlib and instances.csv")
 
     p = add_parser("repair-sweep", help="the paper's experiment: repair LH's head over (eps, K), evaluate RLH (paper figure 3)")
     p.add_argument("--out", type=Path, required=True, help="run directory with NN and LH")
@@ -452,9 +462,9 @@ def _write_examples(run, ds, models, attack_name: str, eps: float) -> None:
 
 
 def _add_model_repair_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", type=Path, help="the classifier: a torch.export program (.pt2) with a dynamic batch dimension")
+    p.add_argument("model", type=Path, help="the classifier: a torch.export program (.pt2) with a dynamic batch dimension, or an ONNX file (.onnx)")
     p.add_argument("--points", type=Path, required=True, help=".npz with x (float32, N x input shape, model units) and y (int64 labels)")
-    p.add_argument("--out", type=Path, required=True, help="folder for repaired.pt2 and certificate.json")
+    p.add_argument("--out", type=Path, required=True, help="folder for repaired.pt2 / repaired.onnx (the model's format) and certificate.json")
     p.add_argument("--spec", choices=["pointwise", "targets"], default="pointwise",
                    help="pointwise: every point gets its label with --margin (guaranteed, minimal change); "
                         "targets: the paper's program (default: pointwise)")
@@ -508,7 +518,7 @@ def _cmd_model_repair(args: argparse.Namespace, bars: _Bars) -> int:
              f"{ch['nonzero']} numbers changed")
         if cert["keep"]["count"]:
             _say(f"keep points: {cert['keep']['labels_kept']}/{cert['keep']['count']} keep their label, smallest margin {cert['keep']['smallest_margin_after']:.4g}")
-        _say(f"wrote {args.out / 'repaired.pt2'} and {args.out / 'certificate.json'}")
+        _say(f"wrote {args.out / cert['model']['file']} and {args.out / 'certificate.json'}")
         return 0
     if cert["status"] == "infeasible":
         conf = ", ".join(f"{c['set']}[{c['index']}] (label {c['label']})" for c in cert.get("conflicts", [])[:12])
@@ -529,6 +539,34 @@ def _cmd_verify(args: argparse.Namespace, bars: _Bars) -> int:
         return 1
     checked = "margins, model hash" + (", only the layer changed, objective and lower bound" if args.original else "")
     _say(f"certificate holds ({checked})")
+    return 0
+
+
+def _vnnlib_range(text: str) -> tuple[float, float] | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise CnnRepairError(f"--range {text!r}: give LOW,HIGH (e.g. 0,1) or none") from None
+    return lo, hi
+
+
+def _cmd_vnnlib(args: argparse.Namespace, bars: _Bars) -> int:
+    from cnnrepair.formats import load_model
+    from cnnrepair.modelrepair import load_points
+    from cnnrepair.repair.certificate import model_logits
+    from cnnrepair.vnnlib import write_properties
+
+    domain = _vnnlib_range(args.range)
+    model = load_model(args.model)
+    points = load_points(args.points, "points file", labels_required=False)
+    if model.input_shape is not None and tuple(points.x.shape[1:]) != model.input_shape:
+        raise CnnRepairError(f"{args.points}: inputs of shape {tuple(points.x.shape[1:])} but the model takes {model.input_shape}")
+    logits = model_logits(model.module, points.x[:1] if points.y is not None else points.x)
+    labels = points.y if points.y is not None else logits.argmax(1)
+    paths = write_properties(args.model, points.x.numpy(), labels, args.eps, logits.shape[1], args.out, domain, args.timeout)
+    _say(f"wrote {len(paths)} properties and instances.csv to {args.out} (unsat = every input of the ball keeps its label)")
     return 0
 
 
@@ -604,7 +642,7 @@ def _cmd_download(args: argparse.Namespace, bars: _Bars):
 
 COMMANDS: dict[str, Callable] = {
     "reproduce": _cmd_reproduce, "train": _cmd_train, "hybrid": _cmd_hybrid, "attack": _cmd_attack, "repair-sweep": _cmd_repair,
-    "repair": _cmd_model_repair, "verify": _cmd_verify, "export": _cmd_export, "download": _cmd_download,
+    "repair": _cmd_model_repair, "verify": _cmd_verify, "vnnlib": _cmd_vnnlib, "export": _cmd_export, "download": _cmd_download,
 }
 
 

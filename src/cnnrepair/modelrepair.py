@@ -1,8 +1,9 @@
 """Repair a model file and re-check a certificate: what ``cnnrepair repair`` and ``cnnrepair verify`` do.
 
 ``prepare`` reads and checks everything (model, points, spec, layer) before any file is written;
-``run`` solves, saves ``repaired.pt2`` (only when the spec holds), reloads it, measures every
-margin on the saved file, and writes ``certificate.json``. ``verify`` re-checks a certificate
+``run`` solves, saves ``repaired.pt2`` / ``repaired.onnx`` (the input's format; only when the spec
+holds), reloads it, measures every margin on the saved file as its own runtime runs it
+(onnxruntime for ONNX), and writes ``certificate.json``. ``verify`` re-checks a certificate
 against a model file and the points, without trusting anything the certificate says about them.
 """
 
@@ -15,11 +16,33 @@ import numpy as np
 import torch
 
 from cnnrepair.errors import CnnRepairError
-from cnnrepair.formats import LoadedModel, load_model, save_model
+from cnnrepair.formats import LoadedModel, load_model, runtime_logits, save_model
 from cnnrepair.io import load_npz, read_json, write_json
 from cnnrepair.repair import RepairSpec, last_layer, repair_classifier
-from cnnrepair.repair.certificate import check_claims, model_margins, sha256, witness_bound
-from cnnrepair.repair.margins import MarginProblem
+from cnnrepair.repair.certificate import check_claims, model_logits, model_margins, sha256, witness_bound
+from cnnrepair.repair.margins import MarginProblem, margins_of
+
+RUNTIME_AGREEMENT = 1e-5  # a format's own runtime and the torch model must agree this well (relative to 1 + |output|)
+
+
+def _saved_margins(path: Path, module: torch.nn.Module, x: torch.Tensor, y: np.ndarray) -> np.ndarray:
+    """Margins of a saved model as its own format runs it (onnxruntime for ONNX, else the loaded torch module)."""
+    if len(y) == 0:
+        return np.zeros(0)
+    logits = runtime_logits(path, x)
+    return model_margins(module, x, y) if logits is None else margins_of(logits, np.asarray(y, np.int64))
+
+
+def runtime_disagreement(path: Path, module: torch.nn.Module, x: torch.Tensor) -> str | None:
+    """None when the file's own runtime reproduces ``module``'s outputs on ``x`` to RUNTIME_AGREEMENT, else why not."""
+    logits = runtime_logits(path, x)
+    if logits is None or not len(x):
+        return None
+    ref = model_logits(module, x)
+    worst = float(np.max(np.abs(logits - ref) / (1 + np.abs(ref))))
+    if logits.shape != ref.shape or worst > RUNTIME_AGREEMENT:
+        return f"{path.name}: its runtime's outputs differ from the repaired torch model by {worst:.2g} (relative), more than {RUNTIME_AGREEMENT:g}"
+    return None
 
 
 @dataclass
@@ -87,7 +110,7 @@ def prepare(model_path: Path, points_path: Path, spec: RepairSpec, layer: str | 
 
 
 def run(job: RepairJob, out: Path, time_limit: float | None = None, threads: int | None = None) -> dict:
-    """Repair, save ``out/repaired.pt2`` if the spec holds, re-measure on the saved file, write the certificate."""
+    """Repair, save ``out/repaired.<format>`` if the spec holds, re-measure on the saved file, write the certificate."""
     out = Path(out)
     keep = job.keep
     result = repair_classifier(job.model.module, job.points.x, job.points.y, job.spec, layer=job.layer,
@@ -100,20 +123,22 @@ def run(job: RepairJob, out: Path, time_limit: float | None = None, threads: int
         cert["keep_file"] = {"file": keep.path.name, "sha256": sha256(keep.path)}
     cert["notes"] = result.notes
     out.mkdir(parents=True, exist_ok=True)
-    target = out / "repaired.pt2"
+    target = out / f"repaired{job.model.suffix}"
     if result.ok:
         save_model(job.model, result.model, list(result.tensors), target)
         saved = load_model(target).module
-        after = model_margins(saved, job.points.x, job.points.y)
+        after = _saved_margins(target, saved, job.points.x, job.points.y)
         for p, m in zip(cert["points"], after):
             p["margin_after"] = float(m)
         if keep is not None and cert["keep"]["count"]:
-            km = model_margins(saved, keep.x, np.asarray(cert["keep"]["labels"], np.int64))  # the labels repair kept
+            km = _saved_margins(target, saved, keep.x, np.asarray(cert["keep"]["labels"], np.int64))  # the labels repair kept
             cert["keep"]["smallest_margin_after"] = float(km.min())
             cert["keep"]["labels_kept"] = int((km > 0).sum())
         else:
             km = np.zeros(0)
         problems = check_claims(cert, after, km)
+        mismatch = runtime_disagreement(target, result.model, job.points.x)
+        problems += [mismatch] if mismatch else []
         if problems:  # the saved file does not do what the solve promised: never certify it
             target.unlink()
             cert["status"] = "failed"
@@ -142,7 +167,7 @@ def verify(cert_path: Path, model_path: Path, points_path: Path, keep_path: Path
         problems.append(f"{points_path}: sha256 differs from the points the certificate was made on")
     model = load_model(model_path).module
     points = load_points(points_path, "points file")
-    after = model_margins(model, points.x, points.y)
+    after = _saved_margins(Path(model_path), model, points.x, points.y)
     keep_after = np.zeros(0)
     if keep_path is not None:
         keep = load_points(keep_path, "keep file", labels_required=False)
@@ -150,7 +175,7 @@ def verify(cert_path: Path, model_path: Path, points_path: Path, keep_path: Path
         if len(ky) != len(keep.x):
             problems.append(f"{keep_path}: {len(keep.x)} keep inputs but the certificate lists {len(ky)} keep labels")
             ky = np.zeros(len(keep.x), np.int64)
-        keep_after = model_margins(model, keep.x, ky)
+        keep_after = _saved_margins(Path(model_path), model, keep.x, ky)
     elif (cert.get("keep") or {}).get("count"):
         problems.append(f"the certificate covers {cert['keep']['count']} keep points: pass them with --keep")
         keep_after = None

@@ -1,14 +1,10 @@
-"""Model files in and out: a repaired model goes back in the format it came in.
-
-Today: ``torch.export`` programs (``.pt2``). The program runs as its ``GraphModule``; repair
-changes one layer's tensors in the program's state and saves the same program, so
-``torch.export.load`` reads the result without cnnrepair.
-"""
+"""``torch.export`` programs (``.pt2``): the program runs as its ``GraphModule``; repair changes one
+layer's tensors in the program's state and saves the same program, so ``torch.export.load`` reads
+the result without cnnrepair."""
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,35 +13,15 @@ from torch import nn
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.io import atomic_write
 
-FORMATS = {".pt2": "torch.export"}
 
-
-@dataclass
-class LoadedModel:
-    """A model read from ``path``: ``module`` runs it; ``input_shape`` excludes the batch dimension."""
-
-    path: Path
-    format: str
-    module: nn.Module
-    input_shape: tuple[int, ...] | None
-    program: object = None
-
-
-def load_model(path: Path) -> LoadedModel:
-    """Read a model file (``.pt2``), with a one-line error when it cannot be used."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in FORMATS:
-        raise CnnRepairError(f"{path}: unknown model format {suffix or '(none)'}; give a torch.export program (.pt2)")
-    if not path.is_file():
-        raise CnnRepairError(f"{path}: no such model file")
+def load(path: Path) -> tuple[nn.Module, tuple[int, ...] | None, object]:
+    """(module, per-example input shape, program) of a ``torch.export`` file."""
     try:
         program = torch.export.load(str(path))
         module = program.module()
     except Exception as exc:  # noqa: BLE001 - any failure to read is the same user error
         raise CnnRepairError(f"{path}: not a readable torch.export program ({type(exc).__name__}); re-export it with torch.export.save") from None
-    shape = _input_shape(program)
-    return LoadedModel(path, FORMATS[suffix], module, shape, program)
+    return module, _input_shape(program), program
 
 
 def _input_shape(program) -> tuple[int, ...] | None:
@@ -63,7 +39,7 @@ def _input_shape(program) -> tuple[int, ...] | None:
     return tuple(int(d) for d in dims[1:])
 
 
-def save_model(loaded: LoadedModel, repaired: nn.Module, tensors: list[str], path: Path) -> None:
+def save(loaded, repaired: nn.Module, tensors: list[str], path: Path) -> None:
     """Write ``repaired`` in ``loaded``'s format: the source program with ``tensors`` taken from ``repaired``."""
     program = torch.export.load(str(loaded.path))  # a fresh copy: the loaded one stays the original
     state = dict(repaired.named_parameters())

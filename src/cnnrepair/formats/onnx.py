@@ -1,0 +1,337 @@
+"""ONNX graphs (``.onnx``): run with torch ops for gradients and repair, saved back as the same graph.
+
+:class:`OnnxModule` interprets the graph node by node with torch functions, so attacks get
+gradients and :func:`cnnrepair.repair.last_layer` finds the linear layers: every ``Gemm`` and every
+``MatMul`` (+ ``Add``) on stored weights becomes an ``nn.Linear`` named after its node. Saving
+reads the *source* file again and replaces only the repaired layer's initializers (transposed back
+where the node stores ``W^T``), then runs ``onnx.checker``; the caller measures the saved file with
+onnxruntime.
+
+Why ours and not onnx2torch (the maintained converter): onnx2torch imports torchvision at import
+time (its NMS and RoIAlign converters), and PyPI's torchvision needs a newer, CUDA-sized torch than
+the CPU build this project pins, so it cannot be a dependency here. The classifiers this tool
+repairs use a small operator set (below); any other operator is refused with its name.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnrepair.errors import CnnRepairError
+from cnnrepair.io import atomic_write
+
+SUPPORTED = ("Add", "AveragePool", "BatchNormalization", "Cast", "Concat", "Constant", "Conv", "Div", "Dropout", "Flatten",
+             "Gather", "Gemm", "GlobalAveragePool", "Identity", "LeakyRelu", "MatMul", "MaxPool", "Mul", "Relu", "Reshape",
+             "Shape", "Sigmoid", "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze")
+
+
+def _import_onnx():
+    try:
+        import onnx
+    except ImportError:  # pragma: no cover - a declared dependency
+        raise CnnRepairError("reading ONNX files needs the onnx package: pip install onnx onnxruntime") from None
+    return onnx
+
+
+@dataclass(frozen=True)
+class LinearSource:
+    """Where an ``nn.Linear`` of the module lives in the graph: its node and initializers."""
+
+    node: str
+    weight: str
+    weight_transposed: bool  # the initializer holds W^T (in x out): MatMul, or Gemm with transB=0
+    bias: str | None
+    bias_shape: tuple[int, ...]
+
+
+def _attrs(node) -> dict:
+    onnx = _import_onnx()
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _module_name(name: str, used: set[str]) -> str:
+    base = re.sub(r"\W", "_", name).strip("_") or "linear"
+    if base[0].isdigit():
+        base = f"n{base}"
+    out, k = base, 1
+    while out in used:
+        k += 1
+        out = f"{base}_{k}"
+    used.add(out)
+    return out
+
+
+class OnnxModule(nn.Module):
+    """An ONNX graph as a torch module (float32); linear layers on stored weights are ``nn.Linear``."""
+
+    def __init__(self, model, path: Path | None = None):
+        super().__init__()
+        onnx = _import_onnx()
+        graph = model.graph
+        where = f"{path}: " if path else ""
+        self._inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+        init_inputs = set(self._inits)
+        inputs = [i for i in graph.input if i.name not in init_inputs]
+        if len(inputs) != 1 or len(graph.output) != 1:
+            raise CnnRepairError(f"{where}the graph has {len(inputs)} inputs and {len(graph.output)} outputs; "
+                                 "repair needs a classifier with one input and one output")
+        self.input_name, self.output_name = inputs[0].name, graph.output[0].name
+        for node in graph.node:
+            if node.op_type not in SUPPORTED or (node.domain not in ("", "ai.onnx")):
+                raise CnnRepairError(f"{where}operator {node.op_type!r} (node {node.name or '?'}) is not supported; "
+                                     f"supported: {', '.join(SUPPORTED)}. Export the model without it (logits, no softmax)")
+        consumers: dict[str, list] = {}
+        for node in graph.node:
+            for name in node.input:
+                consumers.setdefault(name, []).append(node)
+        self.linear_sources: dict[str, LinearSource] = {}
+        self._steps: list[tuple] = []  # (kind, node, attrs, linear module name or None)
+        used: set[str] = set()
+        fused: set[int] = set()
+        consts = {}
+        nodes = list(graph.node)
+        for idx, node in enumerate(nodes):
+            if idx in fused:
+                continue
+            attrs = _attrs(node)
+            lin = self._linear_of(node, attrs, nodes, idx, consumers)
+            if lin is not None:
+                W, b, src, out_name, add_idx = lin
+                name = _module_name(node.name or f"{node.op_type.lower()}_{idx}", used)
+                layer = nn.Linear(W.shape[1], W.shape[0], bias=b is not None)
+                with torch.no_grad():
+                    layer.weight.copy_(torch.from_numpy(np.array(W, np.float32)))
+                    if b is not None:
+                        layer.bias.copy_(torch.from_numpy(np.array(b.reshape(-1), np.float32)))
+                self.add_module(name, layer)
+                self.linear_sources[name] = src
+                if add_idx is not None:
+                    fused.add(add_idx)
+                self._steps.append(("linear", node.input[0], out_name, name))
+                continue
+            for name in node.input:
+                if name in self._inits and name not in consts:
+                    consts[name] = _module_name(f"c_{name}", used)
+                    self.register_buffer(consts[name], torch.from_numpy(np.array(self._inits[name])))
+            self._steps.append(("op", node, attrs, None))
+        self._consts = consts
+
+    def _linear_of(self, node, attrs, nodes, idx, consumers):
+        """(W out x in, b or None, LinearSource, output name, index of a fused Add) when ``node`` is a linear layer."""
+        inits = self._inits
+        if node.op_type == "Gemm" and len(node.input) >= 2 and node.input[1] in inits:
+            if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+                return None
+            B = inits[node.input[1]]
+            trans = not attrs.get("transB", 0)
+            W = B.T if trans else B
+            bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
+            if bias_name is not None and (bias_name not in inits or inits[bias_name].size != W.shape[0]):
+                return None
+            b = inits[bias_name] if bias_name else None
+            src = LinearSource(node.name, node.input[1], trans, bias_name, tuple(b.shape) if b is not None else ())
+            return W, b, src, node.output[0], None
+        if node.op_type == "MatMul" and node.input[1] in inits and inits[node.input[1]].ndim == 2:
+            W = inits[node.input[1]].T
+            users = consumers.get(node.output[0], [])
+            if len(users) == 1 and users[0].op_type == "Add":
+                add = users[0]
+                other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
+                if other in inits and inits[other].size == W.shape[0]:
+                    b = inits[other]
+                    src = LinearSource(node.name, node.input[1], True, other, tuple(b.shape))
+                    return W, b, src, add.output[0], nodes.index(add)
+            return W, None, LinearSource(node.name, node.input[1], True, None, ()), node.output[0], None
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        env = {self.input_name: x}
+        for name, buf in self._consts.items():
+            env[name] = getattr(self, buf)
+        for kind, a, b, c in self._steps:
+            if kind == "linear":
+                env[b] = getattr(self, c)(env[a])
+            else:
+                outs = _run(a, b, [env[i] if i else None for i in a.input], x.shape[0])
+                for name, val in zip(a.output, outs):
+                    env[name] = val
+        return env[self.output_name]
+
+
+def _pads(attrs: dict, n: int) -> list[int]:
+    if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        raise CnnRepairError("auto_pad other than NOTSET is not supported; export with explicit pads")
+    p = list(attrs.get("pads", [0] * (2 * n)))
+    return [v for i in reversed(range(n)) for v in (p[i], p[i + n])]  # F.pad order: last dim first
+
+
+def _run(node, attrs: dict, ins: list, batch: int) -> list:
+    """One node's outputs."""
+    op = node.op_type
+    x = ins[0] if ins else None
+    if op in ("Identity", "Dropout"):
+        return [x]
+    if op == "Constant":
+        onnx = _import_onnx()
+        if "value" in attrs:
+            return [torch.from_numpy(np.array(onnx.numpy_helper.to_array(attrs["value"])))]
+        for key, dtype in (("value_float", torch.float32), ("value_floats", torch.float32), ("value_int", torch.int64), ("value_ints", torch.int64)):
+            if key in attrs:
+                return [torch.tensor(attrs[key], dtype=dtype)]
+        raise CnnRepairError(f"Constant node {node.name or '?'}: only tensor, float and int values are supported")
+    if op == "Relu":
+        return [F.relu(x)]
+    if op == "LeakyRelu":
+        return [F.leaky_relu(x, attrs.get("alpha", 0.01))]
+    if op == "Sigmoid":
+        return [torch.sigmoid(x)]
+    if op == "Tanh":
+        return [torch.tanh(x)]
+    if op in ("Add", "Sub", "Mul", "Div"):
+        a, b = ins
+        if torch.is_floating_point(a) != torch.is_floating_point(b):
+            a, b = (a, b.to(a.dtype)) if torch.is_floating_point(a) else (a.to(b.dtype), b)
+        return [{"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": torch.div}[op](a, b)]
+    if op == "MatMul":
+        return [torch.matmul(*ins)]
+    if op == "Gemm":
+        a, b = ins[0], ins[1]
+        a = a.T if attrs.get("transA", 0) else a
+        b = b.T if attrs.get("transB", 0) else b
+        out = attrs.get("alpha", 1.0) * (a @ b)
+        return [out + attrs.get("beta", 1.0) * ins[2] if len(ins) > 2 and ins[2] is not None else out]
+    if op == "Conv":
+        w = ins[1]
+        n = w.ndim - 2
+        x = F.pad(x, _pads(attrs, n))
+        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[n]
+        return [conv(x, w, ins[2] if len(ins) > 2 else None, stride=attrs.get("strides", [1] * n),
+                     dilation=attrs.get("dilations", [1] * n), groups=attrs.get("group", 1))]
+    if op in ("MaxPool", "AveragePool"):
+        k = attrs["kernel_shape"]
+        n = len(k)
+        stride = attrs.get("strides", [1] * n)
+        pads = _pads(attrs, n)
+        ceil = bool(attrs.get("ceil_mode", 0))
+        if op == "MaxPool":
+            x = F.pad(x, pads, value=float("-inf")) if any(pads) else x
+            pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[n]
+            return [pool(x, k, stride, 0, attrs.get("dilations", [1] * n), ceil_mode=ceil)]
+        if any(pads) and not attrs.get("count_include_pad", 0):
+            ones = F.pad(torch.ones_like(x[:1, :1]), pads)
+            x = F.pad(x, pads)
+            pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[n]
+            return [pool(x, k, stride, 0, ceil) / pool(ones, k, stride, 0, ceil)]
+        pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[n]
+        return [pool(F.pad(x, pads), k, stride, 0, ceil)]
+    if op == "GlobalAveragePool":
+        return [x.mean(dim=tuple(range(2, x.ndim)), keepdim=True)]
+    if op == "BatchNormalization":
+        _, scale, bias, mean, var = ins[:5]
+        return [F.batch_norm(x, mean, var, scale, bias, False, 0.0, attrs.get("epsilon", 1e-5))]
+    if op == "Flatten":
+        axis = attrs.get("axis", 1) % max(x.ndim, 1)
+        return [x.reshape(int(np.prod(x.shape[:axis])) if axis else 1, -1)]
+    if op == "Reshape":
+        shape = [int(v) for v in ins[1].tolist()]
+        shape = [x.shape[i] if v == 0 and not attrs.get("allowzero", 0) else v for i, v in enumerate(shape)]
+        if shape and shape[0] == 1 and x.shape[0] == batch and batch != 1:
+            shape[0] = batch  # a graph exported for one example: its reshapes keep the batch
+        return [x.reshape(shape)]
+    if op == "Shape":
+        return [torch.tensor(list(x.shape), dtype=torch.int64)]
+    if op == "Gather":
+        idx = ins[1]
+        return [torch.index_select(x, attrs.get("axis", 0), idx.reshape(-1).long()).reshape(
+            *x.shape[:attrs.get("axis", 0)], *idx.shape, *x.shape[attrs.get("axis", 0) + 1:])]
+    if op in ("Unsqueeze", "Squeeze"):
+        axes = attrs.get("axes") if "axes" in attrs else (ins[1].tolist() if len(ins) > 1 and ins[1] is not None else None)
+        if op == "Squeeze":
+            return [x.squeeze() if axes is None else x.squeeze(tuple(a % x.ndim for a in axes))]
+        out = x
+        for a in sorted(a % (x.ndim + len(axes)) for a in axes):
+            out = out.unsqueeze(a)
+        return [out]
+    if op == "Concat":
+        return [torch.cat([t.reshape(1) if t.ndim == 0 else t for t in ins], dim=attrs["axis"])]
+    if op == "Transpose":
+        return [x.permute(*(attrs.get("perm") or reversed(range(x.ndim))))]
+    if op == "Cast":
+        onnx = _import_onnx()
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(attrs["to"])
+        return [x.to(torch.from_numpy(np.zeros(0, dtype)).dtype)]
+    raise CnnRepairError(f"operator {op!r} is not supported")  # pragma: no cover - checked when loading
+
+
+def load(path: Path) -> tuple[nn.Module, tuple[int, ...] | None, object]:
+    """(module, per-example input shape, ONNX model) of an ONNX file."""
+    onnx = _import_onnx()
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except Exception as exc:  # noqa: BLE001 - any failure to read is the same user error
+        raise CnnRepairError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {str(exc).splitlines()[0][:100]})") from None
+    module = OnnxModule(model, path).eval()
+    inp = next(i for i in model.graph.input if i.name == module.input_name)
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim]
+    if dims and dims[0] not in (None, 1):
+        raise CnnRepairError(f"{path}: the graph was exported for a fixed batch of {dims[0]}; export it with a dynamic "
+                             "batch dimension (torch.onnx.export(..., dynamic_axes={'x': {0: 'batch'}})) or batch 1")
+    shape = tuple(dims[1:]) if dims and all(d is not None for d in dims[1:]) else None
+    return module, shape, model
+
+
+def save(loaded, repaired: nn.Module, tensors: list[str], path: Path) -> None:
+    """The source graph with the repaired layers' initializers replaced, checked by ``onnx.checker``."""
+    onnx = _import_onnx()
+    model = onnx.load(str(loaded.path))
+    sources: dict[str, LinearSource] = loaded.module.linear_sources
+    inits = {i.name: i for i in model.graph.initializer}
+    uses: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    state = dict(repaired.named_parameters())
+    for tensor in tensors:
+        layer, _, kind = tensor.rpartition(".")
+        src = sources.get(layer)
+        if src is None or kind not in ("weight", "bias"):
+            raise CnnRepairError(f"the ONNX graph has no linear layer {layer!r} to write; this layer cannot be saved as ONNX")
+        target = src.weight if kind == "weight" else src.bias
+        if target is None:
+            raise CnnRepairError(f"layer {layer!r} has no bias in the ONNX graph; repair it with a frozen bias (--freeze-bias)")
+        if uses.get(target, 0) > 1:
+            raise CnnRepairError(f"initializer {target!r} is shared by several nodes; repairing it would change them all")
+        value = state[tensor].detach().cpu().numpy()
+        if kind == "weight" and src.weight_transposed:
+            value = value.T
+        if kind == "bias":
+            value = value.reshape(src.bias_shape)
+        old = inits[target]
+        new = onnx.numpy_helper.from_array(np.ascontiguousarray(value.astype(onnx.helper.tensor_dtype_to_np_dtype(old.data_type))), target)
+        old.CopyFrom(new)
+    onnx.checker.check_model(model)
+    atomic_write(Path(path), lambda p: Path(p).write_bytes(model.SerializeToString()))
+
+
+def run_onnxruntime(path: Path, x: torch.Tensor | np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Outputs of an ONNX file under onnxruntime (float64 copy), batch by batch (one example at a time
+    for a graph exported with batch 1)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:  # pragma: no cover - a declared dependency
+        raise CnnRepairError("checking ONNX files needs onnxruntime: pip install onnxruntime") from None
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0]
+    fixed_one = inp.shape and inp.shape[0] == 1
+    xs = np.asarray(torch.as_tensor(x).detach().cpu().numpy(), np.float32)
+    step = 1 if fixed_one else batch_size
+    outs = [sess.run(None, {inp.name: xs[i:i + step]})[0] for i in range(0, len(xs), step)]
+    return np.concatenate(outs).astype(np.float64) if outs else np.zeros((0, 0))

@@ -1,0 +1,74 @@
+"""VNN-LIB properties: hand a repaired model to any VNN-COMP verifier.
+
+One file per input: the L-infinity ball of radius ``eps`` around it (intersected with the input
+domain) and, as VNN-LIB states properties, the *violation*: some other class scores at least as
+high as the label. A verifier that answers ``unsat`` has proved that every input in the ball is
+classified as the label. Inputs are numbered in C order of the model's input (``X_0`` ...), outputs
+``Y_0`` ...; ``instances.csv`` lists (model, property, timeout) as the VNN-COMP benchmarks do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cnnrepair.errors import CnnRepairError
+from cnnrepair.io import atomic_write
+
+
+@dataclass(frozen=True)
+class BallProperty:
+    """Every input within ``eps`` (L-inf) of ``x``, clipped to ``domain``, keeps label ``label``."""
+
+    x: np.ndarray
+    label: int
+    eps: float
+    num_classes: int
+    domain: tuple[float, float] | None = (0.0, 1.0)
+
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Lower and upper bounds of every input variable (flattened, C order)."""
+        flat = np.asarray(self.x, np.float64).reshape(-1)
+        lo, hi = flat - self.eps, flat + self.eps
+        if self.domain is not None:
+            lo, hi = np.clip(lo, *self.domain), np.clip(hi, *self.domain)
+        return lo, hi
+
+    def text(self) -> str:
+        """The property in VNN-LIB."""
+        lo, hi = self.bounds()
+        lines = [f"; every input within {self.eps!r} (L-inf) of the point, in {self.domain}, keeps label {self.label}",
+                 "; the assertions describe a violation: unsat means the property holds"]
+        lines += [f"(declare-const X_{i} Real)" for i in range(len(lo))]
+        lines += [f"(declare-const Y_{j} Real)" for j in range(self.num_classes)]
+        for i, (a, b) in enumerate(zip(lo, hi)):
+            lines += [f"(assert (>= X_{i} {float(a)!r}))", f"(assert (<= X_{i} {float(b)!r}))"]
+        others = [j for j in range(self.num_classes) if j != self.label]
+        lines.append("(assert (or " + " ".join(f"(and (>= Y_{j} Y_{self.label}))" for j in others) + "))")
+        return "\n".join(lines) + "\n"
+
+
+def write_properties(model_path: Path, x: np.ndarray, labels: np.ndarray, eps: float, num_classes: int, out: Path,
+                     domain: tuple[float, float] | None = (0.0, 1.0), timeout: float = 60.0) -> list[Path]:
+    """``out/point_<i>.vnnlib`` for every input and ``out/instances.csv``; returns the property files."""
+    if not np.isfinite(eps) or eps < 0:
+        raise CnnRepairError(f"--eps must be a non-negative number (got {eps})")
+    if len(x) != len(labels):
+        raise CnnRepairError(f"{len(x)} inputs but {len(labels)} labels; give one label per input")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise CnnRepairError(f"labels must lie in 0..{num_classes - 1} for this {num_classes}-class model")
+    if domain is not None and domain[0] >= domain[1]:
+        raise CnnRepairError(f"the input range {domain} is empty; give low,high with low < high (e.g. 0,1)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (xi, yi) in enumerate(zip(x, labels)):
+        path = out / f"point_{i}.vnnlib"
+        text = BallProperty(np.asarray(xi), int(yi), float(eps), num_classes, domain).text()
+        atomic_write(path, lambda p, t=text: Path(p).write_text(t))
+        paths.append(path)
+    rows = "".join(f"{Path(model_path).resolve()},{p.name},{timeout:g}\n" for p in paths)
+    atomic_write(out / "instances.csv", lambda p: Path(p).write_text(rows))
+    return paths

@@ -1,0 +1,208 @@
+"""Models from files: ONNX graphs run, repair and save back as ONNX (onnxruntime is the judge)."""
+
+import json
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from cnnrepair.cli import main
+from cnnrepair.errors import CnnRepairError
+from cnnrepair.formats import load_model
+
+
+class _Block(nn.Module):
+    """A residual block: conv-bn-relu-conv-bn plus the input, then relu."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.c2, self.b2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(x + self.b2(self.c2(torch.relu(self.b1(self.c1(x))))))
+
+
+def _resnet() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), _Block(8), nn.AvgPool2d(2), _Block(8),
+                         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 10))
+
+
+def _cnn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 8, 3), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(8 * 2 * 2, 24), nn.ReLU(), nn.Linear(24, 10))
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+def _trained(make, digits, steps: int = 60, seed: int = 0) -> nn.Module:
+    """A few full-batch Adam steps on the embedded digits, with BN statistics from them."""
+    torch.manual_seed(seed)
+    model = make()
+    x = torch.as_tensor(digits.x_train[:600], dtype=torch.float32) / 255.0
+    y = torch.as_tensor(digits.y_train[:600], dtype=torch.long)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval()
+
+
+def _export(model: nn.Module, path, batch_one: bool = False) -> None:
+    x = torch.zeros(1, 1, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript-based exporter is deprecated; it needs no onnxscript
+        torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["x"], output_names=["logits"],
+                          dynamic_axes=None if batch_one else {"x": {0: "batch"}, "logits": {0: "batch"}})
+
+
+def _ort(path, x: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    if sess.get_inputs()[0].shape[0] == 1:
+        return np.concatenate([sess.run(None, {name: x[i:i + 1]})[0] for i in range(len(x))])
+    return sess.run(None, {name: x})[0]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from cnnrepair.data import load_dataset
+
+    return load_dataset("digits")
+
+
+def _images(digits, n, start=600):
+    return (digits.x_train[start:start + n].astype(np.float32) / 255.0).reshape(n, 1, 8, 8)
+
+
+@pytest.mark.parametrize("make", [_mlp, _cnn, _resnet], ids=["mlp", "cnn", "resnet"])
+def test_an_onnx_classifier_runs_as_exported_and_its_repair_is_saved_as_onnx(make, digits, tmp_path, capsys):
+    model = _trained(make, digits)
+    src = tmp_path / "model.onnx"
+    _export(model, src)
+    x = _images(digits, 300)
+    loaded = load_model(src)
+    assert loaded.format == "onnx" and loaded.input_shape == (1, 8, 8)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(loaded.module(torch.from_numpy(x)).numpy(), ref, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(_ort(src, x), ref, atol=1e-5, rtol=1e-5)
+
+    pred = ref.argmax(1)
+    runner_up = np.argsort(-ref, 1)[:, 1]
+    pts, keep = np.arange(0, 8), np.arange(100, 250)
+    np.savez(tmp_path / "p.npz", x=x[pts], y=runner_up[pts].astype(np.int64))  # labels the model does not give
+    np.savez(tmp_path / "k.npz", x=x[keep])
+    out = tmp_path / "out"
+    rc = main(["repair", str(src), "--points", str(tmp_path / "p.npz"), "--keep", str(tmp_path / "k.npz"), "--margin", "0.1",
+               "--out", str(out)])
+    assert rc == 0, capsys.readouterr()
+    saved = out / "repaired.onnx"
+    onnx.checker.check_model(onnx.load(str(saved)))
+    after = _ort(saved, x)  # plain onnxruntime, no cnnrepair
+    rows = np.arange(len(pts))
+    lab = runner_up[pts]
+    others = after[pts].copy()
+    others[rows, lab] = -np.inf
+    assert np.all(after[pts][rows, lab] - others.max(1) >= 0.1 - 1e-5)
+    assert np.all(after[keep].argmax(1) == pred[keep])
+    # only the last layer's initializers changed; the graph is the same graph
+    a, b = onnx.load(str(src)), onnx.load(str(saved))
+    assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
+    cert = json.loads((out / "certificate.json").read_text())
+    changed = {i.name for i, j in zip(a.graph.initializer, b.graph.initializer)
+               if not np.array_equal(numpy_helper.to_array(i), numpy_helper.to_array(j))}
+    src_layer = load_model(src).module.linear_sources[cert["layer"]]
+    assert changed and changed <= {src_layer.weight, src_layer.bias}
+    assert main(["verify", str(out / "certificate.json"), "--model", str(saved), "--points", str(tmp_path / "p.npz"),
+                 "--keep", str(tmp_path / "k.npz"), "--original", str(src)]) == 0
+
+
+def test_a_graph_exported_for_one_example_runs_on_batches(digits, tmp_path):
+    """VNN-COMP models are often exported with batch 1: their reshapes keep the batch here."""
+    model = _trained(_cnn, digits, steps=5)
+    _export(model, tmp_path / "one.onnx", batch_one=True)
+    x = _images(digits, 7)
+    with torch.no_grad():
+        np.testing.assert_allclose(load_model(tmp_path / "one.onnx").module(torch.from_numpy(x)).numpy(),
+                                   model(torch.from_numpy(x)).numpy(), atol=1e-5)
+
+
+def _matmul_add_graph(path, W: np.ndarray, b: np.ndarray, op: str = "Relu") -> None:
+    """x -> MatMul(W1^T) + b1 -> op -> MatMul(W^T) + b: a graph written by hand, as other exporters write it."""
+    rng = np.random.default_rng(0)
+    W1 = rng.normal(size=(6, 4)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W1t"], ["h0"], name="fc1"), helper.make_node("Add", ["h0", "b1"], ["h1"]),
+             helper.make_node(op, ["h1"], ["h2"]), helper.make_node("MatMul", ["h2", "Wt"], ["z"], name="head"),
+             helper.make_node("Add", ["b", "z"], ["logits"])]
+    inits = [numpy_helper.from_array(W1.T.copy(), "W1t"), numpy_helper.from_array(np.zeros(6, np.float32), "b1"),
+             numpy_helper.from_array(W.T.copy(), "Wt"), numpy_helper.from_array(b, "b")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 3])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def test_matmul_plus_add_is_a_linear_layer_and_is_written_back_transposed(tmp_path):
+    rng = np.random.default_rng(1)
+    W, b = rng.normal(size=(3, 6)).astype(np.float32), rng.normal(size=3).astype(np.float32)
+    _matmul_add_graph(tmp_path / "mm.onnx", W, b)
+    loaded = load_model(tmp_path / "mm.onnx")
+    assert set(loaded.module.linear_sources) == {"fc1", "head"}
+    assert loaded.module.linear_sources["head"].weight_transposed
+    x = rng.normal(size=(40, 4)).astype(np.float32)
+    np.testing.assert_allclose(loaded.module(torch.from_numpy(x)).detach().numpy(), _ort(tmp_path / "mm.onnx", x), atol=1e-5)
+    y = _ort(tmp_path / "mm.onnx", x).argmin(1)
+    np.savez(tmp_path / "p.npz", x=x[:5], y=y[:5].astype(np.int64))
+    assert main(["repair", str(tmp_path / "mm.onnx"), "--points", str(tmp_path / "p.npz"), "--out", str(tmp_path / "o")]) == 0
+    after = _ort(tmp_path / "o" / "repaired.onnx", x[:5])
+    assert np.all(after.argmax(1) == y[:5])
+
+
+def _bad(args, capsys) -> str:
+    rc = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("cnnrepair: error:")
+    return err[0]
+
+
+def test_bad_onnx_input_is_one_line_and_writes_nothing(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    W, b = rng.normal(size=(3, 6)).astype(np.float32), rng.normal(size=3).astype(np.float32)
+    np.savez(tmp_path / "p.npz", x=rng.normal(size=(4, 4)).astype(np.float32), y=np.zeros(4, np.int64))
+    _matmul_add_graph(tmp_path / "erf.onnx", W, b, op="Erf")
+    msg = _bad(["repair", str(tmp_path / "erf.onnx"), "--points", str(tmp_path / "p.npz"), "--out", str(tmp_path / "o1")], capsys)
+    assert "'Erf'" in msg and "not supported" in msg and not (tmp_path / "o1").exists()
+    # a classifier whose output is not a linear layer's (a sigmoid after the head)
+    _matmul_add_graph(tmp_path / "ok.onnx", W, b)
+    m = onnx.load(str(tmp_path / "ok.onnx"))
+    m.graph.node[-1].output[0] = "z2"
+    m.graph.node.append(helper.make_node("Sigmoid", ["z2"], ["logits"]))
+    onnx.save(m, str(tmp_path / "sig.onnx"))
+    msg = _bad(["repair", str(tmp_path / "sig.onnx"), "--points", str(tmp_path / "p.npz"), "--out", str(tmp_path / "o2")], capsys)
+    assert "no linear layer ends this model" in msg and not (tmp_path / "o2").exists()
+    # points for another input shape
+    np.savez(tmp_path / "wide.npz", x=rng.normal(size=(4, 5)).astype(np.float32), y=np.zeros(4, np.int64))
+    msg = _bad(["repair", str(tmp_path / "ok.onnx"), "--points", str(tmp_path / "wide.npz"), "--out", str(tmp_path / "o3")], capsys)
+    assert "shape (5,)" in msg and "(4,)" in msg
+    # not an ONNX file at all
+    (tmp_path / "junk.onnx").write_bytes(b"not a graph")
+    msg = _bad(["repair", str(tmp_path / "junk.onnx"), "--points", str(tmp_path / "p.npz"), "--out", str(tmp_path / "o4")], capsys)
+    assert "not a readable ONNX model" in msg
+
+
+def test_a_fixed_batch_larger_than_one_is_refused(tmp_path):
+    m = onnx.helper.make_model(helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 3])]), opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(m, str(tmp_path / "b4.onnx"))
+    with pytest.raises(CnnRepairError, match="fixed batch of 4"):
+        load_model(tmp_path / "b4.onnx")
