@@ -206,3 +206,57 @@ def test_a_fixed_batch_larger_than_one_is_refused(tmp_path):
     onnx.save(m, str(tmp_path / "b4.onnx"))
     with pytest.raises(CnnRepairError, match="fixed batch of 4"):
         load_model(tmp_path / "b4.onnx")
+
+
+class _Denormalise(nn.Module):
+    """A model that expects normalised inputs: model(z * std + mean)."""
+
+    def __init__(self, model: nn.Module, mean: float, std: float):
+        super().__init__()
+        self.model, self.mean, self.std = model, mean, std
+
+    def forward(self, z):
+        return self.model(z * self.std + self.mean)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_points_from_data_then_repair_is_a_two_command_workflow(fmt, digits, tmp_path, capsys):
+    mean, std = 0.3, 0.4
+    model = _Denormalise(_trained(_cnn, digits), mean, std).eval()
+    src = tmp_path / f"model.{fmt}"
+    if fmt == "onnx":
+        _export(model, src)
+    else:
+        x0 = torch.zeros(2, 1, 8, 8)
+        torch.export.save(torch.export.export(model, (x0,), dynamic_shapes=({0: torch.export.Dim("batch")},)), str(src))
+    pts = tmp_path / "pts"
+    assert main(["points", str(src), "--dataset", "digits", "--kind", "fgsm", "--eps", "0.15", "--n", "10", "--keep", "120",
+                 "--mean", str(mean), "--std", str(std), "--out", str(pts)]) == 0
+    p, k = np.load(pts / "points.npz"), np.load(pts / "keep.npz")
+    info = json.loads((pts / "points.json").read_text())
+    assert len(p["y"]) == info["points"] > 0 and len(k["y"]) == 120
+    assert info["input"]["mean"] == [mean] and info["model"]["file"] == src.name
+    test_x = digits.x_test.astype(np.float32) / 255.0
+    pixels = p["x"] * std + mean  # model units back to pixels
+    assert np.all(np.abs(pixels - test_x[p["index"]]) <= 0.15 + 1e-5) and pixels.min() >= -1e-6 and pixels.max() <= 1 + 1e-6
+    with torch.no_grad():
+        assert np.all(model(torch.from_numpy(p["x"])).argmax(1).numpy() != p["y"])  # adversarial: the model is wrong on them
+        assert np.all(model(torch.from_numpy(k["x"])).argmax(1).numpy() == k["y"])  # keep points: it is right
+    assert set(p["index"]).isdisjoint(k["index"]) and np.array_equal(p["y"], digits.y_test[p["index"]])
+    out = tmp_path / "rep"
+    assert main(["repair", str(src), "--points", str(pts / "points.npz"), "--keep", str(pts / "keep.npz"), "--out", str(out)]) == 0
+    saved = out / f"repaired.{fmt}"
+    if fmt == "onnx":
+        after = _ort(saved, np.concatenate([p["x"], k["x"]]))
+    else:
+        after = torch.export.load(str(saved)).module()(torch.from_numpy(np.concatenate([p["x"], k["x"]]))).detach().numpy()
+    assert np.all(after.argmax(1) == np.concatenate([p["y"], k["y"]]))
+
+
+def test_points_refuse_a_normalisation_for_other_channels(digits, tmp_path, capsys):
+    src = tmp_path / "m.onnx"
+    _export(_trained(_cnn, digits, steps=2), src)
+    msg = _bad(["points", str(src), "--dataset", "digits", "--mean", "0.1,0.2,0.3", "--out", str(tmp_path / "o")], capsys)
+    assert "3 values but the images have 1 channel" in msg and not (tmp_path / "o").exists()
+    msg = _bad(["points", str(src), "--dataset", "digits", "--kind", "pgd", "--out", str(tmp_path / "o")], capsys)
+    assert "needs --eps" in msg

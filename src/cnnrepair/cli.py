@@ -257,7 +257,7 @@ def validate(args: argparse.Namespace) -> None:
     from cnnrepair.rundir import RunDir
 
     cmd = args.command
-    if cmd in ("download", "verify", "vnnlib"):
+    if cmd in ("download", "verify", "vnnlib", "points"):
         return
     if cmd == "repair":
         _model_repair_job(args)
@@ -341,6 +341,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=Path, default=None, help="the keep points, if the repair had any")
     p.add_argument("--original", type=Path, default=None, help="the model before repair: also checks that only the layer changed, "
                    "the change's norm, and the certified lower bound")
+
+    from cnnrepair.data import DATASETS
+
+    p = add_parser("points", help="make POINTS.npz (and KEEP.npz) for cnnrepair repair from a model and a dataset")
+    p.add_argument("model", type=Path, help="the classifier (.pt2 or .onnx)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dataset", choices=list(DATASETS), help="a dataset the project loads (with --data-dir)")
+    src.add_argument("--npz", type=Path, help=".npz with x (uint8 N x C x H x W, or floats in [0, 1]) and y (int labels)")
+    p.add_argument("--data-dir", type=Path, default=None, help="where --dataset lies (IDX folder, CIFAR tarball or pickles, image folder)")
+    p.add_argument("--kind", choices=["misclassified", "fgsm", "pgd", "fog"], default="misclassified",
+                   help="which images become repair points (default: misclassified)")
+    p.add_argument("--eps", type=float, default=None, help="attack radius in pixel units (fgsm, pgd)")
+    p.add_argument("--n", type=int, default=100, help="repair points to make (default 100)")
+    p.add_argument("--keep", type=int, default=1000, help="keep points: clean images the model gets right (default 1000)")
+    p.add_argument("--split", choices=["test", "train"], default="test", help="which split to draw from (default: test)")
+    p.add_argument("--mean", default=None, help="per-channel mean the model subtracts from [0, 1] pixels, e.g. 0.4914,0.4822,0.4465")
+    p.add_argument("--std", default=None, help="per-channel std the model divides by")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="folder for points.npz, keep.npz and points.json")
 
     p = add_parser("vnnlib", help="write VNN-LIB robustness properties (one L-inf ball per point) for any VNN-COMP verifier")
     p.add_argument("model", type=Path, help="the model the properties are about (.onnx for most verifiers, or .pt2)")
@@ -570,6 +589,63 @@ def _cmd_vnnlib(args: argparse.Namespace, bars: _Bars) -> int:
     return 0
 
 
+def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise CnnRepairError(f"--{name} {text!r}: give comma-separated numbers, one per channel") from None
+
+
+def _points_images(args: argparse.Namespace) -> tuple:
+    """uint8 images and labels of the chosen split, and where they came from."""
+    import numpy as np
+
+    from cnnrepair.data import load_dataset
+    from cnnrepair.io import load_npz
+
+    if args.npz is not None:
+        data = load_npz(args.npz, "image file")
+        if "x" not in data or "y" not in data:
+            raise CnnRepairError(f"{args.npz}: needs arrays x (images) and y (labels)")
+        x, y = data["x"], data["y"]
+        if x.ndim != 4 or len(x) != len(y):
+            raise CnnRepairError(f"{args.npz}: x must be N x C x H x W with one label per image (got {x.shape}, {y.shape})")
+        if np.issubdtype(x.dtype, np.floating):
+            if x.min() < 0 or x.max() > 1:
+                raise CnnRepairError(f"{args.npz}: float images must lie in [0, 1]; the model's own normalisation goes in --mean/--std")
+            x = np.round(x * 255).astype(np.uint8)
+        return x.astype(np.uint8), y.astype(np.int64), str(args.npz)
+    ds = load_dataset(args.dataset, args.data_dir)
+    if args.split == "test":
+        return ds.x_test, ds.y_test, f"{ds.name} test ({ds.source})"
+    return ds.x_train, ds.y_train, f"{ds.name} train ({ds.source})"
+
+
+def _cmd_points(args: argparse.Namespace, bars: _Bars) -> int:
+    from cnnrepair.formats import load_model
+    from cnnrepair.io import save_npz, write_json
+    from cnnrepair.points import InputSpec, PointsSettings, make_points
+    from cnnrepair.repair.certificate import sha256
+
+    settings = PointsSettings(args.kind, args.n, args.keep, args.eps, args.split, args.seed)
+    settings.check()
+    model = load_model(args.model)
+    images, labels, source = _points_images(args)
+    spec = InputSpec(_floats(args.mean, "mean"), _floats(args.std, "std"), model.input_shape)
+    made = make_points(model.module, images, labels, spec, settings, bars)
+    args.out.mkdir(parents=True, exist_ok=True)
+    save_npz(args.out / "points.npz", x=made.x, y=made.y, index=made.index)
+    save_npz(args.out / "keep.npz", x=made.keep_x, y=made.keep_y, index=made.keep_index)
+    write_json(args.out / "points.json", {**made.info, "model": {"file": args.model.name, "sha256": sha256(args.model)},
+                                          "data": source, "split": args.split})
+    _say(f"wrote {len(made.y)} {args.kind} points and {len(made.keep_y)} keep points to {args.out} "
+         f"(clean accuracy {100 * made.info['clean_accuracy']:.2f}%); next: cnnrepair repair {args.model} "
+         f"--points {args.out / 'points.npz'} --keep {args.out / 'keep.npz'} --out DIR")
+    return 0
+
+
 def _cmd_repair(args: argparse.Namespace, bars: _Bars, run=None, ds=None):
     from cnnrepair.pipeline import open_dataset, stage_repair
     from cnnrepair.report import plot_repair
@@ -642,7 +718,7 @@ def _cmd_download(args: argparse.Namespace, bars: _Bars):
 
 COMMANDS: dict[str, Callable] = {
     "reproduce": _cmd_reproduce, "train": _cmd_train, "hybrid": _cmd_hybrid, "attack": _cmd_attack, "repair-sweep": _cmd_repair,
-    "repair": _cmd_model_repair, "verify": _cmd_verify, "vnnlib": _cmd_vnnlib, "export": _cmd_export, "download": _cmd_download,
+    "repair": _cmd_model_repair, "verify": _cmd_verify, "vnnlib": _cmd_vnnlib, "points": _cmd_points, "export": _cmd_export, "download": _cmd_download,
 }
 
 
