@@ -260,3 +260,30 @@ def test_points_refuse_a_normalisation_for_other_channels(digits, tmp_path, caps
     assert "3 values but the images have 1 channel" in msg and not (tmp_path / "o").exists()
     msg = _bad(["points", str(src), "--dataset", "digits", "--kind", "pgd", "--out", str(tmp_path / "o")], capsys)
     assert "needs --eps" in msg
+
+
+def test_the_projects_own_models_export_to_onnx_and_load_back(digits_run, digits):
+    """NN, LH and KH as ONNX: onnxruntime and our loader both reproduce the torch models; KH's last
+    layer (kernel values times dual coefficients) is the linear layer a repair edits."""
+    from cnnrepair.pipeline import export_models, load_models
+    from cnnrepair.repair import last_layer
+    from cnnrepair.rundir import RunDir
+
+    run = RunDir(digits_run)
+    models = load_models(run)
+    export_models(run, models, (1, 8, 8))
+    written = run.results["exports_onnx"]
+    assert set(written) == {"nn", "lh", "kh"}
+    x = torch.as_tensor(digits.x_test[:50]).float().div(255)
+    for name, rel in written.items():
+        path = digits_run / rel
+        with torch.no_grad():
+            ref = models[name](x).double().numpy()
+        np.testing.assert_allclose(_ort(path, x.numpy()), ref, rtol=1e-5, atol=1e-5)
+        loaded = load_model(path)
+        with torch.no_grad():
+            np.testing.assert_allclose(loaded.module(x).double().numpy(), ref, rtol=1e-5, atol=1e-5)
+        layer = last_layer(loaded.module, x[:2])
+        assert layer.shape[0] == 10
+        if name == "kh":
+            assert layer.shape[1] == models["kh"].head.coef.shape[1]  # one weight per support vector

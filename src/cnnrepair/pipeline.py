@@ -168,10 +168,15 @@ def load_hybrid(run: RunDir, kind: str, model: SplitNet | None = None) -> Hybrid
 
 
 def export_models(run: RunDir, models: dict[str, torch.nn.Module], input_shape: tuple[int, int, int]) -> dict[str, str]:
-    """Export each model with ``torch.export`` to ``export/<name>.pt2``, loadable without cnnrepair."""
+    """Export each model to ``export/<name>.pt2`` (``torch.export``) and ``export/<name>.onnx``, loadable without cnnrepair.
+
+    Each ONNX file is checked with onnxruntime against the torch model (outputs agree to 1e-5,
+    relative) before it is kept. Returns the ``.pt2`` paths; results record both.
+    """
+    from cnnrepair.formats.onnx import export_onnx
     from cnnrepair.io import atomic_write
 
-    written = {}
+    written, onnx_written = {}, {}
     for name, model in models.items():
         example = torch.zeros(2, *input_shape)
         batch = torch.export.Dim("batch", min=1, max=1 << 20)
@@ -181,7 +186,10 @@ def export_models(run: RunDir, models: dict[str, torch.nn.Module], input_shape: 
             warnings.filterwarnings("ignore", message="No complete tensor found in the group")
             atomic_write(path, lambda p, program=program: torch.export.save(program, str(p)))
         written[name] = str(path.relative_to(run.path))
-    run.update_results(exports=written)
+        onnx_path = run.sub(f"export/{name}.onnx")
+        export_onnx(model, input_shape, onnx_path)
+        onnx_written[name] = str(onnx_path.relative_to(run.path))
+    run.update_results(exports=written, exports_onnx=onnx_written)
     return written
 
 

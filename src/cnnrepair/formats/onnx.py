@@ -27,9 +27,9 @@ from torch import nn
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.io import atomic_write
 
-SUPPORTED = ("Add", "AveragePool", "BatchNormalization", "Cast", "Concat", "Constant", "Conv", "Div", "Dropout", "Flatten",
-             "Gather", "Gemm", "GlobalAveragePool", "Identity", "LeakyRelu", "MatMul", "MaxPool", "Mul", "Relu", "Reshape",
-             "Shape", "Sigmoid", "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze")
+SUPPORTED = ("Add", "AveragePool", "BatchNormalization", "Cast", "Clip", "Concat", "Constant", "Conv", "Div", "Dropout", "Exp",
+             "Flatten", "Gather", "Gemm", "GlobalAveragePool", "Identity", "LeakyRelu", "MatMul", "Max", "MaxPool", "Min", "Mul",
+             "Neg", "Pow", "ReduceSum", "Relu", "Reshape", "Shape", "Sigmoid", "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze")
 
 
 def _import_onnx():
@@ -105,11 +105,12 @@ class OnnxModule(nn.Module):
             if lin is not None:
                 W, b, src, out_name, add_idx = lin
                 name = _module_name(node.name or f"{node.op_type.lower()}_{idx}", used)
-                layer = nn.Linear(W.shape[1], W.shape[0], bias=b is not None)
+                dtype = torch.from_numpy(np.zeros(0, W.dtype)).dtype  # the graph's own precision (float64 SVM heads stay float64)
+                layer = nn.Linear(W.shape[1], W.shape[0], bias=b is not None, dtype=dtype)
                 with torch.no_grad():
-                    layer.weight.copy_(torch.from_numpy(np.array(W, np.float32)))
+                    layer.weight.copy_(torch.from_numpy(np.array(W)))
                     if b is not None:
-                        layer.bias.copy_(torch.from_numpy(np.array(b.reshape(-1), np.float32)))
+                        layer.bias.copy_(torch.from_numpy(np.array(b.reshape(-1), W.dtype)))
                 self.add_module(name, layer)
                 self.linear_sources[name] = src
                 if add_idx is not None:
@@ -188,6 +189,27 @@ def _run(node, attrs: dict, ins: list, batch: int) -> list:
         raise CnnRepairError(f"Constant node {node.name or '?'}: only tensor, float and int values are supported")
     if op == "Relu":
         return [F.relu(x)]
+    if op == "Exp":
+        return [torch.exp(x)]
+    if op == "Neg":
+        return [-x]
+    if op == "Pow":
+        return [torch.pow(x, ins[1])]
+    if op in ("Max", "Min"):
+        out = ins[0]
+        for t in ins[1:]:
+            out = torch.maximum(out, t.to(out.dtype)) if op == "Max" else torch.minimum(out, t.to(out.dtype))
+        return [out]
+    if op == "Clip":
+        lo = ins[1] if len(ins) > 1 and ins[1] is not None else attrs.get("min")
+        hi = ins[2] if len(ins) > 2 and ins[2] is not None else attrs.get("max")
+        return [torch.clamp(x, None if lo is None else float(lo), None if hi is None else float(hi))]
+    if op == "ReduceSum":
+        axes = attrs.get("axes") if "axes" in attrs else (ins[1].tolist() if len(ins) > 1 and ins[1] is not None else None)
+        keep = bool(attrs.get("keepdims", 1))
+        if axes is None or len(axes) == 0:
+            return [x if attrs.get("noop_with_empty_axes", 0) else x.sum().reshape([1] * x.ndim if keep else [])]
+        return [x.sum(dim=tuple(int(a) for a in axes), keepdim=keep)]
     if op == "LeakyRelu":
         return [F.leaky_relu(x, attrs.get("alpha", 0.01))]
     if op == "Sigmoid":
@@ -319,6 +341,35 @@ def save(loaded, repaired: nn.Module, tensors: list[str], path: Path) -> None:
         old.CopyFrom(new)
     onnx.checker.check_model(model)
     atomic_write(Path(path), lambda p: Path(p).write_bytes(model.SerializeToString()))
+
+
+def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: Path, check: torch.Tensor | None = None) -> None:
+    """Write ``model`` as ONNX with a dynamic batch dimension, kept only if onnxruntime reproduces it.
+
+    Uses torch's TorchScript-based exporter (``dynamo=False``): the default exporter needs
+    onnxscript, which this project does not otherwise need. ``check`` inputs (default: 8 seeded
+    uniform ones) must give outputs equal to the torch model's to 1e-5, relative.
+    """
+    import warnings
+
+    onnx = _import_onnx()
+    example = torch.zeros(2, *input_shape)
+    x = check if check is not None else torch.rand(8, *input_shape, generator=torch.Generator().manual_seed(0))
+
+    def write(p: Path) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's deprecation notice
+            torch.onnx.export(model.eval(), (example,), str(p), dynamo=False, input_names=["x"], output_names=["logits"],
+                              dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
+        onnx.checker.check_model(onnx.load(str(p)))
+        with torch.no_grad():
+            ref = model(x).double().numpy()
+        got = run_onnxruntime(p, x)
+        worst = float(np.max(np.abs(got - ref) / (1 + np.abs(ref))))
+        if worst > 1e-5:
+            raise CnnRepairError(f"{path.name}: onnxruntime differs from the torch model by {worst:.2g} (relative); not written")
+
+    atomic_write(Path(path), write)
 
 
 def run_onnxruntime(path: Path, x: torch.Tensor | np.ndarray, batch_size: int = 512) -> np.ndarray:
