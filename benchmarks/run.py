@@ -11,6 +11,7 @@ NAME is one of:
   field     the repair field's measures on MNIST-C fog (efficacy, drawdown, generalisation)
   margins   pointwise repair program: our solver against HiGHS on the whole LP (L1 and PRDNN's program)
   large-k   the targets program with 2,000-60,000 repair points: our interior point against HiGHS (and on CUDA)
+  workflow  cnnrepair points + repair + verify on the MNIST run's models exported as ONNX, timed
 
 Every JSON written here records the machine's core count, the library versions and the commands
 that produced its numbers.
@@ -350,6 +351,12 @@ def readme_section() -> str:
     lines += _table_section("large_k_gpu.json", lambda d: f"### The same solver on a GPU ({d['device']})",
                             lambda d: f"{d['about']} Commands: `{d['rows'][0]['command']}` (first call) and `{d['command']}`; "
                                       "times are ratios to CUDA.", large_table)
+    from benchmarks.workflow import table as workflow_table
+
+    lines += _table_section("workflow_onnx.json", lambda d: "### Your model from a file: points, repair and verify on ONNX",
+                            lambda d: f"{on(d)}; the MNIST run's NN and LH exported as ONNX and used as a user's files, points "
+                                      "from the MNIST test set, each command in its own process (wall seconds, start-up "
+                                      "included).", workflow_table)
     lines += _table_section("field_fog.json", lambda d: f"### The field's measures on MNIST-C fog ({d['run']})", fog_intro, field_table)
     return "\n".join(lines).rstrip() + "\n"
 
@@ -404,6 +411,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny random problems, written to a temporary folder (a smoke check)")
     p.add_argument("--cap", type=float, default=900.0, help="seconds our solve may take on one problem (default 900)")
     p.add_argument("--highs-cap", type=float, default=600.0, help="seconds HiGHS may take on one problem (default 600)")
+    p = sub.add_parser("workflow", help="the two-command workflow (points, repair) on a run's models exported as ONNX")
+    p.add_argument("run", type=Path, help="a finished MNIST run directory")
+    p.add_argument("--data-dir", type=Path, required=True, help="where the MNIST IDX files lie")
+    p.add_argument("--work", type=Path, default=Path("runs/workflow"), help="folder for the points and repaired files")
     p = sub.add_parser("lp", help="repair-LP scaling benchmark")
     p.add_argument("--quick", action="store_true", help="small sizes only (K up to 100)")
     p.add_argument("--cap", type=float, default=120.0, help="seconds each solver path may take on one problem (default 120)")
@@ -426,6 +437,10 @@ def _dispatch(args: argparse.Namespace) -> None:
             print(f"wrote {path}")
     elif args.name == "readme":
         print(f"updated {readme()}")
+    elif args.name == "workflow":
+        from benchmarks.workflow import run as run_workflow
+
+        print(f"wrote {run_workflow(args.run, args.data_dir, args.work)}")
     elif args.name == "large-k":
         from benchmarks.large_k import run as run_large
         from cnnrepair.errors import CnnRepairError

@@ -287,3 +287,58 @@ def test_the_projects_own_models_export_to_onnx_and_load_back(digits_run, digits
         assert layer.shape[0] == 10
         if name == "kh":
             assert layer.shape[1] == models["kh"].head.coef.shape[1]  # one weight per support vector
+
+
+_FACTORY = '''
+from torch import nn
+
+
+def make():
+    return nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 8, 3), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(8 * 2 * 2, 24), nn.ReLU(), nn.Linear(24, 10))
+'''
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_a_state_dict_with_its_factory_is_repaired_into_a_state_dict(nested, digits, tmp_path, monkeypatch, capsys):
+    (tmp_path / "mynets.py").write_text(_FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = _trained(_cnn, digits)  # the same architecture as mynets.make
+    src = tmp_path / "weights.pt"
+    torch.save({"state_dict": model.state_dict(), "epoch": 3} if nested else model.state_dict(), src)
+    x = _images(digits, 60)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    y = np.argsort(-ref, 1)[:, 1][:6]
+    np.savez(tmp_path / "p.npz", x=x[:6], y=y.astype(np.int64))
+    np.savez(tmp_path / "k.npz", x=x[6:])
+    assert main(["repair", str(src), "--factory", "mynets:make", "--points", str(tmp_path / "p.npz"), "--keep",
+                 str(tmp_path / "k.npz"), "--out", str(tmp_path / "o")]) == 0
+    saved = torch.load(str(tmp_path / "o" / "repaired.pt"), weights_only=True)  # plain torch
+    if nested:
+        assert saved["epoch"] == 3
+        saved = saved["state_dict"]
+    import mynets
+
+    fresh = mynets.make().eval()
+    fresh.load_state_dict(saved)
+    with torch.no_grad():
+        after = fresh(torch.from_numpy(x)).numpy()
+    assert np.all(after[:6].argmax(1) == y) and np.all(after[6:].argmax(1) == ref[6:].argmax(1))
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, saved[k])]
+    assert set(changed) <= {"8.weight", "8.bias"} and changed
+    assert main(["verify", str(tmp_path / "o" / "certificate.json"), "--model", str(tmp_path / "o" / "repaired.pt"),
+                 "--factory", "mynets:make", "--points", str(tmp_path / "p.npz"), "--keep", str(tmp_path / "k.npz"),
+                 "--original", str(src)]) == 0
+
+
+def test_a_state_dict_needs_a_factory_that_fits(digits, tmp_path, monkeypatch, capsys):
+    (tmp_path / "othernets.py").write_text(_FACTORY + "\n\ndef other():\n    return nn.Linear(3, 2)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.save(_trained(_cnn, digits, steps=1).state_dict(), tmp_path / "w.pt")
+    np.savez(tmp_path / "p.npz", x=_images(digits, 2), y=np.zeros(2, np.int64))
+    base = ["repair", str(tmp_path / "w.pt"), "--points", str(tmp_path / "p.npz"), "--out", str(tmp_path / "o")]
+    assert "--factory module:function" in _bad(base, capsys)
+    assert "cannot import" in _bad(base + ["--factory", "nosuchmodule:make"], capsys)
+    assert "do not fit the model" in _bad(base + ["--factory", "othernets:other"], capsys)
+    assert not (tmp_path / "o").exists()

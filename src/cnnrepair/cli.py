@@ -341,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=Path, default=None, help="the keep points, if the repair had any")
     p.add_argument("--original", type=Path, default=None, help="the model before repair: also checks that only the layer changed, "
                    "the change's norm, and the certified lower bound")
+    _add_factory_arg(p)
 
     from cnnrepair.data import DATASETS
 
@@ -360,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--std", default=None, help="per-channel std the model divides by")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="folder for points.npz, keep.npz and points.json")
+    _add_factory_arg(p)
 
     p = add_parser("vnnlib", help="write VNN-LIB robustness properties (one L-inf ball per point) for any VNN-COMP verifier")
     p.add_argument("model", type=Path, help="the model the properties are about (.onnx for most verifiers, or .pt2)")
@@ -368,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--range", default="0,1", help="input domain the balls are clipped to, LOW,HIGH, or 'none' (default: 0,1)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per property written to instances.csv (default 60)")
     p.add_argument("--out", type=Path, required=True, help="folder for point_<i>.vnnlib and instances.csv")
+    _add_factory_arg(p)
 
     p = add_parser("repair-sweep", help="the paper's experiment: repair LH's head over (eps, K), evaluate RLH (paper figure 3)")
     p.add_argument("--out", type=Path, required=True, help="run directory with NN and LH")
@@ -481,7 +484,8 @@ def _write_examples(run, ds, models, attack_name: str, eps: float) -> None:
 
 
 def _add_model_repair_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", type=Path, help="the classifier: a torch.export program (.pt2) with a dynamic batch dimension, or an ONNX file (.onnx)")
+    p.add_argument("model", type=Path, help="the classifier: a torch.export program (.pt2) with a dynamic batch dimension, an ONNX "
+                   "file (.onnx), or a state dict (.pt/.pth) with --factory")
     p.add_argument("--points", type=Path, required=True, help=".npz with x (float32, N x input shape, model units) and y (int64 labels)")
     p.add_argument("--out", type=Path, required=True, help="folder for repaired.pt2 / repaired.onnx (the model's format) and certificate.json")
     p.add_argument("--spec", choices=["pointwise", "targets"], default="pointwise",
@@ -499,6 +503,11 @@ def _add_model_repair_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-limit", type=float, default=None, help="seconds the solver may take")
     p.add_argument("--threads", type=int, default=None, help="BLAS/OpenMP threads of the solve (default: CNNREPAIR_THREADS or 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing certificate in --out")
+    _add_factory_arg(p)
+
+
+def _add_factory_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--factory", default=None, help="for a state dict (.pt/.pth): module:function that builds the model")
 
 
 def _model_repair_job(args: argparse.Namespace):
@@ -516,7 +525,7 @@ def _model_repair_job(args: argparse.Namespace):
         raise CnnRepairError(f"--out {args.out} is a file; give a folder")
     spec = RepairSpec(kind=args.spec, margin=args.margin, keep_margin=args.keep_margin, keep_price=args.keep_price,
                       norm=args.norm, freeze_bias=args.freeze_bias, max_change=args.max_change)
-    args.job = prepare(args.model, args.points, spec, args.layer, args.keep)
+    args.job = prepare(args.model, args.points, spec, args.layer, args.keep, args.factory)
     return args.job
 
 
@@ -551,7 +560,7 @@ def _cmd_model_repair(args: argparse.Namespace, bars: _Bars) -> int:
 def _cmd_verify(args: argparse.Namespace, bars: _Bars) -> int:
     from cnnrepair.modelrepair import verify
 
-    problems = verify(args.certificate, args.model, args.points, args.keep, args.original)
+    problems = verify(args.certificate, args.model, args.points, args.keep, args.original, args.factory)
     if problems:
         for p in problems:
             _say(f"FAILED: {p}")
@@ -578,7 +587,7 @@ def _cmd_vnnlib(args: argparse.Namespace, bars: _Bars) -> int:
     from cnnrepair.vnnlib import write_properties
 
     domain = _vnnlib_range(args.range)
-    model = load_model(args.model)
+    model = load_model(args.model, args.factory)
     points = load_points(args.points, "points file", labels_required=False)
     if model.input_shape is not None and tuple(points.x.shape[1:]) != model.input_shape:
         raise CnnRepairError(f"{args.points}: inputs of shape {tuple(points.x.shape[1:])} but the model takes {model.input_shape}")
@@ -631,7 +640,7 @@ def _cmd_points(args: argparse.Namespace, bars: _Bars) -> int:
 
     settings = PointsSettings(args.kind, args.n, args.keep, args.eps, args.split, args.seed)
     settings.check()
-    model = load_model(args.model)
+    model = load_model(args.model, args.factory)
     images, labels, source = _points_images(args)
     spec = InputSpec(_floats(args.mean, "mean"), _floats(args.std, "std"), model.input_shape)
     made = make_points(model.module, images, labels, spec, settings, bars)

@@ -1,7 +1,8 @@
 """Model files in and out: a repaired model goes back in the format it came in.
 
-Formats, by file suffix: ``torch.export`` programs (``.pt2``, :mod:`cnnrepair.formats.pt2`) and
-ONNX graphs (``.onnx``, :mod:`cnnrepair.formats.onnx`). Each loader gives a torch module that runs
+Formats, by file suffix: ``torch.export`` programs (``.pt2``, :mod:`cnnrepair.formats.pt2`), ONNX
+graphs (``.onnx``, :mod:`cnnrepair.formats.onnx`) and state dicts with the factory that builds the
+model (``.pt`` / ``.pth`` plus ``module:function``, :mod:`cnnrepair.formats.state_dict`). Each loader gives a torch module that runs
 the model (so attacks get gradients and repair finds the last linear layer); each saver writes
 the *source* file again with only the repaired layer's tensors replaced, so the tools a user
 already has (``torch.export.load``, onnxruntime, a verifier) read the result without cnnrepair.
@@ -18,7 +19,7 @@ from torch import nn
 
 from cnnrepair.errors import CnnRepairError
 
-FORMATS = {".pt2": "torch.export", ".onnx": "onnx"}
+FORMATS = {".pt2": "torch.export", ".onnx": "onnx", ".pt": "state_dict", ".pth": "state_dict"}
 
 
 @dataclass
@@ -30,6 +31,7 @@ class LoadedModel:
     module: nn.Module
     input_shape: tuple[int, ...] | None
     program: object = None
+    factory: str | None = None
 
     @property
     def suffix(self) -> str:
@@ -39,30 +41,34 @@ class LoadedModel:
 def _check_path(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix not in FORMATS:
-        raise CnnRepairError(f"{path}: unknown model format {suffix or '(none)'}; give a torch.export program (.pt2) or an ONNX file (.onnx)")
+        raise CnnRepairError(f"{path}: unknown model format {suffix or '(none)'}; give a torch.export program (.pt2), "
+                             "an ONNX file (.onnx) or a state dict (.pt/.pth) with --factory")
     if not path.is_file():
         raise CnnRepairError(f"{path}: no such model file")
     return suffix
 
 
-def load_model(path: Path) -> LoadedModel:
-    """Read a model file (``.pt2`` or ``.onnx``), with a one-line error when it cannot be used."""
+def _module(fmt: str):
+    import importlib
+
+    return importlib.import_module(f"cnnrepair.formats.{'pt2' if fmt == 'torch.export' else fmt}")
+
+
+def load_model(path: Path, factory: str | None = None) -> LoadedModel:
+    """Read a model file (``.pt2``, ``.onnx``, or a ``.pt``/``.pth`` state dict with ``factory``
+    = ``module:function``), with a one-line error when it cannot be used."""
     path = Path(path)
-    if _check_path(path) == ".onnx":
-        from cnnrepair.formats import onnx as fmt
+    fmt = FORMATS[_check_path(path)]
+    if fmt == "state_dict":
+        module, shape, program = _module(fmt).load(path, factory)
     else:
-        from cnnrepair.formats import pt2 as fmt
-    module, shape, program = fmt.load(path)
-    return LoadedModel(path, FORMATS[path.suffix.lower()], module, shape, program)
+        module, shape, program = _module(fmt).load(path)
+    return LoadedModel(path, fmt, module, shape, program, factory)
 
 
 def save_model(loaded: LoadedModel, repaired: nn.Module, tensors: list[str], path: Path) -> None:
     """Write ``repaired`` in ``loaded``'s format: the source file with ``tensors`` taken from ``repaired``."""
-    if loaded.suffix == ".onnx":
-        from cnnrepair.formats import onnx as fmt
-    else:
-        from cnnrepair.formats import pt2 as fmt
-    fmt.save(loaded, repaired, tensors, Path(path))
+    _module(loaded.format).save(loaded, repaired, tensors, Path(path))
 
 
 def runtime_logits(path: Path, x: torch.Tensor | np.ndarray) -> np.ndarray | None:
