@@ -231,7 +231,7 @@ def test_points_from_data_then_repair_is_a_two_command_workflow(fmt, digits, tmp
         torch.export.save(torch.export.export(model, (x0,), dynamic_shapes=({0: torch.export.Dim("batch")},)), str(src))
     pts = tmp_path / "pts"
     assert main(["points", str(src), "--dataset", "digits", "--kind", "fgsm", "--eps", "0.15", "--n", "10", "--keep", "120",
-                 "--mean", str(mean), "--std", str(std), "--out", str(pts)]) == 0
+                 "--held-out", "15", "--mean", str(mean), "--std", str(std), "--out", str(pts)]) == 0
     p, k = np.load(pts / "points.npz"), np.load(pts / "keep.npz")
     info = json.loads((pts / "points.json").read_text())
     assert len(p["y"]) == info["points"] > 0 and len(k["y"]) == 120
@@ -251,6 +251,20 @@ def test_points_from_data_then_repair_is_a_two_command_workflow(fmt, digits, tmp
     else:
         after = torch.export.load(str(saved)).module()(torch.from_numpy(np.concatenate([p["x"], k["x"]]))).detach().numpy()
     assert np.all(after.argmax(1) == np.concatenate([p["y"], k["y"]]))
+    held = np.load(pts / "held_out.npz")
+    assert len(held["y"]) == info["held_out"] > 0 and set(held["index"]).isdisjoint(p["index"])
+    rep = tmp_path / "report"
+    assert main(["evaluate", str(src), "--repaired", str(saved), "--dataset", "digits", "--eps", "0.05,0.15", "--n", "150",
+                 "--points", str(pts / "points.npz"), "--held-out", str(pts / "held_out.npz"), "--mean", str(mean), "--std", str(std),
+                 "--out", str(rep)]) == 0
+    report = json.loads((rep / "report.json").read_text())
+    orig, fixed = report["models"]["original"], report["models"]["repaired"]
+    assert fixed["efficacy"] == 1.0 and orig["repair_points_accuracy"] == 0.0
+    assert fixed["drawdown"] == pytest.approx(100 * (orig["clean_accuracy"] - fixed["clean_accuracy"]))
+    assert fixed["generalisation"] == pytest.approx(100 * (fixed["held_out_accuracy"] - orig["held_out_accuracy"]))
+    assert orig["held_out_accuracy"] == 0.0  # held-out adversarial examples fool the original by construction
+    assert set(orig["attack"]) == {"0.05", "0.15"} and orig["attack"]["0.15"] <= orig["clean_accuracy"]
+    assert (rep / "report.png").stat().st_size > 0 and report["files"]["repaired"]["file"] == saved.name
 
 
 def test_points_refuse_a_normalisation_for_other_channels(digits, tmp_path, capsys):

@@ -257,7 +257,7 @@ def validate(args: argparse.Namespace) -> None:
     from cnnrepair.rundir import RunDir
 
     cmd = args.command
-    if cmd in ("download", "verify", "vnnlib", "points"):
+    if cmd in ("download", "verify", "vnnlib", "points", "evaluate"):
         return
     if cmd == "repair":
         _model_repair_job(args)
@@ -356,11 +356,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eps", type=float, default=None, help="attack radius in pixel units (fgsm, pgd)")
     p.add_argument("--n", type=int, default=100, help="repair points to make (default 100)")
     p.add_argument("--keep", type=int, default=1000, help="keep points: clean images the model gets right (default 1000)")
+    p.add_argument("--held-out", type=int, default=0, help="more points of the same kind, not repaired, to measure generalisation (held_out.npz)")
     p.add_argument("--split", choices=["test", "train"], default="test", help="which split to draw from (default: test)")
     p.add_argument("--mean", default=None, help="per-channel mean the model subtracts from [0, 1] pixels, e.g. 0.4914,0.4822,0.4465")
     p.add_argument("--std", default=None, help="per-channel std the model divides by")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="folder for points.npz, keep.npz and points.json")
+    _add_factory_arg(p)
+
+    p = add_parser("evaluate", help="clean and attacked accuracy of a model and its repair, with efficacy, drawdown and generalisation")
+    p.add_argument("model", type=Path, help="the original classifier (.pt2, .onnx, or .pt/.pth with --factory)")
+    p.add_argument("--repaired", type=Path, default=None, help="the repaired model, compared with the original on the same images")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dataset", choices=list(DATASETS), help="a dataset the project loads (with --data-dir)")
+    src.add_argument("--npz", type=Path, help=".npz with x (uint8 N x C x H x W, or floats in [0, 1]) and y")
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument("--split", choices=["test", "train"], default="test")
+    p.add_argument("--eps", default="0.05,0.1", help="attack radii in pixel units, comma-separated (default 0.05,0.1)")
+    p.add_argument("--attack", choices=["fgsm", "pgd"], default="fgsm")
+    p.add_argument("--n", type=int, default=1000, help="test images (a seeded slice; default 1000)")
+    p.add_argument("--points", type=Path, default=None, help="the repair points (efficacy)")
+    p.add_argument("--held-out", type=Path, default=None, help="held-out points of the same kind (generalisation)")
+    p.add_argument("--mean", default=None, help="per-channel mean the model subtracts from [0, 1] pixels")
+    p.add_argument("--std", default=None, help="per-channel std the model divides by")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="folder for report.json and report.png")
     _add_factory_arg(p)
 
     p = add_parser("vnnlib", help="write VNN-LIB robustness properties (one L-inf ball per point) for any VNN-COMP verifier")
@@ -638,7 +658,7 @@ def _cmd_points(args: argparse.Namespace, bars: _Bars) -> int:
     from cnnrepair.points import InputSpec, PointsSettings, make_points
     from cnnrepair.repair.certificate import sha256
 
-    settings = PointsSettings(args.kind, args.n, args.keep, args.eps, args.split, args.seed)
+    settings = PointsSettings(args.kind, args.n, args.keep, args.held_out, args.eps, args.split, args.seed)
     settings.check()
     model = load_model(args.model, args.factory)
     images, labels, source = _points_images(args)
@@ -647,11 +667,46 @@ def _cmd_points(args: argparse.Namespace, bars: _Bars) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     save_npz(args.out / "points.npz", x=made.x, y=made.y, index=made.index)
     save_npz(args.out / "keep.npz", x=made.keep_x, y=made.keep_y, index=made.keep_index)
+    if settings.held_out:
+        save_npz(args.out / "held_out.npz", x=made.held_x, y=made.held_y, index=made.held_index)
     write_json(args.out / "points.json", {**made.info, "model": {"file": args.model.name, "sha256": sha256(args.model)},
                                           "data": source, "split": args.split})
     _say(f"wrote {len(made.y)} {args.kind} points and {len(made.keep_y)} keep points to {args.out} "
          f"(clean accuracy {100 * made.info['clean_accuracy']:.2f}%); next: cnnrepair repair {args.model} "
          f"--points {args.out / 'points.npz'} --keep {args.out / 'keep.npz'} --out DIR")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace, bars: _Bars) -> int:
+    from cnnrepair.assess import AssessSettings, assess, plot_report
+    from cnnrepair.formats import load_model
+    from cnnrepair.io import write_json
+    from cnnrepair.modelrepair import load_points
+    from cnnrepair.points import InputSpec
+    from cnnrepair.repair.certificate import sha256
+
+    eps = list(_floats(args.eps, "eps") or ())
+    settings = AssessSettings(eps, args.attack, args.n, args.seed)
+    settings.check()
+    models = {"original": load_model(args.model, args.factory)}
+    if args.repaired is not None:
+        models["repaired"] = load_model(args.repaired, args.factory)
+    images, labels, source = _points_images(args)
+    spec = InputSpec(_floats(args.mean, "mean"), _floats(args.std, "std"), models["original"].input_shape)
+    pts = load_points(args.points, "points file") if args.points else None
+    held = load_points(args.held_out, "held-out file") if args.held_out else None
+    report = assess({k: m.module for k, m in models.items()}, images, labels, spec, settings,
+                    None if pts is None else (pts.x, pts.y), None if held is None else (held.x, held.y), bars)
+    report.update(data=source, split=args.split, files={k: {"file": m.path.name, "sha256": sha256(m.path)} for k, m in models.items()})
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / "report.json", report)
+    plot_report(report, args.out / "report.png")
+    for name, r in report["models"].items():
+        extra = "".join(f", {k} {r[k]:.2f}" for k in ("drawdown", "generalisation") if k in r)
+        eff = f", efficacy {100 * r['efficacy']:.1f}%" if "efficacy" in r else ""
+        attacked = ", ".join(f"eps {e}: {100 * a:.2f}%" for e, a in r["attack"].items())
+        _say(f"{name}: clean {100 * r['clean_accuracy']:.2f}%, {args.attack} {attacked}{eff}{extra}")
+    _say(f"wrote {args.out / 'report.json'} and {args.out / 'report.png'}")
     return 0
 
 
@@ -727,7 +782,7 @@ def _cmd_download(args: argparse.Namespace, bars: _Bars):
 
 COMMANDS: dict[str, Callable] = {
     "reproduce": _cmd_reproduce, "train": _cmd_train, "hybrid": _cmd_hybrid, "attack": _cmd_attack, "repair-sweep": _cmd_repair,
-    "repair": _cmd_model_repair, "verify": _cmd_verify, "vnnlib": _cmd_vnnlib, "points": _cmd_points, "export": _cmd_export, "download": _cmd_download,
+    "repair": _cmd_model_repair, "verify": _cmd_verify, "vnnlib": _cmd_vnnlib, "points": _cmd_points, "evaluate": _cmd_evaluate, "export": _cmd_export, "download": _cmd_download,
 }
 
 

@@ -86,6 +86,7 @@ class PointsSettings:
     kind: str = "misclassified"
     n: int = 100
     keep: int = 1000
+    held_out: int = 0
     eps: float | None = None
     split: str = "test"
     seed: int = 0
@@ -99,15 +100,16 @@ class PointsSettings:
             if self.eps is None:
                 raise CnnRepairError(f"--kind {self.kind} needs --eps (in pixel units, e.g. 0.1)")
             check_eps(self.eps)
-        if self.n < 1 or self.keep < 0:
-            raise CnnRepairError(f"--n must be >= 1 and --keep >= 0 (got {self.n}, {self.keep})")
+        if self.n < 1 or self.keep < 0 or self.held_out < 0:
+            raise CnnRepairError(f"--n must be >= 1, --keep and --held-out >= 0 (got {self.n}, {self.keep}, {self.held_out})")
         if self.split not in ("train", "test"):
             raise CnnRepairError(f"--split must be train or test (got {self.split!r})")
 
 
 @dataclass
 class MadePoints:
-    """Repair points and keep points in model units, their source image indices, and what made them."""
+    """Repair, held-out (same kind, for generalisation) and keep points in model units, their source
+    image indices, and what made them."""
 
     x: np.ndarray
     y: np.ndarray
@@ -116,6 +118,9 @@ class MadePoints:
     keep_y: np.ndarray
     keep_index: np.ndarray
     info: dict = field(default_factory=dict)
+    held_x: np.ndarray | None = None
+    held_y: np.ndarray | None = None
+    held_index: np.ndarray | None = None
 
 
 @torch.no_grad()
@@ -130,6 +135,7 @@ def make_points(model: nn.Module, images: np.ndarray, labels: np.ndarray, spec: 
     settings.check()
     spec.check(tuple(images.shape[1:]))
     pix = _InPixels(model, spec).eval()
+    want = settings.n + settings.held_out
     order = np.random.default_rng(settings.seed).permutation(len(labels))
     pred = _predict(pix, images[order])
     right = order[pred == labels[order]]
@@ -137,21 +143,21 @@ def make_points(model: nn.Module, images: np.ndarray, labels: np.ndarray, spec: 
     info = {"settings": asdict(settings), "input": asdict(spec), "images": int(len(labels)),
             "clean_accuracy": float(len(right) / max(len(labels), 1))}
     if settings.kind == "misclassified":
-        src = wrong[:settings.n]
+        src = wrong[:want]
         x01 = to_float(images[src])
     elif settings.kind == "fog":
         from cnnrepair.corruptions import fog
 
         foggy = fog(images[order], settings.severity, settings.seed)
         pred_fog = _predict(pix, foggy)
-        hit = np.flatnonzero(pred_fog != labels[order])[:settings.n]
+        hit = np.flatnonzero(pred_fog != labels[order])[:want]
         src = order[hit]
         x01 = to_float(foggy[hit])
         info["fog_accuracy"] = float((pred_fog == labels[order]).mean())
     else:
         src_list, adv_list, tried = [], [], 0
-        chunk = max(200, 2 * settings.n)
-        while tried < len(right) and sum(len(s) for s in src_list) < settings.n:
+        chunk = max(200, 2 * want)
+        while tried < len(right) and sum(len(s) for s in src_list) < want:
             take = right[tried:tried + chunk]
             tried += len(take)
             method = settings.kind if settings.kind == "fgsm" else _pgd(settings)
@@ -160,8 +166,8 @@ def make_points(model: nn.Module, images: np.ndarray, labels: np.ndarray, spec: 
             ok = ok.numpy()
             src_list.append(take[ok])
             adv_list.append(adv[torch.from_numpy(ok)])
-        src = np.concatenate(src_list)[:settings.n] if src_list else np.zeros(0, np.int64)
-        x01 = torch.cat(adv_list)[:settings.n] if adv_list else torch.zeros((0, *images.shape[1:]))
+        src = np.concatenate(src_list)[:want] if src_list else np.zeros(0, np.int64)
+        x01 = torch.cat(adv_list)[:want] if adv_list else torch.zeros((0, *images.shape[1:]))
         info["attacked"] = int(tried)
         info["attack_success_rate"] = float(len(np.concatenate(src_list)) / tried) if tried else 0.0
     if len(src) == 0:
@@ -171,8 +177,11 @@ def make_points(model: nn.Module, images: np.ndarray, labels: np.ndarray, spec: 
     with torch.no_grad():
         x = spec.to_model(x01).numpy().astype(np.float32)
         kx = spec.to_model(to_float(images[keep_src])).numpy().astype(np.float32) if len(keep_src) else np.zeros((0, *x.shape[1:]), np.float32)
-    info.update(points=int(len(src)), keep=int(len(keep_src)))
-    return MadePoints(x, labels[src].astype(np.int64), src.astype(np.int64), kx, labels[keep_src].astype(np.int64), keep_src, info)
+    n = min(settings.n, len(src))
+    info.update(points=int(n), held_out=int(len(src) - n), keep=int(len(keep_src)))
+    y = labels[src].astype(np.int64)
+    return MadePoints(x[:n], y[:n], src[:n].astype(np.int64), kx, labels[keep_src].astype(np.int64), keep_src, info,
+                      x[n:], y[n:], src[n:].astype(np.int64))
 
 
 def _pgd(settings: PointsSettings):
