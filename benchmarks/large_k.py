@@ -6,8 +6,8 @@ of LH's frozen feature map, their targets LH's decision values on the clean imag
 every feature allowed to change. ``random`` problems (ReLU-like features of the same shapes, a
 random head) stand in where no run directory exists (the GPU machine).
 
-Paths, each solve in its own spawned process under a cap: ``ours`` (``repair(p, "ipm")``, the
-cheaper normal-equation side picked for each shape), ``highs`` (HiGHS dual simplex on each whole
+Paths, each solve in its own spawned process under a cap: ``ours`` (``repair(p, "ipm", threads=all
+cores)``, the cheaper normal-equation side picked for each shape), ``highs`` (HiGHS dual simplex on each whole
 class LP), and where CUDA is present ``ours (cuda)`` with the CPU figure of the same machine beside
 it. Memory: the peak resident memory a solve added beyond its input (CPU) or the peak CUDA
 allocation. A second table times one interior-point iteration's matrix (form + factor) on each
@@ -204,14 +204,14 @@ def run(runs: dict[str, Path] | None = None, cap: float = 900.0, highs_cap: floa
                 problems.append((f"{name} FGSM eps={eps:g} K={K}", lambda r=runs[name], K=K, e=eps: real_problem(r, K, e)))
         for K, d in random_sizes or []:
             problems.append((f"random K={K} d={d}", lambda K=K, d=d: random_problem(K, d)))
-    cuda = torch.cuda.is_available()
-    paths = {"ours": ("ipm", "cpu", None)}
-    if cuda:
-        import os
+    import os
 
-        paths = {"ours (cpu, all cores)": ("ipm", "cpu", os.cpu_count()), "ours (cuda)": ("ipm", "cuda", None)}
-    else:
-        paths["highs"] = ("highs", "cpu", None)
+    cuda = torch.cuda.is_available()
+    cores = os.cpu_count() or 1
+    if cuda:
+        paths = {"ours (cpu, all cores)": ("ipm", "cpu", cores), "ours (cuda)": ("ipm", "cuda", None)}
+    else:  # HiGHS' dual simplex is single-threaded; ours gets every core (--threads / CNNREPAIR_THREADS)
+        paths = {f"ours ({cores} threads)": ("ipm", "cpu", cores), "highs": ("highs", "cpu", None)}
     cmd = "python -m benchmarks.run large-k" + (" --quick" if quick else "") + (
         " " + " ".join(str(r) for r in runs.values()) if runs and not quick else "") + f" --cap {cap:g} --highs-cap {highs_cap:g}"
     if random_sizes:
