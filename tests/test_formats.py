@@ -356,3 +356,56 @@ def test_a_state_dict_needs_a_factory_that_fits(digits, tmp_path, monkeypatch, c
     assert "cannot import" in _bad(base + ["--factory", "nosuchmodule:make"], capsys)
     assert "do not fit the model" in _bad(base + ["--factory", "othernets:other"], capsys)
     assert not (tmp_path / "o").exists()
+
+
+def _save_as(model: nn.Module, fmt: str, path) -> list[str]:
+    """``model`` written in ``fmt``; returns the extra CLI arguments its loading needs."""
+    if fmt == "pt2":
+        x0 = torch.zeros(2, 1, 8, 8)
+        torch.export.save(torch.export.export(model, (x0,), dynamic_shapes=({0: torch.export.Dim("batch")},)), str(path))
+        return []
+    torch.save(model.state_dict(), path)
+    return ["--factory", f"{__name__}:{model.factory_name}"]
+
+
+def _run_saved(fmt: str, path, factory, x: np.ndarray) -> np.ndarray:
+    if fmt == "pt2":
+        return torch.export.load(str(path)).module()(torch.from_numpy(x)).detach().numpy()
+    fresh = factory().eval()
+    fresh.load_state_dict(torch.load(str(path), weights_only=True))
+    with torch.no_grad():
+        return fresh(torch.from_numpy(x)).numpy()
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "state_dict"])
+@pytest.mark.parametrize("make", [_mlp, _cnn, _resnet], ids=["mlp", "cnn", "resnet"])
+def test_every_network_is_repaired_in_every_torch_format(make, fmt, digits, tmp_path):
+    """The MLP, CNN and ResNet as torch.export programs and as state dicts: repaired, saved in the same
+    format, reloaded with plain torch; repair points get their labels with the margin, keep points keep theirs."""
+    model = _trained(make, digits)
+    model.factory_name = make.__name__
+    src = tmp_path / ("model.pt2" if fmt == "pt2" else "model.pt")
+    extra = _save_as(model, fmt, src)
+    x = _images(digits, 200)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    lab = np.argsort(-ref, 1)[:8, 1]
+    np.savez(tmp_path / "p.npz", x=x[:8], y=lab.astype(np.int64))
+    np.savez(tmp_path / "k.npz", x=x[50:])
+    out = tmp_path / "o"
+    assert main(["repair", str(src), "--points", str(tmp_path / "p.npz"), "--keep", str(tmp_path / "k.npz"), "--margin", "0.1",
+                 "--out", str(out), *extra]) == 0
+    after = _run_saved(fmt, out / f"repaired{src.suffix}", make, x)
+    top = after[:8].copy()
+    top[np.arange(8), lab] = -np.inf
+    assert np.all(after[np.arange(8), lab] - top.max(1) >= 0.1 - 1e-5)
+    assert np.all(after[50:].argmax(1) == ref[50:].argmax(1))
+
+    def tensors(path):
+        return dict(torch.export.load(str(path)).state_dict) if fmt == "pt2" else torch.load(str(path), weights_only=True)
+
+    before, saved = tensors(src), tensors(out / f"repaired{src.suffix}")
+    assert before.keys() == saved.keys()
+    changed = {k for k in before if not torch.equal(before[k], saved[k])}
+    last = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    assert changed and changed <= {f"{last}.weight", f"{last}.bias"}  # only the last layer's tensors differ
