@@ -34,7 +34,6 @@ import torch
 GAP = 1e-9  # certified relative duality gap aimed for ...
 GAP_STALLED = 1e-7  # ... and accepted when the late, ill-conditioned iterations stall
 BLOCK_ROWS = 8192  # rows of X scaled at a time when forming the features-side matrix
-SINGLE_UNTIL = 1e-3  # with a float32 copy of X, the matrix is formed in float32 while the relative gap is above this
 SIDES = ("auto", "points", "features")
 
 
@@ -80,22 +79,18 @@ def _max_step(v: list[torch.Tensor], dv: list[torch.Tensor]) -> torch.Tensor:
 class _Newton:
     """One iteration's factored system; ``direction`` solves it for a complementarity right-hand side."""
 
-    def __init__(self, X: torch.Tensor, side: str, P, Z, D, rp, rd, X_form: torch.Tensor | None = None):
-        """``X_form``: the copy of X the matrix is formed from (a float32 one in early iterations);
-        everything else, the factorisation included, is float64."""
+    def __init__(self, X: torch.Tensor, side: str, P, Z, D, rp, rd):
         self.X, self.side, self.P, self.Z, self.D, self.rp, self.rd = X, side, P, Z, D, rp, rd
         self.Dg = D[0] + D[1]
         self.De = D[2] + D[3]
-        A = X if X_form is None else X_form
         if side == "points":
-            M = _gram((A * self.Dg.sqrt().to(A.dtype)).T).to(X.dtype)
+            M = _gram((X * self.Dg.sqrt()).T)
             M.diagonal().add_(self.De)
         else:
-            s = self.De.rsqrt().to(A.dtype)
-            M = torch.zeros(X.shape[1], X.shape[1], dtype=A.dtype, device=X.device)
+            s = self.De.rsqrt()
+            M = torch.zeros(X.shape[1], X.shape[1], dtype=X.dtype, device=X.device)
             for i in range(0, X.shape[0], BLOCK_ROWS):
-                M += _gram(A[i:i + BLOCK_ROWS] * s[i:i + BLOCK_ROWS, None])
-            M = M.to(X.dtype)
+                M += _gram(X[i:i + BLOCK_ROWS] * s[i:i + BLOCK_ROWS, None])
             M.diagonal().add_(1.0 / self.Dg)
         self.factor = self._cholesky(M)
 
@@ -138,20 +133,17 @@ def objective(X: torch.Tensor, r: torch.Tensor, w: torch.Tensor, g: torch.Tensor
     return float(g.abs().sum() + w @ (X @ g - r).abs())
 
 
-def _certificate(X, r, w, g, y) -> tuple[float, float]:
-    upper = objective(X, r, w, g)
-    scale = max(1.0, float((X.T @ y).abs().max()), float((y.abs() / w).max()))
+def _certificate(r, w, g, y, Xg, Xty) -> tuple[float, float]:
+    """(objective at g, lower bound from y scaled into the dual feasible set), from X g and X^T y."""
+    upper = float(g.abs().sum() + w @ (Xg - r).abs())
+    scale = max(1.0, float(Xty.abs().max()), float((y.abs() / w).max()))
     return upper, float(r @ y) / scale
 
 
 def solve_l1(X: torch.Tensor, r: torch.Tensor, w: torch.Tensor, side: str = "auto", tol: float = GAP,
              accept: float = GAP_STALLED, patience: int = 8, max_iter: int = 150,
-             deadline: float | None = None, X_single: torch.Tensor | None = None) -> IPMResult:
+             deadline: float | None = None) -> IPMResult:
     """Mehrotra predictor-corrector for ``min |g|_1 + w^T |X g - r|`` on X's device (float64).
-
-    ``X_single``, a float32 copy of X, forms the iteration matrix while the certified relative gap
-    is above ``SINGLE_UNTIL`` (half the memory traffic and twice the SIMD width; an inexact Newton
-    step costs nothing there); from then on, and for the certificate always, float64.
 
     Returns the best certified iterate: status "optimal" when (objective - lower bound) <= tol *
     objective, or <= ``accept`` * objective once ``patience`` iterations brought no better
@@ -177,7 +169,8 @@ def solve_l1(X: torch.Tensor, r: torch.Tensor, w: torch.Tensor, side: str = "aut
 
     for it in range(max_iter):
         g = P[0] - P[1]
-        upper, lower = _certificate(X, r, w, g, y)
+        Xg, Xty = X @ g, X.T @ y  # each used twice: certificate and residuals
+        upper, lower = _certificate(r, w, g, y, Xg, Xty)
         if not (np.isfinite(upper) and np.isfinite(lower)):
             return result(None, it)
         if upper - lower < best[1] - best[2]:
@@ -186,13 +179,11 @@ def solve_l1(X: torch.Tensor, r: torch.Tensor, w: torch.Tensor, side: str = "aut
             return result(None, it)
         if deadline is not None and time.perf_counter() > deadline:
             return result("time_limit", it)
-        Xty = X.T @ y
         rd = [1.0 - Xty - Z[0], 1.0 + Xty - Z[1], w + y - Z[2], w - y - Z[3]]
-        rp = r - (X @ g - P[2] + P[3])
+        rp = r - (Xg - P[2] + P[3])
         mu = sum(x @ z for x, z in zip(P, Z)) / n
         D = [x / z for x, z in zip(P, Z)]
-        single = X_single is not None and upper - lower > SINGLE_UNTIL * abs(upper)
-        newton = _Newton(X, side, P, Z, D, rp, rd, X_single if single else None)
+        newton = _Newton(X, side, P, Z, D, rp, rd)
         if newton.factor is None:
             return result(None, it)
         dy, dP, dZ = newton.direction([-x * z for x, z in zip(P, Z)])

@@ -43,7 +43,6 @@ from cnnrepair.repair import ipm
 
 SOLVERS = ("auto", "highs", "highs-cg", "highs-ipm", "ipm", "cvxopt")
 AUTO_IPM_POINTS = 50  # from this many repair points on, ``auto`` picks the interior point (see benchmarks)
-SINGLE_MIN_ENTRIES = 1_000_000  # from this many entries of X on, early iterations form their matrix in float32
 
 
 @dataclass
@@ -417,11 +416,11 @@ def _solve_cvxopt(lp: ClassLP, time_limit: float | None) -> tuple[str, np.ndarra
     return status, x, float(lp.c @ x), int(sol.get("iterations", 0))
 
 
-def _solve_ipm(X: torch.Tensor, r: torch.Tensor, w: torch.Tensor, time_limit: float | None,
-               X_single: torch.Tensor | None = None) -> tuple[str, np.ndarray | None, int, float | None, str]:
+def _solve_ipm(X: torch.Tensor, r: torch.Tensor, w: torch.Tensor,
+               time_limit: float | None) -> tuple[str, np.ndarray | None, int, float | None, str]:
     """Certified interior point for one class: (status, weight change g, iterations, certified lower bound, side)."""
     deadline = None if time_limit is None else time.perf_counter() + time_limit
-    res = ipm.solve_l1(X, r, w, deadline=deadline, X_single=X_single)
+    res = ipm.solve_l1(X, r, w, deadline=deadline)
     if res.status != "optimal":
         return res.status, None, res.iterations, None, res.side
     return "optimal", ipm.sparsify(X, r, w, res), res.iterations, res.lower_bound, res.side
@@ -497,7 +496,6 @@ def _repair(p: RepairProblem, solver: str, time_limit: float | None, families, n
     plain = len(families) == 1 and isinstance(families[0], TargetConstraints) and not p.hard and p.max_change is None
     use_ipm = plain and m > 0 and (solver == "ipm" or (solver == "auto" and K >= AUTO_IPM_POINTS))
     Xg = torch.as_tensor(Xd, device=device) if use_ipm else None
-    Xs = Xg.float() if use_ipm and Xg.numel() >= SINGLE_MIN_ENTRIES else None  # early iterations' matrix (ipm.SINGLE_UNTIL)
     wg = torch.as_tensor(p.slack_weights(), device=device) if use_ipm else None
     ipm_size = {"variables": 2 * m + 2 * K, "constraints": K, "nonzeros": 2 * int(np.count_nonzero(Xd)) + 2 * K} if use_ipm else None
 
@@ -516,7 +514,7 @@ def _repair(p: RepairProblem, solver: str, time_limit: float | None, families, n
         if use_ipm:
             r = p.residual(i)
             scale = float(np.abs(r).max(initial=0.0)) or 1.0
-            status, g, rounds, lower, side = _solve_ipm(Xg, torch.as_tensor(r / scale, device=device), wg, time_limit, Xs)
+            status, g, rounds, lower, side = _solve_ipm(Xg, torch.as_tensor(r / scale, device=device), wg, time_limit)
             g = None if g is None else g * scale
             lp_size = ipm_size
             extra = {"path": "ipm", "side": side, "device": str(device), "lower_bound": None if lower is None else lower * scale}
