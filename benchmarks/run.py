@@ -12,6 +12,7 @@ NAME is one of:
   margins   pointwise repair program: our solver against HiGHS on the whole LP (L1 and PRDNN's program)
   large-k   the targets program with 2,000-60,000 repair points: our interior point against HiGHS (and on CUDA)
   workflow  cnnrepair points + repair + verify on the MNIST run's models exported as ONNX, timed
+  linear-ceiling  the best softmax head on a run's frozen features, beside its NN and LH
 
 Every JSON written here records the machine's core count, the library versions and the commands
 that produced its numbers.
@@ -351,7 +352,14 @@ def readme_section() -> str:
     lines += _table_section("large_k_gpu.json", lambda d: f"### The same solver on a GPU ({d['device']})",
                             lambda d: f"{d['about']} Commands: `{d['rows'][0]['command']}` (first call) and `{d['command']}`; "
                                       "times are ratios to CUDA.", large_table)
+    from benchmarks.linear_ceiling import table as ceiling_table
     from benchmarks.workflow import table as workflow_table
+
+    for path in sorted(RESULTS.glob("linear_ceiling_*.json")):
+        lines += _table_section(path.name, lambda d: f"### The best linear head on {d['dataset']}'s frozen conv features",
+                                lambda d: f"{on(d)}; a softmax head trained with L-BFGS on all {d['n_train']:,} training "
+                                          f"features ({d['features']:,} of them), scored on the {d['n_test']:,} test images, "
+                                          "beside the run's own heads.", ceiling_table)
 
     lines += _table_section("workflow_onnx.json", lambda d: "### Your model from a file: points, repair and verify on ONNX",
                             lambda d: f"{on(d)}; the MNIST run's NN and LH exported as ONNX and used as a user's files, points "
@@ -415,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run", type=Path, help="a finished MNIST run directory")
     p.add_argument("--data-dir", type=Path, required=True, help="where the MNIST IDX files lie")
     p.add_argument("--work", type=Path, default=Path("runs/workflow"), help="folder for the points and repaired files")
+    p = sub.add_parser("linear-ceiling", help="the best linear (softmax) head on a run's frozen features")
+    p.add_argument("run", type=Path, help="a finished run directory (features.npz, NN and LH)")
     p = sub.add_parser("lp", help="repair-LP scaling benchmark")
     p.add_argument("--quick", action="store_true", help="small sizes only (K up to 100)")
     p.add_argument("--cap", type=float, default=120.0, help="seconds each solver path may take on one problem (default 120)")
@@ -437,6 +447,10 @@ def _dispatch(args: argparse.Namespace) -> None:
             print(f"wrote {path}")
     elif args.name == "readme":
         print(f"updated {readme()}")
+    elif args.name == "linear-ceiling":
+        from benchmarks.linear_ceiling import run as run_ceiling
+
+        print(f"wrote {run_ceiling(args.run)}")
     elif args.name == "workflow":
         from benchmarks.workflow import run as run_workflow
 
