@@ -345,15 +345,18 @@ def test_the_interior_point_path_reaches_the_same_optimum(monkeypatch, keep, fre
         assert np.all(m[hard] >= p.margins[hard] - 1e-7)  # the solve tolerance: 1e-8 of the largest required change
 
 
-def test_an_exported_lh_program_is_repaired_from_its_file(tmp_path):
-    """Our own exported hybrids compute ``x @ W.T + b`` in float64: the file-level repair finds that layer too."""
-    from cnnrepair.hybrid import HybridNet, fit_linear_svm
+@pytest.mark.parametrize("head", ["lh", "kh"])
+def test_an_exported_hybrid_program_is_repaired_from_its_file(tmp_path, head):
+    """Our own exported hybrids compute ``x @ W.T + b`` (LH) or ``kernel(x) @ coef.T + b`` (KH) in
+    float64: the file-level repair finds that layer too (for KH, in its dual coefficients)."""
+    from cnnrepair.hybrid import HybridNet, fit_linear_svm, fit_rbf_svm
     from cnnrepair.modelrepair import prepare, run
 
     rng = np.random.default_rng(0)
     X = rng.normal(size=(90, 6)).astype(np.float32)
     Y = (X[:, 0] > 0).astype(int) + (X[:, 1] > 0.5).astype(int)
-    net = HybridNet(nn.Flatten(), fit_linear_svm(X, Y)[0]).eval()
+    fitted = fit_linear_svm(X, Y) if head == "lh" else fit_rbf_svm(X, Y, n_jobs=1)
+    net = HybridNet(nn.Flatten(), fitted[0]).eval()
     xt = torch.from_numpy(X).reshape(90, 1, 6)
     program = torch.export.export(net, (xt[:2],), dynamic_shapes=({0: torch.export.Dim("batch")},))
     torch.export.save(program, str(tmp_path / "lh.pt2"))

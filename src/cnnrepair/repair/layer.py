@@ -64,8 +64,8 @@ def _linear_nodes(gm: torch.fx.GraphModule) -> dict[str, _GraphLinear]:
             if mm.op == "call_function" and mm.target == torch.ops.aten.matmul.default and isinstance(mm.args[1], torch.fx.Node) \
                     and mm.args[1].target in _TRANSPOSES:
                 lin = _GraphLinear(node, mm.args[0], _attr(mm.args[1].args[0]), _attr(node.args[1]))
-        if lin is not None and lin.weight and lin.weight.endswith("weight"):
-            found[lin.weight[: -len(".weight")] if "." in lin.weight else ""] = lin
+        if lin is not None and lin.weight and lin.weight.rpartition(".")[2] in ("weight", "coef"):
+            found[lin.weight.rpartition(".")[0]] = lin  # "coef": an RBF head's dual coefficients on its kernel values
     return found
 
 
