@@ -17,7 +17,7 @@ from torch import nn
 
 from cnnrepair.attacks import attack, check_eps, get_attack
 from cnnrepair.errors import CnnRepairError
-from cnnrepair.points import InputSpec, _InPixels, _predict
+from cnnrepair.points import InputSpec, PixelModel, predict_labels
 from cnnrepair.training import Progress
 
 
@@ -68,8 +68,8 @@ def assess(models: dict[str, nn.Module], images: np.ndarray, labels: np.ndarray,
     method = settings.attack if settings.attack == "fgsm" else get_attack("pgd", steps=settings.pgd_steps)
     report = {"settings": asdict(settings), "input": asdict(spec), "images": int(len(y)), "models": {}}
     for name, model in models.items():
-        pix = _InPixels(model, spec).eval()
-        row = {"clean_accuracy": float((_predict(pix, x) == y).mean()), "attack": {}}
+        pix = PixelModel(model, spec).eval()
+        row = {"clean_accuracy": float((predict_labels(pix, x) == y).mean()), "attack": {}}
         for eps in settings.eps:
             torch.manual_seed(settings.seed)
             _, success = attack(pix, x, y, eps, method, progress=progress, desc=f"{name}: {settings.attack} eps={eps:g}")

@@ -56,14 +56,14 @@ class InputSpec:
         return x.reshape(len(x), *self.shape) if self.shape is not None else x
 
 
-class _InPixels(nn.Module):
+class PixelModel(nn.Module):
     """``model`` seen from pixel space: the input convention first (so attacks step in pixels)."""
 
     def __init__(self, model: nn.Module, spec: InputSpec):
         super().__init__()
         self.model, self.spec = model, spec
 
-    def train(self, mode: bool = True) -> "_InPixels":
+    def train(self, mode: bool = True) -> "PixelModel":
         """Modes pass through; a ``torch.export`` module has none (its program was exported in one)."""
         self.training = mode
         try:
@@ -124,7 +124,7 @@ class MadePoints:
 
 
 @torch.no_grad()
-def _predict(model: nn.Module, images: np.ndarray, batch: int = 500) -> np.ndarray:
+def predict_labels(model: nn.Module, images: np.ndarray, batch: int = 500) -> np.ndarray:
     return np.concatenate([model(to_float(images[i:i + batch])).argmax(1).cpu().numpy() for i in range(0, len(images), batch)]) \
         if len(images) else np.zeros(0, np.int64)
 
@@ -134,10 +134,10 @@ def make_points(model: nn.Module, images: np.ndarray, labels: np.ndarray, spec: 
     """Points of ``settings.kind`` from uint8 ``images`` (N x C x H x W) with true ``labels``."""
     settings.check()
     spec.check(tuple(images.shape[1:]))
-    pix = _InPixels(model, spec).eval()
+    pix = PixelModel(model, spec).eval()
     want = settings.n + settings.held_out
     order = np.random.default_rng(settings.seed).permutation(len(labels))
-    pred = _predict(pix, images[order])
+    pred = predict_labels(pix, images[order])
     right = order[pred == labels[order]]
     wrong = order[pred != labels[order]]
     info = {"settings": asdict(settings), "input": asdict(spec), "images": int(len(labels)),
@@ -149,7 +149,7 @@ def make_points(model: nn.Module, images: np.ndarray, labels: np.ndarray, spec: 
         from cnnrepair.corruptions import fog
 
         foggy = fog(images[order], settings.severity, settings.seed)
-        pred_fog = _predict(pix, foggy)
+        pred_fog = predict_labels(pix, foggy)
         hit = np.flatnonzero(pred_fog != labels[order])[:want]
         src = order[hit]
         x01 = to_float(foggy[hit])
