@@ -409,3 +409,19 @@ def test_every_network_is_repaired_in_every_torch_format(make, fmt, digits, tmp_
     changed = {k for k in before if not torch.equal(before[k], saved[k])}
     last = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
     assert changed and changed <= {f"{last}.weight", f"{last}.bias"}  # only the last layer's tensors differ
+
+
+def test_the_readme_file_example_runs_as_written(tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    blocks = [blk.split("```", 1)[0] for blk in text.split("```python\n")[1:]]
+    example = next(blk for blk in blocks if "load_model(" in blk)
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(example, "README.md", "exec"), {})
+    status, layer = capsys.readouterr().out.split()
+    assert status == "repaired" and layer in load_model(tmp_path / "net.onnx").module.linear_sources
+    x = np.random.default_rng(0).random((3, 1, 4, 4), dtype=np.float32)
+    assert _ort(tmp_path / "net_repaired.onnx", x).shape == (3, 4)

@@ -5,7 +5,10 @@ Convex Optimization" (2020): CNNs, hybrid CNN+SVM networks, attacks, and LP repa
 linear head.
 """
 
+from cnnrepair.assess import AssessSettings, assess
 from cnnrepair.errors import CnnRepairError
+from cnnrepair.formats import LoadedModel, load_model, save_model
+from cnnrepair.points import InputSpec, MadePoints, PointsSettings, make_points
 from cnnrepair.repair import (
     ClassifierRepair,
     MarginProblem,
@@ -15,7 +18,9 @@ from cnnrepair.repair import (
     repair_classifier,
     solve_margins,
 )
+from cnnrepair.vnnlib import BallProperty, write_properties
 
 __version__ = "0.1.0"
-__all__ = ["ClassifierRepair", "CnnRepairError", "MarginProblem", "MarginSolution", "RepairSpec", "__version__",
-           "last_layer", "repair_classifier", "solve_margins"]
+__all__ = ["AssessSettings", "BallProperty", "ClassifierRepair", "CnnRepairError", "InputSpec", "LoadedModel", "MadePoints",
+           "MarginProblem", "MarginSolution", "PointsSettings", "RepairSpec", "__version__", "assess", "last_layer", "load_model",
+           "make_points", "repair_classifier", "save_model", "solve_margins", "write_properties"]
