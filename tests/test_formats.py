@@ -425,3 +425,53 @@ def test_the_readme_file_example_runs_as_written(tmp_path, monkeypatch, capsys):
     assert status == "repaired" and layer in load_model(tmp_path / "net.onnx").module.linear_sources
     x = np.random.default_rng(0).random((3, 1, 4, 4), dtype=np.float32)
     assert _ort(tmp_path / "net_repaired.onnx", x).shape == (3, 4)
+
+
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_a_torchscript_file_is_repaired_into_a_torchscript_file(how, digits, tmp_path, capsys):
+    """TorchScript runs through an ONNX export of itself; the repair is written into its own parameters
+    and the certificate's margins are measured with torch.jit.load."""
+    model = _trained(_cnn, digits)
+    x = _images(digits, 120)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.script(model) if how == "script" else torch.jit.trace(model, torch.from_numpy(x[:2]))
+    src = tmp_path / "model.ts"
+    torch.jit.save(scripted, str(src))
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    lab = np.argsort(-ref, 1)[:6, 1]
+    np.savez(tmp_path / "p.npz", x=x[:6], y=lab.astype(np.int64))
+    np.savez(tmp_path / "k.npz", x=x[20:])
+    out = tmp_path / "o"
+    assert main(["repair", str(src), "--points", str(tmp_path / "p.npz"), "--keep", str(tmp_path / "k.npz"), "--margin", "0.1",
+                 "--out", str(out)]) == 0
+    saved = torch.jit.load(str(out / "repaired.ts"))  # plain torch
+    with torch.no_grad():
+        after = saved(torch.from_numpy(x)).numpy()
+    top = after[:6].copy()
+    top[np.arange(6), lab] = -np.inf
+    assert np.all(after[np.arange(6), lab] - top.max(1) >= 0.1 - 1e-5)
+    assert np.all(after[20:].argmax(1) == ref[20:].argmax(1))
+    before, now = dict(torch.jit.load(str(src)).named_parameters()), dict(saved.named_parameters())
+    assert {k for k in before if not torch.equal(before[k], now[k])} <= {"8.weight", "8.bias"}
+    assert main(["verify", str(out / "certificate.json"), "--model", str(out / "repaired.ts"), "--points", str(tmp_path / "p.npz"),
+                 "--keep", str(tmp_path / "k.npz"), "--original", str(src)]) == 0
+
+
+def test_a_torchscript_file_on_the_wrong_shape_is_one_line(digits, tmp_path, capsys):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(_trained(_cnn, digits, steps=1)), str(tmp_path / "m.ts"))
+    np.savez(tmp_path / "p.npz", x=np.zeros((2, 1, 5, 5), np.float32), y=np.zeros(2, np.int64))
+    msg = _bad(["repair", str(tmp_path / "m.ts"), "--points", str(tmp_path / "p.npz"), "--out", str(tmp_path / "o")], capsys)
+    assert "cannot trace the TorchScript module on inputs of shape (1, 5, 5)" in msg and not (tmp_path / "o").exists()
+
+
+def test_a_torchscript_file_named_like_a_state_dict_is_told_its_suffix(digits, tmp_path, capsys):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(_trained(_cnn, digits, steps=1)), str(tmp_path / "m.pt"))
+    np.savez(tmp_path / "p.npz", x=_images(digits, 2), y=np.zeros(2, np.int64))
+    msg = _bad(["repair", str(tmp_path / "m.pt"), "--factory", "x:y", "--points", str(tmp_path / "p.npz"), "--out", str(tmp_path / "o")], capsys)
+    assert "TorchScript file" in msg and ".ts" in msg

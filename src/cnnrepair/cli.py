@@ -528,6 +528,17 @@ def _add_model_repair_args(p: argparse.ArgumentParser) -> None:
 
 def _add_factory_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--factory", default=None, help="for a state dict (.pt/.pth): module:function that builds the model")
+    p.add_argument("--input-shape", default=None, help="for a TorchScript file (.ts): the per-example input shape, e.g. 1,28,28 "
+                   "(default: the shape of the points or images given)")
+
+
+def _input_shape(args: argparse.Namespace, fallback) -> tuple[int, ...] | None:
+    if getattr(args, "input_shape", None):
+        try:
+            return tuple(int(v) for v in args.input_shape.split(","))
+        except ValueError:
+            raise CnnRepairError(f"--input-shape {args.input_shape!r}: give comma-separated sizes, e.g. 1,28,28") from None
+    return tuple(fallback) if fallback is not None else None
 
 
 def _model_repair_job(args: argparse.Namespace):
@@ -545,7 +556,7 @@ def _model_repair_job(args: argparse.Namespace):
         raise CnnRepairError(f"--out {args.out} is a file; give a folder")
     spec = RepairSpec(kind=args.spec, margin=args.margin, keep_margin=args.keep_margin, keep_price=args.keep_price,
                       norm=args.norm, freeze_bias=args.freeze_bias, max_change=args.max_change)
-    args.job = prepare(args.model, args.points, spec, args.layer, args.keep, args.factory)
+    args.job = prepare(args.model, args.points, spec, args.layer, args.keep, args.factory, _input_shape(args, None))
     return args.job
 
 
@@ -607,8 +618,8 @@ def _cmd_vnnlib(args: argparse.Namespace, bars: _Bars) -> int:
     from cnnrepair.vnnlib import write_properties
 
     domain = _vnnlib_range(args.range)
-    model = load_model(args.model, args.factory)
     points = load_points(args.points, "points file", labels_required=False)
+    model = load_model(args.model, args.factory, _input_shape(args, points.x.shape[1:]))
     if model.input_shape is not None and tuple(points.x.shape[1:]) != model.input_shape:
         raise CnnRepairError(f"{args.points}: inputs of shape {tuple(points.x.shape[1:])} but the model takes {model.input_shape}")
     logits = model_logits(model.module, points.x[:1] if points.y is not None else points.x)
@@ -660,8 +671,8 @@ def _cmd_points(args: argparse.Namespace, bars: _Bars) -> int:
 
     settings = PointsSettings(args.kind, args.n, args.keep, args.held_out, args.eps, args.split, args.seed)
     settings.check()
-    model = load_model(args.model, args.factory)
     images, labels, source = _points_images(args)
+    model = load_model(args.model, args.factory, _input_shape(args, images.shape[1:]))
     spec = InputSpec(_floats(args.mean, "mean"), _floats(args.std, "std"), model.input_shape)
     made = make_points(model.module, images, labels, spec, settings, bars)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -688,10 +699,11 @@ def _cmd_evaluate(args: argparse.Namespace, bars: _Bars) -> int:
     eps = list(_floats(args.eps, "eps") or ())
     settings = AssessSettings(eps, args.attack, args.n, args.seed)
     settings.check()
-    models = {"original": load_model(args.model, args.factory)}
-    if args.repaired is not None:
-        models["repaired"] = load_model(args.repaired, args.factory)
     images, labels, source = _points_images(args)
+    shape = _input_shape(args, images.shape[1:])
+    models = {"original": load_model(args.model, args.factory, shape)}
+    if args.repaired is not None:
+        models["repaired"] = load_model(args.repaired, args.factory, shape)
     spec = InputSpec(_floats(args.mean, "mean"), _floats(args.std, "std"), models["original"].input_shape)
     pts = load_points(args.points, "points file") if args.points else None
     held = load_points(args.held_out, "held-out file") if args.held_out else None

@@ -84,12 +84,13 @@ class RepairJob:
 
 
 def prepare(model_path: Path, points_path: Path, spec: RepairSpec, layer: str | None = None, keep_path: Path | None = None,
-            factory: str | None = None) -> RepairJob:
+            factory: str | None = None, input_shape: tuple[int, ...] | None = None) -> RepairJob:
     """Load and check every input (raises CnnRepairError naming the problem); writes nothing.
 
-    ``factory`` (``module:function``) builds the model when ``model_path`` is a state dict."""
-    model = load_model(model_path, factory)
+    ``factory`` (``module:function``) builds the model when ``model_path`` is a state dict; a
+    TorchScript file takes its input shape from ``input_shape`` or else the points."""
     points = load_points(points_path, "points file")
+    model = load_model(model_path, factory, input_shape or tuple(points.x.shape[1:]))
     keep = load_points(keep_path, "keep file", labels_required=False) if keep_path is not None else None
     for pts in (points, keep):
         if pts is None:
@@ -129,7 +130,7 @@ def run(job: RepairJob, out: Path, time_limit: float | None = None, threads: int
     target = out / f"repaired{job.model.suffix}"
     if result.ok:
         save_model(job.model, result.model, list(result.tensors), target)
-        saved = load_model(target, job.model.factory).module
+        saved = load_model(target, job.model.factory, job.model.input_shape).module
         after = _saved_margins(target, saved, job.points.x, job.points.y)
         for p, m in zip(cert["points"], after):
             p["margin_after"] = float(m)
@@ -168,8 +169,9 @@ def verify(cert_path: Path, model_path: Path, points_path: Path, keep_path: Path
         problems.append(f"{model_path}: sha256 differs from the certificate's model (the file was altered or is another model)")
     if cert.get("points_file") and cert["points_file"]["sha256"] != sha256(Path(points_path)):
         problems.append(f"{points_path}: sha256 differs from the points the certificate was made on")
-    model = load_model(model_path, factory).module
     points = load_points(points_path, "points file")
+    shape = tuple(points.x.shape[1:])
+    model = load_model(model_path, factory, shape).module
     after = _saved_margins(Path(model_path), model, points.x, points.y)
     keep_after = np.zeros(0)
     if keep_path is not None:
@@ -184,7 +186,7 @@ def verify(cert_path: Path, model_path: Path, points_path: Path, keep_path: Path
         keep_after = None
     problems += check_claims(cert, after, keep_after if keep_after is not None else np.zeros(cert["keep"]["count"]) + np.inf)
     if original_path is not None:
-        problems += _check_optimality(cert, load_model(original_path, factory).module, model, points, keep_path, keep_after)
+        problems += _check_optimality(cert, load_model(original_path, factory, shape).module, model, points, keep_path, keep_after)
     return problems
 
 

@@ -1,8 +1,9 @@
 """Model files in and out: a repaired model goes back in the format it came in.
 
 Formats, by file suffix: ``torch.export`` programs (``.pt2``, :mod:`cnnrepair.formats.pt2`), ONNX
-graphs (``.onnx``, :mod:`cnnrepair.formats.onnx`) and state dicts with the factory that builds the
-model (``.pt`` / ``.pth`` plus ``module:function``, :mod:`cnnrepair.formats.state_dict`). Each loader gives a torch module that runs
+graphs (``.onnx``, :mod:`cnnrepair.formats.onnx`), TorchScript files (``.ts`` / ``.torchscript``
+plus the input shape, :mod:`cnnrepair.formats.torchscript`) and state dicts with the factory that
+builds the model (``.pt`` / ``.pth`` plus ``module:function``, :mod:`cnnrepair.formats.state_dict`). Each loader gives a torch module that runs
 the model (so attacks get gradients and repair finds the last linear layer); each saver writes
 the *source* file again with only the repaired layer's tensors replaced, so the tools a user
 already has (``torch.export.load``, onnxruntime, a verifier) read the result without cnnrepair.
@@ -19,7 +20,8 @@ from torch import nn
 
 from cnnrepair.errors import CnnRepairError
 
-FORMATS = {".pt2": "torch.export", ".onnx": "onnx", ".pt": "state_dict", ".pth": "state_dict"}
+FORMATS = {".pt2": "torch.export", ".onnx": "onnx", ".pt": "state_dict", ".pth": "state_dict", ".ts": "torchscript",
+           ".torchscript": "torchscript"}
 
 
 @dataclass
@@ -42,7 +44,7 @@ def _check_path(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix not in FORMATS:
         raise CnnRepairError(f"{path}: unknown model format {suffix or '(none)'}; give a torch.export program (.pt2), "
-                             "an ONNX file (.onnx) or a state dict (.pt/.pth) with --factory")
+                             "an ONNX file (.onnx), a TorchScript file (.ts) or a state dict (.pt/.pth) with --factory")
     if not path.is_file():
         raise CnnRepairError(f"{path}: no such model file")
     return suffix
@@ -54,13 +56,17 @@ def _module(fmt: str):
     return importlib.import_module(f"cnnrepair.formats.{'pt2' if fmt == 'torch.export' else fmt}")
 
 
-def load_model(path: Path, factory: str | None = None) -> LoadedModel:
-    """Read a model file (``.pt2``, ``.onnx``, or a ``.pt``/``.pth`` state dict with ``factory``
-    = ``module:function``), with a one-line error when it cannot be used."""
+def load_model(path: Path, factory: str | None = None, input_shape: tuple[int, ...] | None = None) -> LoadedModel:
+    """Read a model file (``.pt2``, ``.onnx``, ``.ts`` with ``input_shape`` (per example), or a
+    ``.pt``/``.pth`` state dict with ``factory`` = ``module:function``), with a one-line error when
+    it cannot be used. ``input_shape`` is used only where the file does not record it."""
     path = Path(path)
     fmt = FORMATS[_check_path(path)]
     if fmt == "state_dict":
         module, shape, program = _module(fmt).load(path, factory)
+        shape = shape or (tuple(input_shape) if input_shape else None)
+    elif fmt == "torchscript":
+        module, shape, program = _module(fmt).load(path, input_shape)
     else:
         module, shape, program = _module(fmt).load(path)
     return LoadedModel(path, fmt, module, shape, program, factory)
@@ -72,10 +78,16 @@ def save_model(loaded: LoadedModel, repaired: nn.Module, tensors: list[str], pat
 
 
 def runtime_logits(path: Path, x: torch.Tensor | np.ndarray) -> np.ndarray | None:
-    """The saved file's outputs from the format's own runtime where it has one besides torch
-    (onnxruntime for ONNX), else None: what the certificate's margins are measured on."""
-    if Path(path).suffix.lower() == ".onnx":
+    """The saved file's outputs from the format's own runtime where it is not the loaded torch
+    module (onnxruntime for ONNX, torch.jit for TorchScript), else None: what the certificate's
+    margins are measured on."""
+    fmt = FORMATS.get(Path(path).suffix.lower())
+    if fmt == "onnx":
         from cnnrepair.formats.onnx import run_onnxruntime
 
         return run_onnxruntime(Path(path), x)
+    if fmt == "torchscript":
+        from cnnrepair.formats.torchscript import run_file
+
+        return run_file(Path(path), x)
     return None

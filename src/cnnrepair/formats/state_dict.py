@@ -44,6 +44,8 @@ def _weights(path: Path) -> tuple[dict, str | None]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure to read is the same user error
+        if "TorchScript" in str(exc) or "torch.jit.load" in str(exc):
+            raise CnnRepairError(f"{path}: this is a TorchScript file, not a state dict; give it the suffix .ts") from None
         raise CnnRepairError(f"{path}: not a readable state dict ({type(exc).__name__}); save it with torch.save(model.state_dict(), path)") from None
     if isinstance(obj, dict):
         for key in NESTED_KEYS:
@@ -56,8 +58,8 @@ def _weights(path: Path) -> tuple[dict, str | None]:
 
 def load(path: Path, factory: str | None) -> tuple[nn.Module, None, str | None]:
     """(model with the file's weights, no known input shape, the nesting key)."""
-    model = build(factory)
     state, key = _weights(path)
+    model = build(factory)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
