@@ -428,10 +428,11 @@ def test_the_readme_file_example_runs_as_written(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("how", ["script", "trace"])
-def test_a_torchscript_file_is_repaired_into_a_torchscript_file(how, digits, tmp_path, capsys):
+@pytest.mark.parametrize("make", [_mlp, _cnn, _resnet], ids=["mlp", "cnn", "resnet"])
+def test_a_torchscript_file_is_repaired_into_a_torchscript_file(make, how, digits, tmp_path, capsys):
     """TorchScript runs through an ONNX export of itself; the repair is written into its own parameters
     and the certificate's margins are measured with torch.jit.load."""
-    model = _trained(_cnn, digits)
+    model = _trained(make, digits)
     x = _images(digits, 120)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -454,7 +455,9 @@ def test_a_torchscript_file_is_repaired_into_a_torchscript_file(how, digits, tmp
     assert np.all(after[np.arange(6), lab] - top.max(1) >= 0.1 - 1e-5)
     assert np.all(after[20:].argmax(1) == ref[20:].argmax(1))
     before, now = dict(torch.jit.load(str(src)).named_parameters()), dict(saved.named_parameters())
-    assert {k for k in before if not torch.equal(before[k], now[k])} <= {"8.weight", "8.bias"}
+    last = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    changed = {k for k in before if not torch.equal(before[k], now[k])}
+    assert changed and changed <= {f"{last}.weight", f"{last}.bias"}
     assert main(["verify", str(out / "certificate.json"), "--model", str(out / "repaired.ts"), "--points", str(tmp_path / "p.npz"),
                  "--keep", str(tmp_path / "k.npz"), "--original", str(src)]) == 0
 
