@@ -92,7 +92,7 @@ class OnnxModule(nn.Module):
             for name in node.input:
                 consumers.setdefault(name, []).append(node)
         self.linear_sources: dict[str, LinearSource] = {}
-        self._steps: list[tuple] = []  # (kind, node, attrs, linear module name or None)
+        self._steps: list[tuple] = []  # ("linear", input, output, module name) or ("op", node, attrs, None)
         used: set[str] = set()
         fused: set[int] = set()
         consts = {}

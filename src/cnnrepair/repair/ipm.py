@@ -19,8 +19,8 @@ per step in one of two equivalent forms, whichever is cheaper:
 Either way the stop is a certificate, computed the same way: g is feasible by construction (its
 slacks are |X g - r|), and the dual iterate scaled into ``|X^T y| <= 1, |y| <= w`` is dual feasible,
 so ``r^T y`` (scaled) is a lower bound on the optimum. The Gram products on the CPU go through
-NumPy's BLAS (its symmetric rank-k update is measured faster than torch's general product there);
-on CUDA everything stays on the device in float64.
+NumPy's BLAS (a symmetric rank-k update: half the multiplications of torch's general product); on
+CUDA everything stays on the device in float64.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ import torch
 GAP = 1e-9  # certified relative duality gap aimed for ...
 GAP_STALLED = 1e-7  # ... and accepted when the late, ill-conditioned iterations stall
 BLOCK_ROWS = 8192  # rows of X scaled at a time when forming the features-side matrix
-SIDES = ("auto", "points", "features")
 
 
 @dataclass
@@ -53,12 +52,6 @@ class IPMResult:
 def pick_side(K: int, m: int) -> str:
     """The cheaper normal-equation form: flops to form and factor K x K against m x m."""
     return "points" if K * K * m + K ** 3 / 3 <= K * m * m + m ** 3 / 3 else "features"
-
-
-def normal_matrix_bytes(K: int, m: int, side: str) -> int:
-    """Memory of the side's dense matrix in float64 (X itself adds 8 K m bytes either way)."""
-    n = K if side == "points" else m
-    return 8 * n * n
 
 
 def _gram(A: torch.Tensor) -> torch.Tensor:
