@@ -157,6 +157,7 @@ def make_points(model: nn.Module, images: np.ndarray, labels: np.ndarray, spec: 
     else:
         src_list, adv_list, tried = [], [], 0
         chunk = max(200, 2 * want)
+        torch.manual_seed(settings.seed)  # PGD's random starts: the same points from the same seed
         while tried < len(right) and sum(len(s) for s in src_list) < want:
             take = right[tried:tried + chunk]
             tried += len(take)
