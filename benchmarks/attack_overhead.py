@@ -16,7 +16,7 @@ import torch
 def run(run_dir: Path | None = None, n_images: int = 2000, rounds: int = 5, eps: float = 0.1) -> Path:
     import foolbox as fb
 
-    from benchmarks.run import _machine, _write
+    from benchmarks.common import machine as _machine, write_result as _write
     from cnnrepair.attacks import attack
     from cnnrepair.data import load_dataset, to_float
     from cnnrepair.pipeline import load_models

@@ -30,7 +30,7 @@ def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: np.ndarray, batch: int
 def run(run_dir: Path, repair_images: int = 100, keep_images: int = 1000, margins: tuple[float, ...] = (0.05, 0.5, 2.0),
         seed: int = 0) -> Path:
     """Every (model, keep) case on one fog set; writes benchmarks/results/field_fog.json."""
-    from benchmarks.run import _machine, _write
+    from benchmarks.common import machine as _machine, write_result as _write
     from cnnrepair import RepairSpec, repair_classifier
     from cnnrepair.corruptions import fog
     from cnnrepair.data import to_float

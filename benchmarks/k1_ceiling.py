@@ -33,7 +33,7 @@ def run(run_dir: Path, candidates: int = 200, budget: float = 0.5, out: Path | N
     from cnnrepair.rundir import RunDir
     from cnnrepair.training import outputs
 
-    from benchmarks.run import RESULTS, _machine
+    from benchmarks.common import RESULTS, machine as _machine
 
     rd = RunDir(run_dir)
     cfg = rd.require()

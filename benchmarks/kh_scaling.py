@@ -15,7 +15,7 @@ import numpy as np
 def run(run_dir: Path, sizes: list[int], C: float = 10.0) -> Path:
     import torch
 
-    from benchmarks.run import _machine, _write
+    from benchmarks.common import machine as _machine, write_result as _write
     from cnnrepair.hybrid import fit_rbf_svm
     from cnnrepair.io import load_npz
     from cnnrepair.pipeline import _stratified_subset

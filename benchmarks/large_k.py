@@ -193,7 +193,7 @@ def run(runs: dict[str, Path] | None = None, cap: float = 900.0, highs_cap: floa
     """Every problem with every path; HiGHS is not tried again on a larger problem once it timed out."""
     import torch
 
-    from benchmarks.run import _machine, _write
+    from benchmarks.common import machine as _machine, write_result as _write
 
     problems = []
     if quick:

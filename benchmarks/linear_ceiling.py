@@ -32,7 +32,7 @@ def _softmax_head(x: torch.Tensor, y: torch.Tensor, l2: float, iters: int = 150)
 
 def run(run_dir: Path, l2_grid: tuple[float, ...] = (1e-4, 1e-3)) -> Path:
     """Every (features, l2) head; writes benchmarks/results/linear_ceiling_<dataset>.json."""
-    from benchmarks.run import _load, _machine, _write
+    from benchmarks.common import load_run as _load, machine as _machine, write_result as _write
     from cnnrepair.io import load_npz
     from cnnrepair.pipeline import open_dataset
     from cnnrepair.rundir import RunDir

@@ -141,7 +141,7 @@ def timed(fn, problem, arg, cap: float, start: str = "fork") -> dict:
 
 def run(quick: bool = False, runs: dict[str, Path] | None = None, cap: float = 120.0) -> Path:
     """Every path on every problem; a path that timed out is skipped (and recorded so) on larger K."""
-    from benchmarks.run import _machine, _write
+    from benchmarks.common import machine as _machine, write_result as _write
 
     ks = [1, 10, 100] if quick else [1, 10, 100, 1000, 2000]
     problems = [(f"random d={d}", random_problem(d, K)) for d in (800, 4096) for K in ks]

@@ -92,7 +92,7 @@ def _full(p, _arg):
 def run(quick: bool = False, cap: float = 300.0) -> Path:
     """Every program on every size, each solve in its own process under ``cap`` seconds."""
     from benchmarks.lp_scaling import timed
-    from benchmarks.run import _machine, _write
+    from benchmarks.common import machine as _machine, write_result as _write
 
     sizes = QUICK if quick else SIZES
     rows = []

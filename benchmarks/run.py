@@ -22,35 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
-RESULTS = ROOT / "results"
-README = ROOT.parent / "README.md"
-
-
-def _machine() -> dict:
-    from cnnrepair.rundir import library_versions
-
-    return {"cores": os.cpu_count(), "platform": sys.platform, "versions": library_versions(),
-            "measured": time.strftime("%Y-%m-%d", time.gmtime())}
-
-
-def _load(run: Path) -> dict:
-    res = json.loads((run / "results.json").read_text())
-    res["_config"] = json.loads((run / "config.json").read_text())
-    return res
-
-
-def _write(name: str, obj: dict) -> Path:
-    from cnnrepair.io import write_json
-
-    path = RESULTS / name
-    write_json(path, obj)
-    return path
+from benchmarks import common
 
 
 def collect(runs: list[Path]) -> list[Path]:
@@ -62,15 +37,15 @@ def collect(runs: list[Path]) -> list[Path]:
     acc, att, rep = {}, {}, {}
     out_figs: list[Path] = []
     for run in runs:
-        r = _load(run)
+        r = common.load_run(run)
         jpeg = " (JPEG q75)" if r["dataset"] == "cifar10" and "jpeg" in str(r["_config"].get("data_dir", "")) else ""
         label = run.name + jpeg
-        common = {"run": str(run), "dataset": r["dataset"], "commands": r.get("commands", []), "seed": r["seed"],
+        shared = {"run": str(run), "dataset": r["dataset"], "commands": r.get("commands", []), "seed": r["seed"],
                   "devices": r.get("devices", {})}
         acc[label] = {
             "accuracy": r["accuracy"], "params": r["params"], "epochs": r["training"]["config"]["epochs"],
             "training": r["training"]["config"], "n_train": r["training"]["n_train"], "n_test": r["training"]["n_test"],
-            "hybrid": r.get("hybrid", {}), "timings_s": r["timings_s"], **common,
+            "hybrid": r.get("hybrid", {}), "timings_s": r["timings_s"], **shared,
         }
 
         for fig in ("attack_curves", "repair"):
@@ -78,23 +53,23 @@ def collect(runs: list[Path]) -> list[Path]:
             if src.is_file():
                 import shutil
 
-                dest = RESULTS / f"{run.name}_{fig}.png"
+                dest = common.RESULTS / f"{run.name}_{fig}.png"
                 shutil.copyfile(src, dest)
                 out_figs.append(dest)
         if "attack" in r:
-            att[label] = {name: {k: v for k, v in a.items()} for name, a in r["attack"].items()} | {"_": common}
+            att[label] = {name: {k: v for k, v in a.items()} for name, a in r["attack"].items()} | {"_": shared}
         if "repair" in r:
-            rep[label] = {**r["repair"], "_": common}
+            rep[label] = {**r["repair"], "_": shared}
         for variant, v in r.get("repair_variants", {}).items():
-            rep[f"{run.name}-{variant}{jpeg}"] = {**v, "_": common}
+            rep[f"{run.name}-{variant}{jpeg}"] = {**v, "_": shared}
     out = list(out_figs)
-    machine = _machine()
+    machine = common.machine()
     if acc:
-        out.append(_write("accuracy.json", {"machine": machine, "datasets": acc}))
+        out.append(common.write_result("accuracy.json", {"machine": machine, "datasets": acc}))
     if att:
-        out.append(_write("attack.json", {"machine": machine, "datasets": att}))
+        out.append(common.write_result("attack.json", {"machine": machine, "datasets": att}))
     if rep:
-        out.append(_write("repair.json", {"machine": machine, "datasets": rep}))
+        out.append(common.write_result("repair.json", {"machine": machine, "datasets": rep}))
     return out
 
 
@@ -195,7 +170,7 @@ def plot_targets(rep: dict, dataset: str, path: Path, fixed_min: float = 0.2, dr
 def readme_section() -> str:
     """The README's results section, generated from benchmarks/results/*.json."""
     lines = []
-    acc_path = RESULTS / "accuracy.json"
+    acc_path = common.RESULTS / "accuracy.json"
     if acc_path.is_file():
         acc = json.loads(acc_path.read_text())
         lines += ["### Accuracy on the full test sets (paper section 3.1)", "",
@@ -218,11 +193,11 @@ def readme_section() -> str:
             t = r["timings_s"]
             lines.append(f"| {ds} | " + " | ".join(f"{t[k]:.0f}" if k in t else "-" for k in stages) + " |")
         lines.append("")
-    att_path = RESULTS / "attack.json"
+    att_path = common.RESULTS / "attack.json"
     if att_path.is_file():
         att = json.loads(att_path.read_text())
         lines += ["### Accuracy under attack (paper figure 2): each model on its own adversarial test set", ""]
-        lines += [f"![{p.stem}]({p.relative_to(README.parent).as_posix()})" for p in sorted(RESULTS.glob("*_attack_curves.png"))] + [""]
+        lines += [f"![{p.stem}]({p.relative_to(common.README.parent).as_posix()})" for p in sorted(common.RESULTS.glob("*_attack_curves.png"))] + [""]
         for ds, attacks in att["datasets"].items():
             for name, a in attacks.items():
                 if name == "_":
@@ -236,11 +211,11 @@ def readme_section() -> str:
                     lines.append(f"| {m.upper()} | {_pct(a['clean'][m])} | " + " | ".join(_pct(v) for v in accs)
                                  + f" | {'-' if sec is None else f'{sec:.1f}'} |")
                 lines += ["", _compare_sentence(a), ""]
-    rep_path = RESULTS / "repair.json"
+    rep_path = common.RESULTS / "repair.json"
     if rep_path.is_file():
         rep = json.loads(rep_path.read_text())
         lines += ["### Repair of the linear head (paper figure 3)", ""]
-        lines += [f"![{p.stem}]({p.relative_to(README.parent).as_posix()})" for p in sorted(RESULTS.glob("*_repair.png"))] + [""]
+        lines += [f"![{p.stem}]({p.relative_to(common.README.parent).as_posix()})" for p in sorted(common.RESULTS.glob("*_repair.png"))] + [""]
         lines += [
                   "Data: clean test accuracy; fixed: share of LH's unseen test adversaries RLH gets right (generalisation), "
                   "counting only true adversarial examples, images LH classifies correctly when clean (LH adv.: how many); "
@@ -284,12 +259,12 @@ def readme_section() -> str:
                 lines.append(row)
             lines.append("")
         lines += _target_table(rep["datasets"])
-        k1_file = RESULTS / "k1_ceiling.json"
-        fig = plot_targets(rep["datasets"], "mnist", RESULTS / "mnist_repair_targets.png",
+        k1_file = common.RESULTS / "k1_ceiling.json"
+        fig = plot_targets(rep["datasets"], "mnist", common.RESULTS / "mnist_repair_targets.png",
                            k1=json.loads(k1_file.read_text()) if k1_file.is_file() else None)
         if fig is not None:
-            lines += [f"![{fig.stem}]({fig.relative_to(README.parent).as_posix()})", ""]
-    k1_path = RESULTS / "k1_ceiling.json"
+            lines += [f"![{fig.stem}]({fig.relative_to(common.README.parent).as_posix()})", ""]
+    k1_path = common.RESULTS / "k1_ceiling.json"
     if k1_path.is_file():
         from benchmarks.k1_ceiling import table as k1_table
 
@@ -301,7 +276,7 @@ def readme_section() -> str:
                   "The best candidate is chosen *on the test set*, so it bounds any rule that picks one point. "
                   "Columns changed: the most feature columns of W any single-point repair touched.", "",
                   k1_table(k1), ""]
-    for kh_path in sorted(RESULTS.glob("kh_scaling_*.json")):
+    for kh_path in sorted(common.RESULTS.glob("kh_scaling_*.json")):
         kh = json.loads(kh_path.read_text())
         lines += [f"### Exact KH fitting time on {kh['dataset']} features", "",
                   "| training features | fit s | support vectors | KH test accuracy |", "| --- | --- | --- | --- |"]
@@ -311,7 +286,7 @@ def readme_section() -> str:
                           f"training features would take about {kh['extrapolated_full_seconds'] / 3600:.1f} hours on this machine "
                           f"(`{kh['command']}`)."]
         lines.append("")
-    ov_path = RESULTS / "attack_overhead.json"
+    ov_path = common.RESULTS / "attack_overhead.json"
     if ov_path.is_file():
         ov = json.loads(ov_path.read_text())
         lines += [f"### Attack wrapper overhead ({ov['dataset']}, FGSM eps {ov['eps']}, median of {ov['rounds']} rounds)", "",
@@ -355,7 +330,7 @@ def readme_section() -> str:
     from benchmarks.linear_ceiling import table as ceiling_table
     from benchmarks.workflow import table as workflow_table
 
-    for path in sorted(RESULTS.glob("linear_ceiling_*.json")):
+    for path in sorted(common.RESULTS.glob("linear_ceiling_*.json")):
         lines += _table_section(path.name, lambda d: f"### The best linear head on {d['dataset']}'s frozen conv features",
                                 lambda d: f"{on(d)}; a softmax head trained with L-BFGS on all {d['n_train']:,} training "
                                           f"features ({d['features']:,} of them), scored on the {d['n_test']:,} test images, "
@@ -371,7 +346,7 @@ def readme_section() -> str:
 
 def _table_section(name: str, title, intro, table) -> list[str]:
     """Title, one sentence saying how it was measured, and the table of ``benchmarks/results/NAME`` (nothing if absent)."""
-    path = RESULTS / name
+    path = common.RESULTS / name
     if not path.is_file():
         return []
     data = json.loads(path.read_text())
@@ -380,14 +355,14 @@ def _table_section(name: str, title, intro, table) -> list[str]:
 
 def readme() -> Path:
     """Replace the text between the README's results markers."""
-    text = README.read_text()
+    text = common.README.read_text()
     begin, end = "<!-- results:begin -->", "<!-- results:end -->"
     if begin not in text or end not in text:
-        raise SystemExit(f"{README}: results markers missing; add {begin} and {end}")
+        raise SystemExit(f"{common.README}: results markers missing; add {begin} and {end}")
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
-    README.write_text(f"{head}{begin}\n{readme_section()}{end}{tail}")
-    return README
+    common.README.write_text(f"{head}{begin}\n{readme_section()}{end}{tail}")
+    return common.README
 
 
 def main(argv: list[str] | None = None) -> int:

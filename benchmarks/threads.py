@@ -37,7 +37,7 @@ def _busy(stop) -> None:
 def run(sizes: tuple[int, ...] = (400, 1000), d: int = 800, cap: float = 120.0) -> Path:
     """Time threads=1 and threads=2 on random repair LPs, idle and beside a busy process."""
     from benchmarks.lp_scaling import random_problem, timed
-    from benchmarks.run import RESULTS, _machine, _write
+    from benchmarks.common import RESULTS, machine as _machine, write_result as _write
 
     rows = []
     for load in ("idle", "busy"):

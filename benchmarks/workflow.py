@@ -27,7 +27,7 @@ def _cnnrepair(args: list[str]) -> tuple[float, str]:
 
 def run(run_dir: Path, data_dir: Path, work: Path, eps: float = 0.1, n: int = 100, keep: int = 1000) -> Path:
     """Export, then points + repair + verify for each (model, kind); results to workflow_onnx.json."""
-    from benchmarks.run import _machine, _write
+    from benchmarks.common import machine as _machine, write_result as _write
 
     seconds, _ = _cnnrepair(["export", "--out", str(run_dir)])
     rows = []

@@ -5,15 +5,16 @@ import numpy as np
 import pytest
 
 import benchmarks.run as bench
+from benchmarks import common
 from benchmarks.lp_scaling import PATHS, _solve_ours, grow_pool, random_problem, real_problem, timed
 from cnnrepair.repair import AUTO_IPM_POINTS
 
 
 def test_collect_and_readme_from_a_run(digits_run, tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- results:begin -->\nold\n<!-- results:end -->\noutro\n")
-    monkeypatch.setattr(bench, "README", readme)
+    monkeypatch.setattr(common, "README", readme)
     written = bench.collect([digits_run])
     acc = json.loads((tmp_path / "accuracy.json").read_text())
     assert [p.name for p in written] == ["accuracy.json"]
@@ -51,7 +52,7 @@ def test_real_lp_problems_grow_the_repair_pool_they_need(digits_run, tmp_path):
 
 
 def test_a_benchmark_on_a_folder_that_is_no_run_says_so_in_one_line(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(bench, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
     assert bench.main(["lp", "--quick", "--real", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a cnnrepair run directory" in err[0] and "nope" in err[0]
@@ -66,10 +67,10 @@ def test_one_point_ceiling_changes_one_column_and_lands_in_the_readme(digits_run
     run = tmp_path / "run"
     shutil.copytree(digits_run, run)
     assert main(["--quiet", "attack", "--out", str(run), "--attacks", "fgsm", "--eps", "0.05,0.1", "--models", "lh"]) == 0
-    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
     readme = tmp_path / "README.md"
     readme.write_text("<!-- results:begin -->\n<!-- results:end -->\n")
-    monkeypatch.setattr(bench, "README", readme)
+    monkeypatch.setattr(common, "README", readme)
     assert bench.main(["k1", str(run), "--candidates", "4"]) == 0
     res = json.loads((tmp_path / "k1_ceiling.json").read_text())
     assert {(r["eps"], r["target"]) for r in res["rows"]} <= {(e, t) for e in (0.05, 0.1) for t in ("clean", "label")}
@@ -106,7 +107,7 @@ def test_target_table_and_plot_mark_where_both_targets_hold(tmp_path):
 def test_threads_benchmark_times_both_counts_idle_and_busy(tmp_path, monkeypatch):
     from benchmarks.threads import run, table
 
-    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
     res = json.loads(run(sizes=(12,), d=30, cap=60).read_text())
     assert [(r["load"], r["threads"]) for r in res["rows"]] == [("idle", 1), ("idle", 2), ("busy", 1), ("busy", 2)]
     done = [r for r in res["rows"] if r["status"] == "ok"]
@@ -127,7 +128,7 @@ def test_collect_labels_repair_variants_by_run_and_name(digits_run, tmp_path, mo
     for extra in ([], ["--variant", "anchored", "--extra-anchors", "5"]):
         assert main(["--quiet", "repair-sweep", "--out", str(run), "--repair-eps", "0.1", "--k", "4", "--selection", "none",
                      "--eval-images", "30", *extra]) == 0
-    monkeypatch.setattr(bench, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
     (tmp_path / "results").mkdir()
     bench.collect([run])
     rep = json.loads((tmp_path / "results" / "repair.json").read_text())["datasets"]
