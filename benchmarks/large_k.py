@@ -101,61 +101,28 @@ def _reset_peak() -> None:
 
 
 def _solve(p, arg):
-    """One path; returns (objective, details)."""
+    """One path; returns (objective, details); ``seconds`` covers the repair alone (CUDA warmed up first)."""
+    import torch
+
     from cnnrepair.repair import repair
 
     solver, device, threads = arg
-    if device == "cuda":
-        import torch
-
+    if device == "cuda":  # the CUDA context and the solver libraries load before the clock starts
+        torch.linalg.cholesky(torch.eye(4, dtype=torch.float64, device="cuda"))
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     _reset_peak()
     before = _rss_mb()
+    t0 = time.perf_counter()
     r = repair(p, solver, device=device, threads=threads)
-    detail = {"solver_status": r.status, "iterations": [c["rounds"] for c in r.per_class],
+    detail = {"seconds": time.perf_counter() - t0, "solver_status": r.status, "iterations": [c["rounds"] for c in r.per_class],
               "sides": sorted({c.get("side", "-") for c in r.per_class}), "extra_rss_mb": _rss_mb() - before}
     if device == "cuda":
-        import torch
-
         detail["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
     if r.ok:
         gaps = [(c["objective"] - c["lower_bound"]) / max(c["objective"], 1e-300) for c in r.per_class if c.get("lower_bound") is not None]
         detail["worst_certified_gap"] = max(gaps) if gaps else None
     return (r.objective if r.ok else float("nan")), detail
-
-
-def _child(conn, problem, arg):
-    if arg[1] == "cuda":  # the CUDA context and the solver libraries load before the clock starts
-        import torch
-
-        torch.linalg.cholesky(torch.eye(4, dtype=torch.float64, device="cuda"))
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    try:
-        obj, detail = _solve(problem, arg)
-        conn.send(("ok" if np.isfinite(obj) else "not_optimal", obj, time.perf_counter() - t0, detail))
-    except Exception as exc:  # recorded in the table, never hidden
-        conn.send(("error", f"{type(exc).__name__}: {str(exc)[:120]}", time.perf_counter() - t0, {}))
-
-
-def timed(problem, arg, cap: float) -> dict:
-    """One path in a spawned process under ``cap`` seconds."""
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(child, problem, arg))
-    proc.start()
-    if parent.poll(cap):
-        status, value, seconds, detail = parent.recv()
-        proc.join()
-        out = {"status": status, "objective": value if status == "ok" else None, "seconds": seconds, **detail}
-        if status == "error":
-            out["error"] = value
-        return out
-    proc.kill()
-    proc.join()
-    return {"status": "timeout", "objective": None, "seconds": None, "cap_s": cap}
 
 
 def side_timing(shapes: list[tuple[int, int]], device: str = "cpu", repeats: int = 3) -> list[dict]:
@@ -194,6 +161,7 @@ def run(runs: dict[str, Path] | None = None, cap: float = 900.0, highs_cap: floa
     import torch
 
     from benchmarks.common import machine as _machine, write_result as _write
+    from benchmarks.lp_scaling import timed
 
     problems = []
     if quick:
@@ -243,7 +211,7 @@ def run(runs: dict[str, Path] | None = None, cap: float = 900.0, highs_cap: floa
                 row["paths"][name] = {"status": "skipped", "seconds": None, "objective": None,
                                       "reason": f"timed out at K={highs_out[0]:,}, {highs_out[1]:,} features"}
                 continue
-            res = timed(p, arg, highs_cap if name == "highs" else cap)
+            res = timed(_solve, p, arg, highs_cap if name == "highs" else cap, start="spawn")
             if name == "highs" and res["status"] == "timeout":
                 highs_out = (row["K"], live)
             row["paths"][name] = res

@@ -117,23 +117,28 @@ PATHS = {
 def _child(conn, fn, problem, arg):
     t0 = time.perf_counter()
     try:
-        obj = fn(problem, arg)
-        conn.send(("ok" if np.isfinite(obj) else "not_optimal", obj, time.perf_counter() - t0))
+        out = fn(problem, arg)
+        obj, detail = out if isinstance(out, tuple) else (out, {})
+        conn.send(("ok" if np.isfinite(obj) else "not_optimal", obj, time.perf_counter() - t0, detail))
     except Exception as exc:  # recorded in the table, never hidden
-        conn.send(("error", f"{type(exc).__name__}: {str(exc)[:100]}", time.perf_counter() - t0))
+        conn.send(("error", f"{type(exc).__name__}: {str(exc)[:100]}", time.perf_counter() - t0, {}))
 
 
 def timed(fn, problem, arg, cap: float, start: str = "fork") -> dict:
-    """``fn(problem, arg)`` in a child process (``start``: fork or spawn) under a cap of ``cap`` seconds."""
+    """``fn(problem, arg)`` in a child process (``start``: fork or spawn) under a cap of ``cap`` seconds.
+
+    ``fn`` returns the objective, or (objective, details): details are merged into the record, and a
+    ``seconds`` among them (what the solve itself took, set-up excluded) replaces the wall time.
+    """
     ctx = mp.get_context(start)
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(child, fn, problem, arg))
     proc.start()
     if parent.poll(cap):
-        status, value, seconds = parent.recv()
+        status, value, seconds, detail = parent.recv()
         proc.join()
         return {"status": status, "objective": value if status == "ok" else None, "seconds": seconds,
-                **({"error": value} if status == "error" else {})}
+                **({"error": value} if status == "error" else {}), **detail}
     proc.kill()
     proc.join()
     return {"status": "timeout", "objective": None, "seconds": None, "cap_s": cap}
