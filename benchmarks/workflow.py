@@ -36,7 +36,7 @@ def run(run_dir: Path, data_dir: Path, work: Path, eps: float = 0.1, n: int = 10
         for kind in ("fgsm", "misclassified"):
             out = work / f"{model}-{kind}"
             pts = ["points", str(src), "--dataset", "mnist", "--data-dir", str(data_dir), "--kind", kind, "--n", str(n),
-                   "--keep", str(keep), "--out", str(out / "pts")] + (["--eps", str(eps)] if kind == "fgsm" else [])
+                   "--keep", str(keep), "--out", str(out / "pts"), "--overwrite"] + (["--eps", str(eps)] if kind == "fgsm" else [])
             t_points, _ = _cnnrepair(pts)
             rep = ["repair", str(src), "--points", str(out / "pts" / "points.npz"), "--keep", str(out / "pts" / "keep.npz"),
                    "--out", str(out / "fixed"), "--overwrite"]

@@ -73,6 +73,26 @@ def _ort(path, x: np.ndarray) -> np.ndarray:
     return sess.run(None, {name: x})[0]
 
 
+def _repair_to_runner_up(src, x: np.ndarray, ref: np.ndarray, n: int, keep_from: int, tmp_path, *extra: str):
+    """The first ``n`` inputs relabelled with the model's runner-up class (labels it does not give), the
+    inputs from ``keep_from`` on as keep points, repaired from ``src`` with margin 0.1; returns (out, labels)."""
+    lab = np.argsort(-ref, 1)[:n, 1]
+    np.savez(tmp_path / "p.npz", x=x[:n], y=lab.astype(np.int64))
+    np.savez(tmp_path / "k.npz", x=x[keep_from:])
+    out = tmp_path / "out"
+    assert main(["repair", str(src), "--points", str(tmp_path / "p.npz"), "--keep", str(tmp_path / "k.npz"), "--margin", "0.1",
+                 "--out", str(out), *extra]) == 0
+    return out, lab
+
+
+def _smallest_margin(logits: np.ndarray, labels: np.ndarray) -> float:
+    """min over rows of logit[label] - largest other logit."""
+    rows = np.arange(len(labels))
+    others = logits.copy()
+    others[rows, labels] = -np.inf
+    return float((logits[rows, labels] - others.max(1)).min())
+
+
 @pytest.fixture(scope="module")
 def digits():
     from cnnrepair.data import load_dataset
@@ -97,24 +117,14 @@ def test_an_onnx_classifier_runs_as_exported_and_its_repair_is_saved_as_onnx(mak
         np.testing.assert_allclose(loaded.module(torch.from_numpy(x)).numpy(), ref, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(_ort(src, x), ref, atol=1e-5, rtol=1e-5)
 
-    pred = ref.argmax(1)
-    runner_up = np.argsort(-ref, 1)[:, 1]
-    pts, keep = np.arange(0, 8), np.arange(100, 250)
-    np.savez(tmp_path / "p.npz", x=x[pts], y=runner_up[pts].astype(np.int64))  # labels the model does not give
-    np.savez(tmp_path / "k.npz", x=x[keep])
-    out = tmp_path / "out"
-    rc = main(["repair", str(src), "--points", str(tmp_path / "p.npz"), "--keep", str(tmp_path / "k.npz"), "--margin", "0.1",
-               "--out", str(out)])
-    assert rc == 0, capsys.readouterr()
+    x = x[np.r_[0:8, 100:250]]  # 8 repair points, then 150 keep points
+    ref = ref[np.r_[0:8, 100:250]]
+    out, lab = _repair_to_runner_up(src, x, ref, 8, 8, tmp_path)
     saved = out / "repaired.onnx"
     onnx.checker.check_model(onnx.load(str(saved)))
     after = _ort(saved, x)  # plain onnxruntime, no cnnrepair
-    rows = np.arange(len(pts))
-    lab = runner_up[pts]
-    others = after[pts].copy()
-    others[rows, lab] = -np.inf
-    assert np.all(after[pts][rows, lab] - others.max(1) >= 0.1 - 1e-5)
-    assert np.all(after[keep].argmax(1) == pred[keep])
+    assert _smallest_margin(after[:8], lab) >= 0.1 - 1e-5
+    assert np.all(after[8:].argmax(1) == ref[8:].argmax(1))
     # only the last layer's initializers changed; the graph is the same graph
     a, b = onnx.load(str(src)), onnx.load(str(saved))
     assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
@@ -168,6 +178,7 @@ def test_matmul_plus_add_is_a_linear_layer_and_is_written_back_transposed(tmp_pa
 
 
 def _bad(args, capsys) -> str:
+    capsys.readouterr()  # only this command's output counts
     rc = main(args)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("cnnrepair: error:")
@@ -389,16 +400,9 @@ def test_every_network_is_repaired_in_every_torch_format(make, fmt, digits, tmp_
     x = _images(digits, 200)
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
-    lab = np.argsort(-ref, 1)[:8, 1]
-    np.savez(tmp_path / "p.npz", x=x[:8], y=lab.astype(np.int64))
-    np.savez(tmp_path / "k.npz", x=x[50:])
-    out = tmp_path / "o"
-    assert main(["repair", str(src), "--points", str(tmp_path / "p.npz"), "--keep", str(tmp_path / "k.npz"), "--margin", "0.1",
-                 "--out", str(out), *extra]) == 0
+    out, lab = _repair_to_runner_up(src, x, ref, 8, 50, tmp_path, *extra)
     after = _run_saved(fmt, out / f"repaired{src.suffix}", make, x)
-    top = after[:8].copy()
-    top[np.arange(8), lab] = -np.inf
-    assert np.all(after[np.arange(8), lab] - top.max(1) >= 0.1 - 1e-5)
+    assert _smallest_margin(after[:8], lab) >= 0.1 - 1e-5
     assert np.all(after[50:].argmax(1) == ref[50:].argmax(1))
 
     def tensors(path):
@@ -441,18 +445,11 @@ def test_a_torchscript_file_is_repaired_into_a_torchscript_file(make, how, digit
     torch.jit.save(scripted, str(src))
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
-    lab = np.argsort(-ref, 1)[:6, 1]
-    np.savez(tmp_path / "p.npz", x=x[:6], y=lab.astype(np.int64))
-    np.savez(tmp_path / "k.npz", x=x[20:])
-    out = tmp_path / "o"
-    assert main(["repair", str(src), "--points", str(tmp_path / "p.npz"), "--keep", str(tmp_path / "k.npz"), "--margin", "0.1",
-                 "--out", str(out)]) == 0
+    out, lab = _repair_to_runner_up(src, x, ref, 6, 20, tmp_path)
     saved = torch.jit.load(str(out / "repaired.ts"))  # plain torch
     with torch.no_grad():
         after = saved(torch.from_numpy(x)).numpy()
-    top = after[:6].copy()
-    top[np.arange(6), lab] = -np.inf
-    assert np.all(after[np.arange(6), lab] - top.max(1) >= 0.1 - 1e-5)
+    assert _smallest_margin(after[:6], lab) >= 0.1 - 1e-5
     assert np.all(after[20:].argmax(1) == ref[20:].argmax(1))
     before, now = dict(torch.jit.load(str(src)).named_parameters()), dict(saved.named_parameters())
     last = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
@@ -478,3 +475,25 @@ def test_a_torchscript_file_named_like_a_state_dict_is_told_its_suffix(digits, t
     np.savez(tmp_path / "p.npz", x=_images(digits, 2), y=np.zeros(2, np.int64))
     msg = _bad(["repair", str(tmp_path / "m.pt"), "--factory", "x:y", "--points", str(tmp_path / "p.npz"), "--out", str(tmp_path / "o")], capsys)
     assert "TorchScript file" in msg and ".ts" in msg
+
+
+def test_a_rerun_never_replaces_results_without_overwrite(digits, tmp_path, capsys):
+    """points, evaluate and vnnlib refuse an --out that already holds their results (maybe made with other
+    settings), before loading anything; --overwrite replaces them."""
+    src = tmp_path / "m.onnx"
+    _export(_trained(_cnn, digits, steps=5), src)
+    pts = tmp_path / "pts"
+    assert main(["points", str(src), "--dataset", "digits", "--n", "3", "--keep", "5", "--out", str(pts)]) == 0
+    first = (pts / "points.npz").read_bytes()
+    msg = _bad(["points", str(src), "--dataset", "digits", "--n", "4", "--keep", "5", "--out", str(pts)], capsys)
+    assert "already holds points.json" in msg and "--overwrite" in msg and (pts / "points.npz").read_bytes() == first
+    assert main(["points", str(src), "--dataset", "digits", "--n", "4", "--keep", "5", "--out", str(pts), "--overwrite"]) == 0
+    assert len(np.load(pts / "points.npz")["y"]) == 4
+    ev = ["evaluate", str(src), "--dataset", "digits", "--eps", "0.05", "--n", "20", "--out", str(tmp_path / "ev")]
+    assert main(ev) == 0
+    assert "already holds report.json" in _bad(ev, capsys)
+    vn = ["vnnlib", str(src), "--points", str(pts / "points.npz"), "--eps", "0.01", "--out", str(tmp_path / "vn")]
+    assert main(vn) == 0
+    assert "already holds instances.csv" in _bad(vn, capsys)
+    assert main(vn + ["--overwrite"]) == 0
+    assert "e.g. 0.05,0.1" in _bad(["evaluate", str(src), "--dataset", "digits", "--eps", "0.05,big", "--out", str(tmp_path / "e2")], capsys)

@@ -17,8 +17,8 @@ from torch import nn
 
 from cnnrepair.attacks import attack, check_eps, get_attack
 from cnnrepair.errors import CnnRepairError
-from cnnrepair.points import InputSpec, PixelModel, predict_labels
-from cnnrepair.training import Progress
+from cnnrepair.points import InputSpec, PixelModel
+from cnnrepair.training import Progress, predict
 
 
 @dataclass
@@ -69,7 +69,7 @@ def assess(models: dict[str, nn.Module], images: np.ndarray, labels: np.ndarray,
     report = {"settings": asdict(settings), "input": asdict(spec), "images": int(len(y)), "models": {}}
     for name, model in models.items():
         pix = PixelModel(model, spec).eval()
-        row = {"clean_accuracy": float((predict_labels(pix, x) == y).mean()), "attack": {}}
+        row = {"clean_accuracy": float((predict(pix, x) == y).mean()), "attack": {}}
         for eps in settings.eps:
             torch.manual_seed(settings.seed)
             _, success = attack(pix, x, y, eps, method, progress=progress, desc=f"{name}: {settings.attack} eps={eps:g}")

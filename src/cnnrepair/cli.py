@@ -343,43 +343,27 @@ def build_parser() -> argparse.ArgumentParser:
                    "the change's norm, and the certified lower bound")
     _add_factory_arg(p)
 
-    from cnnrepair.data import DATASETS
-
     p = add_parser("points", help="make POINTS.npz (and KEEP.npz) for cnnrepair repair from a model and a dataset")
     p.add_argument("model", type=Path, help="the classifier (.pt2 or .onnx)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--dataset", choices=list(DATASETS), help="a dataset the project loads (with --data-dir)")
-    src.add_argument("--npz", type=Path, help=".npz with x (uint8 N x C x H x W, or floats in [0, 1]) and y (int labels)")
-    p.add_argument("--data-dir", type=Path, default=None, help="where --dataset lies (IDX folder, CIFAR tarball or pickles, image folder)")
+    _add_images_args(p)
     p.add_argument("--kind", choices=["misclassified", "fgsm", "pgd", "fog"], default="misclassified",
                    help="which images become repair points (default: misclassified)")
     p.add_argument("--eps", type=float, default=None, help="attack radius in pixel units (fgsm, pgd)")
     p.add_argument("--n", type=int, default=100, help="repair points to make (default 100)")
     p.add_argument("--keep", type=int, default=1000, help="keep points: clean images the model gets right (default 1000)")
     p.add_argument("--held-out", type=int, default=0, help="more points of the same kind, not repaired, to measure generalisation (held_out.npz)")
-    p.add_argument("--split", choices=["test", "train"], default="test", help="which split to draw from (default: test)")
-    p.add_argument("--mean", default=None, help="per-channel mean the model subtracts from [0, 1] pixels, e.g. 0.4914,0.4822,0.4465")
-    p.add_argument("--std", default=None, help="per-channel std the model divides by")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="folder for points.npz, keep.npz and points.json")
     _add_factory_arg(p)
 
     p = add_parser("evaluate", help="clean and attacked accuracy of a model and its repair, with efficacy, drawdown and generalisation")
     p.add_argument("model", type=Path, help="the original classifier (.pt2, .onnx, or .pt/.pth with --factory)")
     p.add_argument("--repaired", type=Path, default=None, help="the repaired model, compared with the original on the same images")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--dataset", choices=list(DATASETS), help="a dataset the project loads (with --data-dir)")
-    src.add_argument("--npz", type=Path, help=".npz with x (uint8 N x C x H x W, or floats in [0, 1]) and y")
-    p.add_argument("--data-dir", type=Path, default=None)
-    p.add_argument("--split", choices=["test", "train"], default="test")
+    _add_images_args(p)
     p.add_argument("--eps", default="0.05,0.1", help="attack radii in pixel units, comma-separated (default 0.05,0.1)")
     p.add_argument("--attack", choices=["fgsm", "pgd"], default="fgsm")
     p.add_argument("--n", type=int, default=1000, help="test images (a seeded slice; default 1000)")
     p.add_argument("--points", type=Path, default=None, help="the repair points (efficacy)")
     p.add_argument("--held-out", type=Path, default=None, help="held-out points of the same kind (generalisation)")
-    p.add_argument("--mean", default=None, help="per-channel mean the model subtracts from [0, 1] pixels")
-    p.add_argument("--std", default=None, help="per-channel std the model divides by")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="folder for report.json and report.png")
     _add_factory_arg(p)
 
@@ -390,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--range", default="0,1", help="input domain the balls are clipped to, LOW,HIGH, or 'none' (default: 0,1)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per property written to instances.csv (default 60)")
     p.add_argument("--out", type=Path, required=True, help="folder for point_<i>.vnnlib and instances.csv")
+    p.add_argument("--overwrite", action="store_true", help="replace properties already in --out")
     _add_factory_arg(p)
 
     p = add_parser("repair-sweep", help="the paper's experiment: repair LH's head over (eps, K), evaluate RLH (paper figure 3)")
@@ -526,6 +511,21 @@ def _add_model_repair_args(p: argparse.ArgumentParser) -> None:
     _add_factory_arg(p)
 
 
+def _add_images_args(p: argparse.ArgumentParser) -> None:
+    """Where ``points`` and ``evaluate`` take images from, and the model's input convention."""
+    from cnnrepair.data import DATASETS
+
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dataset", choices=list(DATASETS), help="a dataset the project loads (with --data-dir)")
+    src.add_argument("--npz", type=Path, help=".npz with x (uint8 N x C x H x W, or floats in [0, 1]) and y (int labels)")
+    p.add_argument("--data-dir", type=Path, default=None, help="where --dataset lies (IDX folder, CIFAR tarball or pickles, image folder)")
+    p.add_argument("--split", choices=["test", "train"], default="test", help="which split to draw from (default: test)")
+    p.add_argument("--mean", default=None, help="per-channel mean the model subtracts from [0, 1] pixels, e.g. 0.4914,0.4822,0.4465")
+    p.add_argument("--std", default=None, help="per-channel std the model divides by")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+
+
 def _add_factory_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--factory", default=None, help="for a state dict (.pt/.pth): module:function that builds the model")
     p.add_argument("--input-shape", default=None, help="for a TorchScript file (.ts): the per-example input shape, e.g. 1,28,28 "
@@ -617,6 +617,7 @@ def _cmd_vnnlib(args: argparse.Namespace, bars: _Bars) -> int:
     from cnnrepair.repair.certificate import model_logits
     from cnnrepair.vnnlib import write_properties
 
+    _fresh_out(args, "instances.csv")
     domain = _vnnlib_range(args.range)
     points = load_points(args.points, "points file", labels_required=False)
     model = load_model(args.model, args.factory, _input_shape(args, points.x.shape[1:]))
@@ -629,13 +630,26 @@ def _cmd_vnnlib(args: argparse.Namespace, bars: _Bars) -> int:
     return 0
 
 
-def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
+def _floats(text: str | None, name: str, example: str) -> tuple[float, ...] | None:
     if text is None:
         return None
     try:
         return tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise CnnRepairError(f"--{name} {text!r}: give comma-separated numbers, one per channel") from None
+        raise CnnRepairError(f"--{name} {text!r}: give comma-separated numbers, e.g. {example}") from None
+
+
+def _convention(args: argparse.Namespace) -> tuple:
+    """The model's per-channel --mean and --std, parsed before anything is loaded."""
+    return _floats(args.mean, "mean", "0.4914,0.4822,0.4465"), _floats(args.std, "std", "0.247,0.243,0.261")
+
+
+def _fresh_out(args: argparse.Namespace, result: str) -> None:
+    """Refuse to replace ``--out/result`` (made by an earlier run, maybe with other settings) unless --overwrite."""
+    if args.out.exists() and not args.out.is_dir():
+        raise CnnRepairError(f"--out {args.out} is a file; give a folder")
+    if (args.out / result).exists() and not args.overwrite:
+        raise CnnRepairError(f"{args.out} already holds {result}; choose another --out or pass --overwrite")
 
 
 def _points_images(args: argparse.Namespace) -> tuple:
@@ -669,11 +683,13 @@ def _cmd_points(args: argparse.Namespace, bars: _Bars) -> int:
     from cnnrepair.points import InputSpec, PointsSettings, make_points
     from cnnrepair.repair.certificate import sha256
 
+    _fresh_out(args, "points.json")
+    mean, std = _convention(args)
     settings = PointsSettings(args.kind, args.n, args.keep, args.held_out, args.eps, args.split, args.seed)
     settings.check()
     images, labels, source = _points_images(args)
     model = load_model(args.model, args.factory, _input_shape(args, images.shape[1:]))
-    spec = InputSpec(_floats(args.mean, "mean"), _floats(args.std, "std"), model.input_shape)
+    spec = InputSpec(mean, std, model.input_shape)
     made = make_points(model.module, images, labels, spec, settings, bars)
     args.out.mkdir(parents=True, exist_ok=True)
     save_npz(args.out / "points.npz", x=made.x, y=made.y, index=made.index)
@@ -696,7 +712,9 @@ def _cmd_evaluate(args: argparse.Namespace, bars: _Bars) -> int:
     from cnnrepair.points import InputSpec
     from cnnrepair.repair.certificate import sha256
 
-    eps = list(_floats(args.eps, "eps") or ())
+    _fresh_out(args, "report.json")
+    mean, std = _convention(args)
+    eps = list(_floats(args.eps, "eps", "0.05,0.1") or ())
     settings = AssessSettings(eps, args.attack, args.n, args.seed)
     settings.check()
     images, labels, source = _points_images(args)
@@ -704,7 +722,7 @@ def _cmd_evaluate(args: argparse.Namespace, bars: _Bars) -> int:
     models = {"original": load_model(args.model, args.factory, shape)}
     if args.repaired is not None:
         models["repaired"] = load_model(args.repaired, args.factory, shape)
-    spec = InputSpec(_floats(args.mean, "mean"), _floats(args.std, "std"), models["original"].input_shape)
+    spec = InputSpec(mean, std, models["original"].input_shape)
     pts = load_points(args.points, "points file") if args.points else None
     held = load_points(args.held_out, "held-out file") if args.held_out else None
     report = assess({k: m.module for k, m in models.items()}, images, labels, spec, settings,

@@ -16,33 +16,20 @@ import numpy as np
 import torch
 
 from cnnrepair.errors import CnnRepairError
-from cnnrepair.formats import LoadedModel, load_model, runtime_logits, save_model
+from cnnrepair.formats import RUNTIME_AGREEMENT, LoadedModel, disagreement, load_model, runtime_logits, save_model
 from cnnrepair.io import load_npz, read_json, write_json
 from cnnrepair.repair import RepairSpec, last_layer, repair_classifier
 from cnnrepair.repair.certificate import check_claims, model_logits, model_margins, sha256, witness_bound
 from cnnrepair.repair.margins import MarginProblem, margins_of
 
-RUNTIME_AGREEMENT = 1e-5  # a format's own runtime and the torch model must agree this well (relative to 1 + |output|)
-
-
-def _saved_margins(path: Path, module: torch.nn.Module, x: torch.Tensor, y: np.ndarray) -> np.ndarray:
-    """Margins of a saved model as its own format runs it (onnxruntime for ONNX, else the loaded torch module)."""
+def _saved_margins(path: Path, module: torch.nn.Module, x: torch.Tensor, y: np.ndarray,
+                   logits: np.ndarray | None = None) -> np.ndarray:
+    """Margins of a saved model as its own format runs it (onnxruntime for ONNX, torch.jit for
+    TorchScript, else the loaded torch module); ``logits``: the runtime's outputs when already at hand."""
     if len(y) == 0:
         return np.zeros(0)
-    logits = runtime_logits(path, x)
+    logits = runtime_logits(path, x) if logits is None else logits
     return model_margins(module, x, y) if logits is None else margins_of(logits, np.asarray(y, np.int64))
-
-
-def runtime_disagreement(path: Path, module: torch.nn.Module, x: torch.Tensor) -> str | None:
-    """None when the file's own runtime reproduces ``module``'s outputs on ``x`` to RUNTIME_AGREEMENT, else why not."""
-    logits = runtime_logits(path, x)
-    if logits is None or not len(x):
-        return None
-    ref = model_logits(module, x)
-    worst = float(np.max(np.abs(logits - ref) / (1 + np.abs(ref))))
-    if logits.shape != ref.shape or worst > RUNTIME_AGREEMENT:
-        return f"{path.name}: its runtime's outputs differ from the repaired torch model by {worst:.2g} (relative), more than {RUNTIME_AGREEMENT:g}"
-    return None
 
 
 @dataclass
@@ -131,7 +118,8 @@ def run(job: RepairJob, out: Path, time_limit: float | None = None, threads: int
     if result.ok:
         save_model(job.model, result.model, list(result.tensors), target)
         saved = load_model(target, job.model.factory, job.model.input_shape).module
-        after = _saved_margins(target, saved, job.points.x, job.points.y)
+        logits = runtime_logits(target, job.points.x)  # the file's own runtime, where it has one: run once
+        after = _saved_margins(target, saved, job.points.x, job.points.y, logits)
         for p, m in zip(cert["points"], after):
             p["margin_after"] = float(m)
         if keep is not None and cert["keep"]["count"]:
@@ -141,8 +129,11 @@ def run(job: RepairJob, out: Path, time_limit: float | None = None, threads: int
         else:
             km = np.zeros(0)
         problems = check_claims(cert, after, km)
-        mismatch = runtime_disagreement(target, result.model, job.points.x)
-        problems += [mismatch] if mismatch else []
+        if logits is not None:
+            worst = disagreement(logits, model_logits(result.model, job.points.x))
+            if worst > RUNTIME_AGREEMENT:
+                problems.append(f"{target.name}: its runtime's outputs differ from the repaired torch model by {worst:.2g} "
+                                f"(relative), more than {RUNTIME_AGREEMENT:g}")
         if problems:  # the saved file does not do what the solve promised: never certify it
             target.unlink()
             cert["status"] = "failed"

@@ -19,7 +19,7 @@ from torch import nn
 from cnnrepair.attacks import attack, check_eps
 from cnnrepair.data import to_float
 from cnnrepair.errors import CnnRepairError
-from cnnrepair.training import Progress
+from cnnrepair.training import Progress, predict
 
 KINDS = ("misclassified", "fgsm", "pgd", "fog")
 
@@ -123,12 +123,6 @@ class MadePoints:
     held_index: np.ndarray | None = None
 
 
-@torch.no_grad()
-def predict_labels(model: nn.Module, images: np.ndarray, batch: int = 500) -> np.ndarray:
-    return np.concatenate([model(to_float(images[i:i + batch])).argmax(1).cpu().numpy() for i in range(0, len(images), batch)]) \
-        if len(images) else np.zeros(0, np.int64)
-
-
 def make_points(model: nn.Module, images: np.ndarray, labels: np.ndarray, spec: InputSpec, settings: PointsSettings,
                 progress: Progress | None = None) -> MadePoints:
     """Points of ``settings.kind`` from uint8 ``images`` (N x C x H x W) with true ``labels``."""
@@ -137,7 +131,7 @@ def make_points(model: nn.Module, images: np.ndarray, labels: np.ndarray, spec: 
     pix = PixelModel(model, spec).eval()
     want = settings.n + settings.held_out
     order = np.random.default_rng(settings.seed).permutation(len(labels))
-    pred = predict_labels(pix, images[order])
+    pred = predict(pix, images[order])
     right = order[pred == labels[order]]
     wrong = order[pred != labels[order]]
     info = {"settings": asdict(settings), "input": asdict(spec), "images": int(len(labels)),
@@ -149,7 +143,7 @@ def make_points(model: nn.Module, images: np.ndarray, labels: np.ndarray, spec: 
         from cnnrepair.corruptions import fog
 
         foggy = fog(images[order], settings.severity, settings.seed)
-        pred_fog = predict_labels(pix, foggy)
+        pred_fog = predict(pix, foggy)
         hit = np.flatnonzero(pred_fog != labels[order])[:want]
         src = order[hit]
         x01 = to_float(foggy[hit])

@@ -20,6 +20,8 @@ from torch import nn
 
 from cnnrepair.errors import CnnRepairError
 
+RUNTIME_AGREEMENT = 1e-5  # a format's own runtime and the torch model must agree this well (relative to 1 + |output|)
+
 FORMATS = {".pt2": "torch.export", ".onnx": "onnx", ".pt": "state_dict", ".pth": "state_dict", ".ts": "torchscript",
            ".torchscript": "torchscript"}
 
@@ -91,3 +93,11 @@ def runtime_logits(path: Path, x: torch.Tensor | np.ndarray) -> np.ndarray | Non
 
         return run_file(Path(path), x)
     return None
+
+
+def disagreement(got: np.ndarray, ref: np.ndarray) -> float:
+    """Largest difference between a runtime's outputs and the torch model's, relative to 1 + |ref|
+    (infinite when the shapes differ); compared with RUNTIME_AGREEMENT."""
+    if got.shape != ref.shape:
+        return float("inf")
+    return float(np.max(np.abs(got - ref) / (1 + np.abs(ref)), initial=0.0))

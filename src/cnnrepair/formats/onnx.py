@@ -362,11 +362,12 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: Path, chec
             torch.onnx.export(model.eval(), (example,), str(p), dynamo=False, input_names=["x"], output_names=["logits"],
                               dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
         onnx.checker.check_model(onnx.load(str(p)))
+        from cnnrepair.formats import RUNTIME_AGREEMENT, disagreement
+
         with torch.no_grad():
             ref = model(x).double().numpy()
-        got = run_onnxruntime(p, x)
-        worst = float(np.max(np.abs(got - ref) / (1 + np.abs(ref))))
-        if worst > 1e-5:
+        worst = disagreement(run_onnxruntime(p, x), ref)
+        if worst > RUNTIME_AGREEMENT:
             raise CnnRepairError(f"{path.name}: onnxruntime differs from the torch model by {worst:.2g} (relative); not written")
 
     atomic_write(Path(path), write)
