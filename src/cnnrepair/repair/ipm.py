@@ -14,7 +14,7 @@ per step in one of two equivalent forms, whichever is cheaper:
   built in row blocks so the extra memory is one block, not another copy of X. Every primal step
   is then a ratio in [0, 1] times u or times ``X u - rhs``, and ``X^T dy`` of a moving weight comes
   from u: written the textbook way (dy first, by dividing by D_e) the late iterations lost their
-  digits and stalled at gaps near 1e-7 where the points side reached 1e-11.
+  digits and stalled short of the certificate the points side reached.
 
 Either way the stop is a certificate, computed the same way: g is feasible by construction (its
 slacks are |X g - r|), and the dual iterate scaled into ``|X^T y| <= 1, |y| <= w`` is dual feasible,
