@@ -788,7 +788,7 @@ def _cmd_export(args: argparse.Namespace, bars: _Bars, run=None, models=None):
     models = models or load_models(run)  # NN and every head the run has, on the CPU
     shape = tuple(run.results.get("input_shape") or open_dataset(run).image_shape)
     written = export_models(run, models, shape)
-    _say("exported " + ", ".join(f"{k} -> {v}" for k, v in written.items()))
+    _say("exported " + ", ".join(f"{k} -> {v} (and .onnx)" for k, v in written.items()))
     return written
 
 
