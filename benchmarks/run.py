@@ -13,6 +13,7 @@ NAME is one of:
   large-k   the targets program with 2,000-60,000 repair points: our interior point against HiGHS (and on CUDA)
   workflow  cnnrepair points + repair + verify on the MNIST run's models exported as ONNX, timed
   linear-ceiling  the best softmax head on a run's frozen features, beside its NN and LH
+  certified certified (ball) repair on digits and MNIST: IBP against CROWN, certified accuracy before and after
 
 Every JSON written here records the machine's core count, the library versions and the commands
 that produced its numbers.
@@ -340,6 +341,15 @@ def readme_section() -> str:
                             lambda d: f"{on(d)}; the MNIST run's NN and LH exported as ONNX and used as a user's files, points "
                                       "from the MNIST test set, each command in its own process (wall seconds, start-up "
                                       "included).", workflow_table)
+    from benchmarks.certified import table as certified_table
+
+    for path in sorted(common.RESULTS.glob("certified_*.json")):
+        lines += _table_section(path.name, lambda d: f"### Certified repair on {d['dataset']}: every input of an L-infinity ball, IBP against CROWN",
+                                lambda d: f"{on(d)}; per repair: the first {d['task']['k']} of {d['task']['candidates']} test images "
+                                          f"(first half of the test set) whose ball is not certified, {d['task']['keep']} keep points, "
+                                          f"margin {d['task']['margin']:g}, L1; certified and PGD accuracy (50 steps, 5 restarts) on "
+                                          f"{d['task']['eval']} unseen test images (second half), drawdown on the whole second half; "
+                                          "seconds include bounding the repair (and keep-ball) points.", certified_table)
     lines += _table_section("field_fog.json", lambda d: f"### The field's measures on MNIST-C fog ({d['run']})", fog_intro, field_table)
     return "\n".join(lines).rstrip() + "\n"
 
@@ -400,6 +410,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path("runs/workflow"), help="folder for the points and repaired files")
     p = sub.add_parser("linear-ceiling", help="the best linear (softmax) head on a run's frozen features")
     p.add_argument("run", type=Path, help="a finished run directory (features.npz, NN and LH)")
+    p = sub.add_parser("certified", help="certified repair of L-infinity balls: IBP against CROWN, certified accuracy")
+    p.add_argument("runs", nargs="+", type=Path, help="finished run directories with export/nn.pt2 and export/lh.pt2")
+    p.add_argument("--eps", default="0.005,0.01,0.02", help="comma-separated radii in pixels")
+    p.add_argument("--k", type=int, default=20, help="repair points per repair (default 20)")
+    p.add_argument("--eval", type=int, default=100, help="unseen test images certified before and after (default 100)")
     p = sub.add_parser("lp", help="repair-LP scaling benchmark")
     p.add_argument("--quick", action="store_true", help="small sizes only (K up to 100)")
     p.add_argument("--cap", type=float, default=120.0, help="seconds each solver path may take on one problem (default 120)")
@@ -426,6 +441,12 @@ def _dispatch(args: argparse.Namespace) -> None:
         from benchmarks.linear_ceiling import run as run_ceiling
 
         print(f"wrote {run_ceiling(args.run)}")
+    elif args.name == "certified":
+        from benchmarks.certified import run as run_certified
+
+        eps = tuple(float(v) for v in args.eps.split(","))
+        for path in run_certified(args.runs, eps, k=args.k, eval_n=args.eval):
+            print(f"wrote {path}")
     elif args.name == "workflow":
         from benchmarks.workflow import run as run_workflow
 

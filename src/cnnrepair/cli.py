@@ -493,9 +493,18 @@ def _add_model_repair_args(p: argparse.ArgumentParser) -> None:
                    "file (.onnx), or a state dict (.pt/.pth) with --factory")
     p.add_argument("--points", type=Path, required=True, help=".npz with x (float32, N x input shape, model units) and y (int64 labels)")
     p.add_argument("--out", type=Path, required=True, help="folder for repaired.pt2 / repaired.onnx (the model's format) and certificate.json")
-    p.add_argument("--spec", choices=["pointwise", "targets"], default="pointwise",
-                   help="pointwise: every point gets its label with --margin (guaranteed, minimal change); "
-                        "targets: the paper's program (default: pointwise)")
+    p.add_argument("--spec", choices=["pointwise", "ball", "targets"], default="pointwise",
+                   help="pointwise: every point gets its label with --margin (guaranteed, minimal change); ball: every input "
+                        "within --eps of a point does (certified through sound bounds); targets: the paper's program (default: pointwise)")
+    p.add_argument("--eps", type=float, default=None, help="ball spec: L-infinity radius in pixels (an 'eps' array in the points file "
+                   "gives one per point, 0 for a pointwise point)")
+    p.add_argument("--bounds", choices=["crown", "ibp"], default="crown", help="ball spec: how the features are bounded over each ball: "
+                   "crown (linear relaxation, tighter) or ibp (intervals, faster) (default: crown)")
+    p.add_argument("--keep-eps", type=float, default=0.0, help="ball spec: keep points whose ball of this radius is certified before "
+                   "the repair stay certified (default: 0, keep points keep their own label)")
+    p.add_argument("--mean", default=None, help="ball spec: per-channel mean the model subtracts from [0, 1] pixels (the ball is in pixels)")
+    p.add_argument("--std", default=None, help="ball spec: per-channel std the model divides by")
+    p.add_argument("--range", default="0,1", help="ball spec: the pixel range the ball is clipped to, LOW,HIGH or none (default: 0,1)")
     p.add_argument("--layer", default=None, help="the linear layer to repair (default: the one whose output is the model's output)")
     p.add_argument("--margin", type=float, default=0.05, help="required logit[y] - max other logit of each point (default: 0.05)")
     p.add_argument("--keep", type=Path, default=None, help=".npz with x (and optional y; default: the model's predictions) whose labels must survive")
@@ -543,7 +552,7 @@ def _input_shape(args: argparse.Namespace, fallback) -> tuple[int, ...] | None:
 
 def _model_repair_job(args: argparse.Namespace):
     """Check every input of ``cnnrepair repair MODEL`` (nothing is written before this passes)."""
-    from cnnrepair.modelrepair import prepare
+    from cnnrepair.modelrepair import BallInputs, prepare
     from cnnrepair.repair import RepairSpec
 
     if args.threads is not None and args.threads < 1:
@@ -554,9 +563,17 @@ def _model_repair_job(args: argparse.Namespace):
         raise CnnRepairError(f"{args.out} already holds a certificate; choose another --out or pass --overwrite")
     if args.out.exists() and not args.out.is_dir():
         raise CnnRepairError(f"--out {args.out} is a file; give a folder")
+    if args.spec != "ball" and (args.eps is not None or args.mean is not None or args.std is not None):
+        raise CnnRepairError("--eps, --mean and --std describe the ball spec's input balls; add --spec ball or drop them")
+    if args.spec == "ball" and args.eps is None:
+        raise CnnRepairError("the ball spec needs --eps (the L-infinity radius in pixels, e.g. --eps 0.01)")
+    mean, std = _convention(args)
+    domain = _vnnlib_range(args.range)
     spec = RepairSpec(kind=args.spec, margin=args.margin, keep_margin=args.keep_margin, keep_price=args.keep_price,
-                      norm=args.norm, freeze_bias=args.freeze_bias, max_change=args.max_change)
-    args.job = prepare(args.model, args.points, spec, args.layer, args.keep, args.factory, _input_shape(args, None))
+                      norm=args.norm, freeze_bias=args.freeze_bias, max_change=args.max_change, eps=args.eps or 0.0, bounds=args.bounds,
+                      keep_eps=args.keep_eps)
+    ball = BallInputs(mean, std, domain) if args.spec == "ball" else None
+    args.job = prepare(args.model, args.points, spec, args.layer, args.keep, args.factory, _input_shape(args, None), ball)
     return args.job
 
 
@@ -572,11 +589,18 @@ def _cmd_model_repair(args: argparse.Namespace, bars: _Bars) -> int:
     if cert["status"] == "repaired":
         ch = cert["change"]
         low = min(p["margin_after"] for p in cert["points"])
+        if "ball" in cert:
+            worst = min(p["certified_margin_after"] for p in cert["points"])
+            _say(f"every input of the {len(cert['points'])} balls (eps {job.spec.eps:g}, {job.spec.bounds} bounds) keeps its label: "
+                 f"smallest certified margin {worst:.4g}")
         _say(f"repaired in {dt:.1f}s: {len(cert['points'])} points, smallest margin {low:.4g} on the saved model; "
              f"change {job.spec.norm} {cert['objective']:.6g} (certified >= {cert['lower_bound']:.6g}, gap {cert['gap']:.1e}), "
              f"{ch['nonzero']} numbers changed")
         if cert["keep"]["count"]:
             _say(f"keep points: {cert['keep']['labels_kept']}/{cert['keep']['count']} keep their label, smallest margin {cert['keep']['smallest_margin_after']:.4g}")
+        if cert["keep"].get("balls_certified_before") is not None:
+            _say(f"keep balls (eps {job.spec.keep_eps:g}): {cert['keep']['balls_certified_after']}/{cert['keep']['balls_certified_before']} "
+                 "certified before stay certified")
         _say(f"wrote {args.out / cert['model']['file']} and {args.out / 'certificate.json'}")
         return 0
     if cert["status"] == "infeasible":

@@ -59,6 +59,24 @@ def load_points(path: Path, what: str, labels_required: bool = True) -> Points:
     return Points(Path(path), torch.from_numpy(np.ascontiguousarray(x, np.float32)), None if y is None else y.astype(np.int64))
 
 
+@dataclass(frozen=True)
+class BallInputs:
+    """How the ball spec's balls are taken: in pixels, for a model taking ``(pixels - mean) / std``, clipped to ``domain``."""
+
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    domain: tuple[float, float] | None = (0.0, 1.0)
+
+    def boxes(self, x: torch.Tensor, eps) -> tuple[torch.Tensor, torch.Tensor]:
+        from cnnrepair.bounds import ball_box
+
+        lo, hi = self.domain if self.domain is not None else (-np.inf, np.inf)
+        return ball_box(x, eps, self.mean, self.std, (lo, hi))
+
+    def as_dict(self) -> dict:
+        return {"mean": self.mean, "std": self.std, "domain": self.domain}
+
+
 @dataclass
 class RepairJob:
     """Everything ``cnnrepair repair`` needs, checked: the model, points, keep points, spec and layer."""
@@ -68,10 +86,12 @@ class RepairJob:
     keep: Points | None
     spec: RepairSpec
     layer: str
+    ball: BallInputs | None = None
+    point_eps: np.ndarray | None = None  # ball spec: the points file's per-point eps, if it has one
 
 
 def prepare(model_path: Path, points_path: Path, spec: RepairSpec, layer: str | None = None, keep_path: Path | None = None,
-            factory: str | None = None, input_shape: tuple[int, ...] | None = None) -> RepairJob:
+            factory: str | None = None, input_shape: tuple[int, ...] | None = None, ball: BallInputs | None = None) -> RepairJob:
     """Load and check every input (raises CnnRepairError naming the problem); writes nothing.
 
     ``factory`` (``module:function``) builds the model when ``model_path`` is a state dict; a
@@ -97,17 +117,36 @@ def prepare(model_path: Path, points_path: Path, spec: RepairSpec, layer: str | 
     for pts in (points, keep):
         if pts is not None and pts.y is not None and len(pts.y) and (pts.y.min() < 0 or pts.y.max() >= C):
             raise CnnRepairError(f"{pts.path}: labels must lie in 0..{C - 1} for this {C}-class model (got {pts.y.min()}..{pts.y.max()})")
-    return RepairJob(model, points, keep, spec, lay.name)
+    point_eps = None
+    if spec.kind == "ball":
+        ball = ball or BallInputs()
+        point_eps = _point_eps(points_path, len(points.x))
+        ball.boxes(points.x, spec.eps if point_eps is None else point_eps)  # checks the convention against the points now
+    return RepairJob(model, points, keep, spec, lay.name, ball, point_eps)
+
+
+def _point_eps(path: Path, n: int) -> np.ndarray | None:
+    data = load_npz(Path(path), "points file")
+    if "eps" not in data:
+        return None
+    eps = np.asarray(data["eps"], np.float64).reshape(-1)
+    if len(eps) != n or not np.isfinite(eps).all() or (eps < 0).any() or (eps > 1).any():
+        raise CnnRepairError(f"{path}: 'eps' must hold one radius in [0, 1] (pixels) per point ({n}); got {eps.shape[0]} values")
+    return eps
 
 
 def run(job: RepairJob, out: Path, time_limit: float | None = None, threads: int | None = None) -> dict:
     """Repair, save ``out/repaired.<format>`` if the spec holds, re-measure on the saved file, write the certificate."""
     out = Path(out)
     keep = job.keep
+    boxes = _boxes(job, job.points.x) if job.spec.kind == "ball" else None
     result = repair_classifier(job.model.module, job.points.x, job.points.y, job.spec, layer=job.layer,
                                keep_x=None if keep is None else keep.x, keep_y=None if keep is None else keep.y,
-                               time_limit=time_limit, threads=threads)
+                               time_limit=time_limit, threads=threads, boxes=boxes)
     cert = result.certificate
+    if "ball" in cert:
+        cert["ball"].update(job.ball.as_dict())
+        cert["ball"]["point_eps"] = None if job.point_eps is None else job.point_eps.tolist()
     cert["source_model"] = {"file": job.model.path.name, "sha256": sha256(job.model.path)}
     cert["points_file"] = {"file": job.points.path.name, "sha256": sha256(job.points.path)}
     if keep is not None:
@@ -146,6 +185,42 @@ def run(job: RepairJob, out: Path, time_limit: float | None = None, threads: int
     return cert
 
 
+def _boxes(job: RepairJob, x: torch.Tensor):
+    return job.ball.boxes(x, job.spec.eps if job.point_eps is None else job.point_eps)
+
+
+def _ball_from(cert: dict) -> tuple[BallInputs, object]:
+    """The certificate's ball record: how to rebuild each point's input box."""
+    ball = cert["ball"]
+    tup = (lambda v: None if v is None else tuple(v))
+    eps = cert["spec"]["eps"] if ball.get("point_eps") is None else np.asarray(ball["point_eps"], np.float64)
+    return BallInputs(tup(ball.get("mean")), tup(ball.get("std")), tup(ball.get("domain"))), eps
+
+
+def _check_ball(cert: dict, model: torch.nn.Module, points: Points) -> list[str]:
+    """Recompute every point's feature box and its worst-case margin under the repaired layer."""
+    from cnnrepair.bounds import feature_bounds
+
+    inputs, eps = _ball_from(cert)
+    lo, hi = inputs.boxes(points.x, eps)
+    lay = last_layer(model, points.x[:2], cert["layer"])
+    fb = feature_bounds(model, lay.name, lo, hi, cert["spec"]["bounds"])
+    problem = MarginProblem(lay.weight, lay.bias, fb.centre, points.y, 0.0, radii=fb.radius)
+    worst = problem.point_margins()
+    problems = []
+    low = np.flatnonzero(worst < cert["spec"]["margin"])
+    if len(low):
+        k = int(low[0])
+        problems.append(f"{len(low)} ball(s) not certified to keep their label with margin {cert['spec']['margin']:g} "
+                        f"(point {k}: worst case {worst[k]:.6g})")
+    claimed = np.array([p["certified_margin_after"] for p in cert["points"]], np.float64)
+    off = np.flatnonzero(np.abs(claimed - worst) > 1e-6 * (1 + np.abs(claimed)))
+    if len(off):
+        k = int(off[0])
+        problems.append(f"{len(off)} certified margin(s) differ from the recomputed bounds (point {k}: certificate {claimed[k]:.6g}, recomputed {worst[k]:.6g})")
+    return problems
+
+
 def verify(cert_path: Path, model_path: Path, points_path: Path, keep_path: Path | None = None,
            original_path: Path | None = None, factory: str | None = None) -> list[str]:
     """Re-check a certificate; returns the problems found (empty: every claim holds)."""
@@ -176,6 +251,8 @@ def verify(cert_path: Path, model_path: Path, points_path: Path, keep_path: Path
         problems.append(f"the certificate covers {cert['keep']['count']} keep points: pass them with --keep")
         keep_after = None
     problems += check_claims(cert, after, keep_after if keep_after is not None else np.zeros(cert["keep"]["count"]) + np.inf)
+    if cert["spec"]["kind"] == "ball" and points.y is not None and len(after) == len(cert["points"]):
+        problems += _check_ball(cert, model, points)
     if original_path is not None:
         problems += _check_optimality(cert, load_model(original_path, factory, shape).module, model, points, keep_path, keep_after)
     return problems
@@ -195,10 +272,17 @@ def _check_optimality(cert: dict, original, repaired, points: Points, keep_path,
             problems.append(f"tensor {name!r} differs from the original model: repair may change layer {layer!r} only")
             break
     spec = cert["spec"]
-    if spec["kind"] != "pointwise":
+    if spec["kind"] not in ("pointwise", "ball"):
         return problems
     dW, db = lay1.weight - lay0.weight, lay1.bias - lay0.bias
     feats = lay0.features(points.x)
+    radii = None
+    if spec["kind"] == "ball":
+        from cnnrepair.bounds import feature_bounds
+
+        inputs, eps = _ball_from(cert)
+        fb = feature_bounds(original, layer, *inputs.boxes(points.x, eps), spec["bounds"])
+        feats, radii = fb.centre, fb.radius
     labels = points.y
     required = np.array([p["required"] for p in cert["points"]])
     prices = np.full(len(labels), np.inf)
@@ -207,10 +291,12 @@ def _check_optimality(cert: dict, original, repaired, points: Points, keep_path,
         kf = lay0.features(keep.x)
         ky = keep.y if keep.y is not None else np.asarray(cert["keep"]["labels"], np.int64)
         feats = np.vstack([feats, kf])
+        radii = None if radii is None else np.vstack([radii, np.zeros_like(kf)])
         labels = np.concatenate([labels, ky])
         required = np.concatenate([required, cert["keep"]["required"]])
         prices = np.concatenate([prices, np.full(len(ky), np.inf if spec["keep_price"] is None else spec["keep_price"])])
-    problem = MarginProblem(lay0.weight, lay0.bias, feats, labels, required, prices, spec["norm"], spec["freeze_bias"], spec["max_change"])
+    problem = MarginProblem(lay0.weight, lay0.bias, feats, labels, required, prices, spec["norm"], spec["freeze_bias"], spec["max_change"],
+                            radii)
     objective = problem.objective(dW, db)
     if abs(objective - cert["objective"]) > 1e-6 * max(1.0, abs(cert["objective"])):
         problems.append(f"the change's {spec['norm']} norm is {objective:.9g}, the certificate says {cert['objective']:.9g}")

@@ -70,7 +70,7 @@ def _check_labels(y: np.ndarray, num_classes: int, name: str) -> None:
 
 def repair_classifier(model: nn.Module, x, y, spec: RepairSpec | None = None, *, layer: str | None = None,
                       keep_x=None, keep_y=None, targets: np.ndarray | None = None, time_limit: float | None = None,
-                      threads: int | None = None) -> ClassifierRepair:
+                      threads: int | None = None, boxes: tuple | None = None) -> ClassifierRepair:
     """Repair the linear layer that ends ``model`` so that inputs ``x`` get labels ``y``.
 
     ``layer`` names it (default: the ``nn.Linear``, SVM head or ``aten.linear`` whose output is the
@@ -80,6 +80,9 @@ def repair_classifier(model: nn.Module, x, y, spec: RepairSpec | None = None, *,
     re-solved with a slightly higher margin, recorded in the certificate as ``required``.
     ``targets`` (K x C) are the target logits of the ``targets`` spec (default: +1 for the label,
     -1 elsewhere, the paper's label targets). ``threads`` caps BLAS/OpenMP threads of the solve.
+    With the ``ball`` spec, ``boxes`` = (lower, upper) input boxes per repair point (model units;
+    default: :func:`cnnrepair.bounds.ball_box` of ``x`` with ``spec.eps``, pixels in [0, 1]); a box
+    of zero width is a pointwise point.
     """
     from threadpoolctl import threadpool_limits
 
@@ -112,12 +115,49 @@ def repair_classifier(model: nn.Module, x, y, spec: RepairSpec | None = None, *,
     with threadpool_limits(limits=threads or default_threads()):
         if spec.kind == "targets":
             return _targets(lay, spec, F, ya, FK, ky, xt, kx, targets, base, keep_before, t0)
-        return _pointwise(lay, spec, F, ya, FK, ky, xt, kx, base, keep_before, time_limit, t0)
+        box = _feature_boxes(model, lay, spec, xt, F, boxes) if spec.kind == "ball" else None
+        keep_box = _keep_boxes(model, lay, spec, kx, ky, FK) if spec.kind == "ball" and spec.keep_eps > 0 and len(ky) else None
+        return _pointwise(lay, spec, F, ya, FK, ky, xt, kx, base, keep_before, time_limit, t0, box, keep_box)
 
 
-def _pointwise(lay: LastLayer, spec: RepairSpec, F, ya, FK, ky, xt, kx, base, keep_before, time_limit, t0) -> ClassifierRepair:
+def _keep_boxes(model: nn.Module, lay: LastLayer, spec: RepairSpec, kx: torch.Tensor, ky: np.ndarray, FK: np.ndarray):
+    """(centres, radii, certified-before mask) of the keep points: boxes where their ball is certified, the point elsewhere."""
+    from cnnrepair.bounds import ball_box, feature_bounds
+
+    fb = feature_bounds(model, lay.name, *ball_box(kx, spec.keep_eps), spec.bounds)
+    worst = MarginProblem(lay.weight, lay.bias, fb.centre, ky, 0.0, radii=fb.radius).point_margins()
+    held = worst >= spec.keep_margin
+    centre = np.where(held[:, None], fb.centre, FK)
+    radius = np.where(held[:, None], fb.radius, 0.0)
+    return centre, radius, held
+
+
+def _feature_boxes(model: nn.Module, lay: LastLayer, spec: RepairSpec, xt: torch.Tensor, F: np.ndarray, boxes):
+    """Sound feature bounds over each repair point's input box (FeatureBounds), checked to hold the point's own features."""
+    from cnnrepair.bounds import ball_box, feature_bounds
+
+    if lay.kind == "svm-rbf":
+        raise CnnRepairError("the ball spec needs a layer that is linear in the features; an RBF head's kernel values are not bounded "
+                             "(repair LH or the network's last layer, or use --spec pointwise)")
+    lo, hi = ball_box(xt, spec.eps) if boxes is None else (torch.as_tensor(np.asarray(boxes[0])).double(), torch.as_tensor(np.asarray(boxes[1])).double())
+    if lo.shape != xt.shape or hi.shape != xt.shape:
+        raise CnnRepairError(f"boxes must have the repair points' shape {tuple(xt.shape)}; got {tuple(lo.shape)} and {tuple(hi.shape)}")
+    if ((xt.double() < lo - 1e-6) | (xt.double() > hi + 1e-6)).any():
+        raise CnnRepairError("every repair point must lie in its own box; check the boxes' order (lower, upper)")
+    fb = feature_bounds(model, lay.name, lo, hi, spec.bounds)
+    tol = 1e-5 * (1 + np.abs(F))
+    if ((F < fb.lower - tol) | (F > fb.upper + tol)).any():
+        raise CnnRepairError("the feature bounds do not contain the points' own features: the bound propagation does not support "
+                             "this model soundly; report it with the model")
+    return fb
+
+
+def _pointwise(lay: LastLayer, spec: RepairSpec, F, ya, FK, ky, xt, kx, base, keep_before, time_limit, t0, box=None,
+               keep_box=None) -> ClassifierRepair:
     K, NK = len(ya), len(ky)
-    feats = np.vstack([F, FK])
+    keep_centre, keep_radius = (FK, np.zeros_like(FK)) if keep_box is None else keep_box[:2]
+    feats = np.vstack([F if box is None else box.centre, keep_centre])
+    radii = None if box is None else np.vstack([box.radius, keep_radius])
     labels = np.concatenate([ya, ky])
     required = np.concatenate([np.full(K, spec.margin), np.full(NK, spec.keep_margin)])
     prices = np.concatenate([np.full(K, np.inf), np.full(NK, np.inf if spec.keep_price is None else spec.keep_price)])
@@ -128,7 +168,7 @@ def _pointwise(lay: LastLayer, spec: RepairSpec, F, ya, FK, ky, xt, kx, base, ke
     repaired = None
     for _ in range(FLOAT32_ROUNDS):
         problem = MarginProblem(lay.weight, lay.bias, feats, labels, required + extra, prices, spec.norm,
-                                spec.freeze_bias, spec.max_change)
+                                spec.freeze_bias, spec.max_change, radii)
         remaining = None if time_limit is None else max(1e-3, time_limit - (time.perf_counter() - t0))
         sol = solve_margins(problem, time_limit=remaining)
         if not sol.ok:
@@ -136,7 +176,12 @@ def _pointwise(lay: LastLayer, spec: RepairSpec, F, ya, FK, ky, xt, kx, base, ke
         repaired = lay.replaced(lay.weight + sol.delta_weight, lay.bias + sol.delta_bias)
         after = model_margins(repaired, xt, ya)
         keep_after = model_margins(repaired, kx, ky) if NK else np.zeros(0)
-        measured = np.concatenate([after, keep_after])
+        if box is not None:  # the guarantee is the worst case over each box, with the weights as stored
+            sdW, sdb = _saved_change(lay, repaired)
+            worst = problem.point_margins(sdW, sdb)
+            measured = np.concatenate([worst[:K], keep_after if keep_box is None else np.minimum(keep_after, worst[K:])])
+        else:
+            measured = np.concatenate([after, keep_after])
         short = np.flatnonzero(hard & (measured < required))
         if len(short) == 0:
             break
@@ -155,6 +200,19 @@ def _pointwise(lay: LastLayer, spec: RepairSpec, F, ya, FK, ky, xt, kx, base, ke
         after, keep_after = base, keep_before
     saved_dW, saved_db = (_saved_change(lay, repaired) if repaired is not None else (np.zeros_like(lay.weight), np.zeros_like(lay.bias)))
     cert = _certificate(lay, spec, status, sol, problem, saved_dW, saved_db, ya, base, after, problem.margins, ky, keep_before, keep_after)
+    if box is not None:
+        worst_before = problem.point_margins()[:K]
+        worst_after = problem.point_margins(saved_dW, saved_db)[:K] if status == "repaired" else worst_before
+        for k, entry in enumerate(cert["points"]):
+            entry["certified_margin_before"] = float(worst_before[k])
+            entry["certified_margin_after"] = float(worst_after[k])
+        if keep_box is not None:
+            kept = problem.point_margins(saved_dW, saved_db)[K:] if status == "repaired" else None
+            cert["keep"]["balls_certified_before"] = int(keep_box[2].sum())
+            cert["keep"]["balls_certified_after"] = None if kept is None else int((kept[keep_box[2]] >= spec.keep_margin).sum())
+        cert["ball"] = {"eps": spec.eps, "bounds": spec.bounds, "bound_seconds": box.seconds,
+                        "note": "certified margins: the worst case of the logit difference over each point's feature box, "
+                                "which holds every input of its ball (sound bounds; cnnrepair verify recomputes them)"}
     if status == "failed" and sol.status not in ("optimal",):
         notes.append(f"the solver stopped: {sol.status}")
     return ClassifierRepair(status, repaired, lay.name, cert, sol, time.perf_counter() - t0, notes, _written(lay))
@@ -204,7 +262,7 @@ def _certificate(lay, spec, status, sol, problem, dW, db, ya, base, after, requi
         "solver": {"name": "cnnrepair.repair.margins (row and column generation on HiGHS)", "status": sol.status,
                    "seconds": sol.seconds, "rounds": sol.rounds, **sol.size,
                    "lp_objective": float(sol.objective) if np.isfinite(sol.objective) else None, "lp_gap": sol.gap if sol.ok else None},
-        "lower_bound_witness": {key: [v.item() for v in np.asarray(val)] for key, val in sol.witness.items()},
+        "lower_bound_witness": {key: np.asarray(val).tolist() for key, val in sol.witness.items()},
     }
     if status == "repaired" and cert["objective"] > 0:
         cert["gap"] = max(0.0, (cert["objective"] - cert["lower_bound"]) / cert["objective"])

@@ -67,8 +67,14 @@ def witness_bound(problem: MarginProblem, witness: dict) -> float:
     """Recompute the certified lower bound from a certificate's multipliers."""
     if not witness or not witness.get("point"):
         return 0.0
-    return certified_lower_bound(problem, np.asarray(witness["point"], np.int64), np.asarray(witness["class"], np.int64),
-                                 np.asarray(witness["multiplier"], np.float64))
+    point, cls = np.asarray(witness["point"], np.int64), np.asarray(witness["class"], np.int64)
+    rows = None
+    if problem.has_boxes and witness.get("pairs") is not None:
+        from cnnrepair.repair.ball import sigma_rows
+
+        rows = sigma_rows(problem, point, cls, np.asarray(witness["pairs"], np.int64).reshape(-1, 2),
+                          np.asarray(witness["sigma"], np.float64).reshape(-1, problem.weight.shape[1]))
+    return certified_lower_bound(problem, point, cls, np.asarray(witness["multiplier"], np.float64), sigma_rows=rows)
 
 
 def check_claims(cert: dict, margins_after: np.ndarray, keep_margins_after: np.ndarray) -> list[str]:
@@ -80,7 +86,7 @@ def check_claims(cert: dict, margins_after: np.ndarray, keep_margins_after: np.n
     if len(margins_after) != len(cert["points"]):
         return [f"the certificate lists {len(cert['points'])} repair points but {len(margins_after)} were given"]
     low = np.flatnonzero(margins_after < spec["margin"])
-    if spec["kind"] == "pointwise" and len(low):
+    if spec["kind"] in ("pointwise", "ball") and len(low):
         k = int(low[0])
         problems.append(f"{len(low)} repair point(s) below the margin {spec['margin']:g} on this model "
                         f"(point {k}: {margins_after[k]:.6g})")
@@ -93,6 +99,6 @@ def check_claims(cert: dict, margins_after: np.ndarray, keep_margins_after: np.n
     if keep.get("count"):
         if len(keep_margins_after) != keep["count"]:
             problems.append(f"the certificate lists {keep['count']} keep points but {len(keep_margins_after)} were given")
-        elif spec["keep"] == "hard" and spec["kind"] == "pointwise" and (keep_margins_after < spec["keep_margin"]).any():
+        elif spec["keep"] == "hard" and spec["kind"] in ("pointwise", "ball") and (keep_margins_after < spec["keep_margin"]).any():
             problems.append(f"{int((keep_margins_after < spec['keep_margin']).sum())} keep point(s) below the keep margin {spec['keep_margin']:g}")
     return problems

@@ -65,6 +65,7 @@ class MarginProblem:
     norm: str = "l1"
     freeze_bias: bool = False
     max_change: float | None = None
+    radii: np.ndarray | None = None  # N x n: a point's features lie anywhere in features +- radii (its whole box must keep the label)
 
     def __post_init__(self) -> None:
         self.weight = np.asarray(self.weight, np.float64)
@@ -91,6 +92,44 @@ class MarginProblem:
             raise CnnRepairError(f"unknown change norm {self.norm!r}; choose one of {', '.join(NORMS)}")
         if self.max_change is not None and not self.max_change > 0:
             raise CnnRepairError(f"max_change must be > 0 (got {self.max_change})")
+        if self.radii is not None:
+            self.radii = np.asarray(self.radii, np.float64).reshape(self.features.shape)
+            if not np.isfinite(self.radii).all() or (self.radii < 0).any():
+                raise CnnRepairError("feature radii must be finite and >= 0")
+            if not self.radii.any():
+                self.radii = None
+
+    @property
+    def has_boxes(self) -> bool:
+        return self.radii is not None
+
+    def subset(self, points: np.ndarray) -> MarginProblem:
+        """The same layer and spec for some of the points."""
+        idx = np.asarray(points, np.int64)
+        return MarginProblem(self.weight, self.bias, self.features[idx], self.labels[idx], self.margins[idx], self.prices[idx],
+                             self.norm, self.freeze_bias, self.max_change, None if self.radii is None else self.radii[idx])
+
+    def row_shortfall(self, dW: np.ndarray | None = None, db: np.ndarray | None = None) -> np.ndarray:
+        """N x C: required margin minus the (worst-case, over each box) logit difference to each class; -inf at the label."""
+        W = self.weight if dW is None else self.weight + dW
+        b = self.bias if db is None else self.bias + db
+        N = len(self.labels)
+        out = np.empty((N, W.shape[0]))
+        for y in np.unique(self.labels):
+            k = np.flatnonzero(self.labels == y)
+            D = W[y][None, :] - W
+            worst = self.features[k] @ D.T + (b[y] - b)[None, :]
+            if self.radii is not None:
+                worst -= self.radii[k] @ np.abs(D).T
+            out[k] = self.margins[k, None] - worst
+        out[np.arange(N), self.labels] = -np.inf
+        return out
+
+    def point_margins(self, dW: np.ndarray | None = None, db: np.ndarray | None = None) -> np.ndarray:
+        """Per point, the smallest margin over the other classes (over its whole box when it has one)."""
+        if not len(self.labels):
+            return np.zeros(0)
+        return self.margins - self.row_shortfall(dW, db).max(1)
 
     @property
     def num_classes(self) -> int:
@@ -124,7 +163,8 @@ class MarginProblem:
     def objective(self, dW: np.ndarray, db: np.ndarray) -> float:
         """Change cost plus the price of every soft point's shortfall."""
         soft = np.isfinite(self.prices)
-        pen = float((self.prices[soft] * self.shortfall(self.logits(dW, db))[soft]).sum()) if soft.any() else 0.0
+        short = np.maximum(0.0, self.margins - self.point_margins(dW, db)) if soft.any() else None
+        pen = float((self.prices[soft] * short[soft]).sum()) if soft.any() else 0.0
         return self.change_cost(dW, db) + pen
 
 
@@ -138,13 +178,16 @@ def margins_of(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return own - other.max(1)
 
 
-def certified_lower_bound(p: MarginProblem, point: np.ndarray, cls: np.ndarray, y: np.ndarray) -> float:
+def certified_lower_bound(p: MarginProblem, point: np.ndarray, cls: np.ndarray, y: np.ndarray,
+                          sigma_rows: np.ndarray | None = None) -> float:
     """A lower bound on the optimum from multipliers ``y >= 0`` of rows (point, cls); valid for any y.
 
     Weak duality: for feasible d, ``N(d) + sum price*s >= r.y + min_d [N(d) - z.d] + min_s s.(price - y_k)``
     with ``z = A^T y``. Soft points' multipliers are capped at their price, then ``y`` is scaled by
     ``s`` in [0, 1]; ``min_{|d|<=B} [a|d|_1 + b|d|_inf - z.d] = -B * max(0, sum (s|z_e| - a)+ - b)``.
-    Uses only the problem's data, so a third party can recompute it from the multipliers.
+    For points with feature boxes each row's features are ``c - sigma_rows * r`` (any sigma in
+    [-1, 1] gives a relaxation, :mod:`cnnrepair.repair.ball`). Uses only the problem's data, so a
+    third party can recompute it from the multipliers.
     """
     point, cls = np.asarray(point, np.int64), np.asarray(cls, np.int64)
     y = np.maximum(np.asarray(y, np.float64), 0.0)
@@ -157,17 +200,19 @@ def certified_lower_bound(p: MarginProblem, point: np.ndarray, cls: np.ndarray, 
         cap = np.where(total > 0, np.minimum(1.0, p.prices / np.maximum(total, 1e-300)), 1.0)
         y[soft] *= cap[point[soft]]
     lab = p.labels[point]
-    logits = p.logits()
-    r = p.margins[point] - (logits[point, lab] - logits[point, cls])
+    F = p.features[point]
+    if p.radii is not None:
+        sig = np.zeros_like(F) if sigma_rows is None else np.clip(np.asarray(sigma_rows, np.float64), -1.0, 1.0)
+        F = F - sig * p.radii[point]
+    r = p.margins[point] - (np.einsum("ij,ij->i", F, p.weight[lab] - p.weight[cls]) + p.bias[lab] - p.bias[cls])
     base = float(r @ y)
     C, n = p.weight.shape
-    Ymat = np.zeros((len(p.labels), C))
-    np.add.at(Ymat, (point, lab), y)
-    np.add.at(Ymat, (point, cls), -y)
-    Z = Ymat.T @ p.features
+    Z = np.zeros((C, n))
+    np.add.at(Z, lab, y[:, None] * F)
+    np.add.at(Z, cls, -y[:, None] * F)
     z = np.abs(Z.ravel())
     if not p.freeze_bias:
-        z = np.concatenate([z, np.abs(Ymat.sum(0))])
+        z = np.concatenate([z, np.abs(np.bincount(lab, y, C) - np.bincount(cls, y, C))])
     a, b = p.norm_coefficients()
     B = p.max_change
 
@@ -379,6 +424,10 @@ def solve_margins(p: MarginProblem, time_limit: float | None = None, max_rounds:
     """
     from cnnrepair.repair.targets import _highs_status
 
+    if p.has_boxes:
+        from cnnrepair.repair.ball import solve_ball
+
+        return solve_ball(p, time_limit)
     t0 = time.perf_counter()
     C, n = p.weight.shape
     N = len(p.labels)
@@ -514,26 +563,30 @@ def _hard_feasible(p: MarginProblem, points: list[int]) -> bool:
     return _highs_status(h) != "infeasible"
 
 
-def find_conflicts(p: MarginProblem, suspects: list[int], master: _Master | None = None) -> np.ndarray:
+def find_conflicts(p: MarginProblem, suspects: list[int], master: _Master | None = None, feasible=None,
+                   deadline: float | None = None) -> np.ndarray:
     """A small set of hard points that cannot all meet their margins: irreducible (drop any one and the rest can).
 
     Starts from the suspects (falls back to every hard point) and deletes chunks, then single points,
-    while the rest stays infeasible (a deletion filter).
+    while the rest stays infeasible (a deletion filter). ``feasible(points)`` decides a subset
+    (default: the pointwise feasibility LP). Past ``deadline`` (perf_counter seconds) it stops
+    deleting: the set returned still conflicts but may not be irreducible.
     """
+    feasible = feasible or (lambda pts: _hard_feasible(p, pts))
     hard = [k for k in range(len(p.labels)) if not np.isfinite(p.prices[k])]
     cands = sorted(set(suspects))
     if master is not None:
         cands = sorted(set(cands) | {k for k, _ in master.rows if not np.isfinite(p.prices[k])})
-    if not cands or _hard_feasible(p, cands):
+    if not cands or feasible(cands):
         cands = hard
-        if _hard_feasible(p, cands):
+        if feasible(cands):
             return np.zeros(0, np.int64)
     chunk = max(1, len(cands) // 2)
     while True:
         i = 0
-        while i < len(cands):
+        while i < len(cands) and (deadline is None or time.perf_counter() < deadline):
             trial = cands[:i] + cands[i + chunk:]
-            if trial and not _hard_feasible(p, trial):
+            if trial and not feasible(trial):
                 cands = trial
             else:
                 i += chunk

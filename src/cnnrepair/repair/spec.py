@@ -8,7 +8,8 @@ from dataclasses import asdict, dataclass
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.repair.margins import NORMS
 
-SPECS = ("pointwise", "targets")
+SPECS = ("pointwise", "ball", "targets")
+BOUND_METHODS = ("crown", "ibp")
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,12 @@ class RepairSpec:
       per unit of shortfall); the change is minimal in ``norm`` (``l1``, ``linf`` or ``l1+linf`` =
       PRDNN's mean|d| + max|d|), over weights and biases unless ``freeze_bias``, each within
       ``max_change`` if set.
+    * ``ball`` (certified): as ``pointwise``, but every input within L-infinity distance ``eps`` (pixels,
+      clipped to [0, 1]; or the boxes given to the repair call) of a repair point gets its label with
+      ``margin``, proven through sound bounds (``bounds``: ``crown`` or ``ibp``) on the features the
+      frozen part of the network computes over the ball; exact for those feature boxes. With
+      ``keep_eps`` > 0, keep points whose ball of that radius is certified before the repair must
+      stay certified after it (the others keep their own label, as pointwise keep points).
     * ``targets``: the paper's equation 3: logits pulled toward targets with slack priced at
       ``delta_weight``; keep points are anchors (targets = their current logits) weighted by
       ``keep_price`` (1 if unset). L1 on the weights only; nothing is guaranteed.
@@ -33,6 +40,9 @@ class RepairSpec:
     freeze_bias: bool = False
     max_change: float | None = None
     delta_weight: float = 1.0
+    eps: float = 0.0
+    bounds: str = "crown"
+    keep_eps: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in SPECS:
@@ -49,6 +59,14 @@ class RepairSpec:
                 raise CnnRepairError(f"{name.replace('_', ' ')} must be a finite number > 0 (got {v})")
         if not (math.isfinite(self.delta_weight) and self.delta_weight > 0):
             raise CnnRepairError(f"delta weight must be > 0 (got {self.delta_weight})")
+        for name in ("eps", "keep_eps"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and 0 <= v <= 1):
+                raise CnnRepairError(f"{name.replace('_', ' ')} must lie in [0, 1] (pixels; got {v})")
+        if self.keep_eps > 0 and self.kind != "ball":
+            raise CnnRepairError("keep eps keeps keep points' balls certified: it needs the ball spec")
+        if self.bounds not in BOUND_METHODS:
+            raise CnnRepairError(f"unknown bound method {self.bounds!r}; choose one of {', '.join(BOUND_METHODS)}")
         if self.kind == "targets" and self.norm != "l1":
             raise CnnRepairError("the targets spec (the paper's program) measures change in L1 only; use --norm l1 or --spec pointwise")
 

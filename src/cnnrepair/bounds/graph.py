@@ -1,0 +1,315 @@
+"""The frozen part of a classifier as a graph the bound methods can walk.
+
+Any model (an ``nn.Module``, a module read from ONNX, a ``torch.export`` program) is exported to
+an ATen graph; :func:`frozen_graph` keeps the nodes between the input and the input of the layer
+being repaired and sorts each into one of a few kinds the bound methods know:
+
+* ``affine``: a map that is affine in its one input-dependent argument (convolution, linear,
+  batch norm in eval mode, average pooling, flatten/reshape, adding, multiplying or dividing by a
+  stored tensor: the normalisation layers of most models); ``apply`` runs it on a batch, and
+  ``abs_linear`` applies ``|L|`` (the absolute value of its linear part) for interval arithmetic.
+* ``sum``: the sum (or difference) of two input-dependent tensors (residual connections).
+* ``relu`` and ``maxpool``: the non-linear operations, relaxed by each method in its own way.
+
+Everything else is refused with the operator's name: a bound is only as sound as the rules applied.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cnnrepair.errors import CnnRepairError
+
+aten = torch.ops.aten
+
+# affine maps whose linear part has a signed weight tensor at args[1]: |L| is the same call with |weight|, no bias
+_WEIGHTED = {aten.conv2d.default, aten.conv1d.default, aten.linear.default, aten.convolution.default}
+# affine maps whose linear part has non-negative coefficients: |L| x = L x
+_MONOTONE = {
+    aten.flatten.using_ints, aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.permute.default,
+    aten.transpose.int, aten.contiguous.default, aten.clone.default, aten.alias.default, aten.detach.default,
+    aten.dropout.default, aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default, aten._adaptive_avg_pool2d.default,
+    aten.mean.dim, aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default, aten.to.dtype, aten._to_copy.default,
+    aten.to.dtype_layout, aten.add.Tensor, aten.sub.Tensor, aten.feature_dropout.default,
+}
+_CASTS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout}
+# single-input maps that only move, copy or cast values (a feature vector's bounds are their input's)
+PASS_THROUGH = {aten.flatten.using_ints, aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.contiguous.default,
+                aten.clone.default, aten.alias.default, aten.detach.default, aten.dropout.default, aten.feature_dropout.default,
+                aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default, operator.getitem} | _CASTS
+_RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+_SCALE = {aten.mul.Tensor, aten.div.Tensor}
+_BATCH_NORM = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
+_RELU = {aten.relu.default, aten.relu_.default}
+_MAXPOOL = {aten.max_pool2d.default, aten.max_pool2d_with_indices.default}
+_SKIP = {aten._assert_tensor_metadata.default}
+
+
+@dataclass
+class Op:
+    """One input-dependent node: its kind, the input-dependent arguments and how to run it."""
+
+    node: torch.fx.Node
+    kind: str  # input | affine | sum | relu | maxpool
+    inputs: list[torch.fx.Node]
+    run: object = None  # affine: x -> L x + c on a batch; maxpool: its (kernel, stride, padding, dilation, ceil)
+    abs_linear: object = None  # affine: x -> |L| x
+    signs: tuple[float, ...] = (1.0, 1.0)  # sum: coefficient of each input
+    linear: object = None  # affine: x -> L x, the linear part (no constant)
+    transpose: object = None  # affine, optional: (rows of coefficients on the output, input shape) -> (L^T rows, constant c or None)
+    shape: tuple[int, ...] = ()  # per-example output shape
+
+
+@dataclass
+class FrozenGraph:
+    """The ops from the input to ``target`` (the repaired layer's input), in topological order."""
+
+    ops: list[Op]
+    target: torch.fx.Node
+    input_shape: tuple[int, ...]
+    constants: dict = field(default_factory=dict)
+
+    def op(self, node: torch.fx.Node) -> Op:
+        return self._index[node]
+
+    def __post_init__(self) -> None:
+        self._index = {op.node: op for op in self.ops}
+
+
+def _export(model: nn.Module, sample: Tensor) -> torch.fx.GraphModule:
+    if isinstance(model, torch.fx.GraphModule):
+        return model
+    try:
+        return torch.export.export(model, (sample[:2].float(),)).module()
+    except Exception as exc:  # noqa: BLE001 - the exporter's many failure types mean one thing to the user
+        raise CnnRepairError(f"the model could not be traced for bound propagation ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+                             "export it with torch.export first") from None
+
+
+def _get_attr(gm: torch.fx.GraphModule, target: str) -> Tensor:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def frozen_graph(model: nn.Module, layer: str, sample: Tensor) -> FrozenGraph:
+    """The graph of ``model`` up to the input of its linear layer ``layer`` (a name from ``candidate_layers``)."""
+    from cnnrepair.repair.layer import _linear_nodes
+
+    gm = _export(model, sample)
+    lins = _linear_nodes(gm)
+    if layer not in lins:
+        raise CnnRepairError(f"layer {layer!r} is not a linear layer of the traced model (found: {', '.join(lins) or 'none'}); "
+                             "bounds need the features of a linear last layer (an RBF head's kernel values are not supported)")
+    target = lins[layer].inp
+    needed = _ancestors(target)
+    consts: dict[torch.fx.Node, object] = {}
+    ops: list[Op] = []
+    dep: set[torch.fx.Node] = set()
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(inputs) != 1:
+        raise CnnRepairError(f"the model takes {len(inputs)} inputs; bounds need a classifier with one input tensor")
+    shapes = _shapes(gm, sample[:2].float(), needed)
+    for node in gm.graph.nodes:
+        if node not in needed:
+            continue
+        if node.op == "placeholder":
+            ops.append(Op(node, "input", [], shape=tuple(sample.shape[1:])))
+            dep.add(node)
+        elif node.op == "get_attr":
+            consts[node] = _as64(_get_attr(gm, str(node.target)))
+        elif node.op == "call_module":
+            continue
+        elif node.op == "call_function":
+            if node.target in _SKIP:
+                continue
+            args_dep = [a for a in _flat_args(node) if isinstance(a, torch.fx.Node) and a in dep]
+            if not args_dep:
+                consts[node] = _as64(_run_const(node, consts))
+                continue
+            op = _classify(node, args_dep, consts)
+            op.shape = shapes[node]
+            ops.append(op)
+            dep.add(node)
+        else:
+            raise CnnRepairError(f"unexpected graph node {node.op} {node.target}; bound propagation cannot read this model")
+    if target not in dep:
+        raise CnnRepairError(f"layer {layer!r} does not depend on the model's input; nothing to bound")
+    return FrozenGraph(ops, target, tuple(sample.shape[1:]), consts)
+
+
+def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return seen
+
+
+def _shapes(gm: torch.fx.GraphModule, sample: Tensor, needed: set) -> dict:
+    """Per-example output shape of every needed node, from one run of the graph."""
+    shapes = {}
+
+    class Record(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n in needed and isinstance(out, Tensor):
+                shapes[n] = tuple(out.shape[1:])
+            elif n in needed and isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+                shapes[n] = tuple(out[0].shape[1:])
+            return out
+
+    with torch.no_grad():
+        Record(gm).run(sample)
+    return shapes
+
+
+def _as64(v):
+    return v.detach().double() if isinstance(v, Tensor) and v.is_floating_point() else v
+
+
+def _flat_args(node: torch.fx.Node) -> list:
+    out = []
+    for a in list(node.args) + list(node.kwargs.values()):
+        out.extend(a if isinstance(a, (list, tuple)) else [a])
+    return out
+
+
+def _sub(value, consts):
+    if isinstance(value, torch.fx.Node):
+        return consts[value]
+    if isinstance(value, (list, tuple)):
+        return type(value)(_sub(v, consts) for v in value)
+    return value
+
+
+def _run_const(node: torch.fx.Node, consts: dict):
+    args = _sub(node.args, consts)
+    kwargs = {k: _sub(v, consts) for k, v in node.kwargs.items()}
+    if node.target is operator.getitem:
+        return args[0][args[1]]
+    return node.target(*args, **kwargs)
+
+
+def _classify(node: torch.fx.Node, deps: list[torch.fx.Node], consts: dict) -> Op:
+    t = node.target
+    if t is operator.getitem:
+        src = node.args[0]
+        if node.args[1] != 0:
+            raise CnnRepairError(f"output {node.args[1]} of {src.target} is not supported by the bound propagation")
+        return Op(node, "affine", [src], run=lambda x: x, abs_linear=lambda x: x, linear=lambda x: x)
+    if t in _RELU:
+        return Op(node, "relu", deps)
+    if t in _MAXPOOL:
+        a = list(node.args) + [None] * 6
+        kernel = a[1]
+        stride = a[2] or kernel
+        pool = (kernel, stride, a[3] if a[3] is not None else 0, a[4] if a[4] is not None else 1, bool(a[5]))
+        return Op(node, "maxpool", [node.args[0]], run=pool)
+    if len(deps) == 2 and t in (aten.add.Tensor, aten.sub.Tensor) and node.args[0] in deps and node.args[1] in deps:
+        alpha = float(node.kwargs.get("alpha", 1.0))
+        return Op(node, "sum", [node.args[0], node.args[1]], signs=(1.0, alpha if t == aten.add.Tensor else -alpha))
+    if len(deps) != 1:
+        raise CnnRepairError(f"operator {t} combines {len(deps)} input-dependent tensors; bound propagation supports sums only")
+    src = deps[0]
+    pos = next(i for i, a in enumerate(node.args) if a is src) if src in node.args else None
+    if pos is None:
+        raise CnnRepairError(f"operator {t} takes the input-dependent tensor in an unsupported position")
+
+    def call(x, replace=None):
+        args = list(_sub(list(node.args), {**consts, src: x}))
+        if replace:
+            for i, v in replace.items():
+                args[i] = v
+        if t in _RESHAPES:
+            args[1] = [-1, *args[1][1:]]
+        return t(*args, **{k: _sub(v, consts) for k, v in node.kwargs.items()})
+
+    def run(x):
+        if t in _CASTS:  # bounds stay in float64: a cast to the model's dtype would round them
+            return x
+        out = call(x)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    if t in _WEIGHTED and pos == 0:
+        def abs_lin(x):
+            w = consts[node.args[1]].abs()
+            return call(x, {1: w, 2: None})
+        return Op(node, "affine", [src], run=run, abs_linear=abs_lin, linear=lambda x: call(x, {2: None}),
+                  transpose=_weighted_transpose(node, consts))
+    if t in PASS_THROUGH and pos == 0:
+        return Op(node, "affine", [src], run=run, abs_linear=run, linear=run,
+                  transpose=lambda a, shape: (a.reshape(len(a), *shape), None))
+    if t in _BATCH_NORM and pos == 0:
+        def bn_scale(x):
+            args = list(_sub(list(node.args), {**consts, src: x}))
+            w, var, eps = args[1], args[4], args[7] if t == aten.batch_norm.default else args[6]
+            scale = (w if w is not None else 1.0) / torch.sqrt(var + eps)
+            return scale.reshape(1, -1, *([1] * (x.ndim - 2)))
+        return Op(node, "affine", [src], run=run, abs_linear=lambda x: x * bn_scale(x).abs(),
+                  linear=lambda x: x * bn_scale(x))
+    if t in _SCALE:
+        c = torch.as_tensor(_sub(node.args[1 - pos], consts), dtype=torch.float64)
+        if t == aten.div.Tensor and pos == 1:
+            raise CnnRepairError("dividing by an input-dependent tensor is not supported by the bound propagation")
+        k = c if t == aten.mul.Tensor else 1.0 / c
+        return Op(node, "affine", [src], run=run, abs_linear=lambda x: x * k.abs(), linear=lambda x: x * k)
+    if t in (aten.neg.default,) or (t == aten.sub.Tensor and pos == 1):
+        return Op(node, "affine", [src], run=run, abs_linear=lambda x: x, linear=lambda x: -x)
+    if t in (aten.matmul.default, aten.mm.default) and pos == 0:
+        w = consts[node.args[1]]
+        return Op(node, "affine", [src], run=run, abs_linear=lambda x: t(x, w.abs()),
+                  linear=lambda x: t(x, w))
+    if t in _MONOTONE and (pos == 0 or t == aten.add.Tensor):
+        zero_shift = {}
+
+        def abs_mono(x):
+            if "c" not in zero_shift:
+                zero_shift["c"] = run(torch.zeros_like(x[:1]))
+            return run(x) - zero_shift["c"]
+        return Op(node, "affine", [src], run=run, abs_linear=abs_mono, linear=abs_mono)
+    raise CnnRepairError(f"operator {t} is not supported by the bound propagation (supported: convolution, linear, batch norm, "
+                         "average and max pooling, ReLU, reshapes, sums, and scaling by stored tensors)")
+
+
+def _weighted_transpose(node: torch.fx.Node, consts: dict):
+    """The adjoint of a linear layer or 2-d convolution, applied to rows of output coefficients."""
+    t = node.target
+    w = consts[node.args[1]]
+    bias_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    b = consts.get(bias_arg) if isinstance(bias_arg, torch.fx.Node) else None
+    if t == aten.linear.default:
+        return lambda a, shape: (a @ w, None if b is None else b)
+    if t != aten.conv2d.default:
+        return None
+    a = list(node.args) + [None] * 7
+    stride, padding, dilation, groups = a[3] or [1, 1], a[4] or [0, 0], a[5] or [1, 1], a[6] or 1
+    if isinstance(padding, str):
+        return None
+
+    def adjoint(rows, shape):
+        h, wd = shape[-2:]
+        k = w.shape[-2:]
+        st = stride if isinstance(stride, (list, tuple)) else [stride] * 2
+        pd = padding if isinstance(padding, (list, tuple)) else [padding] * 2
+        dl = dilation if isinstance(dilation, (list, tuple)) else [dilation] * 2
+        out_pad = [(size + 2 * pd[i] - dl[i] * (k[i] - 1) - 1) % st[i] for i, size in enumerate((h, wd))]
+        grad = F.conv_transpose2d(rows, w, None, st, pd, out_pad, groups, dl)
+        const = None if b is None else b.reshape(-1, 1, 1).expand(*rows.shape[1:])
+        return grad, const
+    return adjoint
+
+
+def maxpool(x: Tensor, pool, indices: bool = False):
+    """``F.max_pool2d`` with an op's stored settings."""
+    kernel, stride, padding, dilation, ceil = pool
+    return F.max_pool2d(x, kernel, stride, padding, dilation, ceil, return_indices=indices)

@@ -1,0 +1,261 @@
+"""The smallest change of a linear last layer after which whole boxes of features keep their labels.
+
+A point ``k`` whose frozen features are only known to lie in a box ``c_k +- r_k`` (sound bounds
+over an input ball, :mod:`cnnrepair.bounds`) keeps label ``y`` with margin ``m_k`` for *every*
+feature vector of the box iff, for each other class ``j``, with ``D = W_y - W_j`` after the change,
+
+    min over the box of  D . f + (b_y - b_j)  =  D . c_k - r_k . |D| + (b_y - b_j)  >=  m_k.
+
+With an auxiliary ``u >= |D|`` per class pair and feature this is linear (``D . c_k - r_k . u + ... >= m_k``),
+and exact for the box: ``u = |D|`` is always allowed, and a larger ``u`` only makes the row harder.
+Points with ``r_k = 0`` are the pointwise rows of :mod:`cnnrepair.repair.margins`. The program is
+solved by HiGHS over every weight and bias entry, with rows generated (a row enters when the
+current change violates it) and ``u`` columns made for the class pairs those rows use.
+
+Certified lower bound: for any ``sigma`` in [-1, 1] per (pair, feature), ``|D| >= sigma . D``, so every
+feasible change also meets the pointwise rows with features ``c_k - sigma r_k``; weak duality on
+that relaxation (:func:`cnnrepair.repair.margins.certified_lower_bound`) bounds the optimum from the
+margin rows' multipliers and ``sigma`` read off the pair rows' multipliers.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import scipy.sparse as sp
+
+from cnnrepair.repair.margins import MarginProblem, MarginSolution, certified_lower_bound
+
+_FEAS = 1e-9
+_CONFLICT_S = 30.0  # seconds the search for a small conflicting set may take (then the set found so far)
+_NEAR = 0.05  # rows within this share of the largest required change join the first round
+
+
+def pair_sign(y: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """+1 where the row's label is the pair's first class (pairs are (min, max)), else -1."""
+    return np.where(y < j, 1.0, -1.0)
+
+
+def sigma_rows(p: MarginProblem, point: np.ndarray, cls: np.ndarray, pairs: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """Per row, the sign vector its relaxation uses: the pair's sigma, oriented from the row's label to its rival."""
+    lab = p.labels[point]
+    key = {(int(a), int(b)): i for i, (a, b) in enumerate(pairs)}
+    out = np.zeros((len(point), p.weight.shape[1]))
+    for r, (y, j) in enumerate(zip(lab, cls)):
+        i = key.get((min(int(y), int(j)), max(int(y), int(j))))
+        if i is not None:
+            out[r] = sigma[i] * (1.0 if y < j else -1.0)
+    return out
+
+
+def solve_ball(p: MarginProblem, time_limit: float | None = None, max_rounds: int = 100) -> MarginSolution:
+    """Solve the margin program with feature boxes (``p.radii``) exactly; see the module docstring."""
+    from cnnrepair.repair.margins import find_conflicts
+    from cnnrepair.repair.targets import _highs_status, _new_highs, _pass_lp
+
+    t0 = time.perf_counter()
+    C, n = p.weight.shape
+    N = len(p.labels)
+    zero = (np.zeros((C, n)), np.zeros(C))
+    R0 = p.row_shortfall()  # required change per (point, class) at no change, worst case over each box
+    need = R0.max(1) > 0 if N else np.zeros(0, bool)
+    if not need.any():
+        return MarginSolution("optimal", *zero, 0.0, 0.0, time.perf_counter() - t0, size={"method": "box LP"})
+    alpha = float(max(np.abs(p.features).max(), np.abs(p.radii).max())) or 1.0
+    beta = float(R0[need].max())
+    in_set = R0 / beta > -_NEAR
+    in_set[np.arange(N), p.labels] = False
+    wide = np.flatnonzero(p.radii.max(0) > 0)  # features whose value moves within some box
+    rounds, status = 0, "optimal"
+    while True:
+        pts, cls = np.nonzero(in_set)
+        lp = _BoxLP(p, pts, cls, wide, alpha, beta)
+        h = _new_highs(None if time_limit is None else max(1e-3, time_limit - (time.perf_counter() - t0)), "simplex")
+        for opt in ("primal_feasibility_tolerance", "dual_feasibility_tolerance"):
+            h.setOptionValue(opt, _FEAS)
+        _pass_lp(h, lp.cost, lp.A, lp.upper, lp.row_lower, np.full(len(lp.row_lower), np.inf))
+        h.run()
+        name = _highs_status(h)
+        if name not in ("optimal", "infeasible", "time_limit"):  # numerical trouble in simplex: the interior point, then crossover
+            h.setOptionValue("solver", "ipm")
+            h.setOptionValue("run_crossover", "on")
+            h.clearSolver()
+            h.run()
+            name = _highs_status(h)
+        rounds += 1
+        if name != "optimal":
+            status = {"infeasible": "infeasible", "time_limit": "time_limit"}.get(name, f"failed ({name})")
+            break
+        sol = h.getSolution()
+        x, duals = np.asarray(sol.col_value), np.maximum(np.asarray(sol.row_dual), 0.0)
+        dW, db = lp.change(x)
+        short = p.row_shortfall(dW, db)
+        short[in_set] = -np.inf
+        allowed = np.zeros(N)
+        allowed[lp.soft_points] = x[lp.slack_cols] * beta
+        bad = short - allowed[:, None] > 10 * _FEAS * beta
+        if not bad.any() or rounds >= max_rounds:
+            status = "optimal" if not bad.any() else "not_converged"
+            break
+        in_set |= bad | (short - allowed[:, None] > -_NEAR * beta)
+    seconds = time.perf_counter() - t0
+    size = {"rows": int(in_set.sum()), "entries": int(C * lp.ncoef), "pairs": int(len(lp.pairs)), "box_features": int(len(wide)),
+            "points": N, "full_rows": N * (C - 1), "full_entries": int(C * lp.ncoef), "method": "box LP"}
+    if status == "infeasible":
+        hard = [k for k in range(N) if not np.isfinite(p.prices[k])]
+        deadline = time.perf_counter() + _CONFLICT_S
+        conflicts = find_conflicts(p, hard, feasible=lambda ks: _feasible(p, ks, wide, deadline), deadline=deadline)
+        size["conflicts_irreducible"] = time.perf_counter() < deadline  # else: they conflict, but a smaller set may too
+        return MarginSolution("infeasible", *zero, np.inf, 0.0, time.perf_counter() - t0, rounds, size, conflicts=conflicts)
+    if status != "optimal":
+        return MarginSolution(status, *zero, np.inf, 0.0, seconds, rounds, size)
+    y = duals[:lp.n_margin] / alpha
+    sigma = lp.sigma(duals)
+    srows = sigma_rows(p, pts, cls, lp.pairs, sigma)
+    lower = certified_lower_bound(p, pts, cls, y, sigma_rows=srows)
+    obj = p.objective(dW, db)
+    witness = {"point": pts.astype(np.int64), "class": cls.astype(np.int64), "multiplier": y,
+               "pairs": lp.pairs.astype(np.int64), "sigma": sigma}
+    return MarginSolution("optimal", dW, db, obj, lower, seconds, rounds, size, witness)
+
+
+def _feasible(p: MarginProblem, points: list[int], wide: np.ndarray, deadline: float | None = None) -> bool:
+    """Can these hard points all keep their boxes' labels with some change? One exact LP (past ``deadline``:
+    undecided, reported as feasible, so that the point stays in the conflicting set)."""
+    from cnnrepair.repair.targets import _highs_status, _new_highs, _pass_lp
+
+    sub = p.subset(np.asarray(points, np.int64))
+    C = p.num_classes
+    pts = np.repeat(np.arange(len(points)), C)
+    cls = np.tile(np.arange(C), len(points))
+    keep = cls != sub.labels[pts]
+    R = sub.row_shortfall()
+    scale = float(np.abs(R[np.isfinite(R)]).max(initial=1.0)) or 1.0
+    alpha = float(max(np.abs(sub.features).max(initial=0.0), 0.0 if sub.radii is None else sub.radii.max(initial=0.0))) or 1.0
+    lp = _BoxLP(sub, pts[keep], cls[keep], wide, alpha, scale)
+    h = _new_highs(None if deadline is None else max(1e-3, deadline - time.perf_counter()), "simplex")
+    _pass_lp(h, np.zeros(len(lp.cost)), lp.A, lp.upper, lp.row_lower, np.full(len(lp.row_lower), np.inf))
+    h.run()
+    return _highs_status(h) != "infeasible"
+
+
+class _BoxLP:
+    """The program on a set of rows, in scaled units (features / alpha, logit changes / beta).
+
+    Columns: d+ and d- per entry (class-major, bias last per class), an L-infinity level t if the
+    norm has one, a shortfall per soft point with rows, and u per (class pair, wide feature).
+    Rows: margin rows first, then |d| <= t rows, then u >= +-(W_a - W_b) rows per pair and feature.
+    """
+
+    def __init__(self, p: MarginProblem, pts: np.ndarray, cls: np.ndarray, wide: np.ndarray, alpha: float, beta: float):
+        C, n = p.weight.shape
+        self.p, self.alpha, self.beta, self.n = p, alpha, beta, n
+        self.pts, self.cls = pts, cls
+        nc = self.ncoef = n if p.freeze_bias else n + 1
+        E = C * nc
+        a, b = p.norm_coefficients()
+        lab = p.labels[pts]
+        self.pairs = np.unique(np.stack([np.minimum(lab, cls), np.maximum(lab, cls)], 1), axis=0) if len(pts) else np.zeros((0, 2), np.int64)
+        pair_index = {(int(u), int(v)): i for i, (u, v) in enumerate(self.pairs)}
+        soft = np.unique(pts[np.isfinite(p.prices[pts])])
+        self.soft_points = soft
+        W = len(wide)
+        col_t = 2 * E
+        n_t = 1 if b > 0 else 0
+        col_s = col_t + n_t
+        col_u = col_s + len(soft)
+        ncols = col_u + len(self.pairs) * W
+        self.slack_cols = col_s + np.arange(len(soft))
+        slack_of = {int(k): col_s + i for i, k in enumerate(soft)}
+        bound = np.inf if p.max_change is None else p.max_change * alpha / beta
+        # scaled objective = actual * alpha / beta: a soft point's price per unit of (beta-scaled) shortfall is price * alpha
+        self.cost = np.concatenate([np.full(2 * E, a), np.full(n_t, b), p.prices[soft] * alpha, np.zeros(len(self.pairs) * W)])
+        self.upper = np.concatenate([np.full(2 * E, bound), np.full(n_t + len(soft) + len(self.pairs) * W, np.inf)])
+        rows, cols, vals, lower = [], [], [], []
+        G = p.features / alpha
+        radii = p.radii if p.radii is not None else np.zeros_like(p.features)
+        Rr = radii / alpha
+        W0 = p.weight
+        b0 = p.bias
+        r = 0
+        for k, j in zip(pts, cls):
+            y = int(p.labels[k])
+            f = G[k]
+            nz = np.flatnonzero(f)
+            for c, sgn in ((y, 1.0), (int(j), -1.0)):
+                e = c * nc + nz
+                cols += [e, E + e]
+                vals += [sgn * f[nz], -sgn * f[nz]]
+                rows += [np.full(2 * len(nz), r)]
+                if not p.freeze_bias:
+                    cols += [np.array([c * nc + n, E + c * nc + n])]
+                    vals += [np.array([sgn, -sgn]) / alpha]
+                    rows += [np.full(2, r)]
+            pi = pair_index.get((min(y, int(j)), max(y, int(j))))
+            rad = Rr[k, wide]
+            live = np.flatnonzero(rad > 0)
+            if len(live):
+                cols += [col_u + pi * W + live]
+                vals += [-rad[live]]
+                rows += [np.full(len(live), r)]
+            if k in slack_of:
+                cols += [np.array([slack_of[int(k)]])]
+                vals += [np.array([1.0])]
+                rows += [np.array([r])]
+            own = (W0[y] - W0[j]) @ p.features[k] + b0[y] - b0[j]  # u carries all of |W_y - W_j|, the old part included
+            lower.append((p.margins[k] - own) / beta)
+            r += 1
+        self.n_margin = r
+        if n_t:
+            for e in range(E):
+                cols += [np.array([e, E + e, col_t])]
+                vals += [np.array([1.0, 1.0, -1.0])]
+                rows += [np.full(3, r)]
+                lower.append(-np.inf)  # written as -d+ - d- + t >= 0 below
+                r += 1
+        self.pair_row0 = r
+        D0 = (W0[self.pairs[:, 0]] - W0[self.pairs[:, 1]])[:, wide] * alpha / beta if len(self.pairs) else np.zeros((0, W))
+        for i, (u, v) in enumerate(self.pairs):
+            for sgn in (1.0, -1.0):  # u >= sgn * (D0 + d_u - d_v), i.e. u - sgn (d_u - d_v) >= sgn * D0
+                ucol = col_u + i * W + np.arange(W)
+                eu, ev = u * nc + wide, v * nc + wide
+                rr = r + np.arange(W)
+                cols += [ucol, eu, E + eu, ev, E + ev]
+                vals += [np.ones(W), np.full(W, -sgn), np.full(W, sgn), np.full(W, sgn), np.full(W, -sgn)]
+                rows += [rr] * 5
+                lower.extend((sgn * D0[i]).tolist())
+                r += W
+        rows_a, cols_a, vals_a = np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
+        if n_t:  # flip the |d| <= t rows to >= form
+            flip = (rows_a >= self.n_margin) & (rows_a < self.pair_row0)
+            vals_a = np.where(flip, -vals_a, vals_a)
+            lower = np.asarray(lower, float)
+            lower[self.n_margin:self.pair_row0] = 0.0
+        self.row_lower = np.asarray(lower, float)
+        self.A = sp.csc_matrix((vals_a, (rows_a, cols_a)), shape=(r, ncols))
+        self.wide, self.W, self.E = wide, W, E
+
+    def change(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        d = (x[:self.E] - x[self.E:2 * self.E]).reshape(-1, self.ncoef) * self.beta / self.alpha
+        dW = d[:, :self.n].copy()
+        db = d[:, self.n].copy() if not self.p.freeze_bias else np.zeros(len(d))
+        return dW, db
+
+    def sigma(self, duals: np.ndarray) -> np.ndarray:
+        """Per pair and feature, ``(mu+ - mu-) / sum_rows y r``: the multipliers of its two u rows over the radius-weighted
+        multipliers of its margin rows (what stationarity in u makes them add up to, or exceed); 0 off the wide features."""
+        out = np.zeros((len(self.pairs), self.n))
+        weight = np.zeros((len(self.pairs), self.W))
+        y = duals[:self.n_margin]
+        lab = self.p.labels[self.pts]
+        key = {(int(a), int(b)): i for i, (a, b) in enumerate(self.pairs)}
+        radii = self.p.radii if self.p.radii is not None else np.zeros_like(self.p.features)
+        for r, (k, j) in enumerate(zip(self.pts, self.cls)):
+            i = key[(min(int(lab[r]), int(j)), max(int(lab[r]), int(j)))]
+            weight[i] += y[r] * radii[k, self.wide] / self.alpha
+        for i in range(len(self.pairs)):
+            s = self.pair_row0 + 2 * i * self.W
+            diff = duals[s:s + self.W] - duals[s + self.W:s + 2 * self.W]
+            out[i, self.wide] = np.where(weight[i] > 0, diff / np.where(weight[i] > 0, weight[i], 1.0), 0.0)
+        return np.clip(out, -1.0, 1.0)
