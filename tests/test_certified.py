@@ -376,3 +376,36 @@ def test_marabou_agrees_that_the_repaired_balls_are_robust(tmp_path, capsys):
             code, _, _ = net.solve(verbose=False, options=MarabouCore.Options(),
                                    propertyFilename=str(tmp_path / name / f"point_{i}.vnnlib"))
             assert code == expected, (i, name)
+
+
+def test_bounds_of_an_onnx_file_equal_those_of_the_torch_model_it_came_from(tmp_path):
+    from cnnrepair.formats import load_model
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                        nn.Linear(64, 10), nn.ReLU(), nn.Linear(10, 3)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.zeros(1, 1, 8, 8),), str(tmp_path / "c.onnx"), dynamo=False, input_names=["x"],
+                          dynamic_axes={"x": {0: "n"}})
+    onnx_model = load_model(tmp_path / "c.onnx").module  # batch norm folded into the conv by the exporter, zero pads explicit
+    x = torch.rand(5, 1, 8, 8)
+    y = np.zeros(5, np.int64)
+    for method in ("ibp", "crown"):
+        a, b = certify(net, x, y, 0.02, method, layer="7"), certify(onnx_model, x, y, 0.02, method)
+        assert np.allclose(a.margins, b.margins, atol=1e-6)
+
+
+def test_evaluate_reports_certified_accuracy_that_the_attack_never_beats(tmp_path, digits, capsys):
+    net = _trained_digits_cnn(digits)
+    x = torch.as_tensor(digits.x_test[:80]).float() / 255
+    _export(net, x, tmp_path / "m.pt2")
+    np.savez(tmp_path / "imgs.npz", x=digits.x_test[:80], y=digits.y_test[:80])
+    assert main(["evaluate", str(tmp_path / "m.pt2"), "--npz", str(tmp_path / "imgs.npz"), "--eps", "0.01,0.04", "--attack", "pgd",
+                 "--certify", "crown", "--n", "80", "--out", str(tmp_path / "rep")]) == 0
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())["models"]["original"]
+    assert set(report["certified"]) == {"0.01", "0.04"}
+    for eps, acc in report["certified"].items():
+        assert 0 < acc <= report["attack"][eps]
+    assert report["certified"]["0.04"] <= report["certified"]["0.01"]
+    assert "certified eps 0.01" in capsys.readouterr().err

@@ -30,6 +30,7 @@ class AssessSettings:
     n: int = 1000
     seed: int = 0
     pgd_steps: int = 40
+    certify: str | None = None  # "ibp" or "crown": also the certified accuracy at each eps (sound bounds over each ball)
 
     def check(self) -> None:
         for e in self.eps:
@@ -38,6 +39,8 @@ class AssessSettings:
             raise CnnRepairError(f"--attack must be fgsm or pgd (got {self.attack!r})")
         if self.n < 1:
             raise CnnRepairError(f"--n must be >= 1 (got {self.n})")
+        if self.certify not in (None, "ibp", "crown"):
+            raise CnnRepairError(f"--certify must be ibp or crown (got {self.certify!r})")
 
 
 @torch.no_grad()
@@ -74,6 +77,8 @@ def assess(models: dict[str, nn.Module], images: np.ndarray, labels: np.ndarray,
             torch.manual_seed(settings.seed)
             _, success = attack(pix, x, y, eps, method, progress=progress, desc=f"{name}: {settings.attack} eps={eps:g}")
             row["attack"][f"{eps:g}"] = float(1.0 - success.float().mean())
+        if settings.certify:
+            row["certified"] = _certified(model, x, y, spec, settings, progress, name)
         if points is not None:
             row["repair_points_accuracy"] = accuracy_on(model, points[0], points[1])
         if held_out is not None:
@@ -92,6 +97,21 @@ def assess(models: dict[str, nn.Module], images: np.ndarray, labels: np.ndarray,
     return report
 
 
+def _certified(model: nn.Module, images: np.ndarray, labels: np.ndarray, spec: InputSpec, settings: AssessSettings,
+               progress: Progress | None, name: str) -> dict:
+    """Certified accuracy per eps: the share of images whose whole ball (pixels, in [0, 1]) provably keeps the label."""
+    from cnnrepair.certify import certify_boxes
+    from cnnrepair.data import to_float
+
+    x01 = to_float(images).double()
+    out = {}
+    for eps in settings.eps:  # the box in pixels, through the input convention (monotone: std > 0)
+        lo, hi = spec.to_model((x01 - eps).clamp(0, 1)), spec.to_model((x01 + eps).clamp(0, 1))
+        tell = None if progress is None else (lambda desc, i, n, e=eps: progress(f"{name}: {desc} eps={e:g}", i, n))
+        out[f"{eps:g}"] = certify_boxes(model, lo, hi, labels, settings.certify, eps=eps, progress=tell).accuracy
+    return out
+
+
 def plot_report(report: dict, path) -> None:
     """Accuracy under attack against eps, one line per model, the clean accuracy at eps 0."""
     from cnnrepair.report import _plt
@@ -102,7 +122,10 @@ def plot_report(report: dict, path) -> None:
         eps = [0.0] + [float(e) for e in r["attack"]]
         acc = [r["clean_accuracy"]] + list(r["attack"].values())
         label = name + (f" (drawdown {r['drawdown']:.2f}, generalisation {r['generalisation']:+.2f})" if "generalisation" in r else "")
-        ax.plot(eps, [100 * a for a in acc], marker="o", label=label)
+        line, = ax.plot(eps, [100 * a for a in acc], marker="o", label=label)
+        if "certified" in r:
+            ax.plot([float(e) for e in r["certified"]], [100 * a for a in r["certified"].values()], marker="s", linestyle="--",
+                    color=line.get_color(), label=f"{name}: certified ({report['settings']['certify']})")
     ax.set_xlabel(f"eps ({report['settings']['attack'].upper()}, pixel units)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"{report['images']} test images")

@@ -62,14 +62,22 @@ def worst_margins(bounds: FeatureBounds, labels: np.ndarray, weight: np.ndarray,
 def certify(model: nn.Module, x, y, eps, method: str = "crown", layer: str | None = None, mean=None, std=None,
             domain: tuple[float, float] = (0.0, 1.0)) -> Certification:
     """Certify each input ``x`` (model units) with label ``y`` over its ball of radius ``eps`` (pixels; see ``ball_box``)."""
-    t0 = time.perf_counter()
     xt = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).float()
-    labels = np.asarray(y, np.int64)
-    lay = last_layer(model, xt[:2], layer)
     lo, hi = ball_box(xt, eps, mean, std, domain)
-    fb = feature_bounds(model, lay.name, lo, hi, method)
+    return certify_boxes(model, lo, hi, y, method, layer, eps=float(np.max(eps)))
+
+
+def certify_boxes(model: nn.Module, lower, upper, y, method: str = "crown", layer: str | None = None,
+                  eps: float = float("nan"), progress=None) -> Certification:
+    """Certify each input box ``[lower, upper]`` (model units) with label ``y`` (``progress``: see ``feature_bounds``)."""
+    t0 = time.perf_counter()
+    lower = torch.as_tensor(np.asarray(lower) if not isinstance(lower, torch.Tensor) else lower).double()
+    upper = torch.as_tensor(np.asarray(upper) if not isinstance(upper, torch.Tensor) else upper).double()
+    labels = np.asarray(y, np.int64)
+    lay = last_layer(model, ((lower[:2] + upper[:2]) / 2).float(), layer)
+    fb = feature_bounds(model, lay.name, lower, upper, method, progress=progress)
     margins = worst_margins(fb, labels, lay.weight, lay.bias)
-    return Certification(float(np.max(eps)), method, labels, margins, fb, lay.name, time.perf_counter() - t0)
+    return Certification(eps, method, labels, margins, fb, lay.name, time.perf_counter() - t0)
 
 
 def pgd_accuracy(model: nn.Module, lower, upper, y, steps: int = 50, restarts: int = 5, seed: int = 0,
@@ -103,4 +111,4 @@ def pgd_accuracy(model: nn.Module, lower, upper, y, steps: int = 50, restarts: i
     return robust
 
 
-__all__ = ["Certification", "certify", "pgd_accuracy", "worst_margins"]
+__all__ = ["Certification", "certify", "certify_boxes", "pgd_accuracy", "worst_margins"]

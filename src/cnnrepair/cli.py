@@ -361,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_images_args(p)
     p.add_argument("--eps", default="0.05,0.1", help="attack radii in pixel units, comma-separated (default 0.05,0.1)")
     p.add_argument("--attack", choices=["fgsm", "pgd"], default="fgsm")
+    p.add_argument("--certify", choices=["ibp", "crown"], default=None,
+                   help="also report certified accuracy at each --eps: images whose whole ball provably keeps the label")
     p.add_argument("--n", type=int, default=1000, help="test images (a seeded slice; default 1000)")
     p.add_argument("--points", type=Path, default=None, help="the repair points (efficacy)")
     p.add_argument("--held-out", type=Path, default=None, help="held-out points of the same kind (generalisation)")
@@ -739,7 +741,7 @@ def _cmd_evaluate(args: argparse.Namespace, bars: _Bars) -> int:
     _fresh_out(args, "report.json")
     mean, std = _convention(args)
     eps = list(_floats(args.eps, "eps", "0.05,0.1") or ())
-    settings = AssessSettings(eps, args.attack, args.n, args.seed)
+    settings = AssessSettings(eps, args.attack, args.n, args.seed, certify=args.certify)
     settings.check()
     images, labels, source = _points_images(args)
     shape = _input_shape(args, images.shape[1:])
@@ -759,7 +761,8 @@ def _cmd_evaluate(args: argparse.Namespace, bars: _Bars) -> int:
         extra = "".join(f", {k} {r[k]:.2f}" for k in ("drawdown", "generalisation") if k in r)
         eff = f", efficacy {100 * r['efficacy']:.1f}%" if "efficacy" in r else ""
         attacked = ", ".join(f"eps {e}: {100 * a:.2f}%" for e, a in r["attack"].items())
-        _say(f"{name}: clean {100 * r['clean_accuracy']:.2f}%, {args.attack} {attacked}{eff}{extra}")
+        cert = "; certified " + ", ".join(f"eps {e}: {100 * a:.2f}%" for e, a in r["certified"].items()) if "certified" in r else ""
+        _say(f"{name}: clean {100 * r['clean_accuracy']:.2f}%, {args.attack} {attacked}{cert}{eff}{extra}")
     _say(f"wrote {args.out / 'report.json'} and {args.out / 'report.png'}")
     return 0
 

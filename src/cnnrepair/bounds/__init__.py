@@ -76,10 +76,11 @@ def ball_box(x, eps, mean=None, std=None, domain: tuple[float, float] = (0.0, 1.
 
 
 def feature_bounds(model: nn.Module | FrozenGraph, layer: str, lower, upper, method: str = "crown",
-                   batch_size: int | None = None) -> FeatureBounds:
+                   batch_size: int | None = None, progress=None) -> FeatureBounds:
     """Bounds on the input of ``layer`` (the repaired linear layer) over each box ``[lower, upper]``.
 
-    ``model`` may be a graph from :func:`frozen_graph` (reused across calls). Sound in exact
+    ``model`` may be a graph from :func:`frozen_graph` (reused across calls); ``progress(desc, done,
+    total)`` is called after each batch. Sound in exact
     arithmetic and widened against float64 roundoff; the model itself runs in float32, whose
     rounding (about 1e-6 relative) the margins asked of repair must cover.
     """
@@ -102,6 +103,8 @@ def feature_bounds(model: nn.Module | FrozenGraph, layer: str, lower, upper, met
             lo, hi = propagate(graph, lower[i:i + batch_size], upper[i:i + batch_size], method)
             los.append(lo.reshape(len(lo), -1).numpy())
             his.append(hi.reshape(len(hi), -1).numpy())
+            if progress is not None:
+                progress(f"{method} bounds", min(i + batch_size, len(lower)), len(lower))
     n = int(np.prod(graph.op(graph.target).shape))
     lo = np.concatenate(los) if los else np.zeros((0, n))
     hi = np.concatenate(his) if his else np.zeros((0, n))

@@ -48,6 +48,7 @@ _BATCH_NORM = {aten.batch_norm.default, aten._native_batch_norm_legit_no_trainin
 _RELU = {aten.relu.default, aten.relu_.default}
 _MAXPOOL = {aten.max_pool2d.default, aten.max_pool2d_with_indices.default}
 _SKIP = {aten._assert_tensor_metadata.default}
+_PADS = {aten.pad.default, aten.constant_pad_nd.default}  # zero padding: linear, with 0/1 coefficients
 
 
 @dataclass
@@ -133,7 +134,7 @@ def frozen_graph(model: nn.Module, layer: str, sample: Tensor) -> FrozenGraph:
             if not args_dep:
                 consts[node] = _as64(_run_const(node, consts))
                 continue
-            op = _classify(node, args_dep, consts)
+            op = _classify(node, args_dep, consts, shapes[node])
             op.shape = shapes[node]
             ops.append(op)
             dep.add(node)
@@ -200,7 +201,7 @@ def _run_const(node: torch.fx.Node, consts: dict):
     return node.target(*args, **kwargs)
 
 
-def _classify(node: torch.fx.Node, deps: list[torch.fx.Node], consts: dict) -> Op:
+def _classify(node: torch.fx.Node, deps: list[torch.fx.Node], consts: dict, shape: tuple[int, ...]) -> Op:
     t = node.target
     if t is operator.getitem:
         src = node.args[0]
@@ -230,8 +231,8 @@ def _classify(node: torch.fx.Node, deps: list[torch.fx.Node], consts: dict) -> O
         if replace:
             for i, v in replace.items():
                 args[i] = v
-        if t in _RESHAPES:
-            args[1] = [-1, *args[1][1:]]
+        if t in _RESHAPES:  # the batch may differ from the traced one; every other size is the traced example's
+            args[1] = [-1, *shape]
         return t(*args, **{k: _sub(v, consts) for k, v in node.kwargs.items()})
 
     def run(x):
@@ -269,6 +270,13 @@ def _classify(node: torch.fx.Node, deps: list[torch.fx.Node], consts: dict) -> O
         w = consts[node.args[1]]
         return Op(node, "affine", [src], run=run, abs_linear=lambda x: t(x, w.abs()),
                   linear=lambda x: t(x, w))
+    if t in _PADS and pos == 0:
+        value = node.args[3] if t == aten.pad.default and len(node.args) > 3 else node.args[2] if t == aten.constant_pad_nd.default \
+            and len(node.args) > 2 else node.kwargs.get("value", 0.0)
+        mode = node.args[2] if t == aten.pad.default and len(node.args) > 2 else node.kwargs.get("mode", "constant")
+        if mode != "constant" or (value not in (None, 0, 0.0) and any(node.args[1])):
+            raise CnnRepairError(f"padding with mode {mode!r} and value {value!r} is not supported by the bound propagation (zero padding is)")
+        return Op(node, "affine", [src], run=run, abs_linear=run, linear=run)
     if t in _MONOTONE and (pos == 0 or t == aten.add.Tensor):
         zero_shift = {}
 
