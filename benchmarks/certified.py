@@ -3,8 +3,9 @@
 For each run (digits, MNIST), each of its models' last layer (the NN's last fully connected layer
 and LH's head, both from the run's ``export/*.pt2``), each eps and each bound method:
 
-* repair points: the first ``k`` images of the first half of the test set whose ball the model
-  does not certify with their true label under that method (misclassified images included);
+* repair points: the first ``k`` images of the first half of the test set whose ball CROWN (the
+  tighter method) does not certify with their true label (misclassified images included), the same
+  for both methods;
 * keep points: ``keep`` images of that half the model classifies correctly (hard, margin 0): as
   points (their label kept), and with CROWN also as balls (``keep_eps = eps``: those whose ball was
   certified stay certified);
@@ -54,10 +55,12 @@ def run(runs: list[Path], eps_grid: tuple[float, ...], k: int = 20, keep: int = 
                 clean_before = float((model(xe).argmax(1).numpy() == ye).mean())
             right = np.flatnonzero(pred_pool == y[:half])
             for eps in eps_grid:
+                # the same repair points for both methods: the first k images whose ball CROWN (the tighter) does not certify
+                tight = certify(model, x[:candidates], y[:candidates], eps, "crown")
+                idx = np.flatnonzero(~tight.certified)[:k]
+                keep_idx = np.setdiff1d(right, idx)[:keep]
                 for method in ("ibp", "crown"):
-                    cand = certify(model, x[:candidates], y[:candidates], eps, method)
-                    idx = np.flatnonzero(~cand.certified)[:k]  # the first k images whose ball is not certified
-                    keep_idx = np.setdiff1d(right, idx)[:keep]
+                    cand = tight if method == "crown" else certify(model, x[:candidates], y[:candidates], eps, method)
                     ev = certify(model, xe[:eval_n], ye[:eval_n], eps, method)
                     lo, hi = ball_box(xe[:eval_n], eps)
                     for keep_kind in ("points", "balls") if method == "crown" else ("points",):

@@ -14,7 +14,7 @@ from cnnrepair.bounds import ball_box, feature_bounds, frozen_graph
 from cnnrepair.certify import certify, pgd_accuracy
 from cnnrepair.cli import main
 from cnnrepair.errors import CnnRepairError
-from cnnrepair.repair import MarginProblem, RepairSpec, last_layer, repair_classifier, solve_margins
+from cnnrepair.repair import MarginProblem, RepairSpec, last_layer, repair_classifier, solve_ball
 
 
 class Normalise(nn.Module):
@@ -204,7 +204,7 @@ def test_box_program_reaches_the_optimum_of_the_corner_lp_and_its_worst_case_is_
     for _ in range(3):
         p = MarginProblem(rng.normal(size=(C, n)), rng.normal(size=C), rng.normal(size=(N, n)), rng.integers(0, C, N), 0.1,
                           norm=norm, freeze_bias=freeze_bias, radii=rng.uniform(0, 0.3, (N, n)) * (rng.random((N, n)) > 0.3))
-        sol = solve_margins(p)
+        sol = solve_ball(p)
         ref = _corner_lp(p)
         if ref is None:
             assert sol.status == "infeasible" and len(sol.conflicts)
@@ -227,7 +227,7 @@ def test_box_program_with_soft_keep_points_and_a_bound_on_each_change():
     radii = np.where(np.arange(N)[:, None] < 3, 0.2, 0.0) * np.ones((N, n))  # three boxes, three pointwise (keep) points
     p = MarginProblem(rng.normal(size=(C, n)), rng.normal(size=C), rng.normal(size=(N, n)), rng.integers(0, C, N), 0.1,
                       prices=np.array([np.inf] * 3 + [0.5] * 3), max_change=2.0, radii=radii)
-    sol = solve_margins(p)
+    sol = solve_ball(p)
     assert sol.ok and sol.gap <= 1e-6
     assert np.abs(np.concatenate([sol.delta_weight.ravel(), sol.delta_bias])).max() <= 2.0 + 1e-9
     assert (p.point_margins(sol.delta_weight, sol.delta_bias)[:3] >= 0.1 - 1e-7).all()

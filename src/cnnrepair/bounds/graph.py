@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cnnrepair.errors import CnnRepairError
+from cnnrepair.graph_linear import linear_nodes
 
 aten = torch.ops.aten
 
@@ -101,10 +102,8 @@ def _get_attr(gm: torch.fx.GraphModule, target: str) -> Tensor:
 
 def frozen_graph(model: nn.Module, layer: str, sample: Tensor) -> FrozenGraph:
     """The graph of ``model`` up to the input of its linear layer ``layer`` (a name from ``candidate_layers``)."""
-    from cnnrepair.repair.layer import _linear_nodes
-
     gm = _export(model, sample)
-    lins = _linear_nodes(gm)
+    lins = linear_nodes(gm)
     if layer not in lins:
         raise CnnRepairError(f"layer {layer!r} is not a linear layer of the traced model (found: {', '.join(lins) or 'none'}); "
                              "bounds need the features of a linear last layer (an RBF head's kernel values are not supported)")

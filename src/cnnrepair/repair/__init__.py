@@ -2,12 +2,14 @@
 
 * :mod:`cnnrepair.repair.targets`: the paper's program (equation 3): pull decision values toward targets.
 * :mod:`cnnrepair.repair.margins`: the exact minimal change that gives points their labels with a margin.
+* :mod:`cnnrepair.repair.ball`: the same for points known only up to a box of features (certified repair of input balls).
 * :mod:`cnnrepair.repair.layer`: any classifier as frozen features plus the linear layer that ends it.
 * :mod:`cnnrepair.repair.api`: :func:`repair_classifier`, one call from a model and points to a repaired copy.
 * :mod:`cnnrepair.repair.certificate`: the claim in JSON and its independent re-check.
 """
 
 from cnnrepair.repair.api import ClassifierRepair, repair_classifier
+from cnnrepair.repair.ball import solve_ball
 from cnnrepair.repair.layer import LastLayer, candidate_layers, last_layer
 from cnnrepair.repair.margins import NORMS, MarginProblem, MarginSolution, certified_lower_bound, find_conflicts, margins_of, solve_margins
 from cnnrepair.repair.spec import SPECS, RepairSpec
@@ -28,5 +30,5 @@ __all__ = [
     "SPECS", "ClassifierRepair", "LastLayer", "RepairSpec", "candidate_layers", "last_layer", "repair_classifier",
     "AUTO_IPM_POINTS", "NORMS", "SOLVERS", "BoundConstraints", "ClassLP", "MarginProblem", "MarginSolution",
     "RepairProblem", "RepairResult", "TargetConstraints", "certified_lower_bound", "default_threads",
-    "find_conflicts", "margins_of", "repair", "solve_margins", "wilcoxon_select",
+    "find_conflicts", "margins_of", "repair", "solve_ball", "solve_margins", "wilcoxon_select",
 ]

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from cnnrepair.errors import CnnRepairError
+from cnnrepair.repair.ball import solve_ball
 from cnnrepair.repair.certificate import FORMAT, change_summary, model_margins
 from cnnrepair.repair.layer import LastLayer, last_layer
 from cnnrepair.repair.margins import MarginProblem, MarginSolution, solve_margins
@@ -170,7 +171,7 @@ def _pointwise(lay: LastLayer, spec: RepairSpec, F, ya, FK, ky, xt, kx, base, ke
         problem = MarginProblem(lay.weight, lay.bias, feats, labels, required + extra, prices, spec.norm,
                                 spec.freeze_bias, spec.max_change, radii)
         remaining = None if time_limit is None else max(1e-3, time_limit - (time.perf_counter() - t0))
-        sol = solve_margins(problem, time_limit=remaining)
+        sol = (solve_ball if problem.has_boxes else solve_margins)(problem, time_limit=remaining)
         if not sol.ok:
             break
         repaired = lay.replaced(lay.weight + sol.delta_weight, lay.bias + sol.delta_bias)

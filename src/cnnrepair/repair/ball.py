@@ -25,7 +25,7 @@ import time
 import numpy as np
 import scipy.sparse as sp
 
-from cnnrepair.repair.margins import MarginProblem, MarginSolution, certified_lower_bound
+from cnnrepair.repair.margins import MarginProblem, MarginSolution, certified_lower_bound, find_conflicts
 
 _FEAS = 1e-9
 _CONFLICT_S = 30.0  # seconds the search for a small conflicting set may take (then the set found so far)
@@ -51,7 +51,6 @@ def sigma_rows(p: MarginProblem, point: np.ndarray, cls: np.ndarray, pairs: np.n
 
 def solve_ball(p: MarginProblem, time_limit: float | None = None, max_rounds: int = 100) -> MarginSolution:
     """Solve the margin program with feature boxes (``p.radii``) exactly; see the module docstring."""
-    from cnnrepair.repair.margins import find_conflicts
     from cnnrepair.repair.targets import _highs_status, _new_highs, _pass_lp
 
     t0 = time.perf_counter()

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from cnnrepair.errors import CnnRepairError
+from cnnrepair.graph_linear import linear_nodes as _linear_nodes
 from cnnrepair.training import model_device
 
 
@@ -29,44 +30,6 @@ def _svm_heads():
     from cnnrepair.hybrid import LinearHead, RBFHead
 
     return LinearHead, RBFHead
-
-
-@dataclass(frozen=True)
-class _GraphLinear:
-    """A linear map in an exported graph: ``out = inp @ weight.T (+ bias)``, weight and bias stored tensors."""
-
-    out: torch.fx.Node
-    inp: torch.fx.Node
-    weight: str
-    bias: str | None
-
-
-_TRANSPOSES = {torch.ops.aten.t.default, torch.ops.aten.numpy_T.default}
-
-
-def _attr(node) -> str | None:
-    return str(node.target) if isinstance(node, torch.fx.Node) and node.op == "get_attr" else None
-
-
-def _linear_nodes(gm: torch.fx.GraphModule) -> dict[str, _GraphLinear]:
-    """Linear maps on stored weights, by the weight's module path: ``aten.linear`` calls, and
-    ``x @ W.T + b`` as ``torch.export`` writes our SVM heads' float64 matmul."""
-    found = {}
-    for node in gm.graph.nodes:
-        if node.op != "call_function":
-            continue
-        lin = None
-        if node.target in (torch.ops.aten.linear.default, torch.nn.functional.linear):
-            b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-            lin = _GraphLinear(node, node.args[0], _attr(node.args[1]), _attr(b))
-        elif node.target == torch.ops.aten.add.Tensor and isinstance(node.args[0], torch.fx.Node) and _attr(node.args[1]):
-            mm = node.args[0]
-            if mm.op == "call_function" and mm.target == torch.ops.aten.matmul.default and isinstance(mm.args[1], torch.fx.Node) \
-                    and mm.args[1].target in _TRANSPOSES:
-                lin = _GraphLinear(node, mm.args[0], _attr(mm.args[1].args[0]), _attr(node.args[1]))
-        if lin is not None and lin.weight and lin.weight.rpartition(".")[2] in ("weight", "coef"):
-            found[lin.weight.rpartition(".")[0]] = lin  # "coef": an RBF head's dual coefficients on its kernel values
-    return found
 
 
 def _same_output(lay: Tensor, res: Tensor) -> bool:

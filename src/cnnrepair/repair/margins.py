@@ -425,9 +425,7 @@ def solve_margins(p: MarginProblem, time_limit: float | None = None, max_rounds:
     from cnnrepair.repair.targets import _highs_status
 
     if p.has_boxes:
-        from cnnrepair.repair.ball import solve_ball
-
-        return solve_ball(p, time_limit)
+        raise CnnRepairError("points with feature boxes need the box program: cnnrepair.repair.ball.solve_ball")
     t0 = time.perf_counter()
     C, n = p.weight.shape
     N = len(p.labels)
