@@ -175,3 +175,22 @@ def test_fog_is_reproducible_and_keeps_images_in_range():
     assert not np.array_equal(a, fog(x, severity=5, seed=2)) and not np.array_equal(a, x)
     with pytest.raises(ValueError, match="severity"):
         fog(x, severity=6)
+
+
+def test_certified_benchmark_repairs_balls_with_both_bound_methods(digits_run, tmp_path, monkeypatch):
+    from benchmarks import certified, common
+    from cnnrepair.cli import main
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    assert main(["--quiet", "export", "--out", str(digits_run)]) == 0
+    path, = certified.run([digits_run], (0.01,), k=3, keep=20, eval_n=10, candidates=30)
+    result = json.loads(path.read_text())
+    rows = result["rows"]
+    assert {(r["model"], r["bounds"], r["keep"]) for r in rows} == {(m, b, k) for m in ("nn", "lh") for b, k in
+                                                                  (("ibp", "points"), ("crown", "points"), ("crown", "balls"))}
+    assert any(r["status"] == "repaired" for r in rows)
+    for r in rows:
+        if r["status"] == "repaired":
+            assert r["repair_points_certified"] == r["repair_points"] and r["pgd_not_below_certified"]
+            assert r["pgd_after"] >= r["certified_after"]
+    assert "| digits |" in certified.table(result)
