@@ -97,6 +97,8 @@ def run(runs: list[Path], eps_grid: tuple[float, ...], k: int = 20, keep: int = 
         command = f"python -m benchmarks.run certified {run_dir} --eps " + ",".join(f"{e:g}" for e in eps_grid)
         if (k, eval_n) != (20, 100):
             command += f" --k {k} --eval {eval_n}"
+        if time_limit != 300.0:
+            command += f" --time-limit {time_limit:g}"
         out = {"machine": machine(), "command": command, "dataset": res["dataset"],
                "task": {"k": k, "keep": keep, "eval": eval_n, "candidates": candidates, "margin": margin, "norm": "l1", "time_limit_s": time_limit,
                         "pgd": {"steps": 50, "restarts": 5}}, "rows": rows}

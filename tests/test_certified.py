@@ -308,9 +308,10 @@ def test_cli_ball_repair_writes_a_certificate_that_verify_rechecks_and_rejects_w
     np.savez(tmp_path / "k.npz", x=x[keep].numpy(), y=y[keep])
     out = tmp_path / "fixed"
     args = ["repair", str(tmp_path / "m.pt2"), "--points", str(tmp_path / "p.npz"), "--keep", str(tmp_path / "k.npz"),
-            "--spec", "ball", "--eps", "0.02", "--bounds", "ibp", "--out", str(out)]
+            "--spec", "ball", "--eps", "0.02", "--bounds", "ibp", "--keep-eps", "0.02", "--out", str(out)]
     assert main(args) == 0
-    assert "keeps its label" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "keeps its label" in err and f"{len(keep)}/{len(keep)} certified before stay certified" in err
     cert = json.loads((out / "certificate.json").read_text())
     assert cert["ball"]["point_eps"][0] == 0.0 and cert["spec"]["bounds"] == "ibp"
     assert all(p["certified_margin_after"] >= 0.05 for p in cert["points"])
@@ -320,7 +321,7 @@ def test_cli_ball_repair_writes_a_certificate_that_verify_rechecks_and_rejects_w
     assert "certificate holds" in capsys.readouterr().err
     program = torch.export.load(str(out / "repaired.pt2"))
     name = cert["layer"] + ".bias"
-    program.state_dict[name] = nn.Parameter(program.state_dict[name] - 0.2 * (torch.arange(10) == int(y[idx[1]])), requires_grad=False)
+    program.state_dict[name] = nn.Parameter(program.state_dict[name] - 10.0 * (torch.arange(10) == int(y[idx[1]])), requires_grad=False)
     torch.export.save(program, str(tmp_path / "altered.pt2"))
     verify[3] = str(tmp_path / "altered.pt2")
     assert main(verify) == 1

@@ -290,8 +290,16 @@ def _check_optimality(cert: dict, original, repaired, points: Points, keep_path,
         keep = load_points(keep_path, "keep file", labels_required=False)
         kf = lay0.features(keep.x)
         ky = keep.y if keep.y is not None else np.asarray(cert["keep"]["labels"], np.int64)
+        keep_radii = np.zeros_like(kf)
+        if radii is not None and spec.get("keep_eps"):  # the keep balls certified before the repair, as repair chose them
+            from dataclasses import fields
+
+            from cnnrepair.repair.api import keep_boxes
+
+            names = {f.name for f in fields(RepairSpec)}
+            kf, keep_radii, _ = keep_boxes(original, lay0, RepairSpec(**{k: v for k, v in spec.items() if k in names}), keep.x, ky, kf)
         feats = np.vstack([feats, kf])
-        radii = None if radii is None else np.vstack([radii, np.zeros_like(kf)])
+        radii = None if radii is None else np.vstack([radii, keep_radii])
         labels = np.concatenate([labels, ky])
         required = np.concatenate([required, cert["keep"]["required"]])
         prices = np.concatenate([prices, np.full(len(ky), np.inf if spec["keep_price"] is None else spec["keep_price"])])

@@ -117,11 +117,11 @@ def repair_classifier(model: nn.Module, x, y, spec: RepairSpec | None = None, *,
         if spec.kind == "targets":
             return _targets(lay, spec, F, ya, FK, ky, xt, kx, targets, base, keep_before, t0)
         box = _feature_boxes(model, lay, spec, xt, F, boxes) if spec.kind == "ball" else None
-        keep_box = _keep_boxes(model, lay, spec, kx, ky, FK) if spec.kind == "ball" and spec.keep_eps > 0 and len(ky) else None
+        keep_box = keep_boxes(model, lay, spec, kx, ky, FK) if spec.kind == "ball" and spec.keep_eps > 0 and len(ky) else None
         return _pointwise(lay, spec, F, ya, FK, ky, xt, kx, base, keep_before, time_limit, t0, box, keep_box)
 
 
-def _keep_boxes(model: nn.Module, lay: LastLayer, spec: RepairSpec, kx: torch.Tensor, ky: np.ndarray, FK: np.ndarray):
+def keep_boxes(model: nn.Module, lay: LastLayer, spec: RepairSpec, kx: torch.Tensor, ky: np.ndarray, FK: np.ndarray):
     """(centres, radii, certified-before mask) of the keep points: boxes where their ball is certified, the point elsewhere."""
     from cnnrepair.bounds import ball_box, feature_bounds
 
@@ -260,7 +260,8 @@ def _certificate(lay, spec, status, sol, problem, dW, db, ya, base, after, requi
                  "smallest_margin_after": float(keep_after.min()) if len(ky) else None,
                  "labels_kept": int((keep_after > 0).sum()), "below_keep_margin": int((keep_after < spec.keep_margin).sum()),
                  "required": [float(r) for r in required[K:]], "labels": [int(v) for v in ky]},
-        "solver": {"name": "cnnrepair.repair.margins (row and column generation on HiGHS)", "status": sol.status,
+        "solver": {"name": "cnnrepair.repair.ball (box LP on HiGHS, row generation)" if problem.has_boxes
+                   else "cnnrepair.repair.margins (row and column generation on HiGHS)", "status": sol.status,
                    "seconds": sol.seconds, "rounds": sol.rounds, **sol.size,
                    "lp_objective": float(sol.objective) if np.isfinite(sol.objective) else None, "lp_gap": sol.gap if sol.ok else None},
         "lower_bound_witness": {key: np.asarray(val).tolist() for key, val in sol.witness.items()},
