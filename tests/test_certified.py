@@ -410,3 +410,13 @@ def test_evaluate_reports_certified_accuracy_that_the_attack_never_beats(tmp_pat
         assert 0 < acc <= report["attack"][eps]
     assert report["certified"]["0.04"] <= report["certified"]["0.01"]
     assert "certified eps 0.01" in capsys.readouterr().err
+
+
+def test_crown_refuses_a_model_too_wide_for_its_memory_and_ibp_still_bounds_it():
+    from cnnrepair.models import cifar10_nn
+
+    model = cifar10_nn().eval()
+    lo, hi = ball_box(torch.rand(2, 3, 32, 32), 0.01)
+    with pytest.raises(CnnRepairError, match="use --bounds ibp"):
+        feature_bounds(model, "head.4", lo, hi, "crown")
+    assert feature_bounds(model, "head.4", lo, hi, "ibp").lower.shape == (2, 512)

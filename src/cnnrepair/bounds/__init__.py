@@ -24,6 +24,9 @@ from cnnrepair.bounds.propagate import METHODS, propagate
 from cnnrepair.errors import CnnRepairError
 
 
+_CROWN_LIMIT = 60_000_000  # float64 numbers in one linear bound (~480 MB; a few are alive at once)
+
+
 @dataclass
 class FeatureBounds:
     """Per input (rows), a box ``lower <= features <= upper`` holding the features of every point of its ball."""
@@ -94,8 +97,12 @@ def feature_bounds(model: nn.Module | FrozenGraph, layer: str, lower, upper, met
     graph = model if isinstance(model, FrozenGraph) else frozen_graph(model, layer, lower[:2].float())
     if tuple(lower.shape[1:]) != graph.input_shape:
         raise CnnRepairError(f"boxes of shape {tuple(lower.shape[1:])} for a model taking {graph.input_shape}")
+    widest = max(int(np.prod(op.shape)) for op in graph.ops)
+    per_point = int(np.prod(graph.input_shape)) * widest  # numbers in one linear bound of the widest value, per input
+    if method == "crown" and per_point > _CROWN_LIMIT:
+        raise CnnRepairError(f"crown bounds on this model would hold {per_point:,} numbers per input and value (input size x widest "
+                             f"layer; the limit is {_CROWN_LIMIT:,}): use --bounds ibp, or a smaller model")
     if batch_size is None:  # CROWN's linear bounds hold (input size x widest value) numbers per point
-        widest = max(int(np.prod(op.shape)) for op in graph.ops)
         batch_size = 256 if method == "ibp" else max(1, 12_000_000 // (int(np.prod(graph.input_shape)) * widest))
     los, his = [], []
     with torch.no_grad():
