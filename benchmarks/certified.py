@@ -99,6 +99,8 @@ def run(runs: list[Path], eps_grid: tuple[float, ...], k: int = 20, keep: int = 
             command += f" --k {k} --eval {eval_n}"
         if time_limit != 300.0:
             command += f" --time-limit {time_limit:g}"
+        if keep != 200:
+            command += f" --keep {keep}"
         out = {"machine": machine(), "command": command, "dataset": res["dataset"],
                "task": {"k": k, "keep": keep, "eval": eval_n, "candidates": candidates, "margin": margin, "norm": "l1", "time_limit_s": time_limit,
                         "pgd": {"steps": 50, "restarts": 5}}, "rows": rows}

@@ -416,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eps", default="0.005,0.01,0.02", help="comma-separated radii in pixels")
     p.add_argument("--k", type=int, default=20, help="repair points per repair (default 20)")
     p.add_argument("--eval", type=int, default=100, help="unseen test images certified before and after (default 100)")
-    p.add_argument("--time-limit", type=float, default=300.0, help="seconds one repair may take (default 300)")
+    p.add_argument("--time-limit", type=float, default=300.0, help="seconds one repair may take, bounding included (default 300)")
+    p.add_argument("--keep", type=int, default=200, help="keep points per repair (default 200)")
     p = sub.add_parser("lp", help="repair-LP scaling benchmark")
     p.add_argument("--quick", action="store_true", help="small sizes only (K up to 100)")
     p.add_argument("--cap", type=float, default=120.0, help="seconds each solver path may take on one problem (default 120)")
@@ -447,7 +448,7 @@ def _dispatch(args: argparse.Namespace) -> None:
         from benchmarks.certified import run as run_certified
 
         eps = tuple(float(v) for v in args.eps.split(","))
-        for path in run_certified(args.runs, eps, k=args.k, eval_n=args.eval, time_limit=args.time_limit):
+        for path in run_certified(args.runs, eps, k=args.k, keep=args.keep, eval_n=args.eval, time_limit=args.time_limit):
             print(f"wrote {path}")
     elif args.name == "workflow":
         from benchmarks.workflow import run as run_workflow
