@@ -347,7 +347,8 @@ def readme_section() -> str:
         lines += _table_section(path.name, lambda d: f"### Certified repair on {d['dataset']}: every input of an L-infinity ball, IBP against CROWN",
                                 lambda d: f"{on(d)}; per repair: the first {d['task']['k']} of {d['task']['candidates']} test images "
                                           f"(first half of the test set) whose ball CROWN does not certify (the same points for both "
-                                          f"methods), up to {d['task']['keep']} keep points (correctly classified images of the first half; hard; as points, or with CROWN also as balls), "
+                                          f"methods), up to {d['task']['keep']} keep points (correctly classified images of the "
+                                          "first half; hard; as points, or with CROWN also as balls), "
                                           f"margin {d['task']['margin']:g}, L1, {d['task']['time_limit_s']:g} s per repair; certified and PGD accuracy (50 steps, 5 restarts) on "
                                           f"{d['task']['eval']} unseen test images (second half), drawdown on the whole second half; "
                                           "seconds include bounding the repair (and keep-ball) points.", certified_table)
