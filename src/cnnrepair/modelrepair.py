@@ -19,7 +19,7 @@ from cnnrepair.errors import CnnRepairError
 from cnnrepair.formats import RUNTIME_AGREEMENT, LoadedModel, disagreement, load_model, runtime_logits, save_model
 from cnnrepair.io import load_npz, read_json, write_json
 from cnnrepair.repair import RepairSpec, last_layer, repair_classifier
-from cnnrepair.repair.certificate import check_claims, model_logits, model_margins, sha256, witness_bound
+from cnnrepair.repair.certificate import below_margin, check_claims, claims_off, model_logits, model_margins, sha256, witness_bound
 from cnnrepair.repair.margins import MarginProblem, margins_of
 
 def _saved_margins(path: Path, module: torch.nn.Module, x: torch.Tensor, y: np.ndarray,
@@ -197,28 +197,23 @@ def _ball_from(cert: dict) -> tuple[BallInputs, object]:
     return BallInputs(tup(ball.get("mean")), tup(ball.get("std")), tup(ball.get("domain"))), eps
 
 
-def _check_ball(cert: dict, model: torch.nn.Module, points: Points) -> list[str]:
-    """Recompute every point's feature box and its worst-case margin under the repaired layer."""
+def _ball_bounds(cert: dict, model: torch.nn.Module, points: Points):
+    """The feature boxes of the certificate's balls, recomputed from a model file (its frozen part)."""
     from cnnrepair.bounds import feature_bounds
 
     inputs, eps = _ball_from(cert)
-    lo, hi = inputs.boxes(points.x, eps)
+    return feature_bounds(model, cert["layer"], *inputs.boxes(points.x, eps), cert["spec"]["bounds"])
+
+
+def _check_ball(cert: dict, model: torch.nn.Module, points: Points, fb) -> list[str]:
+    """Every point's worst-case margin over its recomputed feature box ``fb`` under the repaired layer."""
     lay = last_layer(model, points.x[:2], cert["layer"])
-    fb = feature_bounds(model, lay.name, lo, hi, cert["spec"]["bounds"])
-    problem = MarginProblem(lay.weight, lay.bias, fb.centre, points.y, 0.0, radii=fb.radius)
-    worst = problem.point_margins()
-    problems = []
-    low = np.flatnonzero(worst < cert["spec"]["margin"])
-    if len(low):
-        k = int(low[0])
-        problems.append(f"{len(low)} ball(s) not certified to keep their label with margin {cert['spec']['margin']:g} "
-                        f"(point {k}: worst case {worst[k]:.6g})")
+    worst = MarginProblem(lay.weight, lay.bias, fb.centre, points.y, 0.0, radii=fb.radius).point_margins()
     claimed = np.array([p["certified_margin_after"] for p in cert["points"]], np.float64)
-    off = np.flatnonzero(np.abs(claimed - worst) > 1e-6 * (1 + np.abs(claimed)))
-    if len(off):
-        k = int(off[0])
-        problems.append(f"{len(off)} certified margin(s) differ from the recomputed bounds (point {k}: certificate {claimed[k]:.6g}, recomputed {worst[k]:.6g})")
-    return problems
+    return (below_margin(worst, cert["spec"]["margin"], "ball(s) not certified to keep their label with margin {m:g}",
+                         "point {k}: worst case {v:.6g}")
+            + claims_off(claimed, worst, 1e-6, "certified margin(s) differ from the recomputed bounds",
+                         "point {k}: certificate {c:.6g}, recomputed {v:.6g}"))
 
 
 def verify(cert_path: Path, model_path: Path, points_path: Path, keep_path: Path | None = None,
@@ -251,15 +246,19 @@ def verify(cert_path: Path, model_path: Path, points_path: Path, keep_path: Path
         problems.append(f"the certificate covers {cert['keep']['count']} keep points: pass them with --keep")
         keep_after = None
     problems += check_claims(cert, after, keep_after if keep_after is not None else np.zeros(cert["keep"]["count"]) + np.inf)
+    fb = None
     if cert["spec"]["kind"] == "ball" and points.y is not None and len(after) == len(cert["points"]):
-        problems += _check_ball(cert, model, points)
+        fb = _ball_bounds(cert, model, points)  # the frozen part is the original's (checked below with --original)
+        problems += _check_ball(cert, model, points, fb)
     if original_path is not None:
-        problems += _check_optimality(cert, load_model(original_path, factory, shape).module, model, points, keep_path, keep_after)
+        problems += _check_optimality(cert, load_model(original_path, factory, shape).module, model, points, keep_path, keep_after, fb)
     return problems
 
 
-def _check_optimality(cert: dict, original, repaired, points: Points, keep_path, keep_after) -> list[str]:
-    """Only the layer changed, the change's norm is the certified objective, and the witness bounds it from below."""
+def _check_optimality(cert: dict, original, repaired, points: Points, keep_path, keep_after, fb=None) -> list[str]:
+    """Only the layer changed, the change's norm is the certified objective, and the witness bounds it from below.
+
+    ``fb``: the ball spec's feature boxes, when already recomputed (from the repaired file: the same frozen part)."""
     problems = []
     layer = cert["layer"]
     lay0 = last_layer(original, points.x[:2], layer)
@@ -278,10 +277,7 @@ def _check_optimality(cert: dict, original, repaired, points: Points, keep_path,
     feats = lay0.features(points.x)
     radii = None
     if spec["kind"] == "ball":
-        from cnnrepair.bounds import feature_bounds
-
-        inputs, eps = _ball_from(cert)
-        fb = feature_bounds(original, layer, *inputs.boxes(points.x, eps), spec["bounds"])
+        fb = fb if fb is not None else _ball_bounds(cert, original, points)
         feats, radii = fb.centre, fb.radius
     labels = points.y
     required = np.array([p["required"] for p in cert["points"]])

@@ -94,12 +94,7 @@ def _forward(op: Op, linear: dict, bounds: dict, lower: Tensor, upper: Tensor) -
         return new_LA, new_La[:, 0] + c0, new_UA, new_Ua[:, 0] + c0
     lo, hi = bounds[op.inputs[0]]
     if op.kind == "relu":
-        unstable = (lo < 0) & (hi > 0)
-        active = lo >= 0
-        width = torch.where(unstable, hi - lo, torch.ones_like(hi))
-        up_slope = torch.where(unstable, hi / width, active.double())
-        up_const = torch.where(unstable, -hi * lo / width, torch.zeros_like(hi))
-        low_slope = torch.where(unstable, (hi > -lo).double(), active.double())
+        up_slope, up_const, low_slope = _relu_lines(lo, hi)
         return LA * low_slope.unsqueeze(1), La * low_slope, UA * up_slope.unsqueeze(1), Ua * up_slope + up_const
     # max-pool: above the input with the largest lower bound; below the largest upper bound (or that input, when it dominates)
     idx, exact, hi_out = _pool_choice(op, lo, hi)
@@ -255,14 +250,20 @@ def _affine_back(op: Op, a: Tensor, src_shape) -> tuple[Tensor, Tensor]:
     return grad.reshape(B, R, *src_shape), b
 
 
-def _relu_back(a: Tensor, lo: Tensor, hi: Tensor, S: int) -> tuple[Tensor, Tensor]:
-    lo, hi = lo.unsqueeze(1), hi.unsqueeze(1)
+def _relu_lines(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """ReLU's relaxation on [lo, hi]: the line above (slope, constant: the chord where the neuron is unstable) and the
+    slope of the line below (through 0: 1 or 0, whichever is closer to the chord; exact where the neuron is stable)."""
     unstable = (lo < 0) & (hi > 0)
     active = lo >= 0
     width = torch.where(unstable, hi - lo, torch.ones_like(hi))
     up_slope = torch.where(unstable, hi / width, active.double())
     up_const = torch.where(unstable, -hi * lo / width, torch.zeros_like(hi))
     low_slope = torch.where(unstable, (hi > -lo).double(), active.double())
+    return up_slope, up_const, low_slope
+
+
+def _relu_back(a: Tensor, lo: Tensor, hi: Tensor, S: int) -> tuple[Tensor, Tensor]:
+    up_slope, up_const, low_slope = _relu_lines(lo.unsqueeze(1), hi.unsqueeze(1))
     al, au = a[:, :S], a[:, S:]
     new_l = al.clamp(min=0) * low_slope + al.clamp(max=0) * up_slope
     new_u = au.clamp(min=0) * up_slope + au.clamp(max=0) * low_slope

@@ -116,13 +116,29 @@ def repair_classifier(model: nn.Module, x, y, spec: RepairSpec | None = None, *,
     with threadpool_limits(limits=threads or default_threads()):
         if spec.kind == "targets":
             return _targets(lay, spec, F, ya, FK, ky, xt, kx, targets, base, keep_before, t0)
-        box = _feature_boxes(model, lay, spec, xt, F, boxes) if spec.kind == "ball" else None
-        keep_box = keep_boxes(model, lay, spec, kx, ky, FK) if spec.kind == "ball" and spec.keep_eps > 0 and len(ky) else None
+        box = keep_box = None
+        if spec.kind == "ball":
+            lo, hi = _input_boxes(spec, xt, boxes)
+            graph = _frozen(model, lay, xt)  # traced once for the repair points' and the keep points' balls
+            box = _feature_boxes(graph, lay, spec, lo, hi, F)
+            keep_box = keep_boxes(graph, lay, spec, kx, ky, FK) if spec.keep_eps > 0 and len(ky) else None
         return _pointwise(lay, spec, F, ya, FK, ky, xt, kx, base, keep_before, time_limit, t0, box, keep_box)
 
 
-def keep_boxes(model: nn.Module, lay: LastLayer, spec: RepairSpec, kx: torch.Tensor, ky: np.ndarray, FK: np.ndarray):
-    """(centres, radii, certified-before mask) of the keep points: boxes where their ball is certified, the point elsewhere."""
+def _frozen(model: nn.Module, lay: LastLayer, xt: torch.Tensor):
+    """The graph the bounds walk: the model up to ``lay``'s input (refused for an RBF head)."""
+    from cnnrepair.bounds import frozen_graph
+
+    if lay.kind == "svm-rbf":
+        raise CnnRepairError("the ball spec needs a layer that is linear in the features; an RBF head's kernel values are not bounded "
+                             "(repair LH or the network's last layer, or use --spec pointwise)")
+    return frozen_graph(model, lay.name, xt[:2].float())
+
+
+def keep_boxes(model, lay: LastLayer, spec: RepairSpec, kx: torch.Tensor, ky: np.ndarray, FK: np.ndarray):
+    """(centres, radii, certified-before mask) of the keep points: boxes where their ball is certified, the point elsewhere.
+
+    ``model``: the model, or its graph from :func:`cnnrepair.bounds.frozen_graph`."""
     from cnnrepair.bounds import ball_box, feature_bounds
 
     fb = feature_bounds(model, lay.name, *ball_box(kx, spec.keep_eps), spec.bounds)
@@ -133,19 +149,23 @@ def keep_boxes(model: nn.Module, lay: LastLayer, spec: RepairSpec, kx: torch.Ten
     return centre, radius, held
 
 
-def _feature_boxes(model: nn.Module, lay: LastLayer, spec: RepairSpec, xt: torch.Tensor, F: np.ndarray, boxes):
-    """Sound feature bounds over each repair point's input box (FeatureBounds), checked to hold the point's own features."""
-    from cnnrepair.bounds import ball_box, feature_bounds
+def _input_boxes(spec: RepairSpec, xt: torch.Tensor, boxes) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each repair point's input box (given, or its ball), checked to fit the points and hold them."""
+    from cnnrepair.bounds import ball_box
 
-    if lay.kind == "svm-rbf":
-        raise CnnRepairError("the ball spec needs a layer that is linear in the features; an RBF head's kernel values are not bounded "
-                             "(repair LH or the network's last layer, or use --spec pointwise)")
     lo, hi = ball_box(xt, spec.eps) if boxes is None else (torch.as_tensor(np.asarray(boxes[0])).double(), torch.as_tensor(np.asarray(boxes[1])).double())
     if lo.shape != xt.shape or hi.shape != xt.shape:
         raise CnnRepairError(f"boxes must have the repair points' shape {tuple(xt.shape)}; got {tuple(lo.shape)} and {tuple(hi.shape)}")
     if ((xt.double() < lo - 1e-6) | (xt.double() > hi + 1e-6)).any():
         raise CnnRepairError("every repair point must lie in its own box; check the boxes' order (lower, upper)")
-    fb = feature_bounds(model, lay.name, lo, hi, spec.bounds)
+    return lo, hi
+
+
+def _feature_boxes(graph, lay: LastLayer, spec: RepairSpec, lo: torch.Tensor, hi: torch.Tensor, F: np.ndarray):
+    """Sound feature bounds over each repair point's input box (FeatureBounds), checked to hold the point's own features."""
+    from cnnrepair.bounds import feature_bounds
+
+    fb = feature_bounds(graph, lay.name, lo, hi, spec.bounds)
     tol = 1e-5 * (1 + np.abs(F))
     if ((F < fb.lower - tol) | (F > fb.upper + tol)).any():
         raise CnnRepairError("the feature bounds do not contain the points' own features: the bound propagation does not support "

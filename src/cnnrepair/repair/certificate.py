@@ -77,6 +77,24 @@ def witness_bound(problem: MarginProblem, witness: dict) -> float:
     return certified_lower_bound(problem, point, cls, np.asarray(witness["multiplier"], np.float64), sigma_rows=rows)
 
 
+def below_margin(values: np.ndarray, margin: float, what: str, detail: str) -> list[str]:
+    """One problem naming how many ``values`` fall below ``margin`` and the first of them (empty: none do)."""
+    low = np.flatnonzero(values < margin)
+    if not len(low):
+        return []
+    k = int(low[0])
+    return [f"{len(low)} {what.format(m=margin)} ({detail.format(k=k, v=values[k])})"]
+
+
+def claims_off(claimed: np.ndarray, measured: np.ndarray, rtol: float, what: str, detail: str) -> list[str]:
+    """One problem naming how many measured values differ from the claimed ones beyond ``rtol`` (relative), and the first."""
+    off = np.flatnonzero(np.abs(claimed - measured) > rtol * (1 + np.abs(claimed)))
+    if not len(off):
+        return []
+    k = int(off[0])
+    return [f"{len(off)} {what} ({detail.format(k=k, c=claimed[k], v=measured[k])})"]
+
+
 def check_claims(cert: dict, margins_after: np.ndarray, keep_margins_after: np.ndarray) -> list[str]:
     """Problems with a certificate's margin claims, given margins measured on the model (empty: it holds)."""
     problems = []
@@ -85,16 +103,12 @@ def check_claims(cert: dict, margins_after: np.ndarray, keep_margins_after: np.n
         return problems
     if len(margins_after) != len(cert["points"]):
         return [f"the certificate lists {len(cert['points'])} repair points but {len(margins_after)} were given"]
-    low = np.flatnonzero(margins_after < spec["margin"])
-    if spec["kind"] in ("pointwise", "ball") and len(low):
-        k = int(low[0])
-        problems.append(f"{len(low)} repair point(s) below the margin {spec['margin']:g} on this model "
-                        f"(point {k}: {margins_after[k]:.6g})")
+    if spec["kind"] in ("pointwise", "ball"):
+        problems += below_margin(margins_after, spec["margin"], "repair point(s) below the margin {m:g} on this model",
+                                 "point {k}: {v:.6g}")
     claimed = np.array([p["margin_after"] for p in cert["points"]], np.float64)
-    off = np.flatnonzero(np.abs(claimed - margins_after) > 1e-5 * (1 + np.abs(claimed)))
-    if len(off):
-        k = int(off[0])
-        problems.append(f"{len(off)} repair point margin(s) differ from the certificate (point {k}: certified {claimed[k]:.6g}, measured {margins_after[k]:.6g})")
+    problems += claims_off(claimed, margins_after, 1e-5, "repair point margin(s) differ from the certificate",
+                           "point {k}: certified {c:.6g}, measured {v:.6g}")
     keep = cert.get("keep") or {}
     if keep.get("count"):
         if len(keep_margins_after) != keep["count"]:
