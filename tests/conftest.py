@@ -32,3 +32,15 @@ def digits():
     from cnnrepair.data import load_digits
 
     return load_digits()
+
+
+@pytest.fixture
+def readme_example():
+    """``find(marker)``: the README's first python block that contains ``marker``, as source to run."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    blocks = [blk.split("```", 1)[0] for blk in text.split("```python\n")[1:]]
+
+    def find(marker: str) -> str:
+        return next(blk for blk in blocks if marker in blk)
+
+    return find

@@ -422,12 +422,8 @@ def test_crown_refuses_a_model_too_wide_for_its_memory_and_ibp_still_bounds_it()
     assert feature_bounds(model, "head.4", lo, hi, "ibp").lower.shape == (2, 512)
 
 
-def test_the_readme_ball_example_runs_as_written(capsys):
-    from pathlib import Path
-
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    blocks = [blk.split("```", 1)[0] for blk in text.split("```python\n")[1:]]
-    example = next(blk for blk in blocks if 'kind="ball"' in blk)
+def test_the_readme_ball_example_runs_as_written(capsys, readme_example):
+    example = readme_example('kind="ball"')
     exec(compile(example, "README.md", "exec"), {})
     status, accuracy, kept, attack_agrees = capsys.readouterr().out.split()
     assert status == "repaired" and float(accuracy) == 1.0 and int(kept) > 0 and attack_agrees == "True"

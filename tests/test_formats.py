@@ -415,12 +415,8 @@ def test_every_network_is_repaired_in_every_torch_format(make, fmt, digits, tmp_
     assert changed and changed <= {f"{last}.weight", f"{last}.bias"}  # only the last layer's tensors differ
 
 
-def test_the_readme_file_example_runs_as_written(tmp_path, monkeypatch, capsys):
-    from pathlib import Path
-
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    blocks = [blk.split("```", 1)[0] for blk in text.split("```python\n")[1:]]
-    example = next(blk for blk in blocks if "load_model(" in blk)
+def test_the_readme_file_example_runs_as_written(tmp_path, monkeypatch, capsys, readme_example):
+    example = readme_example("load_model(")
     monkeypatch.chdir(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -300,12 +300,8 @@ def test_cli_bad_input_is_one_line_exit_2_and_nothing_written(exported, capsys, 
     assert not out.exists()
 
 
-def test_the_readme_repair_example_runs_as_written(capsys):
-    from pathlib import Path
-
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    blocks = [blk.split("```", 1)[0] for blk in text.split("```python\n")[1:]]
-    example = next(blk for blk in blocks if "repair_classifier(" in blk)
+def test_the_readme_repair_example_runs_as_written(capsys, readme_example):
+    example = readme_example("repair_classifier(")
     exec(compile(example, "README.md", "exec"), {})
     status, layer, changed, certified = capsys.readouterr().out.split()
     assert status == "repaired" and layer == "2" and int(changed) > 0 and certified == "True"

@@ -284,12 +284,8 @@ def TargetConstraintsOnly():
     return TargetConstraints()
 
 
-def test_the_readme_library_example_runs_as_written(capsys):
-    from pathlib import Path
-
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    blocks = [blk.split("```", 1)[0] for blk in text.split("```python\n")[1:]]
-    example = next(blk for blk in blocks if "RepairProblem(" in blk)
+def test_the_readme_library_example_runs_as_written(capsys, readme_example):
+    example = readme_example("RepairProblem(")
     exec(compile(example, "README.md", "exec"), {})
     status, objective, changed, *_ = capsys.readouterr().out.split()
     assert status == "optimal" and float(objective) > 0 and int(changed) > 0
