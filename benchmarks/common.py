@@ -35,3 +35,12 @@ def write_result(name: str, obj: dict) -> Path:
     path = RESULTS / name
     write_json(path, obj)
     return path
+
+
+def compare(row: dict, other: str, ratio: str) -> None:
+    """Where ``row["ours"]`` and ``row[other]`` both have an objective: their relative difference (to ours) and
+    ``row[ratio]`` = other's seconds / ours (above 1: ours is faster)."""
+    a, b = row[other].get("objective"), row["ours"].get("objective")
+    if a is not None and b is not None:
+        row["relative_difference"] = abs(a - b) / max(abs(b), 1e-300)
+        row[ratio] = row[other]["seconds"] / row["ours"]["seconds"]

@@ -42,7 +42,7 @@ def problem(K: int, n: int, keep: int, norm: str = "l1", max_change: float | Non
 
 def full_lp_highs(p, time_limit: float | None = None) -> float:
     """The whole program (all N(C-1) margin rows, all entries) handed to HiGHS; returns the optimum."""
-    from cnnrepair.repair.margins import margin_rows
+    from cnnrepair.repair.program import margin_rows
     from cnnrepair.repair.targets import _highs_status, _new_highs, _pass_lp
 
     A, rhs = margin_rows(p, np.arange(len(p.labels)))
@@ -92,7 +92,7 @@ def _full(p, _arg):
 def run(quick: bool = False, cap: float = 300.0) -> Path:
     """Every program on every size, each solve in its own process under ``cap`` seconds."""
     from benchmarks.lp_scaling import timed
-    from benchmarks.common import machine as _machine, write_result as _write
+    from benchmarks.common import compare, machine as _machine, write_result as _write
 
     sizes = QUICK if quick else SIZES
     rows = []
@@ -111,10 +111,7 @@ def run(quick: bool = False, cap: float = 300.0) -> Path:
                 row[solver]["wall_s"] = time.perf_counter() - t0
                 if row[solver]["status"] == "timeout":
                     gave_up.add(key)
-            a, b = row["ours"].get("objective"), row["highs-lp"].get("objective")
-            if a is not None and b is not None:
-                row["relative_difference"] = abs(a - b) / max(abs(b), 1e-300)
-                row["speedup"] = row["highs-lp"]["seconds"] / row["ours"]["seconds"]
+            compare(row, "highs-lp", "speedup")
             rows.append(row)
             print(f"K={K} n={n} keep={keep} {program}: ours {row['ours']['status']} {row['ours'].get('seconds')}, "
                   f"highs-lp {row['highs-lp']['status']} {row['highs-lp'].get('seconds')}", flush=True)
@@ -125,13 +122,13 @@ def run(quick: bool = False, cap: float = 300.0) -> Path:
     return _write_quick(out) if quick else _write("margin_speed.json", out)
 
 
-def _write_quick(out: dict) -> Path:
+def _write_quick(out: dict, name: str = "margin_speed_quick.json") -> Path:
     """Quick runs are for tests and smoke checks: they never replace the committed table."""
     import tempfile
 
     from cnnrepair.io import write_json
 
-    path = Path(tempfile.mkdtemp(prefix="margin-speed-")) / "margin_speed_quick.json"
+    path = Path(tempfile.mkdtemp(prefix="cnnrepair-bench-")) / name
     write_json(path, out)
     return path
 

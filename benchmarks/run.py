@@ -10,6 +10,7 @@ NAME is one of:
   threads   LP solve time with one and two BLAS threads, on an idle machine and beside a busy process
   field     the repair field's measures on MNIST-C fog (efficacy, drawdown, generalisation)
   margins   pointwise repair program: our solver against HiGHS on the whole LP (L1 and PRDNN's program)
+  prdnn     PRDNN itself (pip prdnn 1.0 on Gurobi, its own interpreter) against our solver on its program
   large-k   the targets program with 2,000-60,000 repair points: our interior point against HiGHS (and on CUDA)
   workflow  cnnrepair points + repair + verify on the MNIST run's models exported as ONNX, timed
   linear-ceiling  the best softmax head on a run's frozen features, beside its NN and LH
@@ -318,6 +319,15 @@ def readme_section() -> str:
     lines += _table_section("margin_speed.json", lambda d: "### Pointwise repair: our solver against HiGHS on the whole program",
                             lambda d: f"{on(d)}; each solve in its own process under a {d['cap_s']:g} s cap (a program that timed "
                                       f"out is not tried on larger sizes). {d['problems']}.", lambda d: margin_table(d["rows"]))
+    from benchmarks.versus_prdnn import table as prdnn_table
+
+    lines += _table_section("prdnn.json", lambda d: "### PRDNN itself (Gurobi) against our solver, on PRDNN's program",
+                            lambda d: f"`{d['command']}` on {d['machine']['cores']} CPU cores, {d['machine']['measured']}; PRDNN "
+                                      f"{d['prdnn_versions'].get('prdnn', '?')} with pysyrenn {d['prdnn_versions'].get('pysyrenn', '?')} "
+                                      f"and gurobipy {d['prdnn_versions'].get('gurobipy', '?')} (size-limited licence: 2,000 variables "
+                                      f"or constraints) in its own interpreter. {d['program']}. PRDNN's time is its whole `compute()` "
+                                      "(Jacobian, model, Gurobi); \"optima agree\" compares the cost of PRDNN's change with our "
+                                      "certified optimum.", lambda d: prdnn_table(d["rows"]))
     from benchmarks.large_k import table as large_table
 
     lines += _table_section("large_k.json", lambda d: "### The targets program with tens of thousands of repair points",
@@ -400,6 +410,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("margins", help="pointwise repair program: our solver against HiGHS on the whole LP")
     p.add_argument("--quick", action="store_true", help="tiny sizes, written to a temporary folder (a smoke check)")
     p.add_argument("--cap", type=float, default=300.0, help="seconds each solve may take (default 300)")
+    p = sub.add_parser("prdnn", help="PRDNN itself (Gurobi) against our solver on PRDNN's program, where its licence allows")
+    p.add_argument("--python", required=True, help="an interpreter with prdnn 1.0, pysyrenn 1.1 and gurobipy installed")
+    p.add_argument("--quick", action="store_true", help="one tiny size, written to a temporary folder (a smoke check)")
+    p.add_argument("--cap", type=float, default=300.0, help="seconds PRDNN may take per size (default 300)")
     p = sub.add_parser("large-k", help="targets program with tens of thousands of points: our interior point against HiGHS")
     p.add_argument("runs", nargs="*", type=Path, help="finished run directories (named mnist / cifar10) whose LH gives real problems")
     p.add_argument("--random", default="", help="extra random problems, e.g. 10000x800,60000x800 (K x features)")
@@ -493,6 +507,10 @@ def _dispatch(args: argparse.Namespace) -> None:
         from benchmarks.margin_speed import run as run_margins
 
         print(f"wrote {run_margins(quick=args.quick, cap=args.cap)}")
+    elif args.name == "prdnn":
+        from benchmarks.versus_prdnn import run as run_prdnn
+
+        print(f"wrote {run_prdnn(args.python, quick=args.quick, cap=args.cap)}")
     elif args.name == "lp":
         from benchmarks.lp_scaling import run as run_lp
 

@@ -194,3 +194,19 @@ def test_certified_benchmark_repairs_balls_with_both_bound_methods(digits_run, t
             assert r["repair_points_certified"] == r["repair_points"] and r["pgd_not_below_certified"]
             assert r["pgd_after"] >= r["certified_after"]
     assert "| digits |" in certified.table(result)
+
+
+def test_prdnn_benchmark_records_a_missing_prdnn_and_still_times_ours():
+    """Without PRDNN in the given interpreter (CI's), its column says so; ours and HiGHS still solve the same program."""
+    import sys
+
+    from benchmarks.versus_prdnn import fits_licence, run, table
+
+    assert fits_licence(40, 40) and not fits_licence(100, 64)  # 2,000 constraints exactly fit; 3,500 do not
+    out = json.loads(run(sys.executable, quick=True).read_text())
+    row = out["rows"][0]
+    assert row["prdnn"]["status"] == "error" and "prdnn" in " ".join(row["prdnn"]["error"]).lower()
+    assert row["ours"]["status"] == "optimal" and row["highs-lp"]["status"] == "ok"
+    assert row["ours"]["objective"] == pytest.approx(row["highs-lp"]["objective"], rel=1e-6)
+    assert row["ours"]["smallest_margin"] >= 0.05 - 1e-9
+    assert "| 10 | 8 |" in table(out["rows"])

@@ -131,6 +131,94 @@ def test_identical_features_with_two_labels_are_named_as_the_conflict():
     assert sorted(s.conflicts.tolist()) == [1, 4]
 
 
+def test_the_conflict_search_stops_at_its_deadline_with_a_set_that_still_conflicts(monkeypatch):
+    """Past its deadline the deletion filter stops: the set it returns is still proven infeasible, and flagged."""
+    import cnnrepair.repair.margins as M
+
+    rng = np.random.default_rng(3)
+    W, b = rng.normal(size=(3, 5)), rng.normal(size=3)
+    F = np.maximum(rng.normal(size=(12, 5)), 0) + 0.1
+    F[4] = F[1]
+    labels = np.array([0, 1, 2, 0, 2, 1, 0, 1, 2, 0, 1, 2])
+    p = MarginProblem(W, b, F, labels, 0.1)
+    monkeypatch.setattr(M, "CONFLICT_SECONDS", 0.0)
+    s = solve_margins(p)
+    assert s.status == "infeasible" and s.size["conflicts_irreducible"] is False
+    assert {1, 4} <= set(s.conflicts.tolist()) and M._hard_feasible(p, s.conflicts.tolist()) is False
+    monkeypatch.setattr(M, "CONFLICT_SECONDS", 30.0)
+    s = solve_margins(p)
+    assert s.size["conflicts_irreducible"] is True and sorted(s.conflicts.tolist()) == [1, 4]
+
+
+def test_an_undecided_feasibility_check_never_empties_the_conflicts():
+    """An oracle that cannot decide (its LP hit the deadline) keeps every hard point: never an empty set."""
+    from cnnrepair.repair import find_conflicts
+
+    p = _problem(0, "l1", False, "hard", None)
+    out = find_conflicts(p, [0, 1], feasible=lambda pts: None)
+    assert sorted(out.tolist()) == list(range(len(p.labels)))
+
+
+def _restricted_optimum(p: MarginProblem, support: np.ndarray) -> float:
+    """The L1 program (hard points, every row) with only the ``support`` entries free, for linprog."""
+    from cnnrepair.repair.program import margin_rows
+
+    A, rhs = margin_rows(p, np.arange(len(p.labels)))
+    A = A.toarray()[:, support]
+    res = linprog(np.ones(2 * len(support)), A_ub=-np.hstack([A, -A]), b_ub=-rhs, bounds=(0, None), method="highs")
+    return res.fun if res.status == 0 else np.inf
+
+
+def test_the_interior_point_on_a_support_reaches_the_restricted_optimum():
+    """RowsIPM with some entries fixed at zero: same optimum as linprog on the remaining entries, nothing else moves."""
+    from cnnrepair.repair.rows_ipm import RowsIPM
+
+    for seed in range(3):
+        p = _problem(seed, "l1", False, "hard", None)
+        rng = np.random.default_rng(seed)
+        support = np.sort(rng.choice(p.num_entries, p.num_entries * 2 // 3, replace=False))
+        ref = _restricted_optimum(p, support)
+        if not np.isfinite(ref):
+            continue
+        N, C = len(p.labels), p.num_classes
+        pts, cls = np.repeat(np.arange(N), C), np.tile(np.arange(C), N)
+        rival = cls != p.labels[pts]
+        pts, cls = pts[rival], cls[rival]
+        L0 = p.logits()
+        r = p.margins[pts] - (L0[pts, p.labels[pts]] - L0[pts, cls])
+        ipm = RowsIPM(p, p.features, 1.0, pts, cls, r, np.full(N, 1e4), support)
+        status, d, y = ipm.solve(1.0, None)
+        assert status == "optimal"
+        moved = np.flatnonzero(d.ravel())
+        assert set(moved.tolist()) <= set(support.tolist())
+        assert np.abs(d).sum() == pytest.approx(ref, rel=1e-6)
+        assert (ipm.A(d.ravel()[support]) >= r - 1e-7).all()
+
+
+def test_an_interior_point_that_leaves_dust_is_re_solved_on_its_support(monkeypatch):
+    """When dropping the tiny changes of an interior point breaks a hard margin, the solve goes on with only the
+    entries that moved: still the optimum, every hard margin met, and no more entries changed than that support."""
+    import cnnrepair.repair.margins as M
+    import cnnrepair.repair.rows_ipm as R
+
+    monkeypatch.setattr(M, "_IPM_ROWS", 1)
+    calls = []
+    original = R._on_support
+    monkeypatch.setattr(R, "_sparsify", lambda *a: None)  # as if the dust could not simply be dropped
+    monkeypatch.setattr(R, "_on_support", lambda *a: calls.append(original(*a)) or calls[-1])
+    for seed in range(3):
+        p = _problem(seed, "l1", False, "hard", None)
+        ref = reference_optimum(p)
+        if not np.isfinite(ref):
+            continue
+        s = solve_margins(p)
+        assert calls and calls[-1] is not None
+        assert s.ok and s.size.get("method") == "interior point"
+        assert s.objective == pytest.approx(ref, rel=1e-6) and s.gap <= 1e-6
+        assert np.all(margins_of(p.logits(s.delta_weight, s.delta_bias), p.labels) >= p.margins - 1e-7)
+        assert np.count_nonzero(np.hstack([s.delta_weight, s.delta_bias[:, None]])) < p.num_entries
+
+
 # the library API on torch models -------------------------------------------------------------------
 
 def _mlp(seed: int = 0) -> nn.Module:

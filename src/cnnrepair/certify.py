@@ -23,7 +23,7 @@ from torch import nn
 
 from cnnrepair.bounds import FeatureBounds, ball_box, feature_bounds
 from cnnrepair.repair.layer import last_layer
-from cnnrepair.repair.margins import MarginProblem
+from cnnrepair.repair.program import MarginProblem
 
 
 @dataclass

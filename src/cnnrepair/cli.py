@@ -607,7 +607,8 @@ def _cmd_model_repair(args: argparse.Namespace, bars: _Bars) -> int:
         return 0
     if cert["status"] == "infeasible":
         conf = ", ".join(f"{c['set']}[{c['index']}] (label {c['label']})" for c in cert.get("conflicts", [])[:12])
-        _say(f"infeasible: no change of layer {job.layer!r} meets the spec; these points conflict: {conf}. "
+        minimal = "" if cert["solver"].get("conflicts_irreducible", True) else " (the search for a smaller set stopped at its time limit)"
+        _say(f"infeasible: no change of layer {job.layer!r} meets the spec; these points conflict{minimal}: {conf}. "
              f"No model written; details in {args.out / 'certificate.json'}")
         return 1
     _say(f"repair failed ({cert['solver']['status']}; {'; '.join(cert.get('notes', []))}); no model written; see {args.out / 'certificate.json'}")

@@ -20,7 +20,7 @@ from cnnrepair.formats import RUNTIME_AGREEMENT, LoadedModel, disagreement, load
 from cnnrepair.io import load_npz, read_json, write_json
 from cnnrepair.repair import RepairSpec, last_layer, repair_classifier
 from cnnrepair.repair.certificate import below_margin, check_claims, claims_off, model_logits, model_margins, sha256, witness_bound
-from cnnrepair.repair.margins import MarginProblem, margins_of
+from cnnrepair.repair.program import MarginProblem, margins_of
 
 def _saved_margins(path: Path, module: torch.nn.Module, x: torch.Tensor, y: np.ndarray,
                    logits: np.ndarray | None = None) -> np.ndarray:

@@ -11,7 +11,8 @@
 from cnnrepair.repair.api import ClassifierRepair, repair_classifier
 from cnnrepair.repair.ball import solve_ball
 from cnnrepair.repair.layer import LastLayer, candidate_layers, last_layer
-from cnnrepair.repair.margins import NORMS, MarginProblem, MarginSolution, certified_lower_bound, find_conflicts, margins_of, solve_margins
+from cnnrepair.repair.margins import find_conflicts, solve_margins
+from cnnrepair.repair.program import NORMS, MarginProblem, MarginSolution, certified_lower_bound, margins_of
 from cnnrepair.repair.spec import SPECS, RepairSpec
 from cnnrepair.repair.targets import (
     AUTO_IPM_POINTS,

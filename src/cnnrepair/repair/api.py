@@ -19,7 +19,8 @@ from cnnrepair.errors import CnnRepairError
 from cnnrepair.repair.ball import solve_ball
 from cnnrepair.repair.certificate import FORMAT, change_summary, model_margins
 from cnnrepair.repair.layer import LastLayer, last_layer
-from cnnrepair.repair.margins import MarginProblem, MarginSolution, solve_margins
+from cnnrepair.repair.margins import solve_margins
+from cnnrepair.repair.program import MarginProblem, MarginSolution
 from cnnrepair.repair.spec import RepairSpec
 
 FLOAT32_ROUNDS = 5  # re-solves with a raised margin for points that float32 rounding left short

@@ -25,10 +25,10 @@ import time
 import numpy as np
 import scipy.sparse as sp
 
-from cnnrepair.repair.margins import MarginProblem, MarginSolution, certified_lower_bound, find_conflicts
+from cnnrepair.repair.margins import CONFLICT_SECONDS, find_conflicts
+from cnnrepair.repair.program import MarginProblem, MarginSolution, certified_lower_bound
 
 _FEAS = 1e-9
-_CONFLICT_S = 30.0  # seconds the search for a small conflicting set may take (then the set found so far)
 _NEAR = 0.05  # rows within this share of the largest required change join the first round
 
 
@@ -103,7 +103,9 @@ def solve_ball(p: MarginProblem, time_limit: float | None = None, max_rounds: in
             "points": N, "full_rows": N * (C - 1), "full_entries": int(C * lp.ncoef), "method": "box LP"}
     if status == "infeasible":
         hard = [k for k in range(N) if not np.isfinite(p.prices[k])]
-        deadline = time.perf_counter() + _CONFLICT_S
+        deadline = time.perf_counter() + CONFLICT_SECONDS
+        if time_limit is not None:
+            deadline = min(deadline, t0 + time_limit)
         conflicts = find_conflicts(p, hard, feasible=lambda ks: _feasible(p, ks, wide, deadline), deadline=deadline)
         size["conflicts_irreducible"] = time.perf_counter() < deadline  # else: they conflict, but a smaller set may too
         return MarginSolution("infeasible", *zero, np.inf, 0.0, time.perf_counter() - t0, rounds, size, conflicts=conflicts)
@@ -119,9 +121,9 @@ def solve_ball(p: MarginProblem, time_limit: float | None = None, max_rounds: in
     return MarginSolution("optimal", dW, db, obj, lower, seconds, rounds, size, witness)
 
 
-def _feasible(p: MarginProblem, points: list[int], wide: np.ndarray, deadline: float | None = None) -> bool:
-    """Can these hard points all keep their boxes' labels with some change? One exact LP (past ``deadline``:
-    undecided, reported as feasible, so that the point stays in the conflicting set)."""
+def _feasible(p: MarginProblem, points: list[int], wide: np.ndarray, deadline: float | None = None) -> bool | None:
+    """Can these hard points all keep their boxes' labels with some change? One exact LP (None: undecided at
+    ``deadline``, so that the point stays in the conflicting set)."""
     from cnnrepair.repair.targets import _highs_status, _new_highs, _pass_lp
 
     sub = p.subset(np.asarray(points, np.int64))
@@ -136,7 +138,7 @@ def _feasible(p: MarginProblem, points: list[int], wide: np.ndarray, deadline: f
     h = _new_highs(None if deadline is None else max(1e-3, deadline - time.perf_counter()), "simplex")
     _pass_lp(h, np.zeros(len(lp.cost)), lp.A, lp.upper, lp.row_lower, np.full(len(lp.row_lower), np.inf))
     h.run()
-    return _highs_status(h) != "infeasible"
+    return {"infeasible": False, "time_limit": None}.get(_highs_status(h), True)
 
 
 class _BoxLP:

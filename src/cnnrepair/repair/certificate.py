@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cnnrepair.repair.margins import MarginProblem, certified_lower_bound, margins_of
+from cnnrepair.repair.program import MarginProblem, certified_lower_bound, margins_of
 
 FORMAT = "cnnrepair-certificate/1"
 

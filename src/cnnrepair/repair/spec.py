@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from cnnrepair.errors import CnnRepairError
-from cnnrepair.repair.margins import NORMS
+from cnnrepair.repair.program import NORMS
 
 SPECS = ("pointwise", "ball", "targets")
 BOUND_METHODS = ("crown", "ibp")

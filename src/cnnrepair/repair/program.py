@@ -1,0 +1,268 @@
+"""A linear last layer, the points it must label with a margin, and a certified bound on the smallest change.
+
+Logits are ``L = F W^T + b`` for features ``F`` (N x n) of the frozen part of a network. A point
+``k`` with label ``y_k`` and required margin ``m_k`` asks, for every other class ``j``,
+
+    (W_y + dW_y - W_j - dW_j) . f_k + (b_y + db_y - b_j - db_j) >= m_k,
+    i.e. (dW_y - dW_j) . f_k + (db_y - db_j) >= r_kj = m_k - (L_ky - L_kj).
+
+Hard points must meet every such row; soft points pay ``price_k`` per unit of their largest
+shortfall. The change is measured in ``a * ||d||_1 + b * ||d||_inf`` over weight and bias entries
+together (L1: a=1, b=0; L-infinity: a=0, b=1; ``l1+linf``: PRDNN's mean|d| + max|d|, a=1/#entries,
+b=1), optionally with ``|d| <= max_change`` on each entry.
+
+The lower bound is certified independently of any solver: any multipliers ``y >= 0`` on margin
+rows give ``N(d) >= r.y + min_d [N(d) - (A^T y).d]`` (weak duality), computed in closed form for
+this norm family (:func:`certified_lower_bound`), after scaling ``y`` into the dual-feasible set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+
+from cnnrepair.errors import CnnRepairError
+
+NORMS = ("l1", "linf", "l1+linf")
+GAP = 1e-6  # certified relative gap a solve must reach
+FEAS = 1e-9  # primal / dual feasibility tolerance of the scaled program
+
+@dataclass
+class MarginProblem:
+    """A linear last layer (``weight`` C x n, ``bias`` C) and the points it must label.
+
+    ``features`` (N x n) and ``labels`` (N) list every point; ``margins`` (N) is each one's required
+    margin; ``prices`` (N) is ``inf`` for a hard point and the price per unit of shortfall for a
+    soft one.
+    """
+
+    weight: np.ndarray
+    bias: np.ndarray
+    features: np.ndarray
+    labels: np.ndarray
+    margins: np.ndarray
+    prices: np.ndarray | None = None
+    norm: str = "l1"
+    freeze_bias: bool = False
+    max_change: float | None = None
+    radii: np.ndarray | None = None  # N x n: a point's features lie anywhere in features +- radii (its whole box must keep the label)
+
+    def __post_init__(self) -> None:
+        self.weight = np.asarray(self.weight, np.float64)
+        self.bias = np.asarray(self.bias, np.float64).reshape(-1)
+        self.features = np.asarray(self.features, np.float64)
+        self.labels = np.asarray(self.labels).reshape(-1).astype(np.int64)
+        N = len(self.labels)
+        self.features = self.features.reshape(N, -1) if self.features.size or N == 0 else self.features
+        self.margins = np.broadcast_to(np.asarray(self.margins, np.float64), (N,)).copy()
+        self.prices = np.full(N, np.inf) if self.prices is None else np.broadcast_to(np.asarray(self.prices, np.float64), (N,)).copy()
+        C, n = self.weight.shape if self.weight.ndim == 2 else (0, 0)
+        if self.weight.ndim != 2 or self.bias.shape != (C,) or C < 2:
+            raise CnnRepairError(f"the layer must map n features to C >= 2 classes (weight C x n, bias C); got weight {self.weight.shape}, bias {self.bias.shape}")
+        if self.features.shape != (N, n):
+            raise CnnRepairError(f"points have {self.features.shape[1:]} features but the layer takes {n}; the features do not belong to this layer")
+        if N and (self.labels.min() < 0 or self.labels.max() >= C):
+            raise CnnRepairError(f"labels must lie in 0..{C - 1} for a {C}-class layer; got {self.labels.min()}..{self.labels.max()}")
+        for name, arr in (("weight", self.weight), ("bias", self.bias), ("features", self.features), ("margins", self.margins)):
+            if not np.isfinite(arr).all():
+                raise CnnRepairError(f"{name} contain NaN or infinite values; check the model and the points")
+        if np.any(self.prices <= 0) or np.isnan(self.prices).any():
+            raise CnnRepairError("prices of soft points must be > 0 (inf for hard points)")
+        if self.norm not in NORMS:
+            raise CnnRepairError(f"unknown change norm {self.norm!r}; choose one of {', '.join(NORMS)}")
+        if self.max_change is not None and not self.max_change > 0:
+            raise CnnRepairError(f"max_change must be > 0 (got {self.max_change})")
+        if self.radii is not None:
+            self.radii = np.asarray(self.radii, np.float64).reshape(self.features.shape)
+            if not np.isfinite(self.radii).all() or (self.radii < 0).any():
+                raise CnnRepairError("feature radii must be finite and >= 0")
+            if not self.radii.any():
+                self.radii = None
+
+    @property
+    def has_boxes(self) -> bool:
+        return self.radii is not None
+
+    def subset(self, points: np.ndarray) -> MarginProblem:
+        """The same layer and spec for some of the points."""
+        idx = np.asarray(points, np.int64)
+        return MarginProblem(self.weight, self.bias, self.features[idx], self.labels[idx], self.margins[idx], self.prices[idx],
+                             self.norm, self.freeze_bias, self.max_change, None if self.radii is None else self.radii[idx])
+
+    def row_shortfall(self, dW: np.ndarray | None = None, db: np.ndarray | None = None) -> np.ndarray:
+        """N x C: required margin minus the (worst-case, over each box) logit difference to each class; -inf at the label."""
+        W = self.weight if dW is None else self.weight + dW
+        b = self.bias if db is None else self.bias + db
+        N = len(self.labels)
+        out = np.empty((N, W.shape[0]))
+        for y in np.unique(self.labels):
+            k = np.flatnonzero(self.labels == y)
+            D = W[y][None, :] - W
+            worst = self.features[k] @ D.T + (b[y] - b)[None, :]
+            if self.radii is not None:
+                worst -= self.radii[k] @ np.abs(D).T
+            out[k] = self.margins[k, None] - worst
+        out[np.arange(N), self.labels] = -np.inf
+        return out
+
+    def point_margins(self, dW: np.ndarray | None = None, db: np.ndarray | None = None) -> np.ndarray:
+        """Per point, the smallest margin over the other classes (over its whole box when it has one)."""
+        if not len(self.labels):
+            return np.zeros(0)
+        return self.margins - self.row_shortfall(dW, db).max(1)
+
+    @property
+    def num_classes(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def num_entries(self) -> int:
+        """How many numbers may change: every weight, and the biases unless frozen."""
+        C, n = self.weight.shape
+        return C * (n if self.freeze_bias else n + 1)
+
+    def norm_coefficients(self) -> tuple[float, float]:
+        """(a, b) of the change's cost ``a ||d||_1 + b ||d||_inf``."""
+        return {"l1": (1.0, 0.0), "linf": (0.0, 1.0), "l1+linf": (1.0 / self.num_entries, 1.0)}[self.norm]
+
+    def logits(self, dW: np.ndarray | None = None, db: np.ndarray | None = None) -> np.ndarray:
+        W = self.weight if dW is None else self.weight + dW
+        b = self.bias if db is None else self.bias + db
+        return self.features @ W.T + b
+
+    def shortfall(self, logits: np.ndarray) -> np.ndarray:
+        """Per point: how far its smallest margin over the other classes is below its required margin (>= 0)."""
+        return np.maximum(0.0, self.margins - margins_of(logits, self.labels))
+
+    def change_cost(self, dW: np.ndarray, db: np.ndarray) -> float:
+        """The norm of a change (frozen biases must be zero)."""
+        a, b = self.norm_coefficients()
+        d = np.concatenate([dW.ravel(), [] if self.freeze_bias else db.ravel()])
+        return float(a * np.abs(d).sum() + b * np.abs(d).max(initial=0.0))
+
+    def objective(self, dW: np.ndarray, db: np.ndarray) -> float:
+        """Change cost plus the price of every soft point's shortfall."""
+        soft = np.isfinite(self.prices)
+        short = np.maximum(0.0, self.margins - self.point_margins(dW, db)) if soft.any() else None
+        pen = float((self.prices[soft] * short[soft]).sum()) if soft.any() else 0.0
+        return self.change_cost(dW, db) + pen
+
+
+def margins_of(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """logit[y] - max_{j != y} logit[j] per row (float64)."""
+    L = np.asarray(logits, np.float64)
+    idx = np.arange(len(labels))
+    own = L[idx, labels]
+    other = L.copy()
+    other[idx, labels] = -np.inf
+    return own - other.max(1)
+
+
+def certified_lower_bound(p: MarginProblem, point: np.ndarray, cls: np.ndarray, y: np.ndarray,
+                          sigma_rows: np.ndarray | None = None) -> float:
+    """A lower bound on the optimum from multipliers ``y >= 0`` of rows (point, cls); valid for any y.
+
+    Weak duality: for feasible d, ``N(d) + sum price*s >= r.y + min_d [N(d) - z.d] + min_s s.(price - y_k)``
+    with ``z = A^T y``. Soft points' multipliers are capped at their price, then ``y`` is scaled by
+    ``s`` in [0, 1]; ``min_{|d|<=B} [a|d|_1 + b|d|_inf - z.d] = -B * max(0, sum (s|z_e| - a)+ - b)``.
+    For points with feature boxes each row's features are ``c - sigma_rows * r`` (any sigma in
+    [-1, 1] gives a relaxation, :mod:`cnnrepair.repair.ball`). Uses only the problem's data, so a
+    third party can recompute it from the multipliers.
+    """
+    point, cls = np.asarray(point, np.int64), np.asarray(cls, np.int64)
+    y = np.maximum(np.asarray(y, np.float64), 0.0)
+    if len(y) == 0:
+        return 0.0
+    y = y.copy()
+    soft = np.isfinite(p.prices[point])
+    if soft.any():
+        total = np.bincount(point, weights=y, minlength=len(p.labels))
+        cap = np.where(total > 0, np.minimum(1.0, p.prices / np.maximum(total, 1e-300)), 1.0)
+        y[soft] *= cap[point[soft]]
+    lab = p.labels[point]
+    F = p.features[point]
+    if p.radii is not None:
+        sig = np.zeros_like(F) if sigma_rows is None else np.clip(np.asarray(sigma_rows, np.float64), -1.0, 1.0)
+        F = F - sig * p.radii[point]
+    r = p.margins[point] - (np.einsum("ij,ij->i", F, p.weight[lab] - p.weight[cls]) + p.bias[lab] - p.bias[cls])
+    base = float(r @ y)
+    C, n = p.weight.shape
+    Z = np.zeros((C, n))
+    np.add.at(Z, lab, y[:, None] * F)
+    np.add.at(Z, cls, -y[:, None] * F)
+    z = np.abs(Z.ravel())
+    if not p.freeze_bias:
+        z = np.concatenate([z, np.abs(np.bincount(lab, y, C) - np.bincount(cls, y, C))])
+    a, b = p.norm_coefficients()
+    B = p.max_change
+
+    def excess(s: float) -> float:
+        return float(np.maximum(s * z - a, 0.0).sum() - b)
+
+    def bound(s: float) -> float:
+        e = excess(s)
+        if e <= 0:
+            return s * base
+        return -np.inf if B is None else s * base - B * e
+
+    lo, hi = 0.0, 1.0
+    if excess(1.0) > 0:
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if excess(mid) <= 0 else (lo, mid)
+    else:
+        lo = 1.0
+    return max(0.0, bound(1.0), bound(lo))
+
+
+@dataclass
+class MarginSolution:
+    """What :func:`solve_margins` found: the change, its cost, a certified bound, or the conflicts."""
+
+    status: str
+    delta_weight: np.ndarray
+    delta_bias: np.ndarray
+    objective: float
+    lower_bound: float
+    seconds: float
+    rounds: int = 0
+    size: dict[str, int] = field(default_factory=dict)
+    witness: dict[str, np.ndarray] = field(default_factory=dict)
+    conflicts: np.ndarray | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "optimal"
+
+    @property
+    def gap(self) -> float:
+        """(objective - lower bound) / objective; 0 when both are 0."""
+        if not np.isfinite(self.objective):
+            return float("inf")
+        return 0.0 if self.objective <= 0 else max(0.0, (self.objective - self.lower_bound) / self.objective)
+
+
+def margin_rows(p: MarginProblem, points: np.ndarray, cls: np.ndarray | None = None) -> tuple[sp.csc_matrix, np.ndarray]:
+    """Margin rows written out: ``A d >= rhs`` over the entries (class-major, bias last per class).
+
+    Rows (points[i], cls[i]) when ``cls`` is given, else every rival class of each point.
+    """
+    C, n = p.weight.shape
+    nc = n if p.freeze_bias else n + 1
+    pts = np.asarray(points, np.int64)
+    if cls is None:
+        pts = np.repeat(pts, C)
+        cls = np.tile(np.arange(C), len(points))
+        rival = cls != p.labels[pts]
+        pts, cls = pts[rival], cls[rival]
+    cls = np.asarray(cls, np.int64)
+    L0 = p.logits()
+    rhs = p.margins[pts] - (L0[pts, p.labels[pts]] - L0[pts, cls])
+    Fb = p.features[pts] if p.freeze_bias else np.hstack([p.features[pts], np.ones((len(pts), 1))])
+    m = len(pts)
+    rows = np.repeat(np.arange(m), 2 * nc)
+    cols = np.stack([p.labels[pts][:, None] * nc + np.arange(nc), cls[:, None] * nc + np.arange(nc)], 1).reshape(-1)
+    vals = np.stack([Fb, -Fb], 1).reshape(-1)
+    return sp.csc_matrix((vals, (rows, cols)), shape=(m, C * nc)), rhs
