@@ -366,7 +366,21 @@ def test_cli_infeasible_spec_names_the_conflict_and_writes_no_model(exported, ca
     cert = json.loads((out / "certificate.json").read_text())
     assert cert["status"] == "infeasible" and not (out / "repaired.pt2").exists()
     assert sorted(c["index"] for c in cert["conflicts"]) == [0, 3]
-    assert "points[0]" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "points[0]" in err and "time limit" not in err and cert["solver"]["conflicts_irreducible"] is True
+
+
+def test_cli_infeasible_spec_says_when_the_conflict_search_ran_out_of_time(exported, capsys, monkeypatch):
+    import cnnrepair.repair.margins as M
+
+    monkeypatch.setattr(M, "CONFLICT_SECONDS", 0.0)
+    d = exported
+    x = np.load(d / "p.npz")["x"]
+    np.savez(d / "dup.npz", x=np.concatenate([x[:3], x[:1]]), y=np.array([0, 1, 2, 3], np.int64))
+    assert main(["repair", str(d / "m.pt2"), "--points", str(d / "dup.npz"), "--out", str(d / "inf")]) == 1
+    cert = json.loads((d / "inf" / "certificate.json").read_text())
+    assert cert["solver"]["conflicts_irreducible"] is False and {0, 3} <= {c["index"] for c in cert["conflicts"]}
+    assert "stopped at its time limit" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("make,extra,message", [

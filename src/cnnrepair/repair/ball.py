@@ -26,9 +26,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from cnnrepair.repair.margins import CONFLICT_SECONDS, find_conflicts
+from cnnrepair.repair.program import FEAS as _FEAS
 from cnnrepair.repair.program import MarginProblem, MarginSolution, certified_lower_bound
 
-_FEAS = 1e-9
 _NEAR = 0.05  # rows within this share of the largest required change join the first round
 
 

@@ -24,8 +24,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from cnnrepair.errors import CnnRepairError
-from cnnrepair.repair.program import FEAS
-from cnnrepair.repair.program import MarginProblem, MarginSolution, certified_lower_bound, margin_rows
+from cnnrepair.repair.program import FEAS, MarginProblem, MarginSolution, certified_lower_bound, margin_rows
 from cnnrepair.repair.rows_ipm import solve_rows_ipm
 
 _CROSSOVER = "on"
