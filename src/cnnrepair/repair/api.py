@@ -224,14 +224,15 @@ def _pointwise(lay: LastLayer, spec: RepairSpec, F, ya, FK, ky, xt, kx, base, ke
     cert = _certificate(lay, spec, status, sol, problem, saved_dW, saved_db, ya, base, after, problem.margins, ky, keep_before, keep_after)
     if box is not None:
         worst_before = problem.point_margins()[:K]
-        worst_after = problem.point_margins(saved_dW, saved_db)[:K] if status == "repaired" else worst_before
+        worst_saved = problem.point_margins(saved_dW, saved_db) if status == "repaired" else None
+        worst_after = worst_before if worst_saved is None else worst_saved[:K]
         for k, entry in enumerate(cert["points"]):
             entry["certified_margin_before"] = float(worst_before[k])
             entry["certified_margin_after"] = float(worst_after[k])
         if keep_box is not None:
-            kept = problem.point_margins(saved_dW, saved_db)[K:] if status == "repaired" else None
             cert["keep"]["balls_certified_before"] = int(keep_box[2].sum())
-            cert["keep"]["balls_certified_after"] = None if kept is None else int((kept[keep_box[2]] >= spec.keep_margin).sum())
+            cert["keep"]["balls_certified_after"] = (None if worst_saved is None
+                                                     else int((worst_saved[K:][keep_box[2]] >= spec.keep_margin).sum()))
         cert["ball"] = {"eps": spec.eps, "bounds": spec.bounds, "bound_seconds": box.seconds,
                         "note": "certified margins: the worst case of the logit difference over each point's feature box, "
                                 "which holds every input of its ball (sound bounds; cnnrepair verify recomputes them)"}
@@ -260,6 +261,15 @@ def last_layer_tensors(model: nn.Module, lay: LastLayer) -> tuple[np.ndarray, np
     return W, b
 
 
+def _solver_name(problem: MarginProblem, sol: MarginSolution) -> str:
+    """The module and method that solved the program, as the certificate records it."""
+    if problem.has_boxes:
+        return "cnnrepair.repair.ball (box LP on HiGHS, row generation)"
+    if sol.size.get("method") == "interior point":
+        return "cnnrepair.repair.rows_ipm (structured interior point, row generation)"
+    return "cnnrepair.repair.margins (row and column generation on HiGHS)"
+
+
 def _certificate(lay, spec, status, sol, problem, dW, db, ya, base, after, required, ky, keep_before, keep_after) -> dict:
     K = len(ya)
     cert = {
@@ -281,8 +291,7 @@ def _certificate(lay, spec, status, sol, problem, dW, db, ya, base, after, requi
                  "smallest_margin_after": float(keep_after.min()) if len(ky) else None,
                  "labels_kept": int((keep_after > 0).sum()), "below_keep_margin": int((keep_after < spec.keep_margin).sum()),
                  "required": [float(r) for r in required[K:]], "labels": [int(v) for v in ky]},
-        "solver": {"name": "cnnrepair.repair.ball (box LP on HiGHS, row generation)" if problem.has_boxes
-                   else "cnnrepair.repair.margins (row and column generation on HiGHS)", "status": sol.status,
+        "solver": {"name": _solver_name(problem, sol), "status": sol.status,
                    "seconds": sol.seconds, "rounds": sol.rounds, **sol.size,
                    "lp_objective": float(sol.objective) if np.isfinite(sol.objective) else None, "lp_gap": sol.gap if sol.ok else None},
         "lower_bound_witness": {key: np.asarray(val).tolist() for key, val in sol.witness.items()},

@@ -14,7 +14,7 @@ current change violates it) and ``u`` columns made for the class pairs those row
 
 Certified lower bound: for any ``sigma`` in [-1, 1] per (pair, feature), ``|D| >= sigma . D``, so every
 feasible change also meets the pointwise rows with features ``c_k - sigma r_k``; weak duality on
-that relaxation (:func:`cnnrepair.repair.margins.certified_lower_bound`) bounds the optimum from the
+that relaxation (:func:`cnnrepair.repair.program.certified_lower_bound`) bounds the optimum from the
 margin rows' multipliers and ``sigma`` read off the pair rows' multipliers.
 """
 
@@ -30,11 +30,6 @@ from cnnrepair.repair.program import FEAS as _FEAS
 from cnnrepair.repair.program import MarginProblem, MarginSolution, certified_lower_bound
 
 _NEAR = 0.05  # rows within this share of the largest required change join the first round
-
-
-def pair_sign(y: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """+1 where the row's label is the pair's first class (pairs are (min, max)), else -1."""
-    return np.where(y < j, 1.0, -1.0)
 
 
 def sigma_rows(p: MarginProblem, point: np.ndarray, cls: np.ndarray, pairs: np.ndarray, sigma: np.ndarray) -> np.ndarray:
@@ -158,7 +153,7 @@ class _BoxLP:
         a, b = p.norm_coefficients()
         lab = p.labels[pts]
         self.pairs = np.unique(np.stack([np.minimum(lab, cls), np.maximum(lab, cls)], 1), axis=0) if len(pts) else np.zeros((0, 2), np.int64)
-        pair_index = {(int(u), int(v)): i for i, (u, v) in enumerate(self.pairs)}
+        self.pair_index = pair_index = {(int(u), int(v)): i for i, (u, v) in enumerate(self.pairs)}
         soft = np.unique(pts[np.isfinite(p.prices[pts])])
         self.soft_points = soft
         W = len(wide)
@@ -238,10 +233,7 @@ class _BoxLP:
         self.wide, self.W, self.E = wide, W, E
 
     def change(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        d = (x[:self.E] - x[self.E:2 * self.E]).reshape(-1, self.ncoef) * self.beta / self.alpha
-        dW = d[:, :self.n].copy()
-        db = d[:, self.n].copy() if not self.p.freeze_bias else np.zeros(len(d))
-        return dW, db
+        return self.p.split_change(x[:self.E] - x[self.E:2 * self.E], self.beta / self.alpha)
 
     def sigma(self, duals: np.ndarray) -> np.ndarray:
         """Per pair and feature, ``(mu+ - mu-) / sum_rows y r``: the multipliers of its two u rows over the radius-weighted
@@ -250,7 +242,7 @@ class _BoxLP:
         weight = np.zeros((len(self.pairs), self.W))
         y = duals[:self.n_margin]
         lab = self.p.labels[self.pts]
-        key = {(int(a), int(b)): i for i, (a, b) in enumerate(self.pairs)}
+        key = self.pair_index
         radii = self.p.radii if self.p.radii is not None else np.zeros_like(self.p.features)
         for r, (k, j) in enumerate(zip(self.pts, self.cls)):
             i = key[(min(int(lab[r]), int(j)), max(int(lab[r]), int(j)))]

@@ -168,10 +168,7 @@ class _Master:
         return d, y, slack
 
     def unscale(self, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        D = d.reshape(self.C, self.ncoef) * self.beta / self.alpha
-        dW = D[:, :self.n].copy()
-        db = D[:, self.n].copy() if not self.p.freeze_bias else np.zeros(self.C)
-        return dW, db
+        return self.p.split_change(d, self.beta / self.alpha)
 
     def prices_out(self, y: np.ndarray) -> np.ndarray:
         """|A^T y| per entry in scaled units (the reduced cost of d+/- is a -+ it)."""

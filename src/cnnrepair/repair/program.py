@@ -29,6 +29,7 @@ NORMS = ("l1", "linf", "l1+linf")
 GAP = 1e-6  # certified relative gap a solve must reach
 FEAS = 1e-9  # primal / dual feasibility tolerance of the scaled program
 
+
 @dataclass
 class MarginProblem:
     """A linear last layer (``weight`` C x n, ``bias`` C) and the points it must label.
@@ -122,6 +123,12 @@ class MarginProblem:
         """How many numbers may change: every weight, and the biases unless frozen."""
         C, n = self.weight.shape
         return C * (n if self.freeze_bias else n + 1)
+
+    def split_change(self, d: np.ndarray, factor: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+        """(dW, db) from a change of the entries (C x nc or flat, class-major, bias last unless frozen), times ``factor``."""
+        C, n = self.weight.shape
+        D = np.asarray(d, np.float64).reshape(C, -1) * factor
+        return D[:, :n].copy(), (D[:, n].copy() if not self.freeze_bias else np.zeros(C))
 
     def norm_coefficients(self) -> tuple[float, float]:
         """(a, b) of the change's cost ``a ||d||_1 + b ||d||_inf``."""

@@ -185,8 +185,9 @@ class RowsIPM:
                 d = X[0] - X[1]
                 Ad = self.A(d)
                 Aty = self.At(y)
-                rel = self._gap(Ad, d, y, Aty, a)
-                hard_ok = bool((self._shortfall(Ad)[self.hard] <= 10 * FEAS).all())
+                short = self._shortfall(Ad)
+                rel = self._gap(short, d, y, Aty, a)
+                hard_ok = bool((short[self.hard] <= 10 * FEAS).all())
                 if np.isfinite(rel) and rel < best[0] and hard_ok:
                     best, best_it = (rel, d.copy(), y.copy()), it
                 if rel <= gap and hard_ok:
@@ -236,29 +237,20 @@ class RowsIPM:
         np.maximum.at(short, self.row_point, np.maximum(self.r - Ad, 0.0))
         return short
 
-    def _gap(self, Ad: np.ndarray, d: np.ndarray, y: np.ndarray, Aty: np.ndarray, a: float) -> float:
-        """Relative gap between the elastic objective at d and the certified lower bound from y."""
-        upper = a * float(np.abs(d).sum()) + _dot(self.price, self._shortfall(Ad))
+    def _gap(self, short: np.ndarray, d: np.ndarray, y: np.ndarray, Aty: np.ndarray, a: float) -> float:
+        """Relative gap between the elastic objective at d (points' shortfalls ``short``) and the certified lower bound from y."""
+        upper = a * float(np.abs(d).sum()) + _dot(self.price, short)
         cap = np.zeros(len(self.points))
         np.add.at(cap, self.row_point, y)
         s = min(1.0, a / max(float(np.abs(Aty).max()), 1e-300), float(np.min(self.price / np.maximum(cap, 1e-300))))
         return (upper - s * _dot(self.r, y)) / max(abs(upper), 1e-300)
 
 
-def _unscale(p: MarginProblem, d: np.ndarray, alpha: float, beta: float) -> tuple[np.ndarray, np.ndarray]:
-    """(dW, db) in the layer's units from a scaled change d (C x nc)."""
-    D = d * beta / alpha
-    n = p.weight.shape[1]
-    return D[:, :n].copy(), (D[:, n].copy() if not p.freeze_bias else np.zeros(p.num_classes))
-
-
 def _violated(p: MarginProblem, in_set: np.ndarray, ipm: RowsIPM, d: np.ndarray, alpha: float,
               beta: float) -> tuple[np.ndarray, np.ndarray]:
     """Rows outside the set that the change d (scaled) violates beyond their point's shortfall, and those within _NEAR of it."""
     N = len(p.labels)
-    L = p.logits(*_unscale(p, d, alpha, beta))
-    Rk = (p.margins[:, None] - (L[np.arange(N), p.labels][:, None] - L)) / beta
-    Rk[np.arange(N), p.labels] = -np.inf
+    Rk = p.row_shortfall(*p.split_change(d, beta / alpha)) / beta
     Rk[in_set] = -np.inf
     allowed = np.zeros(N)
     allowed[ipm.points] = ipm.shortfall(d)
@@ -280,11 +272,8 @@ def _on_support(p: MarginProblem, solved: RowsIPM, price: np.ndarray, d: np.ndar
     status, d2, _ = ipm.solve(1.0, deadline, _GAP)
     if status != "optimal":
         return None
-    dW, db = _unscale(p, d2, alpha, beta)
-    obj = p.objective(dW, db)
-    hard = ~np.isfinite(p.prices)
-    ok = (p.shortfall(p.logits(dW, db))[hard] <= 10 * FEAS * beta).all() and obj - lower <= GAP * obj
-    return (dW, db) if ok else None
+    dW, db = p.split_change(d2, beta / alpha)
+    return (dW, db) if _acceptable(p, dW, db, lower, beta) else None
 
 
 def _sparsify(p: MarginProblem, dW: np.ndarray, db: np.ndarray, lower: float, beta: float,
@@ -292,14 +281,19 @@ def _sparsify(p: MarginProblem, dW: np.ndarray, db: np.ndarray, lower: float, be
     """An interior point is not a vertex: drop changes below each threshold (a share of the largest change) in
     turn, and keep the first result whose hard margins and certified gap survive it (None when none does)."""
     D = np.hstack([dW, db[:, None]])
-    hard = ~np.isfinite(p.prices)
     for threshold in thresholds:
         D2 = np.where(np.abs(D) > threshold * np.abs(D).max(initial=0.0), D, 0.0)
         dW2, db2 = D2[:, :-1], D2[:, -1]
-        obj = p.objective(dW2, db2)
-        if (p.shortfall(p.logits(dW2, db2))[hard] <= 10 * FEAS * beta).all() and obj - lower <= GAP * obj:
+        if _acceptable(p, dW2, db2, lower, beta):
             return dW2, db2
     return None
+
+
+def _acceptable(p: MarginProblem, dW: np.ndarray, db: np.ndarray, lower: float, beta: float) -> bool:
+    """Every hard margin met (to the solve's tolerance) and the objective within the certified gap of ``lower``."""
+    obj = p.objective(dW, db)
+    hard = ~np.isfinite(p.prices)
+    return bool((p.shortfall(p.logits(dW, db))[hard] <= 10 * FEAS * beta).all()) and obj - lower <= GAP * obj
 
 
 def solve_rows_ipm(p: MarginProblem, R0: np.ndarray, alpha: float, beta: float, t0: float,
@@ -330,7 +324,7 @@ def solve_rows_ipm(p: MarginProblem, R0: np.ndarray, alpha: float, beta: float, 
             break
     ydual = y / alpha
     lower = certified_lower_bound(p, pts, cls, ydual)
-    dW, db = _unscale(p, d, alpha, beta)
+    dW, db = p.split_change(d, beta / alpha)
     sparse = (_sparsify(p, dW, db, lower, beta, (1e-6, 1e-8))
               or _on_support(p, ipm, price, d, lower, (alpha, beta), deadline)
               or _sparsify(p, dW, db, lower, beta, (1e-10,)))
