@@ -89,6 +89,47 @@ def _full(p, _arg):
     return full_lp_highs(p)
 
 
+def _ours_threads(p, threads: int):
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=threads):
+        return _ours(p, None)
+
+
+THREAD_SIZES = [(1000, 512, 0), (1000, 800, 2000)]
+
+
+def run_threads(cap: float = 300.0, quick: bool = False) -> Path:
+    """Our L1 solve with one BLAS thread (what ``cnnrepair repair`` and ``repair_classifier`` use unless told
+    otherwise) and with two, on the same problems in the same run, each in its own process."""
+    from benchmarks.common import machine, write_result
+    from benchmarks.lp_scaling import timed
+
+    rows = []
+    for K, n, keep in QUICK if quick else THREAD_SIZES:
+        p = problem(K, n, keep)
+        row = {"K": K, "features": n, "keep": keep}
+        for threads in (1, 2):
+            row[f"threads_{threads}"] = timed(_ours_threads, p, threads, cap, start="spawn")
+        rows.append(row)
+        print(f"K={K} n={n} keep={keep}: 1 thread {row['threads_1'].get('seconds')}, 2 threads {row['threads_2'].get('seconds')}", flush=True)
+    out = {"machine": machine(), "cap_s": cap, "quick": quick,
+           "command": "python -m benchmarks.run margin-threads" + (" --quick" if quick else "") + f" --cap {cap:g}",
+           "problems": "the speed table's problems (L1)", "rows": rows}
+    return _write_quick(out, "margin_threads_quick.json") if quick else write_result("margin_threads.json", out)
+
+
+def threads_table(rows: list[dict]) -> str:
+    """Markdown: seconds with one and two BLAS threads, and their ratio."""
+    out = ["| K | features | keep | 1 thread (s) | 2 threads (s) | 1 / 2 |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        one, two = r["threads_1"], r["threads_2"]
+        cell = (lambda x: f"{x['seconds']:.2f}" if x["status"] == "ok" else x["status"])
+        ratio = f"{one['seconds'] / two['seconds']:.2f}x" if one["status"] == two["status"] == "ok" else "-"
+        out.append(f"| {r['K']:,} | {r['features']:,} | {r['keep']:,} | {cell(one)} | {cell(two)} | {ratio} |")
+    return "\n".join(out)
+
+
 def run(quick: bool = False, cap: float = 300.0) -> Path:
     """Every program on every size, each solve in its own process under ``cap`` seconds."""
     from benchmarks.lp_scaling import timed

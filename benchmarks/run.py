@@ -10,6 +10,7 @@ NAME is one of:
   threads   LP solve time with one and two BLAS threads, on an idle machine and beside a busy process
   field     the repair field's measures on MNIST-C fog (efficacy, drawdown, generalisation)
   margins   pointwise repair program: our solver against HiGHS on the whole LP (L1 and PRDNN's program)
+  margin-threads  the pointwise program with one and two BLAS threads
   prdnn     PRDNN itself (pip prdnn 1.0 on Gurobi, its own interpreter) against our solver on its program
   large-k   the targets program with 2,000-60,000 repair points: our interior point against HiGHS (and on CUDA)
   workflow  cnnrepair points + repair + verify on the MNIST run's models exported as ONNX, timed
@@ -319,6 +320,12 @@ def readme_section() -> str:
     lines += _table_section("margin_speed.json", lambda d: "### Pointwise repair: our solver against HiGHS on the whole program",
                             lambda d: f"{on(d)}; each solve in its own process under a {d['cap_s']:g} s cap (a program that timed "
                                       f"out is not tried on larger sizes). {d['problems']}.", lambda d: margin_table(d["rows"]))
+    from benchmarks.margin_speed import threads_table as margin_threads_table
+
+    lines += _table_section("margin_threads.json", lambda d: "### Pointwise repair with one and two BLAS threads",
+                            lambda d: f"{on(d)}; {d['problems']}, each solve in its own process; `cnnrepair repair` and "
+                                      "`repair_classifier` use one thread unless `--threads` / `threads=` / `CNNREPAIR_THREADS` "
+                                      "say otherwise.", lambda d: margin_threads_table(d["rows"]))
     from benchmarks.versus_prdnn import table as prdnn_table
 
     lines += _table_section("prdnn.json", lambda d: "### PRDNN itself (Gurobi) against our solver, on PRDNN's program",
@@ -408,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("field", help="efficacy, drawdown and generalisation of pointwise repair on MNIST-C fog")
     p.add_argument("run", type=Path, help="a finished MNIST run directory (NN and LH)")
     p = sub.add_parser("margins", help="pointwise repair program: our solver against HiGHS on the whole LP")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, written to a temporary folder (a smoke check)")
+    p.add_argument("--cap", type=float, default=300.0, help="seconds each solve may take (default 300)")
+    p = sub.add_parser("margin-threads", help="pointwise repair program with one and two BLAS threads (the CLI's default is one)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, written to a temporary folder (a smoke check)")
     p.add_argument("--cap", type=float, default=300.0, help="seconds each solve may take (default 300)")
     p = sub.add_parser("prdnn", help="PRDNN itself (Gurobi) against our solver on PRDNN's program, where its licence allows")
@@ -507,6 +517,10 @@ def _dispatch(args: argparse.Namespace) -> None:
         from benchmarks.margin_speed import run as run_margins
 
         print(f"wrote {run_margins(quick=args.quick, cap=args.cap)}")
+    elif args.name == "margin-threads":
+        from benchmarks.margin_speed import run_threads as run_margin_threads
+
+        print(f"wrote {run_margin_threads(cap=args.cap, quick=args.quick)}")
     elif args.name == "prdnn":
         from benchmarks.versus_prdnn import run as run_prdnn
 

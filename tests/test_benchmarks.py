@@ -210,3 +210,14 @@ def test_prdnn_benchmark_records_a_missing_prdnn_and_still_times_ours():
     assert row["ours"]["objective"] == pytest.approx(row["highs-lp"]["objective"], rel=1e-6)
     assert row["ours"]["smallest_margin"] >= 0.05 - 1e-9
     assert "| 10 | 8 |" in table(out["rows"])
+
+
+def test_margin_threads_benchmark_times_one_and_two_threads_on_the_same_problems():
+    from benchmarks.margin_speed import QUICK, run_threads, threads_table
+
+    out = json.loads(run_threads(cap=60, quick=True).read_text())
+    assert [(r["K"], r["features"], r["keep"]) for r in out["rows"]] == QUICK
+    for row in out["rows"]:
+        one, two = row["threads_1"], row["threads_2"]
+        assert one["status"] == two["status"] == "ok" and one["objective"] == pytest.approx(two["objective"], rel=1e-6)
+    assert threads_table(out["rows"]).count("\n") == len(QUICK) + 1

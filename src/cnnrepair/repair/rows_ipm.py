@@ -15,7 +15,7 @@ once no row is violated, the same solve goes on to the certified gap.
 
 Every product with more than a vector goes through SciPy's BLAS: NumPy carries a second OpenBLAS
 whose threads, spinning after each call, took the cores from SciPy's (on 2 cores, alternating the
-two made the whole solve 2.4x slower).
+two made the whole solve about twice as slow in development runs).
 
 Every iterate is judged by a certificate computed from the problem's data only: the objective of
 the change (shortfalls taken as they are) against the weak-duality bound of the row multipliers
