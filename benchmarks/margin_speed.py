@@ -43,7 +43,7 @@ def problem(K: int, n: int, keep: int, norm: str = "l1", max_change: float | Non
 def full_lp_highs(p, time_limit: float | None = None) -> float:
     """The whole program (all N(C-1) margin rows, all entries) handed to HiGHS; returns the optimum."""
     from cnnrepair.repair.program import margin_rows
-    from cnnrepair.repair.targets import _highs_status, _new_highs, _pass_lp
+    from cnnrepair.repair.highs import highs_status, new_highs, pass_lp, run as run_highs
 
     A, rhs = margin_rows(p, np.arange(len(p.labels)))
     m = len(rhs)
@@ -68,11 +68,11 @@ def full_lp_highs(p, time_limit: float | None = None) -> float:
     upper = np.full(A_all.shape[1], np.inf)
     if p.max_change is not None:
         upper[:2 * E] = p.max_change
-    h = _new_highs(time_limit, "simplex")
-    _pass_lp(h, c, A_all, upper, np.concatenate(row_lo), np.concatenate(row_hi))
-    h.run()
-    if _highs_status(h) != "optimal":
-        raise RuntimeError(_highs_status(h))
+    h = new_highs(time_limit, "simplex")
+    pass_lp(h, c, A_all, upper, np.concatenate(row_lo), np.concatenate(row_hi))
+    run_highs(h)
+    if highs_status(h) != "optimal":
+        raise RuntimeError(highs_status(h))
     return float(h.getInfo().objective_function_value)
 
 

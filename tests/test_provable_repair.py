@@ -15,6 +15,8 @@ from cnnrepair.cli import main
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.repair import MarginProblem, certified_lower_bound, margins_of, solve_margins
 
+from tests.helpers import random_points, small_mlp
+
 
 def reference_optimum(p: MarginProblem) -> float:
     """The same spec as one dense LP for scipy's linprog: variables d (free), u >= |d|, t >= max u, soft shortfalls."""
@@ -221,17 +223,7 @@ def test_an_interior_point_that_leaves_dust_is_re_solved_on_its_support(monkeypa
 
 # the library API on torch models -------------------------------------------------------------------
 
-def _mlp(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 5)).eval()
-
-
-def _points(model: nn.Module, n: int, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 1, 3, 4, generator=g)
-    with torch.no_grad():
-        pred = model(x).argmax(1).numpy()
-    return x, pred
+_mlp, _points = small_mlp, random_points
 
 
 @pytest.mark.parametrize("norm", ["l1", "linf", "l1+linf"])
@@ -371,9 +363,11 @@ def test_cli_infeasible_spec_names_the_conflict_and_writes_no_model(exported, ca
 
 
 def test_cli_infeasible_spec_says_when_the_conflict_search_ran_out_of_time(exported, capsys, monkeypatch):
+    import cnnrepair.repair.api as api
     import cnnrepair.repair.margins as M
 
     monkeypatch.setattr(M, "CONFLICT_SECONDS", 0.0)
+    monkeypatch.setattr(api, "conflicting_pairs", lambda *args: [])  # the LP's own conflict search, not the coinciding check
     d = exported
     x = np.load(d / "p.npz")["x"]
     np.savez(d / "dup.npz", x=np.concatenate([x[:3], x[:1]]), y=np.array([0, 1, 2, 3], np.int64))

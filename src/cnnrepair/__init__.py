@@ -21,10 +21,11 @@ from cnnrepair.repair import (
     repair_classifier,
     solve_margins,
 )
+from cnnrepair.verify import Verification, verify_certificate
 from cnnrepair.vnnlib import BallProperty, write_properties
 
 __version__ = "0.1.0"
 __all__ = ["AssessSettings", "BallProperty", "Certification", "ClassifierRepair", "CnnRepairError", "FeatureBounds", "InputSpec",
            "LoadedModel", "MadePoints", "MarginProblem", "MarginSolution", "PointsSettings", "RepairSpec", "__version__", "assess",
            "ball_box", "certify", "feature_bounds", "last_layer", "load_model", "make_points", "pgd_accuracy", "repair_classifier",
-           "save_model", "solve_margins", "write_properties"]
+           "save_model", "solve_margins", "Verification", "verify_certificate", "write_properties"]

@@ -18,7 +18,7 @@ from torch import nn
 from cnnrepair.attacks import attack, check_eps, get_attack
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.points import InputSpec, PixelModel
-from cnnrepair.training import Progress, predict
+from cnnrepair.training import Progress, outputs, predict
 
 
 @dataclass
@@ -53,6 +53,38 @@ def accuracy_on(model: nn.Module, x: torch.Tensor | np.ndarray, y: np.ndarray, b
     return float((pred == np.asarray(y)).mean())
 
 
+def _check_inputs(models: dict[str, nn.Module], images: np.ndarray, spec: InputSpec, sets: dict) -> None:
+    """Every model gives the same number of classes; the points fit the model and carry labels of those classes."""
+    classes = {}
+    for name, model in models.items():
+        with torch.no_grad():
+            try:
+                classes[name] = int(outputs(PixelModel(model, spec).eval(), images[:2]).shape[-1])
+            except Exception as exc:  # noqa: BLE001 - the model cannot take these images
+                raise CnnRepairError(f"the {name} model cannot run on the images ({type(exc).__name__}: "
+                                     f"{str(exc).splitlines()[0][:100] if str(exc) else ''})") from None
+    if len(set(classes.values())) > 1:
+        raise CnnRepairError(f"the models give different numbers of classes ({', '.join(f'{k} {v}' for k, v in classes.items())}); "
+                             "give the repaired file of this very model")
+    first = next(iter(models.values()))
+    num = next(iter(classes.values()))
+    for what, pair in sets.items():
+        if pair is None:
+            continue
+        px, py = pair
+        if py is None:
+            raise CnnRepairError(f"the {what} need labels (an array y)")
+        py = np.asarray(py)
+        if len(py) and (py.min() < 0 or py.max() >= num):
+            raise CnnRepairError(f"the {what} carry labels {py.min()}..{py.max()}, but the model has {num} classes (0..{num - 1})")
+        with torch.no_grad():
+            try:
+                _first(first(torch.as_tensor(px[:2])))
+            except Exception as exc:  # noqa: BLE001 - wrong shape or dtype for the model
+                raise CnnRepairError(f"the {what} (inputs of shape {tuple(px.shape[1:])}) cannot run on the model "
+                                     f"({type(exc).__name__}); give points made for it by cnnrepair points") from None
+
+
 def _first(out):
     while isinstance(out, (tuple, list)):
         out = out[0]
@@ -66,6 +98,7 @@ def assess(models: dict[str, nn.Module], images: np.ndarray, labels: np.ndarray,
     of every model after the first (the original) against it."""
     settings.check()
     spec.check(tuple(images.shape[1:]))
+    _check_inputs(models, images, spec, {"points": points, "held-out points": held_out})
     take = np.sort(np.random.default_rng(settings.seed).permutation(len(labels))[:settings.n])
     x, y = images[take], labels[take]
     method = settings.attack if settings.attack == "fgsm" else get_attack("pgd", steps=settings.pgd_steps)

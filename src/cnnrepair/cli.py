@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cnnrepair.errors import CnnRepairError
+from cnnrepair.outdir import disk_error, names
 
 EPILOG = """examples:
   cnnrepair reproduce                                   # whole pipeline on the embedded 8x8 digits
@@ -516,9 +517,12 @@ def _add_model_repair_args(p: argparse.ArgumentParser) -> None:
                    help="measure of the change to minimise; l1+linf is PRDNN's mean|d| + max|d| (default: l1)")
     p.add_argument("--freeze-bias", action="store_true", help="change the weights only")
     p.add_argument("--max-change", type=float, default=None, help="bound on each weight's change")
-    p.add_argument("--time-limit", type=float, default=None, help="seconds the solver may take")
+    p.add_argument("--max-change-ratio", type=float, default=1000.0,
+                   help="a change whose largest entry exceeds this multiple of the layer's largest weight is ill-conditioned and "
+                        "not certified (default: 1000)")
+    p.add_argument("--time-limit", type=float, default=None, help="seconds the solver may take (default: 3600)")
     p.add_argument("--threads", type=int, default=None, help="BLAS/OpenMP threads of the solve (default: CNNREPAIR_THREADS or 1)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing certificate in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier repair's files in --out (never any other file)")
     _add_factory_arg(p)
 
 
@@ -554,17 +558,14 @@ def _input_shape(args: argparse.Namespace, fallback) -> tuple[int, ...] | None:
 
 def _model_repair_job(args: argparse.Namespace):
     """Check every input of ``cnnrepair repair MODEL`` (nothing is written before this passes)."""
-    from cnnrepair.modelrepair import BallInputs, prepare
+    from cnnrepair.modelrepair import BallInputs, output_dir, prepare
     from cnnrepair.repair import RepairSpec
 
     if args.threads is not None and args.threads < 1:
         raise CnnRepairError(f"--threads must be >= 1 (got {args.threads})")
     if args.time_limit is not None and not args.time_limit > 0:
         raise CnnRepairError(f"--time-limit must be > 0 seconds (got {args.time_limit})")
-    if (args.out / "certificate.json").exists() and not args.overwrite:
-        raise CnnRepairError(f"{args.out} already holds a certificate; choose another --out or pass --overwrite")
-    if args.out.exists() and not args.out.is_dir():
-        raise CnnRepairError(f"--out {args.out} is a file; give a folder")
+    output_dir(args.out, [args.model, args.points, args.keep], args.overwrite).check()
     if args.spec != "ball" and (args.eps is not None or args.mean is not None or args.std is not None):
         raise CnnRepairError("--eps, --mean and --std describe the ball spec's input balls; add --spec ball or drop them")
     if args.spec == "ball" and args.eps is None:
@@ -573,7 +574,7 @@ def _model_repair_job(args: argparse.Namespace):
     domain = _vnnlib_range(args.range)
     spec = RepairSpec(kind=args.spec, margin=args.margin, keep_margin=args.keep_margin, keep_price=args.keep_price,
                       norm=args.norm, freeze_bias=args.freeze_bias, max_change=args.max_change, eps=args.eps or 0.0, bounds=args.bounds,
-                      keep_eps=args.keep_eps)
+                      keep_eps=args.keep_eps, max_change_ratio=args.max_change_ratio)
     ball = BallInputs(mean, std, domain) if args.spec == "ball" else None
     args.job = prepare(args.model, args.points, spec, args.layer, args.keep, args.factory, _input_shape(args, None), ball)
     return args.job
@@ -586,7 +587,7 @@ def _cmd_model_repair(args: argparse.Namespace, bars: _Bars) -> int:
     _say(f"repairing layer {job.layer!r} of {job.model.path.name} on {len(job.points.x)} points"
          + (f" (+{len(job.keep.x)} keep)" if job.keep is not None else "") + f", spec {job.spec.kind}, norm {job.spec.norm} ...")
     t0 = time.perf_counter()
-    cert = run(job, args.out, args.time_limit, args.threads)
+    cert = run(job, args.out, args.time_limit, args.threads, args.overwrite)
     dt = time.perf_counter() - t0
     if cert["status"] == "repaired":
         ch = cert["change"]
@@ -611,20 +612,24 @@ def _cmd_model_repair(args: argparse.Namespace, bars: _Bars) -> int:
         _say(f"infeasible: no change of layer {job.layer!r} meets the spec; these points conflict{minimal}: {conf}. "
              f"No model written; details in {args.out / 'certificate.json'}")
         return 1
+    if cert["status"] == "ill-conditioned":
+        _say(f"not certified: {'; '.join(cert.get('notes', []))}. Details in {args.out / 'certificate.json'}")
+        return 1
     _say(f"repair failed ({cert['solver']['status']}; {'; '.join(cert.get('notes', []))}); no model written; see {args.out / 'certificate.json'}")
     return 1
 
 
 def _cmd_verify(args: argparse.Namespace, bars: _Bars) -> int:
-    from cnnrepair.modelrepair import verify
+    from cnnrepair.verify import verify_certificate
 
-    problems = verify(args.certificate, args.model, args.points, args.keep, args.original, args.factory)
-    if problems:
-        for p in problems:
+    report = verify_certificate(args.certificate, args.model, args.points, args.keep, args.original, args.factory)
+    if report.problems:
+        for p in report.problems:
             _say(f"FAILED: {p}")
         return 1
-    checked = "margins, model hash" + (", only the layer changed, objective and lower bound" if args.original else "")
-    _say(f"certificate holds ({checked})")
+    _say(f"certificate holds (checked: {'; '.join(report.checked)})")
+    if report.unchecked:
+        _say(f"not checked: {'; '.join(report.unchecked)}")
     return 0
 
 
@@ -644,7 +649,9 @@ def _cmd_vnnlib(args: argparse.Namespace, bars: _Bars) -> int:
     from cnnrepair.repair.certificate import model_logits
     from cnnrepair.vnnlib import write_properties
 
-    _fresh_out(args, "instances.csv")
+    outdir = _out(args, names("instances.csv", suffixes=(".vnnlib",)), [args.model, args.points], "properties")
+    if not (args.timeout > 0 and args.timeout < float("inf")):
+        raise CnnRepairError(f"--timeout must be a number of seconds > 0 (got {args.timeout})")
     domain = _vnnlib_range(args.range)
     points = load_points(args.points, "points file", labels_required=False)
     model = load_model(args.model, args.factory, _input_shape(args, points.x.shape[1:]))
@@ -652,7 +659,8 @@ def _cmd_vnnlib(args: argparse.Namespace, bars: _Bars) -> int:
         raise CnnRepairError(f"{args.points}: inputs of shape {tuple(points.x.shape[1:])} but the model takes {model.input_shape}")
     logits = model_logits(model.module, points.x[:1] if points.y is not None else points.x)
     labels = points.y if points.y is not None else logits.argmax(1)
-    paths = write_properties(args.model, points.x.numpy(), labels, args.eps, logits.shape[1], args.out, domain, args.timeout)
+    with outdir as stage:
+        paths = write_properties(args.model, points.x.numpy(), labels, args.eps, logits.shape[1], stage, domain, args.timeout)
     _say(f"wrote {len(paths)} properties and instances.csv to {args.out} (unsat = every input of the ball keeps its label)")
     return 0
 
@@ -671,12 +679,14 @@ def _convention(args: argparse.Namespace) -> tuple:
     return _floats(args.mean, "mean", "0.4914,0.4822,0.4465"), _floats(args.std, "std", "0.247,0.243,0.261")
 
 
-def _fresh_out(args: argparse.Namespace, result: str) -> None:
-    """Refuse to replace ``--out/result`` (made by an earlier run, maybe with other settings) unless --overwrite."""
-    if args.out.exists() and not args.out.is_dir():
-        raise CnnRepairError(f"--out {args.out} is a file; give a folder")
-    if (args.out / result).exists() and not args.overwrite:
-        raise CnnRepairError(f"{args.out} already holds {result}; choose another --out or pass --overwrite")
+def _out(args: argparse.Namespace, owns, inputs: list, what: str):
+    """The command's --out, checked before any work: new or empty, or (with --overwrite) holding only
+    this command's earlier results, never an input (see cnnrepair.outdir)."""
+    from cnnrepair.outdir import OutputDir
+
+    outdir = OutputDir(args.out, owns, args.overwrite, inputs, what=what)
+    outdir.check()
+    return outdir
 
 
 def _points_images(args: argparse.Namespace) -> tuple:
@@ -710,7 +720,8 @@ def _cmd_points(args: argparse.Namespace, bars: _Bars) -> int:
     from cnnrepair.points import InputSpec, PointsSettings, make_points
     from cnnrepair.repair.certificate import sha256
 
-    _fresh_out(args, "points.json")
+    outdir = _out(args, names("points.npz", "keep.npz", "held_out.npz", "points.json"),
+                  [args.model, getattr(args, "npz", None)], "points (points.json / *.npz)")
     mean, std = _convention(args)
     settings = PointsSettings(args.kind, args.n, args.keep, args.held_out, args.eps, args.split, args.seed)
     settings.check()
@@ -718,13 +729,13 @@ def _cmd_points(args: argparse.Namespace, bars: _Bars) -> int:
     model = load_model(args.model, args.factory, _input_shape(args, images.shape[1:]))
     spec = InputSpec(mean, std, model.input_shape)
     made = make_points(model.module, images, labels, spec, settings, bars)
-    args.out.mkdir(parents=True, exist_ok=True)
-    save_npz(args.out / "points.npz", x=made.x, y=made.y, index=made.index)
-    save_npz(args.out / "keep.npz", x=made.keep_x, y=made.keep_y, index=made.keep_index)
-    if settings.held_out:
-        save_npz(args.out / "held_out.npz", x=made.held_x, y=made.held_y, index=made.held_index)
-    write_json(args.out / "points.json", {**made.info, "model": {"file": args.model.name, "sha256": sha256(args.model)},
-                                          "data": source, "split": args.split})
+    with outdir as stage:
+        save_npz(stage / "points.npz", x=made.x, y=made.y, index=made.index)
+        save_npz(stage / "keep.npz", x=made.keep_x, y=made.keep_y, index=made.keep_index)
+        if settings.held_out:
+            save_npz(stage / "held_out.npz", x=made.held_x, y=made.held_y, index=made.held_index)
+        write_json(stage / "points.json", {**made.info, "model": {"file": args.model.name, "sha256": sha256(args.model)},
+                                           "data": source, "split": args.split})
     _say(f"wrote {len(made.y)} {args.kind} points and {len(made.keep_y)} keep points to {args.out} "
          f"(clean accuracy {100 * made.info['clean_accuracy']:.2f}%); next: cnnrepair repair {args.model} "
          f"--points {args.out / 'points.npz'} --keep {args.out / 'keep.npz'} --out DIR")
@@ -739,7 +750,8 @@ def _cmd_evaluate(args: argparse.Namespace, bars: _Bars) -> int:
     from cnnrepair.points import InputSpec
     from cnnrepair.repair.certificate import sha256
 
-    _fresh_out(args, "report.json")
+    outdir = _out(args, names("report.json", "report.png"), [args.model, args.repaired, args.points, args.held_out,
+                                                              getattr(args, "npz", None)], "a report (report.json / report.png)")
     mean, std = _convention(args)
     eps = list(_floats(args.eps, "eps", "0.05,0.1") or ())
     settings = AssessSettings(eps, args.attack, args.n, args.seed, certify=args.certify)
@@ -755,9 +767,9 @@ def _cmd_evaluate(args: argparse.Namespace, bars: _Bars) -> int:
     report = assess({k: m.module for k, m in models.items()}, images, labels, spec, settings,
                     None if pts is None else (pts.x, pts.y), None if held is None else (held.x, held.y), bars)
     report.update(data=source, split=args.split, files={k: {"file": m.path.name, "sha256": sha256(m.path)} for k, m in models.items()})
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "report.json", report)
-    plot_report(report, args.out / "report.png")
+    with outdir as stage:
+        write_json(stage / "report.json", report)
+        plot_report(report, stage / "report.png")
     for name, r in report["models"].items():
         extra = "".join(f", {k} {r[k]:.2f}" for k in ("drawdown", "generalisation") if k in r)
         eff = f", efficacy {100 * r['efficacy']:.1f}%" if "efficacy" in r else ""
@@ -844,6 +856,9 @@ COMMANDS: dict[str, Callable] = {
 }
 
 
+MODEL_COMMANDS = ("repair", "verify", "vnnlib", "points", "evaluate")  # commands on model files: no checkpoints, nothing half-written
+
+
 def _record_command(args: argparse.Namespace, argv: list[str], seconds: float) -> None:
     """Append the command line and its wall time to the run's results, so every figure can be traced to a command.
 
@@ -881,8 +896,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         bars.close()
-        print("cnnrepair: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        if args.command in MODEL_COMMANDS:
+            print(f"cnnrepair: interrupted; nothing was written into {getattr(args, 'out', None) or 'any folder'}", file=sys.stderr)
+        else:
+            print("cnnrepair: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
+    except OSError as exc:  # a full disk, a read-only folder: one line, the run's files removed by their writers
+        bars.close()
+        print(f"cnnrepair: error: {disk_error(exc, getattr(args, 'out', None) or Path('.'))}", file=sys.stderr)
+        return 2
     bars.close()
     return 0
 

@@ -33,6 +33,29 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` through a temporary file beside ``path`` (flushed to disk), then rename it into
+    place. Serialising in memory first turns a full disk into a Python ``OSError`` here, never an abort
+    inside a C++ writer."""
+
+    def _write(p: Path) -> None:
+        with open(p, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    atomic_write(path, _write)
+
+
+def torch_bytes(obj: Any) -> bytes:
+    """``torch.save(obj)`` into memory."""
+    import io as _io
+
+    buffer = _io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as strict JSON (NaN and infinities become null), indented, atomically."""
     text = json.dumps(_finite(obj), indent=2, sort_keys=False, default=_json_default, allow_nan=False) + "\n"
@@ -56,7 +79,7 @@ def read_json(path: Path) -> Any:
 
 def save_torch(path: Path, obj: dict[str, Any]) -> None:
     """Save a dict of tensors and plain values, atomically."""
-    atomic_write(path, lambda p: torch.save(obj, p))
+    atomic_write_bytes(path, torch_bytes(obj))
 
 
 def load_torch(path: Path, what: str = "checkpoint") -> dict[str, Any]:
@@ -93,9 +116,15 @@ def load_npz(path: Path, what: str = "array file") -> dict[str, np.ndarray]:
         raise CnnRepairError(f"{path}: {what} not found; run the step that creates it first")
     try:
         with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
+            arrays = {k: data[k] for k in data.files}
     except Exception as exc:
-        raise CnnRepairError(f"{path}: unreadable {what} ({type(exc).__name__}); delete it and rerun") from None
+        raise CnnRepairError(f"{path}: unreadable {what} ({type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}); "
+                             "save it with np.savez (plain arrays, no objects)") from None
+    for key, value in arrays.items():
+        if not isinstance(value, np.ndarray):  # np.load hands back a member that is not an .npy array (a raw pickle) as bytes
+            raise CnnRepairError(f"{path}: member {key!r} of the {what} is not a NumPy array (a pickle or other file); "
+                                 "save it with np.savez (plain arrays, no objects)")
+    return arrays
 
 
 def _finite(obj: Any) -> Any:

@@ -7,6 +7,7 @@ and records its results and timings in ``results.json``; the CLI only wires them
 from __future__ import annotations
 
 import hashlib
+import io
 import time
 import warnings
 from dataclasses import asdict, replace
@@ -19,7 +20,7 @@ import torch
 from cnnrepair.data import Dataset, load_dataset
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.hybrid import HybridNet, fit_linear_svm, fit_rbf_svm, load_head, save_head
-from cnnrepair.io import load_npz, load_torch, save_npz, save_torch
+from cnnrepair.io import atomic_write_bytes, load_npz, load_torch, save_npz, save_torch
 from cnnrepair.models import DEFAULT_ARCH, SplitNet, build_model, param_counts
 from cnnrepair.rundir import RunDir
 from cnnrepair.training import RECIPES, Progress, TrainConfig, accuracy, cpu_state, elapsed, model_device, outputs, train
@@ -174,7 +175,6 @@ def export_models(run: RunDir, models: dict[str, torch.nn.Module], input_shape: 
     relative) before it is kept. Returns the ``.pt2`` paths; results record both.
     """
     from cnnrepair.formats.onnx import export_onnx
-    from cnnrepair.io import atomic_write
 
     written, onnx_written = {}, {}
     for name, model in models.items():
@@ -184,7 +184,9 @@ def export_models(run: RunDir, models: dict[str, torch.nn.Module], input_shape: 
         path = run.sub(f"export/{name}.pt2")
         with warnings.catch_warnings():  # torch warns about shared CPU tensors (the heads share one extractor): harmless here
             warnings.filterwarnings("ignore", message="No complete tensor found in the group")
-            atomic_write(path, lambda p, program=program: torch.export.save(program, str(p)))
+            buffer = io.BytesIO()  # in memory first: a full disk is a Python error, not an abort in torch's writer
+            torch.export.save(program, buffer)
+        atomic_write_bytes(path, buffer.getvalue())
         written[name] = str(path.relative_to(run.path))
         onnx_path = run.sub(f"export/{name}.onnx")
         export_onnx(model, input_shape, onnx_path)

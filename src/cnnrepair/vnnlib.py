@@ -55,6 +55,8 @@ def write_properties(model_path: Path, x: np.ndarray, labels: np.ndarray, eps: f
     """``out/point_<i>.vnnlib`` for every input and ``out/instances.csv``; returns the property files."""
     if not np.isfinite(eps) or eps < 0:
         raise CnnRepairError(f"--eps must be a non-negative number (got {eps})")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (np.isfinite(timeout) and timeout > 0):
+        raise CnnRepairError(f"--timeout must be a number of seconds > 0 (got {timeout})")
     if len(x) != len(labels):
         raise CnnRepairError(f"{len(x)} inputs but {len(labels)} labels; give one label per input")
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):

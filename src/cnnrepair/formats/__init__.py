@@ -20,7 +20,7 @@ from torch import nn
 
 from cnnrepair.errors import CnnRepairError
 
-RUNTIME_AGREEMENT = 1e-5  # a format's own runtime and the torch model must agree this well (relative to 1 + |output|)
+RUNTIME_AGREEMENT = 1e-5  # a format's own runtime and the torch model must agree this well (relative to 1 + max|logit|)
 
 FORMATS = {".pt2": "torch.export", ".onnx": "onnx", ".pt": "state_dict", ".pth": "state_dict", ".ts": "torchscript",
            ".torchscript": "torchscript"}
@@ -95,9 +95,29 @@ def runtime_logits(path: Path, x: torch.Tensor | np.ndarray) -> np.ndarray | Non
     return None
 
 
+def runtime_fn(path: Path):
+    """A batch -> float64 logits function running the saved file in its format's own runtime (one
+    onnxruntime session, one ``torch.jit.load``), or None where that runtime is the loaded torch module."""
+    fmt = FORMATS.get(Path(path).suffix.lower())
+    if fmt == "onnx":
+        from cnnrepair.formats.onnx import onnxruntime_fn
+
+        return onnxruntime_fn(Path(path))
+    if fmt == "torchscript":
+        from cnnrepair.formats.torchscript import file_fn
+
+        return file_fn(Path(path))
+    return None
+
+
 def disagreement(got: np.ndarray, ref: np.ndarray) -> float:
-    """Largest difference between a runtime's outputs and the torch model's, relative to 1 + |ref|
-    (infinite when the shapes differ); compared with RUNTIME_AGREEMENT."""
+    """Largest difference between a runtime's outputs and the torch model's, relative to each
+    input's logit scale ``1 + max|ref row|`` (float32 rounding grows with the logits, not with each
+    entry); infinite when the shapes differ. Compared with RUNTIME_AGREEMENT."""
     if got.shape != ref.shape:
         return float("inf")
-    return float(np.max(np.abs(got - ref) / (1 + np.abs(ref)), initial=0.0))
+    if ref.size == 0:
+        return 0.0
+    ref2, got2 = ref.reshape(len(ref), -1), got.reshape(len(got), -1)
+    scale = 1 + np.abs(ref2).max(1, keepdims=True)
+    return float(np.max(np.abs(got2 - ref2) / scale, initial=0.0))

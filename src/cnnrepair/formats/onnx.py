@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnrepair.errors import CnnRepairError
-from cnnrepair.io import atomic_write
+from cnnrepair.io import atomic_write, atomic_write_bytes
 
 SUPPORTED = ("Add", "AveragePool", "BatchNormalization", "Cast", "Clip", "Concat", "Constant", "Conv", "Div", "Dropout", "Exp",
              "Flatten", "Gather", "Gemm", "GlobalAveragePool", "Identity", "LeakyRelu", "MatMul", "Max", "MaxPool", "Min", "Mul",
@@ -340,7 +340,7 @@ def save(loaded, repaired: nn.Module, tensors: list[str], path: Path) -> None:
         new = onnx.numpy_helper.from_array(np.ascontiguousarray(value.astype(onnx.helper.tensor_dtype_to_np_dtype(old.data_type))), target)
         old.CopyFrom(new)
     onnx.checker.check_model(model)
-    atomic_write(Path(path), lambda p: Path(p).write_bytes(model.SerializeToString()))
+    atomic_write_bytes(Path(path), model.SerializeToString())
 
 
 def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: Path, check: torch.Tensor | None = None) -> None:
@@ -373,17 +373,30 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: Path, chec
     atomic_write(Path(path), write)
 
 
-def run_onnxruntime(path: Path, x: torch.Tensor | np.ndarray, batch_size: int = 512) -> np.ndarray:
-    """Outputs of an ONNX file under onnxruntime (float64 copy), batch by batch (one example at a time
-    for a graph exported with batch 1)."""
+def onnxruntime_fn(path: Path):
+    """A batch -> float64 outputs function on one onnxruntime session of an ONNX file (a graph
+    exported with batch 1 is run one example at a time)."""
     try:
         import onnxruntime as ort
     except ImportError:  # pragma: no cover - a declared dependency
         raise CnnRepairError("checking ONNX files needs onnxruntime: pip install onnxruntime") from None
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0]
-    fixed_one = inp.shape and inp.shape[0] == 1
-    xs = np.asarray(torch.as_tensor(x).detach().cpu().numpy(), np.float32)
-    step = 1 if fixed_one else batch_size
-    outs = [sess.run(None, {inp.name: xs[i:i + step]})[0] for i in range(0, len(xs), step)]
-    return np.concatenate(outs).astype(np.float64) if outs else np.zeros((0, 0))
+    fixed_one = bool(inp.shape) and inp.shape[0] == 1
+
+    def run(x: torch.Tensor | np.ndarray) -> np.ndarray:
+        xs = np.asarray(torch.as_tensor(x).detach().cpu().numpy(), np.float32)
+        step = 1 if fixed_one else max(1, len(xs))
+        outs = [sess.run(None, {inp.name: xs[i:i + step]})[0] for i in range(0, len(xs), step)]
+        return np.concatenate(outs).astype(np.float64) if outs else np.zeros((0, 0))
+
+    return run
+
+
+def run_onnxruntime(path: Path, x: torch.Tensor | np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Outputs of an ONNX file under onnxruntime (float64 copy), batch by batch (one example at a time
+    for a graph exported with batch 1)."""
+    run = onnxruntime_fn(path)
+    xs = torch.as_tensor(x)
+    outs = [run(xs[i:i + batch_size]) for i in range(0, len(xs), batch_size)]
+    return np.concatenate(outs) if outs else np.zeros((0, 0))

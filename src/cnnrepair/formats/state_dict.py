@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from cnnrepair.errors import CnnRepairError
-from cnnrepair.io import atomic_write
+from cnnrepair.io import atomic_write_bytes, torch_bytes
 
 NESTED_KEYS = ("state_dict", "model")
 
@@ -34,7 +34,13 @@ def build(factory: str | None) -> nn.Module:
     except (ImportError, AttributeError) as exc:
         raise CnnRepairError(f"--factory {factory}: cannot import it ({type(exc).__name__}: {exc}); "
                              "check the module is importable and defines the function") from None
-    model = fn()
+    if not callable(fn):
+        raise CnnRepairError(f"--factory {factory}: {fn_name} is not a function; name a function that returns the model")
+    try:
+        model = fn()
+    except Exception as exc:  # noqa: BLE001 - the user's factory failed: say so in one line
+        raise CnnRepairError(f"--factory {factory}: calling it with no arguments failed ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); it must build the model by itself") from None
     if not isinstance(model, nn.Module):
         raise CnnRepairError(f"--factory {factory} returned {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -76,4 +82,4 @@ def save(loaded, repaired: nn.Module, tensors: list[str], path: Path) -> None:
         if name not in state:
             raise CnnRepairError(f"the state dict has no tensor {name!r} to write")
         state[name] = new[name].detach().cpu().to(state[name].dtype).clone()
-    atomic_write(Path(path), lambda p: torch.save(obj, str(p)))
+    atomic_write_bytes(Path(path), torch_bytes(obj))

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from cnnrepair.errors import CnnRepairError
-from cnnrepair.io import atomic_write
+from cnnrepair.io import atomic_write_bytes
 
 
 def _read(path: Path):
@@ -68,18 +68,27 @@ def save(loaded, repaired: nn.Module, tensors: list[str], path: Path) -> None:
             value = value.T
         with torch.no_grad():
             own[target].copy_(value.reshape(own[target].shape).to(own[target].dtype))
-    def write(p: Path) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            torch.jit.save(scripted, str(p))
+    buffer = io.BytesIO()  # in memory first: a full disk is a Python error, never an abort in torch's writer
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(scripted, buffer)
+    atomic_write_bytes(Path(path), buffer.getvalue())
 
-    atomic_write(Path(path), write)
+
+def file_fn(path: Path):
+    """A batch -> float64 outputs function on the saved TorchScript file itself (not our interpreter)."""
+    scripted = _read(path).eval()
+
+    def run(x: torch.Tensor | np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return scripted(torch.as_tensor(x)).double().numpy()
+
+    return run
 
 
 def run_file(path: Path, x: torch.Tensor | np.ndarray, batch_size: int = 512) -> np.ndarray:
     """Outputs of the saved TorchScript file itself (not our interpreter), float64."""
-    scripted = _read(path).eval()
+    run = file_fn(path)
     x = torch.as_tensor(x)
-    with torch.no_grad():
-        outs = [scripted(x[i:i + batch_size]).double().numpy() for i in range(0, len(x), batch_size)]
+    outs = [run(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
     return np.concatenate(outs) if outs else np.zeros((0, 0))

@@ -46,7 +46,7 @@ def sigma_rows(p: MarginProblem, point: np.ndarray, cls: np.ndarray, pairs: np.n
 
 def solve_ball(p: MarginProblem, time_limit: float | None = None, max_rounds: int = 100) -> MarginSolution:
     """Solve the margin program with feature boxes (``p.radii``) exactly; see the module docstring."""
-    from cnnrepair.repair.targets import _highs_status, _new_highs, _pass_lp
+    from cnnrepair.repair.highs import highs_status, new_highs, pass_lp, run as run_highs
 
     t0 = time.perf_counter()
     C, n = p.weight.shape
@@ -65,18 +65,18 @@ def solve_ball(p: MarginProblem, time_limit: float | None = None, max_rounds: in
     while True:
         pts, cls = np.nonzero(in_set)
         lp = _BoxLP(p, pts, cls, wide, alpha, beta)
-        h = _new_highs(None if time_limit is None else max(1e-3, time_limit - (time.perf_counter() - t0)), "simplex")
+        h = new_highs(None if time_limit is None else max(1e-3, time_limit - (time.perf_counter() - t0)), "simplex")
         for opt in ("primal_feasibility_tolerance", "dual_feasibility_tolerance"):
             h.setOptionValue(opt, _FEAS)
-        _pass_lp(h, lp.cost, lp.A, lp.upper, lp.row_lower, np.full(len(lp.row_lower), np.inf))
-        h.run()
-        name = _highs_status(h)
+        pass_lp(h, lp.cost, lp.A, lp.upper, lp.row_lower, np.full(len(lp.row_lower), np.inf))
+        run_highs(h)
+        name = highs_status(h)
         if name not in ("optimal", "infeasible", "time_limit"):  # numerical trouble in simplex: the interior point, then crossover
             h.setOptionValue("solver", "ipm")
             h.setOptionValue("run_crossover", "on")
             h.clearSolver()
-            h.run()
-            name = _highs_status(h)
+            run_highs(h)
+            name = highs_status(h)
         rounds += 1
         if name != "optimal":
             status = {"infeasible": "infeasible", "time_limit": "time_limit"}.get(name, f"failed ({name})")
@@ -119,7 +119,7 @@ def solve_ball(p: MarginProblem, time_limit: float | None = None, max_rounds: in
 def _feasible(p: MarginProblem, points: list[int], wide: np.ndarray, deadline: float | None = None) -> bool | None:
     """Can these hard points all keep their boxes' labels with some change? One exact LP (None: undecided at
     ``deadline``, so that the point stays in the conflicting set)."""
-    from cnnrepair.repair.targets import _highs_status, _new_highs, _pass_lp
+    from cnnrepair.repair.highs import highs_status, new_highs, pass_lp, run as run_highs
 
     sub = p.subset(np.asarray(points, np.int64))
     C = p.num_classes
@@ -130,10 +130,10 @@ def _feasible(p: MarginProblem, points: list[int], wide: np.ndarray, deadline: f
     scale = float(np.abs(R[np.isfinite(R)]).max(initial=1.0)) or 1.0
     alpha = float(max(np.abs(sub.features).max(initial=0.0), 0.0 if sub.radii is None else sub.radii.max(initial=0.0))) or 1.0
     lp = _BoxLP(sub, pts[keep], cls[keep], wide, alpha, scale)
-    h = _new_highs(None if deadline is None else max(1e-3, deadline - time.perf_counter()), "simplex")
-    _pass_lp(h, np.zeros(len(lp.cost)), lp.A, lp.upper, lp.row_lower, np.full(len(lp.row_lower), np.inf))
-    h.run()
-    return {"infeasible": False, "time_limit": None}.get(_highs_status(h), True)
+    h = new_highs(None if deadline is None else max(1e-3, deadline - time.perf_counter()), "simplex")
+    pass_lp(h, np.zeros(len(lp.cost)), lp.A, lp.upper, lp.row_lower, np.full(len(lp.row_lower), np.inf))
+    run_highs(h)
+    return {"infeasible": False, "time_limit": None}.get(highs_status(h), True)
 
 
 class _BoxLP:

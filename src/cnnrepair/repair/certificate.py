@@ -18,7 +18,64 @@ from torch import nn
 
 from cnnrepair.repair.program import MarginProblem, certified_lower_bound, margins_of
 
-FORMAT = "cnnrepair-certificate/1"
+FORMAT = "cnnrepair-certificate/2"
+
+# The batch layouts every margin is measured in, on the repaired model and on the saved file: a
+# float32 forward pass may give an input other outputs in another batch (BLAS picks kernels by
+# shape), so a margin counts only as its smallest over these (batch size, reversed order) layouts.
+LAYOUTS: tuple[tuple[int, bool], ...] = ((512, False), (1, False), (61, True))
+
+
+def layouts_record() -> list[dict]:
+    """The layouts as the certificate records them."""
+    return [{"batch_size": b, "order": "reversed" if r else "given"} for b, r in LAYOUTS]
+
+
+def in_layout(logits_of, x, batch_size: int, reverse: bool) -> np.ndarray:
+    """``logits_of(batch)`` over ``x`` in batches of ``batch_size``, in reversed order if asked, returned in ``x``'s order."""
+    n = len(x)
+    order = np.arange(n)[::-1] if reverse else np.arange(n)
+    outs = [np.asarray(logits_of(x[torch.as_tensor(order[i:i + batch_size].copy())]), np.float64) for i in range(0, n, batch_size)]
+    if not outs:
+        return np.zeros((0, 0))
+    out = np.concatenate(outs)
+    res = np.empty_like(out)
+    res[order] = out
+    return res
+
+
+def layout_margins(logits_of, x, y: np.ndarray) -> np.ndarray:
+    """Margins (len(LAYOUTS) x N) of ``logits_of`` in every layout of :data:`LAYOUTS`."""
+    y = np.asarray(y, np.int64)
+    if len(y) == 0:
+        return np.zeros((len(LAYOUTS), 0))
+    x = torch.as_tensor(x)
+    return np.stack([margins_of(in_layout(logits_of, x, b, r), y) for b, r in LAYOUTS])
+
+
+def module_logits_fn(model: nn.Module):
+    """A batch -> float64 logits function running ``model`` as it runs (its own dtype and device)."""
+    from cnnrepair.repair.layer import eval_mode
+    from cnnrepair.training import model_device
+
+    device = model_device(model)
+    eval_mode(model)
+
+    def run(xb: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            res = model(xb.to(device))
+        while isinstance(res, (tuple, list)):
+            res = res[0]
+        return res.detach().double().cpu().numpy()
+
+    return run
+
+
+def robust_margins(model: nn.Module, x, y: np.ndarray) -> np.ndarray:
+    """Each input's smallest margin over the batch layouts of :data:`LAYOUTS`."""
+    if len(y) == 0:
+        return np.zeros(0)
+    return layout_margins(module_logits_fn(model), x, y).min(0)
 
 
 def sha256(path: Path) -> str:
@@ -116,3 +173,137 @@ def check_claims(cert: dict, margins_after: np.ndarray, keep_margins_after: np.n
         elif spec["keep"] == "hard" and spec["kind"] in ("pointwise", "ball") and (keep_margins_after < spec["keep_margin"]).any():
             problems.append(f"{int((keep_margins_after < spec['keep_margin']).sum())} keep point(s) below the keep margin {spec['keep_margin']:g}")
     return problems
+
+
+# -- the certificate's shape ----------------------------------------------------------------------
+STATUSES = ("repaired", "infeasible", "failed", "ill-conditioned")
+
+
+class _Malformed(Exception):
+    pass
+
+
+def _need(obj: dict, key: str, kinds, where: str, optional: bool = False):
+    if not isinstance(obj, dict):
+        raise _Malformed(f"{where} must be an object")
+    if key not in obj:
+        if optional:
+            return None
+        raise _Malformed(f"{where} has no {key!r}")
+    value = obj[key]
+    if value is None and optional:
+        return None
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        names = " or ".join({int: "an integer", float: "a number", str: "a string", dict: "an object", list: "a list",
+                             bool: "true/false"}[k] for k in kinds)
+        raise _Malformed(f"{where}.{key} must be {names} (got {type(value).__name__})")
+    return value
+
+
+def _numbers(values, where: str, kind=float, nullable: bool = False) -> None:
+    if not isinstance(values, list):
+        raise _Malformed(f"{where} must be a list")
+    for v in values:
+        if v is None and nullable:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int):
+            raise _Malformed(f"{where} must hold {'numbers' if kind is float else 'integers'} (got {type(v).__name__})")
+
+
+def check_schema(cert) -> None:
+    """Raise CnnRepairError (one line naming the field) unless ``cert`` has the shape repair writes."""
+    from cnnrepair.errors import CnnRepairError
+
+    try:
+        _check_schema(cert)
+    except _Malformed as exc:
+        raise CnnRepairError(f"not a valid cnnrepair certificate: {exc}; give the certificate.json that repair wrote") from None
+
+
+def _check_schema(cert) -> None:
+    if not isinstance(cert, dict):
+        raise _Malformed("the file must hold a JSON object")
+    fmt = _need(cert, "format", str, "certificate")
+    if fmt != FORMAT:
+        raise _Malformed(f"format is {fmt!r}, this version reads {FORMAT!r}")
+    status = _need(cert, "status", str, "certificate")
+    if status not in STATUSES:
+        raise _Malformed(f"status {status!r} is none of {', '.join(STATUSES)}")
+    spec = _need(cert, "spec", dict, "certificate")
+    kind = _need(spec, "kind", str, "spec")
+    types = {"norm": str, "bounds": str, "margin": float, "keep_margin": float, "delta_weight": float, "eps": float,
+             "keep_eps": float, "keep_price": float, "max_change": float, "max_change_ratio": float, "freeze_bias": bool}
+    from cnnrepair.repair.spec import SPECS, RepairSpec
+
+    if kind not in SPECS:
+        raise _Malformed(f"spec.kind {kind!r} is none of {', '.join(SPECS)}")
+    used = set(RepairSpec(kind=kind, norm="l1").used_fields())
+    if set(spec) != used | {"keep"}:
+        raise _Malformed(f"spec of kind {kind} must hold exactly {', '.join(sorted(used | {'keep'}))}")
+    _need(spec, "keep", str, "spec")
+    for key in used - {"kind"}:
+        _need(spec, key, types[key], "spec", optional=key in ("keep_price", "max_change", "max_change_ratio"))
+    _need(cert, "layer", str, "certificate")
+    _need(cert, "layer_kind", str, "certificate")
+    _numbers(_need(cert, "layer_shape", list, "certificate"), "layer_shape", int)
+    for key in ("source_model", "points_file"):
+        block = _need(cert, key, dict, "certificate")
+        _need(block, "file", str, key)
+        _need(block, "sha256", str, key)
+    if status == "repaired":
+        block = _need(cert, "model", dict, "certificate")
+        _need(block, "file", str, "model")
+        _need(block, "sha256", str, "model")
+    targets = spec["kind"] == "targets"
+    for key in ("objective", "lower_bound", "gap"):
+        _need(cert, key, float, "certificate", optional=targets and key != "objective" or status != "repaired")
+    change = _need(cert, "change", dict, "certificate")
+    for key in ("l1", "linf"):
+        _need(change, key, float, "change")
+    for key in ("nonzero", "weights_changed", "biases_changed", "rows_changed"):
+        _need(change, key, int, "change")
+    points = _need(cert, "points", list, "certificate")
+    for k, p in enumerate(points):
+        where = f"points[{k}]"
+        _need(p, "index", int, where)
+        _need(p, "label", int, where)
+        _need(p, "margin_before", float, where)
+        _need(p, "margin_after", float, where)
+        _need(p, "required", float, where, optional=targets)
+        if spec["kind"] == "ball":
+            _need(p, "certified_margin_before", float, where)
+            _need(p, "certified_margin_after", float, where)
+    keep = _need(cert, "keep", dict, "certificate")
+    count = _need(keep, "count", int, "keep")
+    _numbers(_need(keep, "labels", list, "keep"), "keep.labels", int)
+    if not targets:
+        _numbers(_need(keep, "required", list, "keep"), "keep.required")
+    for key in ("smallest_margin_before", "smallest_margin_after"):
+        _need(keep, key, float, "keep", optional=not count)
+    _need(keep, "labels_kept", int, "keep")
+    if len(keep["labels"]) != count or (not targets and len(keep["required"]) != count):
+        raise _Malformed(f"keep lists {len(keep['labels'])} labels and {len(keep.get('required', []))} requirements for {count} points")
+    if count:
+        _need(cert, "keep_file", dict, "certificate")
+        _need(cert["keep_file"], "sha256", str, "keep_file")
+    layouts = _need(cert, "batch_layouts", list, "certificate")
+    if layouts != layouts_record():
+        raise _Malformed(f"batch_layouts must be {layouts_record()} (the layouts this version measures)")
+    _need(cert, "solver", dict, "certificate")
+    if status == "repaired" and not targets:
+        _need(cert, "lower_bound_witness", dict, "certificate")
+        cond = _need(cert, "conditioning", dict, "certificate")
+        for key in ("layer_scale", "change_linf", "ratio"):
+            _need(cond, key, float, "conditioning")
+        _need(cond, "max_ratio", float, "conditioning", optional=True)
+        _numbers(_need(cert, "margins_by_layout", list, "certificate"), "margins_by_layout")
+    if spec["kind"] == "ball":
+        ball = _need(cert, "ball", dict, "certificate")
+        for key in ("mean", "std", "domain", "point_eps"):
+            value = _need(ball, key, list, "ball", optional=True)
+            if value is not None:
+                _numbers(value, f"ball.{key}")

@@ -37,7 +37,7 @@ class _Master:
     """The restricted program in HiGHS, in scaled units (features / alpha, margins / beta)."""
 
     def __init__(self, p: MarginProblem, alpha: float, beta: float, time_limit: float | None):
-        from cnnrepair.repair.targets import _new_highs
+        from cnnrepair.repair.highs import new_highs
 
         self.p, self.alpha, self.beta = p, alpha, beta
         C, n = p.weight.shape
@@ -46,7 +46,7 @@ class _Master:
         self.ncoef = n if p.freeze_bias else n + 1  # entries per class
         self.a, self.b = p.norm_coefficients()
         self.bound = np.inf if p.max_change is None else p.max_change * alpha / beta
-        self.h = _new_highs(time_limit, "simplex")
+        self.h = new_highs(time_limit, "simplex")
         for opt in ("primal_feasibility_tolerance", "dual_feasibility_tolerance"):
             self.h.setOptionValue(opt, FEAS)
         self.h.setOptionValue("simplex_strategy", 1)  # dual simplex: rows are added far more often than columns
@@ -190,7 +190,7 @@ def solve_margins(p: MarginProblem, time_limit: float | None = None, max_rounds:
     Status ``optimal`` comes with a certified lower bound whose relative gap to the objective is at
     most 1e-6; ``infeasible`` with ``conflicts`` (indices of points that cannot all meet their margins).
     """
-    from cnnrepair.repair.targets import _highs_status
+    from cnnrepair.repair.highs import highs_status, run as run_highs
 
     if p.has_boxes:
         raise CnnRepairError("points with feature boxes need the box program: cnnrepair.repair.ball.solve_ball")
@@ -237,9 +237,9 @@ def solve_margins(p: MarginProblem, time_limit: float | None = None, max_rounds:
         master.h.setOptionValue("solver", "ipm" if len(master.rows) >= _IPM_ROWS else "simplex")
         if time_limit is not None:
             master.h.setOptionValue("time_limit", max(1e-3, time_limit - (time.perf_counter() - t0)))
-        master.h.run()
+        run_highs(master.h)
         rounds += 1
-        name = _highs_status(master.h)
+        name = highs_status(master.h)
         if name != "optimal":
             status = "time_limit" if name == "time_limit" else "failed"
             break
@@ -303,17 +303,17 @@ def solve_margins(p: MarginProblem, time_limit: float | None = None, max_rounds:
 def _hard_feasible(p: MarginProblem, points: list[int], deadline: float | None = None) -> bool | None:
     """Can these points all meet their margins with some change (within ``max_change``)? One exact LP
     (None: undecided at ``deadline``)."""
-    from cnnrepair.repair.targets import _highs_status, _new_highs, _pass_lp
+    from cnnrepair.repair.highs import highs_status, new_highs, pass_lp, run as run_highs
 
     A, rhs = margin_rows(p, np.asarray(points, np.int64))
     scale = float(np.abs(A.data).max(initial=0.0)) or 1.0
     A = sp.hstack([A, -A], format="csc") / scale
     rscale = float(np.abs(rhs).max()) or 1.0
     upper = np.full(A.shape[1], np.inf if p.max_change is None else p.max_change * scale / rscale)
-    h = _new_highs(None if deadline is None else max(1e-3, deadline - time.perf_counter()), "simplex")
-    _pass_lp(h, np.zeros(A.shape[1]), A, upper, rhs / rscale, np.full(len(rhs), np.inf))
-    h.run()
-    return {"infeasible": False, "time_limit": None}.get(_highs_status(h), True)
+    h = new_highs(None if deadline is None else max(1e-3, deadline - time.perf_counter()), "simplex")
+    pass_lp(h, np.zeros(A.shape[1]), A, upper, rhs / rscale, np.full(len(rhs), np.inf))
+    run_highs(h)
+    return {"infeasible": False, "time_limit": None}.get(highs_status(h), True)
 
 
 def find_conflicts(p: MarginProblem, suspects: list[int], master: _Master | None = None, feasible=None,

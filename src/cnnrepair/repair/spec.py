@@ -30,6 +30,9 @@ class RepairSpec:
     * ``targets``: the paper's equation 3: logits pulled toward targets with slack priced at
       ``delta_weight``; keep points are anchors (targets = their current logits) weighted by
       ``keep_price`` (1 if unset). L1 on the weights only; nothing is guaranteed.
+
+    ``max_change_ratio``: a pointwise or ball solution whose largest change exceeds this multiple of
+    the layer's largest weight is reported as ill-conditioned and not certified (None: no limit).
     """
 
     kind: str = "pointwise"
@@ -43,8 +46,22 @@ class RepairSpec:
     eps: float = 0.0
     bounds: str = "crown"
     keep_eps: float = 0.0
+    max_change_ratio: float | None = 1000.0
 
     def __post_init__(self) -> None:
+        for name, value in self.__dict__.items():
+            if isinstance(value, bool) and name != "freeze_bias":
+                raise CnnRepairError(f"{name.replace('_', ' ')} must be {'a name' if name in ('kind', 'norm', 'bounds') else 'a number'}, "
+                                     f"not {value}")
+        if not isinstance(self.freeze_bias, bool):
+            raise CnnRepairError(f"freeze bias must be True or False (got {self.freeze_bias!r})")
+        for name in ("kind", "norm", "bounds"):
+            if not isinstance(getattr(self, name), str):
+                raise CnnRepairError(f"{name} must be a name (got {getattr(self, name)!r})")
+        for name in ("margin", "keep_margin", "keep_price", "max_change", "delta_weight", "eps", "keep_eps", "max_change_ratio"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, (int, float)):
+                raise CnnRepairError(f"{name.replace('_', ' ')} must be a number (got {type(v).__name__} {v!r})")
         if self.kind not in SPECS:
             raise CnnRepairError(f"unknown spec {self.kind!r}; choose one of {', '.join(SPECS)}")
         for name in ("margin", "keep_margin"):
@@ -53,7 +70,7 @@ class RepairSpec:
                 raise CnnRepairError(f"{name.replace('_', ' ')} must be a finite number >= 0 (got {v}); margins are logit differences")
         if self.norm not in NORMS:
             raise CnnRepairError(f"unknown change norm {self.norm!r}; choose one of {', '.join(NORMS)}")
-        for name in ("keep_price", "max_change"):
+        for name in ("keep_price", "max_change", "max_change_ratio"):
             v = getattr(self, name)
             if v is not None and not (math.isfinite(v) and v > 0):
                 raise CnnRepairError(f"{name.replace('_', ' ')} must be a finite number > 0 (got {v})")
@@ -70,8 +87,16 @@ class RepairSpec:
         if self.kind == "targets" and self.norm != "l1":
             raise CnnRepairError("the targets spec (the paper's program) measures change in L1 only; use --norm l1 or --spec pointwise")
 
+    def used_fields(self) -> tuple[str, ...]:
+        """The fields this spec's kind reads (the others keep their defaults and are not recorded)."""
+        common = ("kind", "keep_price", "max_change", "freeze_bias")
+        if self.kind == "targets":
+            return (*common, "norm", "delta_weight")
+        fields = (*common, "margin", "keep_margin", "norm", "max_change_ratio")
+        return (*fields, "eps", "bounds", "keep_eps") if self.kind == "ball" else fields
+
     def as_dict(self) -> dict:
-        """JSON-ready, with the norm's coefficients spelled out."""
-        d = asdict(self)
+        """JSON-ready: the fields the kind uses, and whether keep points are hard or soft."""
+        d = {k: v for k, v in asdict(self).items() if k in self.used_fields()}
         d["keep"] = "soft" if self.keep_price is not None else "hard"
         return d

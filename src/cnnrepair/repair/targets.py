@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -40,6 +39,8 @@ import torch
 
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.repair import ipm
+from cnnrepair.repair.highs import highs_status, new_highs, pass_lp
+from cnnrepair.repair.highs import run as run_highs
 
 SOLVERS = ("auto", "highs", "highs-cg", "highs-ipm", "ipm", "cvxopt")
 AUTO_IPM_POINTS = 50  # from this many repair points on, ``auto`` picks the interior point (see benchmarks)
@@ -259,69 +260,12 @@ class RepairResult:
                 "per_class": self.per_class}
 
 
-@contextlib.contextmanager
-def _stdout_silenced():
-    """Point file descriptor 1 at /dev/null for the duration (library code never prints)."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        with open(os.devnull, "wb") as null:
-            os.dup2(null.fileno(), 1)
-            yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
-def _new_highs(time_limit: float | None, method: str):
-    import highspy
-
-    with _stdout_silenced():  # HiGHS prints a banner on stdout when the first instance is made
-        h = highspy.Highs()
-    h.setOptionValue("output_flag", False)
-    h.setOptionValue("threads", 1)
-    h.setOptionValue("solver", "ipm" if method == "highs-ipm" else "simplex")
-    if method == "highs-ipm":
-        h.setOptionValue("run_crossover", "on")
-    if time_limit is not None:
-        h.setOptionValue("time_limit", float(time_limit))
-    return h
-
-
-def _highs_status(h) -> str:
-    import highspy
-
-    status = h.getModelStatus()
-    names = {highspy.HighsModelStatus.kOptimal: "optimal", highspy.HighsModelStatus.kInfeasible: "infeasible",
-             highspy.HighsModelStatus.kUnbounded: "unbounded", highspy.HighsModelStatus.kTimeLimit: "time_limit",
-             highspy.HighsModelStatus.kUnboundedOrInfeasible: "infeasible"}
-    return names.get(status, h.modelStatusToString(status).lower().replace(" ", "_"))
-
-
-def _pass_lp(h, c, A: sp.csc_matrix, col_upper, row_lower, row_upper) -> None:
-    import highspy
-
-    inf = highspy.kHighsInf
-    model = highspy.HighsLp()
-    model.num_col_, model.num_row_ = A.shape[1], A.shape[0]
-    model.col_cost_ = c
-    model.col_lower_ = np.zeros(A.shape[1])
-    model.col_upper_ = np.where(np.isinf(col_upper), inf, col_upper)
-    model.row_lower_ = np.where(np.isinf(row_lower), -inf, row_lower)
-    model.row_upper_ = np.where(np.isinf(row_upper), inf, row_upper)
-    model.a_matrix_.format_ = highspy.MatrixFormat.kColwise
-    model.a_matrix_.start_ = A.indptr
-    model.a_matrix_.index_ = A.indices
-    model.a_matrix_.value_ = A.data
-    h.passModel(model)
-
-
 def _solve_highs(lp: ClassLP, time_limit: float | None, method: str) -> tuple[str, np.ndarray | None, float | None, int]:
     """The whole class LP in one go (simplex or interior point with crossover)."""
-    h = _new_highs(time_limit, method)
-    _pass_lp(h, lp.c, lp.A, lp.col_upper, lp.row_lower, lp.row_upper)
-    h.run()
-    name = _highs_status(h)
+    h = new_highs(time_limit, method)
+    pass_lp(h, lp.c, lp.A, lp.col_upper, lp.row_lower, lp.row_upper)
+    run_highs(h)
+    name = highs_status(h)
     if name != "optimal":
         return name, None, None, 1
     return name, np.asarray(h.getSolution().col_value), float(h.getInfo().objective_function_value), 1
@@ -339,7 +283,7 @@ def _solve_highs_colgen(lp: ClassLP, time_limit: float | None, batch: int = 200,
     m = lp.n_gamma
     G = lp.A[:, :m]
     slack = lp.A[:, 2 * m:]
-    h = _new_highs(time_limit, "simplex")
+    h = new_highs(time_limit, "simplex")
     start = time.perf_counter()
     # first columns: the features most aligned with the residuals
     score = np.abs(G.T @ np.where(np.isfinite(lp.row_upper), lp.row_upper, 0.0))
@@ -348,7 +292,7 @@ def _solve_highs_colgen(lp: ClassLP, time_limit: float | None, batch: int = 200,
     ns = slack.shape[1]
     c0 = np.concatenate([lp.c[2 * m:], lp.c[active], lp.c[[m + j for j in active]]])
     up0 = np.concatenate([lp.col_upper[2 * m:], lp.col_upper[active], lp.col_upper[[m + j for j in active]]])
-    _pass_lp(h, c0, A0, up0, lp.row_lower, lp.row_upper)
+    pass_lp(h, c0, A0, up0, lp.row_lower, lp.row_upper)
     in_active = np.zeros(m, bool)
     in_active[active] = True
     colmap = [*active, *(m + j for j in active)]  # full-LP index of each restricted gamma column, in order
@@ -356,9 +300,9 @@ def _solve_highs_colgen(lp: ClassLP, time_limit: float | None, batch: int = 200,
     while True:
         if time_limit is not None:
             h.setOptionValue("time_limit", max(1e-3, float(time_limit) - (time.perf_counter() - start)))
-        h.run()
+        run_highs(h)
         rounds += 1
-        name = _highs_status(h)
+        name = highs_status(h)
         if name != "optimal":
             return name, None, None, rounds
         y = np.asarray(h.getSolution().row_dual)

@@ -1,0 +1,21 @@
+"""Small models and points shared by several test modules."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def small_mlp(seed: int = 0) -> nn.Module:
+    """A 12 -> 24 -> 5 ReLU MLP on 1 x 3 x 4 inputs, seeded, in eval mode."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 5)).eval()
+
+
+def random_points(model: nn.Module, n: int, seed: int = 1):
+    """``n`` seeded standard-normal inputs of shape 1 x 3 x 4 and the model's predictions on them."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 3, 4, generator=g)
+    with torch.no_grad():
+        pred = model(x).argmax(1).numpy()
+    return x, pred
