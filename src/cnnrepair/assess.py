@@ -17,7 +17,8 @@ from torch import nn
 
 from cnnrepair.attacks import attack, check_eps, get_attack
 from cnnrepair.errors import CnnRepairError
-from cnnrepair.points import InputSpec, PixelModel
+from cnnrepair.data import to_float
+from cnnrepair.points import InputSpec, PixelModel, chance_warning
 from cnnrepair.training import Progress, outputs, predict
 
 
@@ -31,6 +32,7 @@ class AssessSettings:
     seed: int = 0
     pgd_steps: int = 40
     certify: str | None = None  # "ibp" or "crown": also the certified accuracy at each eps (sound bounds over each ball)
+    split: str | None = None  # which split the images are (recorded; matched against the point sets' recorded split)
 
     def check(self) -> None:
         for e in self.eps:
@@ -51,6 +53,33 @@ def accuracy_on(model: nn.Module, x: torch.Tensor | np.ndarray, y: np.ndarray, b
         return float("nan")
     pred = np.concatenate([_first(model(x[i:i + batch])).argmax(1).cpu().numpy() for i in range(0, len(x), batch)])
     return float((pred == np.asarray(y)).mean())
+
+
+@dataclass
+class PointSet:
+    """A points file: inputs ``x`` (model units), labels ``y``, and, when ``cnnrepair points`` made it,
+    the ``index`` of each point's source image in ``split``."""
+
+    x: np.ndarray
+    y: np.ndarray | None
+    index: np.ndarray | None = None
+    split: str | None = None
+
+
+def source_indices(images: np.ndarray, spec: InputSpec, pset: PointSet, split: str | None) -> np.ndarray:
+    """Indices of ``images`` that ``pset`` was made from: its recorded indices when it was made from
+    this split, and every image whose model input equals one of its points bit for bit (a file
+    without indices; an adversarial point has no equal and is matched by index only)."""
+    found = set()
+    if pset.index is not None and pset.split is not None and pset.split == split:
+        found.update(int(i) for i in np.asarray(pset.index).reshape(-1) if 0 <= i < len(images))
+    keys = {np.ascontiguousarray(row, np.float32).tobytes() for row in np.asarray(pset.x, np.float32)}
+    if keys:
+        with torch.no_grad():
+            for i in range(0, len(images), 2000):
+                xb = spec.to_model(to_float(images[i:i + 2000])).numpy().astype(np.float32)
+                found.update(i + k for k, row in enumerate(xb) if np.ascontiguousarray(row).tobytes() in keys)
+    return np.array(sorted(found), np.int64)
 
 
 def _check_inputs(models: dict[str, nn.Module], images: np.ndarray, spec: InputSpec, sets: dict) -> None:
@@ -93,19 +122,42 @@ def _first(out):
 
 def assess(models: dict[str, nn.Module], images: np.ndarray, labels: np.ndarray, spec: InputSpec, settings: AssessSettings,
            points: tuple[np.ndarray, np.ndarray] | None = None, held_out: tuple[np.ndarray, np.ndarray] | None = None,
-           progress: Progress | None = None) -> dict:
+           progress: Progress | None = None, avoid: dict[str, PointSet] | None = None) -> dict:
     """The report: per model clean and attacked accuracy; with ``points`` (and ``held_out``) the repair measures
-    of every model after the first (the original) against it."""
+    of every model after the first (the original) against it.
+
+    The evaluation images are a seeded slice of ``settings.n`` images that excludes every image a
+    set in ``avoid`` (repair, keep, held-out points: a repair fixes or holds those) was made from, so
+    drawdown is measured on images the repair never saw; ``report["images_used"]`` lists them and
+    their overlap with each set (zero)."""
     settings.check()
     spec.check(tuple(images.shape[1:]))
     _check_inputs(models, images, spec, {"points": points, "held-out points": held_out})
-    take = np.sort(np.random.default_rng(settings.seed).permutation(len(labels))[:settings.n])
+    avoid = avoid or {}
+    if points is not None and "points" not in avoid:
+        avoid = {**avoid, "points": PointSet(points[0], points[1])}
+    if held_out is not None and "held_out" not in avoid:
+        avoid = {**avoid, "held_out": PointSet(held_out[0], held_out[1])}
+    sources = {name: source_indices(images, spec, pset, settings.split) for name, pset in avoid.items()}
+    banned = np.unique(np.concatenate([np.zeros(0, np.int64), *sources.values()]))
+    pool = np.random.default_rng(settings.seed).permutation(len(labels))
+    pool = pool[~np.isin(pool, banned)]
+    take = np.sort(pool[:settings.n])
     x, y = images[take], labels[take]
     method = settings.attack if settings.attack == "fgsm" else get_attack("pgd", steps=settings.pgd_steps)
-    report = {"settings": asdict(settings), "input": asdict(spec), "images": int(len(y)), "models": {}}
+    report = {"settings": asdict(settings), "input": spec.record(tuple(images.shape[1:])), "images": int(len(y)), "models": {},
+              "images_used": {"split": settings.split, "count": int(len(take)), "indices": take.tolist(),
+                              "excluded": {name: int(len(idx)) for name, idx in sources.items()},
+                              "overlap": {name: int(np.isin(take, idx).sum()) for name, idx in sources.items()}},
+              "warnings": []}
+    if len(take) < settings.n:
+        report["warnings"].append(f"asked for {settings.n} images, {len(take)} remain once the points' source images are excluded")
     for name, model in models.items():
         pix = PixelModel(model, spec).eval()
         row = {"clean_accuracy": float((predict(pix, x) == y).mean()), "attack": {}}
+        chance = chance_warning(row["clean_accuracy"], int(outputs(pix, x[:2]).shape[-1])) if len(x) else None
+        if chance:
+            report["warnings"].append(f"{name}: {chance}")
         for eps in settings.eps:
             torch.manual_seed(settings.seed)
             _, success = attack(pix, x, y, eps, method, progress=progress, desc=f"{name}: {settings.attack} eps={eps:g}")
@@ -123,6 +175,13 @@ def assess(models: dict[str, nn.Module], images: np.ndarray, labels: np.ndarray,
         for name in names[1:]:
             r = report["models"][name]
             r["drawdown"] = 100 * (base["clean_accuracy"] - r["clean_accuracy"])
+            r["robustness_change"] = {e: 100 * (a - base["attack"][e]) for e, a in r["attack"].items()}  # points, per eps
+            lost = {e: d for e, d in r["robustness_change"].items() if d < 0}
+            if lost:
+                fell = ", ".join(f"eps {e}: {d:+.2f}" for e, d in lost.items())
+                report["warnings"].append(f"{name}: accuracy under {settings.attack} fell ({fell} points); repair "
+                                          "points do not hold robustness by themselves: keep adversarial examples the model "
+                                          "still gets right (cnnrepair points --keep-kind fgsm --keep-eps E)")
             if points is not None:
                 r["efficacy"] = r["repair_points_accuracy"]
             if held_out is not None:

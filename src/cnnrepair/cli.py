@@ -352,6 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eps", type=float, default=None, help="attack radius in pixel units (fgsm, pgd)")
     p.add_argument("--n", type=int, default=100, help="repair points to make (default 100)")
     p.add_argument("--keep", type=int, default=1000, help="keep points: clean images the model gets right (default 1000)")
+    p.add_argument("--keep-split", choices=["train", "test"], default="train",
+                   help="the split keep points come from (default: train, so an evaluation on the test split never sees them)")
+    p.add_argument("--keep-kind", choices=["clean", "fgsm", "pgd"], default="clean",
+                   help="keep points: clean images, or adversarial examples at --keep-eps the model still gets right, which hold "
+                        "its robustness there (default: clean)")
+    p.add_argument("--keep-eps", type=float, default=None, help="attack radius of adversarial keep points, pixels")
     p.add_argument("--held-out", type=int, default=0, help="more points of the same kind, not repaired, to measure generalisation (held_out.npz)")
     p.add_argument("--out", type=Path, required=True, help="folder for points.npz, keep.npz and points.json")
     _add_factory_arg(p)
@@ -367,14 +373,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=1000, help="test images (a seeded slice; default 1000)")
     p.add_argument("--points", type=Path, default=None, help="the repair points (efficacy)")
     p.add_argument("--held-out", type=Path, default=None, help="held-out points of the same kind (generalisation)")
+    p.add_argument("--keep", type=Path, default=None, help="the repair's keep points: their images are left out of the evaluation")
     p.add_argument("--out", type=Path, required=True, help="folder for report.json and report.png")
     _add_factory_arg(p)
 
     p = add_parser("vnnlib", help="write VNN-LIB robustness properties (one L-inf ball per point) for any VNN-COMP verifier")
     p.add_argument("model", type=Path, help="the model the properties are about (.onnx for most verifiers, or .pt2)")
     p.add_argument("--points", type=Path, required=True, help=".npz with x (model units) and optional y (default: the model's labels)")
-    p.add_argument("--eps", type=float, required=True, help="L-inf radius of each ball, in the model's input units")
-    p.add_argument("--range", default="0,1", help="input domain the balls are clipped to, LOW,HIGH, or 'none' (default: 0,1)")
+    p.add_argument("--eps", type=float, required=True, help="L-inf radius of each ball, in pixels (the model's input units when "
+                   "it takes pixels as they are)")
+    p.add_argument("--mean", default=None, help="per-channel mean the model subtracts from [0, 1] pixels: the ball is taken in "
+                   "pixels and written in the model's units")
+    p.add_argument("--std", default=None, help="per-channel std the model divides by")
+    p.add_argument("--range", default="0,1", help="pixel range the balls are clipped to, LOW,HIGH, or 'none' (default: 0,1)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per property written to instances.csv (default 60)")
     p.add_argument("--out", type=Path, required=True, help="folder for point_<i>.vnnlib and instances.csv")
     p.add_argument("--overwrite", action="store_true", help="replace properties already in --out")
@@ -537,6 +548,9 @@ def _add_images_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", choices=["test", "train"], default="test", help="which split to draw from (default: test)")
     p.add_argument("--mean", default=None, help="per-channel mean the model subtracts from [0, 1] pixels, e.g. 0.4914,0.4822,0.4465")
     p.add_argument("--std", default=None, help="per-channel std the model divides by")
+    p.add_argument("--layout", choices=["auto", "nchw", "nhwc"], default="auto",
+                   help="how the model lays out an image: nchw (channel planes, torch) or nhwc (channels last, TensorFlow); "
+                        "auto reads it from the model's input shape and refuses when the shape cannot tell (default: auto)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
 
@@ -609,7 +623,9 @@ def _cmd_model_repair(args: argparse.Namespace, bars: _Bars) -> int:
     if cert["status"] == "infeasible":
         conf = ", ".join(f"{c['set']}[{c['index']}] (label {c['label']})" for c in cert.get("conflicts", [])[:12])
         minimal = "" if cert["solver"].get("conflicts_irreducible", True) else " (the search for a smaller set stopped at its time limit)"
-        _say(f"infeasible: no change of layer {job.layer!r} meets the spec; these points conflict{minimal}: {conf}. "
+        which = (f"these points conflict{minimal}: {conf}" if conf else
+                 "the program is infeasible as a whole, and no smaller conflicting set was isolated")
+        _say(f"infeasible: no change of layer {job.layer!r} meets the spec; {which}. "
              f"No model written; details in {args.out / 'certificate.json'}")
         return 1
     if cert["status"] == "ill-conditioned":
@@ -645,9 +661,9 @@ def _vnnlib_range(text: str) -> tuple[float, float] | None:
 
 def _cmd_vnnlib(args: argparse.Namespace, bars: _Bars) -> int:
     from cnnrepair.formats import load_model
-    from cnnrepair.modelrepair import load_points
+    from cnnrepair.modelrepair import BallInputs, load_points
     from cnnrepair.repair.certificate import model_logits
-    from cnnrepair.vnnlib import write_properties
+    from cnnrepair.vnnlib import write_boxes
 
     outdir = _out(args, names("instances.csv", suffixes=(".vnnlib",)), [args.model, args.points], "properties")
     if not (args.timeout > 0 and args.timeout < float("inf")):
@@ -659,8 +675,14 @@ def _cmd_vnnlib(args: argparse.Namespace, bars: _Bars) -> int:
         raise CnnRepairError(f"{args.points}: inputs of shape {tuple(points.x.shape[1:])} but the model takes {model.input_shape}")
     logits = model_logits(model.module, points.x[:1] if points.y is not None else points.x)
     labels = points.y if points.y is not None else logits.argmax(1)
+    mean, std = _convention(args)
+    if domain is not None and not domain[0] < domain[1]:
+        raise CnnRepairError(f"--range {args.range}: the range is empty; give LOW,HIGH with LOW < HIGH (e.g. 0,1)")
+    if not (args.eps >= 0 and args.eps < float("inf")):
+        raise CnnRepairError(f"--eps must be a non-negative number of pixels (got {args.eps})")
+    lo, hi = BallInputs(mean, std, domain).boxes(points.x, args.eps)  # the pixel ball, in the model's units, per channel
     with outdir as stage:
-        paths = write_properties(args.model, points.x.numpy(), labels, args.eps, logits.shape[1], stage, domain, args.timeout)
+        paths = write_boxes(args.model, lo.numpy(), hi.numpy(), labels, logits.shape[1], stage, args.timeout)
     _say(f"wrote {len(paths)} properties and instances.csv to {args.out} (unsat = every input of the ball keeps its label)")
     return 0
 
@@ -689,8 +711,8 @@ def _out(args: argparse.Namespace, owns, inputs: list, what: str):
     return outdir
 
 
-def _points_images(args: argparse.Namespace) -> tuple:
-    """uint8 images and labels of the chosen split, and where they came from."""
+def _points_images(args: argparse.Namespace, split: str | None = None) -> tuple:
+    """uint8 images and labels of the chosen split (``split``, default ``--split``), and where they came from."""
     import numpy as np
 
     from cnnrepair.data import load_dataset
@@ -709,12 +731,14 @@ def _points_images(args: argparse.Namespace) -> tuple:
             x = np.round(x * 255).astype(np.uint8)
         return x.astype(np.uint8), y.astype(np.int64), str(args.npz)
     ds = load_dataset(args.dataset, args.data_dir)
-    if args.split == "test":
+    if (split or args.split) == "test":
         return ds.x_test, ds.y_test, f"{ds.name} test ({ds.source})"
     return ds.x_train, ds.y_train, f"{ds.name} train ({ds.source})"
 
 
 def _cmd_points(args: argparse.Namespace, bars: _Bars) -> int:
+    import numpy as np
+
     from cnnrepair.formats import load_model
     from cnnrepair.io import save_npz, write_json
     from cnnrepair.points import InputSpec, PointsSettings, make_points
@@ -723,19 +747,30 @@ def _cmd_points(args: argparse.Namespace, bars: _Bars) -> int:
     outdir = _out(args, names("points.npz", "keep.npz", "held_out.npz", "points.json"),
                   [args.model, getattr(args, "npz", None)], "points (points.json / *.npz)")
     mean, std = _convention(args)
-    settings = PointsSettings(args.kind, args.n, args.keep, args.held_out, args.eps, args.split, args.seed)
+    keep_split = args.keep_split if args.npz is None else args.split  # one image file: keep points from it, never a repair source
+    settings = PointsSettings(args.kind, args.n, args.keep, args.held_out, args.eps, args.split, args.seed, keep_split=keep_split,
+                              keep_kind=args.keep_kind, keep_eps=args.keep_eps)
     settings.check()
     images, labels, source = _points_images(args)
     model = load_model(args.model, args.factory, _input_shape(args, images.shape[1:]))
-    spec = InputSpec(mean, std, model.input_shape)
-    made = make_points(model.module, images, labels, spec, settings, bars)
+    spec = InputSpec(mean, std, model.input_shape, args.layout)
+    spec.check(tuple(images.shape[1:]))
+    keep_pool = None
+    if keep_split != args.split:
+        keep_images, keep_labels, _ = _points_images(args, keep_split)
+        keep_pool = (keep_images, keep_labels)
+    made = make_points(model.module, images, labels, spec, settings, bars, keep_pool)
+    here = args.split if args.npz is None else f"npz:{args.npz.name}"  # what evaluate matches recorded indices against
+    split, kept = np.array(here), np.array(here if keep_pool is None else made.info["keep_split"])
     with outdir as stage:
-        save_npz(stage / "points.npz", x=made.x, y=made.y, index=made.index)
-        save_npz(stage / "keep.npz", x=made.keep_x, y=made.keep_y, index=made.keep_index)
+        save_npz(stage / "points.npz", x=made.x, y=made.y, index=made.index, split=split)
+        save_npz(stage / "keep.npz", x=made.keep_x, y=made.keep_y, index=made.keep_index, split=kept)
         if settings.held_out:
-            save_npz(stage / "held_out.npz", x=made.held_x, y=made.held_y, index=made.held_index)
+            save_npz(stage / "held_out.npz", x=made.held_x, y=made.held_y, index=made.held_index, split=split)
         write_json(stage / "points.json", {**made.info, "model": {"file": args.model.name, "sha256": sha256(args.model)},
                                            "data": source, "split": args.split})
+    for warning in made.info["warnings"]:
+        _say(f"warning: {warning}")
     _say(f"wrote {len(made.y)} {args.kind} points and {len(made.keep_y)} keep points to {args.out} "
          f"(clean accuracy {100 * made.info['clean_accuracy']:.2f}%); next: cnnrepair repair {args.model} "
          f"--points {args.out / 'points.npz'} --keep {args.out / 'keep.npz'} --out DIR")
@@ -750,22 +785,26 @@ def _cmd_evaluate(args: argparse.Namespace, bars: _Bars) -> int:
     from cnnrepair.points import InputSpec
     from cnnrepair.repair.certificate import sha256
 
-    outdir = _out(args, names("report.json", "report.png"), [args.model, args.repaired, args.points, args.held_out,
+    outdir = _out(args, names("report.json", "report.png"), [args.model, args.repaired, args.points, args.held_out, args.keep,
                                                               getattr(args, "npz", None)], "a report (report.json / report.png)")
     mean, std = _convention(args)
     eps = list(_floats(args.eps, "eps", "0.05,0.1") or ())
-    settings = AssessSettings(eps, args.attack, args.n, args.seed, certify=args.certify)
+    settings = AssessSettings(eps, args.attack, args.n, args.seed, certify=args.certify,
+                              split=args.split if args.npz is None else f"npz:{args.npz.name}")
     settings.check()
     images, labels, source = _points_images(args)
     shape = _input_shape(args, images.shape[1:])
     models = {"original": load_model(args.model, args.factory, shape)}
     if args.repaired is not None:
         models["repaired"] = load_model(args.repaired, args.factory, shape)
-    spec = InputSpec(mean, std, models["original"].input_shape)
+    spec = InputSpec(mean, std, models["original"].input_shape, args.layout)
     pts = load_points(args.points, "points file") if args.points else None
     held = load_points(args.held_out, "held-out file") if args.held_out else None
+    avoid = {name: _point_set(path, what) for name, path, what in (("points", args.points, "points file"),
+                                                                    ("keep", args.keep, "keep file"),
+                                                                    ("held_out", args.held_out, "held-out file")) if path is not None}
     report = assess({k: m.module for k, m in models.items()}, images, labels, spec, settings,
-                    None if pts is None else (pts.x, pts.y), None if held is None else (held.x, held.y), bars)
+                    None if pts is None else (pts.x, pts.y), None if held is None else (held.x, held.y), bars, avoid)
     report.update(data=source, split=args.split, files={k: {"file": m.path.name, "sha256": sha256(m.path)} for k, m in models.items()})
     with outdir as stage:
         write_json(stage / "report.json", report)
@@ -776,8 +815,26 @@ def _cmd_evaluate(args: argparse.Namespace, bars: _Bars) -> int:
         attacked = ", ".join(f"eps {e}: {100 * a:.2f}%" for e, a in r["attack"].items())
         cert = "; certified " + ", ".join(f"eps {e}: {100 * a:.2f}%" for e, a in r["certified"].items()) if "certified" in r else ""
         _say(f"{name}: clean {100 * r['clean_accuracy']:.2f}%, {args.attack} {attacked}{cert}{eff}{extra}")
+    used = report["images_used"]
+    left = ", ".join(f"{n} {c}" for n, c in used["excluded"].items())
+    _say(f"measured on {used['count']} {source} images" + (f" that no point set was made from (left out: {left})" if left else ""))
+    for warning in report["warnings"]:
+        _say(f"warning: {warning}")
     _say(f"wrote {args.out / 'report.json'} and {args.out / 'report.png'}")
     return 0
+
+
+def _point_set(path: Path, what: str):
+    """A points file as evaluate avoids it: inputs, labels, and the source indices and split `cnnrepair points` recorded."""
+    from cnnrepair.assess import PointSet
+    from cnnrepair.io import load_npz
+    from cnnrepair.modelrepair import load_points
+
+    pts = load_points(path, what, labels_required=False)
+    data = load_npz(path, what)
+    split = str(data["split"]) if "split" in data and data["split"].ndim == 0 else None
+    index = data["index"].reshape(-1) if "index" in data and len(data["index"].reshape(-1)) == len(pts.x) else None
+    return PointSet(pts.x.numpy(), pts.y, index, split)
 
 
 def _cmd_repair(args: argparse.Namespace, bars: _Bars, run=None, ds=None):

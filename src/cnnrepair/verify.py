@@ -47,6 +47,7 @@ from cnnrepair.repair.certificate import (
     sha256,
     witness_bound,
 )
+from cnnrepair.repair.coincide import shared_features
 from cnnrepair.repair.program import GAP, MarginProblem
 
 RTOL = 1e-5  # relative tolerance for re-measured margins (float32 outputs)
@@ -323,7 +324,7 @@ def _against_original(v: Verification, cert: dict, spec: RepairSpec, original, r
 def _optimality(cert: dict, spec: RepairSpec, original, lay0, dW, db, points: Points, keep: Points | None, fb) -> list[str]:
     """The change's norm is the certified objective, and the stored multipliers bound it from below."""
     problems = []
-    feats = lay0.features(points.x)
+    feats, kf = shared_features(lay0, points.x, None if keep is None else keep.x)  # as repair computed them
     radii = None
     labels = points.y
     if spec.kind == "ball":
@@ -336,7 +337,6 @@ def _optimality(cert: dict, spec: RepairSpec, original, lay0, dW, db, points: Po
     required = np.array([p["required"] for p in cert["points"]])
     prices = np.full(len(labels), np.inf)
     if keep is not None and cert["keep"]["count"] and len(keep.x) == cert["keep"]["count"]:
-        kf = lay0.features(keep.x)
         ky = np.asarray(cert["keep"]["labels"], np.int64)
         keep_radii = np.zeros_like(kf)
         if radii is not None and spec.keep_eps > 0:  # the keep balls certified before the repair, as repair chose them
@@ -365,7 +365,7 @@ def _optimality(cert: dict, spec: RepairSpec, original, lay0, dW, db, points: Po
         bound = witness_bound(problem, cert.get("lower_bound_witness") or {})
     except (KeyError, ValueError, IndexError, TypeError) as exc:
         return problems + [f"the lower bound's multipliers do not fit the program ({type(exc).__name__}); the bound is not proven"]
-    if bound < cert["lower_bound"] * (1 - 1e-9) - 1e-12:
+    if bound < cert["lower_bound"] * (1 - GAP) - 1e-12:  # float32 features recomputed here may differ by rounding
         problems.append(f"the multipliers prove a lower bound of {bound:.9g}, not the certified {cert['lower_bound']:.9g}")
     return problems
 

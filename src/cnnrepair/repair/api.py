@@ -430,6 +430,8 @@ def _certificate(lay, spec, status, sol, problem, dW, db, ya, base, after, requi
     if status == "infeasible":
         cert["conflicts"] = [{"index": int(k) if k < K else int(k - K), "set": "points" if k < K else "keep",
                               "label": int(problem.labels[k])} for k in (sol.conflicts if sol.conflicts is not None else [])]
+        if not cert["conflicts"]:  # an empty set is no irreducible conflict: say none was isolated
+            cert["solver"]["conflicts_irreducible"] = False
     return cert
 
 
