@@ -34,6 +34,71 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
 
+class FolderLock:
+    """An advisory ``flock`` on ``.NAME.cnnrepair.lock`` beside a folder: one run at a time writes into it.
+
+    The kernel releases the lock when its process dies, so a crash leaves no stale lock (the file may
+    stay; the next run reuses it). The file is removed on release only if this run created it."""
+
+    def __init__(self, folder: Path, busy: str):
+        self.path = folder.parent / f".{folder.name}.cnnrepair.lock"
+        self.busy = busy
+        self._fd: int | None = None
+        self._created = False
+
+    def probe(self) -> None:
+        """Raise CnnRepairError now if another run holds the lock (nothing is created)."""
+        if self._fd is not None or fcntl is None or not self.path.exists():
+            return
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise CnnRepairError(self.busy) from None
+        finally:
+            os.close(fd)
+
+    def acquire(self) -> None:
+        """Take the lock or raise CnnRepairError at once (never waits)."""
+        if fcntl is None:  # pragma: no cover - Windows: an exclusively created file
+            try:
+                self._fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                self._created = True
+            except FileExistsError:
+                raise CnnRepairError(self.busy) from None
+            return
+        for _ in range(5):
+            existed = self.path.exists()
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise CnnRepairError(self.busy) from None
+            try:  # the holder before us may have removed the file while we waited: lock the file that is there now
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._fd, self._created = fd, not existed
+                return
+            os.close(fd)
+        raise CnnRepairError(self.busy)
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            if self._created:
+                self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+
 class OutputDir:
     """Results folder ``out`` of one command; ``owns(name)`` says which file names the command writes."""
 
@@ -45,9 +110,8 @@ class OutputDir:
         self.inputs = [Path(p) for p in inputs if p is not None]
         self.what = what
         self.staging: Path | None = None
-        self._lock_fd: int | None = None
-        self._lock_path = self.out.parent / f".{self.out.name}.cnnrepair.lock"
-        self._lock_created = False
+        self.lock = FolderLock(self.out, f"--out {self.out}: another cnnrepair run is writing there (lock .{self.out.name}."
+                                         "cnnrepair.lock); wait for it to finish or choose another --out")
         self._made: list[Path] = []
 
     # -- checks -------------------------------------------------------------------------------------
@@ -82,19 +146,8 @@ class OutputDir:
                 raise CnnRepairError(f"--out {out}: another run wrote {self.what} there while this one ran ({shown}); nothing "
                                      "of this run was written: choose another --out or pass --overwrite")
             raise CnnRepairError(f"--out {out} already holds {shown} from an earlier run; choose another --out or pass --overwrite")
-        if not again and self._lock_fd is None and fcntl is not None and self._lock_path.exists():
-            try:  # another run holds the lock now: say so before any work
-                fd = os.open(self._lock_path, os.O_RDONLY)
-            except OSError:
-                fd = None
-            if fd is not None:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError:
-                    raise CnnRepairError(self._busy()) from None
-                finally:
-                    os.close(fd)
         if not again:
+            self.lock.probe()  # another run holds the lock now: say so before any work
             writable = next((p for p in [out, *out.parents] if p.exists()), None)
             if writable is not None and not os.access(writable, os.W_OK | os.X_OK):
                 raise CnnRepairError(f"--out {out}: {writable} is not writable; choose another --out")
@@ -104,7 +157,7 @@ class OutputDir:
         self.check()
         try:
             self._make_parents()
-            self._lock()
+            self.lock.acquire()
             self.check(again=True)
             self.staging = Path(self._mkdtemp())
         except BaseException:
@@ -125,7 +178,7 @@ class OutputDir:
         if not ok and self.staging is not None and self.staging.exists():
             shutil.rmtree(self.staging, ignore_errors=True)  # a folder this run made, holding only what it wrote
         self.staging = None
-        self._release()
+        self.lock.release()
         if not ok:
             for p in reversed(self._made):  # folders this run made for --out, empty again
                 try:
@@ -152,36 +205,6 @@ class OutputDir:
         os.chmod(path, 0o777 & ~umask)  # mkdtemp makes it private; the published folder gets the usual permissions
         return path
 
-    def _lock(self) -> None:
-        if fcntl is None:  # pragma: no cover
-            try:
-                self._lock_fd = os.open(self._lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                self._lock_created = True
-            except FileExistsError:
-                raise CnnRepairError(self._busy()) from None
-            return
-        for _ in range(5):
-            existed = self._lock_path.exists()
-            fd = os.open(self._lock_path, os.O_CREAT | os.O_RDWR, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(fd)
-                raise CnnRepairError(self._busy()) from None
-            try:  # the holder before us may have removed the file while we waited: lock the file that is there now
-                same = os.fstat(fd).st_ino == os.stat(self._lock_path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                self._lock_fd, self._lock_created = fd, not existed
-                return
-            os.close(fd)
-        raise CnnRepairError(self._busy())
-
-    def _busy(self) -> str:
-        return (f"--out {self.out}: another cnnrepair run is writing there (lock {self._lock_path.name}); wait for it to finish "
-                "or choose another --out")
-
     def _publish(self) -> None:
         self.check(again=True)
         old = None
@@ -206,19 +229,6 @@ class OutputDir:
                 old.rmdir()
             except OSError:
                 pass
-
-    def _release(self) -> None:
-        if self._lock_fd is None:
-            return
-        try:
-            if self._lock_created:
-                try:
-                    os.unlink(self._lock_path)
-                except FileNotFoundError:
-                    pass
-        finally:
-            os.close(self._lock_fd)
-            self._lock_fd = None
 
 
 def names(*exact: str, suffixes: Sequence[str] = (), prefixes: Sequence[str] = ()) -> Callable[[str], bool]:

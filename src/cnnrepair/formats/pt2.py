@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import posixpath
 import threading
 import warnings
 import zipfile
@@ -55,7 +56,7 @@ def check_archive(path: Path, data: bytes) -> None:
                 raise CnnRepairError(f"{path}: archive member {name!r} is not valid JSON; re-export the model") from None
             folder = name.rsplit("/", 1)[0]
             for meta in config.values():
-                member = f"{folder}/{meta.get('path_name', '')}"
+                member = posixpath.normpath(f"{folder}/{meta.get('path_name', '')}")
                 if str(meta.get("path_name", "")).startswith(_CODE_PREFIXES):
                     raise _refuse(path, member, "is a pickled object, not a tensor")
                 if meta.get("use_pickle"):

@@ -7,7 +7,9 @@
 * :mod:`cnnrepair.repair.ball`: the same for points known only up to a box of features (certified repair of input balls).
 * :mod:`cnnrepair.repair.layer`: any classifier as frozen features plus the linear layer that ends it.
 * :mod:`cnnrepair.repair.api`: :func:`repair_classifier`, one call from a model and points to a repaired copy.
-* :mod:`cnnrepair.repair.certificate`: the claim in JSON and its independent re-check.
+* :mod:`cnnrepair.repair.certificate`: the claim in JSON, its shape, and the margins it is checked by.
+* :mod:`cnnrepair.repair.coincide`: points that are one point to float32 (shared features, their noise, conflicts).
+* :mod:`cnnrepair.repair.highs`: our interface to HiGHS (quiet, interruptible by Ctrl-C).
 """
 
 from cnnrepair.repair.api import ClassifierRepair, repair_classifier
