@@ -18,7 +18,7 @@ def run(run_dir: Path, sizes: list[int], C: float = 10.0) -> Path:
     from benchmarks.common import machine as _machine, write_result as _write
     from cnnrepair.hybrid import fit_rbf_svm
     from cnnrepair.io import load_npz
-    from cnnrepair.pipeline import _stratified_subset
+    from cnnrepair.pipeline import stratified_subset
     from cnnrepair.rundir import RunDir
 
     run = RunDir(run_dir)
@@ -29,7 +29,7 @@ def run(run_dir: Path, sizes: list[int], C: float = 10.0) -> Path:
     ds = open_dataset(run)
     points = []
     for n in sizes:
-        idx = _stratified_subset(ds.y_train, n, res.get("seed", 0)) if n < len(ds.y_train) else np.arange(len(ds.y_train))
+        idx = stratified_subset(ds.y_train, n, res.get("seed", 0)) if n < len(ds.y_train) else np.arange(len(ds.y_train))
         head, pipe, info = fit_rbf_svm(feats["train"][idx], ds.y_train[idx], C=C)
         with torch.no_grad():  # the torch head equals decision_function to 1e-5 (tested) and is far faster on 10,000 points
             dec = head(torch.as_tensor(feats["test"])).numpy()

@@ -129,7 +129,7 @@ def side_timing(shapes: list[tuple[int, int]], device: str = "cpu", repeats: int
     """Seconds to form and factor one iteration's matrix on each side, for ReLU-like X of each shape."""
     import torch
 
-    from cnnrepair.repair.ipm import _Newton, pick_side
+    from cnnrepair.repair.ipm import Newton, pick_side
 
     rows = []
     rng = np.random.default_rng(0)
@@ -145,7 +145,7 @@ def side_timing(shapes: list[tuple[int, int]], device: str = "cpu", repeats: int
                 if device == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                _Newton(X, side, P, Z, D, None, None)
+                Newton(X, side, P, Z, D, None, None)
                 if device == "cuda":
                     torch.cuda.synchronize()
                 best = min(best, time.perf_counter() - t0)

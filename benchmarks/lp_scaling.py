@@ -179,12 +179,12 @@ def run(quick: bool = False, runs: dict[str, Path] | None = None, cap: float = 1
             if res["objective"] is not None and base["objective"] is not None:
                 res["rel_diff_objective"] = abs(res["objective"] - base["objective"]) / max(1.0, abs(base["objective"]))
         rows.append(row)
-    table = _table(rows)
+    table = rows_table(rows)
     cmd = "python -m benchmarks.run lp" + (" --quick" if quick else "") + f" --cap {cap:g}" + (" --real " + " ".join(str(p) for p in runs.values()) if runs else "")
     return _write("lp_scaling.json", {"machine": _machine(), "command": cmd, "cap_s": cap, "rows": rows, "table_md": table})
 
 
-def _table(rows: list[dict]) -> str:
+def rows_table(rows: list[dict]) -> str:
     paths = list(dict.fromkeys(p for r in rows for p in r["paths"]))  # as measured, in order
     head = "| problem | " + " | ".join(paths) + " |"
     lines = [head, "|" + " --- |" * (len(paths) + 1)]

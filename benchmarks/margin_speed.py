@@ -116,7 +116,7 @@ def run_threads(cap: float = 300.0, quick: bool = False) -> Path:
     out = {"machine": machine(), "cap_s": cap, "quick": quick,
            "command": "python -m benchmarks.run margin-threads" + (" --quick" if quick else "") + f" --cap {cap:g}",
            "problems": "the speed table's problems (L1)", "rows": rows}
-    return _write_quick(out, "margin_threads_quick.json") if quick else write_result("margin_threads.json", out)
+    return write_quick(out, "margin_threads_quick.json") if quick else write_result("margin_threads.json", out)
 
 
 def threads_table(rows: list[dict]) -> str:
@@ -160,10 +160,10 @@ def run(quick: bool = False, cap: float = 300.0) -> Path:
            "command": "python -m benchmarks.run margins" + (" --quick" if quick else "") + f" --cap {cap:g}",
            "problems": "10 classes, features max(0, N(0,1)), head N(0, 1/n), repair points labelled with their runner-up class, margin 0.05; keep points keep their label",
            "rows": rows}
-    return _write_quick(out) if quick else _write("margin_speed.json", out)
+    return write_quick(out) if quick else _write("margin_speed.json", out)
 
 
-def _write_quick(out: dict, name: str = "margin_speed_quick.json") -> Path:
+def write_quick(out: dict, name: str = "margin_speed_quick.json") -> Path:
     """Quick runs are for tests and smoke checks: they never replace the committed table."""
     import tempfile
 

@@ -134,12 +134,12 @@ def plot_targets(rep: dict, dataset: str, path: Path, fixed_min: float = 0.2, dr
     ``k1`` (a ``k1_ceiling.json`` of the same dataset) adds the best single repair point within budget.
     """
     from cnnrepair.io import atomic_write
-    from cnnrepair.report import _plt
+    from cnnrepair.plotting import pyplot
 
     runs = {label: r for label, r in rep.items() if r["_"].get("dataset") == dataset}
     if not runs:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, (ax_f, ax_d) = plt.subplots(1, 2, figsize=(10, 3.8))
     for label, r in runs.items():
         entries = _plain_entries(r)
@@ -298,7 +298,7 @@ def readme_section() -> str:
             lines.append(f"| {m.upper()} | {r['images_per_s']['foolbox']:.0f} | {r['images_per_s']['cnnrepair']:.0f} | {100 * r['overhead']:+.1f}% |")
         lines.append("")
     from benchmarks.field import table as field_table
-    from benchmarks.lp_scaling import _table as lp_table  # regenerated, so table changes apply to old runs too
+    from benchmarks.lp_scaling import rows_table as lp_table  # regenerated, so table changes apply to old runs too
     from benchmarks.margin_speed import table as margin_table
     from benchmarks.threads import table as threads_table
 

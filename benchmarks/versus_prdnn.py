@@ -96,7 +96,7 @@ def _highs(p) -> dict:
 def run(python: str, quick: bool = False, cap: float = 300.0) -> Path:
     """Every size: PRDNN (its own interpreter), ours and HiGHS on the whole LP; objectives compared."""
     from benchmarks.common import compare, machine, write_result
-    from benchmarks.margin_speed import _write_quick
+    from benchmarks.margin_speed import write_quick
 
     rows = []
     for K, n in QUICK if quick else SIZES:
@@ -114,7 +114,7 @@ def run(python: str, quick: bool = False, cap: float = 300.0) -> Path:
            "program": f"PRDNN's: mean|d| + max|d| over weights and biases, |d| <= {BOUND:g}, margin {MARGIN:g}; "
                       "features max(0, N(0,1)), head N(0, 1/n), points labelled with their runner-up class, float32",
            "rows": rows}
-    return _write_quick(out, "prdnn_quick.json") if quick else write_result("prdnn.json", out)
+    return write_quick(out, "prdnn_quick.json") if quick else write_result("prdnn.json", out)
 
 
 def table(rows: list[dict]) -> str:

@@ -47,9 +47,9 @@ def files(tmp_path):
     """m.pt2 / m.onnx (a small MLP), p.npz (20 points with wrong labels), k.npz (40 keep points)."""
     model = _mlp()
     _export(model, tmp_path / "m.pt2")
-    from cnnrepair.formats.onnx import _import_onnx
+    from cnnrepair.formats.onnx import import_onnx
 
-    _import_onnx()
+    import_onnx()
     with torch.no_grad():
         torch.onnx.export(model, (torch.zeros(2, 1, 3, 4),), str(tmp_path / "m.onnx"), dynamo=False, input_names=["x"],
                           output_names=["y"], dynamic_axes={"x": {0: "b"}, "y": {0: "b"}})
@@ -420,7 +420,7 @@ except KeyboardInterrupt:
     line = proc.stdout.readline().split()
     proc.wait(timeout=60)
     assert line[0] == "interrupted", line  # the solve was still running: the test is not vacuous
-    assert time.perf_counter() - sent < 3.0
+    assert time.perf_counter() - sent < 6.0  # well under a second when idle (HiGHS checks between its iterations); CI shares cores
 
 
 def test_an_interrupted_repair_exits_130_and_writes_nothing(files, tmp_path, capsys, monkeypatch):

@@ -19,7 +19,7 @@ from cnnrepair.attacks import attack, check_eps, get_attack
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.data import to_float
 from cnnrepair.points import InputSpec, PixelModel, chance_warning
-from cnnrepair.training import Progress, outputs, predict
+from cnnrepair.runtime import Progress, outputs, predict
 
 
 @dataclass
@@ -206,9 +206,9 @@ def _certified(model: nn.Module, images: np.ndarray, labels: np.ndarray, spec: I
 
 def plot_report(report: dict, path) -> None:
     """Accuracy under attack against eps, one line per model, the clean accuracy at eps 0."""
-    from cnnrepair.report import _plt
+    from cnnrepair.plotting import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, r in report["models"].items():
         eps = [0.0] + [float(e) for e in r["attack"]]

@@ -16,7 +16,7 @@ from torch import nn
 
 from cnnrepair.data import to_float
 from cnnrepair.errors import CnnRepairError
-from cnnrepair.training import Progress, model_device
+from cnnrepair.runtime import Progress, model_device
 
 PAPER_EPS = {
     "mnist": [0.025, 0.05, 0.075, 0.1, 0.125, 0.15],

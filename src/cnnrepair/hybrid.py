@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.io import load_torch, save_torch
+from cnnrepair.repair.layer import HeadKind, register_head
 
 
 class LinearHead(nn.Module):
@@ -186,3 +187,8 @@ def load_head(path: Path) -> nn.Module:
     except (KeyError, TypeError) as exc:
         raise CnnRepairError(f"{path}: not a cnnrepair SVM head (missing {exc}); delete it and rerun `cnnrepair hybrid`") from None
     raise CnnRepairError(f"{path}: unknown head kind {kind!r}; delete it and rerun `cnnrepair hybrid`")
+
+
+# the SVM heads are repairable last layers: LH directly, KH through its kernel values (linear in its coefficients)
+register_head(LinearHead, HeadKind("svm-linear"))
+register_head(RBFHead, HeadKind("svm-rbf", weight="coef", kernel=True))

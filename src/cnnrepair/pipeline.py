@@ -125,7 +125,7 @@ def stage_hybrid(run: RunDir, model: SplitNet, ds: Dataset, feats: dict[str, np.
     for kind in kinds:
         xtr, ytr = feats["train"], ds.y_train
         if kind == "kh" and kh_train_size and kh_train_size < len(ytr):
-            idx = _stratified_subset(ytr, kh_train_size, seed)
+            idx = stratified_subset(ytr, kh_train_size, seed)
             xtr, ytr = xtr[idx], ytr[idx]
         if kind == "lh":
             with elapsed(progress, f"fitting LH on {len(ytr):,} x {xtr.shape[1]:,} features"):
@@ -152,7 +152,7 @@ def stage_hybrid(run: RunDir, model: SplitNet, ds: Dataset, feats: dict[str, np.
     return out
 
 
-def _stratified_subset(y: np.ndarray, n: int, seed: int) -> np.ndarray:
+def stratified_subset(y: np.ndarray, n: int, seed: int) -> np.ndarray:
     from sklearn.model_selection import train_test_split
 
     idx, _ = train_test_split(np.arange(len(y)), train_size=n, random_state=seed, stratify=y)

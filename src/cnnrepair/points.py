@@ -19,7 +19,7 @@ from torch import nn
 from cnnrepair.attacks import attack, check_eps
 from cnnrepair.data import to_float
 from cnnrepair.errors import CnnRepairError
-from cnnrepair.training import Progress, outputs, predict
+from cnnrepair.runtime import Progress, outputs, predict
 
 KINDS = ("misclassified", "fgsm", "pgd", "fog")
 KEEP_KINDS = ("clean", "fgsm", "pgd")

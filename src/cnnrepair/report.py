@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from cnnrepair.io import write_text
+from cnnrepair.plotting import pyplot
 from cnnrepair.rundir import RunDir
 
 
@@ -56,20 +57,11 @@ def write_summary(run: RunDir) -> Path:
 MODEL_STYLE = {"nn": ("NN", "tab:blue"), "lh": ("LH", "tab:orange"), "kh": ("KH", "tab:green"), "rlh": ("RLH", "tab:red")}
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_attack_curves(attack_results: dict, dataset: str, path: Path) -> Path:
     """Paper figure 2: accuracy on each model's own adversarial test set against epsilon, one panel per attack."""
     from cnnrepair.io import atomic_write
 
-    plt = _plt()
+    plt = pyplot()
     names = list(attack_results)
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.8), squeeze=False)
     for ax, name in zip(axes[0], names):
@@ -93,7 +85,7 @@ def plot_examples(clean: np.ndarray, adv: np.ndarray, labels, clean_pred, adv_pr
     """A row of clean images over their adversarial versions, each with the model's prediction."""
     from cnnrepair.io import atomic_write
 
-    plt = _plt()
+    plt = pyplot()
     n = len(clean)
     fig, axes = plt.subplots(2, max(n, 1), figsize=(1.6 * max(n, 1), 3.6), squeeze=False)
     for i in range(n):
@@ -119,7 +111,7 @@ def plot_repair(entries: list[dict], dataset: str, path: Path) -> Path:
     """Paper figure 3: accuracy of NN, LH and each RLH variant against epsilon on every evaluation set."""
     from cnnrepair.io import atomic_write
 
-    plt = _plt()
+    plt = pyplot()
     ok = [e for e in entries if "accuracy" in e]
     fig, grid = plt.subplots(2, 3, figsize=(13, 7.6), squeeze=False)  # five panels and a legend, readable at page width
     axes = [grid.reshape(-1)[:len(SPLITS)]]

@@ -32,7 +32,7 @@ SUPPORTED = ("Add", "AveragePool", "BatchNormalization", "Cast", "Clip", "Concat
              "Neg", "Pow", "ReduceSum", "Relu", "Reshape", "Shape", "Sigmoid", "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze")
 
 
-def _import_onnx():
+def import_onnx():
     try:
         import onnx
     except ImportError:  # pragma: no cover - a declared dependency
@@ -52,7 +52,7 @@ class LinearSource:
 
 
 def _attrs(node) -> dict:
-    onnx = _import_onnx()
+    onnx = import_onnx()
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
@@ -73,7 +73,7 @@ class OnnxModule(nn.Module):
 
     def __init__(self, model, path: Path | None = None):
         super().__init__()
-        onnx = _import_onnx()
+        onnx = import_onnx()
         graph = model.graph
         where = f"{path}: " if path else ""
         self._inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
@@ -180,7 +180,7 @@ def _run(node, attrs: dict, ins: list, batch: int) -> list:
     if op in ("Identity", "Dropout"):
         return [x]
     if op == "Constant":
-        onnx = _import_onnx()
+        onnx = import_onnx()
         if "value" in attrs:
             return [torch.from_numpy(np.array(onnx.numpy_helper.to_array(attrs["value"])))]
         for key, dtype in (("value_float", torch.float32), ("value_floats", torch.float32), ("value_int", torch.int64), ("value_ints", torch.int64)):
@@ -286,7 +286,7 @@ def _run(node, attrs: dict, ins: list, batch: int) -> list:
     if op == "Transpose":
         return [x.permute(*(attrs.get("perm") or reversed(range(x.ndim))))]
     if op == "Cast":
-        onnx = _import_onnx()
+        onnx = import_onnx()
         dtype = onnx.helper.tensor_dtype_to_np_dtype(attrs["to"])
         return [x.to(torch.from_numpy(np.zeros(0, dtype)).dtype)]
     raise CnnRepairError(f"operator {op!r} is not supported")  # pragma: no cover - checked when loading
@@ -294,7 +294,7 @@ def _run(node, attrs: dict, ins: list, batch: int) -> list:
 
 def load(path: Path) -> tuple[nn.Module, tuple[int, ...] | None, object]:
     """(module, per-example input shape, ONNX model) of an ONNX file."""
-    onnx = _import_onnx()
+    onnx = import_onnx()
     try:
         model = onnx.load(str(path))
         onnx.checker.check_model(model)
@@ -312,7 +312,7 @@ def load(path: Path) -> tuple[nn.Module, tuple[int, ...] | None, object]:
 
 def save(loaded, repaired: nn.Module, tensors: list[str], path: Path) -> None:
     """The source graph with the repaired layers' initializers replaced, checked by ``onnx.checker``."""
-    onnx = _import_onnx()
+    onnx = import_onnx()
     model = onnx.load(str(loaded.path))
     sources: dict[str, LinearSource] = loaded.module.linear_sources
     inits = {i.name: i for i in model.graph.initializer}
@@ -352,7 +352,7 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: Path, chec
     """
     import warnings
 
-    onnx = _import_onnx()
+    onnx = import_onnx()
     example = torch.zeros(2, *input_shape)
     x = check if check is not None else torch.rand(8, *input_shape, generator=torch.Generator().manual_seed(0))
 

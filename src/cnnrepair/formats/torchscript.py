@@ -34,7 +34,7 @@ def _read(path: Path):
 
 def load(path: Path, input_shape: tuple[int, ...] | None) -> tuple[nn.Module, tuple[int, ...], object]:
     """(module running the graph, the input shape, the TorchScript module)."""
-    from cnnrepair.formats.onnx import OnnxModule, _import_onnx
+    from cnnrepair.formats.onnx import OnnxModule, import_onnx
 
     if not input_shape:
         raise CnnRepairError(f"{path}: a TorchScript file does not record its input shape; pass --input-shape C,H,W (e.g. 1,28,28)")
@@ -48,7 +48,7 @@ def load(path: Path, input_shape: tuple[int, ...] | None) -> tuple[nn.Module, tu
     except Exception as exc:  # noqa: BLE001 - the module cannot run on that shape, or uses what ONNX cannot express
         raise CnnRepairError(f"{path}: cannot trace the TorchScript module on inputs of shape {tuple(input_shape)} "
                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); check --input-shape") from None
-    proto = _import_onnx().load_from_string(buf.getvalue())
+    proto = import_onnx().load_from_string(buf.getvalue())
     return OnnxModule(proto, path).eval(), tuple(input_shape), scripted
 
 

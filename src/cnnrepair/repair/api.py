@@ -19,10 +19,11 @@ from cnnrepair.errors import CnnRepairError
 from cnnrepair.repair.ball import solve_ball
 from cnnrepair.repair.certificate import FORMAT, change_summary, layouts_record, robust_margins
 from cnnrepair.repair.coincide import TOLERANCE, conflicting_pairs, feature_noise, shared_features
-from cnnrepair.repair.layer import LastLayer, eval_mode, last_layer
+from cnnrepair.repair.layer import LastLayer, last_layer
 from cnnrepair.repair.margins import solve_margins
 from cnnrepair.repair.program import MarginProblem, MarginSolution
 from cnnrepair.repair.spec import RepairSpec
+from cnnrepair.runtime import eval_mode
 
 FLOAT32_ROUNDS = 5  # re-solves with a raised margin for points that float32 rounding left short
 DEFAULT_TIME_LIMIT = 3600.0  # seconds a repair's solve may take when no limit is given (math.inf: none)
@@ -379,11 +380,11 @@ def _saved_change(lay: LastLayer, repaired: nn.Module) -> tuple[np.ndarray, np.n
 
 def last_layer_tensors(model: nn.Module, lay: LastLayer) -> tuple[np.ndarray, np.ndarray]:
     """(weight, bias) of ``lay``'s layer in another copy of the model, float64."""
-    from cnnrepair.repair.layer import _get_tensor
+    from cnnrepair.repair.layer import get_tensor
 
     wname, bname = lay.parameter_names()
-    W = _get_tensor(model, wname).detach().double().cpu().numpy()
-    b = _get_tensor(model, bname).detach().double().cpu().numpy() if bname else np.zeros(W.shape[0])
+    W = get_tensor(model, wname).detach().double().cpu().numpy()
+    b = get_tensor(model, bname).detach().double().cpu().numpy() if bname else np.zeros(W.shape[0])
     return W, b
 
 

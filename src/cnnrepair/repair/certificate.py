@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from cnnrepair.repair.program import MarginProblem, certified_lower_bound, margins_of
+from cnnrepair.runtime import eval_mode, model_device
 
 FORMAT = "cnnrepair-certificate/2"
 
@@ -55,9 +56,6 @@ def layout_margins(logits_of, x, y: np.ndarray) -> np.ndarray:
 
 def module_logits_fn(model: nn.Module):
     """A batch -> float64 logits function running ``model`` as it runs (its own dtype and device)."""
-    from cnnrepair.repair.layer import eval_mode
-    from cnnrepair.training import model_device
-
     device = model_device(model)
     eval_mode(model)
 
@@ -89,9 +87,6 @@ def sha256(path: Path) -> str:
 
 def model_logits(model: nn.Module, x: np.ndarray | torch.Tensor, batch_size: int = 512) -> np.ndarray:
     """The model's outputs as it runs (its own dtype, eval mode), returned as float64."""
-    from cnnrepair.repair.layer import eval_mode
-    from cnnrepair.training import model_device
-
     x = torch.as_tensor(x)
     device = model_device(model)
     out = []

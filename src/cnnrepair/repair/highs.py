@@ -52,7 +52,7 @@ def new_highs(time_limit: float | None, method: str):
 
 def run(h) -> None:
     """``h.run()`` in HiGHS's own solver thread, so that Ctrl-C (KeyboardInterrupt in the main thread)
-    cancels the solve through HiGHS's interrupt callbacks and is re-raised within a second or two,
+    cancels the solve through HiGHS's interrupt callbacks (honoured between its iterations) and is re-raised,
     instead of waiting for the solve to end."""
     if not hasattr(h, "startSolve") or threading.current_thread() is not threading.main_thread():
         h.run()  # Ctrl-C reaches the main thread only; a worker thread's solve is stopped by its caller's time limit

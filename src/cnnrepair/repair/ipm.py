@@ -69,7 +69,7 @@ def _max_step(v: list[torch.Tensor], dv: list[torch.Tensor]) -> torch.Tensor:
     return torch.minimum(one, torch.stack(ratios).min())
 
 
-class _Newton:
+class Newton:
     """One iteration's factored system; ``direction`` solves it for a complementarity right-hand side."""
 
     def __init__(self, X: torch.Tensor, side: str, P, Z, D, rp, rd):
@@ -176,7 +176,7 @@ def solve_l1(X: torch.Tensor, r: torch.Tensor, w: torch.Tensor, side: str = "aut
         rp = r - (Xg - P[2] + P[3])
         mu = sum(x @ z for x, z in zip(P, Z)) / n
         D = [x / z for x, z in zip(P, Z)]
-        newton = _Newton(X, side, P, Z, D, rp, rd)
+        newton = Newton(X, side, P, Z, D, rp, rd)
         if newton.factor is None:
             return result(None, it)
         dy, dP, dZ = newton.direction([-x * z for x, z in zip(P, Z)])

@@ -19,17 +19,42 @@ from torch import Tensor, nn
 
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.graph_linear import linear_nodes as _linear_nodes
-from cnnrepair.training import model_device
+from cnnrepair.runtime import eval_mode, model_device
 
 
 def _is_graph(model: nn.Module) -> bool:
     return isinstance(model, torch.fx.GraphModule)
 
 
-def _svm_heads():
-    from cnnrepair.hybrid import LinearHead, RBFHead
+@dataclass(frozen=True)
+class HeadKind:
+    """How repair treats a module class as a last layer: ``logits = features @ weight.T + bias``.
 
-    return LinearHead, RBFHead
+    ``kind`` is the name certificates record; ``weight`` / ``bias`` name the tensors repair writes;
+    with ``kernel`` the layer's input first goes through ``module.kernel(x)`` (an RBF SVM head is
+    linear in its dual coefficients given the kernel values)."""
+
+    kind: str
+    weight: str = "weight"
+    bias: str = "bias"
+    kernel: bool = False
+
+
+HEADS: dict[type, HeadKind] = {nn.Linear: HeadKind("linear")}
+
+
+def register_head(cls: type, head: HeadKind) -> None:
+    """Make modules of ``cls`` repairable last layers (an application registers its own heads, e.g. the
+    paper's SVM heads in :mod:`cnnrepair.hybrid`)."""
+    HEADS[cls] = head
+
+
+def head_kind(module: nn.Module) -> HeadKind | None:
+    """The registered kind of a module (by its class or the nearest registered base class), or None."""
+    for cls in type(module).__mro__:
+        if cls in HEADS:
+            return HEADS[cls]
+    return None
 
 
 def _same_output(lay: Tensor, res: Tensor) -> bool:
@@ -41,8 +66,7 @@ def candidate_layers(model: nn.Module) -> list[str]:
     """Names of the layers repair can edit, in the model's order."""
     if _is_graph(model):
         return list(_linear_nodes(model))
-    heads = (nn.Linear, *_svm_heads())
-    return [name for name, m in model.named_modules() if isinstance(m, heads)]
+    return [name for name, m in model.named_modules() if head_kind(m) is not None]
 
 
 @dataclass
@@ -112,7 +136,8 @@ class LastLayer:
                 if not _same_output(lay, res):
                     raise CnnRepairError(f"layer {self.name!r} does not end the classifier (its output is not the model's output); "
                                          f"repair the last linear layer instead (choose from: {', '.join(candidate_layers(self.model))})")
-                if self.kind == "svm-rbf":
+                head = None if _is_graph(self.model) else head_kind(self._module())
+                if head is not None and head.kernel:
                     inp = self._module().kernel(inp)
                 if inp.ndim != 2:
                     raise CnnRepairError(f"layer {self.name!r} receives {inp.ndim}-d inputs; repair needs a layer applied to one feature vector per input")
@@ -128,7 +153,7 @@ class LastLayer:
         for param, value in zip(self.parameter_names(), (weight, bias)):
             if param is None:
                 continue
-            t = _get_tensor(model, param)
+            t = get_tensor(model, param)
             with torch.no_grad():
                 t.copy_(torch.as_tensor(np.asarray(value), dtype=t.dtype).to(t.device))
         return model
@@ -139,24 +164,15 @@ class LastLayer:
             lin = _linear_nodes(self.model)[self.name]
             return lin.weight, lin.bias
         prefix = f"{self.name}." if self.name else ""
-        if self.kind == "svm-rbf":
-            return f"{prefix}coef", f"{prefix}bias"
-        return f"{prefix}weight", (f"{prefix}bias" if self.has_bias else None)
+        head = head_kind(self._module()) or HeadKind(self.kind)
+        return f"{prefix}{head.weight}", (f"{prefix}{head.bias}" if self.has_bias else None)
 
 
-def _get_tensor(model: nn.Module, name: str) -> Tensor:
+def get_tensor(model: nn.Module, name: str) -> Tensor:
+    """The tensor (parameter or buffer) that ``name`` (dotted, as in a state dict) names in ``model``."""
     owner, _, attr = name.rpartition(".")
     mod = model.get_submodule(owner) if owner else model
     return getattr(mod, attr)
-
-
-def eval_mode(model: nn.Module) -> nn.Module:
-    """Put a model in eval mode; a ``torch.export`` module has no modes (its program was exported in one)."""
-    try:
-        model.eval()
-    except NotImplementedError:
-        pass
-    return model
 
 
 def last_layer(model: nn.Module, sample: Tensor | np.ndarray, name: str | None = None) -> LastLayer:
@@ -173,18 +189,15 @@ def last_layer(model: nn.Module, sample: Tensor | np.ndarray, name: str | None =
         name = _ending_layer(model, names, sample)
     if _is_graph(model):
         lin = _linear_nodes(model)[name]
-        w = _get_tensor(model, lin.weight)
+        w = get_tensor(model, lin.weight)
         has_bias = lin.bias is not None
-        b = _get_tensor(model, lin.bias) if has_bias else None
+        b = get_tensor(model, lin.bias) if has_bias else None
         kind = "graph-linear"
     else:
         mod = model.get_submodule(name)
-        LinearHead, RBFHead = _svm_heads()
-        if isinstance(mod, RBFHead):
-            w, b, has_bias, kind = mod.coef, mod.bias, True, "svm-rbf"
-        else:
-            w, b = mod.weight, mod.bias
-            has_bias, kind = b is not None, ("svm-linear" if isinstance(mod, LinearHead) else "linear")
+        head = head_kind(mod)
+        w, b = getattr(mod, head.weight), getattr(mod, head.bias, None)
+        has_bias, kind = b is not None, head.kind
     W = w.detach().double().cpu().numpy().copy()
     B = b.detach().double().cpu().numpy().copy() if b is not None else np.zeros(W.shape[0])
     layer = LastLayer(model, name, kind, W, B, has_bias)

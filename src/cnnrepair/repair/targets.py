@@ -397,7 +397,7 @@ def repair(p: RepairProblem, solver: str = "auto", time_limit: float | None = No
         raise CnnRepairError(f"threads must be >= 1 (got {threads})")
     from threadpoolctl import threadpool_limits
 
-    from cnnrepair.training import resolve_device
+    from cnnrepair.runtime import resolve_device
 
     dev = resolve_device(device) if device is not None else torch.device("cpu")
     with threadpool_limits(limits=threads or default_threads()), _torch_threads(threads or default_threads()):
