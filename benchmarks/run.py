@@ -2,7 +2,7 @@
 
 NAME is one of:
   collect   copy measured figures from run directories into benchmarks/results/*.json
-  readme    regenerate the README's results section from benchmarks/results/*.json
+  readme    regenerate docs/results.md and the README's headline results from benchmarks/results/*.json
   kh        exact KH fit time against training-set size (power-law extrapolation to the full set)
   attack-overhead  FGSM through our wrapper against Foolbox called directly (the wrapper's cost)
   k1        one-point repair ceiling: every candidate repair point tried, scored on the test set
@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -170,8 +172,14 @@ def plot_targets(rep: dict, dataset: str, path: Path, fixed_min: float = 0.2, dr
     return path
 
 
-def readme_section() -> str:
-    """The README's results section, generated from benchmarks/results/*.json."""
+def readme_section(base: Path | None = None) -> str:
+    """The results section, generated from benchmarks/results/*.json; figure links relative to ``base``
+    (the folder of the file it goes into; default the README's)."""
+    base = common.README.parent if base is None else base
+
+    def link(p: Path) -> str:
+        return Path(os.path.relpath(p, base)).as_posix()
+
     lines = []
     acc_path = common.RESULTS / "accuracy.json"
     if acc_path.is_file():
@@ -200,7 +208,7 @@ def readme_section() -> str:
     if att_path.is_file():
         att = json.loads(att_path.read_text())
         lines += ["### Accuracy under attack (paper figure 2): each model on its own adversarial test set", ""]
-        lines += [f"![{p.stem}]({p.relative_to(common.README.parent).as_posix()})" for p in sorted(common.RESULTS.glob("*_attack_curves.png"))] + [""]
+        lines += [f"![{p.stem}]({link(p)})" for p in sorted(common.RESULTS.glob("*_attack_curves.png"))] + [""]
         for ds, attacks in att["datasets"].items():
             for name, a in attacks.items():
                 if name == "_":
@@ -218,7 +226,7 @@ def readme_section() -> str:
     if rep_path.is_file():
         rep = json.loads(rep_path.read_text())
         lines += ["### Repair of the linear head (paper figure 3)", ""]
-        lines += [f"![{p.stem}]({p.relative_to(common.README.parent).as_posix()})" for p in sorted(common.RESULTS.glob("*_repair.png"))] + [""]
+        lines += [f"![{p.stem}]({link(p)})" for p in sorted(common.RESULTS.glob("*_repair.png"))] + [""]
         lines += [
                   "Data: clean test accuracy; fixed: share of LH's unseen test adversaries RLH gets right (generalisation), "
                   "counting only true adversarial examples, images LH classifies correctly when clean (LH adv.: how many); "
@@ -266,7 +274,7 @@ def readme_section() -> str:
         fig = plot_targets(rep["datasets"], "mnist", common.RESULTS / "mnist_repair_targets.png",
                            k1=json.loads(k1_file.read_text()) if k1_file.is_file() else None)
         if fig is not None:
-            lines += [f"![{fig.stem}]({fig.relative_to(common.README.parent).as_posix()})", ""]
+            lines += [f"![{fig.stem}]({link(fig)})", ""]
     k1_path = common.RESULTS / "k1_ceiling.json"
     if k1_path.is_file():
         from benchmarks.k1_ceiling import table as k1_table
@@ -382,15 +390,59 @@ def _table_section(name: str, title, intro, table) -> list[str]:
     return [title(data), "", intro(data), "", table(data), ""]
 
 
-def readme() -> Path:
-    """Replace the text between the README's results markers."""
-    text = common.README.read_text()
-    begin, end = "<!-- results:begin -->", "<!-- results:end -->"
-    if begin not in text or end not in text:
-        raise SystemExit(f"{common.README}: results markers missing; add {begin} and {end}")
+RESULTS_MARKERS = ("<!-- results:begin -->", "<!-- results:end -->")
+HEADLINE_MARKERS = ("<!-- headline:begin -->", "<!-- headline:end -->")
+
+
+def _anchor(title: str) -> str:
+    """The anchor a Markdown renderer gives a heading (GitHub's rule: lower case, punctuation dropped, spaces to hyphens)."""
+    return re.sub(r"[^a-z0-9 _-]", "", title.lower()).replace(" ", "-")
+
+
+def headline_section(results_doc: Path, base: Path) -> str:
+    """The README's headline results: the accuracy table and a link to every table of the results page."""
+    section = readme_section(base)
+    lines, tables = [], []
+    for line in section.splitlines():
+        if line.startswith("### "):
+            tables.append(line[4:])
+    acc = section.split("### Accuracy on the full test sets (paper section 3.1)", 1)
+    if len(acc) == 2:
+        body = acc[1].split("\n\n", 2)
+        lines += ["**Accuracy on the full test sets** (the paper's section 3.1):", "", body[1].strip(), ""]
+    rel = Path(os.path.relpath(results_doc, base)).as_posix()
+    lines += ["Every table, with the command that made it, in [" + rel + "](" + rel + "):", ""]
+    lines += [f"- [{t}]({rel}#{_anchor(t)})" for t in tables]
+    return "\n".join(lines) + "\n"
+
+
+def _replace(text: str, markers: tuple[str, str], body: str) -> str:
+    begin, end = markers
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
-    common.README.write_text(f"{head}{begin}\n{readme_section()}{end}{tail}")
+    return f"{head}{begin}\n{body}{end}{tail}"
+
+
+def readme() -> Path:
+    """Regenerate, from benchmarks/results/*.json, the results section (between the results markers:
+    docs/results.md) and the README's headline results (between the headline markers)."""
+    results_doc = common.README.parent / "docs" / "results.md"
+    done = []
+    for target in (common.README, results_doc):
+        if not target.is_file():
+            continue
+        text = target.read_text()
+        new = text
+        if all(m in new for m in RESULTS_MARKERS):
+            new = _replace(new, RESULTS_MARKERS, readme_section(target.parent))
+        if all(m in new for m in HEADLINE_MARKERS):
+            new = _replace(new, HEADLINE_MARKERS, headline_section(results_doc, target.parent))
+        if new != text or any(m in text for m in RESULTS_MARKERS + HEADLINE_MARKERS):
+            done.append(target)
+            if new != text:
+                target.write_text(new)
+    if not done:
+        raise SystemExit(f"{common.README}: results markers missing; add {RESULTS_MARKERS[0]} and {RESULTS_MARKERS[1]}")
     return common.README
 
 
@@ -399,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="name", required=True)
     p = sub.add_parser("collect", help="copy figures from finished run directories into benchmarks/results")
     p.add_argument("runs", nargs="+", type=Path)
-    sub.add_parser("readme", help="regenerate the README's results section")
+    sub.add_parser("readme", help="regenerate docs/results.md and the README's headline results")
     p = sub.add_parser("kh", help="exact KH fit time against training-set size on a run's features")
     p.add_argument("run", type=Path)
     p.add_argument("--sizes", default="2500,5000,10000", help="comma-separated training-set sizes")

@@ -36,8 +36,9 @@ def digits():
 
 @pytest.fixture
 def readme_example():
-    """``find(marker)``: the README's first python block that contains ``marker``, as source to run."""
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    """``find(marker)``: the first python block of the README, then the guide, that contains ``marker``, as source to run."""
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "README.md").read_text() + "\n" + (root / "docs" / "guide.md").read_text()
     blocks = [blk.split("```", 1)[0] for blk in text.split("```python\n")[1:]]
 
     def find(marker: str) -> str:

@@ -37,3 +37,36 @@ def test_no_module_imports_a_private_name_of_another():
     bad = [(_module(p), mod, name) for p in SRC.rglob("*.py") for mod, names in _imports(p) for name in names
            if name.startswith("_") and not name.startswith("__")]
     assert bad == []
+
+
+def test_an_onnx_operator_is_one_registered_function(tmp_path):
+    """Softsign is not interpreted; one decorated function makes a graph with it load and match onnxruntime."""
+    import numpy as np
+    import onnx
+    import pytest
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    from cnnrepair import CnnRepairError, load_model
+    from cnnrepair.formats import onnx as ox
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32), "W")
+    graph = helper.make_graph([helper.make_node("Softsign", ["x"], ["h"]), helper.make_node("Gemm", ["h", "W"], ["y"], transB=1)],
+                              "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "s.onnx"))
+    with pytest.raises(CnnRepairError, match="Softsign"):
+        load_model(tmp_path / "s.onnx")
+    try:
+        @ox.operator("Softsign")
+        def _softsign(node, attrs, ins, batch):
+            return [ins[0] / (1 + ins[0].abs())]
+
+        loaded = load_model(tmp_path / "s.onnx")
+        x = torch.randn(5, 4)
+        ours = loaded.module(x).detach().double().numpy()
+        assert np.allclose(ours, ox.run_onnxruntime(tmp_path / "s.onnx", x), atol=1e-5)
+    finally:
+        ox.OPERATORS.pop("Softsign", None)

@@ -221,3 +221,20 @@ def test_margin_threads_benchmark_times_one_and_two_threads_on_the_same_problems
         one, two = row["threads_1"], row["threads_2"]
         assert one["status"] == two["status"] == "ok" and one["objective"] == pytest.approx(two["objective"], rel=1e-6)
     assert threads_table(out["rows"]).count("\n") == len(QUICK) + 1
+
+
+def test_the_committed_readme_and_results_page_regenerate_byte_identically(tmp_path, monkeypatch):
+    """`python -m benchmarks.run readme` on the committed results rewrites README.md and docs/results.md unchanged."""
+    import shutil
+
+    root = common.README.parent
+    shutil.copytree(common.RESULTS, tmp_path / "benchmarks" / "results")
+    (tmp_path / "docs").mkdir()
+    for name in ("README.md", "docs/results.md"):
+        shutil.copyfile(root / name, tmp_path / name)
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "benchmarks" / "results")
+    monkeypatch.setattr(common, "README", tmp_path / "README.md")
+    bench.readme()
+    for name in ("README.md", "docs/results.md"):
+        assert (tmp_path / name).read_text() == (root / name).read_text(), name
+    assert len((root / "README.md").read_text().splitlines()) < 250

@@ -175,6 +175,7 @@ def test_the_interior_point_on_a_support_reaches_the_restricted_optimum():
     """RowsIPM with some entries fixed at zero: same optimum as linprog on the remaining entries, nothing else moves."""
     from cnnrepair.repair.rows_ipm import RowsIPM
 
+    solved = 0
     for seed in range(3):
         p = _problem(seed, "l1", False, "hard", None)
         rng = np.random.default_rng(seed)
@@ -182,6 +183,7 @@ def test_the_interior_point_on_a_support_reaches_the_restricted_optimum():
         ref = _restricted_optimum(p, support)
         if not np.isfinite(ref):
             continue
+        solved += 1
         N, C = len(p.labels), p.num_classes
         pts, cls = np.repeat(np.arange(N), C), np.tile(np.arange(C), N)
         rival = cls != p.labels[pts]
@@ -195,6 +197,7 @@ def test_the_interior_point_on_a_support_reaches_the_restricted_optimum():
         assert set(moved.tolist()) <= set(support.tolist())
         assert np.abs(d).sum() == pytest.approx(ref, rel=1e-6)
         assert (ipm.A(d.ravel()[support]) >= r - 1e-7).all()
+    assert solved >= 2  # the loop checked real solves, not only skipped infeasible seeds
 
 
 def test_an_interior_point_that_leaves_dust_is_re_solved_on_its_support(monkeypatch):
@@ -208,17 +211,20 @@ def test_an_interior_point_that_leaves_dust_is_re_solved_on_its_support(monkeypa
     original = R._on_support
     monkeypatch.setattr(R, "_sparsify", lambda *a: None)  # as if the dust could not simply be dropped
     monkeypatch.setattr(R, "_on_support", lambda *a: calls.append(original(*a)) or calls[-1])
+    solved = 0
     for seed in range(3):
         p = _problem(seed, "l1", False, "hard", None)
         ref = reference_optimum(p)
         if not np.isfinite(ref):
             continue
+        solved += 1
         s = solve_margins(p)
         assert calls and calls[-1] is not None
         assert s.ok and s.size.get("method") == "interior point"
         assert s.objective == pytest.approx(ref, rel=1e-6) and s.gap <= 1e-6
         assert np.all(margins_of(p.logits(s.delta_weight, s.delta_bias), p.labels) >= p.margins - 1e-7)
         assert np.count_nonzero(np.hstack([s.delta_weight, s.delta_bias[:, None]])) < p.num_entries
+    assert solved >= 2
 
 
 # the library API on torch models -------------------------------------------------------------------
@@ -423,11 +429,13 @@ def test_the_interior_point_path_reaches_the_same_optimum(monkeypatch, keep, fre
     import cnnrepair.repair.margins as M
 
     monkeypatch.setattr(M, "_IPM_ROWS", 1)  # every L1 problem takes the structured interior point
+    solved = 0
     for seed in range(3):
         p = _problem(seed, "l1", freeze_bias, keep, None)
         ref = reference_optimum(p)
         if not np.isfinite(ref):
             continue
+        solved += 1
         s = solve_margins(p)
         assert s.ok and s.size.get("method") == "interior point"
         assert s.objective == pytest.approx(ref, rel=1e-6) and s.gap <= 1e-6
@@ -435,6 +443,7 @@ def test_the_interior_point_path_reaches_the_same_optimum(monkeypatch, keep, fre
         m = margins_of(p.logits(s.delta_weight, s.delta_bias), p.labels)
         hard = np.isinf(p.prices)
         assert np.all(m[hard] >= p.margins[hard] - 1e-7)  # the solve tolerance: 1e-8 of the largest required change
+    assert solved >= 2
 
 
 @pytest.mark.parametrize("head", ["lh", "kh"])

@@ -274,7 +274,7 @@ def test_two_concurrent_repairs_into_one_out_never_both_succeed(files, tmp_path)
 
 
 # -- 5. verify recomputes every claim: an edited field fails ---------------------------------------
-# Fields verify does not check, as the README lists them: informational records and file names.
+# Fields verify does not check, as docs/trust.md lists them: informational records and file names.
 UNCHECKED = ("model.file", "source_model.file", "points_file.file", "keep_file.file", "solver.", "notes", "feature_noise.",
              "lower_bound_witness.")
 

@@ -166,7 +166,7 @@ def _add_repair_args(p: argparse.ArgumentParser) -> None:
                    help="attack training images for repair points at no less than this epsilon (default 0: the repair epsilon)")
     p.add_argument("--val-images", type=int, default=10000, help="held-out clean training images for calibration (default 10000)")
     p.add_argument("--threads", type=int, default=None,
-                   help="BLAS/OpenMP threads for the LP solves (default: $CNNREPAIR_THREADS, else 1; see the README's Threads)")
+                   help="BLAS/OpenMP threads for the LP solves (default: $CNNREPAIR_THREADS, else 1; see docs/results.md, Threads)")
     p.add_argument("--variant", default=None,
                    help="keep this repair beside the run's main one under this name (e.g. anchored): its own entries, "
                         "results and figure, nothing promoted to models/rlh.pt")

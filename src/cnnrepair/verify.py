@@ -17,7 +17,7 @@ What is recomputed (any difference is a problem, so an edited claim fails):
   multipliers (weak duality); every margin before the repair; the conditioning record; for balls,
   the certified margins before and the keep balls certified before and after.
 
-Not checked (informational; the README lists them): file *names*, the ``solver`` block (name,
+Not checked (informational; docs/trust.md lists them): file *names*, the ``solver`` block (name,
 status, seconds, rounds, sizes), ``notes``, ``feature_noise`` and ``ball.bound_seconds``. Without
 ``--original`` the claims that need the original model are listed as not checked.
 """

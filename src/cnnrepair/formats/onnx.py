@@ -16,6 +16,7 @@ repairs use a small operator set (below); any other operator is refused with its
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,9 +28,6 @@ from torch import nn
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.io import atomic_write, atomic_write_bytes
 
-SUPPORTED = ("Add", "AveragePool", "BatchNormalization", "Cast", "Clip", "Concat", "Constant", "Conv", "Div", "Dropout", "Exp",
-             "Flatten", "Gather", "Gemm", "GlobalAveragePool", "Identity", "LeakyRelu", "MatMul", "Max", "MaxPool", "Min", "Mul",
-             "Neg", "Pow", "ReduceSum", "Relu", "Reshape", "Shape", "Sigmoid", "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze")
 
 
 def import_onnx():
@@ -84,9 +82,9 @@ class OnnxModule(nn.Module):
                                  "repair needs a classifier with one input and one output")
         self.input_name, self.output_name = inputs[0].name, graph.output[0].name
         for node in graph.node:
-            if node.op_type not in SUPPORTED or (node.domain not in ("", "ai.onnx")):
+            if node.op_type not in OPERATORS or (node.domain not in ("", "ai.onnx")):
                 raise CnnRepairError(f"{where}operator {node.op_type!r} (node {node.name or '?'}) is not supported; "
-                                     f"supported: {', '.join(SUPPORTED)}. Export the model without it (logits, no softmax)")
+                                     f"supported: {', '.join(sorted(OPERATORS))}. Export the model without it (logits, no softmax)")
         consumers: dict[str, list] = {}
         for node in graph.node:
             for name in node.input:
@@ -173,123 +171,220 @@ def _pads(attrs: dict, n: int) -> list[int]:
     return [v for i in reversed(range(n)) for v in (p[i], p[i + n])]  # F.pad order: last dim first
 
 
+# -- the operator registry: one function per ONNX operator, (node, attrs, inputs, batch) -> outputs --
+Operator = Callable[[object, dict, list, int], list]
+OPERATORS: dict[str, Operator] = {}
+
+
+def operator(*names: str) -> Callable[[Operator], Operator]:
+    """Register the decorated function as the interpreter of the ONNX operators ``names``.
+
+    It gets the node, its attributes, its input tensors (None for an omitted optional input) and the
+    batch size the module was called with, and returns the node's outputs as a list of tensors."""
+
+    def register(fn: Operator) -> Operator:
+        for name in names:
+            OPERATORS[name] = fn
+        return fn
+
+    return register
+
+
 def _run(node, attrs: dict, ins: list, batch: int) -> list:
     """One node's outputs."""
-    op = node.op_type
-    x = ins[0] if ins else None
-    if op in ("Identity", "Dropout"):
-        return [x]
-    if op == "Constant":
-        onnx = import_onnx()
-        if "value" in attrs:
-            return [torch.from_numpy(np.array(onnx.numpy_helper.to_array(attrs["value"])))]
-        for key, dtype in (("value_float", torch.float32), ("value_floats", torch.float32), ("value_int", torch.int64), ("value_ints", torch.int64)):
-            if key in attrs:
-                return [torch.tensor(attrs[key], dtype=dtype)]
-        raise CnnRepairError(f"Constant node {node.name or '?'}: only tensor, float and int values are supported")
-    if op == "Relu":
-        return [F.relu(x)]
-    if op == "Exp":
-        return [torch.exp(x)]
-    if op == "Neg":
-        return [-x]
-    if op == "Pow":
-        return [torch.pow(x, ins[1])]
-    if op in ("Max", "Min"):
-        out = ins[0]
-        for t in ins[1:]:
-            out = torch.maximum(out, t.to(out.dtype)) if op == "Max" else torch.minimum(out, t.to(out.dtype))
-        return [out]
-    if op == "Clip":
-        lo = ins[1] if len(ins) > 1 and ins[1] is not None else attrs.get("min")
-        hi = ins[2] if len(ins) > 2 and ins[2] is not None else attrs.get("max")
-        return [torch.clamp(x, None if lo is None else float(lo), None if hi is None else float(hi))]
-    if op == "ReduceSum":
-        axes = attrs.get("axes") if "axes" in attrs else (ins[1].tolist() if len(ins) > 1 and ins[1] is not None else None)
-        keep = bool(attrs.get("keepdims", 1))
-        if axes is None or len(axes) == 0:
-            return [x if attrs.get("noop_with_empty_axes", 0) else x.sum().reshape([1] * x.ndim if keep else [])]
-        return [x.sum(dim=tuple(int(a) for a in axes), keepdim=keep)]
-    if op == "LeakyRelu":
-        return [F.leaky_relu(x, attrs.get("alpha", 0.01))]
-    if op == "Sigmoid":
-        return [torch.sigmoid(x)]
-    if op == "Tanh":
-        return [torch.tanh(x)]
-    if op in ("Add", "Sub", "Mul", "Div"):
-        a, b = ins
-        if torch.is_floating_point(a) != torch.is_floating_point(b):
-            a, b = (a, b.to(a.dtype)) if torch.is_floating_point(a) else (a.to(b.dtype), b)
-        return [{"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": torch.div}[op](a, b)]
-    if op == "MatMul":
-        return [torch.matmul(*ins)]
-    if op == "Gemm":
-        a, b = ins[0], ins[1]
-        a = a.T if attrs.get("transA", 0) else a
-        b = b.T if attrs.get("transB", 0) else b
-        out = attrs.get("alpha", 1.0) * (a @ b)
-        return [out + attrs.get("beta", 1.0) * ins[2] if len(ins) > 2 and ins[2] is not None else out]
-    if op == "Conv":
-        w = ins[1]
-        n = w.ndim - 2
-        x = F.pad(x, _pads(attrs, n))
-        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[n]
-        return [conv(x, w, ins[2] if len(ins) > 2 else None, stride=attrs.get("strides", [1] * n),
-                     dilation=attrs.get("dilations", [1] * n), groups=attrs.get("group", 1))]
-    if op in ("MaxPool", "AveragePool"):
-        k = attrs["kernel_shape"]
-        n = len(k)
-        stride = attrs.get("strides", [1] * n)
-        pads = _pads(attrs, n)
-        ceil = bool(attrs.get("ceil_mode", 0))
-        if op == "MaxPool":
-            x = F.pad(x, pads, value=float("-inf")) if any(pads) else x
-            pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[n]
-            return [pool(x, k, stride, 0, attrs.get("dilations", [1] * n), ceil_mode=ceil)]
-        if any(pads) and not attrs.get("count_include_pad", 0):
-            ones = F.pad(torch.ones_like(x[:1, :1]), pads)
-            x = F.pad(x, pads)
-            pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[n]
-            return [pool(x, k, stride, 0, ceil) / pool(ones, k, stride, 0, ceil)]
-        pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[n]
-        return [pool(F.pad(x, pads), k, stride, 0, ceil)]
-    if op == "GlobalAveragePool":
-        return [x.mean(dim=tuple(range(2, x.ndim)), keepdim=True)]
-    if op == "BatchNormalization":
-        _, scale, bias, mean, var = ins[:5]
-        return [F.batch_norm(x, mean, var, scale, bias, False, 0.0, attrs.get("epsilon", 1e-5))]
-    if op == "Flatten":
-        axis = attrs.get("axis", 1) % max(x.ndim, 1)
-        return [x.reshape(int(np.prod(x.shape[:axis])) if axis else 1, -1)]
-    if op == "Reshape":
-        shape = [int(v) for v in ins[1].tolist()]
-        shape = [x.shape[i] if v == 0 and not attrs.get("allowzero", 0) else v for i, v in enumerate(shape)]
-        if shape and shape[0] == 1 and x.shape[0] == batch and batch != 1:
-            shape[0] = batch  # a graph exported for one example: its reshapes keep the batch
-        return [x.reshape(shape)]
-    if op == "Shape":
-        return [torch.tensor(list(x.shape), dtype=torch.int64)]
-    if op == "Gather":
-        idx = ins[1]
-        return [torch.index_select(x, attrs.get("axis", 0), idx.reshape(-1).long()).reshape(
-            *x.shape[:attrs.get("axis", 0)], *idx.shape, *x.shape[attrs.get("axis", 0) + 1:])]
-    if op in ("Unsqueeze", "Squeeze"):
-        axes = attrs.get("axes") if "axes" in attrs else (ins[1].tolist() if len(ins) > 1 and ins[1] is not None else None)
-        if op == "Squeeze":
-            return [x.squeeze() if axes is None else x.squeeze(tuple(a % x.ndim for a in axes))]
-        out = x
-        for a in sorted(a % (x.ndim + len(axes)) for a in axes):
-            out = out.unsqueeze(a)
-        return [out]
-    if op == "Concat":
-        return [torch.cat([t.reshape(1) if t.ndim == 0 else t for t in ins], dim=attrs["axis"])]
-    if op == "Transpose":
-        return [x.permute(*(attrs.get("perm") or reversed(range(x.ndim))))]
-    if op == "Cast":
-        onnx = import_onnx()
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(attrs["to"])
-        return [x.to(torch.from_numpy(np.zeros(0, dtype)).dtype)]
-    raise CnnRepairError(f"operator {op!r} is not supported")  # pragma: no cover - checked when loading
+    fn = OPERATORS.get(node.op_type)
+    if fn is None:  # pragma: no cover - checked when loading
+        raise CnnRepairError(f"operator {node.op_type!r} is not supported")
+    return fn(node, attrs, ins, batch)
+
+
+@operator("Identity", "Dropout")
+def _identity(node, attrs, ins, batch):
+    return [ins[0]]
+
+
+@operator("Constant")
+def _constant(node, attrs, ins, batch):
+    onnx = import_onnx()
+    if "value" in attrs:
+        return [torch.from_numpy(np.array(onnx.numpy_helper.to_array(attrs["value"])))]
+    for key, dtype in (("value_float", torch.float32), ("value_floats", torch.float32), ("value_int", torch.int64), ("value_ints", torch.int64)):
+        if key in attrs:
+            return [torch.tensor(attrs[key], dtype=dtype)]
+    raise CnnRepairError(f"Constant node {node.name or '?'}: only tensor, float and int values are supported")
+
+
+_ELEMENTWISE = {"Relu": F.relu, "Exp": torch.exp, "Neg": torch.neg, "Sigmoid": torch.sigmoid, "Tanh": torch.tanh}
+
+
+@operator(*_ELEMENTWISE)
+def _elementwise(node, attrs, ins, batch):
+    return [_ELEMENTWISE[node.op_type](ins[0])]
+
+
+@operator("LeakyRelu")
+def _leaky_relu(node, attrs, ins, batch):
+    return [F.leaky_relu(ins[0], attrs.get("alpha", 0.01))]
+
+
+@operator("Pow")
+def _pow(node, attrs, ins, batch):
+    return [torch.pow(ins[0], ins[1])]
+
+
+@operator("Max", "Min")
+def _extremum(node, attrs, ins, batch):
+    pick = torch.maximum if node.op_type == "Max" else torch.minimum
+    out = ins[0]
+    for t in ins[1:]:
+        out = pick(out, t.to(out.dtype))
+    return [out]
+
+
+@operator("Clip")
+def _clip(node, attrs, ins, batch):
+    lo = ins[1] if len(ins) > 1 and ins[1] is not None else attrs.get("min")
+    hi = ins[2] if len(ins) > 2 and ins[2] is not None else attrs.get("max")
+    return [torch.clamp(ins[0], None if lo is None else float(lo), None if hi is None else float(hi))]
+
+
+def _axes(attrs: dict, ins: list):
+    """An operator's axes: the attribute (older opsets) or the optional second input."""
+    return attrs.get("axes") if "axes" in attrs else (ins[1].tolist() if len(ins) > 1 and ins[1] is not None else None)
+
+
+@operator("ReduceSum")
+def _reduce_sum(node, attrs, ins, batch):
+    x, axes = ins[0], _axes(attrs, ins)
+    keep = bool(attrs.get("keepdims", 1))
+    if axes is None or len(axes) == 0:
+        return [x if attrs.get("noop_with_empty_axes", 0) else x.sum().reshape([1] * x.ndim if keep else [])]
+    return [x.sum(dim=tuple(int(a) for a in axes), keepdim=keep)]
+
+
+_ARITHMETIC = {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": torch.div}
+
+
+@operator(*_ARITHMETIC)
+def _arithmetic(node, attrs, ins, batch):
+    a, b = ins
+    if torch.is_floating_point(a) != torch.is_floating_point(b):
+        a, b = (a, b.to(a.dtype)) if torch.is_floating_point(a) else (a.to(b.dtype), b)
+    return [_ARITHMETIC[node.op_type](a, b)]
+
+
+@operator("MatMul")
+def _matmul(node, attrs, ins, batch):
+    return [torch.matmul(*ins)]
+
+
+@operator("Gemm")
+def _gemm(node, attrs, ins, batch):
+    a, b = ins[0], ins[1]
+    a = a.T if attrs.get("transA", 0) else a
+    b = b.T if attrs.get("transB", 0) else b
+    out = attrs.get("alpha", 1.0) * (a @ b)
+    return [out + attrs.get("beta", 1.0) * ins[2] if len(ins) > 2 and ins[2] is not None else out]
+
+
+@operator("Conv")
+def _conv(node, attrs, ins, batch):
+    x, w = ins[0], ins[1]
+    n = w.ndim - 2
+    x = F.pad(x, _pads(attrs, n))
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[n]
+    return [conv(x, w, ins[2] if len(ins) > 2 else None, stride=attrs.get("strides", [1] * n),
+                 dilation=attrs.get("dilations", [1] * n), groups=attrs.get("group", 1))]
+
+
+@operator("MaxPool", "AveragePool")
+def _pool(node, attrs, ins, batch):
+    x, k = ins[0], attrs["kernel_shape"]
+    n = len(k)
+    stride = attrs.get("strides", [1] * n)
+    pads = _pads(attrs, n)
+    ceil = bool(attrs.get("ceil_mode", 0))
+    if node.op_type == "MaxPool":
+        x = F.pad(x, pads, value=float("-inf")) if any(pads) else x
+        pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[n]
+        return [pool(x, k, stride, 0, attrs.get("dilations", [1] * n), ceil_mode=ceil)]
+    pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[n]
+    if any(pads) and not attrs.get("count_include_pad", 0):
+        ones = F.pad(torch.ones_like(x[:1, :1]), pads)
+        return [pool(F.pad(x, pads), k, stride, 0, ceil) / pool(ones, k, stride, 0, ceil)]
+    return [pool(F.pad(x, pads), k, stride, 0, ceil)]
+
+
+@operator("GlobalAveragePool")
+def _global_average_pool(node, attrs, ins, batch):
+    x = ins[0]
+    return [x.mean(dim=tuple(range(2, x.ndim)), keepdim=True)]
+
+
+@operator("BatchNormalization")
+def _batch_norm(node, attrs, ins, batch):
+    x, scale, bias, mean, var = ins[:5]
+    return [F.batch_norm(x, mean, var, scale, bias, False, 0.0, attrs.get("epsilon", 1e-5))]
+
+
+@operator("Flatten")
+def _flatten(node, attrs, ins, batch):
+    x = ins[0]
+    axis = attrs.get("axis", 1) % max(x.ndim, 1)
+    return [x.reshape(int(np.prod(x.shape[:axis])) if axis else 1, -1)]
+
+
+@operator("Reshape")
+def _reshape(node, attrs, ins, batch):
+    x = ins[0]
+    shape = [int(v) for v in ins[1].tolist()]
+    shape = [x.shape[i] if v == 0 and not attrs.get("allowzero", 0) else v for i, v in enumerate(shape)]
+    if shape and shape[0] == 1 and x.shape[0] == batch and batch != 1:
+        shape[0] = batch  # a graph exported for one example: its reshapes keep the batch
+    return [x.reshape(shape)]
+
+
+@operator("Shape")
+def _shape(node, attrs, ins, batch):
+    return [torch.tensor(list(ins[0].shape), dtype=torch.int64)]
+
+
+@operator("Gather")
+def _gather(node, attrs, ins, batch):
+    x, idx, axis = ins[0], ins[1], attrs.get("axis", 0)
+    return [torch.index_select(x, axis, idx.reshape(-1).long()).reshape(*x.shape[:axis], *idx.shape, *x.shape[axis + 1:])]
+
+
+@operator("Squeeze")
+def _squeeze(node, attrs, ins, batch):
+    x, axes = ins[0], _axes(attrs, ins)
+    return [x.squeeze() if axes is None else x.squeeze(tuple(a % x.ndim for a in axes))]
+
+
+@operator("Unsqueeze")
+def _unsqueeze(node, attrs, ins, batch):
+    x, axes = ins[0], _axes(attrs, ins)
+    out = x
+    for a in sorted(a % (x.ndim + len(axes)) for a in axes):
+        out = out.unsqueeze(a)
+    return [out]
+
+
+@operator("Concat")
+def _concat(node, attrs, ins, batch):
+    return [torch.cat([t.reshape(1) if t.ndim == 0 else t for t in ins], dim=attrs["axis"])]
+
+
+@operator("Transpose")
+def _transpose(node, attrs, ins, batch):
+    x = ins[0]
+    return [x.permute(*(attrs.get("perm") or reversed(range(x.ndim))))]
+
+
+@operator("Cast")
+def _cast(node, attrs, ins, batch):
+    dtype = import_onnx().helper.tensor_dtype_to_np_dtype(attrs["to"])
+    return [ins[0].to(torch.from_numpy(np.zeros(0, dtype)).dtype)]
 
 
 def load(path: Path) -> tuple[nn.Module, tuple[int, ...] | None, object]:

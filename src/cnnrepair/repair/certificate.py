@@ -4,7 +4,7 @@ A certificate names the repaired model file by sha256 and lists, per repair poin
 before and after on the saved model (float32, as it runs). A third party re-checks it by running
 the model on the points (``margin >= spec.margin`` for each), recomputing the change from the
 original model, and recomputing the lower bound from the stored multipliers with the closed form
-of :func:`cnnrepair.repair.margins.certified_lower_bound` (weak duality; documented in the README).
+of :func:`cnnrepair.repair.margins.certified_lower_bound` (weak duality; documented in docs/guide.md).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The program is :class:`cnnrepair.repair.program.MarginProblem`'s. Its margin rows couple the
 classes, so the per-class split of the paper's program does not apply, and the full linear program
-(2 C (n+1) columns, N (C-1) rows) is slow for general LP codes (see the README's speed table). Its
+(2 C (n+1) columns, N (C-1) rows) is slow for general LP codes (see the speed table in docs/results.md). Its
 optimum is sparse twice over: few rows bind (the runner-up class of each point) and, for L1, few
 entries change. :func:`solve_margins` exploits both, exactly: HiGHS dual simplex on a restricted
 program, rows added when a point's margin is violated by the current change, entries added while

@@ -418,7 +418,7 @@ def _torch_threads(n: int):
 def default_threads() -> int:
     """BLAS/OpenMP threads for a repair solve: ``CNNREPAIR_THREADS`` if set, else 1.
 
-    Measured on 2 cores (README, "Threads"): one thread was as fast as two on an idle machine and
+    Measured on 2 cores (docs/results.md, "Threads"): one thread was as fast as two on an idle machine and
     many times faster on a loaded one, where BLAS threads spin against each other and torch's.
     """
     value = os.environ.get("CNNREPAIR_THREADS", "").strip()
