@@ -87,7 +87,7 @@ def test_repair_caps_blas_threads_and_the_knob_is_checked(monkeypatch):
     monkeypatch.setenv("CNNREPAIR_THREADS", "two")
     with pytest.raises(CnnRepairError, match="CNNREPAIR_THREADS"):
         R.repair(p)
-    with pytest.raises(CnnRepairError, match="threads must be >= 1"):
+    with pytest.raises(CnnRepairError, match="threads must be an integer >= 1"):
         R.repair(p, threads=0)
 
 

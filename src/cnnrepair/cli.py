@@ -10,6 +10,7 @@ from pathlib import Path
 
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.outdir import disk_error, names
+from cnnrepair.runtime import check_threads
 
 EPILOG = """examples:
   cnnrepair reproduce                                   # whole pipeline on the embedded 8x8 digits
@@ -241,8 +242,7 @@ def _repair_settings(args: argparse.Namespace, dataset: str, seed: int):
         raise CnnRepairError(f"--time-limit must be > 0 seconds (got {args.time_limit})")
     if args.jobs == 0 or args.jobs < -1:
         raise CnnRepairError(f"--jobs must be >= 1, or -1 for every core (got {args.jobs})")
-    if args.threads is not None and args.threads < 1:
-        raise CnnRepairError(f"--threads must be >= 1 (got {args.threads})")
+    check_threads(args.threads, "--threads")
     return RepairSettings(eps=eps, ks=sorted(set(args.k)), selections=selections, solver=args.solver, target=args.target,
                           select_p=args.select_p, eval_images=args.eval_images, time_limit=args.time_limit,
                           n_jobs=args.jobs, seed=seed, spec=args.spec, margin=args.margin, anchors=args.anchors, points=args.points,
@@ -575,8 +575,7 @@ def _model_repair_job(args: argparse.Namespace):
     from cnnrepair.modelrepair import BallInputs, output_dir, prepare
     from cnnrepair.repair import RepairSpec
 
-    if args.threads is not None and args.threads < 1:
-        raise CnnRepairError(f"--threads must be >= 1 (got {args.threads})")
+    check_threads(args.threads, "--threads")
     if args.time_limit is not None and not args.time_limit > 0:
         raise CnnRepairError(f"--time-limit must be > 0 seconds (got {args.time_limit})")
     output_dir(args.out, [args.model, args.points, args.keep], args.overwrite).check()

@@ -107,3 +107,10 @@ def eval_mode(model: nn.Module) -> nn.Module:
     except NotImplementedError:
         pass
     return model
+
+
+def check_threads(threads: int | None, name: str = "threads") -> int | None:
+    """``threads`` (BLAS/OpenMP threads of a solve) if it is None or an integer >= 1, else a one-line error."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise CnnRepairError(f"{name} must be an integer >= 1 (got {threads!r})")
+    return threads

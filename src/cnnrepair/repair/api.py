@@ -23,7 +23,7 @@ from cnnrepair.repair.layer import LastLayer, last_layer
 from cnnrepair.repair.margins import solve_margins
 from cnnrepair.repair.program import MarginProblem, MarginSolution
 from cnnrepair.repair.spec import RepairSpec
-from cnnrepair.runtime import eval_mode
+from cnnrepair.runtime import check_threads, eval_mode
 
 FLOAT32_ROUNDS = 5  # re-solves with a raised margin for points that float32 rounding left short
 DEFAULT_TIME_LIMIT = 3600.0  # seconds a repair's solve may take when no limit is given (math.inf: none)
@@ -132,8 +132,7 @@ def repair_classifier(model: nn.Module, x, y, spec: RepairSpec | None = None, *,
     if spec is not None and not isinstance(spec, RepairSpec):
         hint = "RepairSpec(**spec)" if isinstance(spec, dict) else "RepairSpec(margin=0.1)"
         raise CnnRepairError(f"spec must be a cnnrepair.RepairSpec (got {type(spec).__name__}); pass e.g. {hint}")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise CnnRepairError(f"threads must be an integer >= 1 (got {threads!r})")
+    check_threads(threads)
     if time_limit is not None and (isinstance(time_limit, bool) or not isinstance(time_limit, (int, float)) or not time_limit > 0):
         raise CnnRepairError(f"time limit must be a number of seconds > 0 (got {time_limit!r})")
     modes = [(m, m.training) for m in model.modules()]

@@ -393,11 +393,11 @@ def repair(p: RepairProblem, solver: str = "auto", time_limit: float | None = No
     """
     if solver not in SOLVERS:
         raise CnnRepairError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
-    if threads is not None and threads < 1:
-        raise CnnRepairError(f"threads must be >= 1 (got {threads})")
     from threadpoolctl import threadpool_limits
 
-    from cnnrepair.runtime import resolve_device
+    from cnnrepair.runtime import check_threads, resolve_device
+
+    check_threads(threads)
 
     dev = resolve_device(device) if device is not None else torch.device("cpu")
     with threadpool_limits(limits=threads or default_threads()), _torch_threads(threads or default_threads()):
