@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks import registry
+
 
 def run(run_dir: Path | None = None, n_images: int = 2000, rounds: int = 5, eps: float = 0.1) -> Path:
     import foolbox as fb
@@ -61,3 +63,22 @@ def run(run_dir: Path | None = None, n_images: int = 2000, rounds: int = 5, eps:
     cmd = "python -m benchmarks.run attack-overhead" + (f" --run {run_dir}" if run_dir else "") + f" --images {n_images}"
     return _write("attack_overhead.json", {"machine": _machine(), "command": cmd, "dataset": label, "eps": eps,
                                             "rounds": rounds, "models": rows})
+
+
+def _section(ov: dict, link) -> list[str]:
+    lines = [f"### Attack wrapper overhead ({ov['dataset']}, FGSM eps {ov['eps']}, median of {ov['rounds']} rounds)", "",
+             "| model | Foolbox direct (images/s) | cnnrepair.attack (images/s) | overhead |", "| --- | --- | --- | --- |"]
+    for m, r in ov["models"].items():
+        lines.append(f"| {m.upper()} | {r['images_per_s']['foolbox']:.0f} | {r['images_per_s']['cnnrepair']:.0f} | {100 * r['overhead']:+.1f}% |")
+    return lines + [""]
+
+
+registry.section("attack_overhead.json", order=60, render=_section)
+
+
+@registry.command("attack-overhead", "FGSM through cnnrepair's wrapper against Foolbox called directly", order=40,
+                  arguments=registry.arguments(
+                      registry.arg("--run", type=Path, default=None, help="run directory whose NN and LH to attack (default: an untrained DIGITS-NN)"),
+                      registry.arg("--images", type=int, default=2000)))
+def _cli(args):
+    return run(args.run, args.images)

@@ -25,6 +25,8 @@ import torch
 
 MODELS = {"nn": "the NN's last layer", "lh": "LH's head"}
 
+from benchmarks import registry
+
 
 def run(runs: list[Path], eps_grid: tuple[float, ...], k: int = 20, keep: int = 200, eval_n: int = 100, candidates: int = 100,
         margin: float = 0.01, time_limit: float = 300.0) -> list[Path]:
@@ -123,3 +125,27 @@ def table(result: dict) -> str:
                      f"| {r['seconds']:.1f} | {100 * r['certified_before']:.0f}% -> {100 * r['certified_after']:.0f}% | "
                      f"{100 * r['pgd_after']:.0f}% | {100 * r['drawdown']:.2f} | {r['change_l1']:.3g} |")
     return "\n".join(lines)
+
+
+registry.section("certified_*.json", order=160,
+                 title=lambda d: f"### Certified repair on {d['dataset']}: every input of an L-infinity ball, IBP against CROWN",
+                 intro=lambda d: f"{registry.measured_on(d)}; per repair: the first {d['task']['k']} of {d['task']['candidates']} test "
+                                 f"images (first half of the test set) whose ball CROWN does not certify (the same points for both "
+                                 f"methods), up to {d['task']['keep']} keep points (correctly classified images of the "
+                                 "first half; hard; as points, or with CROWN also as balls), "
+                                 f"margin {d['task']['margin']:g}, L1, {d['task']['time_limit_s']:g} s per repair; certified and PGD "
+                                 f"accuracy (50 steps, 5 restarts) on {d['task']['eval']} unseen test images (second half), drawdown "
+                                 "on the whole second half; seconds include bounding the repair (and keep-ball) points.", table=table)
+
+
+@registry.command("certified", "certified repair of L-infinity balls: IBP against CROWN, certified accuracy", order=140,
+                  arguments=registry.arguments(
+                      registry.arg("runs", nargs="+", type=Path, help="finished run directories with export/nn.pt2 and export/lh.pt2"),
+                      registry.arg("--eps", default="0.005,0.01,0.02", help="comma-separated radii in pixels"),
+                      registry.arg("--k", type=int, default=20, help="repair points per repair (default 20)"),
+                      registry.arg("--eval", type=int, default=100, help="unseen test images certified before and after (default 100)"),
+                      registry.arg("--time-limit", type=float, default=300.0, help="seconds one repair may take, bounding included (default 300)"),
+                      registry.arg("--keep", type=int, default=200, help="keep points per repair (default 200)")))
+def _cli(args):
+    eps = tuple(float(v) for v in args.eps.split(","))
+    return run(args.runs, eps, k=args.k, keep=args.keep, eval_n=args.eval, time_limit=args.time_limit)

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks import registry
+
 
 def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: np.ndarray, batch: int = 1000) -> float:
     with torch.no_grad():
@@ -100,3 +102,19 @@ def table(fg: dict) -> str:
     out += ["", f"For scale, APRNN reports {peer['drawdown']}% drawdown for {peer['generalisation']}% generalisation on its MNIST fog task "
                 "(its own network and fog set, not rerun here)."]
     return "\n".join(out)
+
+
+def _intro(fg: dict) -> str:
+    t = fg["task"]
+    return (f"`{fg['command']}`: fog severity {t['severity']} on the MNIST test set (seed {t['seed']}); repair the first "
+            f"{t['repair_images']} fog images (pointwise, L1), generalisation on the other {t['generalisation_images']:,}, "
+            f"drawdown on the clean test set; keep points: {t['keep_images']:,} clean training images the model gets right.")
+
+
+registry.section("field_fog.json", order=170, title=lambda d: f"### The field's measures on MNIST-C fog ({d['run']})", intro=_intro, table=table)
+
+
+@registry.command("field", "efficacy, drawdown and generalisation of pointwise repair on MNIST-C fog", order=70,
+                  arguments=registry.arguments(registry.arg("run", type=Path, help="a finished MNIST run directory (NN and LH)")))
+def _cli(args):
+    return run(args.run)

@@ -20,6 +20,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent
 
+from benchmarks import registry
+
 
 def run(run_dir: Path, candidates: int = 200, budget: float = 0.5, out: Path | None = None) -> Path:
     """Write ``k1_ceiling.json``: per (eps, target), the spread of fixed shares and the best within ``budget``."""
@@ -97,3 +99,25 @@ def table(result: dict) -> str:
         lines.append(f"| {r['eps']:g} | {r['target']} | {r['candidates']} | {r['unseen_adversaries']:,} | {r['fixed_median']:.1f} | "
                      f"{r['fixed_p90']:.1f} | {r['fixed_max']:.1f} | {best} | {100 * r['within_budget']:.0f}% | {r['columns_changed_max']} |")
     return "\n".join(lines)
+
+
+def _section(k1: dict, link) -> list[str]:
+    return [f"### One repair point: the ceiling ({k1['dataset']})", "",
+            f"`{k1['command']}`: each of the first {max(r['candidates'] for r in k1['rows'])} adversarial training examples "
+            f"of LH is tried as the single repair point (K = 1); the repaired head is scored on the unseen LH test "
+            f"adversaries (fixed, %) and on clean test images (drawdown, budget {k1['budget_points']:g} points). "
+            "The best candidate is chosen *on the test set*, so it bounds any rule that picks one point. "
+            "Columns changed: the most feature columns of W any single-point repair touched.", "",
+            table(k1), ""]
+
+
+registry.section("k1_ceiling.json", order=40, render=_section)
+
+
+@registry.command("k1", "ceiling of one-point repair: every candidate point tried, scored on the test set", order=50,
+                  arguments=registry.arguments(
+                      registry.arg("run", type=Path),
+                      registry.arg("--candidates", type=int, default=200, help="adversarial training examples tried as the one point (default 200)"),
+                      registry.arg("--budget", type=float, default=0.5, help="drawdown budget in points of clean accuracy (default 0.5)")))
+def _cli(args):
+    return run(args.run, args.candidates, args.budget)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import registry
+
 
 def run(run_dir: Path, sizes: list[int], C: float = 10.0) -> Path:
     import torch
@@ -48,3 +50,24 @@ def run(run_dir: Path, sizes: list[int], C: float = 10.0) -> Path:
            "extrapolated_full_seconds": float(np.exp(icpt) * full ** slope) if len(ns) > 1 else None, "n_full": full,
            "command": f"python -m benchmarks.run kh {run_dir} --sizes {','.join(map(str, sizes))}"}
     return _write(f"kh_scaling_{res['dataset']}.json", out)
+
+
+def _section(kh: dict, link) -> list[str]:
+    lines = [f"### Exact KH fitting time on {kh['dataset']} features", "",
+             "| training features | fit s | support vectors | KH test accuracy |", "| --- | --- | --- | --- |"]
+    lines += [f"| {p['n_train']:,} | {p['seconds']:.0f} | {p['n_support']:,} | {registry.pct(p['test_accuracy'])} |" for p in kh["points"]]
+    if kh.get("extrapolated_full_seconds"):
+        lines += ["", f"Fit time grows as n^{kh['power_law_exponent']:.2f} here; the exact fit on all {kh['n_full']:,} "
+                      f"training features would take about {kh['extrapolated_full_seconds'] / 3600:.1f} hours on this machine "
+                      f"(`{kh['command']}`)."]
+    return lines + [""]
+
+
+registry.section("kh_scaling_*.json", order=50, render=_section)
+
+
+@registry.command("kh", "exact KH fit time against training-set size on a run's features", order=30,
+                  arguments=registry.arguments(registry.arg("run", type=Path),
+                                               registry.arg("--sizes", default="2500,5000,10000", help="comma-separated training-set sizes")))
+def _cli(args):
+    return run(args.run, [int(v) for v in args.sizes.split(",")])

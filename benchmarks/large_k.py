@@ -26,6 +26,8 @@ import numpy as np
 REAL = [("mnist", 2_000, 0.1), ("mnist", 10_000, 0.1), ("mnist", 60_000, 0.1), ("cifar10", 10_000, 0.01)]
 QUICK = [("random", 600, 40), ("random", 300, 120)]
 
+from benchmarks import registry
+
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
@@ -266,3 +268,34 @@ def table(result: dict) -> str:
     for s in result["side_timing"]:
         lines.append(f"| {s['K']:,} x {s['features']:,} | {s['points_s']:.4f} s | {s['features_s']:.4f} s | {s['picked']} |")
     return "\n".join(lines)
+
+
+registry.section("large_k.json", order=120, title=lambda d: "### The targets program with tens of thousands of repair points",
+                 intro=lambda d: f"{registry.measured_on(d)}; each solve in its own process (ours capped at {d['cap_s']:g} s, HiGHS at "
+                                 f"{d['highs_cap_s']:g} s; HiGHS is not tried again on a problem at least as large as one it "
+                                 "timed out on). Times are ratios to ours; memory is what the solve added beyond its input.", table=table)
+registry.section("large_k_gpu.json", order=130, title=lambda d: f"### The same solver on a GPU ({d['device']})",
+                 intro=lambda d: f"{d['about']} Commands: `{d['rows'][0]['command']}` (first call) and `{d['command']}`; "
+                                 "times are ratios to CUDA.", table=table)
+
+
+@registry.command("large-k", "targets program with tens of thousands of points: our interior point against HiGHS", order=110,
+                  arguments=registry.arguments(
+                      registry.arg("runs", nargs="*", type=Path, help="finished run directories (named mnist / cifar10) whose LH gives real problems"),
+                      registry.arg("--random", default="", help="extra random problems, e.g. 10000x800,60000x800 (K x features)"),
+                      registry.arg("--quick", action="store_true", help="tiny random problems, written to a temporary folder (a smoke check)"),
+                      registry.arg("--cap", type=float, default=900.0, help="seconds our solve may take on one problem (default 900)"),
+                      registry.arg("--highs-cap", type=float, default=600.0, help="seconds HiGHS may take on one problem (default 600)")))
+def _cli(args):
+    from cnnrepair.errors import CnnRepairError
+
+    runs = {}
+    for r in args.runs:
+        if r.name not in ("mnist", "cifar10") or not (r / "results.json").is_file():
+            raise CnnRepairError(f"{r}: not a finished run directory named mnist or cifar10; give e.g. runs/mnist")
+        runs[r.name] = r
+    try:
+        sizes = [tuple(int(v) for v in s.split("x")) for s in args.random.split(",") if s]
+    except ValueError:
+        raise CnnRepairError(f"--random {args.random!r}: give K x features pairs such as 10000x800,60000x800") from None
+    return run(runs, args.cap, args.highs_cap, args.quick, sizes)

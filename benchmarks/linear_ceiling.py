@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import registry
+
 
 def _softmax_head(x: torch.Tensor, y: torch.Tensor, l2: float, iters: int = 150) -> torch.nn.Linear:
     torch.manual_seed(0)
@@ -69,3 +71,15 @@ def table(result: dict) -> str:
     for r in result["rows"]:
         lines.append(f"| softmax, {r['features']} features, L2 {r['l2']:g} (train {100 * r['train_accuracy']:.2f}%) | {100 * r['test_accuracy']:.2f}% |")
     return "\n".join(lines)
+
+
+registry.section("linear_ceiling_*.json", order=140, title=lambda d: f"### The best linear head on {d['dataset']}'s frozen conv features",
+                 intro=lambda d: f"{registry.measured_on(d)}; a softmax head trained with L-BFGS on all {d['n_train']:,} training "
+                                 f"features ({d['features']:,} of them), scored on the {d['n_test']:,} test images, "
+                                 "beside the run's own heads.", table=table)
+
+
+@registry.command("linear-ceiling", "the best linear (softmax) head on a run's frozen features", order=130,
+                  arguments=registry.arguments(registry.arg("run", type=Path, help="a finished run directory (features.npz, NN and LH)")))
+def _cli(args):
+    return run(args.run)

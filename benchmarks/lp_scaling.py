@@ -18,6 +18,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent
 
+from benchmarks import registry
+
 
 def random_problem(d: int, K: int, k: int = 10, seed: int = 0):
     from cnnrepair.repair import RepairProblem
@@ -213,3 +215,17 @@ def rows_table(rows: list[dict]) -> str:
                                "reached our default's objective to 1e-6 relative unless marked DIFFERS; \"not solved\": the solver "
                                "stopped short of an optimal status (cvxopt: iteration limit or singular KKT system; Clarabel: "
                                "inaccurate); a path that hit the cap is skipped on larger K of the same problem.")
+
+
+registry.section("lp_scaling.json", order=80, title=lambda d: "### Repair LP scaling (10 classes; random ReLU-like and real repair-pool features)",
+                 intro=lambda d: f"{registry.measured_on(d)}; each path runs in its own process under a {d['cap_s']:g} s cap. "
+                                 "`ours (auto)` is the default `repair()` path.",
+                 table=lambda d: rows_table(d["rows"]))  # regenerated, so table changes apply to old runs too
+
+
+@registry.command("lp", "repair-LP scaling benchmark", order=150, arguments=registry.arguments(
+    registry.arg("--quick", action="store_true", help="small sizes only (K up to 100)"),
+    registry.arg("--cap", type=float, default=120.0, help="seconds each solver path may take on one problem (default 120)"),
+    registry.arg("--real", nargs="*", type=Path, default=[], help="run directories whose LH and repair pools give real problems")))
+def _cli(args):
+    return run(quick=args.quick, runs={p.name: p for p in args.real}, cap=args.cap)

@@ -24,6 +24,8 @@ import scipy.sparse as sp
 SIZES = [(100, 800, 0), (1000, 512, 0), (1000, 800, 0), (1000, 800, 2000), (1000, 4096, 0)]
 QUICK = [(20, 64, 0), (40, 64, 40)]
 
+from benchmarks import registry
+
 
 def problem(K: int, n: int, keep: int, norm: str = "l1", max_change: float | None = None, seed: int = 0):
     from cnnrepair.repair import MarginProblem
@@ -193,3 +195,27 @@ def table(rows: list[dict]) -> str:
         name = "L1" if row["program"] == "l1" else "PRDNN's (mean + max, bound 3)"
         out.append(f"| {row['K']:,} | {row['features']:,} | {row['keep']:,} | {name} | {cell(row['ours'])} | {cell(row['highs-lp'])} | {ratio} | {agree} |")
     return "\n".join(out)
+
+
+registry.section("margin_speed.json", order=90, title=lambda d: "### Pointwise repair: our solver against HiGHS on the whole program",
+                 intro=lambda d: f"{registry.measured_on(d)}; each solve in its own process under a {d['cap_s']:g} s cap (a program "
+                                 f"that timed out is not tried on larger sizes). {d['problems']}.", table=lambda d: table(d["rows"]))
+registry.section("margin_threads.json", order=100, title=lambda d: "### Pointwise repair with one and two BLAS threads",
+                 intro=lambda d: f"{registry.measured_on(d)}; {d['problems']}, each solve in its own process; `cnnrepair repair` and "
+                                 "`repair_classifier` use one thread unless `--threads` / `threads=` / `CNNREPAIR_THREADS` "
+                                 "say otherwise.", table=lambda d: threads_table(d["rows"]))
+
+_QUICK = registry.arg("--quick", action="store_true", help="tiny sizes, written to a temporary folder (a smoke check)")
+_CAP = registry.arg("--cap", type=float, default=300.0, help="seconds each solve may take (default 300)")
+
+
+@registry.command("margins", "pointwise repair program: our solver against HiGHS on the whole LP", order=80,
+                  arguments=registry.arguments(_QUICK, _CAP))
+def _cli(args):
+    return run(quick=args.quick, cap=args.cap)
+
+
+@registry.command("margin-threads", "pointwise repair program with one and two BLAS threads (the CLI's default is one)", order=90,
+                  arguments=registry.arguments(_QUICK, _CAP))
+def _cli_threads(args):
+    return run_threads(cap=args.cap, quick=args.quick)

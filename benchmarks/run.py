@@ -30,7 +30,7 @@ import re
 import sys
 from pathlib import Path
 
-from benchmarks import common
+from benchmarks import common, registry
 
 
 def collect(runs: list[Path]) -> list[Path]:
@@ -78,8 +78,7 @@ def collect(runs: list[Path]) -> list[Path]:
     return out
 
 
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.2f}"
+_pct = registry.pct
 
 
 def _compare_sentence(a: dict) -> str:
@@ -172,222 +171,124 @@ def plot_targets(rep: dict, dataset: str, path: Path, fixed_min: float = 0.2, dr
     return path
 
 
+def _accuracy_section(acc: dict, link) -> list[str]:
+    """The accuracy table of the paper's section 3.1 and the pipeline timings, from accuracy.json."""
+    lines = []
+    lines += ["### Accuracy on the full test sets (paper section 3.1)", "",
+              "| dataset | NN | LH | KH | paper NN / LH / KH | epochs | train s (device) | LH fit s | KH fit s (training samples) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    paper = {"mnist": "97.12 / 98.72 / 98.86", "cifar10 (JPEG q75)": "85.4 / 85.6 / 85.51", "cifar10": "85.4 / 85.6 / 85.51"}
+    for ds, r in acc["datasets"].items():
+        a, t = r["accuracy"], r["timings_s"]
+        kh_n = r.get("hybrid", {}).get("kh", {}).get("n_train", "-")
+        dev = r.get("devices", {}).get("train", "cpu").split(" (")[-1].rstrip(")")
+        lines.append(f"| {ds} | {_pct(a.get('nn'))} | {_pct(a.get('lh'))} | {_pct(a.get('kh'))} | {paper.get(ds, '-')} | {r['epochs']} | "
+                     f"{t.get('train', 0):.0f} ({dev}) | {t.get('fit_lh', 0):.0f} | {t.get('fit_kh', 0):.0f} ({kh_n}) |")
+    lines += ["", f"Everything but the training marked with a GPU ran on {acc['machine']['cores']} CPU cores, "
+                  f"{acc['machine']['measured']}; commands in `benchmarks/results/accuracy.json`.", "",
+              "Pipeline timings (seconds per stage, as recorded in each run's `results.json`; stages that ran while "
+              "other jobs shared the 2 cores are slower than they would be alone):", ""]
+    stages = ["train", "features", "fit_lh", "fit_kh", "attack_fgsm", "attack_pgd", "repair"]
+    lines += ["| dataset | " + " | ".join(stages) + " |", "|" + " --- |" * (len(stages) + 1)]
+    for ds, r in acc["datasets"].items():
+        t = r["timings_s"]
+        lines.append(f"| {ds} | " + " | ".join(f"{t[k]:.0f}" if k in t else "-" for k in stages) + " |")
+    lines.append("")
+    return lines
+
+
+def _attack_section(att: dict, link) -> list[str]:
+    """Figure 2 and its tables, from attack.json."""
+    lines = []
+    lines += ["### Accuracy under attack (paper figure 2): each model on its own adversarial test set", ""]
+    lines += [f"![{p.stem}]({link(p)})" for p in sorted(common.RESULTS.glob("*_attack_curves.png"))] + [""]
+    for ds, attacks in att["datasets"].items():
+        for name, a in attacks.items():
+            if name == "_":
+                continue
+            lines += [f"**{ds}, {name.upper()}** ({a['n_images']} test images"
+                      + (f", {a['settings']['steps']} steps" if a['settings']['steps'] > 1 else "") + ")", "",
+                      "| model | clean | " + " | ".join(f"eps {e:g}" for e in a["eps"]) + " | s / 10k images |",
+                      "| --- | --- | " + " | ".join("---" for _ in a["eps"]) + " | --- |"]
+            for m, accs in a["own"].items():
+                sec = a["seconds_per_10k_images"].get(m)
+                lines.append(f"| {m.upper()} | {_pct(a['clean'][m])} | " + " | ".join(_pct(v) for v in accs)
+                             + f" | {'-' if sec is None else f'{sec:.1f}'} |")
+            lines += ["", _compare_sentence(a), ""]
+    return lines
+
+
+def _repair_section(rep: dict, link) -> list[str]:
+    """Figure 3, its tables and the targets table, from repair.json."""
+    lines = []
+    lines += ["### Repair of the linear head (paper figure 3)", ""]
+    lines += [f"![{p.stem}]({link(p)})" for p in sorted(common.RESULTS.glob("*_repair.png"))] + [""]
+    lines += [
+              "Data: clean test accuracy; fixed: share of LH's unseen test adversaries RLH gets right (generalisation), "
+              "counting only true adversarial examples, images LH classifies correctly when clean (LH adv.: how many); "
+              "HADV / RHADV: LH on its adversarial test set, RLH on a fresh attack on itself.", ""]
+    for ds, r in rep["datasets"].items():
+        s = r["settings"]
+        extra = (f", {s['extra_anchors']} extra clean anchors at slack weight {s.get('anchor_weight', 1.0):g}"
+                 if s.get("extra_anchors") else "")
+        dw = f", slack weight {s['delta_weight']:g}" if s.get("delta_weight", 1.0) != 1.0 else ""
+        if s.get("anchor_weights"):
+            extra = (f", {s['extra_anchors']} extra clean anchors, slack weight calibrated over {', '.join(f'{w:g}' for w in s['anchor_weights'])} "
+                     f"to {s['drawdown_budget']:g} points of drawdown on {s['val_images']:,} held-out training images")
+        if s.get("min_point_eps"):
+            extra += f", repair points attacked at eps >= {s['min_point_eps']:g}"
+        cal = any("calibration" in e for e in r["entries"])
+        if s.get("spec") == "pointwise":
+            lines += [f"**{ds}** (pointwise spec: every repair point labelled with margin {s['margin']:g}, "
+                      f"{s['extra_anchors']} extra clean anchors as hard keep points, minimal L1 change of W)", "",
+                      "| eps | K | selection | LP variables | LP s | Data LH | Data RLH | drawdown | fixed | LH adv. | efficacy | HADV LH | RHADV RLH |",
+                      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        else:
+            lines += [f"**{ds}** (target {s['target']}, anchors {s.get('anchors', 'none')}{extra}{dw}, points {s.get('points', 'random')}, "
+                      f"solver {s['solver']})", "",
+                      "| eps | K | selection | LP variables | LP s | Data LH | Data RLH | drawdown | fixed | LH adv. | efficacy | HADV LH | RHADV RLH |"
+                      + (" anchor weight (held-out drawdown) |" if cal else ""),
+                      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if cal else "")]
+        for e in r["entries"]:
+            if "accuracy" not in e:
+                lines.append(f"| {e['eps']:g} | {e['k']} | {e['selection']} | - | - | - | - | - | - | - | - | - | {e.get('error', '')} |"
+                             + (" - |" if cal else ""))
+                continue
+            a = e["accuracy"]
+            row = (f"| {e['eps']:g} | {e['k_used']} | {e['selection']} | {e['lp']['size']['variables']:,} | {e['lp']['seconds']:.2f} | "
+                   f"{_pct(a['lh']['data'])} | {_pct(a['rlh']['data'])} | {100 * e['drawdown']:.2f} | {_pct(e['generalisation'])} | "
+                   f"{e['unseen_lh_adversaries']:,} | {_pct(e['efficacy'])} | {_pct(a['lh']['hadv'])} | {_pct(a['rlh']['rhadv'])} |")
+            if cal:
+                c = e.get("calibration")
+                kept = c["tried"][-1] if c else {}  # calibration keeps the last weight it tried
+                row += (f" {c['anchor_weight']:g} ({kept.get('val_drawdown', float('nan')):.2f})"
+                        + ("" if c["budget_met"] else ", over budget") + " |") if c else " - |"
+            lines.append(row)
+        lines.append("")
+    lines += _target_table(rep["datasets"])
+    k1_file = common.RESULTS / "k1_ceiling.json"
+    fig = plot_targets(rep["datasets"], "mnist", common.RESULTS / "mnist_repair_targets.png",
+                       k1=json.loads(k1_file.read_text()) if k1_file.is_file() else None)
+    if fig is not None:
+        lines += [f"![{fig.stem}]({link(fig)})", ""]
+    return lines
+
+
+registry.section("accuracy.json", order=10, render=_accuracy_section)
+registry.section("attack.json", order=20, render=_attack_section)
+registry.section("repair.json", order=30, render=_repair_section)
+
+
 def readme_section(base: Path | None = None) -> str:
-    """The results section, generated from benchmarks/results/*.json; figure links relative to ``base``
-    (the folder of the file it goes into; default the README's)."""
+    """The results section, generated from benchmarks/results/*.json by every registered section in
+    order; figure links relative to ``base`` (the folder of the file it goes into; default the README's)."""
     base = common.README.parent if base is None else base
 
     def link(p: Path) -> str:
         return Path(os.path.relpath(p, base)).as_posix()
 
-    lines = []
-    acc_path = common.RESULTS / "accuracy.json"
-    if acc_path.is_file():
-        acc = json.loads(acc_path.read_text())
-        lines += ["### Accuracy on the full test sets (paper section 3.1)", "",
-                  "| dataset | NN | LH | KH | paper NN / LH / KH | epochs | train s (device) | LH fit s | KH fit s (training samples) |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        paper = {"mnist": "97.12 / 98.72 / 98.86", "cifar10 (JPEG q75)": "85.4 / 85.6 / 85.51", "cifar10": "85.4 / 85.6 / 85.51"}
-        for ds, r in acc["datasets"].items():
-            a, t = r["accuracy"], r["timings_s"]
-            kh_n = r.get("hybrid", {}).get("kh", {}).get("n_train", "-")
-            dev = r.get("devices", {}).get("train", "cpu").split(" (")[-1].rstrip(")")
-            lines.append(f"| {ds} | {_pct(a.get('nn'))} | {_pct(a.get('lh'))} | {_pct(a.get('kh'))} | {paper.get(ds, '-')} | {r['epochs']} | "
-                         f"{t.get('train', 0):.0f} ({dev}) | {t.get('fit_lh', 0):.0f} | {t.get('fit_kh', 0):.0f} ({kh_n}) |")
-        lines += ["", f"Everything but the training marked with a GPU ran on {acc['machine']['cores']} CPU cores, "
-                      f"{acc['machine']['measured']}; commands in `benchmarks/results/accuracy.json`.", "",
-                  "Pipeline timings (seconds per stage, as recorded in each run's `results.json`; stages that ran while "
-                  "other jobs shared the 2 cores are slower than they would be alone):", ""]
-        stages = ["train", "features", "fit_lh", "fit_kh", "attack_fgsm", "attack_pgd", "repair"]
-        lines += ["| dataset | " + " | ".join(stages) + " |", "|" + " --- |" * (len(stages) + 1)]
-        for ds, r in acc["datasets"].items():
-            t = r["timings_s"]
-            lines.append(f"| {ds} | " + " | ".join(f"{t[k]:.0f}" if k in t else "-" for k in stages) + " |")
-        lines.append("")
-    att_path = common.RESULTS / "attack.json"
-    if att_path.is_file():
-        att = json.loads(att_path.read_text())
-        lines += ["### Accuracy under attack (paper figure 2): each model on its own adversarial test set", ""]
-        lines += [f"![{p.stem}]({link(p)})" for p in sorted(common.RESULTS.glob("*_attack_curves.png"))] + [""]
-        for ds, attacks in att["datasets"].items():
-            for name, a in attacks.items():
-                if name == "_":
-                    continue
-                lines += [f"**{ds}, {name.upper()}** ({a['n_images']} test images"
-                          + (f", {a['settings']['steps']} steps" if a['settings']['steps'] > 1 else "") + ")", "",
-                          "| model | clean | " + " | ".join(f"eps {e:g}" for e in a["eps"]) + " | s / 10k images |",
-                          "| --- | --- | " + " | ".join("---" for _ in a["eps"]) + " | --- |"]
-                for m, accs in a["own"].items():
-                    sec = a["seconds_per_10k_images"].get(m)
-                    lines.append(f"| {m.upper()} | {_pct(a['clean'][m])} | " + " | ".join(_pct(v) for v in accs)
-                                 + f" | {'-' if sec is None else f'{sec:.1f}'} |")
-                lines += ["", _compare_sentence(a), ""]
-    rep_path = common.RESULTS / "repair.json"
-    if rep_path.is_file():
-        rep = json.loads(rep_path.read_text())
-        lines += ["### Repair of the linear head (paper figure 3)", ""]
-        lines += [f"![{p.stem}]({link(p)})" for p in sorted(common.RESULTS.glob("*_repair.png"))] + [""]
-        lines += [
-                  "Data: clean test accuracy; fixed: share of LH's unseen test adversaries RLH gets right (generalisation), "
-                  "counting only true adversarial examples, images LH classifies correctly when clean (LH adv.: how many); "
-                  "HADV / RHADV: LH on its adversarial test set, RLH on a fresh attack on itself.", ""]
-        for ds, r in rep["datasets"].items():
-            s = r["settings"]
-            extra = (f", {s['extra_anchors']} extra clean anchors at slack weight {s.get('anchor_weight', 1.0):g}"
-                     if s.get("extra_anchors") else "")
-            dw = f", slack weight {s['delta_weight']:g}" if s.get("delta_weight", 1.0) != 1.0 else ""
-            if s.get("anchor_weights"):
-                extra = (f", {s['extra_anchors']} extra clean anchors, slack weight calibrated over {', '.join(f'{w:g}' for w in s['anchor_weights'])} "
-                         f"to {s['drawdown_budget']:g} points of drawdown on {s['val_images']:,} held-out training images")
-            if s.get("min_point_eps"):
-                extra += f", repair points attacked at eps >= {s['min_point_eps']:g}"
-            cal = any("calibration" in e for e in r["entries"])
-            if s.get("spec") == "pointwise":
-                lines += [f"**{ds}** (pointwise spec: every repair point labelled with margin {s['margin']:g}, "
-                          f"{s['extra_anchors']} extra clean anchors as hard keep points, minimal L1 change of W)", "",
-                          "| eps | K | selection | LP variables | LP s | Data LH | Data RLH | drawdown | fixed | LH adv. | efficacy | HADV LH | RHADV RLH |",
-                          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-            else:
-                lines += [f"**{ds}** (target {s['target']}, anchors {s.get('anchors', 'none')}{extra}{dw}, points {s.get('points', 'random')}, "
-                          f"solver {s['solver']})", "",
-                          "| eps | K | selection | LP variables | LP s | Data LH | Data RLH | drawdown | fixed | LH adv. | efficacy | HADV LH | RHADV RLH |"
-                          + (" anchor weight (held-out drawdown) |" if cal else ""),
-                          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if cal else "")]
-            for e in r["entries"]:
-                if "accuracy" not in e:
-                    lines.append(f"| {e['eps']:g} | {e['k']} | {e['selection']} | - | - | - | - | - | - | - | - | - | {e.get('error', '')} |"
-                                 + (" - |" if cal else ""))
-                    continue
-                a = e["accuracy"]
-                row = (f"| {e['eps']:g} | {e['k_used']} | {e['selection']} | {e['lp']['size']['variables']:,} | {e['lp']['seconds']:.2f} | "
-                       f"{_pct(a['lh']['data'])} | {_pct(a['rlh']['data'])} | {100 * e['drawdown']:.2f} | {_pct(e['generalisation'])} | "
-                       f"{e['unseen_lh_adversaries']:,} | {_pct(e['efficacy'])} | {_pct(a['lh']['hadv'])} | {_pct(a['rlh']['rhadv'])} |")
-                if cal:
-                    c = e.get("calibration")
-                    kept = c["tried"][-1] if c else {}  # calibration keeps the last weight it tried
-                    row += (f" {c['anchor_weight']:g} ({kept.get('val_drawdown', float('nan')):.2f})"
-                            + ("" if c["budget_met"] else ", over budget") + " |") if c else " - |"
-                lines.append(row)
-            lines.append("")
-        lines += _target_table(rep["datasets"])
-        k1_file = common.RESULTS / "k1_ceiling.json"
-        fig = plot_targets(rep["datasets"], "mnist", common.RESULTS / "mnist_repair_targets.png",
-                           k1=json.loads(k1_file.read_text()) if k1_file.is_file() else None)
-        if fig is not None:
-            lines += [f"![{fig.stem}]({link(fig)})", ""]
-    k1_path = common.RESULTS / "k1_ceiling.json"
-    if k1_path.is_file():
-        from benchmarks.k1_ceiling import table as k1_table
-
-        k1 = json.loads(k1_path.read_text())
-        lines += [f"### One repair point: the ceiling ({k1['dataset']})", "",
-                  f"`{k1['command']}`: each of the first {max(r['candidates'] for r in k1['rows'])} adversarial training examples "
-                  f"of LH is tried as the single repair point (K = 1); the repaired head is scored on the unseen LH test "
-                  f"adversaries (fixed, %) and on clean test images (drawdown, budget {k1['budget_points']:g} points). "
-                  "The best candidate is chosen *on the test set*, so it bounds any rule that picks one point. "
-                  "Columns changed: the most feature columns of W any single-point repair touched.", "",
-                  k1_table(k1), ""]
-    for kh_path in sorted(common.RESULTS.glob("kh_scaling_*.json")):
-        kh = json.loads(kh_path.read_text())
-        lines += [f"### Exact KH fitting time on {kh['dataset']} features", "",
-                  "| training features | fit s | support vectors | KH test accuracy |", "| --- | --- | --- | --- |"]
-        lines += [f"| {p['n_train']:,} | {p['seconds']:.0f} | {p['n_support']:,} | {_pct(p['test_accuracy'])} |" for p in kh["points"]]
-        if kh.get("extrapolated_full_seconds"):
-            lines += ["", f"Fit time grows as n^{kh['power_law_exponent']:.2f} here; the exact fit on all {kh['n_full']:,} "
-                          f"training features would take about {kh['extrapolated_full_seconds'] / 3600:.1f} hours on this machine "
-                          f"(`{kh['command']}`)."]
-        lines.append("")
-    ov_path = common.RESULTS / "attack_overhead.json"
-    if ov_path.is_file():
-        ov = json.loads(ov_path.read_text())
-        lines += [f"### Attack wrapper overhead ({ov['dataset']}, FGSM eps {ov['eps']}, median of {ov['rounds']} rounds)", "",
-                  "| model | Foolbox direct (images/s) | cnnrepair.attack (images/s) | overhead |", "| --- | --- | --- | --- |"]
-        for m, r in ov["models"].items():
-            lines.append(f"| {m.upper()} | {r['images_per_s']['foolbox']:.0f} | {r['images_per_s']['cnnrepair']:.0f} | {100 * r['overhead']:+.1f}% |")
-        lines.append("")
-    from benchmarks.field import table as field_table
-    from benchmarks.lp_scaling import rows_table as lp_table  # regenerated, so table changes apply to old runs too
-    from benchmarks.margin_speed import table as margin_table
-    from benchmarks.threads import table as threads_table
-
-    def on(d: dict) -> str:
-        return f"`{d['command']}` on {d['machine']['cores']} CPU cores, {d['machine']['measured']}"
-
-    def fog_intro(fg: dict) -> str:
-        t = fg["task"]
-        return (f"`{fg['command']}`: fog severity {t['severity']} on the MNIST test set (seed {t['seed']}); repair the first "
-                f"{t['repair_images']} fog images (pointwise, L1), generalisation on the other {t['generalisation_images']:,}, "
-                f"drawdown on the clean test set; keep points: {t['keep_images']:,} clean training images the model gets right.")
-
-    lines += _table_section("threads.json", lambda d: "### Threads for the repair LP (random ReLU-like features, 10 classes)",
-                            lambda d: f"{on(d)}; \"busy\": a second process multiplies NumPy matrices with its default threads "
-                                      "meanwhile. The default is one thread.", threads_table)
-    lines += _table_section("lp_scaling.json", lambda d: "### Repair LP scaling (10 classes; random ReLU-like and real repair-pool features)",
-                            lambda d: f"{on(d)}; each path runs in its own process under a {d['cap_s']:g} s cap. "
-                                      "`ours (auto)` is the default `repair()` path.", lambda d: lp_table(d["rows"]))
-    lines += _table_section("margin_speed.json", lambda d: "### Pointwise repair: our solver against HiGHS on the whole program",
-                            lambda d: f"{on(d)}; each solve in its own process under a {d['cap_s']:g} s cap (a program that timed "
-                                      f"out is not tried on larger sizes). {d['problems']}.", lambda d: margin_table(d["rows"]))
-    from benchmarks.margin_speed import threads_table as margin_threads_table
-
-    lines += _table_section("margin_threads.json", lambda d: "### Pointwise repair with one and two BLAS threads",
-                            lambda d: f"{on(d)}; {d['problems']}, each solve in its own process; `cnnrepair repair` and "
-                                      "`repair_classifier` use one thread unless `--threads` / `threads=` / `CNNREPAIR_THREADS` "
-                                      "say otherwise.", lambda d: margin_threads_table(d["rows"]))
-    from benchmarks.versus_prdnn import table as prdnn_table
-
-    lines += _table_section("prdnn.json", lambda d: "### PRDNN itself (Gurobi) against our solver, on PRDNN's program",
-                            lambda d: f"`{d['command']}` on {d['machine']['cores']} CPU cores, {d['machine']['measured']}; PRDNN "
-                                      f"{d['prdnn_versions'].get('prdnn', '?')} with pysyrenn {d['prdnn_versions'].get('pysyrenn', '?')} "
-                                      f"and gurobipy {d['prdnn_versions'].get('gurobipy', '?')} (size-limited licence: 2,000 variables "
-                                      f"or constraints) in its own interpreter. {d['program']}. PRDNN's time is its whole `compute()` "
-                                      "(Jacobian, model, Gurobi); \"optima agree\" compares the cost of PRDNN's change with our "
-                                      "certified optimum.", lambda d: prdnn_table(d["rows"]))
-    from benchmarks.large_k import table as large_table
-
-    lines += _table_section("large_k.json", lambda d: "### The targets program with tens of thousands of repair points",
-                            lambda d: f"{on(d)}; each solve in its own process (ours capped at {d['cap_s']:g} s, HiGHS at "
-                                      f"{d['highs_cap_s']:g} s; HiGHS is not tried again on a problem at least as large as one it "
-                                      "timed out on). Times are ratios to ours; memory is what the solve added beyond its input.",
-                            large_table)
-    lines += _table_section("large_k_gpu.json", lambda d: f"### The same solver on a GPU ({d['device']})",
-                            lambda d: f"{d['about']} Commands: `{d['rows'][0]['command']}` (first call) and `{d['command']}`; "
-                                      "times are ratios to CUDA.", large_table)
-    from benchmarks.linear_ceiling import table as ceiling_table
-    from benchmarks.workflow import table as workflow_table
-
-    for path in sorted(common.RESULTS.glob("linear_ceiling_*.json")):
-        lines += _table_section(path.name, lambda d: f"### The best linear head on {d['dataset']}'s frozen conv features",
-                                lambda d: f"{on(d)}; a softmax head trained with L-BFGS on all {d['n_train']:,} training "
-                                          f"features ({d['features']:,} of them), scored on the {d['n_test']:,} test images, "
-                                          "beside the run's own heads.", ceiling_table)
-
-    lines += _table_section("workflow_onnx.json", lambda d: "### Your model from a file: points, repair and verify on ONNX",
-                            lambda d: f"{on(d)}; the MNIST run's NN and LH exported as ONNX and used as a user's files, points "
-                                      "from the MNIST test set, each command in its own process (wall seconds, start-up "
-                                      "included).", workflow_table)
-    from benchmarks.certified import table as certified_table
-
-    for path in sorted(common.RESULTS.glob("certified_*.json")):
-        lines += _table_section(path.name, lambda d: f"### Certified repair on {d['dataset']}: every input of an L-infinity ball, IBP against CROWN",
-                                lambda d: f"{on(d)}; per repair: the first {d['task']['k']} of {d['task']['candidates']} test images "
-                                          f"(first half of the test set) whose ball CROWN does not certify (the same points for both "
-                                          f"methods), up to {d['task']['keep']} keep points (correctly classified images of the "
-                                          "first half; hard; as points, or with CROWN also as balls), "
-                                          f"margin {d['task']['margin']:g}, L1, {d['task']['time_limit_s']:g} s per repair; certified and PGD accuracy (50 steps, 5 restarts) on "
-                                          f"{d['task']['eval']} unseen test images (second half), drawdown on the whole second half; "
-                                          "seconds include bounding the repair (and keep-ball) points.", certified_table)
-    lines += _table_section("field_fog.json", lambda d: f"### The field's measures on MNIST-C fog ({d['run']})", fog_intro, field_table)
-    return "\n".join(lines).rstrip() + "\n"
-
-
-def _table_section(name: str, title, intro, table) -> list[str]:
-    """Title, one sentence saying how it was measured, and the table of ``benchmarks/results/NAME`` (nothing if absent)."""
-    path = common.RESULTS / name
-    if not path.is_file():
-        return []
-    data = json.loads(path.read_text())
-    return [title(data), "", intro(data), "", table(data), ""]
+    load_benchmarks()
+    return "\n".join(registry.render_sections(link)).rstrip() + "\n"
 
 
 RESULTS_MARKERS = ("<!-- results:begin -->", "<!-- results:end -->")
@@ -446,141 +347,47 @@ def readme() -> Path:
     return common.README
 
 
+# every benchmark module, imported so that it registers its command and its results sections
+MODULES = ("attack_overhead", "certified", "field", "k1_ceiling", "kh_scaling", "large_k", "linear_ceiling", "lp_scaling",
+           "margin_speed", "threads", "versus_prdnn", "workflow")
+
+
+def load_benchmarks() -> None:
+    """Import every benchmark module (each registers itself with :mod:`benchmarks.registry`)."""
+    import importlib
+
+    for name in MODULES:
+        importlib.import_module(f"benchmarks.{name}")
+
+
+@registry.command("collect", "copy figures from finished run directories into benchmarks/results", order=10,
+                  arguments=registry.arguments(registry.arg("runs", nargs="+", type=Path)))
+def _collect(args):
+    return collect(args.runs)
+
+
+@registry.command("readme", "regenerate docs/results.md and the README's headline results", order=20)
+def _readme(args):
+    return readme()
+
+
 def main(argv: list[str] | None = None) -> int:
+    load_benchmarks()
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="name", required=True)
-    p = sub.add_parser("collect", help="copy figures from finished run directories into benchmarks/results")
-    p.add_argument("runs", nargs="+", type=Path)
-    sub.add_parser("readme", help="regenerate docs/results.md and the README's headline results")
-    p = sub.add_parser("kh", help="exact KH fit time against training-set size on a run's features")
-    p.add_argument("run", type=Path)
-    p.add_argument("--sizes", default="2500,5000,10000", help="comma-separated training-set sizes")
-    p = sub.add_parser("attack-overhead", help="FGSM through cnnrepair's wrapper against Foolbox called directly")
-    p.add_argument("--run", type=Path, default=None, help="run directory whose NN and LH to attack (default: an untrained DIGITS-NN)")
-    p.add_argument("--images", type=int, default=2000)
-    p = sub.add_parser("k1", help="ceiling of one-point repair: every candidate point tried, scored on the test set")
-    p.add_argument("run", type=Path)
-    p.add_argument("--candidates", type=int, default=200, help="adversarial training examples tried as the one point (default 200)")
-    p.add_argument("--budget", type=float, default=0.5, help="drawdown budget in points of clean accuracy (default 0.5)")
-    p = sub.add_parser("threads", help="LP time with 1 and 2 BLAS threads, idle and beside a busy process")
-    p.add_argument("--cap", type=float, default=120.0, help="seconds a solve may take (default 120)")
-    p = sub.add_parser("field", help="efficacy, drawdown and generalisation of pointwise repair on MNIST-C fog")
-    p.add_argument("run", type=Path, help="a finished MNIST run directory (NN and LH)")
-    p = sub.add_parser("margins", help="pointwise repair program: our solver against HiGHS on the whole LP")
-    p.add_argument("--quick", action="store_true", help="tiny sizes, written to a temporary folder (a smoke check)")
-    p.add_argument("--cap", type=float, default=300.0, help="seconds each solve may take (default 300)")
-    p = sub.add_parser("margin-threads", help="pointwise repair program with one and two BLAS threads (the CLI's default is one)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes, written to a temporary folder (a smoke check)")
-    p.add_argument("--cap", type=float, default=300.0, help="seconds each solve may take (default 300)")
-    p = sub.add_parser("prdnn", help="PRDNN itself (Gurobi) against our solver on PRDNN's program, where its licence allows")
-    p.add_argument("--python", required=True, help="an interpreter with prdnn 1.0, pysyrenn 1.1 and gurobipy installed")
-    p.add_argument("--quick", action="store_true", help="one tiny size, written to a temporary folder (a smoke check)")
-    p.add_argument("--cap", type=float, default=300.0, help="seconds PRDNN may take per size (default 300)")
-    p = sub.add_parser("large-k", help="targets program with tens of thousands of points: our interior point against HiGHS")
-    p.add_argument("runs", nargs="*", type=Path, help="finished run directories (named mnist / cifar10) whose LH gives real problems")
-    p.add_argument("--random", default="", help="extra random problems, e.g. 10000x800,60000x800 (K x features)")
-    p.add_argument("--quick", action="store_true", help="tiny random problems, written to a temporary folder (a smoke check)")
-    p.add_argument("--cap", type=float, default=900.0, help="seconds our solve may take on one problem (default 900)")
-    p.add_argument("--highs-cap", type=float, default=600.0, help="seconds HiGHS may take on one problem (default 600)")
-    p = sub.add_parser("workflow", help="the two-command workflow (points, repair) on a run's models exported as ONNX")
-    p.add_argument("run", type=Path, help="a finished MNIST run directory")
-    p.add_argument("--data-dir", type=Path, required=True, help="where the MNIST IDX files lie")
-    p.add_argument("--work", type=Path, default=Path("runs/workflow"), help="folder for the points and repaired files")
-    p = sub.add_parser("linear-ceiling", help="the best linear (softmax) head on a run's frozen features")
-    p.add_argument("run", type=Path, help="a finished run directory (features.npz, NN and LH)")
-    p = sub.add_parser("certified", help="certified repair of L-infinity balls: IBP against CROWN, certified accuracy")
-    p.add_argument("runs", nargs="+", type=Path, help="finished run directories with export/nn.pt2 and export/lh.pt2")
-    p.add_argument("--eps", default="0.005,0.01,0.02", help="comma-separated radii in pixels")
-    p.add_argument("--k", type=int, default=20, help="repair points per repair (default 20)")
-    p.add_argument("--eval", type=int, default=100, help="unseen test images certified before and after (default 100)")
-    p.add_argument("--time-limit", type=float, default=300.0, help="seconds one repair may take, bounding included (default 300)")
-    p.add_argument("--keep", type=int, default=200, help="keep points per repair (default 200)")
-    p = sub.add_parser("lp", help="repair-LP scaling benchmark")
-    p.add_argument("--quick", action="store_true", help="small sizes only (K up to 100)")
-    p.add_argument("--cap", type=float, default=120.0, help="seconds each solver path may take on one problem (default 120)")
-    p.add_argument("--real", nargs="*", type=Path, default=[], help="run directories whose LH and repair pools give real problems")
+    for cmd in sorted(registry.COMMANDS.values(), key=lambda c: c.order):
+        cmd.arguments(sub.add_parser(cmd.name, help=cmd.help))
     args = parser.parse_args(argv)
     from cnnrepair.errors import CnnRepairError
 
     try:
-        _dispatch(args)
+        written = registry.COMMANDS[args.name].run(args)
     except CnnRepairError as exc:
         print(f"benchmarks: error: {exc}", file=sys.stderr)
         return 2
+    for path in [written] if isinstance(written, Path) else list(written or []):
+        print(f"{'updated' if args.name == 'readme' else 'wrote'} {path}")
     return 0
-
-
-def _dispatch(args: argparse.Namespace) -> None:
-    """Run the benchmark ``args.name`` names."""
-    if args.name == "collect":
-        for path in collect(args.runs):
-            print(f"wrote {path}")
-    elif args.name == "readme":
-        print(f"updated {readme()}")
-    elif args.name == "linear-ceiling":
-        from benchmarks.linear_ceiling import run as run_ceiling
-
-        print(f"wrote {run_ceiling(args.run)}")
-    elif args.name == "certified":
-        from benchmarks.certified import run as run_certified
-
-        eps = tuple(float(v) for v in args.eps.split(","))
-        for path in run_certified(args.runs, eps, k=args.k, keep=args.keep, eval_n=args.eval, time_limit=args.time_limit):
-            print(f"wrote {path}")
-    elif args.name == "workflow":
-        from benchmarks.workflow import run as run_workflow
-
-        print(f"wrote {run_workflow(args.run, args.data_dir, args.work)}")
-    elif args.name == "large-k":
-        from benchmarks.large_k import run as run_large
-        from cnnrepair.errors import CnnRepairError
-
-        runs = {}
-        for r in args.runs:
-            if r.name not in ("mnist", "cifar10") or not (r / "results.json").is_file():
-                raise CnnRepairError(f"{r}: not a finished run directory named mnist or cifar10; give e.g. runs/mnist")
-            runs[r.name] = r
-        try:
-            sizes = [tuple(int(v) for v in s.split("x")) for s in args.random.split(",") if s]
-        except ValueError:
-            raise CnnRepairError(f"--random {args.random!r}: give K x features pairs such as 10000x800,60000x800") from None
-        print(f"wrote {run_large(runs, args.cap, args.highs_cap, args.quick, sizes)}")
-    elif args.name == "kh":
-        from benchmarks.kh_scaling import run as run_kh
-
-        print(f"wrote {run_kh(args.run, [int(v) for v in args.sizes.split(',')])}")
-    elif args.name == "attack-overhead":
-        from benchmarks.attack_overhead import run as run_overhead
-
-        print(f"wrote {run_overhead(args.run, args.images)}")
-    elif args.name == "k1":
-        from benchmarks.k1_ceiling import run as run_k1
-
-        print(f"wrote {run_k1(args.run, args.candidates, args.budget)}")
-    elif args.name == "threads":
-        from benchmarks.threads import run as run_threads
-
-        print(f"wrote {run_threads(cap=args.cap)}")
-    elif args.name == "field":
-        from benchmarks.field import run as run_field
-
-        print(f"wrote {run_field(args.run)}")
-    elif args.name == "margins":
-        from benchmarks.margin_speed import run as run_margins
-
-        print(f"wrote {run_margins(quick=args.quick, cap=args.cap)}")
-    elif args.name == "margin-threads":
-        from benchmarks.margin_speed import run_threads as run_margin_threads
-
-        print(f"wrote {run_margin_threads(cap=args.cap, quick=args.quick)}")
-    elif args.name == "prdnn":
-        from benchmarks.versus_prdnn import run as run_prdnn
-
-        print(f"wrote {run_prdnn(args.python, quick=args.quick, cap=args.cap)}")
-    elif args.name == "lp":
-        from benchmarks.lp_scaling import run as run_lp
-
-        print(f"wrote {run_lp(quick=args.quick, runs={p.name: p for p in args.real}, cap=args.cap)}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ import multiprocessing as mp
 import time
 from pathlib import Path
 
+from benchmarks import registry
+
 
 def _solve(p, threads: int):
     import torch
@@ -79,3 +81,14 @@ def table(res: dict) -> str:
                      else f"> x{res['cap_s'] / one['seconds']:.0f}" if one["seconds"] else "-")
             lines.append(f"| {load} | {K} x {one['d']} | {cell(one)} | {cell(two)} | {ratio} |")
     return "\n".join(lines)
+
+
+registry.section("threads.json", order=70, title=lambda d: "### Threads for the repair LP (random ReLU-like features, 10 classes)",
+                 intro=lambda d: f"{registry.measured_on(d)}; \"busy\": a second process multiplies NumPy matrices with its default "
+                                 "threads meanwhile. The default is one thread.", table=table)
+
+
+@registry.command("threads", "LP time with 1 and 2 BLAS threads, idle and beside a busy process", order=60,
+                  arguments=registry.arguments(registry.arg("--cap", type=float, default=120.0, help="seconds a solve may take (default 120)")))
+def _cli(args):
+    return run(cap=args.cap)

@@ -26,6 +26,8 @@ SIZES = [(30, 16), (60, 24), (100, 24), (50, 32), (75, 32), (40, 40), (100, 64)]
 QUICK = [(10, 8)]
 MARGIN, BOUND = 0.05, 3.0
 
+from benchmarks import registry
+
 
 def fits_licence(K: int, n: int, C: int = 10) -> bool:
     """Whether PRDNN's LP for this size stays within gurobipy's size-limited licence (2,000 variables and constraints)."""
@@ -130,3 +132,21 @@ def table(rows: list[dict]) -> str:
         out.append(f"| {r['K']} | {r['features']} | {r['variables']:,} / {r['constraints']:,} | {prs} | {gur} | "
                    f"{r['ours']['seconds']:.2f} | {r['highs-lp']['seconds']:.2f} | {ratio} | {agree} |")
     return "\n".join(out)
+
+
+registry.section("prdnn.json", order=110, title=lambda d: "### PRDNN itself (Gurobi) against our solver, on PRDNN's program",
+                 intro=lambda d: f"`{d['command']}` on {d['machine']['cores']} CPU cores, {d['machine']['measured']}; PRDNN "
+                                 f"{d['prdnn_versions'].get('prdnn', '?')} with pysyrenn {d['prdnn_versions'].get('pysyrenn', '?')} "
+                                 f"and gurobipy {d['prdnn_versions'].get('gurobipy', '?')} (size-limited licence: 2,000 variables "
+                                 f"or constraints) in its own interpreter. {d['program']}. PRDNN's time is its whole `compute()` "
+                                 "(Jacobian, model, Gurobi); \"optima agree\" compares the cost of PRDNN's change with our "
+                                 "certified optimum.", table=lambda d: table(d["rows"]))
+
+
+@registry.command("prdnn", "PRDNN itself (Gurobi) against our solver on PRDNN's program, where its licence allows", order=100,
+                  arguments=registry.arguments(
+                      registry.arg("--python", required=True, help="an interpreter with prdnn 1.0, pysyrenn 1.1 and gurobipy installed"),
+                      registry.arg("--quick", action="store_true", help="one tiny size, written to a temporary folder (a smoke check)"),
+                      registry.arg("--cap", type=float, default=300.0, help="seconds PRDNN may take per size (default 300)")))
+def _cli(args):
+    return run(args.python, quick=args.quick, cap=args.cap)

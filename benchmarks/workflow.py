@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks import registry
+
 
 def _cnnrepair(args: list[str]) -> tuple[float, str]:
     t0 = time.perf_counter()
@@ -66,3 +68,18 @@ def table(result: dict) -> str:
         lines.append(f"| {r['model']} | {kind} | {r['points']} | {r['keep']:,} | {r['points_s']:.1f} | {r['repair_s']:.1f} | "
                      f"{r['verify_s']:.1f} | {r['status']} | {r['smallest_margin_after']:.3f} | {r['keep_labels_kept']:,} | {r['changed']:,} |")
     return "\n".join(lines)
+
+
+registry.section("workflow_onnx.json", order=150, title=lambda d: "### Your model from a file: points, repair and verify on ONNX",
+                 intro=lambda d: f"{registry.measured_on(d)}; the MNIST run's NN and LH exported as ONNX and used as a user's files, "
+                                 "points from the MNIST test set, each command in its own process (wall seconds, start-up "
+                                 "included).", table=table)
+
+
+@registry.command("workflow", "the two-command workflow (points, repair) on a run's models exported as ONNX", order=120,
+                  arguments=registry.arguments(
+                      registry.arg("run", type=Path, help="a finished MNIST run directory"),
+                      registry.arg("--data-dir", type=Path, required=True, help="where the MNIST IDX files lie"),
+                      registry.arg("--work", type=Path, default=Path("runs/workflow"), help="folder for the points and repaired files")))
+def _cli(args):
+    return run(args.run, args.data_dir, args.work)
