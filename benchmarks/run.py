@@ -324,9 +324,37 @@ def _replace(text: str, markers: tuple[str, str], body: str) -> str:
     return f"{head}{begin}\n{body}{end}{tail}"
 
 
+def cli_reference() -> str:
+    """docs/cli.md: every ``cnnrepair`` command's ``--help``, formatted at 100 columns."""
+    import contextlib
+    import io
+
+    from cnnrepair.cli import build_parser
+
+    saved = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "100"
+    try:
+        parser = build_parser()
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # argparse keeps them only here
+        lines = ["# Command-line reference", "", "Generated from the parser by `python -m benchmarks.run readme`; "
+                 "`cnnrepair COMMAND --help` prints the same.", "", "```text", parser.format_help().rstrip(), "```", ""]
+        for name, child in sub.choices.items():
+            buf = io.StringIO()
+            with contextlib.redirect_stdout(buf):
+                child.print_help()
+            lines += [f"## cnnrepair {name}", "", "```text", buf.getvalue().rstrip(), "```", ""]
+    finally:
+        if saved is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = saved
+    return "\n".join(lines)
+
+
 def readme() -> Path:
     """Regenerate, from benchmarks/results/*.json, the results section (between the results markers:
-    docs/results.md) and the README's headline results (between the headline markers)."""
+    docs/results.md) and the README's headline results (between the headline markers); and
+    docs/cli.md from the command's parser."""
     results_doc = common.README.parent / "docs" / "results.md"
     done = []
     for target in (common.README, results_doc):
@@ -344,6 +372,11 @@ def readme() -> Path:
                 target.write_text(new)
     if not done:
         raise SystemExit(f"{common.README}: results markers missing; add {RESULTS_MARKERS[0]} and {RESULTS_MARKERS[1]}")
+    cli_doc = common.README.parent / "docs" / "cli.md"
+    if cli_doc.parent.is_dir():
+        text = cli_reference()
+        if not cli_doc.is_file() or cli_doc.read_text() != text:
+            cli_doc.write_text(text)
     return common.README
 
 

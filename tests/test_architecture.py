@@ -70,3 +70,22 @@ def test_an_onnx_operator_is_one_registered_function(tmp_path):
         assert np.allclose(ours, ox.run_onnxruntime(tmp_path / "s.onnx", x), atol=1e-5)
     finally:
         ox.OPERATORS.pop("Softsign", None)
+
+
+def test_the_top_level_api_is_one_level_and_moved_names_warn():
+    import warnings
+
+    import pytest
+
+    import cnnrepair
+    from cnnrepair.repair import MarginProblem
+
+    assert {"repair_classifier", "RepairSpec", "load_model", "save_model", "verify_certificate", "certify"} <= set(cnnrepair.__all__)
+    assert not {"MarginProblem", "MarginSolution", "solve_margins"} & set(cnnrepair.__all__)
+    with pytest.warns(DeprecationWarning, match="cnnrepair.repair.MarginProblem"):
+        assert cnnrepair.MarginProblem is MarginProblem
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cnnrepair.repair_classifier is not None
+    with pytest.raises(AttributeError):
+        cnnrepair.no_such_name  # noqa: B018

@@ -230,11 +230,11 @@ def test_the_committed_readme_and_results_page_regenerate_byte_identically(tmp_p
     root = common.README.parent
     shutil.copytree(common.RESULTS, tmp_path / "benchmarks" / "results")
     (tmp_path / "docs").mkdir()
-    for name in ("README.md", "docs/results.md"):
+    for name in ("README.md", "docs/results.md", "docs/cli.md"):
         shutil.copyfile(root / name, tmp_path / name)
     monkeypatch.setattr(common, "RESULTS", tmp_path / "benchmarks" / "results")
     monkeypatch.setattr(common, "README", tmp_path / "README.md")
     bench.readme()
-    for name in ("README.md", "docs/results.md"):
+    for name in ("README.md", "docs/results.md", "docs/cli.md"):
         assert (tmp_path / name).read_text() == (root / name).read_text(), name
     assert len((root / "README.md").read_text().splitlines()) < 250

@@ -1,9 +1,11 @@
-"""cnnrepair: repair CNN classifiers against adversarial examples with convex optimization.
+"""cnnrepair: repair image classifiers with convex optimization, and prove what the repair did.
 
-Implements and extends Guidotti & Leofante, "Repair of Convolutional Neural Networks using
-Convex Optimization" (2020): CNNs, hybrid CNN+SVM networks, attacks, and LP repair of the
-linear head; beyond it, provable repair of any classifier's last layer, for points and for whole
-L-infinity balls (sound bounds, certified accuracy).
+The public API, one level: repair a model (``repair_classifier``, ``RepairSpec``), read and write
+model files (``load_model``, ``save_model``), make points and evaluate (``make_points``,
+``assess``), bound and certify (``feature_bounds``, ``certify``), re-check a certificate
+(``verify_certificate``), write VNN-LIB properties (``write_properties``). The solvers and their
+data (``MarginProblem``, ``solve_margins``, ...) live in :mod:`cnnrepair.repair`; the paper's
+pipeline (Guidotti & Leofante, 2020) in :mod:`cnnrepair.pipeline` and the ``cnnrepair`` command.
 """
 
 from cnnrepair.assess import AssessSettings, assess
@@ -12,20 +14,25 @@ from cnnrepair.certify import Certification, certify, pgd_accuracy
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.formats import LoadedModel, load_model, save_model
 from cnnrepair.points import InputSpec, MadePoints, PointsSettings, make_points
-from cnnrepair.repair import (
-    ClassifierRepair,
-    MarginProblem,
-    MarginSolution,
-    RepairSpec,
-    last_layer,
-    repair_classifier,
-    solve_margins,
-)
+from cnnrepair.repair import ClassifierRepair, RepairSpec, last_layer, repair_classifier
 from cnnrepair.verify import Verification, verify_certificate
 from cnnrepair.vnnlib import BallProperty, write_properties
 
 __version__ = "0.1.0"
 __all__ = ["AssessSettings", "BallProperty", "Certification", "ClassifierRepair", "CnnRepairError", "FeatureBounds", "InputSpec",
-           "LoadedModel", "MadePoints", "MarginProblem", "MarginSolution", "PointsSettings", "RepairSpec", "__version__", "assess",
-           "ball_box", "certify", "feature_bounds", "last_layer", "load_model", "make_points", "pgd_accuracy", "repair_classifier",
-           "save_model", "solve_margins", "Verification", "verify_certificate", "write_properties"]
+           "LoadedModel", "MadePoints", "PointsSettings", "RepairSpec", "Verification", "__version__", "assess", "ball_box", "certify",
+           "feature_bounds", "last_layer", "load_model", "make_points", "pgd_accuracy", "repair_classifier", "save_model",
+           "verify_certificate", "write_properties"]
+
+_MOVED = {"MarginProblem": "cnnrepair.repair", "MarginSolution": "cnnrepair.repair", "solve_margins": "cnnrepair.repair"}
+
+
+def __getattr__(name: str):
+    """Names that moved out of the top-level API: still found there for one release, with a warning."""
+    if name in _MOVED:
+        import importlib
+        import warnings
+
+        warnings.warn(f"cnnrepair.{name} moved to {_MOVED[name]}.{name}; import it from there", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module 'cnnrepair' has no attribute {name!r}")

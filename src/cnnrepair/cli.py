@@ -291,8 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(
         prog="cnnrepair",
-        description="Train CNNs, build CNN+SVM hybrids, attack them and repair the linear head by linear programming "
-                    "(Guidotti & Leofante 2020). Every command writes into one run directory (--out).",
+        description="Repair the last linear layer of any classifier's model file with a certificate anyone can re-check "
+                    "(points, repair, verify, evaluate, vnnlib), and reproduce Guidotti & Leofante 2020 (reproduce, train, "
+                    "hybrid, attack, repair-sweep, export: each writes into one run directory, --out).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     from cnnrepair import __version__
 
