@@ -89,3 +89,42 @@ def test_the_top_level_api_is_one_level_and_moved_names_warn():
         assert cnnrepair.repair_classifier is not None
     with pytest.raises(AttributeError):
         cnnrepair.no_such_name  # noqa: B018
+
+
+def test_a_bound_rule_is_one_registered_function():
+    """torch.flip is not bounded; one registered rule (a permutation: affine, non-negative coefficients) makes it so, soundly."""
+    import pytest
+    import torch
+    from torch import nn
+
+    from cnnrepair import CnnRepairError, feature_bounds
+    from cnnrepair.bounds import graph as G
+
+    class Flipped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.b(torch.relu(torch.flip(self.a(x), dims=[1])))
+
+    model = Flipped().eval()
+    x = torch.rand(4, 6)
+    with pytest.raises(CnnRepairError, match="flip"):
+        feature_bounds(model, "b", x - 0.05, x + 0.05, "crown")
+    try:
+        @G.bound_rule(torch.ops.aten.flip.default)
+        def _flip(site):
+            if site.single and site.pos == 0:
+                return G.Op(site.node, "affine", [site.src], run=site.run, abs_linear=site.run, linear=site.run)
+            return None
+
+        for method in ("ibp", "crown"):
+            fb = feature_bounds(model, "b", x - 0.05, x + 0.05, method)
+            samples = x + 0.05 * (2 * torch.rand(200, *x.shape) - 1)
+            with torch.no_grad():
+                feats = torch.relu(torch.flip(model.a(samples), dims=[2])).double().numpy()
+            assert (feats >= fb.lower - 1e-9).all() and (feats <= fb.upper + 1e-9).all()
+    finally:
+        G.RULES.pop(torch.ops.aten.flip.default, None)

@@ -17,6 +17,7 @@ Everything else is refused with the operator's name: a bound is only as sound as
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -200,92 +201,202 @@ def _run_const(node: torch.fx.Node, consts: dict):
     return node.target(*args, **kwargs)
 
 
-def _classify(node: torch.fx.Node, deps: list[torch.fx.Node], consts: dict, shape: tuple[int, ...]) -> Op:
-    t = node.target
-    if t is operator.getitem:
-        src = node.args[0]
-        if node.args[1] != 0:
-            raise CnnRepairError(f"output {node.args[1]} of {src.target} is not supported by the bound propagation")
-        return Op(node, "affine", [src], run=lambda x: x, abs_linear=lambda x: x, linear=lambda x: x)
-    if t in _RELU:
-        return Op(node, "relu", deps)
-    if t in _MAXPOOL:
-        a = list(node.args) + [None] * 6
-        kernel = a[1]
-        stride = a[2] or kernel
-        pool = (kernel, stride, a[3] if a[3] is not None else 0, a[4] if a[4] is not None else 1, bool(a[5]))
-        return Op(node, "maxpool", [node.args[0]], run=pool)
-    if len(deps) == 2 and t in (aten.add.Tensor, aten.sub.Tensor) and node.args[0] in deps and node.args[1] in deps:
-        alpha = float(node.kwargs.get("alpha", 1.0))
-        return Op(node, "sum", [node.args[0], node.args[1]], signs=(1.0, alpha if t == aten.add.Tensor else -alpha))
-    if len(deps) != 1:
-        raise CnnRepairError(f"operator {t} combines {len(deps)} input-dependent tensors; bound propagation supports sums only")
-    src = deps[0]
-    pos = next(i for i, a in enumerate(node.args) if a is src) if src in node.args else None
-    if pos is None:
-        raise CnnRepairError(f"operator {t} takes the input-dependent tensor in an unsupported position")
+@dataclass
+class Site:
+    """A node being classified for the bounds: its input-dependent arguments (``deps``), the constants,
+    its per-example output shape, and for a node with one input-dependent argument, which (``src``, at
+    position ``pos`` of its arguments) and how to call it on a batch (``call``, ``run``)."""
 
-    def call(x, replace=None):
-        args = list(_sub(list(node.args), {**consts, src: x}))
+    node: torch.fx.Node
+    deps: list[torch.fx.Node]
+    consts: dict
+    shape: tuple[int, ...]
+
+    @property
+    def single(self) -> bool:
+        return len(self.deps) == 1
+
+    @property
+    def src(self) -> torch.fx.Node:
+        return self.deps[0]
+
+    @property
+    def pos(self) -> int | None:
+        return next(i for i, a in enumerate(self.node.args) if a is self.src) if self.src in self.node.args else None
+
+    def call(self, x, replace=None):
+        node, t = self.node, self.node.target
+        args = list(_sub(list(node.args), {**self.consts, self.src: x}))
         if replace:
             for i, v in replace.items():
                 args[i] = v
         if t in _RESHAPES:  # the batch may differ from the traced one; every other size is the traced example's
-            args[1] = [-1, *shape]
-        return t(*args, **{k: _sub(v, consts) for k, v in node.kwargs.items()})
+            args[1] = [-1, *self.shape]
+        return t(*args, **{k: _sub(v, self.consts) for k, v in node.kwargs.items()})
 
-    def run(x):
-        if t in _CASTS:  # bounds stay in float64: a cast to the model's dtype would round them
+    def run(self, x):
+        if self.node.target in _CASTS:  # bounds stay in float64: a cast to the model's dtype would round them
             return x
-        out = call(x)
+        out = self.call(x)
         return out[0] if isinstance(out, (tuple, list)) else out
 
-    if t in _WEIGHTED and pos == 0:
-        def abs_lin(x):
-            w = consts[node.args[1]].abs()
-            return call(x, {1: w, 2: None})
-        return Op(node, "affine", [src], run=run, abs_linear=abs_lin, linear=lambda x: call(x, {2: None}),
-                  transpose=_weighted_transpose(node, consts))
-    if t in PASS_THROUGH and pos == 0:
-        return Op(node, "affine", [src], run=run, abs_linear=run, linear=run,
-                  transpose=lambda a, shape: (a.reshape(len(a), *shape), None))
-    if t in _BATCH_NORM and pos == 0:
-        def bn_scale(x):
-            args = list(_sub(list(node.args), {**consts, src: x}))
-            w, var, eps = args[1], args[4], args[7] if t == aten.batch_norm.default else args[6]
-            scale = (w if w is not None else 1.0) / torch.sqrt(var + eps)
-            return scale.reshape(1, -1, *([1] * (x.ndim - 2)))
-        return Op(node, "affine", [src], run=run, abs_linear=lambda x: x * bn_scale(x).abs(),
-                  linear=lambda x: x * bn_scale(x))
-    if t in _SCALE:
-        c = torch.as_tensor(_sub(node.args[1 - pos], consts), dtype=torch.float64)
-        if t == aten.div.Tensor and pos == 1:
-            raise CnnRepairError("dividing by an input-dependent tensor is not supported by the bound propagation")
-        k = c if t == aten.mul.Tensor else 1.0 / c
-        return Op(node, "affine", [src], run=run, abs_linear=lambda x: x * k.abs(), linear=lambda x: x * k)
-    if t in (aten.neg.default,) or (t == aten.sub.Tensor and pos == 1):
-        return Op(node, "affine", [src], run=run, abs_linear=lambda x: x, linear=lambda x: -x)
-    if t in (aten.matmul.default, aten.mm.default) and pos == 0:
-        w = consts[node.args[1]]
-        return Op(node, "affine", [src], run=run, abs_linear=lambda x: t(x, w.abs()),
-                  linear=lambda x: t(x, w))
-    if t in _PADS and pos == 0:
-        value = node.args[3] if t == aten.pad.default and len(node.args) > 3 else node.args[2] if t == aten.constant_pad_nd.default \
-            and len(node.args) > 2 else node.kwargs.get("value", 0.0)
-        mode = node.args[2] if t == aten.pad.default and len(node.args) > 2 else node.kwargs.get("mode", "constant")
-        if mode != "constant" or (value not in (None, 0, 0.0) and any(node.args[1])):
-            raise CnnRepairError(f"padding with mode {mode!r} and value {value!r} is not supported by the bound propagation (zero padding is)")
-        return Op(node, "affine", [src], run=run, abs_linear=run, linear=run)
-    if t in _MONOTONE and (pos == 0 or t == aten.add.Tensor):
-        zero_shift = {}
 
-        def abs_mono(x):
-            if "c" not in zero_shift:
-                zero_shift["c"] = run(torch.zeros_like(x[:1]))
-            return run(x) - zero_shift["c"]
-        return Op(node, "affine", [src], run=run, abs_linear=abs_mono, linear=abs_mono)
-    raise CnnRepairError(f"operator {t} is not supported by the bound propagation (supported: convolution, linear, batch norm, "
+# -- the rule registry: for each ATen target, the rules that may classify its node, tried in order --
+Rule = Callable[[Site], "Op | None"]
+RULES: dict[object, list[Rule]] = {}
+
+
+def bound_rule(*targets) -> Callable[[Rule], Rule]:
+    """Register the decorated function as a rule for nodes calling one of ``targets``: it returns the
+    node's :class:`Op` (a kind the bound methods know and how to run it), or None to leave the node to
+    the next rule. A node that no rule classifies is refused with its operator's name."""
+
+    def register(fn: Rule) -> Rule:
+        for t in targets:
+            RULES.setdefault(t, []).append(fn)
+        return fn
+
+    return register
+
+
+def _classify(node: torch.fx.Node, deps: list[torch.fx.Node], consts: dict, shape: tuple[int, ...]) -> Op:
+    site = Site(node, deps, consts, shape)
+    for rule in RULES.get(node.target, ()):
+        op = rule(site)
+        if op is not None:
+            return op
+    if not site.single:
+        raise CnnRepairError(f"operator {node.target} combines {len(deps)} input-dependent tensors; bound propagation supports sums only")
+    if site.pos is None:
+        raise CnnRepairError(f"operator {node.target} takes the input-dependent tensor in an unsupported position")
+    raise CnnRepairError(f"operator {node.target} is not supported by the bound propagation (supported: convolution, linear, batch norm, "
                          "average and max pooling, ReLU, reshapes, sums, and scaling by stored tensors)")
+
+
+@bound_rule(operator.getitem)
+def _getitem(site: Site) -> Op:
+    src = site.node.args[0]
+    if site.node.args[1] != 0:
+        raise CnnRepairError(f"output {site.node.args[1]} of {src.target} is not supported by the bound propagation")
+    return Op(site.node, "affine", [src], run=lambda x: x, abs_linear=lambda x: x, linear=lambda x: x)
+
+
+@bound_rule(*_RELU)
+def _relu(site: Site) -> Op:
+    return Op(site.node, "relu", site.deps)
+
+
+@bound_rule(*_MAXPOOL)
+def _maxpool(site: Site) -> Op:
+    a = list(site.node.args) + [None] * 6
+    kernel = a[1]
+    stride = a[2] or kernel
+    pool = (kernel, stride, a[3] if a[3] is not None else 0, a[4] if a[4] is not None else 1, bool(a[5]))
+    return Op(site.node, "maxpool", [site.node.args[0]], run=pool)
+
+
+@bound_rule(aten.add.Tensor, aten.sub.Tensor)
+def _sum(site: Site) -> Op | None:
+    node = site.node
+    if len(site.deps) == 2 and node.args[0] in site.deps and node.args[1] in site.deps:
+        alpha = float(node.kwargs.get("alpha", 1.0))
+        return Op(node, "sum", [node.args[0], node.args[1]], signs=(1.0, alpha if node.target == aten.add.Tensor else -alpha))
+    return None
+
+
+def _at(site: Site, *positions: int) -> bool:
+    """A node with one input-dependent argument, at one of ``positions``."""
+    return site.single and site.pos in positions
+
+
+@bound_rule(*_WEIGHTED)
+def _weighted(site: Site) -> Op | None:
+    if not _at(site, 0):
+        return None
+    node, consts = site.node, site.consts
+
+    def abs_lin(x):
+        return site.call(x, {1: consts[node.args[1]].abs(), 2: None})
+
+    return Op(node, "affine", [site.src], run=site.run, abs_linear=abs_lin, linear=lambda x: site.call(x, {2: None}),
+              transpose=_weighted_transpose(node, consts))
+
+
+@bound_rule(*(PASS_THROUGH - {operator.getitem}))
+def _pass_through(site: Site) -> Op | None:
+    if not _at(site, 0):
+        return None
+    return Op(site.node, "affine", [site.src], run=site.run, abs_linear=site.run, linear=site.run,
+              transpose=lambda a, shape: (a.reshape(len(a), *shape), None))
+
+
+@bound_rule(*_BATCH_NORM)
+def _batch_norm(site: Site) -> Op | None:
+    if not _at(site, 0):
+        return None
+    node, t = site.node, site.node.target
+
+    def bn_scale(x):
+        args = list(_sub(list(node.args), {**site.consts, site.src: x}))
+        w, var, eps = args[1], args[4], args[7] if t == aten.batch_norm.default else args[6]
+        scale = (w if w is not None else 1.0) / torch.sqrt(var + eps)
+        return scale.reshape(1, -1, *([1] * (x.ndim - 2)))
+
+    return Op(node, "affine", [site.src], run=site.run, abs_linear=lambda x: x * bn_scale(x).abs(), linear=lambda x: x * bn_scale(x))
+
+
+@bound_rule(*_SCALE)
+def _scale(site: Site) -> Op | None:
+    if not site.single or site.pos is None:
+        return None
+    node, t, pos = site.node, site.node.target, site.pos
+    c = torch.as_tensor(_sub(node.args[1 - pos], site.consts), dtype=torch.float64)
+    if t == aten.div.Tensor and pos == 1:
+        raise CnnRepairError("dividing by an input-dependent tensor is not supported by the bound propagation")
+    k = c if t == aten.mul.Tensor else 1.0 / c
+    return Op(node, "affine", [site.src], run=site.run, abs_linear=lambda x: x * k.abs(), linear=lambda x: x * k)
+
+
+@bound_rule(aten.neg.default, aten.sub.Tensor)
+def _negation(site: Site) -> Op | None:
+    if not site.single or site.pos is None or (site.node.target == aten.sub.Tensor and site.pos != 1):
+        return None
+    return Op(site.node, "affine", [site.src], run=site.run, abs_linear=lambda x: x, linear=lambda x: -x)
+
+
+@bound_rule(aten.matmul.default, aten.mm.default)
+def _matmul(site: Site) -> Op | None:
+    if not _at(site, 0):
+        return None
+    t, w = site.node.target, site.consts[site.node.args[1]]
+    return Op(site.node, "affine", [site.src], run=site.run, abs_linear=lambda x: t(x, w.abs()), linear=lambda x: t(x, w))
+
+
+@bound_rule(*_PADS)
+def _pad(site: Site) -> Op | None:
+    if not _at(site, 0):
+        return None
+    node, t = site.node, site.node.target
+    value = node.args[3] if t == aten.pad.default and len(node.args) > 3 else node.args[2] if t == aten.constant_pad_nd.default \
+        and len(node.args) > 2 else node.kwargs.get("value", 0.0)
+    mode = node.args[2] if t == aten.pad.default and len(node.args) > 2 else node.kwargs.get("mode", "constant")
+    if mode != "constant" or (value not in (None, 0, 0.0) and any(node.args[1])):
+        raise CnnRepairError(f"padding with mode {mode!r} and value {value!r} is not supported by the bound propagation (zero padding is)")
+    return Op(node, "affine", [site.src], run=site.run, abs_linear=site.run, linear=site.run)
+
+
+@bound_rule(*_MONOTONE)
+def _monotone(site: Site) -> Op | None:
+    if not site.single or site.pos is None or not (site.pos == 0 or site.node.target == aten.add.Tensor):
+        return None
+    zero_shift = {}
+
+    def abs_mono(x):
+        if "c" not in zero_shift:
+            zero_shift["c"] = site.run(torch.zeros_like(x[:1]))
+        return site.run(x) - zero_shift["c"]
+
+    return Op(site.node, "affine", [site.src], run=site.run, abs_linear=abs_mono, linear=abs_mono)
 
 
 def _weighted_transpose(node: torch.fx.Node, consts: dict):
