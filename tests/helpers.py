@@ -19,3 +19,21 @@ def random_points(model: nn.Module, n: int, seed: int = 1):
     with torch.no_grad():
         pred = model(x).argmax(1).numpy()
     return x, pred
+
+
+def copy_run(digits_run, tmp_path, name: str = "run"):
+    """A private copy of the session's digits run directory, as a RunDir."""
+    import shutil
+
+    from cnnrepair.rundir import RunDir
+
+    dest = tmp_path / name
+    shutil.copytree(digits_run, dest)
+    return RunDir(dest)
+
+
+def last_error_line(capsys) -> str:
+    """The last line the command wrote to stderr (there must be one)."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines, "expected an error line"
+    return lines[-1]

@@ -3,7 +3,12 @@ import pytest
 import torch
 from torch import nn
 
-from cnnrepair.attacks import attack, decode_perturbation, encode_perturbation, get_attack
+from cnnrepair.attacks import (
+    attack,
+    decode_perturbation,
+    encode_perturbation,
+    get_attack,
+)
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.evaluation import sweep
 from cnnrepair.hybrid import HybridNet, fit_linear_svm
@@ -120,3 +125,24 @@ def test_sweep_transfer_matrix_and_saved_sets(models, digits, tmp_path):
     again = sweep(models, digits.x_test[:120], digits.y_test[:120], [0.05, 0.15], get_attack("fgsm"), tmp_path)
     assert again["transfer"] == res["transfer"] and again["seconds_per_10k_images"] == {}
     assert len(list((tmp_path / "adversarial" / "fgsm").glob("*.npz"))) == 6
+
+
+@pytest.mark.parametrize("steps", [5, 10, 20, 40])
+def test_pgd_step_is_two_and_a_half_eps_over_the_steps(steps):
+    from cnnrepair.attacks import get_attack
+
+    assert get_attack("pgd", steps=steps).rel_stepsize == pytest.approx(2.5 / steps)
+    assert get_attack("pgd", steps=steps, rel_stepsize=0.3).rel_stepsize == 0.3
+    with pytest.raises(CnnRepairError, match="at least one step"):
+        get_attack("pgd", steps=0)
+
+
+def test_attack_stays_on_the_models_device_when_cuda_is_reported(monkeypatch):
+    from cnnrepair.attacks import attack
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)).eval()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # Foolbox alone would now pick cuda:0
+    x = torch.rand(8, 1, 4, 4)
+    adv, success = attack(model, x, np.zeros(8, np.int64), 0.1, "fgsm")
+    assert adv.device.type == "cpu" and next(model.parameters()).device.type == "cpu"
+    assert float((adv - x).abs().max()) <= 0.1 + 1e-6 and success.dtype == torch.bool

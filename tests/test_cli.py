@@ -1,11 +1,15 @@
 import json
 import subprocess
 import sys
+import time
+import warnings
 
 import numpy as np
 import pytest
 
 from cnnrepair.cli import main
+from cnnrepair.pipeline import load_models
+from tests.helpers import copy_run, last_error_line
 
 
 def _err(capsys) -> str:
@@ -109,3 +113,61 @@ def test_bad_repair_arguments(digits_run, capsys):
     assert "unknown --selection 'lasso'" in _err(capsys)
     assert main(["--quiet", "repair-sweep", "--out", str(digits_run), "--k", "0"]) == 2
     assert "--k needs positive integers" in _err(capsys)
+
+
+@pytest.mark.parametrize("bad, message", [(["--k", "0"], "--k needs positive integers"), (["--eps", "2"], "epsilon 2.0 is outside"),
+                                          (["--pgd-steps", "0"], "at least one step"), (["--eval-images", "0"], "--eval-images"),
+                                          (["--selection", "lasso"], "unknown --selection"), (["--device", "tpu"], "not a device"),
+                                          (["--variant", "Bad Name"], "--variant")])
+def test_reproduce_rejects_bad_values_before_any_work(tmp_path, capsys, bad, message):
+    out = tmp_path / "run"
+    t0 = time.perf_counter()
+    assert main(["--quiet", "reproduce", "--out", str(out), *bad]) == 2
+    assert message in last_error_line(capsys) and time.perf_counter() - t0 < 5
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content, message", [("[1, 2, 3]", "holds a JSON list"), ('{"dataset": "dig', "not valid JSON")])
+def test_a_broken_results_file_is_reported_before_any_work(digits_run, tmp_path, capsys, content, message):
+    run = copy_run(digits_run, tmp_path)
+    (run.path / "results.json").write_text(content)
+    before = sorted(p.name for p in run.path.rglob("*"))
+    for cmd in (["repair-sweep", "--k", "3"], ["attack"], ["hybrid"], ["export"]):
+        assert main(["--quiet", *cmd, "--out", str(run.path)]) == 2
+        line = last_error_line(capsys)
+        assert line.startswith("cnnrepair: error:") and message in line and "results.json" in line
+    assert sorted(p.name for p in run.path.rglob("*")) == before
+
+
+def test_results_never_hold_bare_nan(tmp_path):
+    from cnnrepair.io import write_json
+
+    write_json(tmp_path / "r.json", {"a": float("nan"), "b": [np.float64("inf"), 1.5], "c": {"d": np.array([np.nan, 2.0])}})
+    text = (tmp_path / "r.json").read_text()
+    obj = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c}"))
+    assert obj == {"a": None, "b": [None, 1.5], "c": {"d": [None, 2.0]}}
+
+
+def test_quiet_after_the_command_and_version(capsys, digits_run):
+    assert main(["repair-sweep", "--out", str(digits_run), "--quiet", "--k", "0"]) == 2  # parsed: the error is about K
+    assert "--k needs positive integers" in last_error_line(capsys)
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.startswith("cnnrepair 0.")
+
+
+def test_a_failed_start_leaves_no_config_that_blocks_the_folder(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["--quiet", "train", "--dataset", "mnist", "--data-dir", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert not (out / "config.json").exists()
+    assert main(["--quiet", "train", "--out", str(out), "--epochs", "1"]) == 0  # the folder is still usable for digits
+
+
+def test_export_prints_no_warning(digits_run, tmp_path):
+    from cnnrepair.pipeline import export_models
+
+    run = copy_run(digits_run, tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_models(run, load_models(run), (1, 8, 8))
+    assert not [w for w in caught if issubclass(w.category, UserWarning)], [str(w.message) for w in caught]

@@ -237,3 +237,13 @@ def test_download_checksums_match_real_mnist_when_present():
         pytest.skip("real MNIST not present beside the checkout")
     for name, (_, sha) in DOWNLOADS["mnist"].items():
         assert hashlib.sha256(gzip.decompress((shared / name).read_bytes())).hexdigest() == sha
+
+
+@pytest.mark.parametrize("name, first, last", [("fashion-mnist", "T-shirt/top", "Ankle boot"), ("kmnist", "o", "wo")])
+def test_fashion_mnist_and_kmnist_carry_their_class_names(tmp_path, name, first, last):
+    from cnnrepair.data import load_dataset
+    from tests.test_data import _write_idx_folder
+
+    _write_idx_folder(tmp_path / name, size=6)
+    ds = load_dataset(name, tmp_path / name)
+    assert ds.name == name and ds.classes[0] == first and ds.classes[-1] == last and len(ds.classes) == 10

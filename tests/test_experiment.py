@@ -1,10 +1,27 @@
+import json
+
 import numpy as np
 import pytest
+import torch
 
+from cnnrepair.cli import main
 from cnnrepair.errors import CnnRepairError
-from cnnrepair.experiment import RepairSettings, _with_anchors, order_points, targets
+from cnnrepair.experiment import (
+    RepairSettings,
+    _with_anchors,
+    order_points,
+    repair_pool,
+    targets,
+)
 from cnnrepair.hybrid import LinearHead
+from cnnrepair.pipeline import (
+    load_models,
+    model_fingerprints,
+    open_dataset,
+    stage_repair,
+)
 from cnnrepair.repair import RepairProblem, repair
+from tests.helpers import copy_run, last_error_line
 
 
 def _pool(rng, n=20, d=12):
@@ -130,3 +147,138 @@ def test_calibration_needs_anchors(digits_run, tmp_path, capsys):
     shutil.copytree(digits_run, run_dir)
     assert main(["--quiet", "repair-sweep", "--out", str(run_dir), "--anchor-weight", "0.1,1"]) == 2
     assert "need anchors" in capsys.readouterr().err
+
+
+def test_fixed_is_measured_on_true_adversarial_examples_only(digits_run, tmp_path):
+    from cnnrepair.evaluation import load_set
+    from cnnrepair.hybrid import load_head
+    from cnnrepair.training import outputs, predict
+
+    run = copy_run(digits_run, tmp_path)
+    ds = open_dataset(run)
+    entry = stage_repair(run, ds, RepairSettings(eps=[0.15], ks=[20], selections=["none"]))["entries"][0]
+    lh = load_models(run, ["lh"])["lh"]
+    aset = load_set(run.path, "fgsm", "lh", 0.15, len(ds.y_test))
+    clean_ok = predict(lh, ds.x_test)[aset.index] == ds.y_test[aset.index]
+    assert (~clean_ok).sum() > 0, "the check needs LH clean errors among the attack's successes"
+    assert entry["unseen_lh_adversaries"] == int(clean_ok.sum())
+    assert entry["lh_attack_successes_on_clean_errors"] == int((~clean_ok).sum())
+    rlh_head = load_head(run.path / "repair" / entry["name"] / "rlh.pt")
+    feats = outputs(lh.features, aset.images(ds.x_test)[torch.as_tensor(np.flatnonzero(clean_ok))])
+    fixed = float((rlh_head.decision_values(feats).argmax(1) == ds.y_test[aset.index][clean_ok]).mean())
+    assert entry["generalisation"] == pytest.approx(fixed, abs=1e-12)
+    assert entry["accuracy"]["lh"]["adv"] == 0.0 and entry["accuracy"]["lh"]["hadv"] < entry["accuracy"]["lh"]["data"]
+
+
+def test_a_failed_resolve_removes_the_old_rlh_and_what_derives_from_it(digits_run, tmp_path, monkeypatch):
+    import cnnrepair.experiment as exp
+    from cnnrepair.pipeline import export_models, load_hybrid
+    from cnnrepair.repair import RepairResult
+
+    run = copy_run(digits_run, tmp_path)
+    ds = open_dataset(run)
+    settings = RepairSettings(eps=[0.1], ks=[5], selections=["none"], eval_images=60)
+    first = stage_repair(run, ds, settings)
+    assert first["primary"] == "eps0.1_k5_none" and (run.path / "models" / "rlh.pt").is_file()
+    export_models(run, {"rlh": load_hybrid(run, "rlh")}, (1, 8, 8))
+
+    def failing(problem, *args, **kwargs):
+        k, d = problem.W.shape
+        return RepairResult(np.zeros((k, d)), np.zeros((len(problem.X), k)), float("nan"), "time_limit (class 0)", "highs", 0.0,
+                            {"variables": 1, "constraints": 1, "nonzeros": 1})
+
+    monkeypatch.setattr(exp, "repair", failing)
+    again = stage_repair(run, ds, settings)  # same settings: a re-solve
+    assert again["primary"] is None and "error" in again["entries"][0]
+    assert not (run.path / "repair" / "eps0.1_k5_none" / "rlh.pt").exists()
+    assert not (run.path / "models" / "rlh.pt").exists() and not (run.path / "export" / "rlh.pt2").exists()
+    res = run.results
+    assert "rlh" not in res["accuracy"] and "rlh" not in res.get("exports", {})
+    json.loads((run.path / "results.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c} in results.json"))
+
+
+def test_variants_keep_their_own_results_and_the_main_repair_refreshes_derived_files(digits_run, tmp_path, capsys):
+    run = copy_run(digits_run, tmp_path)
+    base = ["--quiet", "repair-sweep", "--out", str(run.path), "--repair-eps", "0.1", "--eval-images", "60", "--selection", "none"]
+    assert main([*base, "--k", "5"]) == 0
+    main_entries = run.results["repair"]["entries"]
+    rlh_bytes = (run.path / "models" / "rlh.pt").read_bytes()
+    assert main([*base, "--k", "8", "--extra-anchors", "10"]) == 2
+    assert "made with other settings" in last_error_line(capsys) and run.results["repair"]["entries"] == main_entries
+    assert main([*base, "--k", "8", "--extra-anchors", "10", "--variant", "anchored"]) == 0
+    res = run.results
+    assert res["repair"]["entries"] == main_entries  # the main repair is untouched
+    variant = res["repair_variants"]["anchored"]
+    assert variant["settings"]["extra_anchors"] == 10 and variant["entries"][0]["n_anchor_points"] == 10
+    assert (run.path / "repair" / "variants" / "anchored" / "eps0.1_k8_none" / "rlh.pt").is_file()
+    assert (run.path / "figures" / "repair_anchored.png").is_file()
+    assert (run.path / "models" / "rlh.pt").read_bytes() == rlh_bytes  # a variant promotes nothing
+    assert "repair variant anchored" in (run.path / "summary.md").read_text()
+
+    assert main(["--quiet", "export", "--out", str(run.path)]) == 0
+    assert main([*base, "--k", "8", "--overwrite"]) == 0  # a new main repair: its RLH and every derived file follow
+    new_rlh = (run.path / "models" / "rlh.pt").read_bytes()
+    assert new_rlh != rlh_bytes
+    assert (run.path / "models" / "rlh.pt").read_bytes() == (run.path / "repair" / "eps0.1_k8_none" / "rlh.pt").read_bytes()
+    program = torch.export.load(str(run.path / "export" / "rlh.pt2")).module()
+    rlh = load_models(run, ["rlh"])["rlh"]
+    x = torch.as_tensor(open_dataset(run).x_test[:20]).float() / 255
+    with torch.no_grad():
+        torch.testing.assert_close(program(x), rlh(x))
+    assert "| 0.1 | 8 | none |" in (run.path / "summary.md").read_text()
+
+
+def test_repair_pool_is_rebuilt_for_another_head(digits_run, tmp_path, monkeypatch):
+    import cnnrepair.experiment as exp
+
+    run = copy_run(digits_run, tmp_path)
+    ds = open_dataset(run)
+    lh = load_models(run, ["lh"])["lh"]
+    fp = model_fingerprints(run, ["lh"])["lh"]
+    calls = []
+    real = exp.attack
+    monkeypatch.setattr(exp, "attack", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = repair_pool(run, ds, lh, 0.1, 5, "fgsm", 0, lh_fingerprint=fp)
+    n = len(calls)
+    again = repair_pool(run, ds, lh, 0.1, 5, "fgsm", 0, lh_fingerprint=fp)
+    assert len(calls) == n and np.array_equal(first["index"], again["index"])  # same head: reused
+    repair_pool(run, ds, lh, 0.1, 5, "fgsm", 0, lh_fingerprint=fp + "refit")
+    assert len(calls) > n  # another head: attacked again
+
+
+def test_refitted_lh_gets_repair_points_it_misclassifies(digits_run, tmp_path):
+    from cnnrepair.training import predict
+
+    run = copy_run(digits_run, tmp_path)
+    assert main(["--quiet", "repair-sweep", "--out", str(run.path), "--repair-eps", "0.1", "--k", "10", "--selection", "none",
+                 "--eval-images", "40"]) == 0
+    assert main(["--quiet", "hybrid", "--out", str(run.path), "--lh-c", "10", "--no-kh"]) == 0
+    ds = open_dataset(run)
+    lh = load_models(run, ["lh"])["lh"]
+    pool = repair_pool(run, ds, lh, 0.1, 10, "fgsm", 0, lh_fingerprint=model_fingerprints(run, ["lh"])["lh"])
+    adv_pred = lh.head.decision_values(pool["adv"]).argmax(1)
+    assert np.all(adv_pred != ds.y_train[pool["index"]])
+    assert np.all(predict(lh, ds.x_train[pool["index"]]) == ds.y_train[pool["index"]])
+
+
+def test_a_repair_that_changes_nothing_says_so(digits_run, tmp_path, capsys):
+    run = copy_run(digits_run, tmp_path)
+    assert main(["repair-sweep", "--out", str(run.path), "--repair-eps", "0.1", "--k", "1", "--selection", "none", "--eval-images", "40",
+                 "--delta-weight", "1e-9"]) == 0
+    err = capsys.readouterr().err
+    entry = run.results["repair"]["entries"][0]
+    assert entry["lp"]["gamma_nonzero"] == 0 and "changes no weight" in entry["warning"] and "warning:" in err
+
+
+def test_repair_figure_is_readable_and_labels_k_as_used(digits_run, tmp_path):
+    from PIL import Image
+
+    from cnnrepair.report import plot_repair
+
+    run = copy_run(digits_run, tmp_path)
+    entries = stage_repair(run, open_dataset(run), RepairSettings(eps=[0.05, 0.1], ks=[1, 5000], selections=["none"],
+                                                                    eval_images=40))["entries"]
+    assert all(e["k_used"] < 5000 for e in entries if e["k"] == 5000)
+    path = plot_repair(entries, "digits", tmp_path / "repair.png")
+    w, h = Image.open(path).size
+    assert w / h < 2.5  # a grid, not a strip of five panels

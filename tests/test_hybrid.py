@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from cnnrepair.hybrid import fit_linear_svm, fit_rbf_svm, load_head, save_head
-from cnnrepair.pipeline import load_hybrid, load_nn
+from cnnrepair.pipeline import load_hybrid, load_nn, open_dataset
 from cnnrepair.rundir import RunDir
 from cnnrepair.training import outputs
+from tests.helpers import copy_run
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +103,14 @@ def test_parallel_lh_fit_gives_the_same_weights(feats, digits):
     # the same one-vs-rest fits, in another order: equal up to roundoff (2.7e-11 relative was seen on a 16-core machine)
     np.testing.assert_allclose(b.weight.numpy(), a.weight.numpy(), rtol=1e-9, atol=1e-10)
     np.testing.assert_allclose(b.bias.numpy(), a.bias.numpy(), rtol=1e-9, atol=1e-10)
+
+
+def test_hybrid_shows_progress_while_fitting(digits_run, tmp_path, monkeypatch):
+    import cnnrepair.pipeline as P
+
+    run = copy_run(digits_run, tmp_path)
+    seen = []
+    model = P.load_nn(run)
+    feats = P.stage_features(run, model, open_dataset(run))
+    P.stage_hybrid(run, model, open_dataset(run), feats, kinds=("lh", "kh"), progress=lambda d, *a: seen.append(d))
+    assert any(d.startswith("fitting LH") for d in seen) and any(d.startswith("fitting KH") for d in seen)

@@ -1,3 +1,5 @@
+import time
+
 import pytest
 import torch
 
@@ -82,3 +84,13 @@ def test_corrupt_or_foreign_checkpoint(digits, tmp_path):
     train(digits_nn(), digits.x_train[:10], digits.y_train[:10], TrainConfig(epochs=1, lr=1e-3), tmp_path / "ok.pt")
     with pytest.raises(CnnRepairError, match="checkpoint was trained with"):
         train(digits_nn(), digits.x_train[:10], digits.y_train[:10], TrainConfig(epochs=2, lr=1e-3), tmp_path / "ok.pt")
+
+
+def test_elapsed_reports_while_a_blocking_call_runs():
+    from cnnrepair.training import elapsed
+
+    seen = []
+    with elapsed(lambda desc, done, total: seen.append((desc, done, total)), "fitting KH", every=0.05):
+        time.sleep(0.3)
+    assert any("elapsed" in d and done == 0 for d, done, _ in seen)
+    assert seen[-1][0].startswith("fitting KH: done in") and seen[-1][1:] == (1, 1)

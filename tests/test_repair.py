@@ -5,7 +5,14 @@ from scipy.optimize import linprog
 from scipy.stats import wilcoxon
 
 from cnnrepair.errors import CnnRepairError
-from cnnrepair.repair import AUTO_IPM_POINTS, SOLVERS, BoundConstraints, RepairProblem, repair, wilcoxon_select
+from cnnrepair.repair import (
+    AUTO_IPM_POINTS,
+    SOLVERS,
+    BoundConstraints,
+    RepairProblem,
+    repair,
+    wilcoxon_select,
+)
 
 
 def _problem(k=4, d=30, K=3, seed=0, sparsity=0.5, **kw):
@@ -334,3 +341,27 @@ def test_the_interior_point_on_cuda_gives_the_cpu_answer():
         assert gpu.ok and all(c["device"].startswith("cuda") for c in gpu.per_class)
         assert gpu.objective == pytest.approx(cpu.objective, rel=1e-9)
         _check_feasible(p, gpu)
+
+
+def test_repair_caps_blas_threads_and_the_knob_is_checked(monkeypatch):
+    from threadpoolctl import threadpool_info
+
+    import cnnrepair.repair.targets as R
+
+    seen = []
+    real = R._repair
+
+    def spy(*args, **kwargs):
+        seen.append(max(p["num_threads"] for p in threadpool_info()))  # the most any BLAS/OpenMP pool may use
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(R, "_repair", spy)
+    p = R.RepairProblem(np.eye(3), np.zeros(3), np.ones((2, 3)), np.zeros((2, 3)))
+    assert R.repair(p).ok and seen[-1] == 1  # default: every pool capped at one thread
+    monkeypatch.setenv("CNNREPAIR_THREADS", "2")
+    assert R.repair(p).ok and seen[-1] == 2
+    monkeypatch.setenv("CNNREPAIR_THREADS", "two")
+    with pytest.raises(CnnRepairError, match="CNNREPAIR_THREADS"):
+        R.repair(p)
+    with pytest.raises(CnnRepairError, match="threads must be an integer >= 1"):
+        R.repair(p, threads=0)
