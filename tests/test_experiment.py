@@ -282,3 +282,14 @@ def test_repair_figure_is_readable_and_labels_k_as_used(digits_run, tmp_path):
     path = plot_repair(entries, "digits", tmp_path / "repair.png")
     w, h = Image.open(path).size
     assert w / h < 2.5  # a grid, not a strip of five panels
+
+
+@pytest.mark.parametrize("bad, message", [({"ks": [0]}, "--k needs positive integers"), ({"eps": [2.0]}, "outside"),
+                                          ({"selections": ["lasso"]}, "unknown --selection"), ({"n_jobs": 0}, "--jobs"),
+                                          ({"threads": 0}, "--threads"), ({"spec": "pointwise", "selections": ["wilcoxon"]}, "pointwise")])
+def test_repair_settings_check_themselves(bad, message):
+    """The settings object refuses bad values itself (the CLI only turns its error into the one-line message)."""
+    good = dict(eps=[0.1], ks=[5], selections=["none"])
+    RepairSettings(**good)
+    with pytest.raises(CnnRepairError, match=message):
+        RepairSettings(**{**good, **bad})

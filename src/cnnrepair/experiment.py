@@ -77,6 +77,36 @@ class RepairSettings:
     margin: float = 0.05
     lp_device: str | None = None  # where the interior point runs (None: the CPU)
 
+    def __post_init__(self) -> None:
+        """Every value checked once, here (one-line errors naming the command-line option)."""
+        from cnnrepair.attacks import check_eps
+        from cnnrepair.runtime import check_threads
+
+        self.eps = [check_eps(e) for e in self.eps]
+        if not self.ks or min(self.ks) < 1:
+            raise CnnRepairError(f"--k needs positive integers (got {self.ks})")
+        for sel in self.selections or ["(none given)"]:
+            if sel not in ("none", "wilcoxon"):
+                raise CnnRepairError(f"unknown --selection {sel!r}; choose none, wilcoxon or both")
+        if not (0 < self.select_p <= 1):
+            raise CnnRepairError(f"--select-p must be in (0, 1], got {self.select_p}")
+        if self.extra_anchors < 0 or not self.anchor_weight > 0 or any(not w > 0 for w in self.anchor_weights) or not self.delta_weight > 0:
+            raise CnnRepairError("--extra-anchors must be >= 0, --anchor-weight and --delta-weight > 0")
+        if self.spec == "pointwise" and (self.margin < 0 or "wilcoxon" in self.selections):
+            raise CnnRepairError("--spec pointwise needs --margin >= 0 and --selection none (it changes any feature the optimum needs)")
+        if len(self.anchor_weights) > 1 and self.extra_anchors == 0 and self.anchors == "none":
+            raise CnnRepairError("several --anchor-weight values need anchors to weigh; add --extra-anchors N or --anchors pairs")
+        if len(self.anchor_weights) > 1 and self.val_images < 1:
+            raise CnnRepairError("--drawdown-budget must be >= 0 and --val-images >= 1")
+        if self.eval_images is not None and self.eval_images < 1:
+            raise CnnRepairError(f"--eval-images must be >= 1 (got {self.eval_images})")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise CnnRepairError(f"--time-limit must be > 0 seconds (got {self.time_limit})")
+        if self.n_jobs == 0 or self.n_jobs < -1:
+            raise CnnRepairError(f"--jobs must be >= 1, or -1 for every core (got {self.n_jobs})")
+        check_threads(self.threads, "--threads")
+        self.min_point_eps = check_eps(self.min_point_eps) if self.min_point_eps else 0.0
+
 
 def repair_pool(run: RunDir, ds: Dataset, lh: HybridNet, eps: float, needed: int, attack_name: str, seed: int,
                 progress: Progress | None = None, lh_fingerprint: str = "") -> dict[str, np.ndarray]:
