@@ -563,3 +563,51 @@ def test_the_python_api_names_wrong_arguments_and_leaves_the_model_as_it_was():
     model64 = _mlp().double().eval()
     r = repair_classifier(model64, x.float(), y, RepairSpec(margin=0.05))  # float32 inputs to a float64 model
     assert r.status == "repaired"
+
+
+def test_a_targets_repair_prints_one_summary_and_its_certificate_verifies(files, tmp_path, capsys):
+    """The paper's program claims nothing; its summary line says so (it raised a TypeError before) and verify re-checks
+    what it does claim: the measured margins and the change of the saved file."""
+    out = tmp_path / "t"
+    assert main(["repair", str(files / "m.pt2"), "--points", str(files / "p.npz"), "--keep", str(files / "k.npz"), "--spec", "targets",
+                 "--out", str(out)]) == 0
+    assert "nothing guaranteed" in capsys.readouterr().err
+    args = ["verify", str(out / "certificate.json"), "--model", str(out / "repaired.pt2"), "--points", str(files / "p.npz"),
+            "--keep", str(files / "k.npz"), "--original", str(files / "m.pt2")]
+    assert main(args) == 0
+    cert = json.loads((out / "certificate.json").read_text())
+    cert["change"]["nonzero"] += 1
+    (tmp_path / "bad.json").write_text(json.dumps(cert))
+    assert main([args[0], str(tmp_path / "bad.json"), *args[2:]]) == 1
+
+
+def test_keep_balls_are_taken_in_the_repair_balls_convention(tmp_path):
+    """With --mean/--std, keep balls (--keep-eps) are pixel balls through the model's normalisation, like the repair balls
+    (they were taken in raw model units before), and verify --original recomputes them the same way."""
+    from cnnrepair.bounds import ball_box, feature_bounds
+    from cnnrepair.formats import load_model
+    from cnnrepair.repair import last_layer
+    from cnnrepair.repair.program import MarginProblem
+
+    model = _mlp()
+    _export(model, tmp_path / "m.pt2")
+    mean, std = 0.5, 0.25
+    pixels = torch.rand(60, 1, 3, 4, generator=torch.Generator().manual_seed(3))
+    x = (pixels - mean) / std
+    with torch.no_grad():
+        pred = model(x).argmax(1).numpy()
+    np.savez(tmp_path / "p.npz", x=x[:6].numpy(), y=((pred[:6] + 1) % 5).astype(np.int64))
+    np.savez(tmp_path / "k.npz", x=x[6:].numpy(), y=pred[6:].astype(np.int64))
+    out = tmp_path / "o"
+    assert main(["repair", str(tmp_path / "m.pt2"), "--points", str(tmp_path / "p.npz"), "--keep", str(tmp_path / "k.npz"),
+                 "--spec", "ball", "--eps", "0.002", "--keep-eps", "0.004", "--bounds", "crown", "--mean", str(mean),
+                 "--std", str(std), "--margin", "0.01", "--out", str(out)]) == 0
+    cert = json.loads((out / "certificate.json").read_text())
+    loaded = load_model(tmp_path / "m.pt2").module
+    lay = last_layer(loaded, x[:2])
+    fb = feature_bounds(loaded, lay.name, *ball_box(x[6:], 0.004, (mean,), (std,), (0.0, 1.0)), "crown")
+    held = MarginProblem(lay.weight, lay.bias, fb.centre, pred[6:], 0.0, radii=fb.radius).point_margins() >= 0.0
+    assert cert["keep"]["balls_certified_before"] == int(held.sum()) > 0
+    assert cert["keep"]["balls_certified_after"] == cert["keep"]["balls_certified_before"]
+    assert main(["verify", str(out / "certificate.json"), "--model", str(out / "repaired.pt2"), "--points", str(tmp_path / "p.npz"),
+                 "--keep", str(tmp_path / "k.npz"), "--original", str(tmp_path / "m.pt2")]) == 0

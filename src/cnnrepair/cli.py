@@ -590,8 +590,10 @@ def _cmd_model_repair(args: argparse.Namespace, bars: _Bars) -> int:
             worst = min(p["certified_margin_after"] for p in cert["points"])
             _say(f"every input of the {len(cert['points'])} balls (eps {job.spec.eps:g}, {job.spec.bounds} bounds) keeps its label: "
                  f"smallest certified margin {worst:.4g}")
+        bound = ("the paper's program: nothing guaranteed" if cert["lower_bound"] is None else
+                 f"certified >= {cert['lower_bound']:.6g}, gap {cert['gap']:.1e}")
         _say(f"repaired in {dt:.1f}s: {len(cert['points'])} points, smallest margin {low:.4g} on the saved model; "
-             f"change {job.spec.norm} {cert['objective']:.6g} (certified >= {cert['lower_bound']:.6g}, gap {cert['gap']:.1e}), "
+             f"change {job.spec.norm} {ch['l1'] if cert['lower_bound'] is None else cert['objective']:.6g} ({bound}), "
              f"{ch['nonzero']} numbers changed")
         if cert["keep"]["count"]:
             _say(f"keep points: {cert['keep']['labels_kept']}/{cert['keep']['count']} keep their label, smallest margin {cert['keep']['smallest_margin_after']:.4g}")

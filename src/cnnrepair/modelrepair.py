@@ -147,9 +147,11 @@ def run(job: RepairJob, out: Path, time_limit: float | None = None, threads: int
     outdir = output_dir(out, [job.model.path, job.points.path, None if keep is None else keep.path], overwrite)
     with outdir as stage:
         boxes = _boxes(job, job.points.x) if job.spec.kind == "ball" else None
+        keep_in = (job.ball.boxes(keep.x, job.spec.keep_eps) if job.spec.kind == "ball" and job.spec.keep_eps > 0 and keep is not None
+                   else None)  # the keep balls in the same convention (mean, std, range) as the repair balls
         result = repair_classifier(job.model.module, job.points.x, job.points.y, job.spec, layer=job.layer,
                                    keep_x=None if keep is None else keep.x, keep_y=None if keep is None else keep.y,
-                                   time_limit=time_limit, threads=threads, boxes=boxes)
+                                   time_limit=time_limit, threads=threads, boxes=boxes, keep_input_boxes=keep_in)
         cert = result.certificate
         if "ball" in cert:
             cert["ball"].update(job.ball.as_dict())

@@ -108,7 +108,7 @@ def input_dtype(model: nn.Module, x) -> torch.dtype | None:
 
 def repair_classifier(model: nn.Module, x, y, spec: RepairSpec | None = None, *, layer: str | None = None,
                       keep_x=None, keep_y=None, targets: np.ndarray | None = None, time_limit: float | None = None,
-                      threads: int | None = None, boxes: tuple | None = None) -> ClassifierRepair:
+                      threads: int | None = None, boxes: tuple | None = None, keep_input_boxes: tuple | None = None) -> ClassifierRepair:
     """Repair the linear layer that ends ``model`` so that inputs ``x`` get labels ``y``.
 
     ``layer`` names it (default: the ``nn.Linear``, SVM head or ``aten.linear`` whose output is the
@@ -124,7 +124,9 @@ def repair_classifier(model: nn.Module, x, y, spec: RepairSpec | None = None, *,
     ``time_limit`` (seconds, default :data:`DEFAULT_TIME_LIMIT`) bounds the solve.
     With the ``ball`` spec, ``boxes`` = (lower, upper) input boxes per repair point (model units;
     default: :func:`cnnrepair.bounds.ball_box` of ``x`` with ``spec.eps``, pixels in [0, 1]); a box
-    of zero width is a pointwise point. ``model`` is not changed (its train/eval modes included).
+    of zero width is a pointwise point; ``keep_input_boxes`` likewise for the keep points' balls of
+    ``spec.keep_eps`` (default: :func:`cnnrepair.bounds.ball_box`). ``model`` is not changed (its
+    train/eval modes included).
     """
     if not isinstance(model, nn.Module):
         raise CnnRepairError(f"model must be a torch.nn.Module (got {type(model).__name__}); "
@@ -138,18 +140,19 @@ def repair_classifier(model: nn.Module, x, y, spec: RepairSpec | None = None, *,
     modes = [(m, m.training) for m in model.modules()]
     try:
         return _repair(model, x, y, spec or RepairSpec(), layer, keep_x, keep_y, targets,
-                       DEFAULT_TIME_LIMIT if time_limit is None else float(time_limit), threads, boxes)
+                       DEFAULT_TIME_LIMIT if time_limit is None else float(time_limit), threads, (boxes, keep_input_boxes))
     finally:
         for m, mode in modes:  # the caller's model keeps its modes (finding the layer runs it in eval mode)
             m.training = mode
 
 
-def _repair(model, x, y, spec, layer, keep_x, keep_y, targets, time_limit, threads, boxes) -> ClassifierRepair:
+def _repair(model, x, y, spec, layer, keep_x, keep_y, targets, time_limit, threads, all_boxes) -> ClassifierRepair:
     from threadpoolctl import threadpool_limits
 
     from cnnrepair.repair.targets import default_threads
 
     t0 = time.perf_counter()
+    boxes, keep_input_boxes = all_boxes
     eval_mode(model)  # the caller's modes are restored by repair_classifier
     dtype = input_dtype(model, x)
     xt, ya = _as_points(x, y, "repair points", None, None, dtype)
@@ -184,7 +187,7 @@ def _repair(model, x, y, spec, layer, keep_x, keep_y, targets, time_limit, threa
             lo, hi = _input_boxes(spec, xt, boxes)
             graph = _frozen(model, lay, xt)  # traced once for the repair points' and the keep points' balls
             box = _feature_boxes(graph, lay, spec, lo, hi, F)
-            keep_box = keep_boxes(graph, lay, spec, kx, ky, FK) if spec.keep_eps > 0 and len(ky) else None
+            keep_box = keep_boxes(graph, lay, spec, kx, ky, FK, keep_input_boxes) if spec.keep_eps > 0 and len(ky) else None
         result = _pointwise(lay, spec, F, ya, FK, ky, xt, kx, base, keep_before, time_limit, t0, box, keep_box)
         result.certificate["feature_noise"] = {"linf": noise, "tolerance": TOLERANCE * noise,
                                                "note": "largest difference between an input's features computed in a batch and alone "
@@ -228,13 +231,17 @@ def _frozen(model: nn.Module, lay: LastLayer, xt: torch.Tensor):
     return frozen_graph(model, lay.name, xt[:2].float())
 
 
-def keep_boxes(model, lay: LastLayer, spec: RepairSpec, kx: torch.Tensor, ky: np.ndarray, FK: np.ndarray):
+def keep_boxes(model, lay: LastLayer, spec: RepairSpec, kx: torch.Tensor, ky: np.ndarray, FK: np.ndarray,
+               input_boxes: tuple | None = None):
     """(centres, radii, certified-before mask) of the keep points: boxes where their ball is certified, the point elsewhere.
 
-    ``model``: the model, or its graph from :func:`cnnrepair.bounds.frozen_graph`."""
+    ``model``: the model, or its graph from :func:`cnnrepair.bounds.frozen_graph`; ``input_boxes``:
+    (lower, upper) of each keep point's ball in model units (default: :func:`cnnrepair.bounds.ball_box`
+    of ``spec.keep_eps``, pixels in [0, 1], no normalisation)."""
     from cnnrepair.bounds import ball_box, feature_bounds
 
-    fb = feature_bounds(model, lay.name, *ball_box(kx, spec.keep_eps), spec.bounds)
+    lo, hi = ball_box(kx, spec.keep_eps) if input_boxes is None else input_boxes
+    fb = feature_bounds(model, lay.name, lo, hi, spec.bounds)
     worst = MarginProblem(lay.weight, lay.bias, fb.centre, ky, 0.0, radii=fb.radius).point_margins()
     held = worst >= spec.keep_margin
     centre = np.where(held[:, None], fb.centre, FK)
@@ -459,7 +466,7 @@ def _targets(lay: LastLayer, spec: RepairSpec, F, ya, FK, ky, xt, kx, targets, b
         "format": FORMAT, "model": None, "source_model": None, "layer": lay.name, "layer_kind": lay.kind,
         "layer_shape": list(lay.shape), "spec": spec.as_dict(), "status": status,
         "objective": float(result.objective) if result.ok else None, "lower_bound": None, "gap": None,
-        "change": change_summary(result.gamma, np.zeros(C), True),
+        "change": change_summary(*(_saved_change(lay, repaired) if repaired is not None else (result.gamma, np.zeros(C))), True),
         "points": [{"index": k, "label": int(ya[k]), "margin_before": float(base[k]), "margin_after": float(xs_margins[k]),
                     "required": None} for k in range(len(ya))],
         "keep": {"count": int(len(FK)), "smallest_margin_before": float(keep_before.min()) if len(FK) else None,
