@@ -175,17 +175,18 @@ def run(job: RepairJob, out: Path, time_limit: float | None = None, threads: int
     return cert
 
 
-def saved_margins(path: Path, module: torch.nn.Module, x: torch.Tensor, y: np.ndarray) -> np.ndarray:
-    """Margins (one row per layout of LAYOUTS) of a saved model as its own format runs it
-    (onnxruntime for ONNX, torch.jit for TorchScript, else the loaded torch module)."""
-    fn = runtime_fn(path) or module_logits_fn(module)
-    return layout_margins(fn, x, y)
+def saved_logits_fn(path: Path, module: torch.nn.Module):
+    """A batch -> float64 logits function of a saved model as its own format runs it (one onnxruntime
+    session for ONNX, torch.jit for TorchScript, else the loaded torch module): open it once, measure many sets."""
+    return runtime_fn(path) or module_logits_fn(module)
 
 
 def _measure_saved(cert: dict, target: Path, job: RepairJob, repaired: torch.nn.Module) -> list[str]:
     """Fill the certificate's margins from the saved file (every batch layout) and list what it does not keep."""
     saved = load_model(target, job.model.factory, job.model.input_shape).module
-    by_layout = saved_margins(target, saved, job.points.x, job.points.y)
+    own = runtime_fn(target)  # the format's own runtime, where it is not the loaded module
+    fn = own or module_logits_fn(saved)
+    by_layout = layout_margins(fn, job.points.x, job.points.y)
     after = by_layout.min(0)
     for p, m in zip(cert["points"], after):
         p["margin_after"] = float(m)
@@ -193,15 +194,14 @@ def _measure_saved(cert: dict, target: Path, job: RepairJob, repaired: torch.nn.
     keep = job.keep
     km = np.zeros(0)
     if keep is not None and cert["keep"]["count"]:
-        km = saved_margins(target, saved, keep.x, np.asarray(cert["keep"]["labels"], np.int64)).min(0)  # the labels repair kept
+        km = layout_margins(fn, keep.x, np.asarray(cert["keep"]["labels"], np.int64)).min(0)  # the labels repair kept
         cert["keep"]["smallest_margin_after"] = float(km.min())
         cert["keep"]["labels_kept"] = int((km > 0).sum())
         if "below_keep_margin" in cert["keep"]:
             cert["keep"]["below_keep_margin"] = int((km < job.spec.keep_margin).sum())
     problems = check_claims(cert, after, km)
-    fn = runtime_fn(target)
-    if fn is not None:
-        got, ref = fn(job.points.x[:512]), model_logits(repaired, job.points.x[:512])
+    if own is not None:
+        got, ref = own(job.points.x[:512]), model_logits(repaired, job.points.x[:512])
         worst = disagreement(got, ref)
         if worst > RUNTIME_AGREEMENT:
             problems.append(f"{target.name}: its runtime's outputs differ from the repaired torch model by {worst:.2g} of the logits' "
@@ -212,6 +212,3 @@ def _measure_saved(cert: dict, target: Path, job: RepairJob, repaired: torch.nn.
 
 def _boxes(job: RepairJob, x: torch.Tensor):
     return job.ball.boxes(x, job.spec.eps if job.point_eps is None else job.point_eps)
-
-
-

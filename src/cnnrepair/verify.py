@@ -33,7 +33,7 @@ import torch
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.formats import load_model
 from cnnrepair.io import read_json
-from cnnrepair.modelrepair import BallInputs, Points, load_points, saved_margins
+from cnnrepair.modelrepair import BallInputs, Points, load_points, saved_logits_fn
 from cnnrepair.repair import RepairSpec, last_layer
 from cnnrepair.repair.api import layer_scale
 from cnnrepair.repair.certificate import (
@@ -175,9 +175,10 @@ def _points(v: Verification, cert: dict, points: Points) -> None:
 
 
 def _margins_after(v: Verification, cert: dict, spec: RepairSpec, model_path: Path, model, points: Points, keep: Points | None) -> None:
-    by_layout = saved_margins(model_path, model, points.x, points.y)
+    fn = saved_logits_fn(model_path, model)
+    by_layout = layout_margins(fn, points.x, points.y)
     after = by_layout.min(0)
-    v.problems += check_claims(cert, after, np.zeros(0) if keep is None else _keep_margins(v, cert, spec, model_path, model, keep))
+    v.problems += check_claims(cert, after, np.zeros(0) if keep is None else _keep_margins(v, cert, spec, fn, keep))
     claimed_layouts = cert.get("margins_by_layout")
     if claimed_layouts is not None:
         measured = [float(row.min()) for row in by_layout] if len(after) else []
@@ -186,7 +187,7 @@ def _margins_after(v: Verification, cert: dict, spec: RepairSpec, model_path: Pa
     v.checked.append("margins after, on the saved file in its own runtime, in every batch layout")
 
 
-def _keep_margins(v: Verification, cert: dict, spec: RepairSpec, model_path: Path, model, keep: Points) -> np.ndarray:
+def _keep_margins(v: Verification, cert: dict, spec: RepairSpec, fn, keep: Points) -> np.ndarray:
     block = cert["keep"]
     labels = np.asarray(block["labels"], np.int64)
     if len(keep.x) != block["count"] or len(labels) != len(keep.x):
@@ -196,7 +197,7 @@ def _keep_margins(v: Verification, cert: dict, spec: RepairSpec, model_path: Pat
     if keep.y is not None and not np.array_equal(keep.y, labels):
         k = int(np.flatnonzero(keep.y != labels)[0])
         v.problems.append(f"keep label(s) differ from the keep file (keep point {k}: certificate {labels[k]}, file {keep.y[k]})")
-    km = saved_margins(model_path, model, keep.x, labels).min(0) if len(labels) else np.zeros(0)
+    km = layout_margins(fn, keep.x, labels).min(0) if len(labels) else np.zeros(0)
     if len(km):
         if not _close(block["smallest_margin_after"], float(km.min())):
             v.problems.append(f"the keep points' smallest margin is {km.min():.6g}, the certificate says {block['smallest_margin_after']}")

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
 from cnnrepair.errors import CnnRepairError
@@ -77,22 +76,6 @@ def load_model(path: Path, factory: str | None = None, input_shape: tuple[int, .
 def save_model(loaded: LoadedModel, repaired: nn.Module, tensors: list[str], path: Path) -> None:
     """Write ``repaired`` in ``loaded``'s format: the source file with ``tensors`` taken from ``repaired``."""
     _module(loaded.format).save(loaded, repaired, tensors, Path(path))
-
-
-def runtime_logits(path: Path, x: torch.Tensor | np.ndarray) -> np.ndarray | None:
-    """The saved file's outputs from the format's own runtime where it is not the loaded torch
-    module (onnxruntime for ONNX, torch.jit for TorchScript), else None: what the certificate's
-    margins are measured on."""
-    fmt = FORMATS.get(Path(path).suffix.lower())
-    if fmt == "onnx":
-        from cnnrepair.formats.onnx import run_onnxruntime
-
-        return run_onnxruntime(Path(path), x)
-    if fmt == "torchscript":
-        from cnnrepair.formats.torchscript import run_file
-
-        return run_file(Path(path), x)
-    return None
 
 
 def runtime_fn(path: Path):

@@ -84,11 +84,3 @@ def file_fn(path: Path):
             return scripted(torch.as_tensor(x)).double().numpy()
 
     return run
-
-
-def run_file(path: Path, x: torch.Tensor | np.ndarray, batch_size: int = 512) -> np.ndarray:
-    """Outputs of the saved TorchScript file itself (not our interpreter), float64."""
-    run = file_fn(path)
-    x = torch.as_tensor(x)
-    outs = [run(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
-    return np.concatenate(outs) if outs else np.zeros((0, 0))

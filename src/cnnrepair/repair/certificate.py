@@ -88,23 +88,9 @@ def sha256(path: Path) -> str:
 def model_logits(model: nn.Module, x: np.ndarray | torch.Tensor, batch_size: int = 512) -> np.ndarray:
     """The model's outputs as it runs (its own dtype, eval mode), returned as float64."""
     x = torch.as_tensor(x)
-    device = model_device(model)
-    out = []
-    eval_mode(model)
-    with torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            res = model(x[i:i + batch_size].to(device))
-            while isinstance(res, (tuple, list)):
-                res = res[0]
-            out.append(res.detach().double().cpu().numpy())
+    run = module_logits_fn(model)
+    out = [run(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
     return np.concatenate(out) if out else np.zeros((0, 0))
-
-
-def model_margins(model: nn.Module, x, y: np.ndarray) -> np.ndarray:
-    """logit[y] - max_{j != y} logit[j] of the model as it runs, per input."""
-    if len(y) == 0:
-        return np.zeros(0)
-    return margins_of(model_logits(model, x), np.asarray(y, np.int64))
 
 
 def change_summary(dW: np.ndarray, db: np.ndarray, freeze_bias: bool) -> dict:
