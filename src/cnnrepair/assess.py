@@ -70,20 +70,30 @@ def source_indices(images: np.ndarray, spec: InputSpec, pset: PointSet, split: s
     """Indices of ``images`` that ``pset`` was made from: its recorded indices when it was made from
     this split, and every image whose model input equals one of its points bit for bit (a file
     without indices; an adversarial point has no equal and is matched by index only)."""
-    found = set()
-    if pset.index is not None and pset.split is not None and pset.split == split:
-        found.update(int(i) for i in np.asarray(pset.index).reshape(-1) if 0 <= i < len(images))
-    keys = {np.ascontiguousarray(row, np.float32).tobytes() for row in np.asarray(pset.x, np.float32)}
-    if keys:
+    return sources_of(images, spec, {"set": pset}, split)["set"]
+
+
+def sources_of(images: np.ndarray, spec: InputSpec, sets: dict[str, PointSet], split: str | None) -> dict[str, np.ndarray]:
+    """:func:`source_indices` of every set, the images converted to model inputs once for all of them."""
+    found: dict[str, set] = {name: set() for name in sets}
+    owners: dict[bytes, list[str]] = {}
+    for name, pset in sets.items():
+        if pset.index is not None and pset.split is not None and pset.split == split:
+            found[name].update(int(i) for i in np.asarray(pset.index).reshape(-1) if 0 <= i < len(images))
+        for row in np.asarray(pset.x, np.float32):
+            owners.setdefault(np.ascontiguousarray(row, np.float32).tobytes(), []).append(name)
+    if owners:
         with torch.no_grad():
             for i in range(0, len(images), 2000):
                 xb = spec.to_model(to_float(images[i:i + 2000])).numpy().astype(np.float32)
-                found.update(i + k for k, row in enumerate(xb) if np.ascontiguousarray(row).tobytes() in keys)
-    return np.array(sorted(found), np.int64)
+                for k, row in enumerate(xb):
+                    for name in owners.get(np.ascontiguousarray(row).tobytes(), ()):
+                        found[name].add(i + k)
+    return {name: np.array(sorted(idx), np.int64) for name, idx in found.items()}
 
 
-def _check_inputs(models: dict[str, nn.Module], images: np.ndarray, spec: InputSpec, sets: dict) -> None:
-    """Every model gives the same number of classes; the points fit the model and carry labels of those classes."""
+def _check_inputs(models: dict[str, nn.Module], images: np.ndarray, spec: InputSpec, sets: dict) -> int:
+    """Every model gives the same number of classes (returned); the points fit the model and carry labels of those classes."""
     classes = {}
     for name, model in models.items():
         with torch.no_grad():
@@ -112,6 +122,7 @@ def _check_inputs(models: dict[str, nn.Module], images: np.ndarray, spec: InputS
             except Exception as exc:  # noqa: BLE001 - wrong shape or dtype for the model
                 raise CnnRepairError(f"the {what} (inputs of shape {tuple(px.shape[1:])}) cannot run on the model "
                                      f"({type(exc).__name__}); give points made for it by cnnrepair points") from None
+    return num
 
 
 def _first(out):
@@ -132,13 +143,13 @@ def assess(models: dict[str, nn.Module], images: np.ndarray, labels: np.ndarray,
     their overlap with each set (zero)."""
     settings.check()
     spec.check(tuple(images.shape[1:]))
-    _check_inputs(models, images, spec, {"points": points, "held-out points": held_out})
+    num_classes = _check_inputs(models, images, spec, {"points": points, "held-out points": held_out})
     avoid = avoid or {}
     if points is not None and "points" not in avoid:
         avoid = {**avoid, "points": PointSet(points[0], points[1])}
     if held_out is not None and "held_out" not in avoid:
         avoid = {**avoid, "held_out": PointSet(held_out[0], held_out[1])}
-    sources = {name: source_indices(images, spec, pset, settings.split) for name, pset in avoid.items()}
+    sources = sources_of(images, spec, avoid, settings.split)
     banned = np.unique(np.concatenate([np.zeros(0, np.int64), *sources.values()]))
     pool = np.random.default_rng(settings.seed).permutation(len(labels))
     pool = pool[~np.isin(pool, banned)]
@@ -155,7 +166,7 @@ def assess(models: dict[str, nn.Module], images: np.ndarray, labels: np.ndarray,
     for name, model in models.items():
         pix = PixelModel(model, spec).eval()
         row = {"clean_accuracy": float((predict(pix, x) == y).mean()), "attack": {}}
-        chance = chance_warning(row["clean_accuracy"], int(outputs(pix, x[:2]).shape[-1])) if len(x) else None
+        chance = chance_warning(row["clean_accuracy"], num_classes) if len(x) else None
         if chance:
             report["warnings"].append(f"{name}: {chance}")
         for eps in settings.eps:

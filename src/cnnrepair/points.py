@@ -189,9 +189,9 @@ def make_points(model: nn.Module, images: np.ndarray, labels: np.ndarray, spec: 
     pix = PixelModel(model, spec).eval()
     want = settings.n + settings.held_out
     order = np.random.default_rng(settings.seed).permutation(len(labels))
-    logits = outputs(pix, images[order[:2]]) if len(order) else np.zeros((0, 2))
-    num_classes = int(logits.shape[-1])
-    pred = predict(pix, images[order])
+    logits = outputs(pix, images[order])
+    num_classes = int(logits.shape[-1]) if logits.ndim == 2 else 0
+    pred = logits.argmax(1) if logits.ndim == 2 else np.zeros(0, np.int64)
     right = order[pred == labels[order]]
     info = {"settings": asdict(settings), "input": spec.record(tuple(images.shape[1:])), "images": int(len(labels)),
             "clean_accuracy": float(len(right) / max(len(labels), 1)), "split": settings.split, "warnings": []}

@@ -119,7 +119,7 @@ def verify_certificate(cert_path: Path, model_path: Path, points_path: Path, kee
         v.checked.append("certified ball margins (recomputed bounds)")
     if original_path is not None:
         original = load_model(original_path, factory, shape).module
-        _against_original(v, cert, spec, original, model, points, keep, fb)
+        _against_original(v, cert, spec, original, (model, lay1), points, keep, fb)
     else:
         v.unchecked += [f"{what} (needs --original)" for what in NEEDS_ORIGINAL]
     v.unchecked += ["file names", "solver block", "notes", "feature_noise"] + (["ball.bound_seconds"] if spec.kind == "ball" else [])
@@ -276,12 +276,14 @@ def _check_ball(cert: dict, lay, fb) -> list[str]:
                          "point {k}: certificate {c:.6g}, recomputed {v:.6g}"))
 
 
-def _against_original(v: Verification, cert: dict, spec: RepairSpec, original, repaired, points: Points, keep: Points | None,
-                      fb=None) -> None:
-    """Only the layer changed; the change block, objective, bound, margins before and conditioning recomputed."""
+def _against_original(v: Verification, cert: dict, spec: RepairSpec, original, repaired_layer: tuple, points: Points,
+                      keep: Points | None, fb=None) -> None:
+    """Only the layer changed; the change block, objective, bound, margins before and conditioning recomputed.
+
+    ``repaired_layer``: (the repaired model, its layer as already found)."""
     layer = cert["layer"]
+    repaired, lay1 = repaired_layer
     lay0 = last_layer(original, points.x[:2], layer)
-    lay1 = last_layer(repaired, points.x[:2], layer)
     names = set(lay0.parameter_names())
     s0 = {**dict(original.named_parameters()), **dict(original.named_buffers())}
     s1 = {**dict(repaired.named_parameters()), **dict(repaired.named_buffers())}

@@ -201,12 +201,13 @@ def _coinciding(lay, spec, F, ya, FK, ky, base, keep_before, noise, t0) -> Class
     K = len(ya)
     labels = np.concatenate([ya, ky])
     hard = np.concatenate([np.ones(K, bool), np.full(len(ky), spec.keep_price is None)])
-    pairs = conflicting_pairs(np.vstack([F, FK]), labels, hard, TOLERANCE * noise)
+    feats = np.vstack([F, FK])
+    pairs = conflicting_pairs(feats, labels, hard, TOLERANCE * noise)
     if not pairs:
         return None
     where = (lambda k: {"set": "points" if k < K else "keep", "index": int(k if k < K else k - K), "label": int(labels[k])})
     members = list(pairs[0][:2])  # one pair is an irreducible conflict; every pair is listed under "coinciding"
-    problem = MarginProblem(lay.weight, lay.bias, np.vstack([F, FK]), labels, 0.0)
+    problem = MarginProblem(lay.weight, lay.bias, feats, labels, 0.0)
     sol = MarginSolution("infeasible", np.zeros_like(lay.weight), np.zeros_like(lay.bias), float("nan"), float("nan"),
                          time.perf_counter() - t0, conflicts=np.asarray(members, np.int64))
     zeros = (np.zeros_like(lay.weight), np.zeros_like(lay.bias))
@@ -342,8 +343,7 @@ def _pointwise(lay: LastLayer, spec: RepairSpec, F, ya, FK, ky, xt, kx, base, ke
         cert["ball"] = {"eps": spec.eps, "bounds": spec.bounds, "bound_seconds": box.seconds,
                         "note": "certified margins: the worst case of the logit difference over each point's feature box, "
                                 "which holds every input of its ball (sound bounds; cnnrepair verify recomputes them)"}
-    cert["conditioning"] = _conditioning(lay, spec, cert["change"]["linf"] if status == "repaired" else
-                                         float(np.abs(np.concatenate([sol.delta_weight.ravel(), sol.delta_bias.ravel()])).max(initial=0.0)))
+    cert["conditioning"] = _conditioning(lay, spec, cert["change"]["linf"] if status == "repaired" else _linf(sol))
     if status == "failed" and sol.status not in ("optimal",):
         notes.append(f"the solver stopped: {sol.status}")
     return ClassifierRepair(status, repaired, lay.name, cert, sol, time.perf_counter() - t0, notes, _written(lay))
@@ -352,6 +352,11 @@ def _pointwise(lay: LastLayer, spec: RepairSpec, F, ya, FK, ky, xt, kx, base, ke
 def layer_scale(weight: np.ndarray, bias: np.ndarray) -> float:
     """The layer's largest weight or bias in absolute value: what a change is compared with."""
     return float(max(np.abs(weight).max(initial=0.0), np.abs(bias).max(initial=0.0)))
+
+
+def _linf(sol: MarginSolution) -> float:
+    """The largest entry of a solved change, weights and biases together."""
+    return float(np.abs(np.concatenate([sol.delta_weight.ravel(), sol.delta_bias.ravel()])).max(initial=0.0))
 
 
 def _conditioning(lay: LastLayer, spec: RepairSpec, change_linf: float) -> dict:
@@ -364,7 +369,7 @@ def _ill_conditioned(lay: LastLayer, spec: RepairSpec, sol: MarginSolution) -> s
     """A note when the solved change is orders of magnitude beyond the layer's own weights, else None."""
     if spec.max_change_ratio is None:
         return None
-    linf = float(np.abs(np.concatenate([sol.delta_weight.ravel(), sol.delta_bias.ravel()])).max(initial=0.0))
+    linf = _linf(sol)
     scale = layer_scale(lay.weight, lay.bias)
     if linf <= spec.max_change_ratio * scale:
         return None
