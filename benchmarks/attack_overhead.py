@@ -21,8 +21,8 @@ def run(run_dir: Path | None = None, n_images: int = 2000, rounds: int = 5, eps:
     from benchmarks.common import machine as _machine, write_result as _write
     from cnnrepair.attacks import attack
     from cnnrepair.data import load_dataset, to_float
-    from cnnrepair.pipeline import load_models
-    from cnnrepair.rundir import RunDir
+    from cnnrepair.paper.pipeline import load_models
+    from cnnrepair.paper.rundir import RunDir
 
     if run_dir is not None:
         run = RunDir(run_dir)
@@ -30,7 +30,7 @@ def run(run_dir: Path | None = None, n_images: int = 2000, rounds: int = 5, eps:
         ds = load_dataset(run.config["dataset"], run.config.get("data_dir"))
         label = run.config["dataset"]
     else:
-        from cnnrepair.models import digits_nn
+        from cnnrepair.paper.models import digits_nn
 
         torch.manual_seed(0)
         models = {"nn": digits_nn().eval()}

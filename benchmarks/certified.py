@@ -35,11 +35,11 @@ def run(runs: list[Path], eps_grid: tuple[float, ...], k: int = 20, keep: int = 
     from cnnrepair.bounds import ball_box
     from cnnrepair.certify import certify, pgd_accuracy
     from cnnrepair.formats import load_model
-    from cnnrepair.pipeline import open_dataset
+    from cnnrepair.paper.pipeline import open_dataset
     from cnnrepair.repair import RepairSpec, repair_classifier
     from cnnrepair.repair.api import last_layer_tensors
     from cnnrepair.repair.layer import last_layer
-    from cnnrepair.rundir import RunDir
+    from cnnrepair.paper.rundir import RunDir
 
     paths = []
     for run_dir in runs:

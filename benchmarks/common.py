@@ -15,7 +15,7 @@ README = ROOT.parent / "README.md"
 
 def machine() -> dict:
     """Core count, platform, library versions and the date: recorded with every result."""
-    from cnnrepair.rundir import library_versions
+    from cnnrepair.paper.rundir import library_versions
 
     return {"cores": os.cpu_count(), "platform": sys.platform, "versions": library_versions(),
             "measured": time.strftime("%Y-%m-%d", time.gmtime())}

@@ -36,8 +36,8 @@ def run(run_dir: Path, repair_images: int = 100, keep_images: int = 1000, margin
     from cnnrepair import RepairSpec, repair_classifier
     from cnnrepair.corruptions import fog
     from cnnrepair.data import to_float
-    from cnnrepair.pipeline import load_models, open_dataset
-    from cnnrepair.rundir import RunDir
+    from cnnrepair.paper.pipeline import load_models, open_dataset
+    from cnnrepair.paper.rundir import RunDir
 
     run = RunDir(run_dir)
     ds = open_dataset(run)

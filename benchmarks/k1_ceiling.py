@@ -27,13 +27,13 @@ def run(run_dir: Path, candidates: int = 200, budget: float = 0.5, out: Path | N
     """Write ``k1_ceiling.json``: per (eps, target), the spread of fixed shares and the best within ``budget``."""
     from cnnrepair.data import load_dataset
     from cnnrepair.errors import CnnRepairError
-    from cnnrepair.evaluation import AdversarialSet, set_path
-    from cnnrepair.experiment import repair_pool, targets
+    from cnnrepair.paper.evaluation import AdversarialSet, set_path
+    from cnnrepair.paper.experiment import repair_pool, targets
     from cnnrepair.io import load_npz, write_json
-    from cnnrepair.pipeline import load_models, model_fingerprints
+    from cnnrepair.paper.pipeline import load_models, model_fingerprints
     from cnnrepair.repair import RepairProblem, repair
-    from cnnrepair.rundir import RunDir
-    from cnnrepair.training import outputs
+    from cnnrepair.paper.rundir import RunDir
+    from cnnrepair.paper.training import outputs
 
     from benchmarks.common import RESULTS, machine as _machine
 

@@ -18,15 +18,15 @@ def run(run_dir: Path, sizes: list[int], C: float = 10.0) -> Path:
     import torch
 
     from benchmarks.common import machine as _machine, write_result as _write
-    from cnnrepair.hybrid import fit_rbf_svm
+    from cnnrepair.paper.hybrid import fit_rbf_svm
     from cnnrepair.io import load_npz
-    from cnnrepair.pipeline import stratified_subset
-    from cnnrepair.rundir import RunDir
+    from cnnrepair.paper.pipeline import stratified_subset
+    from cnnrepair.paper.rundir import RunDir
 
     run = RunDir(run_dir)
     res = run.results
     feats = load_npz(run.path / "features.npz", "feature cache")
-    from cnnrepair.pipeline import open_dataset
+    from cnnrepair.paper.pipeline import open_dataset
 
     ds = open_dataset(run)
     points = []

@@ -39,12 +39,12 @@ def real_problem(run: Path, K: int, eps: float, seed: int = 0):
 
     from cnnrepair.attacks import attack
     from cnnrepair.data import load_dataset, to_float
-    from cnnrepair.hybrid import load_head
+    from cnnrepair.paper.hybrid import load_head
     from cnnrepair.io import load_npz, save_npz
-    from cnnrepair.pipeline import load_models
+    from cnnrepair.paper.pipeline import load_models
     from cnnrepair.repair import RepairProblem
-    from cnnrepair.rundir import RunDir
-    from cnnrepair.training import outputs, resolve_device
+    from cnnrepair.paper.rundir import RunDir
+    from cnnrepair.paper.training import outputs, resolve_device
 
     rd = RunDir(run)
     cfg = rd.require()

@@ -36,8 +36,8 @@ def run(run_dir: Path, l2_grid: tuple[float, ...] = (1e-4, 1e-3)) -> Path:
     """Every (features, l2) head; writes benchmarks/results/linear_ceiling_<dataset>.json."""
     from benchmarks.common import load_run as _load, machine as _machine, write_result as _write
     from cnnrepair.io import load_npz
-    from cnnrepair.pipeline import open_dataset
-    from cnnrepair.rundir import RunDir
+    from cnnrepair.paper.pipeline import open_dataset
+    from cnnrepair.paper.rundir import RunDir
 
     res = _load(run_dir)
     ds = open_dataset(RunDir(run_dir))

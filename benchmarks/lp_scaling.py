@@ -47,9 +47,9 @@ def grow_pool(run: Path, K: int) -> None:
     """
     from cnnrepair.attacks import PAPER_EPS
     from cnnrepair.data import load_dataset
-    from cnnrepair.experiment import repair_pool
-    from cnnrepair.pipeline import load_models
-    from cnnrepair.rundir import RunDir
+    from cnnrepair.paper.experiment import repair_pool
+    from cnnrepair.paper.pipeline import load_models
+    from cnnrepair.paper.rundir import RunDir
 
     largest = _largest_pool(run)
     if largest is not None and largest[1] >= K:
@@ -69,7 +69,7 @@ def real_problem(run: Path, K: int):
 
     Returns (problem, eps of the pool) or None when no pool holds K points.
     """
-    from cnnrepair.hybrid import load_head
+    from cnnrepair.paper.hybrid import load_head
     from cnnrepair.repair import RepairProblem
 
     largest = _largest_pool(run)

@@ -25,7 +25,7 @@ def copy_run(digits_run, tmp_path, name: str = "run"):
     """A private copy of the session's digits run directory, as a RunDir."""
     import shutil
 
-    from cnnrepair.rundir import RunDir
+    from cnnrepair.paper.rundir import RunDir
 
     dest = tmp_path / name
     shutil.copytree(digits_run, dest)

@@ -10,11 +10,11 @@ from cnnrepair.attacks import (
     get_attack,
 )
 from cnnrepair.errors import CnnRepairError
-from cnnrepair.evaluation import sweep
-from cnnrepair.hybrid import HybridNet, fit_linear_svm
-from cnnrepair.pipeline import load_models, load_nn
-from cnnrepair.rundir import RunDir
-from cnnrepair.training import outputs
+from cnnrepair.paper.evaluation import sweep
+from cnnrepair.paper.hybrid import HybridNet, fit_linear_svm
+from cnnrepair.paper.pipeline import load_models, load_nn
+from cnnrepair.paper.rundir import RunDir
+from cnnrepair.paper.training import outputs
 
 
 class Linear(nn.Module):
@@ -112,8 +112,8 @@ def test_perturbation_codec_stays_within_eps(digits):
 def test_sweep_transfer_matrix_and_saved_sets(models, digits, tmp_path):
     res = sweep(models, digits.x_test[:120], digits.y_test[:120], [0.05, 0.15], get_attack("fgsm"), tmp_path)
     assert set(res["transfer"]) == set(models) and all(len(v) == 2 for t in res["transfer"].values() for v in t.values())
-    from cnnrepair.evaluation import load_set
-    from cnnrepair.training import predict
+    from cnnrepair.paper.evaluation import load_set
+    from cnnrepair.paper.training import predict
 
     y = digits.y_test[:120]
     for m in models:

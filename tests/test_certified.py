@@ -275,7 +275,7 @@ def test_ball_repair_certifies_every_ball_and_pgd_with_restarts_never_beats_the_
 
 
 def test_ball_spec_refuses_an_rbf_head_and_a_box_without_its_point():
-    from cnnrepair.hybrid import HybridNet, RBFHead
+    from cnnrepair.paper.hybrid import HybridNet, RBFHead
 
     torch.manual_seed(0)
     sv = np.random.rand(5, 4)
@@ -413,7 +413,7 @@ def test_evaluate_reports_certified_accuracy_that_the_attack_never_beats(tmp_pat
 
 
 def test_crown_refuses_a_model_too_wide_for_its_memory_and_ibp_still_bounds_it():
-    from cnnrepair.models import cifar10_nn
+    from cnnrepair.paper.models import cifar10_nn
 
     model = cifar10_nn().eval()
     lo, hi = ball_box(torch.rand(2, 3, 32, 32), 0.01)

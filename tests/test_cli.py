@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cnnrepair.cli import main
-from cnnrepair.pipeline import load_models
+from cnnrepair.paper.pipeline import load_models
 from tests.helpers import copy_run, last_error_line
 
 
@@ -164,7 +164,7 @@ def test_a_failed_start_leaves_no_config_that_blocks_the_folder(tmp_path, capsys
 
 
 def test_export_prints_no_warning(digits_run, tmp_path):
-    from cnnrepair.pipeline import export_models
+    from cnnrepair.paper.pipeline import export_models
 
     run = copy_run(digits_run, tmp_path)
     with warnings.catch_warnings(record=True) as caught:

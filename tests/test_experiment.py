@@ -6,15 +6,15 @@ import torch
 
 from cnnrepair.cli import main
 from cnnrepair.errors import CnnRepairError
-from cnnrepair.experiment import (
+from cnnrepair.paper.experiment import (
     RepairSettings,
     _with_anchors,
     order_points,
     repair_pool,
     targets,
 )
-from cnnrepair.hybrid import LinearHead
-from cnnrepair.pipeline import (
+from cnnrepair.paper.hybrid import LinearHead
+from cnnrepair.paper.pipeline import (
     load_models,
     model_fingerprints,
     open_dataset,
@@ -77,10 +77,10 @@ def test_pair_anchors_keep_the_clean_image_where_it_was():
 def test_unsolved_lp_never_saves_a_repaired_model(digits_run, tmp_path, monkeypatch):
     import shutil
 
-    import cnnrepair.experiment as exp
-    from cnnrepair.pipeline import open_dataset, stage_repair
+    import cnnrepair.paper.experiment as exp
+    from cnnrepair.paper.pipeline import open_dataset, stage_repair
     from cnnrepair.repair import RepairResult
-    from cnnrepair.rundir import RunDir
+    from cnnrepair.paper.rundir import RunDir
 
     run_dir = tmp_path / "run"
     shutil.copytree(digits_run, run_dir)
@@ -105,8 +105,8 @@ def test_unsolved_lp_never_saves_a_repaired_model(digits_run, tmp_path, monkeypa
 def test_calibration_keeps_the_boldest_anchor_weight_within_budget(digits_run, tmp_path):
     import shutil
 
-    from cnnrepair.pipeline import open_dataset, stage_repair
-    from cnnrepair.rundir import RunDir
+    from cnnrepair.paper.pipeline import open_dataset, stage_repair
+    from cnnrepair.paper.rundir import RunDir
 
     run_dir = tmp_path / "run"
     shutil.copytree(digits_run, run_dir)
@@ -150,9 +150,9 @@ def test_calibration_needs_anchors(digits_run, tmp_path, capsys):
 
 
 def test_fixed_is_measured_on_true_adversarial_examples_only(digits_run, tmp_path):
-    from cnnrepair.evaluation import load_set
-    from cnnrepair.hybrid import load_head
-    from cnnrepair.training import outputs, predict
+    from cnnrepair.paper.evaluation import load_set
+    from cnnrepair.paper.hybrid import load_head
+    from cnnrepair.paper.training import outputs, predict
 
     run = copy_run(digits_run, tmp_path)
     ds = open_dataset(run)
@@ -171,8 +171,8 @@ def test_fixed_is_measured_on_true_adversarial_examples_only(digits_run, tmp_pat
 
 
 def test_a_failed_resolve_removes_the_old_rlh_and_what_derives_from_it(digits_run, tmp_path, monkeypatch):
-    import cnnrepair.experiment as exp
-    from cnnrepair.pipeline import export_models, load_hybrid
+    import cnnrepair.paper.experiment as exp
+    from cnnrepair.paper.pipeline import export_models, load_hybrid
     from cnnrepair.repair import RepairResult
 
     run = copy_run(digits_run, tmp_path)
@@ -229,7 +229,7 @@ def test_variants_keep_their_own_results_and_the_main_repair_refreshes_derived_f
 
 
 def test_repair_pool_is_rebuilt_for_another_head(digits_run, tmp_path, monkeypatch):
-    import cnnrepair.experiment as exp
+    import cnnrepair.paper.experiment as exp
 
     run = copy_run(digits_run, tmp_path)
     ds = open_dataset(run)
@@ -247,7 +247,7 @@ def test_repair_pool_is_rebuilt_for_another_head(digits_run, tmp_path, monkeypat
 
 
 def test_refitted_lh_gets_repair_points_it_misclassifies(digits_run, tmp_path):
-    from cnnrepair.training import predict
+    from cnnrepair.paper.training import predict
 
     run = copy_run(digits_run, tmp_path)
     assert main(["--quiet", "repair-sweep", "--out", str(run.path), "--repair-eps", "0.1", "--k", "10", "--selection", "none",
@@ -273,7 +273,7 @@ def test_a_repair_that_changes_nothing_says_so(digits_run, tmp_path, capsys):
 def test_repair_figure_is_readable_and_labels_k_as_used(digits_run, tmp_path):
     from PIL import Image
 
-    from cnnrepair.report import plot_repair
+    from cnnrepair.paper.report import plot_repair
 
     run = copy_run(digits_run, tmp_path)
     entries = stage_repair(run, open_dataset(run), RepairSettings(eps=[0.05, 0.1], ks=[1, 5000], selections=["none"],

@@ -291,9 +291,9 @@ def test_points_refuse_a_normalisation_for_other_channels(digits, tmp_path, caps
 def test_the_projects_own_models_export_to_onnx_and_load_back(digits_run, digits):
     """NN, LH and KH as ONNX: onnxruntime and our loader both reproduce the torch models; KH's last
     layer (kernel values times dual coefficients) is the linear layer a repair edits."""
-    from cnnrepair.pipeline import export_models, load_models
+    from cnnrepair.paper.pipeline import export_models, load_models
     from cnnrepair.repair import last_layer
-    from cnnrepair.rundir import RunDir
+    from cnnrepair.paper.rundir import RunDir
 
     run = RunDir(digits_run)
     models = load_models(run)

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from cnnrepair.hybrid import fit_linear_svm, fit_rbf_svm, load_head, save_head
-from cnnrepair.pipeline import load_hybrid, load_nn, open_dataset
-from cnnrepair.rundir import RunDir
-from cnnrepair.training import outputs
+from cnnrepair.paper.hybrid import fit_linear_svm, fit_rbf_svm, load_head, save_head
+from cnnrepair.paper.pipeline import load_hybrid, load_nn, open_dataset
+from cnnrepair.paper.rundir import RunDir
+from cnnrepair.paper.training import outputs
 from tests.helpers import copy_run
 
 
@@ -56,7 +56,7 @@ def test_run_records_accuracy_and_agreement(digits_run):
 
 
 def test_exported_models_load_without_cnnrepair(digits_run, digits, tmp_path):
-    from cnnrepair.pipeline import export_models, load_models
+    from cnnrepair.paper.pipeline import export_models, load_models
 
     run = RunDir(digits_run)
     models = load_models(run)
@@ -106,7 +106,7 @@ def test_parallel_lh_fit_gives_the_same_weights(feats, digits):
 
 
 def test_hybrid_shows_progress_while_fitting(digits_run, tmp_path, monkeypatch):
-    import cnnrepair.pipeline as P
+    import cnnrepair.paper.pipeline as P
 
     run = copy_run(digits_run, tmp_path)
     seen = []

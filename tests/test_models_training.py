@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from cnnrepair.errors import CnnRepairError
-from cnnrepair.models import build_model, cifar10_nn, digits_nn, mnist_nn, param_counts
-from cnnrepair.training import TrainConfig, accuracy, train
+from cnnrepair.paper.models import build_model, cifar10_nn, digits_nn, mnist_nn, param_counts
+from cnnrepair.paper.training import TrainConfig, accuracy, train
 
 
 @pytest.mark.parametrize("factory, shape, n_features, total", [
@@ -87,7 +87,7 @@ def test_corrupt_or_foreign_checkpoint(digits, tmp_path):
 
 
 def test_elapsed_reports_while_a_blocking_call_runs():
-    from cnnrepair.training import elapsed
+    from cnnrepair.paper.training import elapsed
 
     seen = []
     with elapsed(lambda desc, done, total: seen.append((desc, done, total)), "fitting KH", every=0.05):

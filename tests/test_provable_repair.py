@@ -264,7 +264,7 @@ def test_frozen_bias_and_a_layer_without_bias():
 
 
 def test_lh_and_kh_heads_are_repaired_through_the_same_call():
-    from cnnrepair.hybrid import HybridNet, fit_linear_svm, fit_rbf_svm
+    from cnnrepair.paper.hybrid import HybridNet, fit_linear_svm, fit_rbf_svm
 
     rng = np.random.default_rng(0)
     feats = nn.Flatten()
@@ -412,7 +412,7 @@ def test_the_readme_repair_example_runs_as_written(capsys, readme_example):
 def test_the_papers_experiment_runs_the_pointwise_spec_on_the_same_points(digits_run, tmp_path):
     import shutil
 
-    from cnnrepair.rundir import RunDir
+    from cnnrepair.paper.rundir import RunDir
 
     run = RunDir(shutil.copytree(digits_run, tmp_path / "run"))
     base = ["--quiet", "repair-sweep", "--out", str(run.path), "--repair-eps", "0.1", "--eval-images", "60",
@@ -450,7 +450,7 @@ def test_the_interior_point_path_reaches_the_same_optimum(monkeypatch, keep, fre
 def test_an_exported_hybrid_program_is_repaired_from_its_file(tmp_path, head):
     """Our own exported hybrids compute ``x @ W.T + b`` (LH) or ``kernel(x) @ coef.T + b`` (KH) in
     float64: the file-level repair finds that layer too (for KH, in its dual coefficients)."""
-    from cnnrepair.hybrid import HybridNet, fit_linear_svm, fit_rbf_svm
+    from cnnrepair.paper.hybrid import HybridNet, fit_linear_svm, fit_rbf_svm
     from cnnrepair.modelrepair import prepare, run
 
     rng = np.random.default_rng(0)

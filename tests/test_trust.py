@@ -518,7 +518,7 @@ def test_evaluate_refuses_labels_shapes_and_class_counts_that_do_not_fit(files, 
     data = np.load(files / "p.npz")
     np.savez(tmp_path / "l10.npz", x=data["x"], y=np.full(len(data["y"]), 10, np.int64))
     src = tmp_path / "digits.pt2"
-    from cnnrepair.models import build_model
+    from cnnrepair.paper.models import build_model
 
     torch.manual_seed(0)
     net = build_model("digits-nn", (1, 8, 8), 10).eval()

@@ -5,7 +5,8 @@ model files (``load_model``, ``save_model``), make points and evaluate (``make_p
 ``assess``), bound and certify (``feature_bounds``, ``certify``), re-check a certificate
 (``verify_certificate``), write VNN-LIB properties (``write_properties``). The solvers and their
 data (``MarginProblem``, ``solve_margins``, ...) live in :mod:`cnnrepair.repair`; the paper's
-pipeline (Guidotti & Leofante, 2020) in :mod:`cnnrepair.pipeline` and the ``cnnrepair`` command.
+pipeline (Guidotti & Leofante, 2020) is one application on top, in :mod:`cnnrepair.paper`, beside
+the ``cnnrepair`` command (:mod:`cnnrepair.cli`).
 """
 
 from cnnrepair.assess import AssessSettings, assess
@@ -19,6 +20,10 @@ from cnnrepair.verify import Verification, verify_certificate
 from cnnrepair.vnnlib import BallProperty, write_properties
 
 __version__ = "0.1.0"
+
+from cnnrepair import moved as _moved_modules  # noqa: E402 - old module paths (cnnrepair.training, ...) for one release
+
+_moved_modules.install()
 __all__ = ["AssessSettings", "BallProperty", "Certification", "ClassifierRepair", "CnnRepairError", "FeatureBounds", "InputSpec",
            "LoadedModel", "MadePoints", "PointsSettings", "RepairSpec", "Verification", "__version__", "assess", "ball_box", "certify",
            "feature_bounds", "last_layer", "load_model", "make_points", "pgd_accuracy", "repair_classifier", "save_model",

@@ -45,7 +45,7 @@ HEADS: dict[type, HeadKind] = {nn.Linear: HeadKind("linear")}
 
 def register_head(cls: type, head: HeadKind) -> None:
     """Make modules of ``cls`` repairable last layers (an application registers its own heads, e.g. the
-    paper's SVM heads in :mod:`cnnrepair.hybrid`)."""
+    paper's SVM heads in :mod:`cnnrepair.paper.hybrid`)."""
     HEADS[cls] = head
 
 

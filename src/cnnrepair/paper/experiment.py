@@ -40,12 +40,12 @@ import torch
 from cnnrepair.attacks import attack, get_attack
 from cnnrepair.data import Dataset, to_float
 from cnnrepair.errors import CnnRepairError
-from cnnrepair.evaluation import make_adversarial_set, set_path
-from cnnrepair.hybrid import HybridNet, LinearHead, save_head
+from cnnrepair.paper.evaluation import make_adversarial_set, set_path
+from cnnrepair.paper.hybrid import HybridNet, LinearHead, save_head
 from cnnrepair.io import load_npz, save_npz
 from cnnrepair.repair import MarginProblem, RepairProblem, RepairResult, repair, solve_margins, wilcoxon_select
-from cnnrepair.rundir import RunDir
-from cnnrepair.training import Progress, model_device, outputs, predict
+from cnnrepair.paper.rundir import RunDir
+from cnnrepair.paper.training import Progress, model_device, outputs, predict
 
 
 @dataclass

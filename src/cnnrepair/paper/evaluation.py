@@ -20,7 +20,7 @@ from cnnrepair.attacks import AttackSpec, attack, check_eps, decode_perturbation
 from cnnrepair.data import to_float
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.io import load_npz, save_npz
-from cnnrepair.training import Progress, model_device, predict
+from cnnrepair.paper.training import Progress, model_device, predict
 
 
 class AdversarialSet:

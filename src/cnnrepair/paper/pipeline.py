@@ -19,11 +19,11 @@ import torch
 
 from cnnrepair.data import Dataset, load_dataset
 from cnnrepair.errors import CnnRepairError
-from cnnrepair.hybrid import HybridNet, fit_linear_svm, fit_rbf_svm, load_head, save_head
+from cnnrepair.paper.hybrid import HybridNet, fit_linear_svm, fit_rbf_svm, load_head, save_head
 from cnnrepair.io import atomic_write_bytes, load_npz, load_torch, save_npz, save_torch
-from cnnrepair.models import DEFAULT_ARCH, SplitNet, build_model, param_counts
-from cnnrepair.rundir import RunDir
-from cnnrepair.training import RECIPES, Progress, TrainConfig, accuracy, cpu_state, elapsed, model_device, outputs, train
+from cnnrepair.paper.models import DEFAULT_ARCH, SplitNet, build_model, param_counts
+from cnnrepair.paper.rundir import RunDir
+from cnnrepair.paper.training import RECIPES, Progress, TrainConfig, accuracy, cpu_state, elapsed, model_device, outputs, train
 
 NN_WEIGHTS = "models/nn.pt"
 TRAIN_CKPT = "checkpoints/nn_train.pt"
@@ -218,7 +218,7 @@ def stage_attack(run: RunDir, ds: Dataset, models: dict[str, torch.nn.Module], a
                  n_images: int | None = None, steps: int | None = None, seed: int = 0, progress: Progress | None = None) -> dict:
     """Sweep ``attack_name`` over ``eps_list`` on the test set (or a seeded slice of ``n_images``)."""
     from cnnrepair.attacks import get_attack
-    from cnnrepair.evaluation import sweep
+    from cnnrepair.paper.evaluation import sweep
 
     spec = get_attack(attack_name, **({"steps": steps} if steps else {}))
     x, y = ds.x_test, ds.y_test
@@ -281,7 +281,7 @@ def stage_repair(run: RunDir, ds: Dataset, settings, progress: Progress | None =
     """
     import shutil
 
-    from cnnrepair.experiment import run_repair_experiment
+    from cnnrepair.paper.experiment import run_repair_experiment
 
     if device is not None and settings.lp_device is None:
         settings = replace(settings, lp_device=str(device))

@@ -8,7 +8,7 @@ import numpy as np
 
 from cnnrepair.io import write_text
 from cnnrepair.plotting import pyplot
-from cnnrepair.rundir import RunDir
+from cnnrepair.paper.rundir import RunDir
 
 
 def _pct(x: float | None) -> str:

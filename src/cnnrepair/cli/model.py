@@ -1,0 +1,409 @@
+"""The commands on model files: points, repair, verify, evaluate, vnnlib.
+
+Each checks every input before it writes, and writes its output folder as one unit (see
+:mod:`cnnrepair.outdir`): an error or Ctrl-C leaves nothing half-written."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from cnnrepair.cli.common import Bars, Command, say
+from cnnrepair.errors import CnnRepairError
+from cnnrepair.outdir import names
+from cnnrepair.runtime import check_threads
+
+
+def _add_model_repair_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", type=Path, help="the classifier: a torch.export program (.pt2) with a dynamic batch dimension, an ONNX "
+                   "file (.onnx), or a state dict (.pt/.pth) with --factory")
+    p.add_argument("--points", type=Path, required=True, help=".npz with x (float32, N x input shape, model units) and y (int64 labels)")
+    p.add_argument("--out", type=Path, required=True, help="folder for repaired.pt2 / repaired.onnx (the model's format) and certificate.json")
+    p.add_argument("--spec", choices=["pointwise", "ball", "targets"], default="pointwise",
+                   help="pointwise: every point gets its label with --margin (guaranteed, minimal change); ball: every input "
+                        "within --eps of a point does (certified through sound bounds); targets: the paper's program (default: pointwise)")
+    p.add_argument("--eps", type=float, default=None, help="ball spec: L-infinity radius in pixels (an 'eps' array in the points file "
+                   "gives one per point, 0 for a pointwise point)")
+    p.add_argument("--bounds", choices=["crown", "ibp"], default="crown", help="ball spec: how the features are bounded over each ball: "
+                   "crown (linear relaxation, tighter) or ibp (intervals, faster) (default: crown)")
+    p.add_argument("--keep-eps", type=float, default=0.0, help="ball spec: keep points whose ball of this radius is certified before "
+                   "the repair stay certified (default: 0, keep points keep their own label)")
+    p.add_argument("--mean", default=None, help="ball spec: per-channel mean the model subtracts from [0, 1] pixels (the ball is in pixels)")
+    p.add_argument("--std", default=None, help="ball spec: per-channel std the model divides by")
+    p.add_argument("--range", default="0,1", help="ball spec: the pixel range the ball is clipped to, LOW,HIGH or none (default: 0,1)")
+    p.add_argument("--layer", default=None, help="the linear layer to repair (default: the one whose output is the model's output)")
+    p.add_argument("--margin", type=float, default=0.05, help="required logit[y] - max other logit of each point (default: 0.05)")
+    p.add_argument("--keep", type=Path, default=None, help=".npz with x (and optional y; default: the model's predictions) whose labels must survive")
+    p.add_argument("--keep-margin", type=float, default=0.0, help="margin the keep points must keep (default: 0)")
+    p.add_argument("--keep-price", type=float, default=None, help="make keep points soft: price per unit of margin shortfall (default: hard)")
+    p.add_argument("--norm", choices=["l1", "linf", "l1+linf"], default="l1",
+                   help="measure of the change to minimise; l1+linf is PRDNN's mean|d| + max|d| (default: l1)")
+    p.add_argument("--freeze-bias", action="store_true", help="change the weights only")
+    p.add_argument("--max-change", type=float, default=None, help="bound on each weight's change")
+    p.add_argument("--max-change-ratio", type=float, default=1000.0,
+                   help="a change whose largest entry exceeds this multiple of the layer's largest weight is ill-conditioned and "
+                        "not certified (default: 1000)")
+    p.add_argument("--time-limit", type=float, default=None, help="seconds the solver may take (default: 3600)")
+    p.add_argument("--threads", type=int, default=None, help="BLAS/OpenMP threads of the solve (default: CNNREPAIR_THREADS or 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier repair's files in --out (never any other file)")
+    _add_factory_arg(p)
+
+def _add_images_args(p: argparse.ArgumentParser) -> None:
+    """Where ``points`` and ``evaluate`` take images from, and the model's input convention."""
+    from cnnrepair.data import DATASETS
+
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dataset", choices=list(DATASETS), help="a dataset the project loads (with --data-dir)")
+    src.add_argument("--npz", type=Path, help=".npz with x (uint8 N x C x H x W, or floats in [0, 1]) and y (int labels)")
+    p.add_argument("--data-dir", type=Path, default=None, help="where --dataset lies (IDX folder, CIFAR tarball or pickles, image folder)")
+    p.add_argument("--split", choices=["test", "train"], default="test", help="which split to draw from (default: test)")
+    p.add_argument("--mean", default=None, help="per-channel mean the model subtracts from [0, 1] pixels, e.g. 0.4914,0.4822,0.4465")
+    p.add_argument("--std", default=None, help="per-channel std the model divides by")
+    p.add_argument("--layout", choices=["auto", "nchw", "nhwc"], default="auto",
+                   help="how the model lays out an image: nchw (channel planes, torch) or nhwc (channels last, TensorFlow); "
+                        "auto reads it from the model's input shape and refuses when the shape cannot tell (default: auto)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+
+def _add_factory_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--factory", default=None, help="for a state dict (.pt/.pth): module:function that builds the model")
+    p.add_argument("--input-shape", default=None, help="for a TorchScript file (.ts): the per-example input shape, e.g. 1,28,28 "
+                   "(default: the shape of the points or images given)")
+
+def _input_shape(args: argparse.Namespace, fallback) -> tuple[int, ...] | None:
+    if getattr(args, "input_shape", None):
+        try:
+            return tuple(int(v) for v in args.input_shape.split(","))
+        except ValueError:
+            raise CnnRepairError(f"--input-shape {args.input_shape!r}: give comma-separated sizes, e.g. 1,28,28") from None
+    return tuple(fallback) if fallback is not None else None
+
+def _model_repair_job(args: argparse.Namespace):
+    """Check every input of ``cnnrepair repair MODEL`` (nothing is written before this passes)."""
+    from cnnrepair.modelrepair import BallInputs, output_dir, prepare
+    from cnnrepair.repair import RepairSpec
+
+    check_threads(args.threads, "--threads")
+    if args.time_limit is not None and not args.time_limit > 0:
+        raise CnnRepairError(f"--time-limit must be > 0 seconds (got {args.time_limit})")
+    output_dir(args.out, [args.model, args.points, args.keep], args.overwrite).check()
+    if args.spec != "ball" and (args.eps is not None or args.mean is not None or args.std is not None):
+        raise CnnRepairError("--eps, --mean and --std describe the ball spec's input balls; add --spec ball or drop them")
+    if args.spec == "ball" and args.eps is None:
+        raise CnnRepairError("the ball spec needs --eps (the L-infinity radius in pixels, e.g. --eps 0.01)")
+    mean, std = _convention(args)
+    domain = _vnnlib_range(args.range)
+    spec = RepairSpec(kind=args.spec, margin=args.margin, keep_margin=args.keep_margin, keep_price=args.keep_price,
+                      norm=args.norm, freeze_bias=args.freeze_bias, max_change=args.max_change, eps=args.eps or 0.0, bounds=args.bounds,
+                      keep_eps=args.keep_eps, max_change_ratio=args.max_change_ratio)
+    ball = BallInputs(mean, std, domain) if args.spec == "ball" else None
+    args.job = prepare(args.model, args.points, spec, args.layer, args.keep, args.factory, _input_shape(args, None), ball)
+    return args.job
+
+def _cmd_model_repair(args: argparse.Namespace, bars: Bars) -> int:
+    from cnnrepair.modelrepair import run
+
+    job = getattr(args, "job", None) or _model_repair_job(args)
+    say(f"repairing layer {job.layer!r} of {job.model.path.name} on {len(job.points.x)} points"
+         + (f" (+{len(job.keep.x)} keep)" if job.keep is not None else "") + f", spec {job.spec.kind}, norm {job.spec.norm} ...")
+    t0 = time.perf_counter()
+    cert = run(job, args.out, args.time_limit, args.threads, args.overwrite)
+    dt = time.perf_counter() - t0
+    if cert["status"] == "repaired":
+        ch = cert["change"]
+        low = min(p["margin_after"] for p in cert["points"])
+        if "ball" in cert:
+            worst = min(p["certified_margin_after"] for p in cert["points"])
+            say(f"every input of the {len(cert['points'])} balls (eps {job.spec.eps:g}, {job.spec.bounds} bounds) keeps its label: "
+                 f"smallest certified margin {worst:.4g}")
+        bound = ("the paper's program: nothing guaranteed" if cert["lower_bound"] is None else
+                 f"certified >= {cert['lower_bound']:.6g}, gap {cert['gap']:.1e}")
+        say(f"repaired in {dt:.1f}s: {len(cert['points'])} points, smallest margin {low:.4g} on the saved model; "
+             f"change {job.spec.norm} {ch['l1'] if cert['lower_bound'] is None else cert['objective']:.6g} ({bound}), "
+             f"{ch['nonzero']} numbers changed")
+        if cert["keep"]["count"]:
+            say(f"keep points: {cert['keep']['labels_kept']}/{cert['keep']['count']} keep their label, smallest margin {cert['keep']['smallest_margin_after']:.4g}")
+        if cert["keep"].get("balls_certified_before") is not None:
+            say(f"keep balls (eps {job.spec.keep_eps:g}): {cert['keep']['balls_certified_after']}/{cert['keep']['balls_certified_before']} "
+                 "certified before stay certified")
+        say(f"wrote {args.out / cert['model']['file']} and {args.out / 'certificate.json'}")
+        return 0
+    if cert["status"] == "infeasible":
+        conf = ", ".join(f"{c['set']}[{c['index']}] (label {c['label']})" for c in cert.get("conflicts", [])[:12])
+        minimal = "" if cert["solver"].get("conflicts_irreducible", True) else " (the search for a smaller set stopped at its time limit)"
+        which = (f"these points conflict{minimal}: {conf}" if conf else
+                 "the program is infeasible as a whole, and no smaller conflicting set was isolated")
+        say(f"infeasible: no change of layer {job.layer!r} meets the spec; {which}. "
+             f"No model written; details in {args.out / 'certificate.json'}")
+        return 1
+    if cert["status"] == "ill-conditioned":
+        say(f"not certified: {'; '.join(cert.get('notes', []))}. Details in {args.out / 'certificate.json'}")
+        return 1
+    say(f"repair failed ({cert['solver']['status']}; {'; '.join(cert.get('notes', []))}); no model written; see {args.out / 'certificate.json'}")
+    return 1
+
+def _cmd_verify(args: argparse.Namespace, bars: Bars) -> int:
+    from cnnrepair.verify import verify_certificate
+
+    report = verify_certificate(args.certificate, args.model, args.points, args.keep, args.original, args.factory)
+    if report.problems:
+        for p in report.problems:
+            say(f"FAILED: {p}")
+        return 1
+    say(f"certificate holds (checked: {'; '.join(report.checked)})")
+    if report.unchecked:
+        say(f"not checked: {'; '.join(report.unchecked)}")
+    return 0
+
+def _vnnlib_range(text: str) -> tuple[float, float] | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise CnnRepairError(f"--range {text!r}: give LOW,HIGH (e.g. 0,1) or none") from None
+    return lo, hi
+
+def _cmd_vnnlib(args: argparse.Namespace, bars: Bars) -> int:
+    from cnnrepair.formats import load_model
+    from cnnrepair.modelrepair import BallInputs, load_points
+    from cnnrepair.repair.certificate import model_logits
+    from cnnrepair.vnnlib import write_boxes
+
+    outdir = _out(args, names("instances.csv", suffixes=(".vnnlib",)), [args.model, args.points], "properties")
+    if not (args.timeout > 0 and args.timeout < float("inf")):
+        raise CnnRepairError(f"--timeout must be a number of seconds > 0 (got {args.timeout})")
+    domain = _vnnlib_range(args.range)
+    points = load_points(args.points, "points file", labels_required=False)
+    model = load_model(args.model, args.factory, _input_shape(args, points.x.shape[1:]))
+    if model.input_shape is not None and tuple(points.x.shape[1:]) != model.input_shape:
+        raise CnnRepairError(f"{args.points}: inputs of shape {tuple(points.x.shape[1:])} but the model takes {model.input_shape}")
+    logits = model_logits(model.module, points.x[:1] if points.y is not None else points.x)
+    labels = points.y if points.y is not None else logits.argmax(1)
+    mean, std = _convention(args)
+    if domain is not None and not domain[0] < domain[1]:
+        raise CnnRepairError(f"--range {args.range}: the range is empty; give LOW,HIGH with LOW < HIGH (e.g. 0,1)")
+    if not (args.eps >= 0 and args.eps < float("inf")):
+        raise CnnRepairError(f"--eps must be a non-negative number of pixels (got {args.eps})")
+    lo, hi = BallInputs(mean, std, domain).boxes(points.x, args.eps)  # the pixel ball, in the model's units, per channel
+    with outdir as stage:
+        paths = write_boxes(args.model, lo.numpy(), hi.numpy(), labels, logits.shape[1], stage, args.timeout)
+    say(f"wrote {len(paths)} properties and instances.csv to {args.out} (unsat = every input of the ball keeps its label)")
+    return 0
+
+def _floats(text: str | None, name: str, example: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise CnnRepairError(f"--{name} {text!r}: give comma-separated numbers, e.g. {example}") from None
+
+def _convention(args: argparse.Namespace) -> tuple:
+    """The model's per-channel --mean and --std, parsed before anything is loaded."""
+    return _floats(args.mean, "mean", "0.4914,0.4822,0.4465"), _floats(args.std, "std", "0.247,0.243,0.261")
+
+def _out(args: argparse.Namespace, owns, inputs: list, what: str):
+    """The command's --out, checked before any work: new or empty, or (with --overwrite) holding only
+    this command's earlier results, never an input (see cnnrepair.outdir)."""
+    from cnnrepair.outdir import OutputDir
+
+    outdir = OutputDir(args.out, owns, args.overwrite, inputs, what=what)
+    outdir.check()
+    return outdir
+
+def _points_images(args: argparse.Namespace, split: str | None = None) -> tuple:
+    """uint8 images and labels of the chosen split (``split``, default ``--split``), and where they came from."""
+    import numpy as np
+
+    from cnnrepair.data import load_dataset
+    from cnnrepair.io import load_npz
+
+    if args.npz is not None:
+        data = load_npz(args.npz, "image file")
+        if "x" not in data or "y" not in data:
+            raise CnnRepairError(f"{args.npz}: needs arrays x (images) and y (labels)")
+        x, y = data["x"], data["y"]
+        if x.ndim != 4 or len(x) != len(y):
+            raise CnnRepairError(f"{args.npz}: x must be N x C x H x W with one label per image (got {x.shape}, {y.shape})")
+        if np.issubdtype(x.dtype, np.floating):
+            if x.min() < 0 or x.max() > 1:
+                raise CnnRepairError(f"{args.npz}: float images must lie in [0, 1]; the model's own normalisation goes in --mean/--std")
+            x = np.round(x * 255).astype(np.uint8)
+        return x.astype(np.uint8), y.astype(np.int64), str(args.npz)
+    ds = load_dataset(args.dataset, args.data_dir)
+    if (split or args.split) == "test":
+        return ds.x_test, ds.y_test, f"{ds.name} test ({ds.source})"
+    return ds.x_train, ds.y_train, f"{ds.name} train ({ds.source})"
+
+def _cmd_points(args: argparse.Namespace, bars: Bars) -> int:
+    import numpy as np
+
+    from cnnrepair.formats import load_model
+    from cnnrepair.io import save_npz, write_json
+    from cnnrepair.points import InputSpec, PointsSettings, make_points
+    from cnnrepair.repair.certificate import sha256
+
+    outdir = _out(args, names("points.npz", "keep.npz", "held_out.npz", "points.json"),
+                  [args.model, getattr(args, "npz", None)], "points (points.json / *.npz)")
+    mean, std = _convention(args)
+    keep_split = args.keep_split if args.npz is None else args.split  # one image file: keep points from it, never a repair source
+    settings = PointsSettings(args.kind, args.n, args.keep, args.held_out, args.eps, args.split, args.seed, keep_split=keep_split,
+                              keep_kind=args.keep_kind, keep_eps=args.keep_eps)
+    settings.check()
+    images, labels, source = _points_images(args)
+    model = load_model(args.model, args.factory, _input_shape(args, images.shape[1:]))
+    spec = InputSpec(mean, std, model.input_shape, args.layout)
+    spec.check(tuple(images.shape[1:]))
+    keep_pool = None
+    if keep_split != args.split:
+        keep_images, keep_labels, _ = _points_images(args, keep_split)
+        keep_pool = (keep_images, keep_labels)
+    made = make_points(model.module, images, labels, spec, settings, bars, keep_pool)
+    here = args.split if args.npz is None else f"npz:{args.npz.name}"  # what evaluate matches recorded indices against
+    split, kept = np.array(here), np.array(here if keep_pool is None else made.info["keep_split"])
+    with outdir as stage:
+        save_npz(stage / "points.npz", x=made.x, y=made.y, index=made.index, split=split)
+        save_npz(stage / "keep.npz", x=made.keep_x, y=made.keep_y, index=made.keep_index, split=kept)
+        if settings.held_out:
+            save_npz(stage / "held_out.npz", x=made.held_x, y=made.held_y, index=made.held_index, split=split)
+        write_json(stage / "points.json", {**made.info, "model": {"file": args.model.name, "sha256": sha256(args.model)},
+                                           "data": source, "split": args.split})
+    for warning in made.info["warnings"]:
+        say(f"warning: {warning}")
+    say(f"wrote {len(made.y)} {args.kind} points and {len(made.keep_y)} keep points to {args.out} "
+         f"(clean accuracy {100 * made.info['clean_accuracy']:.2f}%); next: cnnrepair repair {args.model} "
+         f"--points {args.out / 'points.npz'} --keep {args.out / 'keep.npz'} --out DIR")
+    return 0
+
+def _cmd_evaluate(args: argparse.Namespace, bars: Bars) -> int:
+    from cnnrepair.assess import AssessSettings, assess, plot_report
+    from cnnrepair.formats import load_model
+    from cnnrepair.io import write_json
+    from cnnrepair.modelrepair import load_points
+    from cnnrepair.points import InputSpec
+    from cnnrepair.repair.certificate import sha256
+
+    outdir = _out(args, names("report.json", "report.png"), [args.model, args.repaired, args.points, args.held_out, args.keep,
+                                                              getattr(args, "npz", None)], "a report (report.json / report.png)")
+    mean, std = _convention(args)
+    eps = list(_floats(args.eps, "eps", "0.05,0.1") or ())
+    settings = AssessSettings(eps, args.attack, args.n, args.seed, certify=args.certify,
+                              split=args.split if args.npz is None else f"npz:{args.npz.name}")
+    settings.check()
+    images, labels, source = _points_images(args)
+    shape = _input_shape(args, images.shape[1:])
+    models = {"original": load_model(args.model, args.factory, shape)}
+    if args.repaired is not None:
+        models["repaired"] = load_model(args.repaired, args.factory, shape)
+    spec = InputSpec(mean, std, models["original"].input_shape, args.layout)
+    pts = load_points(args.points, "points file") if args.points else None
+    held = load_points(args.held_out, "held-out file") if args.held_out else None
+    avoid = {name: _point_set(path, what) for name, path, what in (("points", args.points, "points file"),
+                                                                    ("keep", args.keep, "keep file"),
+                                                                    ("held_out", args.held_out, "held-out file")) if path is not None}
+    report = assess({k: m.module for k, m in models.items()}, images, labels, spec, settings,
+                    None if pts is None else (pts.x, pts.y), None if held is None else (held.x, held.y), bars, avoid)
+    report.update(data=source, split=args.split, files={k: {"file": m.path.name, "sha256": sha256(m.path)} for k, m in models.items()})
+    with outdir as stage:
+        write_json(stage / "report.json", report)
+        plot_report(report, stage / "report.png")
+    for name, r in report["models"].items():
+        extra = "".join(f", {k} {r[k]:.2f}" for k in ("drawdown", "generalisation") if k in r)
+        eff = f", efficacy {100 * r['efficacy']:.1f}%" if "efficacy" in r else ""
+        attacked = ", ".join(f"eps {e}: {100 * a:.2f}%" for e, a in r["attack"].items())
+        cert = "; certified " + ", ".join(f"eps {e}: {100 * a:.2f}%" for e, a in r["certified"].items()) if "certified" in r else ""
+        say(f"{name}: clean {100 * r['clean_accuracy']:.2f}%, {args.attack} {attacked}{cert}{eff}{extra}")
+    used = report["images_used"]
+    left = ", ".join(f"{n} {c}" for n, c in used["excluded"].items())
+    say(f"measured on {used['count']} {source} images" + (f" that no point set was made from (left out: {left})" if left else ""))
+    for warning in report["warnings"]:
+        say(f"warning: {warning}")
+    say(f"wrote {args.out / 'report.json'} and {args.out / 'report.png'}")
+    return 0
+
+def _point_set(path: Path, what: str):
+    """A points file as evaluate avoids it: inputs, labels, and the source indices and split `cnnrepair points` recorded."""
+    from cnnrepair.assess import PointSet
+    from cnnrepair.io import load_npz
+    from cnnrepair.modelrepair import load_points
+
+    pts = load_points(path, what, labels_required=False)
+    data = load_npz(path, what)
+    split = str(data["split"]) if "split" in data and data["split"].ndim == 0 else None
+    index = data["index"].reshape(-1) if "index" in data and len(data["index"].reshape(-1)) == len(pts.x) else None
+    return PointSet(pts.x.numpy(), pts.y, index, split)
+
+
+def _configure_verify(p: argparse.ArgumentParser) -> None:
+    p.add_argument("certificate", type=Path, help="certificate.json written by cnnrepair repair")
+    p.add_argument("--model", type=Path, required=True, help="the repaired model file the certificate names")
+    p.add_argument("--points", type=Path, required=True, help="the repair points (.npz with x, y)")
+    p.add_argument("--keep", type=Path, default=None, help="the keep points, if the repair had any")
+    p.add_argument("--original", type=Path, default=None, help="the model before repair: also checks that only the layer changed, "
+                   "the change's norm, and the certified lower bound")
+    _add_factory_arg(p)
+
+
+def _configure_points(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", type=Path, help="the classifier (.pt2 or .onnx)")
+    _add_images_args(p)
+    p.add_argument("--kind", choices=["misclassified", "fgsm", "pgd", "fog"], default="misclassified",
+                   help="which images become repair points (default: misclassified)")
+    p.add_argument("--eps", type=float, default=None, help="attack radius in pixel units (fgsm, pgd)")
+    p.add_argument("--n", type=int, default=100, help="repair points to make (default 100)")
+    p.add_argument("--keep", type=int, default=1000, help="keep points: clean images the model gets right (default 1000)")
+    p.add_argument("--keep-split", choices=["train", "test"], default="train",
+                   help="the split keep points come from (default: train, so an evaluation on the test split never sees them)")
+    p.add_argument("--keep-kind", choices=["clean", "fgsm", "pgd"], default="clean",
+                   help="keep points: clean images, or adversarial examples at --keep-eps the model still gets right, which hold "
+                        "its robustness there (default: clean)")
+    p.add_argument("--keep-eps", type=float, default=None, help="attack radius of adversarial keep points, pixels")
+    p.add_argument("--held-out", type=int, default=0, help="more points of the same kind, not repaired, to measure generalisation (held_out.npz)")
+    p.add_argument("--out", type=Path, required=True, help="folder for points.npz, keep.npz and points.json")
+    _add_factory_arg(p)
+
+
+def _configure_evaluate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", type=Path, help="the original classifier (.pt2, .onnx, or .pt/.pth with --factory)")
+    p.add_argument("--repaired", type=Path, default=None, help="the repaired model, compared with the original on the same images")
+    _add_images_args(p)
+    p.add_argument("--eps", default="0.05,0.1", help="attack radii in pixel units, comma-separated (default 0.05,0.1)")
+    p.add_argument("--attack", choices=["fgsm", "pgd"], default="fgsm")
+    p.add_argument("--certify", choices=["ibp", "crown"], default=None,
+                   help="also report certified accuracy at each --eps: images whose whole ball provably keeps the label")
+    p.add_argument("--n", type=int, default=1000, help="test images (a seeded slice; default 1000)")
+    p.add_argument("--points", type=Path, default=None, help="the repair points (efficacy)")
+    p.add_argument("--held-out", type=Path, default=None, help="held-out points of the same kind (generalisation)")
+    p.add_argument("--keep", type=Path, default=None, help="the repair's keep points: their images are left out of the evaluation")
+    p.add_argument("--out", type=Path, required=True, help="folder for report.json and report.png")
+    _add_factory_arg(p)
+
+
+def _configure_vnnlib(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", type=Path, help="the model the properties are about (.onnx for most verifiers, or .pt2)")
+    p.add_argument("--points", type=Path, required=True, help=".npz with x (model units) and optional y (default: the model's labels)")
+    p.add_argument("--eps", type=float, required=True, help="L-inf radius of each ball, in pixels (the model's input units when "
+                   "it takes pixels as they are)")
+    p.add_argument("--mean", default=None, help="per-channel mean the model subtracts from [0, 1] pixels: the ball is taken in "
+                   "pixels and written in the model's units")
+    p.add_argument("--std", default=None, help="per-channel std the model divides by")
+    p.add_argument("--range", default="0,1", help="pixel range the balls are clipped to, LOW,HIGH, or 'none' (default: 0,1)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per property written to instances.csv (default 60)")
+    p.add_argument("--out", type=Path, required=True, help="folder for point_<i>.vnnlib and instances.csv")
+    p.add_argument("--overwrite", action="store_true", help="replace properties already in --out")
+    _add_factory_arg(p)
+
+
+COMMANDS: list[Command] = [
+    Command("repair", "repair the last linear layer of a model file so that given points get their labels (certified)",
+            _add_model_repair_args, _cmd_model_repair, _model_repair_job, on_files=True),
+    Command("verify", "re-check a repair certificate against a model file and the points", _configure_verify, _cmd_verify, on_files=True),
+    Command("points", "make POINTS.npz (and KEEP.npz) for cnnrepair repair from a model and a dataset", _configure_points, _cmd_points,
+            on_files=True),
+    Command("evaluate", "clean and attacked accuracy of a model and its repair, with efficacy, drawdown and generalisation",
+            _configure_evaluate, _cmd_evaluate, on_files=True),
+    Command("vnnlib", "write VNN-LIB robustness properties (one L-inf ball per point) for any VNN-COMP verifier", _configure_vnnlib,
+            _cmd_vnnlib, on_files=True),
+]
