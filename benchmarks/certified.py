@@ -36,7 +36,7 @@ def run(runs: list[Path], eps_grid: tuple[float, ...], k: int = 20, keep: int = 
     from cnnrepair.certify import certify, pgd_accuracy
     from cnnrepair.formats import load_model
     from cnnrepair.paper.pipeline import open_dataset
-    from cnnrepair.repair import RepairSpec, repair_classifier
+    from cnnrepair.repair import Points, RepairSpec, SolveOptions, repair_classifier
     from cnnrepair.repair.api import last_layer_tensors
     from cnnrepair.repair.layer import last_layer
     from cnnrepair.paper.rundir import RunDir
@@ -68,8 +68,8 @@ def run(runs: list[Path], eps_grid: tuple[float, ...], k: int = 20, keep: int = 
                     for keep_kind in ("points", "balls") if method == "crown" else ("points",):
                         spec = RepairSpec(kind="ball", eps=eps, bounds=method, margin=margin, keep_eps=eps if keep_kind == "balls" else 0.0)
                         t0 = time.perf_counter()
-                        result = repair_classifier(model, x[idx], y[idx], spec, keep_x=x[keep_idx], keep_y=y[keep_idx],
-                                                   time_limit=time_limit)
+                        result = repair_classifier(model, x[idx], y[idx], spec, keep=Points(x[keep_idx], y[keep_idx]),
+                                                   options=SolveOptions(time_limit=time_limit))
                         seconds = time.perf_counter() - t0
                         row = {"dataset": res["dataset"], "model": name, "eps": eps, "bounds": method, "keep": keep_kind,
                                "repair_points": int(len(idx)), "candidates_certified_before": int(cand.certified.sum()),
@@ -84,13 +84,13 @@ def run(runs: list[Path], eps_grid: tuple[float, ...], k: int = 20, keep: int = 
                                 clean_after = float((result.model(xe).argmax(1).numpy() == ye).mean())
                             cert = result.certificate
                             row.update({
-                                "repair_points_certified": int(sum(p["certified_margin_after"] >= margin * (1 - 1e-9) for p in cert["points"])),
+                                "repair_points_certified": int(sum(p.certified_margin_after >= margin * (1 - 1e-9) for p in cert.points)),
                                 "certified_after": after.accuracy, "pgd_after": float(robust.mean()),
                                 "pgd_not_below_certified": bool((robust | ~after.certified).all()),
                                 "clean_after": clean_after, "drawdown": clean_before - clean_after,
-                                "change_l1": cert["change"]["l1"], "changed": cert["change"]["nonzero"], "gap": cert["gap"],
-                                "keep_labels_kept": cert["keep"]["labels_kept"],
-                                "keep_balls_certified": [cert["keep"].get("balls_certified_after"), cert["keep"].get("balls_certified_before")]})
+                                "change_l1": cert.change["l1"], "changed": cert.change["nonzero"], "gap": cert.gap,
+                                "keep_labels_kept": cert.keep.labels_kept,
+                                "keep_balls_certified": [cert.keep.balls_certified_after, cert.keep.balls_certified_before]})
                         rows.append(row)
                         print(f"{res['dataset']} {name} eps={eps:g} {method} keep {keep_kind}: {row['status']} in {seconds:.1f}s; certified "
                               f"{100 * row['certified_before']:.0f}% -> {100 * row.get('certified_after', float('nan')):.0f}%, "

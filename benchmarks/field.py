@@ -60,8 +60,7 @@ def run(run_dir: Path, repair_images: int = 100, keep_images: int = 1000, margin
         for margin in margins:
             for keep in (False, True):
                 t1 = time.perf_counter()
-                r = repair_classifier(model, xr, yr, RepairSpec(margin=margin), layer=layer,
-                                      keep_x=xk if keep else None, keep_y=yk if keep else None)
+                r = repair_classifier(model, xr, yr, RepairSpec(margin=margin), layer=layer, keep=(xk, yk) if keep else None)
                 seconds = time.perf_counter() - t1
                 row = {"model": name, "layer": layer, "margin": margin, "keep_points": int(len(yk)) if keep else 0, "status": r.status,
                        "seconds": seconds, "before": before}
@@ -71,7 +70,7 @@ def run(run_dir: Path, repair_images: int = 100, keep_images: int = 1000, margin
                     c = r.certificate
                     row.update(after=after, efficacy=after["repair"], drawdown=100 * (before["clean"] - after["clean"]),
                                generalisation=100 * (after["generalisation"] - before["generalisation"]),
-                               change=c["change"], objective=c["objective"], gap=c["gap"],
+                               change=c.change, objective=c.objective, gap=c.gap,
                                repair_points_wrong_before=int(round(repair_images * (1 - before["repair"]))))
                 rows.append(row)
                 print(f"{name} margin={margin:g} keep={keep}: {r.status} in {seconds:.1f}s" + (

@@ -14,7 +14,7 @@ from cnnrepair.bounds import ball_box, feature_bounds, frozen_graph
 from cnnrepair.certify import certify, pgd_accuracy
 from cnnrepair.cli import main
 from cnnrepair.errors import CnnRepairError
-from cnnrepair.repair import MarginProblem, RepairSpec, last_layer, repair_classifier, solve_ball
+from cnnrepair.repair import MarginProblem, Points, RepairSpec, last_layer, repair_classifier, solve_ball
 
 
 class Normalise(nn.Module):
@@ -257,14 +257,14 @@ def test_ball_repair_certifies_every_ball_and_pgd_with_restarts_never_beats_the_
     keep = np.flatnonzero(before.certified)[:60]
     assert len(idx) >= 4
     spec = RepairSpec(kind="ball", eps=eps, margin=0.05, keep_eps=eps)
-    result = repair_classifier(net, x[idx], y[idx], spec, keep_x=x[keep], keep_y=y[keep])
+    result = repair_classifier(net, x[idx], y[idx], spec, keep=Points(x[keep], y[keep]))
     assert result.ok, result.notes
     cert = result.certificate
-    assert all(p["certified_margin_after"] >= 0.05 for p in cert["points"]) and cert["gap"] <= 1e-6
-    assert cert["keep"]["balls_certified_after"] == cert["keep"]["balls_certified_before"] == len(keep)
+    assert all(p.certified_margin_after >= 0.05 for p in cert.points) and cert.gap <= 1e-6
+    assert cert.keep.balls_certified_after == cert.keep.balls_certified_before == len(keep)
     lay = last_layer(result.model, x[:2])
     after = certify(result.model, x[idx], y[idx], eps, "crown")
-    assert after.certified.all() and np.allclose(after.margins, [p["certified_margin_after"] for p in cert["points"]], atol=1e-5)
+    assert after.certified.all() and np.allclose(after.margins, [p.certified_margin_after for p in cert.points], atol=1e-5)
     lo, hi = ball_box(x[idx], eps)
     assert pgd_accuracy(result.model, lo, hi, y[idx], steps=40, restarts=10).all()
     unseen = certify(result.model, x[200:400], y[200:400], eps, "crown")
@@ -286,7 +286,7 @@ def test_ball_spec_refuses_an_rbf_head_and_a_box_without_its_point():
         repair_classifier(model, x, np.array([0, 1, 2]), RepairSpec(kind="ball", eps=0.01))
     mlp = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
     with pytest.raises(CnnRepairError, match="its own box"):
-        repair_classifier(mlp, x, np.array([0, 1, 2]), RepairSpec(kind="ball"), boxes=(x + 0.1, x + 0.2))
+        repair_classifier(mlp, Points(x, np.array([0, 1, 2]), boxes=(x + 0.1, x + 0.2)), spec=RepairSpec(kind="ball"))
 
 
 def _export(model, x, path):

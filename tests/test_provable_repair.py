@@ -238,7 +238,7 @@ def test_repair_classifier_fixes_every_point_on_the_float32_model_and_changes_on
     x, pred = _points(model, 40)
     y = (pred + 1) % 5
     keep_x = x[12:]
-    r = repair_classifier(model, x[:12], y[:12], RepairSpec(margin=0.1, norm=norm), keep_x=keep_x)
+    r = repair_classifier(model, x[:12], y[:12], RepairSpec(margin=0.1, norm=norm), keep=keep_x)
     assert r.ok and r.layer == "3"
     with torch.no_grad():
         out = r.model(x[:12]).double().numpy()
@@ -248,8 +248,34 @@ def test_repair_classifier_fixes_every_point_on_the_float32_model_and_changes_on
     for (name, p0), (_, p1) in zip(model.named_parameters(), r.model.named_parameters()):
         assert torch.equal(p0, p1) == (not name.startswith("3."))
     c = r.certificate
-    assert c["status"] == "repaired" and c["gap"] <= 1e-6 and c["keep"]["count"] == 28
-    assert min(p["margin_after"] for p in c["points"]) >= 0.1
+    assert c.status == "repaired" and c.gap <= 1e-6 and c.keep.count == 28
+    assert min(p.margin_after for p in c.points) >= 0.1
+
+
+def test_the_keyword_arguments_of_0_1_still_repair_with_a_warning():
+    from cnnrepair import CnnRepairError, Points, SolveOptions
+
+    model = _mlp()
+    x, pred = _points(model, 20)
+    y = (pred + 1) % 5
+    new = repair_classifier(model, x[:5], y[:5], RepairSpec(margin=0.1), keep=Points(x[5:], pred[5:]),
+                            options=SolveOptions(time_limit=60, threads=1))
+    with pytest.warns(DeprecationWarning, match="keep_x"):
+        old = repair_classifier(model, x[:5], y[:5], RepairSpec(margin=0.1), keep_x=x[5:], keep_y=pred[5:], time_limit=60, threads=1)
+    assert new.ok and old.ok and old.certificate.to_dict() == {**new.certificate.to_dict(), "solver": old.certificate.solver}
+    with pytest.warns(DeprecationWarning, match="Certificate"):
+        assert old.certificate["gap"] == old.certificate.gap
+    pair = repair_classifier(model, Points(x[:5], y[:5]), spec=RepairSpec(margin=0.1), keep=(x[5:], pred[5:]))
+    assert pair.certificate.objective == new.certificate.objective
+    with pytest.raises(TypeError, match="keep_points"):
+        repair_classifier(model, x[:5], y[:5], keep_points=x[5:])
+    with pytest.raises(CnnRepairError, match="once"), pytest.warns(DeprecationWarning):
+        repair_classifier(model, x[:5], y[:5], keep=x[5:], keep_x=x[5:])
+    with pytest.raises(CnnRepairError, match="need labels"):
+        repair_classifier(model, x[:5])
+    for bad in ({"time_limit": 0}, {"time_limit": float("nan")}, {"threads": 0}):
+        with pytest.raises(CnnRepairError, match="time limit|threads"):
+            SolveOptions(**bad)
 
 
 def test_frozen_bias_and_a_layer_without_bias():
@@ -260,7 +286,7 @@ def test_frozen_bias_and_a_layer_without_bias():
     nobias = nn.Sequential(nn.Flatten(), nn.Linear(12, 5, bias=False)).eval()
     x, pred = _points(nobias, 6)
     r = repair_classifier(nobias, x, (pred + 1) % 5)
-    assert r.ok and r.certificate["spec"]["freeze_bias"] is True
+    assert r.ok and r.certificate.spec["freeze_bias"] is True
 
 
 def test_lh_and_kh_heads_are_repaired_through_the_same_call():
@@ -277,9 +303,9 @@ def test_lh_and_kh_heads_are_repaired_through_the_same_call():
         with torch.no_grad():
             pred = net(xt).argmax(1).numpy()
         y = (pred[:3] + 1) % 3
-        r = repair_classifier(net, xt[:3], y, RepairSpec(margin=0.05), keep_x=xt[6:16])
+        r = repair_classifier(net, xt[:3], y, RepairSpec(margin=0.05), keep=xt[6:16])
         assert r.ok, r.notes
-        assert r.layer == "head" and r.certificate["layer_kind"] == ("svm-linear" if fit is fit_linear_svm else "svm-rbf")
+        assert r.layer == "head" and r.certificate.layer_kind == ("svm-linear" if fit is fit_linear_svm else "svm-rbf")
         with torch.no_grad():
             assert np.all(margins_of(r.model(xt[:3]).double().numpy(), y) >= 0.05)
             assert np.array_equal(r.model(xt[6:16]).argmax(1).numpy(), pred[6:16])
@@ -291,8 +317,8 @@ def test_lh_and_kh_heads_are_repaired_through_the_same_call():
 def test_the_papers_targets_spec_runs_through_the_same_call_and_promises_nothing():
     model = _mlp()
     x, pred = _points(model, 20)
-    r = repair_classifier(model, x[:8], (pred[:8] + 1) % 5, RepairSpec(kind="targets"), keep_x=x[8:])
-    assert r.ok and r.certificate["lower_bound"] is None and "guarantees nothing" in r.certificate["note"]
+    r = repair_classifier(model, x[:8], (pred[:8] + 1) % 5, RepairSpec(kind="targets"), keep=x[8:])
+    assert r.ok and r.certificate.lower_bound is None and "guarantees nothing" in r.certificate.note
     assert torch.equal(r.model[3].bias, model[3].bias)  # the paper's program edits weights only
 
 
@@ -451,7 +477,7 @@ def test_an_exported_hybrid_program_is_repaired_from_its_file(tmp_path, head):
     """Our own exported hybrids compute ``x @ W.T + b`` (LH) or ``kernel(x) @ coef.T + b`` (KH) in
     float64: the file-level repair finds that layer too (for KH, in its dual coefficients)."""
     from cnnrepair.paper.hybrid import HybridNet, fit_linear_svm, fit_rbf_svm
-    from cnnrepair.modelrepair import prepare, run
+    from cnnrepair.modelrepair import RepairFiles, prepare, run
 
     rng = np.random.default_rng(0)
     X = rng.normal(size=(90, 6)).astype(np.float32)
@@ -465,10 +491,10 @@ def test_an_exported_hybrid_program_is_repaired_from_its_file(tmp_path, head):
         pred = net(xt).argmax(1).numpy()
     y = ((pred[:3] + 1) % 3).astype(np.int64)
     np.savez(tmp_path / "p.npz", x=X[:3].reshape(3, 1, 6), y=y)
-    job = prepare(tmp_path / "lh.pt2", tmp_path / "p.npz", RepairSpec(margin=0.05))
+    job = prepare(RepairFiles(tmp_path / "lh.pt2", tmp_path / "p.npz"), RepairSpec(margin=0.05))
     assert job.layer == "head"
     cert = run(job, tmp_path / "out")
-    assert cert["status"] == "repaired"
+    assert cert.status == "repaired"
     saved = torch.export.load(str(tmp_path / "out" / "repaired.pt2")).module()
     with torch.no_grad():
         assert np.all(margins_of(saved(xt[:3]).double().numpy(), y) >= 0.05)

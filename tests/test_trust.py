@@ -24,7 +24,7 @@ import pytest
 import torch
 from torch import nn
 
-from cnnrepair import CnnRepairError, RepairSpec, load_model, repair_classifier
+from cnnrepair import CnnRepairError, Points, RepairSpec, load_model, repair_classifier
 from cnnrepair.cli import main
 from cnnrepair.repair.program import margins_of
 
@@ -169,18 +169,18 @@ def test_inputs_equal_within_float32_noise_coincide_and_a_near_conflict_is_ill_c
     y = (pred + 1) % 5
     g = torch.Generator().manual_seed(5)
     near = x[:3] + 1e-7 * torch.randn(3, 1, 3, 4, generator=g)  # not bit-identical; features differ by float32 noise
-    r = repair_classifier(model, x, y, RepairSpec(margin=0.05), keep_x=near, keep_y=(y[:3] + 1) % 5)
-    assert r.status == "infeasible" and r.model is None and r.certificate["coinciding"]
+    r = repair_classifier(model, x, y, RepairSpec(margin=0.05), keep=Points(near, (y[:3] + 1) % 5))
+    assert r.status == "infeasible" and r.model is None and r.certificate.coinciding
     apart = x[:3] + 1e-4 * torch.randn(3, 1, 3, 4, generator=g)  # separable only by a change thousands of times the weights
-    r = repair_classifier(model, x, y, RepairSpec(margin=0.05), keep_x=apart, keep_y=(y[:3] + 1) % 5)
-    assert r.status == "ill-conditioned" and r.model is None and r.certificate["conditioning"]["ratio"] > 1000
+    r = repair_classifier(model, x, y, RepairSpec(margin=0.05), keep=Points(apart, (y[:3] + 1) % 5))
+    assert r.status == "ill-conditioned" and r.model is None and r.certificate.conditioning["ratio"] > 1000
     assert "ill-conditioned" in r.notes[0]
-    r = repair_classifier(model, x, y, RepairSpec(margin=0.05, max_change_ratio=None), keep_x=apart, keep_y=(y[:3] + 1) % 5)
+    r = repair_classifier(model, x, y, RepairSpec(margin=0.05, max_change_ratio=None), keep=Points(apart, (y[:3] + 1) % 5))
     assert r.status == "repaired"  # the limit is a choice the caller can lift
 
 
 def test_the_same_input_gets_one_feature_vector_and_margins_hold_in_every_batch_layout(files, tmp_path):
-    from cnnrepair.repair.certificate import LAYOUTS
+    from cnnrepair.repair.measure import LAYOUTS
 
     out = tmp_path / "o"
     assert main(["repair", str(files / "m.pt2"), "--points", str(files / "p.npz"), "--keep", str(files / "k.npz"), "--out", str(out),
@@ -371,7 +371,25 @@ def test_verify_rejects_other_files_than_the_certificate_names(files, tmp_path):
     assert any("targets certificate guarantees no margin" in p for p in problems)
 
 
-@pytest.mark.parametrize("edit", ["empty-spec", "point-empty", "points-string", "not-object", "old-format"])
+def test_a_certificate_is_a_typed_record_that_reads_back_as_it_was_written(files, tmp_path):
+    from cnnrepair import Certificate
+    from cnnrepair.io import sha256
+    from cnnrepair.repair import KeepClaim, PointClaim
+
+    out = tmp_path / "o"
+    assert main(["repair", str(files / "m.pt2"), "--points", str(files / "p.npz"), "--keep", str(files / "k.npz"), "--out", str(out)]) == 0
+    written = json.loads((out / "certificate.json").read_text())
+    cert = Certificate.read(out / "certificate.json")
+    assert cert.to_dict() == written and list(cert.to_dict()) == list(written)  # the same fields, in the same order
+    assert isinstance(cert.points[0], PointClaim) and isinstance(cert.keep, KeepClaim) and cert.keep.count == len(np.load(files / "k.npz")["x"])
+    assert cert.model.sha256 == sha256(out / "repaired.pt2") and cert.keep_file.sha256 == sha256(files / "k.npz")
+    assert cert.repaired and cert.check_claims(np.array([p.margin_after for p in cert.points]), np.zeros(cert.keep.count) + 1) == []
+    low = np.array([p.margin_after for p in cert.points]) - 1.0
+    assert any("below the margin" in p for p in cert.check_claims(low, np.ones(cert.keep.count)))
+
+
+@pytest.mark.parametrize("edit", ["empty-spec", "point-empty", "points-string", "not-object", "old-format", "unknown-claim",
+                                  "unknown-point-claim", "unknown-keep-claim"])
 def test_malformed_certificates_are_one_line_errors(files, tmp_path, capsys, edit):
     out = tmp_path / "o"
     assert main(["repair", str(files / "m.pt2"), "--points", str(files / "p.npz"), "--out", str(out)]) == 0
@@ -384,12 +402,18 @@ def test_malformed_certificates_are_one_line_errors(files, tmp_path, capsys, edi
         cert["points"] = "abc"
     elif edit == "not-object":
         cert = [1, 2]
+    elif edit == "unknown-claim":  # a claim no check recomputes is refused, never passed over in silence
+        cert["robust_everywhere"] = True
+    elif edit == "unknown-point-claim":
+        cert["points"][0]["certified_for_all_inputs"] = True
+    elif edit == "unknown-keep-claim":
+        cert["keep"]["all_test_images_kept"] = True
     else:
         cert["format"] = "cnnrepair-certificate/1"
     (tmp_path / "bad.json").write_text(json.dumps(cert))
     capsys.readouterr()
     assert main(["verify", str(tmp_path / "bad.json"), "--model", str(out / "repaired.pt2"), "--points", str(files / "p.npz")]) == 2
-    _one_line(capsys, "certificate")
+    _one_line(capsys, "certificate", *(("unknown field",) if edit.startswith("unknown") else ()))
     assert main(["verify", str(out / "certificate.json"), "--model", str(tmp_path / "missing.pt2"), "--points", str(files / "p.npz")]) == 2
     _one_line(capsys, "missing.pt2")
 
@@ -438,7 +462,7 @@ def test_an_interrupted_repair_exits_130_and_writes_nothing(files, tmp_path, cap
 
 
 def test_the_default_time_limit_is_in_force():
-    from cnnrepair.repair.api import DEFAULT_TIME_LIMIT
+    from cnnrepair.repair.inputs import DEFAULT_TIME_LIMIT
 
     assert 0 < DEFAULT_TIME_LIMIT < float("inf")
     assert "default: 3600" in subprocess.run([sys.executable, "-m", "cnnrepair.cli", "repair", "--help"], capture_output=True,

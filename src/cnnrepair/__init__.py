@@ -1,6 +1,7 @@
 """cnnrepair: repair image classifiers with convex optimization, and prove what the repair did.
 
-The public API, one level: repair a model (``repair_classifier``, ``RepairSpec``), read and write
+The public API, one level: repair a model (``repair_classifier``, ``RepairSpec``, ``Points``,
+``SolveOptions``; the outcome's ``Certificate``), read and write
 model files (``load_model``, ``save_model``), make points and evaluate (``make_points``,
 ``assess``), bound and certify (``feature_bounds``, ``certify``), re-check a certificate
 (``verify_certificate``), write VNN-LIB properties (``write_properties``). The solvers and their
@@ -15,7 +16,7 @@ from cnnrepair.certify import Certification, certify, pgd_accuracy
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.formats import LoadedModel, load_model, save_model
 from cnnrepair.points import InputSpec, MadePoints, PointsSettings, make_points
-from cnnrepair.repair import ClassifierRepair, RepairSpec, last_layer, repair_classifier
+from cnnrepair.repair import Certificate, ClassifierRepair, Points, RepairSpec, SolveOptions, last_layer, repair_classifier
 from cnnrepair.verify import Verification, verify_certificate
 from cnnrepair.vnnlib import BallProperty, write_properties
 
@@ -24,8 +25,8 @@ __version__ = "0.1.0"
 from cnnrepair import moved as _moved_modules  # noqa: E402 - old module paths (cnnrepair.training, ...) for one release
 
 _moved_modules.install()
-__all__ = ["AssessSettings", "BallProperty", "Certification", "ClassifierRepair", "CnnRepairError", "FeatureBounds", "InputSpec",
-           "LoadedModel", "MadePoints", "PointsSettings", "RepairSpec", "Verification", "__version__", "assess", "ball_box", "certify",
+__all__ = ["AssessSettings", "BallProperty", "Certificate", "Certification", "ClassifierRepair", "CnnRepairError", "FeatureBounds", "InputSpec",
+           "LoadedModel", "MadePoints", "Points", "PointsSettings", "RepairSpec", "SolveOptions", "Verification", "__version__", "assess", "ball_box", "certify",
            "feature_bounds", "last_layer", "load_model", "make_points", "pgd_accuracy", "repair_classifier", "save_model",
            "verify_certificate", "write_properties"]
 

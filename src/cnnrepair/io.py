@@ -1,7 +1,8 @@
-"""Atomic file writes and safe checkpoint loading, so a crash never leaves a half-written file."""
+"""Atomic file writes, safe checkpoint and array loading (no pickles), and file hashes: a crash never leaves a half-written file."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -13,6 +14,15 @@ import numpy as np
 import torch
 
 from cnnrepair.errors import CnnRepairError
+
+
+def sha256(path: Path) -> str:
+    """Hex sha256 of a file (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:

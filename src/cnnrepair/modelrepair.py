@@ -17,15 +17,15 @@ import torch
 
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.formats import FORMATS, RUNTIME_AGREEMENT, LoadedModel, disagreement, load_model, runtime_fn, save_model
-from cnnrepair.io import load_npz, write_json
+from cnnrepair.io import load_npz
 from cnnrepair.outdir import OutputDir
-from cnnrepair.repair import RepairSpec, last_layer, repair_classifier
-from cnnrepair.repair.certificate import check_claims, layout_margins, model_logits, module_logits_fn, sha256
-
+from cnnrepair.repair import Points, RepairSpec, SolveOptions, last_layer, repair_classifier
+from cnnrepair.repair.certificate import Certificate, FileRef
+from cnnrepair.repair.measure import layout_margins, model_logits, module_logits_fn
 
 
 @dataclass
-class Points:
+class PointsFile:
     """Inputs ``x`` (model units) and labels ``y`` (None: the model's own predictions) read from an .npz."""
 
     path: Path
@@ -33,7 +33,7 @@ class Points:
     y: np.ndarray | None
 
 
-def load_points(path: Path, what: str, labels_required: bool = True) -> Points:
+def load_points(path: Path, what: str, labels_required: bool = True) -> PointsFile:
     """Read ``x`` (float, N x input shape) and ``y`` (int) from an .npz, with one-line errors."""
     data = load_npz(Path(path), what)
     if "x" not in data:
@@ -50,7 +50,7 @@ def load_points(path: Path, what: str, labels_required: bool = True) -> Points:
     y = data.get("y")
     if y is not None and (y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer)):
         raise CnnRepairError(f"{path}: 'y' must hold one integer label per input ({len(x)}), got {y.dtype} of shape {y.shape}")
-    return Points(Path(path), torch.from_numpy(np.ascontiguousarray(x, np.float32)), None if y is None else y.astype(np.int64))
+    return PointsFile(Path(path), torch.from_numpy(np.ascontiguousarray(x, np.float32)), None if y is None else y.astype(np.int64))
 
 
 @dataclass(frozen=True)
@@ -76,22 +76,36 @@ class RepairJob:
     """Everything ``cnnrepair repair`` needs, checked: the model, points, keep points, spec and layer."""
 
     model: LoadedModel
-    points: Points
-    keep: Points | None
+    points: PointsFile
+    keep: PointsFile | None
     spec: RepairSpec
     layer: str
     ball: BallInputs | None = None
     point_eps: np.ndarray | None = None  # ball spec: the points file's per-point eps, if it has one
 
 
-def prepare(model_path: Path, points_path: Path, spec: RepairSpec, layer: str | None = None, keep_path: Path | None = None,
-            factory: str | None = None, input_shape: tuple[int, ...] | None = None, ball: BallInputs | None = None) -> RepairJob:
+@dataclass(frozen=True)
+class RepairFiles:
+    """The files one repair reads: the model (a state dict needs ``factory``, ``module:function``; a TorchScript
+    file takes its input shape from ``input_shape`` or else the points), the points and the keep points."""
+
+    model: Path
+    points: Path
+    keep: Path | None = None
+    factory: str | None = None
+    input_shape: tuple[int, ...] | None = None
+
+
+def prepare(files: RepairFiles, spec: RepairSpec, layer: str | None = None, ball: BallInputs | None = None) -> RepairJob:
     """Load and check every input (raises CnnRepairError naming the problem); writes nothing.
 
-    ``factory`` (``module:function``) builds the model when ``model_path`` is a state dict; a
-    TorchScript file takes its input shape from ``input_shape`` or else the points."""
+    ``ball``: how the ball spec's balls are taken (default: pixels as they are, in [0, 1]); only
+    the ball spec takes one."""
+    if ball is not None and spec.kind != "ball":
+        raise CnnRepairError(f"input balls (a mean, std or range) describe the ball spec; the {spec.kind} spec takes none")
+    model_path, points_path, keep_path = Path(files.model), Path(files.points), files.keep
     points = load_points(points_path, "points file")
-    model = load_model(model_path, factory, input_shape or tuple(points.x.shape[1:]))
+    model = load_model(model_path, files.factory, files.input_shape or tuple(points.x.shape[1:]))
     keep = load_points(keep_path, "keep file", labels_required=False) if keep_path is not None else None
     for pts in (points, keep):
         if pts is None:
@@ -137,7 +151,7 @@ def output_dir(out: Path, inputs: list[Path | None], overwrite: bool = False) ->
     return OutputDir(Path(out), REPAIR_OUTPUTS.__contains__, overwrite, inputs, what="a repair (certificate.json / repaired.*)")
 
 
-def run(job: RepairJob, out: Path, time_limit: float | None = None, threads: int | None = None, overwrite: bool = False) -> dict:
+def run(job: RepairJob, out: Path, options: SolveOptions | None = None, overwrite: bool = False) -> Certificate:
     """Repair, save ``out/repaired.<format>`` if the spec holds, re-measure on the saved file, write the certificate.
 
     ``out`` must be new, empty, or (with ``overwrite``) hold only an earlier repair's files; the model
@@ -149,29 +163,28 @@ def run(job: RepairJob, out: Path, time_limit: float | None = None, threads: int
         boxes = _boxes(job, job.points.x) if job.spec.kind == "ball" else None
         keep_in = (job.ball.boxes(keep.x, job.spec.keep_eps) if job.spec.kind == "ball" and job.spec.keep_eps > 0 and keep is not None
                    else None)  # the keep balls in the same convention (mean, std, range) as the repair balls
-        result = repair_classifier(job.model.module, job.points.x, job.points.y, job.spec, layer=job.layer,
-                                   keep_x=None if keep is None else keep.x, keep_y=None if keep is None else keep.y,
-                                   time_limit=time_limit, threads=threads, boxes=boxes, keep_input_boxes=keep_in)
+        result = repair_classifier(job.model.module, Points(job.points.x, job.points.y, boxes=boxes), spec=job.spec, layer=job.layer,
+                                   keep=None if keep is None else Points(keep.x, keep.y, boxes=keep_in), options=options)
         cert = result.certificate
-        if "ball" in cert:
-            cert["ball"].update(job.ball.as_dict())
-            cert["ball"]["point_eps"] = None if job.point_eps is None else job.point_eps.tolist()
-        cert["source_model"] = {"file": job.model.path.name, "sha256": sha256(job.model.path)}
-        cert["points_file"] = {"file": job.points.path.name, "sha256": sha256(job.points.path)}
+        if cert.ball is not None:
+            cert.ball.update(job.ball.as_dict())
+            cert.ball["point_eps"] = None if job.point_eps is None else job.point_eps.tolist()
+        cert.source_model = FileRef.of(job.model.path)
+        cert.points_file = FileRef.of(job.points.path)
         if keep is not None:
-            cert["keep_file"] = {"file": keep.path.name, "sha256": sha256(keep.path)}
-        cert["notes"] = result.notes
+            cert.keep_file = FileRef.of(keep.path)
+        cert.notes = list(result.notes)
         target = stage / f"repaired{job.model.suffix}"
         if result.ok:
             save_model(job.model, result.model, list(result.tensors), target)
             problems = _measure_saved(cert, target, job, result.model)
             if problems:  # the saved file does not do what the solve promised: never certify it
                 target.unlink()  # the staging copy this run just wrote
-                cert["status"] = "failed"
-                cert["notes"] = cert["notes"] + problems
+                cert.status = "failed"
+                cert.notes = cert.notes + problems
             else:
-                cert["model"] = {"file": target.name, "sha256": sha256(target)}
-        write_json(stage / "certificate.json", cert)
+                cert.model = FileRef.of(target)
+        cert.write(stage / "certificate.json")
     return cert
 
 
@@ -181,25 +194,25 @@ def saved_logits_fn(path: Path, module: torch.nn.Module):
     return runtime_fn(path) or module_logits_fn(module)
 
 
-def _measure_saved(cert: dict, target: Path, job: RepairJob, repaired: torch.nn.Module) -> list[str]:
+def _measure_saved(cert: Certificate, target: Path, job: RepairJob, repaired: torch.nn.Module) -> list[str]:
     """Fill the certificate's margins from the saved file (every batch layout) and list what it does not keep."""
     saved = load_model(target, job.model.factory, job.model.input_shape).module
     own = runtime_fn(target)  # the format's own runtime, where it is not the loaded module
     fn = own or module_logits_fn(saved)
     by_layout = layout_margins(fn, job.points.x, job.points.y)
     after = by_layout.min(0)
-    for p, m in zip(cert["points"], after):
-        p["margin_after"] = float(m)
-    cert["margins_by_layout"] = [float(row.min()) for row in by_layout]
+    for p, m in zip(cert.points, after):
+        p.margin_after = float(m)
+    cert.margins_by_layout = [float(row.min()) for row in by_layout]
     keep = job.keep
     km = np.zeros(0)
-    if keep is not None and cert["keep"]["count"]:
-        km = layout_margins(fn, keep.x, np.asarray(cert["keep"]["labels"], np.int64)).min(0)  # the labels repair kept
-        cert["keep"]["smallest_margin_after"] = float(km.min())
-        cert["keep"]["labels_kept"] = int((km > 0).sum())
-        if "below_keep_margin" in cert["keep"]:
-            cert["keep"]["below_keep_margin"] = int((km < job.spec.keep_margin).sum())
-    problems = check_claims(cert, after, km)
+    if keep is not None and cert.keep.count:
+        km = layout_margins(fn, keep.x, np.asarray(cert.keep.labels, np.int64)).min(0)  # the labels repair kept
+        cert.keep.smallest_margin_after = float(km.min())
+        cert.keep.labels_kept = int((km > 0).sum())
+        if cert.keep.below_keep_margin is not None:
+            cert.keep.below_keep_margin = int((km < job.spec.keep_margin).sum())
+    problems = cert.check_claims(after, km)
     if own is not None:
         got, ref = own(job.points.x[:512]), model_logits(repaired, job.points.x[:512])
         worst = disagreement(got, ref)

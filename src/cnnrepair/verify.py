@@ -6,7 +6,7 @@ What is recomputed (any difference is a problem, so an edited claim fails):
   model's, the points file's and the keep file's sha256; that the named layer exists in the
   repaired model with the recorded kind and shape; each point's index and label against the points
   file; each margin after the repair on the saved file in its own runtime, in every batch layout of
-  :data:`cnnrepair.repair.certificate.LAYOUTS` (the smallest counts), against the claims and against
+  :data:`cnnrepair.repair.measure.LAYOUTS` (the smallest counts), against the claims and against
   the spec's margin (and the keep points' against the keep margin); the per-layout smallest margins;
   the keep points' count, labels, smallest margin, labels kept and points below the keep margin;
   the gap from the objective and the lower bound; the consistency of claims with the spec (a
@@ -32,21 +32,12 @@ import torch
 
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.formats import load_model
-from cnnrepair.io import read_json
-from cnnrepair.modelrepair import BallInputs, Points, load_points, saved_logits_fn
+from cnnrepair.io import sha256
+from cnnrepair.modelrepair import BallInputs, PointsFile, load_points, saved_logits_fn
 from cnnrepair.repair import RepairSpec, last_layer
 from cnnrepair.repair.api import layer_scale
-from cnnrepair.repair.certificate import (
-    below_margin,
-    change_summary,
-    check_claims,
-    check_schema,
-    claims_off,
-    layout_margins,
-    module_logits_fn,
-    sha256,
-    witness_bound,
-)
+from cnnrepair.repair.certificate import Certificate, below_margin, claims_off, witness_bound
+from cnnrepair.repair.measure import change_summary, layout_margins, module_logits_fn
 from cnnrepair.repair.coincide import shared_features
 from cnnrepair.repair.program import GAP, MarginProblem
 
@@ -89,13 +80,12 @@ def verify_certificate(cert_path: Path, model_path: Path, points_path: Path, kee
     ``original_path``, the source model. Malformed input raises CnnRepairError (one line)."""
     cert_path, model_path, points_path = _file(cert_path, "certificate"), _file(model_path, "model file"), _file(points_path, "points file")
     keep_path, original_path = _file(keep_path, "keep file"), _file(original_path, "original model file")
-    cert = read_json(cert_path)
-    check_schema(cert)
+    cert = Certificate.read(cert_path)  # its shape checked first: a malformed field is a one-line error
     v = Verification()
-    if cert["status"] != "repaired":
-        v.problems.append(f"the certificate's status is {cert['status']!r}: it certifies no repaired model")
+    if cert.status != "repaired":
+        v.problems.append(f"the certificate's status is {cert.status!r}: it certifies no repaired model")
         return v
-    spec_d = cert["spec"]
+    spec_d = cert.spec
     names = {f.name for f in fields(RepairSpec)}
     spec = RepairSpec(**{k: spec_d[k] for k in names if k in spec_d})  # validates the recorded spec
     if spec_d.get("keep") != ("soft" if spec.keep_price is not None else "hard"):
@@ -113,7 +103,7 @@ def verify_certificate(cert_path: Path, model_path: Path, points_path: Path, kee
     _margins_after(v, cert, spec, model_path, model, points, keep)
     _consistency(v, cert, spec)
     fb = None
-    if spec.kind == "ball" and len(points.x) == len(cert["points"]):
+    if spec.kind == "ball" and len(points.x) == len(cert.points):
         fb = _ball_bounds(cert, model, points)  # the frozen part is the original's (checked with --original)
         v.problems += _check_ball(cert, lay1, fb)
         v.checked.append("certified ball margins (recomputed bounds)")
@@ -126,46 +116,46 @@ def verify_certificate(cert_path: Path, model_path: Path, points_path: Path, kee
     return v
 
 
-def _hashes(v: Verification, cert: dict, model_path: Path, points_path: Path, keep_path, original_path) -> None:
-    if cert["model"]["sha256"] != sha256(model_path):
+def _hashes(v: Verification, cert: Certificate, model_path: Path, points_path: Path, keep_path, original_path) -> None:
+    if cert.model.sha256 != sha256(model_path):
         v.problems.append(f"{model_path}: sha256 differs from the certificate's model (the file was altered or is another model)")
-    if cert["points_file"]["sha256"] != sha256(points_path):
+    if cert.points_file.sha256 != sha256(points_path):
         v.problems.append(f"{points_path}: sha256 differs from the points the certificate was made on")
-    keep_cert = cert.get("keep_file")
+    keep_cert = cert.keep_file
     if keep_path is not None:
         if keep_cert is None:
             v.problems.append(f"{keep_path}: the certificate was made without keep points, but a keep file was given")
-        elif keep_cert.get("sha256") != sha256(keep_path):
+        elif keep_cert.sha256 != sha256(keep_path):
             v.problems.append(f"{keep_path}: sha256 differs from the keep points the certificate was made on")
-    elif cert["keep"]["count"]:
-        v.problems.append(f"the certificate covers {cert['keep']['count']} keep points: pass them with --keep")
-    if original_path is not None and cert["source_model"]["sha256"] != sha256(original_path):
+    elif cert.keep.count:
+        v.problems.append(f"the certificate covers {cert.keep.count} keep points: pass them with --keep")
+    if original_path is not None and cert.source_model.sha256 != sha256(original_path):
         v.problems.append(f"{original_path}: sha256 differs from the certificate's source model")
     v.checked.append("file hashes")
 
 
-def _layer(v: Verification, cert: dict, model: torch.nn.Module, points: Points):
+def _layer(v: Verification, cert: Certificate, model: torch.nn.Module, points: PointsFile):
     try:
-        lay = last_layer(model, points.x[:2], cert["layer"])
+        lay = last_layer(model, points.x[:2], cert.layer)
     except CnnRepairError as exc:
-        v.problems.append(f"layer {cert['layer']!r}: {exc}")
+        v.problems.append(f"layer {cert.layer!r}: {exc}")
         return None
-    if lay.kind != cert["layer_kind"] or list(lay.shape) != list(cert["layer_shape"]):
-        v.problems.append(f"layer {cert['layer']!r} is a {lay.kind} layer of shape {list(lay.shape)}, the certificate says "
-                          f"{cert['layer_kind']} of shape {cert['layer_shape']}")
+    if lay.kind != cert.layer_kind or list(lay.shape) != list(cert.layer_shape):
+        v.problems.append(f"layer {cert.layer!r} is a {lay.kind} layer of shape {list(lay.shape)}, the certificate says "
+                          f"{cert.layer_kind} of shape {cert.layer_shape}")
     v.checked.append("layer")
     return lay
 
 
-def _points(v: Verification, cert: dict, points: Points) -> None:
-    entries = cert["points"]
+def _points(v: Verification, cert: Certificate, points: PointsFile) -> None:
+    entries = cert.points
     if len(entries) != len(points.x):
         v.problems.append(f"the certificate lists {len(entries)} repair points but the points file holds {len(points.x)}")
         return
-    bad_index = [k for k, p in enumerate(entries) if p["index"] != k]
+    bad_index = [k for k, p in enumerate(entries) if p.index != k]
     if bad_index:
         v.problems.append(f"{len(bad_index)} repair point(s) carry another index than their position (point {bad_index[0]})")
-    labels = np.array([p["label"] for p in entries], np.int64)
+    labels = np.array([p.label for p in entries], np.int64)
     off = np.flatnonzero(labels != points.y)
     if len(off):
         k = int(off[0])
@@ -174,12 +164,12 @@ def _points(v: Verification, cert: dict, points: Points) -> None:
     v.checked.append("point labels")
 
 
-def _margins_after(v: Verification, cert: dict, spec: RepairSpec, model_path: Path, model, points: Points, keep: Points | None) -> None:
+def _margins_after(v: Verification, cert: Certificate, spec: RepairSpec, model_path: Path, model, points: PointsFile, keep: PointsFile | None) -> None:
     fn = saved_logits_fn(model_path, model)
     by_layout = layout_margins(fn, points.x, points.y)
     after = by_layout.min(0)
-    v.problems += check_claims(cert, after, np.zeros(0) if keep is None else _keep_margins(v, cert, spec, fn, keep))
-    claimed_layouts = cert.get("margins_by_layout")
+    v.problems += cert.check_claims(after, np.zeros(0) if keep is None else _keep_margins(v, cert, spec, fn, keep))
+    claimed_layouts = cert.margins_by_layout
     if claimed_layouts is not None:
         measured = [float(row.min()) for row in by_layout] if len(after) else []
         if len(claimed_layouts) != len(measured) or not all(_close(c, m) for c, m in zip(claimed_layouts, measured)):
@@ -187,60 +177,60 @@ def _margins_after(v: Verification, cert: dict, spec: RepairSpec, model_path: Pa
     v.checked.append("margins after, on the saved file in its own runtime, in every batch layout")
 
 
-def _keep_margins(v: Verification, cert: dict, spec: RepairSpec, fn, keep: Points) -> np.ndarray:
-    block = cert["keep"]
-    labels = np.asarray(block["labels"], np.int64)
-    if len(keep.x) != block["count"] or len(labels) != len(keep.x):
-        v.problems.append(f"the keep file holds {len(keep.x)} inputs, the certificate lists {block['count']} keep points and "
+def _keep_margins(v: Verification, cert: Certificate, spec: RepairSpec, fn, keep: PointsFile) -> np.ndarray:
+    block = cert.keep
+    labels = np.asarray(block.labels, np.int64)
+    if len(keep.x) != block.count or len(labels) != len(keep.x):
+        v.problems.append(f"the keep file holds {len(keep.x)} inputs, the certificate lists {block.count} keep points and "
                           f"{len(labels)} keep labels")
-        return np.full(block["count"], np.inf)
+        return np.full(block.count, np.inf)
     if keep.y is not None and not np.array_equal(keep.y, labels):
         k = int(np.flatnonzero(keep.y != labels)[0])
         v.problems.append(f"keep label(s) differ from the keep file (keep point {k}: certificate {labels[k]}, file {keep.y[k]})")
     km = layout_margins(fn, keep.x, labels).min(0) if len(labels) else np.zeros(0)
     if len(km):
-        if not _close(block["smallest_margin_after"], float(km.min())):
-            v.problems.append(f"the keep points' smallest margin is {km.min():.6g}, the certificate says {block['smallest_margin_after']}")
-        if block["labels_kept"] != int((km > 0).sum()):
-            v.problems.append(f"{int((km > 0).sum())} keep points keep their label, the certificate says {block['labels_kept']}")
-        if "below_keep_margin" in block and block["below_keep_margin"] != int((km < spec.keep_margin).sum()):
+        if not _close(block.smallest_margin_after, float(km.min())):
+            v.problems.append(f"the keep points' smallest margin is {km.min():.6g}, the certificate says {block.smallest_margin_after}")
+        if block.labels_kept != int((km > 0).sum()):
+            v.problems.append(f"{int((km > 0).sum())} keep points keep their label, the certificate says {block.labels_kept}")
+        if block.below_keep_margin is not None and block.below_keep_margin != int((km < spec.keep_margin).sum()):
             v.problems.append(f"{int((km < spec.keep_margin).sum())} keep points lie below the keep margin, the certificate says "
-                              f"{block['below_keep_margin']}")
+                              f"{block.below_keep_margin}")
     v.checked.append("keep points")
     return km
 
 
-def _consistency(v: Verification, cert: dict, spec: RepairSpec) -> None:
+def _consistency(v: Verification, cert: Certificate, spec: RepairSpec) -> None:
     """Claims that must agree with each other and with the spec."""
     if spec.kind == "targets":
-        extra = [k for k in ("lower_bound", "gap") if cert.get(k) is not None]
-        extra += ["required margins"] if any(p.get("required") is not None for p in cert["points"]) else []
-        extra += ["lower_bound_witness"] if cert.get("lower_bound_witness") else []
+        extra = [k for k in ("lower_bound", "gap") if getattr(cert, k) is not None]
+        extra += ["required margins"] if any(p.required is not None for p in cert.points) else []
+        extra += ["lower_bound_witness"] if cert.lower_bound_witness else []
         if extra:
             v.problems.append(f"a targets certificate guarantees no margin, yet claims {', '.join(extra)} (edited spec?)")
         v.checked.append("claims consistent with the targets spec (which guarantees nothing)")
         return
-    required = np.array([p["required"] for p in cert["points"]], np.float64)
+    required = np.array([p.required for p in cert.points], np.float64)
     v.problems += below_margin(required, spec.margin * (1 - 1e-12), "required margin(s) below the spec's margin {m:g}", "point {k}: {v:.6g}")
-    keep_required = np.asarray(cert["keep"].get("required", []), np.float64)
-    if len(keep_required) != cert["keep"]["count"]:
-        v.problems.append(f"the certificate lists {len(keep_required)} keep requirements for {cert['keep']['count']} keep points")
+    keep_required = np.asarray(cert.keep.required or [], np.float64)
+    if len(keep_required) != cert.keep.count:
+        v.problems.append(f"the certificate lists {len(keep_required)} keep requirements for {cert.keep.count} keep points")
     elif spec.keep_price is None:
         v.problems += below_margin(keep_required, spec.keep_margin * (1 - 1e-12), "keep requirement(s) below the keep margin {m:g}",
                                    "keep point {k}: {v:.6g}")
     if spec.kind == "ball":
         for key in ("eps", "bounds"):
-            if cert["ball"].get(key) != getattr(spec, key):
-                v.problems.append(f"ball.{key} is {cert['ball'].get(key)!r}, the spec's {key} is {getattr(spec, key)!r}")
-    obj, lb, gap = cert["objective"], cert["lower_bound"], cert["gap"]
+            if cert.ball.get(key) != getattr(spec, key):
+                v.problems.append(f"ball.{key} is {cert.ball.get(key)!r}, the spec's {key} is {getattr(spec, key)!r}")
+    obj, lb, gap = cert.objective, cert.lower_bound, cert.gap
     if lb > obj * (1 + GAP) + 1e-12:  # the objective is measured on the float32-rounded saved change
         v.problems.append(f"the lower bound {lb:.9g} exceeds the objective {obj:.9g}")
     want = 0.0 if obj == 0 else max(0.0, (obj - lb) / obj)
     if not _close(gap, want, 1e-9):
         v.problems.append(f"the gap is {want:.6g} from the objective and lower bound, the certificate says {gap:.6g}")
-    cond = cert["conditioning"]
-    if not _close(cond["change_linf"], cert["change"]["linf"], 1e-9):
-        v.problems.append(f"the conditioning record's change {cond['change_linf']:.6g} is not the change block's {cert['change']['linf']:.6g}")
+    cond = cert.conditioning
+    if not _close(cond["change_linf"], cert.change["linf"], 1e-9):
+        v.problems.append(f"the conditioning record's change {cond['change_linf']:.6g} is not the change block's {cert.change['linf']:.6g}")
     if cond["max_ratio"] != spec.max_change_ratio:
         v.problems.append(f"the conditioning limit {cond['max_ratio']} is not the spec's max_change_ratio {spec.max_change_ratio}")
     if spec.max_change_ratio is not None and cond["ratio"] > spec.max_change_ratio:
@@ -249,39 +239,39 @@ def _consistency(v: Verification, cert: dict, spec: RepairSpec) -> None:
     v.checked.append("objective / bound / gap / requirements consistent")
 
 
-def _ball_from(cert: dict) -> tuple[BallInputs, object]:
+def _ball_from(cert: Certificate) -> tuple[BallInputs, object]:
     """The certificate's ball record: how to rebuild each point's input box."""
-    ball = cert["ball"]
+    ball = cert.ball
     tup = (lambda val: None if val is None else tuple(val))
-    eps = cert["spec"]["eps"] if ball.get("point_eps") is None else np.asarray(ball["point_eps"], np.float64)
+    eps = cert.spec["eps"] if ball.get("point_eps") is None else np.asarray(ball["point_eps"], np.float64)
     return BallInputs(tup(ball.get("mean")), tup(ball.get("std")), tup(ball.get("domain"))), eps
 
 
-def _ball_bounds(cert: dict, model: torch.nn.Module, points: Points):
+def _ball_bounds(cert: Certificate, model: torch.nn.Module, points: PointsFile):
     """The feature boxes of the certificate's balls, recomputed from a model file (its frozen part)."""
     from cnnrepair.bounds import feature_bounds
 
     inputs, eps = _ball_from(cert)
-    return feature_bounds(model, cert["layer"], *inputs.boxes(points.x, eps), cert["spec"]["bounds"])
+    return feature_bounds(model, cert.layer, *inputs.boxes(points.x, eps), cert.spec["bounds"])
 
 
-def _check_ball(cert: dict, lay, fb) -> list[str]:
+def _check_ball(cert: Certificate, lay, fb) -> list[str]:
     """Every point's worst-case margin over its recomputed feature box ``fb`` under the repaired layer."""
-    labels = np.array([p["label"] for p in cert["points"]], np.int64)
+    labels = np.array([p.label for p in cert.points], np.int64)
     worst = MarginProblem(lay.weight, lay.bias, fb.centre, labels, 0.0, radii=fb.radius).point_margins()
-    claimed = np.array([p["certified_margin_after"] for p in cert["points"]], np.float64)
-    return (below_margin(worst, cert["spec"]["margin"], "ball(s) not certified to keep their label with margin {m:g}",
+    claimed = np.array([p.certified_margin_after for p in cert.points], np.float64)
+    return (below_margin(worst, cert.spec["margin"], "ball(s) not certified to keep their label with margin {m:g}",
                          "point {k}: worst case {v:.6g}")
             + claims_off(claimed, worst, 1e-6, "certified margin(s) differ from the recomputed bounds",
                          "point {k}: certificate {c:.6g}, recomputed {v:.6g}"))
 
 
-def _against_original(v: Verification, cert: dict, spec: RepairSpec, original, repaired_layer: tuple, points: Points,
-                      keep: Points | None, fb=None) -> None:
+def _against_original(v: Verification, cert: Certificate, spec: RepairSpec, original, repaired_layer: tuple, points: PointsFile,
+                      keep: PointsFile | None, fb=None) -> None:
     """Only the layer changed; the change block, objective, bound, margins before and conditioning recomputed.
 
     ``repaired_layer``: (the repaired model, its layer as already found)."""
-    layer = cert["layer"]
+    layer = cert.layer
     repaired, lay1 = repaired_layer
     lay0 = last_layer(original, points.x[:2], layer)
     names = set(lay0.parameter_names())
@@ -298,22 +288,22 @@ def _against_original(v: Verification, cert: dict, spec: RepairSpec, original, r
         v.problems.append(f"a weight changed by {np.abs(dW).max():.6g}, beyond max_change {spec.max_change:g}")
     change = change_summary(dW, db, spec.freeze_bias or spec.kind == "targets")
     for key, value in change.items():
-        if not _close(cert["change"][key], value, 1e-9):
-            v.problems.append(f"change.{key} is {value:.9g}, the certificate says {cert['change'][key]}")
+        if not _close(cert.change[key], value, 1e-9):
+            v.problems.append(f"change.{key} is {value:.9g}, the certificate says {cert.change[key]}")
     before = layout_margins(module_logits_fn(original), points.x, points.y).min(0)
-    claimed_before = np.array([p["margin_before"] for p in cert["points"]], np.float64)
+    claimed_before = np.array([p.margin_before for p in cert.points], np.float64)
     v.problems += claims_off(claimed_before, before, RTOL, "margin(s) before the repair differ from the original model",
                              "point {k}: certificate {c:.6g}, measured {v:.6g}")
-    if keep is not None and cert["keep"]["count"] and len(keep.x) == cert["keep"]["count"]:
-        kb = layout_margins(module_logits_fn(original), keep.x, np.asarray(cert["keep"]["labels"], np.int64)).min(0)
-        if not _close(cert["keep"]["smallest_margin_before"], float(kb.min())):
+    if keep is not None and cert.keep.count and len(keep.x) == cert.keep.count:
+        kb = layout_margins(module_logits_fn(original), keep.x, np.asarray(cert.keep.labels, np.int64)).min(0)
+        if not _close(cert.keep.smallest_margin_before, float(kb.min())):
             v.problems.append(f"the keep points' smallest margin before is {kb.min():.6g}, the certificate says "
-                              f"{cert['keep']['smallest_margin_before']}")
+                              f"{cert.keep.smallest_margin_before}")
     if spec.kind == "targets":  # its objective is the paper's LP value (change plus priced slack): recorded, not checked
         v.checked.append("against the original: only the layer changed, change block, margins before")
         v.unchecked.append("objective (the targets program's LP value, slack included)")
         return
-    cond = cert["conditioning"]
+    cond = cert.conditioning
     scale = layer_scale(lay0.weight, lay0.bias)
     if not _close(cond["layer_scale"], scale, 1e-9) or not _close(cond["ratio"], change["linf"] / scale if scale else float("inf"), 1e-9):
         v.problems.append(f"the conditioning record (layer scale {cond['layer_scale']}, ratio {cond['ratio']}) is not the original "
@@ -322,7 +312,7 @@ def _against_original(v: Verification, cert: dict, spec: RepairSpec, original, r
     v.checked.append("against the original: only the layer changed, change block, objective, lower bound, margins before, conditioning")
 
 
-def _optimality(cert: dict, spec: RepairSpec, original, lay0, dW, db, points: Points, keep: Points | None, fb) -> list[str]:
+def _optimality(cert: Certificate, spec: RepairSpec, original, lay0, dW, db, points: PointsFile, keep: PointsFile | None, fb) -> list[str]:
     """The change's norm is the certified objective, and the stored multipliers bound it from below."""
     problems = []
     feats, kf = shared_features(lay0, points.x, None if keep is None else keep.x)  # as repair computed them
@@ -332,13 +322,13 @@ def _optimality(cert: dict, spec: RepairSpec, original, lay0, dW, db, points: Po
         fb = fb if fb is not None else _ball_bounds(cert, original, points)
         feats, radii = fb.centre, fb.radius
         worst0 = MarginProblem(lay0.weight, lay0.bias, feats, labels, 0.0, radii=radii).point_margins()
-        claimed0 = np.array([p["certified_margin_before"] for p in cert["points"]], np.float64)
+        claimed0 = np.array([p.certified_margin_before for p in cert.points], np.float64)
         problems += claims_off(claimed0, worst0, 1e-6, "certified margin(s) before differ from the recomputed bounds",
                                "point {k}: certificate {c:.6g}, recomputed {v:.6g}")
-    required = np.array([p["required"] for p in cert["points"]])
+    required = np.array([p.required for p in cert.points])
     prices = np.full(len(labels), np.inf)
-    if keep is not None and cert["keep"]["count"] and len(keep.x) == cert["keep"]["count"]:
-        ky = np.asarray(cert["keep"]["labels"], np.int64)
+    if keep is not None and cert.keep.count and len(keep.x) == cert.keep.count:
+        ky = np.asarray(cert.keep.labels, np.int64)
         keep_radii = np.zeros_like(kf)
         if radii is not None and spec.keep_eps > 0:  # the keep balls certified before the repair, as repair chose them
             from cnnrepair.repair.api import keep_boxes
@@ -349,7 +339,7 @@ def _optimality(cert: dict, spec: RepairSpec, original, lay0, dW, db, points: Po
         feats = np.vstack([feats, kf])
         radii = None if radii is None else np.vstack([radii, keep_radii])
         labels = np.concatenate([labels, ky])
-        required = np.concatenate([required, cert["keep"]["required"]])
+        required = np.concatenate([required, cert.keep.required])
         prices = np.concatenate([prices, np.full(len(ky), np.inf if spec.keep_price is None else spec.keep_price)])
     problem = MarginProblem(lay0.weight, lay0.bias, feats, labels, required, prices, spec.norm, spec.freeze_bias, spec.max_change, radii)
     achieved = problem.point_margins(dW, db)  # float64, exact for these features (the worst case over a box)
@@ -361,27 +351,27 @@ def _optimality(cert: dict, spec: RepairSpec, original, lay0, dW, db, points: Po
         problems.append(f"{len(short)} hard point(s) do not meet their recorded requirement under the saved change ({where}: "
                         f"{achieved[k]:.6g} < {required[k]:.6g})")
     objective = problem.objective(dW, db)
-    if abs(objective - cert["objective"]) > 1e-6 * max(1.0, abs(cert["objective"])):
-        problems.append(f"the change's {spec.norm} norm is {objective:.9g}, the certificate says {cert['objective']:.9g}")
+    if abs(objective - cert.objective) > 1e-6 * max(1.0, abs(cert.objective)):
+        problems.append(f"the change's {spec.norm} norm is {objective:.9g}, the certificate says {cert.objective:.9g}")
     try:
-        bound = witness_bound(problem, cert.get("lower_bound_witness") or {})
+        bound = witness_bound(problem, cert.lower_bound_witness or {})
     except (KeyError, ValueError, IndexError, TypeError) as exc:
         return problems + [f"the lower bound's multipliers do not fit the program ({type(exc).__name__}); the bound is not proven"]
-    if bound < cert["lower_bound"] * (1 - GAP) - 1e-12:  # float32 features recomputed here may differ by rounding
-        problems.append(f"the multipliers prove a lower bound of {bound:.9g}, not the certified {cert['lower_bound']:.9g}")
+    if bound < cert.lower_bound * (1 - GAP) - 1e-12:  # float32 features recomputed here may differ by rounding
+        problems.append(f"the multipliers prove a lower bound of {bound:.9g}, not the certified {cert.lower_bound:.9g}")
     return problems
 
 
-def _keep_balls(cert: dict, spec: RepairSpec, lay0, dW, db, kf, keep_radii, ky, held) -> list[str]:
+def _keep_balls(cert: Certificate, spec: RepairSpec, lay0, dW, db, kf, keep_radii, ky, held) -> list[str]:
     """The keep balls certified before (recomputed) and after (under the repaired layer) against the certificate's counts."""
     problems = []
-    block = cert["keep"]
-    if block.get("balls_certified_before") != int(held.sum()):
-        problems.append(f"{int(held.sum())} keep balls are certified before the repair, the certificate says {block.get('balls_certified_before')}")
+    block = cert.keep
+    if block.balls_certified_before != int(held.sum()):
+        problems.append(f"{int(held.sum())} keep balls are certified before the repair, the certificate says {block.balls_certified_before}")
     worst = MarginProblem(lay0.weight + dW, lay0.bias + db, kf, ky, 0.0, radii=keep_radii).point_margins()
     after = int((worst[held] >= spec.keep_margin).sum())
-    if block.get("balls_certified_after") != after:
-        problems.append(f"{after} of those keep balls are certified after it, the certificate says {block.get('balls_certified_after')}")
+    if block.balls_certified_after != after:
+        problems.append(f"{after} of those keep balls are certified after it, the certificate says {block.balls_certified_after}")
     return problems
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 from cnnrepair.cli.common import Bars, Command, say
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.outdir import names
-from cnnrepair.runtime import check_threads
 
 
 def _add_model_repair_args(p: argparse.ArgumentParser) -> None:
@@ -81,12 +80,10 @@ def _input_shape(args: argparse.Namespace, fallback) -> tuple[int, ...] | None:
 
 def _model_repair_job(args: argparse.Namespace):
     """Check every input of ``cnnrepair repair MODEL`` (nothing is written before this passes)."""
-    from cnnrepair.modelrepair import BallInputs, output_dir, prepare
-    from cnnrepair.repair import RepairSpec
+    from cnnrepair.modelrepair import BallInputs, RepairFiles, output_dir, prepare
+    from cnnrepair.repair import RepairSpec, SolveOptions
 
-    check_threads(args.threads, "--threads")
-    if args.time_limit is not None and not args.time_limit > 0:
-        raise CnnRepairError(f"--time-limit must be > 0 seconds (got {args.time_limit})")
+    args.options = SolveOptions(args.time_limit, args.threads)
     output_dir(args.out, [args.model, args.points, args.keep], args.overwrite).check()
     if args.spec != "ball" and (args.eps is not None or args.mean is not None or args.std is not None):
         raise CnnRepairError("--eps, --mean and --std describe the ball spec's input balls; add --spec ball or drop them")
@@ -98,50 +95,54 @@ def _model_repair_job(args: argparse.Namespace):
                       norm=args.norm, freeze_bias=args.freeze_bias, max_change=args.max_change, eps=args.eps or 0.0, bounds=args.bounds,
                       keep_eps=args.keep_eps, max_change_ratio=args.max_change_ratio)
     ball = BallInputs(mean, std, domain) if args.spec == "ball" else None
-    args.job = prepare(args.model, args.points, spec, args.layer, args.keep, args.factory, _input_shape(args, None), ball)
+    files = RepairFiles(args.model, args.points, args.keep, args.factory, _input_shape(args, None))
+    args.job = prepare(files, spec, args.layer, ball)
     return args.job
+
 
 def _cmd_model_repair(args: argparse.Namespace, bars: Bars) -> int:
     from cnnrepair.modelrepair import run
 
     job = getattr(args, "job", None) or _model_repair_job(args)
     say(f"repairing layer {job.layer!r} of {job.model.path.name} on {len(job.points.x)} points"
-         + (f" (+{len(job.keep.x)} keep)" if job.keep is not None else "") + f", spec {job.spec.kind}, norm {job.spec.norm} ...")
+        + (f" (+{len(job.keep.x)} keep)" if job.keep is not None else "") + f", spec {job.spec.kind}, norm {job.spec.norm} ...")
     t0 = time.perf_counter()
-    cert = run(job, args.out, args.time_limit, args.threads, args.overwrite)
+    cert = run(job, args.out, args.options, args.overwrite)
     dt = time.perf_counter() - t0
-    if cert["status"] == "repaired":
-        ch = cert["change"]
-        low = min(p["margin_after"] for p in cert["points"])
-        if "ball" in cert:
-            worst = min(p["certified_margin_after"] for p in cert["points"])
-            say(f"every input of the {len(cert['points'])} balls (eps {job.spec.eps:g}, {job.spec.bounds} bounds) keeps its label: "
-                 f"smallest certified margin {worst:.4g}")
-        bound = ("the paper's program: nothing guaranteed" if cert["lower_bound"] is None else
-                 f"certified >= {cert['lower_bound']:.6g}, gap {cert['gap']:.1e}")
-        say(f"repaired in {dt:.1f}s: {len(cert['points'])} points, smallest margin {low:.4g} on the saved model; "
-             f"change {job.spec.norm} {ch['l1'] if cert['lower_bound'] is None else cert['objective']:.6g} ({bound}), "
-             f"{ch['nonzero']} numbers changed")
-        if cert["keep"]["count"]:
-            say(f"keep points: {cert['keep']['labels_kept']}/{cert['keep']['count']} keep their label, smallest margin {cert['keep']['smallest_margin_after']:.4g}")
-        if cert["keep"].get("balls_certified_before") is not None:
-            say(f"keep balls (eps {job.spec.keep_eps:g}): {cert['keep']['balls_certified_after']}/{cert['keep']['balls_certified_before']} "
-                 "certified before stay certified")
-        say(f"wrote {args.out / cert['model']['file']} and {args.out / 'certificate.json'}")
+    notes = "; ".join(cert.notes or [])
+    if cert.status == "repaired":
+        ch, keep = cert.change, cert.keep
+        low = min(p.margin_after for p in cert.points)
+        if cert.ball is not None:
+            worst = min(p.certified_margin_after for p in cert.points)
+            say(f"every input of the {len(cert.points)} balls (eps {job.spec.eps:g}, {job.spec.bounds} bounds) keeps its label: "
+                f"smallest certified margin {worst:.4g}")
+        bound = ("the paper's program: nothing guaranteed" if cert.lower_bound is None else
+                 f"certified >= {cert.lower_bound:.6g}, gap {cert.gap:.1e}")
+        say(f"repaired in {dt:.1f}s: {len(cert.points)} points, smallest margin {low:.4g} on the saved model; "
+            f"change {job.spec.norm} {ch['l1'] if cert.lower_bound is None else cert.objective:.6g} ({bound}), "
+            f"{ch['nonzero']} numbers changed")
+        if keep.count:
+            say(f"keep points: {keep.labels_kept}/{keep.count} keep their label, smallest margin {keep.smallest_margin_after:.4g}")
+        if keep.balls_certified_before is not None:
+            say(f"keep balls (eps {job.spec.keep_eps:g}): {keep.balls_certified_after}/{keep.balls_certified_before} "
+                "certified before stay certified")
+        say(f"wrote {args.out / cert.model.file} and {args.out / 'certificate.json'}")
         return 0
-    if cert["status"] == "infeasible":
-        conf = ", ".join(f"{c['set']}[{c['index']}] (label {c['label']})" for c in cert.get("conflicts", [])[:12])
-        minimal = "" if cert["solver"].get("conflicts_irreducible", True) else " (the search for a smaller set stopped at its time limit)"
+    if cert.status == "infeasible":
+        conf = ", ".join(f"{c['set']}[{c['index']}] (label {c['label']})" for c in (cert.conflicts or [])[:12])
+        minimal = "" if cert.solver.get("conflicts_irreducible", True) else " (the search for a smaller set stopped at its time limit)"
         which = (f"these points conflict{minimal}: {conf}" if conf else
                  "the program is infeasible as a whole, and no smaller conflicting set was isolated")
         say(f"infeasible: no change of layer {job.layer!r} meets the spec; {which}. "
-             f"No model written; details in {args.out / 'certificate.json'}")
+            f"No model written; details in {args.out / 'certificate.json'}")
         return 1
-    if cert["status"] == "ill-conditioned":
-        say(f"not certified: {'; '.join(cert.get('notes', []))}. Details in {args.out / 'certificate.json'}")
+    if cert.status == "ill-conditioned":
+        say(f"not certified: {notes}. Details in {args.out / 'certificate.json'}")
         return 1
-    say(f"repair failed ({cert['solver']['status']}; {'; '.join(cert.get('notes', []))}); no model written; see {args.out / 'certificate.json'}")
+    say(f"repair failed ({cert.solver['status']}; {notes}); no model written; see {args.out / 'certificate.json'}")
     return 1
+
 
 def _cmd_verify(args: argparse.Namespace, bars: Bars) -> int:
     from cnnrepair.verify import verify_certificate
@@ -168,7 +169,7 @@ def _vnnlib_range(text: str) -> tuple[float, float] | None:
 def _cmd_vnnlib(args: argparse.Namespace, bars: Bars) -> int:
     from cnnrepair.formats import load_model
     from cnnrepair.modelrepair import BallInputs, load_points
-    from cnnrepair.repair.certificate import model_logits
+    from cnnrepair.repair.measure import model_logits
     from cnnrepair.vnnlib import write_boxes
 
     outdir = _out(args, names("instances.csv", suffixes=(".vnnlib",)), [args.model, args.points], "properties")
@@ -243,7 +244,7 @@ def _cmd_points(args: argparse.Namespace, bars: Bars) -> int:
     from cnnrepair.formats import load_model
     from cnnrepair.io import save_npz, write_json
     from cnnrepair.points import InputSpec, PointsSettings, make_points
-    from cnnrepair.repair.certificate import sha256
+    from cnnrepair.io import sha256
 
     outdir = _out(args, names("points.npz", "keep.npz", "held_out.npz", "points.json"),
                   [args.model, getattr(args, "npz", None)], "points (points.json / *.npz)")
@@ -283,7 +284,7 @@ def _cmd_evaluate(args: argparse.Namespace, bars: Bars) -> int:
     from cnnrepair.io import write_json
     from cnnrepair.modelrepair import load_points
     from cnnrepair.points import InputSpec
-    from cnnrepair.repair.certificate import sha256
+    from cnnrepair.io import sha256
 
     outdir = _out(args, names("report.json", "report.png"), [args.model, args.repaired, args.points, args.held_out, args.keep,
                                                               getattr(args, "npz", None)], "a report (report.json / report.png)")

@@ -1,15 +1,16 @@
 """Repair the last layer of any torch classifier: one call, a repaired copy and its certificate.
 
     from cnnrepair import RepairSpec, repair_classifier
-    result = repair_classifier(model, x, y, RepairSpec(margin=0.1), keep_x=x_clean)
+    result = repair_classifier(model, x, y, RepairSpec(margin=0.1), keep=x_clean)
     result.model          # a copy of ``model``; only the last linear layer differs
-    result.certificate    # JSON-ready claim: margins before/after, change, certified lower bound
+    result.certificate    # a Certificate: margins before/after, change, certified lower bound (to_dict(): JSON)
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -17,16 +18,22 @@ from torch import nn
 
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.repair.ball import solve_ball
-from cnnrepair.repair.certificate import FORMAT, change_summary, layouts_record, robust_margins
+from cnnrepair.repair.certificate import Certificate, KeepClaim, PointClaim
 from cnnrepair.repair.coincide import TOLERANCE, conflicting_pairs, feature_noise, shared_features
+from cnnrepair.repair.inputs import DEFAULT_TIME_LIMIT, Points, SolveOptions, as_inputs, check_labels  # noqa: F401 - DEFAULT_TIME_LIMIT re-exported
 from cnnrepair.repair.layer import LastLayer, last_layer
 from cnnrepair.repair.margins import solve_margins
+from cnnrepair.repair.measure import change_summary, robust_margins
 from cnnrepair.repair.program import MarginProblem, MarginSolution
 from cnnrepair.repair.spec import RepairSpec
-from cnnrepair.runtime import check_threads, eval_mode
+from cnnrepair.runtime import eval_mode
 
 FLOAT32_ROUNDS = 5  # re-solves with a raised margin for points that float32 rounding left short
-DEFAULT_TIME_LIMIT = 3600.0  # seconds a repair's solve may take when no limit is given (math.inf: none)
+
+# 0.1's keyword arguments of repair_classifier -> where they live now
+_OLD_KEYWORDS = {"keep_x": "keep=Points(x, y) (or keep=x)", "keep_y": "keep=Points(x, y)", "keep_input_boxes": "keep=Points(x, y, boxes=...)",
+                 "boxes": "Points(x, y, boxes=...) as the points", "targets": "Points(x, y, targets=...) as the points",
+                 "time_limit": "options=SolveOptions(time_limit=...)", "threads": "options=SolveOptions(threads=...)"}
 
 
 @dataclass
@@ -36,7 +43,7 @@ class ClassifierRepair:
     status: str
     model: nn.Module | None
     layer: str
-    certificate: dict
+    certificate: Certificate
     solution: object = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -47,38 +54,25 @@ class ClassifierRepair:
         return self.status == "repaired"
 
 
-def _as_points(x, y, name: str, num_classes: int | None, input_shape: tuple | None,
-               dtype: torch.dtype | None = None) -> tuple[torch.Tensor, np.ndarray | None]:
-    try:
-        xt = x.detach().cpu() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise CnnRepairError(f"{name} inputs must be an array of numbers (N x input shape): {str(exc).splitlines()[0][:100]}") from None
-    if not torch.is_floating_point(xt):
-        raise CnnRepairError(f"{name} inputs must be floating point in the model's input units (got {xt.dtype})")
-    if xt.ndim < 2:
-        raise CnnRepairError(f"{name} inputs must be N x input shape (got an array of shape {tuple(xt.shape)})")
-    if dtype is not None and xt.dtype != dtype:
-        xt = xt.to(dtype)  # the model's own precision (a float64 model takes float64 inputs)
-    if len(xt) and not torch.isfinite(xt).all():
-        raise CnnRepairError(f"{name} inputs contain NaN or infinite values; clean the file before repair")
-    if input_shape is not None and tuple(xt.shape[1:]) != tuple(input_shape):
-        raise CnnRepairError(f"{name} inputs have shape {tuple(xt.shape[1:])} but the model takes {tuple(input_shape)}; reshape them")
-    if y is None:
-        return xt, None
-    ya = np.asarray(y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else y)
-    if ya.ndim != 1 or len(ya) != len(xt):
-        raise CnnRepairError(f"{name}: {len(xt)} inputs but labels of shape {ya.shape}; give one integer label per input")
-    if not np.issubdtype(ya.dtype, np.integer) or ya.dtype == np.bool_:
-        raise CnnRepairError(f"{name} labels must be integers (got {ya.dtype})")
-    ya = ya.astype(np.int64)
-    if num_classes is not None:
-        _check_labels(ya, num_classes, name)
-    return xt, ya
+@dataclass
+class _Work:
+    """One repair's data once prepared: the layer, the spec, each point's features, label and margin before."""
 
+    lay: LastLayer
+    spec: RepairSpec
+    xt: torch.Tensor
+    F: np.ndarray
+    ya: np.ndarray
+    kx: torch.Tensor | None
+    FK: np.ndarray
+    ky: np.ndarray
+    base: np.ndarray
+    keep_before: np.ndarray
+    options: SolveOptions
+    t0: float
 
-def _check_labels(y: np.ndarray, num_classes: int, name: str) -> None:
-    if len(y) and (y.min() < 0 or y.max() >= num_classes):
-        raise CnnRepairError(f"{name} labels must lie in 0..{num_classes - 1} (got {y.min()}..{y.max()})")
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
 
 
 def input_dtype(model: nn.Module, x) -> torch.dtype | None:
@@ -106,27 +100,29 @@ def input_dtype(model: nn.Module, x) -> torch.dtype | None:
     return None
 
 
-def repair_classifier(model: nn.Module, x, y, spec: RepairSpec | None = None, *, layer: str | None = None,
-                      keep_x=None, keep_y=None, targets: np.ndarray | None = None, time_limit: float | None = None,
-                      threads: int | None = None, boxes: tuple | None = None, keep_input_boxes: tuple | None = None) -> ClassifierRepair:
+
+def repair_classifier(model: nn.Module, x, y=None, spec: RepairSpec | None = None, *, keep=None, layer: str | None = None,
+                      options: SolveOptions | None = None, **old) -> ClassifierRepair:
     """Repair the linear layer that ends ``model`` so that inputs ``x`` get labels ``y``.
 
-    ``layer`` names it (default: the ``nn.Linear``, SVM head or ``aten.linear`` whose output is the
-    model's output). ``keep_x`` are inputs whose label must survive (``keep_y``, default: the
-    model's current prediction). With the ``pointwise`` spec every repair point's margin is checked
-    on the returned model as it runs (float32 included), in several batch layouts: points that
-    rounding left short are re-solved with a slightly higher margin, recorded in the certificate
-    as ``required``. Points whose features coincide within the float32 noise of computing them but
-    whose labels differ are reported as conflicts before any solve; a change far beyond the layer's
-    own weights (``spec.max_change_ratio``) is reported as ill-conditioned, never certified.
-    ``targets`` (K x C) are the target logits of the ``targets`` spec (default: +1 for the label,
-    -1 elsewhere, the paper's label targets). ``threads`` caps BLAS/OpenMP threads of the solve;
-    ``time_limit`` (seconds, default :data:`DEFAULT_TIME_LIMIT`) bounds the solve.
-    With the ``ball`` spec, ``boxes`` = (lower, upper) input boxes per repair point (model units;
-    default: :func:`cnnrepair.bounds.ball_box` of ``x`` with ``spec.eps``, pixels in [0, 1]); a box
-    of zero width is a pointwise point; ``keep_input_boxes`` likewise for the keep points' balls of
-    ``spec.keep_eps`` (default: :func:`cnnrepair.bounds.ball_box`). ``model`` is not changed (its
-    train/eval modes included).
+    ``x`` and ``y`` are the repair points (or ``x`` is a :class:`Points`, with input boxes for the
+    ``ball`` spec or target logits for the ``targets`` spec). ``keep`` are inputs whose label must
+    survive: a :class:`Points`, a pair ``(x, y)``, or inputs alone (each keeps the model's current
+    prediction). ``layer`` names the layer (default: the ``nn.Linear``, SVM head or ``aten.linear``
+    whose output is the model's output). ``options`` (:class:`SolveOptions`) caps the solve's time
+    (default :data:`cnnrepair.repair.inputs.DEFAULT_TIME_LIMIT` seconds) and BLAS/OpenMP threads.
+
+    With the ``pointwise`` spec every repair point's margin is checked on the returned model as it
+    runs (float32 included), in several batch layouts: points that rounding left short are
+    re-solved with a slightly higher margin, recorded in the certificate as ``required``. Points
+    whose features coincide within the float32 noise of computing them but whose labels differ are
+    reported as conflicts before any solve; a change far beyond the layer's own weights
+    (``spec.max_change_ratio``) is reported as ill-conditioned, never certified. With the ``ball``
+    spec, a point's input box defaults to :func:`cnnrepair.bounds.ball_box` of ``spec.eps`` (pixels
+    in [0, 1]; a box of zero width is a pointwise point), a keep point's to that of ``spec.keep_eps``.
+    ``model`` is not changed (its train/eval modes included). The keyword arguments of 0.1
+    (``keep_x``, ``keep_y``, ``boxes``, ``keep_input_boxes``, ``targets``, ``time_limit``,
+    ``threads``) still work for one release, with a DeprecationWarning.
     """
     if not isinstance(model, nn.Module):
         raise CnnRepairError(f"model must be a torch.nn.Module (got {type(model).__name__}); "
@@ -134,36 +130,68 @@ def repair_classifier(model: nn.Module, x, y, spec: RepairSpec | None = None, *,
     if spec is not None and not isinstance(spec, RepairSpec):
         hint = "RepairSpec(**spec)" if isinstance(spec, dict) else "RepairSpec(margin=0.1)"
         raise CnnRepairError(f"spec must be a cnnrepair.RepairSpec (got {type(spec).__name__}); pass e.g. {hint}")
-    check_threads(threads)
-    if time_limit is not None and (isinstance(time_limit, bool) or not isinstance(time_limit, (int, float)) or not time_limit > 0):
-        raise CnnRepairError(f"time limit must be a number of seconds > 0 (got {time_limit!r})")
+    points, keep, options = _gather(x, y, keep, options, old)
     modes = [(m, m.training) for m in model.modules()]
     try:
-        return _repair(model, x, y, spec or RepairSpec(), layer, keep_x, keep_y, targets,
-                       DEFAULT_TIME_LIMIT if time_limit is None else float(time_limit), threads, (boxes, keep_input_boxes))
+        return _repair(model, points, spec or RepairSpec(), keep, layer, options)
     finally:
         for m, mode in modes:  # the caller's model keeps its modes (finding the layer runs it in eval mode)
             m.training = mode
 
 
-def _repair(model, x, y, spec, layer, keep_x, keep_y, targets, time_limit, threads, all_boxes) -> ClassifierRepair:
+def _gather(x, y, keep, options, old: dict) -> tuple[Points, Points | None, SolveOptions]:
+    """The call's points, keep points and options, with 0.1's keyword arguments mapped (and warned about)."""
+    unknown = sorted(set(old) - set(_OLD_KEYWORDS))
+    if unknown:
+        raise TypeError(f"repair_classifier() got an unexpected keyword argument {unknown[0]!r}")
+    for name in old:
+        warnings.warn(f"repair_classifier({name}=...) is deprecated: pass {_OLD_KEYWORDS[name]}", DeprecationWarning, stacklevel=3)
+    if options is not None and not isinstance(options, SolveOptions):
+        raise CnnRepairError(f"options must be a cnnrepair.SolveOptions (got {type(options).__name__})")
+    if "time_limit" in old or "threads" in old:
+        base = options or SolveOptions()
+        options = SolveOptions(old.get("time_limit", base.time_limit), old.get("threads", base.threads))
+    if isinstance(x, Points):
+        if y is not None:
+            raise CnnRepairError("give the labels in Points(x, y) or as y, not both")
+        points = x
+    else:
+        points = Points(x, y)
+    if "boxes" in old or "targets" in old:
+        points = replace(points, boxes=old.get("boxes", points.boxes), targets=old.get("targets", points.targets))
+    if points.y is None:
+        raise CnnRepairError("repair points need labels: repair_classifier(model, x, y) or Points(x, y)")
+    if keep is not None and ("keep_x" in old or "keep_y" in old):
+        raise CnnRepairError("give the keep points once: keep=Points(x, y)")
+    if "keep_x" in old:
+        keep = None if old["keep_x"] is None else Points(old["keep_x"], old.get("keep_y"), old.get("keep_input_boxes"))
+    else:
+        keep = Points.of(keep)
+        if keep is not None and "keep_input_boxes" in old:
+            keep = replace(keep, boxes=old["keep_input_boxes"])
+    if keep is not None and keep.targets is not None:
+        raise CnnRepairError("keep points take no targets: they keep the model's own logits under the targets spec")
+    return points, keep, options or SolveOptions()
+
+
+def _repair(model: nn.Module, points: Points, spec: RepairSpec, keep: Points | None, layer: str | None,
+            options: SolveOptions) -> ClassifierRepair:
     from threadpoolctl import threadpool_limits
 
     from cnnrepair.repair.targets import default_threads
 
     t0 = time.perf_counter()
-    boxes, keep_input_boxes = all_boxes
     eval_mode(model)  # the caller's modes are restored by repair_classifier
-    dtype = input_dtype(model, x)
-    xt, ya = _as_points(x, y, "repair points", None, None, dtype)
+    dtype = input_dtype(model, points.x)
+    xt, ya = as_inputs(points.x, points.y, "repair points", None, None, dtype)
     if len(xt) == 0:
         raise CnnRepairError("no repair points given; pass at least one input and label")
     lay = last_layer(model, xt, layer)
     C = lay.shape[0]
-    _check_labels(ya, C, "repair points")
+    check_labels(ya, C, "repair points")
     kx, ky = (None, None)
-    if keep_x is not None:
-        kx, ky = _as_points(keep_x, keep_y, "keep points", C, tuple(xt.shape[1:]), dtype)
+    if keep is not None:
+        kx, ky = as_inputs(keep.x, keep.y, "keep points", C, tuple(xt.shape[1:]), dtype)
     F, FK = shared_features(lay, xt, kx)  # one feature vector per distinct input, wherever it appears
     base = robust_margins(model, xt, ya)
     if kx is not None and len(kx):
@@ -173,35 +201,38 @@ def _repair(model, x, y, spec, layer, keep_x, keep_y, targets, time_limit, threa
     else:
         FK, ky, keep_before = np.zeros((0, F.shape[1])), np.zeros(0, np.int64), np.zeros(0)
     if spec.freeze_bias is False and not lay.has_bias:
-        spec = RepairSpec(**{**spec.__dict__, "freeze_bias": True})
-    with threadpool_limits(limits=threads or default_threads()):
+        spec = replace(spec, freeze_bias=True)
+    work = _Work(lay, spec, xt, F, ya, kx, FK, ky, base, keep_before, options, t0)
+    with threadpool_limits(limits=options.threads or default_threads()):
         if spec.kind == "targets":
-            return _targets(lay, spec, F, ya, FK, ky, xt, kx, targets, base, keep_before, t0)
+            return _targets(work, points.targets)
         eps = float(torch.finfo(dtype).eps) if dtype is not None else float(np.finfo(np.float32).eps)
         noise = feature_noise(lay, xt, F, eps)
-        clash = _coinciding(lay, spec, F, ya, FK, ky, base, keep_before, noise, t0)
+        clash = _coinciding(work, noise)
         if clash is not None:
             return clash
         box = keep_box = None
         if spec.kind == "ball":
-            lo, hi = _input_boxes(spec, xt, boxes)
+            lo, hi = _input_boxes(spec, xt, points.boxes)
             graph = _frozen(model, lay, xt)  # traced once for the repair points' and the keep points' balls
             box = _feature_boxes(graph, lay, spec, lo, hi, F)
-            keep_box = keep_boxes(graph, lay, spec, kx, ky, FK, keep_input_boxes) if spec.keep_eps > 0 and len(ky) else None
-        result = _pointwise(lay, spec, F, ya, FK, ky, xt, kx, base, keep_before, time_limit, t0, box, keep_box)
-        result.certificate["feature_noise"] = {"linf": noise, "tolerance": TOLERANCE * noise,
-                                               "note": "largest difference between an input's features computed in a batch and alone "
-                                                       "(measured on a sample, floored at float32 rounding); points closer than the "
-                                                       "tolerance count as one point"}
+            keep_box = (keep_boxes(graph, lay, spec, kx, ky, FK, None if keep is None else keep.boxes)
+                        if spec.keep_eps > 0 and len(ky) else None)
+        result = _pointwise(work, box, keep_box)
+        result.certificate.feature_noise = {"linf": noise, "tolerance": TOLERANCE * noise,
+                                            "note": "largest difference between an input's features computed in a batch and alone "
+                                                    "(measured on a sample, floored at float32 rounding); points closer than the "
+                                                    "tolerance count as one point"}
         return result
 
 
-def _coinciding(lay, spec, F, ya, FK, ky, base, keep_before, noise, t0) -> ClassifierRepair | None:
+def _coinciding(w: _Work, noise: float) -> ClassifierRepair | None:
     """An infeasible repair naming the hard points whose features coincide (within the noise) but whose labels differ, or None."""
+    lay, spec, ya, ky = w.lay, w.spec, w.ya, w.ky
     K = len(ya)
     labels = np.concatenate([ya, ky])
     hard = np.concatenate([np.ones(K, bool), np.full(len(ky), spec.keep_price is None)])
-    feats = np.vstack([F, FK])
+    feats = np.vstack([w.F, w.FK])
     pairs = conflicting_pairs(feats, labels, hard, TOLERANCE * noise)
     if not pairs:
         return None
@@ -209,17 +240,16 @@ def _coinciding(lay, spec, F, ya, FK, ky, base, keep_before, noise, t0) -> Class
     members = list(pairs[0][:2])  # one pair is an irreducible conflict; every pair is listed under "coinciding"
     problem = MarginProblem(lay.weight, lay.bias, feats, labels, 0.0)
     sol = MarginSolution("infeasible", np.zeros_like(lay.weight), np.zeros_like(lay.bias), float("nan"), float("nan"),
-                         time.perf_counter() - t0, conflicts=np.asarray(members, np.int64))
-    zeros = (np.zeros_like(lay.weight), np.zeros_like(lay.bias))
-    cert = _certificate(lay, spec, "infeasible", sol, problem, *zeros, ya, base, base,
-                        np.concatenate([np.full(K, spec.margin), np.full(len(ky), spec.keep_margin)]), ky, keep_before, keep_before)
-    cert["coinciding"] = [{"a": where(i), "b": where(j), "linf_distance": d} for i, j, d in pairs[:100]]
-    cert["feature_noise"] = {"linf": noise, "tolerance": TOLERANCE * noise}
-    cert["solver"].update(name="cnnrepair.repair.coincide (found before solving)", conflicts_irreducible=True)
+                         w.elapsed(), conflicts=np.asarray(members, np.int64))
+    required = np.concatenate([np.full(K, spec.margin), np.full(len(ky), spec.keep_margin)])
+    cert = _certificate(w, "infeasible", sol, problem, required)
+    cert.coinciding = [{"a": where(i), "b": where(j), "linf_distance": d} for i, j, d in pairs[:100]]
+    cert.feature_noise = {"linf": noise, "tolerance": TOLERANCE * noise}
+    cert.solver.update(name="cnnrepair.repair.coincide (found before solving)", conflicts_irreducible=True)
     note = (f"{len(pairs)} pair(s) of points have features equal within float32 noise ({TOLERANCE * noise:.2g}) but different labels "
             f"(first: {where(pairs[0][0])['set']}[{where(pairs[0][0])['index']}] and {where(pairs[0][1])['set']}"
             f"[{where(pairs[0][1])['index']}]); no change of this layer can separate them")
-    return ClassifierRepair("infeasible", None, lay.name, cert, sol, time.perf_counter() - t0, [note], _written(lay))
+    return ClassifierRepair("infeasible", None, lay.name, cert, sol, w.elapsed(), [note], _written(lay))
 
 
 def _frozen(model: nn.Module, lay: LastLayer, xt: torch.Tensor):
@@ -274,11 +304,11 @@ def _feature_boxes(graph, lay: LastLayer, spec: RepairSpec, lo: torch.Tensor, hi
     return fb
 
 
-def _pointwise(lay: LastLayer, spec: RepairSpec, F, ya, FK, ky, xt, kx, base, keep_before, time_limit, t0, box=None,
-               keep_box=None) -> ClassifierRepair:
+def _pointwise(w: _Work, box=None, keep_box=None) -> ClassifierRepair:
+    lay, spec, ya, ky = w.lay, w.spec, w.ya, w.ky
     K, NK = len(ya), len(ky)
-    keep_centre, keep_radius = (FK, np.zeros_like(FK)) if keep_box is None else keep_box[:2]
-    feats = np.vstack([F if box is None else box.centre, keep_centre])
+    keep_centre, keep_radius = (w.FK, np.zeros_like(w.FK)) if keep_box is None else keep_box[:2]
+    feats = np.vstack([w.F if box is None else box.centre, keep_centre])
     radii = None if box is None else np.vstack([box.radius, keep_radius])
     labels = np.concatenate([ya, ky])
     required = np.concatenate([np.full(K, spec.margin), np.full(NK, spec.keep_margin)])
@@ -292,7 +322,7 @@ def _pointwise(lay: LastLayer, spec: RepairSpec, F, ya, FK, ky, xt, kx, base, ke
     for _ in range(FLOAT32_ROUNDS):
         problem = MarginProblem(lay.weight, lay.bias, feats, labels, required + extra, prices, spec.norm,
                                 spec.freeze_bias, spec.max_change, radii)
-        remaining = None if time_limit is None else max(1e-3, time_limit - (time.perf_counter() - t0))
+        remaining = max(1e-3, w.options.seconds - w.elapsed())
         sol = (solve_ball if problem.has_boxes else solve_margins)(problem, time_limit=remaining)
         if not sol.ok:
             break
@@ -301,8 +331,8 @@ def _pointwise(lay: LastLayer, spec: RepairSpec, F, ya, FK, ky, xt, kx, base, ke
             notes.append(ill)
             break
         repaired = lay.replaced(lay.weight + sol.delta_weight, lay.bias + sol.delta_bias)
-        after = robust_margins(repaired, xt, ya)  # the smallest over several batch layouts
-        keep_after = robust_margins(repaired, kx, ky) if NK else np.zeros(0)
+        after = robust_margins(repaired, w.xt, ya)  # the smallest over several batch layouts
+        keep_after = robust_margins(repaired, w.kx, ky) if NK else np.zeros(0)
         if box is not None:  # the guarantee is the worst case over each box, with the weights as stored
             sdW, sdb = _saved_change(lay, repaired)
             worst = problem.point_margins(sdW, sdb)
@@ -326,27 +356,27 @@ def _pointwise(lay: LastLayer, spec: RepairSpec, F, ya, FK, ky, xt, kx, base, ke
         status = "ill-conditioned"
     if status != "repaired":
         repaired = None
-        after, keep_after = base, keep_before
+        after, keep_after = w.base, w.keep_before
     saved_dW, saved_db = (_saved_change(lay, repaired) if repaired is not None else (np.zeros_like(lay.weight), np.zeros_like(lay.bias)))
-    cert = _certificate(lay, spec, status, sol, problem, saved_dW, saved_db, ya, base, after, problem.margins, ky, keep_before, keep_after)
+    cert = _certificate(w, status, sol, problem, problem.margins, (saved_dW, saved_db), (after, keep_after))
     if box is not None:
         worst_before = problem.point_margins()[:K]
         worst_saved = problem.point_margins(saved_dW, saved_db) if status == "repaired" else None
         worst_after = worst_before if worst_saved is None else worst_saved[:K]
-        for k, entry in enumerate(cert["points"]):
-            entry["certified_margin_before"] = float(worst_before[k])
-            entry["certified_margin_after"] = float(worst_after[k])
+        for k, entry in enumerate(cert.points):
+            entry.certified_margin_before = float(worst_before[k])
+            entry.certified_margin_after = float(worst_after[k])
         if keep_box is not None:
-            cert["keep"]["balls_certified_before"] = int(keep_box[2].sum())
-            cert["keep"]["balls_certified_after"] = (None if worst_saved is None
-                                                     else int((worst_saved[K:][keep_box[2]] >= spec.keep_margin).sum()))
-        cert["ball"] = {"eps": spec.eps, "bounds": spec.bounds, "bound_seconds": box.seconds,
-                        "note": "certified margins: the worst case of the logit difference over each point's feature box, "
-                                "which holds every input of its ball (sound bounds; cnnrepair verify recomputes them)"}
-    cert["conditioning"] = _conditioning(lay, spec, cert["change"]["linf"] if status == "repaired" else _linf(sol))
+            cert.keep.balls_certified_before = int(keep_box[2].sum())
+            cert.keep.balls_certified_after = (None if worst_saved is None
+                                               else int((worst_saved[K:][keep_box[2]] >= spec.keep_margin).sum()))
+        cert.ball = {"eps": spec.eps, "bounds": spec.bounds, "bound_seconds": box.seconds,
+                     "note": "certified margins: the worst case of the logit difference over each point's feature box, "
+                             "which holds every input of its ball (sound bounds; cnnrepair verify recomputes them)"}
+    cert.conditioning = _conditioning(lay, spec, cert.change["linf"] if status == "repaired" else _linf(sol))
     if status == "failed" and sol.status not in ("optimal",):
         notes.append(f"the solver stopped: {sol.status}")
-    return ClassifierRepair(status, repaired, lay.name, cert, sol, time.perf_counter() - t0, notes, _written(lay))
+    return ClassifierRepair(status, repaired, lay.name, cert, sol, w.elapsed(), notes, _written(lay))
 
 
 def layer_scale(weight: np.ndarray, bias: np.ndarray) -> float:
@@ -408,49 +438,48 @@ def _solver_name(problem: MarginProblem, sol: MarginSolution) -> str:
     return "cnnrepair.repair.margins (row and column generation on HiGHS)"
 
 
-def _certificate(lay, spec, status, sol, problem, dW, db, ya, base, after, required, ky, keep_before, keep_after) -> dict:
+def _keep_claim(w: _Work, keep_after: np.ndarray, required: np.ndarray | None) -> KeepClaim:
+    NK = len(w.ky)
+    return KeepClaim(count=int(NK), smallest_margin_before=float(w.keep_before.min()) if NK else None,
+                     smallest_margin_after=float(keep_after.min()) if NK else None, labels_kept=int((keep_after > 0).sum()),
+                     below_keep_margin=None if required is None else int((keep_after < w.spec.keep_margin).sum()),
+                     required=None if required is None else [float(r) for r in required], labels=[int(v) for v in w.ky])
+
+
+def _certificate(w: _Work, status: str, sol: MarginSolution, problem: MarginProblem, required: np.ndarray,
+                 change: tuple[np.ndarray, np.ndarray] | None = None, after: tuple[np.ndarray, np.ndarray] | None = None) -> Certificate:
+    """The certificate of a margin program's outcome: ``change`` (dW, db) as saved (default none), margins ``after``
+    (repair points, keep points; default: as before)."""
+    lay, spec, ya = w.lay, w.spec, w.ya
     K = len(ya)
-    cert = {
-        "format": FORMAT,
-        "model": None,
-        "source_model": None,
-        "layer": lay.name,
-        "layer_kind": lay.kind,
-        "layer_shape": list(lay.shape),
-        "spec": spec.as_dict(),
-        "status": status,
-        "objective": float(problem.objective(dW, db)) if status == "repaired" else None,
-        "lower_bound": float(sol.lower_bound) if status == "repaired" else None,
-        "gap": None,
-        "change": change_summary(dW, db, spec.freeze_bias),
-        "points": [{"index": k, "label": int(ya[k]), "margin_before": float(base[k]), "margin_after": float(after[k]),
-                    "required": float(required[k])} for k in range(K)],
-        "keep": {"count": int(len(ky)), "smallest_margin_before": float(keep_before.min()) if len(ky) else None,
-                 "smallest_margin_after": float(keep_after.min()) if len(ky) else None,
-                 "labels_kept": int((keep_after > 0).sum()), "below_keep_margin": int((keep_after < spec.keep_margin).sum()),
-                 "required": [float(r) for r in required[K:]], "labels": [int(v) for v in ky]},
-        "batch_layouts": layouts_record(),
-        "solver": {"name": _solver_name(problem, sol), "status": sol.status,
-                   "seconds": sol.seconds, "rounds": sol.rounds, **sol.size,
-                   "lp_objective": float(sol.objective) if np.isfinite(sol.objective) else None, "lp_gap": sol.gap if sol.ok else None},
-        "lower_bound_witness": {key: np.asarray(val).tolist() for key, val in sol.witness.items()},
-    }
-    if status == "repaired" and cert["objective"] > 0:
-        cert["gap"] = max(0.0, (cert["objective"] - cert["lower_bound"]) / cert["objective"])
-    elif status == "repaired":
-        cert["gap"] = 0.0
+    dW, db = change if change is not None else (np.zeros_like(lay.weight), np.zeros_like(lay.bias))
+    margins, keep_after = after if after is not None else (w.base, w.keep_before)
+    repaired = status == "repaired"
+    objective = float(problem.objective(dW, db)) if repaired else None
+    lower = float(sol.lower_bound) if repaired else None
+    gap = (max(0.0, (objective - lower) / objective) if objective > 0 else 0.0) if repaired else None
+    cert = Certificate(
+        layer=lay.name, layer_kind=lay.kind, layer_shape=list(lay.shape), spec=spec.as_dict(), status=status,
+        objective=objective, lower_bound=lower, gap=gap, change=change_summary(dW, db, spec.freeze_bias),
+        points=[PointClaim(index=k, label=int(ya[k]), margin_before=float(w.base[k]), margin_after=float(margins[k]),
+                           required=float(required[k])) for k in range(K)],
+        keep=_keep_claim(w, keep_after, required[K:]),
+        solver={"name": _solver_name(problem, sol), "status": sol.status, "seconds": sol.seconds, "rounds": sol.rounds, **sol.size,
+                "lp_objective": float(sol.objective) if np.isfinite(sol.objective) else None, "lp_gap": sol.gap if sol.ok else None},
+        lower_bound_witness={key: np.asarray(val).tolist() for key, val in sol.witness.items()})
     if status == "infeasible":
-        cert["conflicts"] = [{"index": int(k) if k < K else int(k - K), "set": "points" if k < K else "keep",
-                              "label": int(problem.labels[k])} for k in (sol.conflicts if sol.conflicts is not None else [])]
-        if not cert["conflicts"]:  # an empty set is no irreducible conflict: say none was isolated
-            cert["solver"]["conflicts_irreducible"] = False
+        cert.conflicts = [{"index": int(k) if k < K else int(k - K), "set": "points" if k < K else "keep",
+                           "label": int(problem.labels[k])} for k in (sol.conflicts if sol.conflicts is not None else [])]
+        if not cert.conflicts:  # an empty set is no irreducible conflict: say none was isolated
+            cert.solver["conflicts_irreducible"] = False
     return cert
 
 
-def _targets(lay: LastLayer, spec: RepairSpec, F, ya, FK, ky, xt, kx, targets, base, keep_before, t0) -> ClassifierRepair:
+def _targets(w: _Work, targets) -> ClassifierRepair:
     """The paper's program through the same front door: targets, anchors (keep points), L1 on the weights."""
     from cnnrepair.repair.targets import RepairProblem, repair
 
+    lay, spec, ya, ky, F, FK = w.lay, w.spec, w.ya, w.ky, w.F, w.FK
     C = lay.shape[0]
     if targets is None:
         targets = -np.ones((len(ya), C))
@@ -465,20 +494,15 @@ def _targets(lay: LastLayer, spec: RepairSpec, F, ya, FK, ky, xt, kx, targets, b
                                   point_weights=weights))
     status = "repaired" if result.ok else "failed"
     repaired = lay.replaced(lay.weight + result.gamma, lay.bias) if result.ok else None
-    xs_margins = robust_margins(repaired, xt, ya) if repaired is not None else base
-    keep_after = robust_margins(repaired, kx, ky) if repaired is not None and len(FK) else keep_before
-    cert = {
-        "format": FORMAT, "model": None, "source_model": None, "layer": lay.name, "layer_kind": lay.kind,
-        "layer_shape": list(lay.shape), "spec": spec.as_dict(), "status": status,
-        "objective": float(result.objective) if result.ok else None, "lower_bound": None, "gap": None,
-        "change": change_summary(*(_saved_change(lay, repaired) if repaired is not None else (result.gamma, np.zeros(C))), True),
-        "points": [{"index": k, "label": int(ya[k]), "margin_before": float(base[k]), "margin_after": float(xs_margins[k]),
-                    "required": None} for k in range(len(ya))],
-        "keep": {"count": int(len(FK)), "smallest_margin_before": float(keep_before.min()) if len(FK) else None,
-                 "smallest_margin_after": float(keep_after.min()) if len(FK) else None, "labels_kept": int((keep_after > 0).sum()),
-                 "labels": [int(v) for v in ky]},
-        "batch_layouts": layouts_record(),
-        "solver": {"name": f"cnnrepair.repair.targets ({result.solver})", "status": result.status, "seconds": result.seconds},
-        "note": "the targets spec (the paper's program) guarantees nothing: margins after are measured, not enforced",
-    }
-    return ClassifierRepair(status, repaired, lay.name, cert, result, time.perf_counter() - t0, [], _written(lay))
+    xs_margins = robust_margins(repaired, w.xt, ya) if repaired is not None else w.base
+    keep_after = robust_margins(repaired, w.kx, ky) if repaired is not None and len(FK) else w.keep_before
+    change = _saved_change(lay, repaired) if repaired is not None else (result.gamma, np.zeros(C))
+    cert = Certificate(
+        layer=lay.name, layer_kind=lay.kind, layer_shape=list(lay.shape), spec=spec.as_dict(), status=status,
+        objective=float(result.objective) if result.ok else None, change=change_summary(*change, True),
+        points=[PointClaim(index=k, label=int(ya[k]), margin_before=float(w.base[k]), margin_after=float(xs_margins[k]),
+                           required=None) for k in range(len(ya))],
+        keep=_keep_claim(w, keep_after, None),
+        solver={"name": f"cnnrepair.repair.targets ({result.solver})", "status": result.status, "seconds": result.seconds},
+        note="the targets spec (the paper's program) guarantees nothing: margins after are measured, not enforced")
+    return ClassifierRepair(status, repaired, lay.name, cert, result, w.elapsed(), [], _written(lay))

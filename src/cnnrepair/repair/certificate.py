@@ -1,104 +1,199 @@
-"""Certificates: what a repair claims, in plain JSON, and an independent re-check of the claim.
+"""Certificates: what a repair claims, as a typed record; written as plain JSON, read back only after
+its shape is checked, and its margin claims checked against margins measured on a model.
 
 A certificate names the repaired model file by sha256 and lists, per repair point, its margin
-before and after on the saved model (float32, as it runs). A third party re-checks it by running
+before and after on the saved model (float32, as it runs, the smallest over the batch layouts of
+:mod:`cnnrepair.repair.measure`). A third party re-checks it (:mod:`cnnrepair.verify`) by running
 the model on the points (``margin >= spec.margin`` for each), recomputing the change from the
 original model, and recomputing the lower bound from the stored multipliers with the closed form
-of :func:`cnnrepair.repair.margins.certified_lower_bound` (weak duality; documented in docs/guide.md).
+of :func:`cnnrepair.repair.program.certified_lower_bound` (weak duality; documented in docs/guide.md).
 """
 
 from __future__ import annotations
 
-import hashlib
+import warnings
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
-from cnnrepair.repair.program import MarginProblem, certified_lower_bound, margins_of
-from cnnrepair.runtime import eval_mode, model_device
+from cnnrepair.io import read_json, sha256, write_json
+from cnnrepair.repair.measure import layouts_record
+from cnnrepair.repair.program import MarginProblem, certified_lower_bound
 
 FORMAT = "cnnrepair-certificate/2"
-
-# The batch layouts every margin is measured in, on the repaired model and on the saved file: a
-# float32 forward pass may give an input other outputs in another batch (BLAS picks kernels by
-# shape), so a margin counts only as its smallest over these (batch size, reversed order) layouts.
-LAYOUTS: tuple[tuple[int, bool], ...] = ((512, False), (1, False), (61, True))
+STATUSES = ("repaired", "infeasible", "failed", "ill-conditioned")
 
 
-def layouts_record() -> list[dict]:
-    """The layouts as the certificate records them."""
-    return [{"batch_size": b, "order": "reversed" if r else "given"} for b, r in LAYOUTS]
+def _record(obj, always: tuple[str, ...] = ()) -> dict:
+    """A record's fields in order as JSON values, leaving out unset (None) optional ones not in ``always``."""
+    out = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if value is None and f.name not in always:
+            continue
+        out[f.name] = value.to_dict() if hasattr(value, "to_dict") else value
+    return out
 
 
-def in_layout(logits_of, x, batch_size: int, reverse: bool) -> np.ndarray:
-    """``logits_of(batch)`` over ``x`` in batches of ``batch_size``, in reversed order if asked, returned in ``x``'s order."""
-    n = len(x)
-    order = np.arange(n)[::-1] if reverse else np.arange(n)
-    outs = [np.asarray(logits_of(x[torch.as_tensor(order[i:i + batch_size].copy())]), np.float64) for i in range(0, n, batch_size)]
-    if not outs:
-        return np.zeros((0, 0))
-    out = np.concatenate(outs)
-    res = np.empty_like(out)
-    res[order] = out
-    return res
+def _known(cls, data: dict, where: str) -> dict:
+    """``data`` restricted to ``cls``'s fields; an unknown key is a claim nothing checks, so it is refused."""
+    names = {f.name for f in fields(cls)}
+    extra = sorted(set(data) - names)
+    if extra:
+        raise _Malformed(f"{where} has unknown field(s) {', '.join(map(repr, extra))}: this version checks no such claim")
+    return data
 
 
-def layout_margins(logits_of, x, y: np.ndarray) -> np.ndarray:
-    """Margins (len(LAYOUTS) x N) of ``logits_of`` in every layout of :data:`LAYOUTS`."""
-    y = np.asarray(y, np.int64)
-    if len(y) == 0:
-        return np.zeros((len(LAYOUTS), 0))
-    x = torch.as_tensor(x)
-    return np.stack([margins_of(in_layout(logits_of, x, b, r), y) for b, r in LAYOUTS])
+@dataclass(frozen=True)
+class FileRef:
+    """A file a certificate is about, by name (informational) and sha256 (checked)."""
+
+    file: str
+    sha256: str
+
+    @classmethod
+    def of(cls, path: Path) -> FileRef:
+        return cls(Path(path).name, sha256(path))
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "sha256": self.sha256}
 
 
-def module_logits_fn(model: nn.Module):
-    """A batch -> float64 logits function running ``model`` as it runs (its own dtype and device)."""
-    device = model_device(model)
-    eval_mode(model)
+@dataclass(kw_only=True)
+class PointClaim:
+    """One repair point: its label, margin before and after (on the saved model), the margin it was required to reach
+    (None: the targets spec requires none) and, for the ball spec, its certified (worst-case) margins."""
 
-    def run(xb: torch.Tensor) -> np.ndarray:
-        with torch.no_grad():
-            res = model(xb.to(device))
-        while isinstance(res, (tuple, list)):
-            res = res[0]
-        return res.detach().double().cpu().numpy()
+    index: int
+    label: int
+    margin_before: float
+    margin_after: float
+    required: float | None
+    certified_margin_before: float | None = None
+    certified_margin_after: float | None = None
 
-    return run
-
-
-def robust_margins(model: nn.Module, x, y: np.ndarray) -> np.ndarray:
-    """Each input's smallest margin over the batch layouts of :data:`LAYOUTS`."""
-    if len(y) == 0:
-        return np.zeros(0)
-    return layout_margins(module_logits_fn(model), x, y).min(0)
+    def to_dict(self) -> dict:
+        return _record(self, always=("required",))
 
 
-def sha256(path: Path) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+@dataclass(kw_only=True)
+class KeepClaim:
+    """The keep points: their labels (the ones kept), smallest margins before and after, how many keep their label,
+    the margins required of them (None: the targets spec) and, with keep balls, how many stay certified."""
+
+    count: int
+    smallest_margin_before: float | None
+    smallest_margin_after: float | None
+    labels_kept: int
+    below_keep_margin: int | None = None
+    required: list[float] | None = None
+    labels: list[int] = field(default_factory=list)
+    balls_certified_before: int | None = None
+    balls_certified_after: int | None = None
+
+    def to_dict(self) -> dict:
+        balls = ("balls_certified_after",) if self.balls_certified_before is not None else ()
+        return _record(self, always=("smallest_margin_before", "smallest_margin_after") + balls)
 
 
-def model_logits(model: nn.Module, x: np.ndarray | torch.Tensor, batch_size: int = 512) -> np.ndarray:
-    """The model's outputs as it runs (its own dtype, eval mode), returned as float64."""
-    x = torch.as_tensor(x)
-    run = module_logits_fn(model)
-    out = [run(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
-    return np.concatenate(out) if out else np.zeros((0, 0))
+@dataclass(kw_only=True)
+class Certificate:
+    """What one repair claims, field by field as ``certificate.json`` holds it (docs/trust.md says which fields
+    ``cnnrepair verify`` recomputes and which are informational).
 
+    ``Certificate.read(path)`` checks the file's shape before it builds one (a malformed or unknown
+    field is a one-line error); ``write(path)`` writes it atomically; ``check_claims`` compares its
+    margin claims with margins measured on a model."""
 
-def change_summary(dW: np.ndarray, db: np.ndarray, freeze_bias: bool) -> dict:
-    """L1, L-infinity and non-zeros of a change, weights and biases together."""
-    d = np.concatenate([dW.ravel(), [] if freeze_bias else db.ravel()])
-    return {"l1": float(np.abs(d).sum()), "linf": float(np.abs(d).max(initial=0.0)), "nonzero": int(np.count_nonzero(d)),
-            "weights_changed": int(np.count_nonzero(dW)), "biases_changed": int(np.count_nonzero(db)),
-            "rows_changed": int(np.count_nonzero(np.abs(np.hstack([dW, db[:, None]])).sum(1)))}
+    format: str = FORMAT
+    model: FileRef | None = None
+    source_model: FileRef | None = None
+    layer: str
+    layer_kind: str
+    layer_shape: list[int]
+    spec: dict[str, Any]
+    status: str
+    objective: float | None = None
+    lower_bound: float | None = None
+    gap: float | None = None
+    change: dict[str, Any]
+    points: list[PointClaim]
+    keep: KeepClaim
+    batch_layouts: list[dict] = field(default_factory=layouts_record)
+    solver: dict[str, Any] = field(default_factory=dict)
+    lower_bound_witness: dict[str, Any] | None = None
+    note: str | None = None
+    conflicts: list[dict] | None = None
+    coinciding: list[dict] | None = None
+    feature_noise: dict[str, Any] | None = None
+    ball: dict[str, Any] | None = None
+    conditioning: dict[str, Any] | None = None
+    margins_by_layout: list[float] | None = None
+    points_file: FileRef | None = None
+    keep_file: FileRef | None = None
+    notes: list[str] | None = None
+
+    @property
+    def repaired(self) -> bool:
+        return self.status == "repaired"
+
+    def to_dict(self) -> dict:
+        """The JSON object ``certificate.json`` holds."""
+        d = _record(self, always=("model", "source_model", "objective", "lower_bound", "gap"))
+        d["points"] = [p.to_dict() for p in self.points]
+        return d
+
+    def write(self, path: Path) -> None:
+        """Write ``path`` atomically (never half-written)."""
+        write_json(Path(path), self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Certificate:
+        """A certificate from its JSON object, after :func:`check_schema` (raises CnnRepairError, one line)."""
+        check_schema(data)
+        ref = (lambda v: None if v is None else FileRef(**v))
+        d = dict(data)
+        d["points"] = [PointClaim(**p) for p in d["points"]]
+        d["keep"] = KeepClaim(**d["keep"])
+        for key in ("model", "source_model", "points_file", "keep_file"):
+            d[key] = ref(d.get(key))
+        return cls(**d)
+
+    @classmethod
+    def read(cls, path: Path) -> Certificate:
+        """Read and check a ``certificate.json``."""
+        return cls.from_dict(read_json(Path(path)))
+
+    def check_claims(self, margins_after: np.ndarray, keep_margins_after: np.ndarray) -> list[str]:
+        """Problems with the margin claims, given margins measured on the model (empty: they hold)."""
+        if not self.repaired:
+            return []
+        spec = self.spec
+        if len(margins_after) != len(self.points):
+            return [f"the certificate lists {len(self.points)} repair points but {len(margins_after)} were given"]
+        problems = []
+        if spec["kind"] in ("pointwise", "ball"):
+            problems += below_margin(margins_after, spec["margin"], "repair point(s) below the margin {m:g} on this model",
+                                     "point {k}: {v:.6g}")
+        claimed = np.array([p.margin_after for p in self.points], np.float64)
+        problems += claims_off(claimed, margins_after, 1e-5, "repair point margin(s) differ from the certificate",
+                               "point {k}: certified {c:.6g}, measured {v:.6g}")
+        keep = self.keep
+        if keep.count:
+            if len(keep_margins_after) != keep.count:
+                problems.append(f"the certificate lists {keep.count} keep points but {len(keep_margins_after)} were given")
+            elif spec["keep"] == "hard" and spec["kind"] in ("pointwise", "ball") and (keep_margins_after < spec["keep_margin"]).any():
+                problems.append(f"{int((keep_margins_after < spec['keep_margin']).sum())} keep point(s) below the keep margin "
+                                f"{spec['keep_margin']:g}")
+        return problems
+
+    def __getitem__(self, key: str):
+        """Read access as the dict of 0.1 (``certificate["status"]``), for one release, with a warning."""
+        warnings.warn("a certificate is a cnnrepair.repair.Certificate now: read certificate.status (or to_dict()[key]), "
+                      "not certificate[key]", DeprecationWarning, stacklevel=2)
+        return self.to_dict()[key]
 
 
 def witness_bound(problem: MarginProblem, witness: dict) -> float:
@@ -133,33 +228,7 @@ def claims_off(claimed: np.ndarray, measured: np.ndarray, rtol: float, what: str
     return [f"{len(off)} {what} ({detail.format(k=k, c=claimed[k], v=measured[k])})"]
 
 
-def check_claims(cert: dict, margins_after: np.ndarray, keep_margins_after: np.ndarray) -> list[str]:
-    """Problems with a certificate's margin claims, given margins measured on the model (empty: it holds)."""
-    problems = []
-    spec = cert["spec"]
-    if cert["status"] != "repaired":
-        return problems
-    if len(margins_after) != len(cert["points"]):
-        return [f"the certificate lists {len(cert['points'])} repair points but {len(margins_after)} were given"]
-    if spec["kind"] in ("pointwise", "ball"):
-        problems += below_margin(margins_after, spec["margin"], "repair point(s) below the margin {m:g} on this model",
-                                 "point {k}: {v:.6g}")
-    claimed = np.array([p["margin_after"] for p in cert["points"]], np.float64)
-    problems += claims_off(claimed, margins_after, 1e-5, "repair point margin(s) differ from the certificate",
-                           "point {k}: certified {c:.6g}, measured {v:.6g}")
-    keep = cert.get("keep") or {}
-    if keep.get("count"):
-        if len(keep_margins_after) != keep["count"]:
-            problems.append(f"the certificate lists {keep['count']} keep points but {len(keep_margins_after)} were given")
-        elif spec["keep"] == "hard" and spec["kind"] in ("pointwise", "ball") and (keep_margins_after < spec["keep_margin"]).any():
-            problems.append(f"{int((keep_margins_after < spec['keep_margin']).sum())} keep point(s) below the keep margin {spec['keep_margin']:g}")
-    return problems
-
-
-# -- the certificate's shape ----------------------------------------------------------------------
-STATUSES = ("repaired", "infeasible", "failed", "ill-conditioned")
-
-
+# -- the certificate's shape -------------------------------------------------------------------------
 class _Malformed(Exception):
     pass
 
@@ -185,6 +254,12 @@ def _need(obj: dict, key: str, kinds, where: str, optional: bool = False):
     return value
 
 
+def _file_ref(block: dict, where: str) -> None:
+    _known(FileRef, block, where)
+    _need(block, "file", str, where)
+    _need(block, "sha256", str, where)
+
+
 def _numbers(values, where: str, kind=float, nullable: bool = False) -> None:
     if not isinstance(values, list):
         raise _Malformed(f"{where} must be a list")
@@ -208,6 +283,7 @@ def check_schema(cert) -> None:
 def _check_schema(cert) -> None:
     if not isinstance(cert, dict):
         raise _Malformed("the file must hold a JSON object")
+    _known(Certificate, cert, "certificate")
     fmt = _need(cert, "format", str, "certificate")
     if fmt != FORMAT:
         raise _Malformed(f"format is {fmt!r}, this version reads {FORMAT!r}")
@@ -233,12 +309,9 @@ def _check_schema(cert) -> None:
     _numbers(_need(cert, "layer_shape", list, "certificate"), "layer_shape", int)
     for key in ("source_model", "points_file"):
         block = _need(cert, key, dict, "certificate")
-        _need(block, "file", str, key)
-        _need(block, "sha256", str, key)
+        _file_ref(block, key)
     if status == "repaired":
-        block = _need(cert, "model", dict, "certificate")
-        _need(block, "file", str, "model")
-        _need(block, "sha256", str, "model")
+        _file_ref(_need(cert, "model", dict, "certificate"), "model")
     targets = spec["kind"] == "targets"
     for key in ("objective", "lower_bound", "gap"):
         _need(cert, key, float, "certificate", optional=targets and key != "objective" or status != "repaired")
@@ -251,6 +324,7 @@ def _check_schema(cert) -> None:
     for k, p in enumerate(points):
         where = f"points[{k}]"
         _need(p, "index", int, where)
+        _known(PointClaim, p, where)
         _need(p, "label", int, where)
         _need(p, "margin_before", float, where)
         _need(p, "margin_after", float, where)
@@ -258,7 +332,7 @@ def _check_schema(cert) -> None:
         if spec["kind"] == "ball":
             _need(p, "certified_margin_before", float, where)
             _need(p, "certified_margin_after", float, where)
-    keep = _need(cert, "keep", dict, "certificate")
+    keep = _known(KeepClaim, _need(cert, "keep", dict, "certificate"), "keep")
     count = _need(keep, "count", int, "keep")
     _numbers(_need(keep, "labels", list, "keep"), "keep.labels", int)
     if not targets:
@@ -268,9 +342,20 @@ def _check_schema(cert) -> None:
     _need(keep, "labels_kept", int, "keep")
     if len(keep["labels"]) != count or (not targets and len(keep["required"]) != count):
         raise _Malformed(f"keep lists {len(keep['labels'])} labels and {len(keep.get('required', []))} requirements for {count} points")
-    if count:
-        _need(cert, "keep_file", dict, "certificate")
-        _need(cert["keep_file"], "sha256", str, "keep_file")
+    for key in ("balls_certified_before", "balls_certified_after", "below_keep_margin"):
+        _need(keep, key, int, "keep", optional=True)
+    if count or cert.get("keep_file") is not None:
+        _file_ref(_need(cert, "keep_file", dict, "certificate"), "keep_file")
+    if cert.get("margins_by_layout") is not None:
+        _numbers(cert["margins_by_layout"], "margins_by_layout")
+    _need(cert, "note", str, "certificate", optional=True)
+    notes = _need(cert, "notes", list, "certificate", optional=True)
+    if notes is not None and not all(isinstance(n, str) for n in notes):
+        raise _Malformed("notes must be a list of strings")
+    for key in ("lower_bound_witness", "feature_noise", "ball", "conditioning"):
+        _need(cert, key, dict, "certificate", optional=True)
+    for key in ("conflicts", "coinciding"):
+        _need(cert, key, list, "certificate", optional=True)
     layouts = _need(cert, "batch_layouts", list, "certificate")
     if layouts != layouts_record():
         raise _Malformed(f"batch_layouts must be {layouts_record()} (the layouts this version measures)")
