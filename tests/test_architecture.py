@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 SRC = Path(__file__).resolve().parent.parent / "src" / "cnnrepair"
 # the paper's pipeline, an application on top of the core (cnnrepair.paper), and the command line beside it (cnnrepair.cli)
 APPLICATION = {"paper", "cli"}
@@ -157,3 +159,88 @@ def test_a_bound_rule_is_one_registered_function():
             assert (feats >= fb.lower - 1e-9).all() and (feats <= fb.upper + 1e-9).all()
     finally:
         G.RULES.pop(torch.ops.aten.flip.default, None)
+
+
+def test_a_new_kind_of_relaxation_is_one_registered_class():
+    """tanh is not bounded; one kind with only an interval rule (tanh is monotone) and one bound rule make both
+    methods bound it soundly (CROWN crosses it through its box as constants)."""
+    import pytest
+    import torch
+    from torch import nn
+
+    from cnnrepair import CnnRepairError, feature_bounds
+    from cnnrepair.bounds import graph as G
+    from cnnrepair.bounds import kinds as K
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    x = torch.rand(4, 5)
+    with pytest.raises(CnnRepairError, match="tanh"):
+        feature_bounds(model, "4", x - 0.1, x + 0.1, "crown")
+    try:
+        @K.bound_kind
+        class Tanh(K.Kind):
+            name = "tanh"
+
+            def ibp(self, op, bounds, lower, upper):
+                lo, hi = bounds[op.inputs[0]]
+                return torch.tanh(lo), torch.tanh(hi)
+
+        @G.bound_rule(torch.ops.aten.tanh.default)
+        def _tanh(site):
+            return G.Op(site.node, "tanh", site.deps) if site.single else None
+
+        samples = x + 0.1 * (2 * torch.rand(300, *x.shape) - 1)
+        with torch.no_grad():
+            feats = model[:4](samples).double().numpy()
+        widths = {}
+        for method in ("ibp", "crown"):
+            fb = feature_bounds(model, "4", x - 0.1, x + 0.1, method)
+            assert (feats >= fb.lower - 1e-9).all() and (feats <= fb.upper + 1e-9).all()
+            widths[method] = float((fb.upper - fb.lower).sum())
+        assert widths["crown"] <= widths["ibp"] + 1e-9
+    finally:
+        K.KINDS.pop("tanh", None)
+        G.RULES.pop(torch.ops.aten.tanh.default, None)
+
+
+def _bad_settings():
+    from cnnrepair import BallInputs, RepairSpec, SolveOptions
+    from cnnrepair.paper.pipeline import AttackSweep, HybridSettings
+    from cnnrepair.paper.training import TrainConfig
+
+    return [(lambda: TrainConfig(epochs=0), "epochs"), (lambda: TrainConfig(lr=-1.0), "learning rate"),
+            (lambda: HybridSettings(lh_c=0), "C must be > 0"), (lambda: HybridSettings(svm_jobs=0), "--svm-jobs"),
+            (lambda: HybridSettings(kinds=("lh", "lh")), "each once"), (lambda: AttackSweep("cw", (0.1,)), "unknown attack"),
+            (lambda: AttackSweep("fgsm", ()), "at least one epsilon"), (lambda: AttackSweep("fgsm", (2.0,)), "outside"),
+            (lambda: AttackSweep("pgd", (0.1,), steps=0), "step"), (lambda: AttackSweep("fgsm", (0.1,), images=0), "images"),
+            (lambda: BallInputs(domain=(1.0, 0.0)), "empty"), (lambda: SolveOptions(threads=-2), "threads"),
+            (lambda: RepairSpec(margin=-1), "margin")]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_settings())))
+def test_settings_objects_check_themselves(case):
+    """The command line only gathers options: every settings object refuses a bad value itself, in one line."""
+    from cnnrepair import CnnRepairError
+
+    make, message = _bad_settings()[case]
+    with pytest.raises(CnnRepairError, match=message) as info:
+        make()
+    assert "\n" not in str(info.value)
+
+
+def test_certify_takes_the_ball_convention_as_one_object_and_the_old_keywords_warn():
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from cnnrepair import BallInputs, certify
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    x = (torch.rand(5, 3, 2, 2) - 0.5) / 0.25
+    y = model(x).argmax(1).numpy()
+    new = certify(model, x, y, 0.01, inputs=BallInputs(mean=(0.5,) * 3, std=(0.25,) * 3))
+    with pytest.warns(DeprecationWarning, match="BallInputs"):
+        old = certify(model, x, y, 0.01, mean=(0.5,) * 3, std=(0.25,) * 3)
+    assert np.array_equal(new.margins, old.margins) and new.certified.all()

@@ -112,5 +112,5 @@ def test_hybrid_shows_progress_while_fitting(digits_run, tmp_path, monkeypatch):
     seen = []
     model = P.load_nn(run)
     feats = P.stage_features(run, model, open_dataset(run))
-    P.stage_hybrid(run, model, open_dataset(run), feats, kinds=("lh", "kh"), progress=lambda d, *a: seen.append(d))
+    P.stage_hybrid(run, model, open_dataset(run), feats, P.HybridSettings(kinds=("lh", "kh")), progress=lambda d, *a: seen.append(d))
     assert any(d.startswith("fitting LH") for d in seen) and any(d.startswith("fitting KH") for d in seen)

@@ -11,7 +11,7 @@ the ``cnnrepair`` command (:mod:`cnnrepair.cli`).
 """
 
 from cnnrepair.assess import AssessSettings, assess
-from cnnrepair.bounds import FeatureBounds, ball_box, feature_bounds
+from cnnrepair.bounds import BallInputs, FeatureBounds, ball_box, feature_bounds
 from cnnrepair.certify import Certification, certify, pgd_accuracy
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.formats import LoadedModel, load_model, save_model
@@ -20,12 +20,12 @@ from cnnrepair.repair import Certificate, ClassifierRepair, Points, RepairSpec, 
 from cnnrepair.verify import Verification, verify_certificate
 from cnnrepair.vnnlib import BallProperty, write_properties
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from cnnrepair import moved as _moved_modules  # noqa: E402 - old module paths (cnnrepair.training, ...) for one release
 
 _moved_modules.install()
-__all__ = ["AssessSettings", "BallProperty", "Certificate", "Certification", "ClassifierRepair", "CnnRepairError", "FeatureBounds", "InputSpec",
+__all__ = ["AssessSettings", "BallInputs", "BallProperty", "Certificate", "Certification", "ClassifierRepair", "CnnRepairError", "FeatureBounds", "InputSpec",
            "LoadedModel", "MadePoints", "Points", "PointsSettings", "RepairSpec", "SolveOptions", "Verification", "__version__", "assess", "ball_box", "certify",
            "feature_bounds", "last_layer", "load_model", "make_points", "pgd_accuracy", "repair_classifier", "save_model",
            "verify_certificate", "write_properties"]

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cnnrepair.bounds import FeatureBounds, ball_box, feature_bounds
+from cnnrepair.bounds import BallInputs, FeatureBounds, feature_bounds
 from cnnrepair.repair.layer import last_layer
 from cnnrepair.repair.program import MarginProblem
 
@@ -59,11 +59,24 @@ def worst_margins(bounds: FeatureBounds, labels: np.ndarray, weight: np.ndarray,
     return problem.point_margins()
 
 
-def certify(model: nn.Module, x, y, eps, method: str = "crown", layer: str | None = None, mean=None, std=None,
-            domain: tuple[float, float] = (0.0, 1.0)) -> Certification:
-    """Certify each input ``x`` (model units) with label ``y`` over its ball of radius ``eps`` (pixels; see ``ball_box``)."""
+def certify(model: nn.Module, x, y, eps, method: str = "crown", layer: str | None = None, inputs: BallInputs | None = None,
+            **old) -> Certification:
+    """Certify each input ``x`` (model units) with label ``y`` over its ball of radius ``eps`` (pixels; one, or one
+    per input), taken as ``inputs`` says (:class:`cnnrepair.bounds.BallInputs`: the model's mean/std, the pixel
+    range; default: pixels as they are, in [0, 1]). ``mean=``, ``std=``, ``domain=`` (0.1) still work for one
+    release, with a DeprecationWarning."""
+    if old:
+        import warnings
+
+        unknown = sorted(set(old) - {"mean", "std", "domain"})
+        if unknown:
+            raise TypeError(f"certify() got an unexpected keyword argument {unknown[0]!r}")
+        warnings.warn("certify(mean=, std=, domain=) is deprecated: pass inputs=BallInputs(mean, std, domain)", DeprecationWarning,
+                      stacklevel=2)
+        base = inputs or BallInputs()
+        inputs = BallInputs(old.get("mean", base.mean), old.get("std", base.std), old.get("domain", base.domain))
     xt = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).float()
-    lo, hi = ball_box(xt, eps, mean, std, domain)
+    lo, hi = (inputs or BallInputs()).boxes(xt, eps)
     return certify_boxes(model, lo, hi, y, method, layer, eps=float(np.max(eps)))
 
 

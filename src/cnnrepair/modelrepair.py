@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cnnrepair.bounds import BallInputs  # noqa: F401 - where repair jobs took it from before 0.2
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.formats import FORMATS, RUNTIME_AGREEMENT, LoadedModel, disagreement, load_model, runtime_fn, save_model
 from cnnrepair.io import load_npz
@@ -51,24 +52,6 @@ def load_points(path: Path, what: str, labels_required: bool = True) -> PointsFi
     if y is not None and (y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer)):
         raise CnnRepairError(f"{path}: 'y' must hold one integer label per input ({len(x)}), got {y.dtype} of shape {y.shape}")
     return PointsFile(Path(path), torch.from_numpy(np.ascontiguousarray(x, np.float32)), None if y is None else y.astype(np.int64))
-
-
-@dataclass(frozen=True)
-class BallInputs:
-    """How the ball spec's balls are taken: in pixels, for a model taking ``(pixels - mean) / std``, clipped to ``domain``."""
-
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    domain: tuple[float, float] | None = (0.0, 1.0)
-
-    def boxes(self, x: torch.Tensor, eps) -> tuple[torch.Tensor, torch.Tensor]:
-        from cnnrepair.bounds import ball_box
-
-        lo, hi = self.domain if self.domain is not None else (-np.inf, np.inf)
-        return ball_box(x, eps, self.mean, self.std, (lo, hi))
-
-    def as_dict(self) -> dict:
-        return {"mean": self.mean, "std": self.std, "domain": self.domain}
 
 
 @dataclass

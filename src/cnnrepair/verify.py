@@ -33,7 +33,8 @@ import torch
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.formats import load_model
 from cnnrepair.io import sha256
-from cnnrepair.modelrepair import BallInputs, PointsFile, load_points, saved_logits_fn
+from cnnrepair.bounds import BallInputs
+from cnnrepair.modelrepair import PointsFile, load_points, saved_logits_fn
 from cnnrepair.repair import RepairSpec, last_layer
 from cnnrepair.repair.api import layer_scale
 from cnnrepair.repair.certificate import Certificate, below_margin, claims_off, witness_bound

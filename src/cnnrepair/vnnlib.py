@@ -71,9 +71,15 @@ class BallProperty:
         return BoxProperty(lo, hi, self.label, self.num_classes, note).text()
 
 
-def _check_labels(labels: np.ndarray, n: int, num_classes: int, timeout: float) -> None:
+def check_timeout(timeout: float) -> float:
+    """A verifier's timeout per property: seconds > 0, finite (else a one-line error)."""
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (np.isfinite(timeout) and timeout > 0):
         raise CnnRepairError(f"--timeout must be a number of seconds > 0 (got {timeout})")
+    return float(timeout)
+
+
+def _check_labels(labels: np.ndarray, n: int, num_classes: int, timeout: float) -> None:
+    check_timeout(timeout)
     if n != len(labels):
         raise CnnRepairError(f"{n} inputs but {len(labels)} labels; give one label per input")
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):

@@ -78,6 +78,28 @@ def ball_box(x, eps, mean=None, std=None, domain: tuple[float, float] = (0.0, 1.
     return torch.minimum(lo, x), torch.maximum(hi, x)
 
 
+@dataclass(frozen=True)
+class BallInputs:
+    """How balls are taken around inputs: in pixels, for a model taking ``(pixels - mean) / std`` (per channel;
+    None: the pixels as they are), clipped to ``domain`` (None: not clipped)."""
+
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    domain: tuple[float, float] | None = (0.0, 1.0)
+
+    def __post_init__(self) -> None:
+        if self.domain is not None and not (len(self.domain) == 2 and float(self.domain[0]) < float(self.domain[1])):
+            raise CnnRepairError(f"the pixel range {self.domain} is empty; give LOW,HIGH with LOW < HIGH (e.g. 0,1)")
+
+    def boxes(self, x, eps) -> tuple[Tensor, Tensor]:
+        """Each input's ball of radius ``eps`` (one, or one per input) as a box in the model's units: :func:`ball_box`."""
+        lo, hi = self.domain if self.domain is not None else (-np.inf, np.inf)
+        return ball_box(x, eps, self.mean, self.std, (lo, hi))
+
+    def as_dict(self) -> dict:
+        return {"mean": self.mean, "std": self.std, "domain": self.domain}
+
+
 def feature_bounds(model: nn.Module | FrozenGraph, layer: str, lower, upper, method: str = "crown",
                    batch_size: int | None = None, progress=None) -> FeatureBounds:
     """Bounds on the input of ``layer`` (the repaired linear layer) over each box ``[lower, upper]``.
@@ -118,4 +140,4 @@ def feature_bounds(model: nn.Module | FrozenGraph, layer: str, lower, upper, met
     return FeatureBounds(lo, hi, method, time.perf_counter() - t0)
 
 
-__all__ = ["METHODS", "FeatureBounds", "FrozenGraph", "ball_box", "feature_bounds", "frozen_graph", "propagate"]
+__all__ = ["METHODS", "BallInputs", "FeatureBounds", "FrozenGraph", "ball_box", "feature_bounds", "frozen_graph", "propagate"]

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+
 EPILOG = """examples:
   cnnrepair reproduce                                   # whole pipeline on the embedded 8x8 digits
   cnnrepair reproduce --dataset mnist --data-dir ../shared/datasets/mnist --out runs/mnist
@@ -54,6 +55,7 @@ class Bars:
         if self.bar is not None:
             self.bar.close()
             self.bar, self.desc = None, None
+
 
 def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)

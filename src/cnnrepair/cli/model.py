@@ -48,6 +48,7 @@ def _add_model_repair_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier repair's files in --out (never any other file)")
     _add_factory_arg(p)
 
+
 def _add_images_args(p: argparse.ArgumentParser) -> None:
     """Where ``points`` and ``evaluate`` take images from, and the model's input convention."""
     from cnnrepair.data import DATASETS
@@ -65,10 +66,12 @@ def _add_images_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
 
+
 def _add_factory_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--factory", default=None, help="for a state dict (.pt/.pth): module:function that builds the model")
     p.add_argument("--input-shape", default=None, help="for a TorchScript file (.ts): the per-example input shape, e.g. 1,28,28 "
                    "(default: the shape of the points or images given)")
+
 
 def _input_shape(args: argparse.Namespace, fallback) -> tuple[int, ...] | None:
     if getattr(args, "input_shape", None):
@@ -78,9 +81,11 @@ def _input_shape(args: argparse.Namespace, fallback) -> tuple[int, ...] | None:
             raise CnnRepairError(f"--input-shape {args.input_shape!r}: give comma-separated sizes, e.g. 1,28,28") from None
     return tuple(fallback) if fallback is not None else None
 
+
 def _model_repair_job(args: argparse.Namespace):
     """Check every input of ``cnnrepair repair MODEL`` (nothing is written before this passes)."""
-    from cnnrepair.modelrepair import BallInputs, RepairFiles, output_dir, prepare
+    from cnnrepair.bounds import BallInputs
+    from cnnrepair.modelrepair import RepairFiles, output_dir, prepare
     from cnnrepair.repair import RepairSpec, SolveOptions
 
     args.options = SolveOptions(args.time_limit, args.threads)
@@ -157,6 +162,7 @@ def _cmd_verify(args: argparse.Namespace, bars: Bars) -> int:
         say(f"not checked: {'; '.join(report.unchecked)}")
     return 0
 
+
 def _vnnlib_range(text: str) -> tuple[float, float] | None:
     if text.strip().lower() == "none":
         return None
@@ -166,32 +172,30 @@ def _vnnlib_range(text: str) -> tuple[float, float] | None:
         raise CnnRepairError(f"--range {text!r}: give LOW,HIGH (e.g. 0,1) or none") from None
     return lo, hi
 
+
 def _cmd_vnnlib(args: argparse.Namespace, bars: Bars) -> int:
+    from cnnrepair.bounds import BallInputs
     from cnnrepair.formats import load_model
-    from cnnrepair.modelrepair import BallInputs, load_points
+    from cnnrepair.modelrepair import load_points
     from cnnrepair.repair.measure import model_logits
-    from cnnrepair.vnnlib import write_boxes
+    from cnnrepair.vnnlib import check_timeout, write_boxes
 
     outdir = _out(args, names("instances.csv", suffixes=(".vnnlib",)), [args.model, args.points], "properties")
-    if not (args.timeout > 0 and args.timeout < float("inf")):
-        raise CnnRepairError(f"--timeout must be a number of seconds > 0 (got {args.timeout})")
-    domain = _vnnlib_range(args.range)
+    check_timeout(args.timeout)
+    mean, std = _convention(args)
+    ball = BallInputs(mean, std, _vnnlib_range(args.range))  # checks the range before anything is loaded
     points = load_points(args.points, "points file", labels_required=False)
     model = load_model(args.model, args.factory, _input_shape(args, points.x.shape[1:]))
     if model.input_shape is not None and tuple(points.x.shape[1:]) != model.input_shape:
         raise CnnRepairError(f"{args.points}: inputs of shape {tuple(points.x.shape[1:])} but the model takes {model.input_shape}")
     logits = model_logits(model.module, points.x[:1] if points.y is not None else points.x)
     labels = points.y if points.y is not None else logits.argmax(1)
-    mean, std = _convention(args)
-    if domain is not None and not domain[0] < domain[1]:
-        raise CnnRepairError(f"--range {args.range}: the range is empty; give LOW,HIGH with LOW < HIGH (e.g. 0,1)")
-    if not (args.eps >= 0 and args.eps < float("inf")):
-        raise CnnRepairError(f"--eps must be a non-negative number of pixels (got {args.eps})")
-    lo, hi = BallInputs(mean, std, domain).boxes(points.x, args.eps)  # the pixel ball, in the model's units, per channel
+    lo, hi = ball.boxes(points.x, args.eps)  # the pixel ball, in the model's units, per channel (eps checked there)
     with outdir as stage:
         paths = write_boxes(args.model, lo.numpy(), hi.numpy(), labels, logits.shape[1], stage, args.timeout)
     say(f"wrote {len(paths)} properties and instances.csv to {args.out} (unsat = every input of the ball keeps its label)")
     return 0
+
 
 def _floats(text: str | None, name: str, example: str) -> tuple[float, ...] | None:
     if text is None:
@@ -201,9 +205,11 @@ def _floats(text: str | None, name: str, example: str) -> tuple[float, ...] | No
     except ValueError:
         raise CnnRepairError(f"--{name} {text!r}: give comma-separated numbers, e.g. {example}") from None
 
+
 def _convention(args: argparse.Namespace) -> tuple:
     """The model's per-channel --mean and --std, parsed before anything is loaded."""
     return _floats(args.mean, "mean", "0.4914,0.4822,0.4465"), _floats(args.std, "std", "0.247,0.243,0.261")
+
 
 def _out(args: argparse.Namespace, owns, inputs: list, what: str):
     """The command's --out, checked before any work: new or empty, or (with --overwrite) holding only
@@ -213,6 +219,7 @@ def _out(args: argparse.Namespace, owns, inputs: list, what: str):
     outdir = OutputDir(args.out, owns, args.overwrite, inputs, what=what)
     outdir.check()
     return outdir
+
 
 def _points_images(args: argparse.Namespace, split: str | None = None) -> tuple:
     """uint8 images and labels of the chosen split (``split``, default ``--split``), and where they came from."""
@@ -237,6 +244,7 @@ def _points_images(args: argparse.Namespace, split: str | None = None) -> tuple:
     if (split or args.split) == "test":
         return ds.x_test, ds.y_test, f"{ds.name} test ({ds.source})"
     return ds.x_train, ds.y_train, f"{ds.name} train ({ds.source})"
+
 
 def _cmd_points(args: argparse.Namespace, bars: Bars) -> int:
     import numpy as np
@@ -274,9 +282,10 @@ def _cmd_points(args: argparse.Namespace, bars: Bars) -> int:
     for warning in made.info["warnings"]:
         say(f"warning: {warning}")
     say(f"wrote {len(made.y)} {args.kind} points and {len(made.keep_y)} keep points to {args.out} "
-         f"(clean accuracy {100 * made.info['clean_accuracy']:.2f}%); next: cnnrepair repair {args.model} "
-         f"--points {args.out / 'points.npz'} --keep {args.out / 'keep.npz'} --out DIR")
+        f"(clean accuracy {100 * made.info['clean_accuracy']:.2f}%); next: cnnrepair repair {args.model} "
+        f"--points {args.out / 'points.npz'} --keep {args.out / 'keep.npz'} --out DIR")
     return 0
+
 
 def _cmd_evaluate(args: argparse.Namespace, bars: Bars) -> int:
     from cnnrepair.assess import AssessSettings, assess, plot_report
@@ -323,6 +332,7 @@ def _cmd_evaluate(args: argparse.Namespace, bars: Bars) -> int:
         say(f"warning: {warning}")
     say(f"wrote {args.out / 'report.json'} and {args.out / 'report.png'}")
     return 0
+
 
 def _point_set(path: Path, what: str):
     """A points file as evaluate avoids it: inputs, labels, and the source indices and split `cnnrepair points` recorded."""

@@ -22,9 +22,11 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    help="dataset location: IDX folder (MNIST-style), cifar-10-batches-py folder, image-folder tree or its .tar.gz "
                         "(default: $CNNREPAIR_DATA/<dataset>, ./data/<dataset>, ../shared/datasets/...)")
 
+
 def _add_device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto",
                    help="where networks run: cpu, cuda, cuda:N or auto (default: CUDA when present, else the CPU)")
+
 
 def _device(args: argparse.Namespace, run, stage: str):
     """The checked --device, recorded in the run's results for ``stage`` (figures name the hardware that made them)."""
@@ -37,12 +39,14 @@ def _device(args: argparse.Namespace, run, stage: str):
     run.update_results(devices={**run.results.get("devices", {}), stage: f"{dev} ({name})"})
     return dev
 
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default=None, help="mnist-nn, cifar10-nn or digits-nn (default: the dataset's)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the dataset's recipe)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None, help="peak learning rate of the one-cycle schedule")
     p.add_argument("--seed", type=int, default=0, help="seed for initialisation, shuffling and augmentation (default 0)")
+
 
 def _add_hybrid_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lh-c", type=float, default=0.01, help="C of the linear SVM (LH), on standardised features (default 0.01)")
@@ -52,6 +56,7 @@ def _add_hybrid_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-kh", action="store_true", help="skip KH (exact RBF SVC is slow on large feature sets)")
     p.add_argument("--svm-jobs", type=int, default=1,
                    help="processes fitting LH's one-vs-rest classes in parallel (same weights; default 1, -1: every core)")
+
 
 def _list_of(kind: type, what: str, example: str) -> Callable[[str], list]:
     """An argparse type for comma-separated lists of ``kind``."""
@@ -68,6 +73,7 @@ _eps_list = _list_of(float, "numbers", "0.025,0.05")
 
 _int_list = _list_of(int, "integers", "1,50")
 
+
 def _add_attack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attacks", default="fgsm,pgd", help="comma-separated attacks: fgsm (the paper's), pgd (default: fgsm,pgd)")
     p.add_argument("--eps", type=_eps_list, default=None,
@@ -75,6 +81,7 @@ def _add_attack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attack-images", type=int, default=None, help="attack a seeded slice of this many test images (default: all)")
     p.add_argument("--pgd-images", type=int, default=None, help="slice for PGD alone, which costs --pgd-steps times FGSM (default: --attack-images)")
     p.add_argument("--pgd-steps", type=int, default=20, help="PGD iterations (default 20, step 2.5*eps/steps, random start)")
+
 
 def _add_repair_args(p: argparse.ArgumentParser) -> None:
     from cnnrepair.repair import SOLVERS
@@ -117,39 +124,33 @@ def _add_repair_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace repair results made with other settings (default: refuse, so no result is lost)")
 
+
 def _train_settings(args: argparse.Namespace):
-    """The training recipe with the user's overrides, checked."""
+    """The training recipe with the user's overrides (TrainConfig checks them)."""
     from cnnrepair.paper.pipeline import train_config
 
-    cfg = train_config(args.dataset, {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed})
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
-        raise CnnRepairError(f"--epochs and --batch-size must be >= 1 and --lr > 0 (got {cfg.epochs}, {cfg.batch_size}, {cfg.lr})")
-    return cfg
+    return train_config(args.dataset, {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed})
 
-def _check_hybrid(args: argparse.Namespace) -> None:
-    if args.lh_c <= 0 or args.kh_c <= 0:
-        raise CnnRepairError(f"--lh-c and --kh-c must be > 0 (got {args.lh_c}, {args.kh_c})")
-    if args.svm_jobs == 0 or args.svm_jobs < -1:
-        raise CnnRepairError(f"--svm-jobs must be >= 1, or -1 for every core (got {args.svm_jobs})")
-    if args.kh_train_size is not None and args.kh_train_size < 20:
-        raise CnnRepairError(f"--kh-train-size {args.kh_train_size} is too small; use at least 10 per class (e.g. 1000)")
 
-def _attack_plan(args: argparse.Namespace, dataset: str) -> tuple[list[str], list[float]]:
-    """Checked attack names and epsilons (the dataset's paper grid unless --eps is given)."""
-    from cnnrepair.attacks import PAPER_EPS, check_eps, get_attack
+def _hybrid_settings(args: argparse.Namespace, seed: int = 0):
+    """The hybrid options gathered into HybridSettings, which checks them."""
+    from cnnrepair.paper.pipeline import HybridSettings
+
+    return HybridSettings(args.lh_c, args.kh_c, args.kh_train_size, ("lh",) if args.no_kh else ("lh", "kh"), args.svm_jobs, seed)
+
+
+def _attack_plan(args: argparse.Namespace, dataset: str, seed: int = 0) -> list:
+    """One checked AttackSweep per --attacks name, over --eps (default: the dataset's paper grid)."""
+    from cnnrepair.attacks import PAPER_EPS
+    from cnnrepair.paper.pipeline import AttackSweep
 
     names = [n.strip() for n in args.attacks.split(",") if n.strip()]
     if not names:
         raise CnnRepairError("--attacks names no attack; give e.g. fgsm,pgd")
-    for n in names:
-        get_attack(n, steps=args.pgd_steps)
-    for n in (args.attack_images, args.pgd_images):
-        if n is not None and n < 1:
-            raise CnnRepairError(f"--attack-images/--pgd-images must be >= 1 (got {n})")
     eps = args.eps if args.eps is not None else PAPER_EPS.get(dataset, PAPER_EPS["mnist"])
-    if not eps:
-        raise CnnRepairError("--eps names no epsilon; give e.g. 0.05,0.1")
-    return names, [check_eps(e) for e in eps]
+    return [AttackSweep(name, tuple(eps), args.pgd_images if name == "pgd" and args.pgd_images else args.attack_images,
+                        args.pgd_steps if name == "pgd" else None, seed) for name in names]
+
 
 def _repair_settings(args: argparse.Namespace, dataset: str, seed: int):
     """The repair options gathered into RepairSettings, which checks them (before any work starts)."""
@@ -169,6 +170,7 @@ def _repair_settings(args: argparse.Namespace, dataset: str, seed: int):
                           anchor_weights=weights if several else [],
                           drawdown_budget=args.drawdown_budget, val_images=args.val_images, delta_weight=args.delta_weight,
                           min_point_eps=args.min_point_eps or 0.0, threads=args.threads)
+
 
 def check(args: argparse.Namespace) -> None:
     """Check every option and the run directory before any long work starts (one-line errors)."""
@@ -192,12 +194,13 @@ def check(args: argparse.Namespace) -> None:
         run.check()
         dataset, seed = cfg["dataset"], cfg.get("seed", 0)
     if cmd in ("reproduce", "hybrid"):
-        _check_hybrid(args)
+        _hybrid_settings(args, seed)
     if cmd in ("reproduce", "attack"):
-        _attack_plan(args, dataset)
+        _attack_plan(args, dataset, seed)
     if cmd in ("reproduce", "repair-sweep"):
         settings = _repair_settings(args, dataset, seed)
         check_repair_target(run, settings, args.variant, args.overwrite)
+
 
 def _cmd_train(args: argparse.Namespace, bars: Bars, run=None):
     from cnnrepair.data import load_dataset
@@ -214,8 +217,9 @@ def _cmd_train(args: argparse.Namespace, bars: Bars, run=None):
     res = run.results
     p = res["params"]["nn"]
     say(f"{res['arch']}: {p['total']:,} parameters ({p['features']:,} features + {p['head']:,} head); "
-         f"NN test accuracy {100 * res['accuracy']['nn']:.2f}%")
+        f"NN test accuracy {100 * res['accuracy']['nn']:.2f}%")
     return run, ds, model
+
 
 def _cmd_hybrid(args: argparse.Namespace, bars: Bars, run=None, ds=None, model=None):
     from cnnrepair.paper.pipeline import load_nn, open_dataset, stage_features, stage_hybrid
@@ -225,24 +229,23 @@ def _cmd_hybrid(args: argparse.Namespace, bars: Bars, run=None, ds=None, model=N
     cfg = run.require()
     ds = ds or open_dataset(run)
     model = model or load_nn(run, _device(args, run, "hybrid"))
-    if args.kh_train_size is not None and args.kh_train_size < 10 * ds.num_classes:
-        raise CnnRepairError(f"--kh-train-size {args.kh_train_size} is too small; use at least {10 * ds.num_classes}")
+    settings = _hybrid_settings(args, cfg.get("seed", 0))
     say("extracting features ...")
     feats = stage_features(run, model, ds, bars)
-    kinds = ("lh",) if args.no_kh else ("lh", "kh")
+    kinds = settings.kinds
     say(f"fitting {' and '.join(k.upper() for k in kinds)} on {feats['train'].shape[1]} features ...")
     n_kh = min(args.kh_train_size or len(ds.y_train), len(ds.y_train))
     if "kh" in kinds and n_kh > 20000:
         say(f"note: the exact KH fit on {n_kh:,} training features can take minutes to an hour on 2 cores "
-             f"(MNIST: 3.5 min, Fashion-MNIST: 43 min); --kh-train-size 10000 or --no-kh shortens it")
-    hybrids = stage_hybrid(run, model, ds, feats, args.lh_c, args.kh_c, args.kh_train_size, cfg.get("seed", 0), kinds,
-                           args.svm_jobs, bars)
+            f"(MNIST: 3.5 min, Fashion-MNIST: 43 min); --kh-train-size 10000 or --no-kh shortens it")
+    hybrids = stage_hybrid(run, model, ds, feats, settings, bars)
     res = run.results
     for k in kinds:
         h = res["hybrid"][k]
         say(f"{k.upper()}: test accuracy {100 * res['accuracy'][k]:.2f}% (fit {res['timings_s'][f'fit_{k}']:.1f}s on {h['n_train']} samples, "
-             f"max |torch - sklearn| = {h['max_abs_diff_vs_sklearn']:.1e})")
+            f"max |torch - sklearn| = {h['max_abs_diff_vs_sklearn']:.1e})")
     return run, ds, model, hybrids
+
 
 def _cmd_attack(args: argparse.Namespace, bars: Bars, run=None, ds=None):
     from cnnrepair.paper.pipeline import load_models, open_dataset, stage_attack
@@ -251,20 +254,20 @@ def _cmd_attack(args: argparse.Namespace, bars: Bars, run=None, ds=None):
 
     run = run or RunDir(args.out)
     cfg = run.require()
-    names, eps = _attack_plan(args, cfg["dataset"])
+    plan = _attack_plan(args, cfg["dataset"], cfg.get("seed", 0))
     models = load_models(run, [m.strip() for m in args.models.split(",")] if getattr(args, "models", None) else None,
                          _device(args, run, "attack"))
     ds = ds or open_dataset(run)
-    for name in names:
-        n_images = args.pgd_images if name == "pgd" and args.pgd_images else args.attack_images
-        say(f"{name.upper()} sweep over eps {', '.join(f'{e:g}' for e in eps)} on {', '.join(m.upper() for m in models)} ...")
-        r = stage_attack(run, ds, models, name, eps, n_images, args.pgd_steps if name == "pgd" else None, cfg.get("seed", 0), bars)
+    for sweep in plan:
+        say(f"{sweep.attack.upper()} sweep over eps {', '.join(f'{e:g}' for e in sweep.eps)} on {', '.join(m.upper() for m in models)} ...")
+        r = stage_attack(run, ds, models, sweep, bars)
         for m, accs in r["own"].items():
             say(f"  {m.upper()}: clean {100 * r['clean'][m]:.2f}% -> own adversarial set " + " ".join(f"{100 * a:.1f}" for a in accs))
     fig = plot_attack_curves(run.results["attack"], cfg["dataset"], run.sub("figures/attack_curves.png"))
-    _write_examples(run, ds, models, names[0], eps[-1])
+    _write_examples(run, ds, models, plan[0].attack, plan[0].eps[-1])
     say(f"figure: {fig}")
     return models
+
 
 def _write_examples(run, ds, models, attack_name: str, eps: float) -> None:
     """Figure of a few clean/adversarial pairs on the first hybrid (or NN) at the largest eps."""
@@ -291,6 +294,7 @@ def _write_examples(run, ds, models, attack_name: str, eps: float) -> None:
     plot_examples(clean.numpy(), adv.numpy(), ds.y_test[idx][pick], cp, ap, ds.classes,
                   f"{attack_name.upper()} on {source.upper()}, eps={eps:g}: clean (top) and adversarial (bottom)",
                   run.sub(f"figures/examples_{attack_name}.png"))
+
 
 def _cmd_repair(args: argparse.Namespace, bars: Bars, run=None, ds=None):
     from cnnrepair.paper.pipeline import open_dataset, stage_repair
@@ -320,8 +324,8 @@ def _cmd_repair(args: argparse.Namespace, bars: Bars, run=None, ds=None):
         if "accuracy" in e:
             a = e["accuracy"]
             say(f"{head}: Data LH {100 * a['lh']['data']:.2f} -> RLH {100 * a['rlh']['data']:.2f}, "
-                 f"unseen LH adversaries fixed {100 * e['generalisation']:.1f}%, efficacy {100 * e['efficacy']:.0f}%, "
-                 f"RHADV RLH {100 * a['rlh']['rhadv']:.2f} vs HADV LH {100 * a['lh']['hadv']:.2f}")
+                f"unseen LH adversaries fixed {100 * e['generalisation']:.1f}%, efficacy {100 * e['efficacy']:.0f}%, "
+                f"RHADV RLH {100 * a['rlh']['rhadv']:.2f} vs HADV LH {100 * a['lh']['hadv']:.2f}")
         else:
             say(f"{head}: {e['error']}")
         if "warning" in e:
@@ -329,6 +333,7 @@ def _cmd_repair(args: argparse.Namespace, bars: Bars, run=None, ds=None):
     fig = plot_repair(result["entries"], cfg["dataset"], run.sub(f"figures/repair{'_' + args.variant if args.variant else ''}.png"))
     say(f"figure: {fig}")
     return result
+
 
 def _cmd_export(args: argparse.Namespace, bars: Bars, run=None, models=None):
     from cnnrepair.paper.pipeline import export_models, load_models, open_dataset
@@ -342,6 +347,7 @@ def _cmd_export(args: argparse.Namespace, bars: Bars, run=None, models=None):
     say("exported " + ", ".join(f"{k} -> {v} (and .onnx)" for k, v in written.items()))
     return written
 
+
 def _cmd_reproduce(args: argparse.Namespace, bars: Bars):
     t0 = time.perf_counter()
     run, ds, model = _cmd_train(args, bars)
@@ -352,11 +358,13 @@ def _cmd_reproduce(args: argparse.Namespace, bars: Bars):
     run.update_results(timings_s={"reproduce_total": time.perf_counter() - t0})
     say(f"done in {time.perf_counter() - t0:.0f}s; results: {run.path / 'results.json'}; summary: {run.path / 'summary.md'}")
 
+
 def _cmd_download(args: argparse.Namespace, bars: Bars):
     from cnnrepair.data import download_dataset
 
     folder = download_dataset(args.name, args.dest)
     say(f"{args.name} verified in {folder}")
+
 
 def record_command(args: argparse.Namespace, argv: list[str], seconds: float) -> None:
     """Append the command line and its wall time to the run's results, so every figure can be traced to a command.

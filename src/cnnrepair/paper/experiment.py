@@ -312,6 +312,7 @@ def run_repair_experiment(run: RunDir, ds: Dataset, models: dict[str, torch.nn.M
             sets[src], _ = make_adversarial_set(models[src], x_eval, y_eval, eps, spec, path, fingerprints.get(src, ""), s.seed,
                                                 progress, f"{s.attack} on {src.upper()} eps={eps:g}")
             set_feats[src] = outputs(lh.features, sets[src].images(x_eval))
+        bench = _Bench(models, x_eval, y_eval, f_eval, clean_nn, clean_lh, sets, set_feats, eps, spec, s.seed, progress)
         point_eps = max(eps, s.min_point_eps)
         pool = order_points(repair_pool(run, ds, lh, point_eps, max(s.ks), s.attack, s.seed, progress, fingerprints.get("lh", "")),
                             s.points)
@@ -369,18 +370,40 @@ def run_repair_experiment(run: RunDir, ds: Dataset, models: dict[str, torch.nn.M
                 rlh_head = LinearHead(W + result.gamma, b)
                 save_head(folder / name / "rlh.pt", rlh_head, {"eps": eps, "k": K, "selection": sel})
                 rlh = HybridNet(lh.features, rlh_head.to(model_device(lh.head))).eval()
-                entry.update(_evaluate(rlh, lh, clean_nn, clean_lh, f_eval, y_eval, x_eval, sets, set_feats, X,
-                                       ds.y_train[pool["index"][:k_used]], k_used, eps, spec, s.seed, progress, models))
+                entry.update(_evaluate(rlh, bench, X[:k_used], ds.y_train[pool["index"][:k_used]]))
                 entries.append(entry)
     return entries
 
 
-def _evaluate(rlh, lh, clean_nn, clean_lh, f_eval, y_eval, x_eval, sets, set_feats, X, y_points, k_used, eps, spec, seed, progress, models) -> dict:
-    """Figure-3 accuracies and the repair-literature measures for one RLH."""
+@dataclass
+class _Bench:
+    """What every RLH of one epsilon is measured on: the models, the test slice (images, labels, features), NN's
+    and LH's clean predictions on it, their adversarial sets at ``eps`` (and those sets' features), and how the
+    fresh attack on each RLH runs."""
+
+    models: dict[str, torch.nn.Module]
+    x: np.ndarray
+    y: np.ndarray
+    feats: np.ndarray
+    clean_nn: np.ndarray
+    clean_lh: np.ndarray
+    sets: dict
+    set_feats: dict[str, np.ndarray]
+    eps: float
+    attack: object
+    seed: int
+    progress: Progress | None
+
+
+def _evaluate(rlh, bench: _Bench, X: np.ndarray, y_points: np.ndarray) -> dict:
+    """Figure-3 accuracies and the repair-literature measures for one RLH (``X``, ``y_points``: its repair points)."""
+    lh, models, eps, spec, seed, progress = bench.models["lh"], bench.models, bench.eps, bench.attack, bench.seed, bench.progress
+    x_eval, y_eval, f_eval, sets, set_feats = bench.x, bench.y, bench.feats, bench.sets, bench.set_feats
+    clean_nn, clean_lh = bench.clean_nn, bench.clean_lh
     head = {"nn": models["nn"].head, "lh": lh.head, "rlh": rlh.head}
     clean = {"nn": clean_nn, "lh": clean_lh, "rlh": predict(rlh.head, f_eval)}
     on_sets = {src: {m: predict(h, set_feats[src]) for m, h in head.items()} for src in sets}
-    points_ok = predict(rlh.head, X[:k_used]) == y_points
+    points_ok = predict(rlh.head, X) == y_points
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     adv, success = attack(rlh, x_eval, y_eval, eps, spec, progress=progress, desc=f"fresh {spec.name} on RLH eps={eps:g}")

@@ -10,7 +10,7 @@ import hashlib
 import io
 import time
 import warnings
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -117,10 +117,36 @@ def stage_features(run: RunDir, model: SplitNet, ds: Dataset, progress: Progress
     return feats
 
 
-def stage_hybrid(run: RunDir, model: SplitNet, ds: Dataset, feats: dict[str, np.ndarray], lh_c: float = 0.01, kh_c: float = 10.0,
-                 kh_train_size: int | None = None, seed: int = 0, kinds: tuple[str, ...] = ("lh", "kh"), lh_jobs: int = 1,
+@dataclass(frozen=True)
+class HybridSettings:
+    """How the hybrids are fitted: C of the linear SVM (LH) and of the RBF SVM (KH), KH's training subset
+    (None: every training feature), which heads, LH's parallel jobs (-1: every core) and the seed."""
+
+    lh_c: float = 0.01
+    kh_c: float = 10.0
+    kh_train_size: int | None = None
+    kinds: tuple[str, ...] = ("lh", "kh")
+    svm_jobs: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (self.lh_c > 0 and self.kh_c > 0 and np.isfinite(self.lh_c) and np.isfinite(self.kh_c)):
+            raise CnnRepairError(f"the SVMs' C must be > 0 (--lh-c, --kh-c; got {self.lh_c}, {self.kh_c})")
+        if isinstance(self.svm_jobs, bool) or not isinstance(self.svm_jobs, int) or self.svm_jobs == 0 or self.svm_jobs < -1:
+            raise CnnRepairError(f"--svm-jobs must be >= 1, or -1 for every core (got {self.svm_jobs})")
+        if self.kh_train_size is not None and self.kh_train_size < 20:
+            raise CnnRepairError(f"--kh-train-size {self.kh_train_size} is too small; use at least 10 per class (e.g. 1000)")
+        if not self.kinds or len(set(self.kinds)) != len(self.kinds) or not set(self.kinds) <= {"lh", "kh"}:
+            raise CnnRepairError(f"hybrid kinds must be lh and/or kh, each once (got {self.kinds!r})")
+
+
+def stage_hybrid(run: RunDir, model: SplitNet, ds: Dataset, feats: dict[str, np.ndarray], settings: HybridSettings | None = None,
                  progress: Progress | None = None) -> dict[str, HybridNet]:
     """Fit LH and KH on the cached features; record accuracy, agreement with scikit-learn and timings."""
+    s = settings or HybridSettings()
+    if s.kh_train_size is not None and "kh" in s.kinds and s.kh_train_size < 10 * ds.num_classes:
+        raise CnnRepairError(f"--kh-train-size {s.kh_train_size} is too small; use at least {10 * ds.num_classes}")
+    lh_c, kh_c, kh_train_size, seed, kinds, lh_jobs = s.lh_c, s.kh_c, s.kh_train_size, s.seed, s.kinds, s.svm_jobs
     out, acc, timing, info = {}, {}, {}, {}
     for kind in kinds:
         xtr, ytr = feats["train"], ds.y_train
@@ -214,13 +240,40 @@ def load_models(run: RunDir, names: list[str] | None = None, device: torch.devic
     return {n: nn if n == "nn" else load_hybrid(run, n, nn) for n in names}
 
 
-def stage_attack(run: RunDir, ds: Dataset, models: dict[str, torch.nn.Module], attack_name: str, eps_list: list[float],
-                 n_images: int | None = None, steps: int | None = None, seed: int = 0, progress: Progress | None = None) -> dict:
-    """Sweep ``attack_name`` over ``eps_list`` on the test set (or a seeded slice of ``n_images``)."""
-    from cnnrepair.attacks import get_attack
+@dataclass(frozen=True)
+class AttackSweep:
+    """One attack swept over ``eps`` (pixels, [0, 1]) on the test set, or a seeded slice of ``images`` of it;
+    ``steps``: PGD's iterations (None: the attack's default). Checked when made."""
+
+    attack: str
+    eps: tuple[float, ...]
+    images: int | None = None
+    steps: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from cnnrepair.attacks import check_eps
+
+        self.spec()  # the name and the steps
+        if not self.eps:
+            raise CnnRepairError("an attack sweep needs at least one epsilon (--eps, e.g. 0.05,0.1)")
+        object.__setattr__(self, "eps", tuple(check_eps(e) for e in self.eps))
+        if self.images is not None and (isinstance(self.images, bool) or not isinstance(self.images, int) or self.images < 1):
+            raise CnnRepairError(f"--attack-images/--pgd-images must be >= 1 (got {self.images})")
+
+    def spec(self):
+        """The attack's :class:`cnnrepair.attacks.AttackSpec`."""
+        from cnnrepair.attacks import get_attack
+
+        return get_attack(self.attack, **({"steps": self.steps} if self.steps is not None else {}))
+
+
+def stage_attack(run: RunDir, ds: Dataset, models: dict[str, torch.nn.Module], plan: AttackSweep,
+                 progress: Progress | None = None) -> dict:
+    """Sweep ``plan.attack`` over ``plan.eps`` on the test set (or a seeded slice of ``plan.images``)."""
     from cnnrepair.paper.evaluation import sweep
 
-    spec = get_attack(attack_name, **({"steps": steps} if steps else {}))
+    spec, attack_name, eps_list, n_images, seed = plan.spec(), plan.attack, list(plan.eps), plan.images, plan.seed
     x, y = ds.x_test, ds.y_test
     if n_images is not None and n_images < len(y):
         idx = np.sort(np.random.default_rng(seed).permutation(len(y))[:n_images])

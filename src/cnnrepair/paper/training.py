@@ -23,7 +23,7 @@ from cnnrepair.runtime import Progress, accuracy, elapsed, model_device, outputs
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of one training run."""
+    """Hyper-parameters of one training run; checked when made (a one-line CnnRepairError)."""
 
     epochs: int = 6
     batch_size: int = 128
@@ -32,6 +32,14 @@ class TrainConfig:
     augment: bool = False
     seed: int = 0
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (self.epochs, self.batch_size, self.seed))
+        if not ints or self.epochs < 1 or self.batch_size < 1 or not (self.lr > 0 and np.isfinite(self.lr)):
+            raise CnnRepairError(f"epochs and batch size must be integers >= 1 and the learning rate a number > 0 "
+                                 f"(got epochs {self.epochs!r}, batch size {self.batch_size!r}, lr {self.lr!r})")
+        if not (self.weight_decay >= 0 and np.isfinite(self.weight_decay)):
+            raise CnnRepairError(f"weight decay must be a number >= 0 (got {self.weight_decay!r})")
 
 
 RECIPES: dict[str, TrainConfig] = {
