@@ -132,23 +132,26 @@ def _first(out):
 
 
 def assess(models: dict[str, nn.Module], images: np.ndarray, labels: np.ndarray, spec: InputSpec, settings: AssessSettings,
-           points: tuple[np.ndarray, np.ndarray] | None = None, held_out: tuple[np.ndarray, np.ndarray] | None = None,
-           progress: Progress | None = None, avoid: dict[str, PointSet] | None = None) -> dict:
-    """The report: per model clean and attacked accuracy; with ``points`` (and ``held_out``) the repair measures
-    of every model after the first (the original) against it.
+           point_sets: dict[str, PointSet] | None = None, progress: Progress | None = None) -> dict:
+    """The report: per model clean and attacked accuracy; with the repair's ``points`` (and ``held_out``
+    points) among ``point_sets``, the repair measures of every model after the first (the original) against it.
 
     The evaluation images are a seeded slice of ``settings.n`` images that excludes every image a
-    set in ``avoid`` (repair, keep, held-out points: a repair fixes or holds those) was made from, so
-    drawdown is measured on images the repair never saw; ``report["images_used"]`` lists them and
-    their overlap with each set (zero)."""
+    set in ``point_sets`` (``points``, ``keep``, ``held_out``: a repair fixes or holds those) was made
+    from, so drawdown is measured on images the repair never saw; ``report["images_used"]`` lists
+    them and their overlap with each set (zero)."""
     settings.check()
     spec.check(tuple(images.shape[1:]))
+    avoid = dict(point_sets or {})
+    unknown = sorted(set(avoid) - {"points", "keep", "held_out"})
+    if unknown:
+        raise CnnRepairError(f"unknown point set {unknown[0]!r}; give points, keep or held_out")
+    labelled = {name: None if avoid.get(name) is None else (avoid[name].x, avoid[name].y) for name in ("points", "held_out")}
+    for name, pair in labelled.items():
+        if pair is not None and pair[1] is None:
+            raise CnnRepairError(f"the {name.replace('_', '-')} points need labels (y) to be measured")
+    points, held_out = labelled["points"], labelled["held_out"]
     num_classes = _check_inputs(models, images, spec, {"points": points, "held-out points": held_out})
-    avoid = avoid or {}
-    if points is not None and "points" not in avoid:
-        avoid = {**avoid, "points": PointSet(points[0], points[1])}
-    if held_out is not None and "held_out" not in avoid:
-        avoid = {**avoid, "held_out": PointSet(held_out[0], held_out[1])}
     sources = sources_of(images, spec, avoid, settings.split)
     banned = np.unique(np.concatenate([np.zeros(0, np.int64), *sources.values()]))
     pool = np.random.default_rng(settings.seed).permutation(len(labels))

@@ -250,9 +250,8 @@ def _cmd_points(args: argparse.Namespace, bars: Bars) -> int:
     import numpy as np
 
     from cnnrepair.formats import load_model
-    from cnnrepair.io import save_npz, write_json
+    from cnnrepair.io import save_npz, sha256, write_json
     from cnnrepair.points import InputSpec, PointsSettings, make_points
-    from cnnrepair.io import sha256
 
     outdir = _out(args, names("points.npz", "keep.npz", "held_out.npz", "points.json"),
                   [args.model, getattr(args, "npz", None)], "points (points.json / *.npz)")
@@ -290,10 +289,8 @@ def _cmd_points(args: argparse.Namespace, bars: Bars) -> int:
 def _cmd_evaluate(args: argparse.Namespace, bars: Bars) -> int:
     from cnnrepair.assess import AssessSettings, assess, plot_report
     from cnnrepair.formats import load_model
-    from cnnrepair.io import write_json
-    from cnnrepair.modelrepair import load_points
+    from cnnrepair.io import sha256, write_json
     from cnnrepair.points import InputSpec
-    from cnnrepair.io import sha256
 
     outdir = _out(args, names("report.json", "report.png"), [args.model, args.repaired, args.points, args.held_out, args.keep,
                                                               getattr(args, "npz", None)], "a report (report.json / report.png)")
@@ -308,13 +305,11 @@ def _cmd_evaluate(args: argparse.Namespace, bars: Bars) -> int:
     if args.repaired is not None:
         models["repaired"] = load_model(args.repaired, args.factory, shape)
     spec = InputSpec(mean, std, models["original"].input_shape, args.layout)
-    pts = load_points(args.points, "points file") if args.points else None
-    held = load_points(args.held_out, "held-out file") if args.held_out else None
-    avoid = {name: _point_set(path, what) for name, path, what in (("points", args.points, "points file"),
-                                                                    ("keep", args.keep, "keep file"),
-                                                                    ("held_out", args.held_out, "held-out file")) if path is not None}
-    report = assess({k: m.module for k, m in models.items()}, images, labels, spec, settings,
-                    None if pts is None else (pts.x, pts.y), None if held is None else (held.x, held.y), bars, avoid)
+    sets = {name: _point_set(path, what, name != "keep") for name, path, what in (("points", args.points, "points file"),
+                                                                               ("keep", args.keep, "keep file"),
+                                                                               ("held_out", args.held_out, "held-out file"))
+            if path is not None}  # each file read once
+    report = assess({k: m.module for k, m in models.items()}, images, labels, spec, settings, sets, bars)
     report.update(data=source, split=args.split, files={k: {"file": m.path.name, "sha256": sha256(m.path)} for k, m in models.items()})
     with outdir as stage:
         write_json(stage / "report.json", report)
@@ -334,13 +329,13 @@ def _cmd_evaluate(args: argparse.Namespace, bars: Bars) -> int:
     return 0
 
 
-def _point_set(path: Path, what: str):
-    """A points file as evaluate avoids it: inputs, labels, and the source indices and split `cnnrepair points` recorded."""
+def _point_set(path: Path, what: str, labels_required: bool):
+    """A points file as evaluate measures and avoids it: inputs, labels, and the source indices and split `cnnrepair points` recorded."""
     from cnnrepair.assess import PointSet
     from cnnrepair.io import load_npz
     from cnnrepair.modelrepair import load_points
 
-    pts = load_points(path, what, labels_required=False)
+    pts = load_points(path, what, labels_required=labels_required)
     data = load_npz(path, what)
     split = str(data["split"]) if "split" in data and data["split"].ndim == 0 else None
     index = data["index"].reshape(-1) if "index" in data and len(data["index"].reshape(-1)) == len(pts.x) else None
