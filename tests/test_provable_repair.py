@@ -333,8 +333,8 @@ def test_api_rejects_bad_points_with_one_line_errors():
         repair_classifier(model, bad, pred)
     with pytest.raises(CnnRepairError, match="no linear layer named 'fc'"):
         repair_classifier(model, x, pred, layer="fc")
-    with pytest.raises(CnnRepairError, match="does not end the classifier"):
-        repair_classifier(model, x, pred, layer="1")
+    inner = repair_classifier(model, x, pred, layer="1")  # a layer inside the network: repaired with its patterns kept
+    assert inner.certificate.layer_kind == "hidden-linear" and inner.status in ("repaired", "infeasible")
     with pytest.raises(CnnRepairError, match="margin must be"):
         RepairSpec(margin=-0.1)
     soft = nn.Sequential(_mlp(), nn.Softmax(1)).eval()
@@ -411,7 +411,7 @@ def test_cli_infeasible_spec_says_when_the_conflict_search_ran_out_of_time(expor
 
 @pytest.mark.parametrize("make,extra,message", [
     (lambda d: None, ["--layer", "9"], "no linear layer named '9'"),
-    (lambda d: None, ["--layer", "1"], "does not end the classifier"),
+    (lambda d: None, ["--layer", "1", "--spec", "ball", "--eps", "0.01"], "repairs the last layer only"),
     (lambda d: None, ["--margin", "-1"], "margin must be"),
     (lambda d: np.savez(d / "p.npz", x=np.zeros((2, 3, 3), np.float32), y=np.zeros(2, np.int64)), [], "the model takes (1, 3, 4)"),
     (lambda d: np.savez(d / "p.npz", x=np.zeros((2, 1, 3, 4), np.float32), y=np.array([0, 7])), [], "labels must lie in 0..4"),

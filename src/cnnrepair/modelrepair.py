@@ -21,6 +21,7 @@ from cnnrepair.formats import FORMATS, RUNTIME_AGREEMENT, LoadedModel, disagreem
 from cnnrepair.io import load_npz
 from cnnrepair.outdir import OutputDir
 from cnnrepair.repair import Points, RepairSpec, SolveOptions, last_layer, repair_classifier
+from cnnrepair.repair.layer import ending_layer
 from cnnrepair.repair.certificate import Certificate, FileRef
 from cnnrepair.repair.measure import layout_margins, model_logits, module_logits_fn
 
@@ -99,12 +100,16 @@ def prepare(files: RepairFiles, spec: RepairSpec, layer: str | None = None, ball
             raise CnnRepairError(f"{pts.path}: inputs of shape {tuple(pts.x.shape[1:])} but the model takes {model.input_shape}; "
                                  "reshape them to the model's input shape")
     try:
-        lay = last_layer(model.module, points.x[:2], layer)
+        if layer is not None and layer != ending_layer(model.module, points.x[:2]):
+            name = _hidden_layer(model.module, points.x[:2], layer, spec)
+            C = model_logits(model.module, points.x[:1]).shape[1]
+        else:
+            lay = last_layer(model.module, points.x[:2], layer)
+            name, C = lay.name, lay.shape[0]
     except CnnRepairError:
         raise
     except Exception as exc:  # noqa: BLE001 - the model cannot run on these inputs
         raise CnnRepairError(f"{points.path}: the model cannot run on these inputs ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
-    C = lay.shape[0]
     for pts in (points, keep):
         if pts is not None and pts.y is not None and len(pts.y) and (pts.y.min() < 0 or pts.y.max() >= C):
             raise CnnRepairError(f"{pts.path}: labels must lie in 0..{C - 1} for this {C}-class model (got {pts.y.min()}..{pts.y.max()})")
@@ -113,7 +118,20 @@ def prepare(files: RepairFiles, spec: RepairSpec, layer: str | None = None, ball
         ball = ball or BallInputs()
         point_eps = _point_eps(points_path, len(points.x))
         ball.boxes(points.x, spec.eps if point_eps is None else point_eps)  # checks the convention against the points now
-    return RepairJob(model, points, keep, spec, lay.name, ball, point_eps)
+    return RepairJob(model, points, keep, spec, name, ball, point_eps)
+
+
+def _hidden_layer(module: torch.nn.Module, sample: torch.Tensor, layer: str, spec: RepairSpec) -> str:
+    """``layer`` checked to be a linear or convolution layer inside the network that the spec can repair."""
+    from cnnrepair.repair.hidden import repairable_layers
+    from cnnrepair.repair.hidden_api import refuse_unsupported
+
+    names = [info.name for info in repairable_layers(module, sample)]
+    if layer not in names:
+        raise CnnRepairError(f"no linear layer named {layer!r} in the model (linear and convolution layers: {', '.join(names) or 'none'}); "
+                             "`cnnrepair layers MODEL` lists them")
+    refuse_unsupported(spec, layer)
+    return layer
 
 
 def _point_eps(path: Path, n: int) -> np.ndarray | None:

@@ -135,9 +135,22 @@ def _hashes(v: Verification, cert: Certificate, model_path: Path, points_path: P
     v.checked.append("file hashes")
 
 
+def _hidden(cert: Certificate) -> bool:
+    """A repair of a layer inside the network (the pattern-preserving program)?"""
+    return cert.layer_kind.startswith("hidden-")
+
+
+def _find_layer(cert: Certificate, model: torch.nn.Module, sample: torch.Tensor):
+    if _hidden(cert):
+        from cnnrepair.repair.hidden import layer_ref
+
+        return layer_ref(model, sample, cert.layer)
+    return last_layer(model, sample, cert.layer)
+
+
 def _layer(v: Verification, cert: Certificate, model: torch.nn.Module, points: PointsFile):
     try:
-        lay = last_layer(model, points.x[:2], cert.layer)
+        lay = _find_layer(cert, model, points.x[:2])
     except CnnRepairError as exc:
         v.problems.append(f"layer {cert.layer!r}: {exc}")
         return None
@@ -274,7 +287,7 @@ def _against_original(v: Verification, cert: Certificate, spec: RepairSpec, orig
     ``repaired_layer``: (the repaired model, its layer as already found)."""
     layer = cert.layer
     repaired, lay1 = repaired_layer
-    lay0 = last_layer(original, points.x[:2], layer)
+    lay0 = _find_layer(cert, original, points.x[:2])
     names = set(lay0.parameter_names())
     s0 = {**dict(original.named_parameters()), **dict(original.named_buffers())}
     s1 = {**dict(repaired.named_parameters()), **dict(repaired.named_buffers())}
@@ -287,7 +300,7 @@ def _against_original(v: Verification, cert: Certificate, spec: RepairSpec, orig
         v.problems.append("the bias changed, but the spec froze it")
     if spec.max_change is not None and np.abs(dW).max(initial=0.0) > spec.max_change * (1 + 1e-6):
         v.problems.append(f"a weight changed by {np.abs(dW).max():.6g}, beyond max_change {spec.max_change:g}")
-    change = change_summary(dW, db, spec.freeze_bias or spec.kind == "targets")
+    change = change_summary(dW.reshape(len(dW), -1), db, spec.freeze_bias or spec.kind == "targets" or _hidden(cert) and lay0.params[1] is None)
     for key, value in change.items():
         if not _close(cert.change[key], value, 1e-9):
             v.problems.append(f"change.{key} is {value:.9g}, the certificate says {cert.change[key]}")
@@ -309,8 +322,29 @@ def _against_original(v: Verification, cert: Certificate, spec: RepairSpec, orig
     if not _close(cond["layer_scale"], scale, 1e-9) or not _close(cond["ratio"], change["linf"] / scale if scale else float("inf"), 1e-9):
         v.problems.append(f"the conditioning record (layer scale {cond['layer_scale']}, ratio {cond['ratio']}) is not the original "
                           f"layer's ({scale:.9g}, {change['linf'] / scale if scale else float('inf'):.9g})")
+    if _hidden(cert):
+        v.problems += _patterns_kept(cert, original, repaired, points, keep)
+        objective = float(np.abs(dW).sum() + (0.0 if spec.freeze_bias or lay0.params[1] is None else np.abs(db).sum()))
+        if abs(objective - cert.objective) > 1e-6 * max(1.0, abs(cert.objective)):
+            v.problems.append(f"the change's l1 norm is {objective:.9g}, the certificate says {cert.objective:.9g}")
+        v.checked.append("against the original: only the layer changed, change block, objective, margins before, conditioning, "
+                         "every activation pattern after the layer kept at every point")
+        v.unchecked.append("lower bound of a repair inside the network (its multipliers are on rows verify does not rebuild)")
+        return
     v.problems += _optimality(cert, spec, original, lay0, dW, db, points, keep, fb)
     v.checked.append("against the original: only the layer changed, change block, objective, lower bound, margins before, conditioning")
+
+
+def _patterns_kept(cert: Certificate, original, repaired, points: PointsFile, keep: PointsFile | None) -> list[str]:
+    """The activation pattern after the layer is the original's at every repair and keep point (up to float32 ties)."""
+    from cnnrepair.repair.hidden import pattern_changes
+
+    x = points.x if keep is None else torch.cat([points.x, keep.x])
+    changed, total = pattern_changes(original, repaired, cert.layer, x)
+    if changed:
+        return [f"{changed} of {total} activation states after layer {cert.layer!r} differ from the original's at the points: "
+                "the certificate says every pattern was kept"]
+    return []
 
 
 def _optimality(cert: Certificate, spec: RepairSpec, original, lay0, dW, db, points: PointsFile, keep: PointsFile | None, fb) -> list[str]:

@@ -84,13 +84,14 @@ class FrozenGraph:
         self._index = {op.node: op for op in self.ops}
 
 
-def _export(model: nn.Module, sample: Tensor) -> torch.fx.GraphModule:
+def export_graph(model: nn.Module, sample: Tensor) -> torch.fx.GraphModule:
+    """``model`` as an ATen graph (``torch.export``; a graph module as it is), traced on ``sample``: one-line error if it cannot be."""
     if isinstance(model, torch.fx.GraphModule):
         return model
     try:
-        return torch.export.export(model, (sample[:2].float(),)).module()
+        return torch.export.export(model, (sample,)).module()
     except Exception as exc:  # noqa: BLE001 - the exporter's many failure types mean one thing to the user
-        raise CnnRepairError(f"the model could not be traced for bound propagation ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+        raise CnnRepairError(f"the model could not be traced to an ATen graph ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
                              "export it with torch.export first") from None
 
 
@@ -103,7 +104,7 @@ def _get_attr(gm: torch.fx.GraphModule, target: str) -> Tensor:
 
 def frozen_graph(model: nn.Module, layer: str, sample: Tensor) -> FrozenGraph:
     """The graph of ``model`` up to the input of its linear layer ``layer`` (a name from ``candidate_layers``)."""
-    gm = _export(model, sample)
+    gm = export_graph(model, sample[:2].float())
     lins = linear_nodes(gm)
     if layer not in lins:
         raise CnnRepairError(f"layer {layer!r} is not a linear layer of the traced model (found: {', '.join(lins) or 'none'}); "
@@ -134,7 +135,7 @@ def frozen_graph(model: nn.Module, layer: str, sample: Tensor) -> FrozenGraph:
             if not args_dep:
                 consts[node] = _as64(_run_const(node, consts))
                 continue
-            op = _classify(node, args_dep, consts, shapes[node])
+            op = classify_node(node, args_dep, consts, shapes[node])
             op.shape = shapes[node]
             ops.append(op)
             dep.add(node)
@@ -259,7 +260,8 @@ def bound_rule(*targets) -> Callable[[Rule], Rule]:
     return register
 
 
-def _classify(node: torch.fx.Node, deps: list[torch.fx.Node], consts: dict, shape: tuple[int, ...]) -> Op:
+def classify_node(node: torch.fx.Node, deps: list[torch.fx.Node], consts: dict, shape: tuple[int, ...]) -> Op:
+    """The node's :class:`Op` by the first registered rule that takes it; a node no rule takes is refused by name."""
     site = Site(node, deps, consts, shape)
     for rule in RULES.get(node.target, ()):
         op = rule(site)

@@ -19,7 +19,7 @@ from cnnrepair.cli.common import EPILOG, Bars, Command
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.outdir import disk_error
 
-ORDER = ("reproduce", "train", "hybrid", "attack", "repair", "verify", "points", "evaluate", "vnnlib", "repair-sweep", "export", "download")
+ORDER = ("reproduce", "train", "hybrid", "attack", "repair", "layers", "verify", "points", "evaluate", "vnnlib", "repair-sweep", "export", "download")
 COMMANDS: dict[str, Command] = {c.name: c for c in sorted(model.COMMANDS + paper.COMMANDS, key=lambda c: ORDER.index(c.name))}
 MODEL_COMMANDS = tuple(name for name, c in COMMANDS.items() if c.on_files)  # nothing half-written, no checkpoints
 
@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command.check is not None:
             command.check(args)  # every option, before any work starts
         code = command.run(args, bars)
-        if command.name in ("repair", "verify"):
+        if command.name in ("repair", "verify", "layers"):
             bars.close()
             return int(code)
         if not command.on_files:

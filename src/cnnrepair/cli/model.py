@@ -31,7 +31,8 @@ def _add_model_repair_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mean", default=None, help="ball spec: per-channel mean the model subtracts from [0, 1] pixels (the ball is in pixels)")
     p.add_argument("--std", default=None, help="ball spec: per-channel std the model divides by")
     p.add_argument("--range", default="0,1", help="ball spec: the pixel range the ball is clipped to, LOW,HIGH or none (default: 0,1)")
-    p.add_argument("--layer", default=None, help="the linear layer to repair (default: the one whose output is the model's output)")
+    p.add_argument("--layer", default=None, help="the layer to repair: the one whose output is the model's output (default), or any linear or "
+                   "convolution layer inside the network, its activation patterns kept at every point (`cnnrepair layers MODEL` lists them)")
     p.add_argument("--margin", type=float, default=0.05, help="required logit[y] - max other logit of each point (default: 0.05)")
     p.add_argument("--keep", type=Path, default=None, help=".npz with x (and optional y; default: the model's predictions) whose labels must survive")
     p.add_argument("--keep-margin", type=float, default=0.0, help="margin the keep points must keep (default: 0)")
@@ -342,6 +343,38 @@ def _point_set(path: Path, what: str, labels_required: bool):
     return PointSet(pts.x.numpy(), pts.y, index, split)
 
 
+def _cmd_layers(args: argparse.Namespace, bars: Bars) -> int:
+    import json
+
+    import torch
+
+    from cnnrepair.formats import load_model
+    from cnnrepair.repair.hidden import repairable_layers
+    from cnnrepair.repair.layer import ending_layer
+
+    model = load_model(args.model, args.factory, _input_shape(args, None))
+    shape = _input_shape(args, model.input_shape)
+    if shape is None:
+        raise CnnRepairError(f"{args.model}: the file does not record its input shape; give it with --input-shape, e.g. 1,28,28")
+    sample = torch.zeros(2, *shape)
+    infos = repairable_layers(model.module, sample)
+    last = ending_layer(model.module, sample)
+    if args.json:
+        print(json.dumps([{**info.as_dict(), "ends_model": info.name == last} for info in infos]))
+        return 0
+    for info in infos:
+        mark = "  (ends the model: the default layer)" if info.name == last else ""
+        after = f"; before {', '.join(info.after)}" if info.after else ""
+        print(f"{info.name}\t{info.kind}\tweight {'x'.join(map(str, info.weight_shape))}{after}{mark}")
+    return 0
+
+
+def _configure_layers(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", type=Path, help="the classifier (.pt2, .onnx, .ts, or .pt/.pth with --factory)")
+    p.add_argument("--json", action="store_true", help="print a JSON list of objects (name, kind, weight_shape, after, ends_model)")
+    _add_factory_arg(p)
+
+
 def _configure_verify(p: argparse.ArgumentParser) -> None:
     p.add_argument("certificate", type=Path, help="certificate.json written by cnnrepair repair")
     p.add_argument("--model", type=Path, required=True, help="the repaired model file the certificate names")
@@ -405,6 +438,8 @@ def _configure_vnnlib(p: argparse.ArgumentParser) -> None:
 COMMANDS: list[Command] = [
     Command("repair", "repair the last linear layer of a model file so that given points get their labels (certified)",
             _add_model_repair_args, _cmd_model_repair, _model_repair_job, on_files=True),
+    Command("layers", "list the layers repair can edit (--layer NAME): name, kind, weight shape, the layers after it",
+            _configure_layers, _cmd_layers, on_files=True),
     Command("verify", "re-check a repair certificate against a model file and the points", _configure_verify, _cmd_verify, on_files=True),
     Command("points", "make POINTS.npz (and KEEP.npz) for cnnrepair repair from a model and a dataset", _configure_points, _cmd_points,
             on_files=True),

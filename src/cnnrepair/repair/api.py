@@ -21,7 +21,7 @@ from cnnrepair.repair.ball import solve_ball
 from cnnrepair.repair.certificate import Certificate, KeepClaim, PointClaim
 from cnnrepair.repair.coincide import TOLERANCE, conflicting_pairs, feature_noise, shared_features
 from cnnrepair.repair.inputs import DEFAULT_TIME_LIMIT, Points, SolveOptions, as_inputs, check_labels  # noqa: F401 - DEFAULT_TIME_LIMIT re-exported
-from cnnrepair.repair.layer import LastLayer, last_layer
+from cnnrepair.repair.layer import LastLayer, ending_layer, last_layer
 from cnnrepair.repair.margins import solve_margins
 from cnnrepair.repair.measure import change_summary, robust_margins
 from cnnrepair.repair.program import MarginProblem, MarginSolution
@@ -186,6 +186,10 @@ def _repair(model: nn.Module, points: Points, spec: RepairSpec, keep: Points | N
     xt, ya = as_inputs(points.x, points.y, "repair points", None, None, dtype)
     if len(xt) == 0:
         raise CnnRepairError("no repair points given; pass at least one input and label")
+    if layer is not None and layer != ending_layer(model, xt):
+        from cnnrepair.repair.hidden_api import repair_hidden
+
+        return repair_hidden(model, xt, ya, keep, spec, layer, options)
     lay = last_layer(model, xt, layer)
     C = lay.shape[0]
     check_labels(ya, C, "repair points")

@@ -131,6 +131,7 @@ class Certificate:
     ball: dict[str, Any] | None = None
     conditioning: dict[str, Any] | None = None
     margins_by_layout: list[float] | None = None
+    patterns: dict[str, Any] | None = None
     points_file: FileRef | None = None
     keep_file: FileRef | None = None
     notes: list[str] | None = None
@@ -352,7 +353,7 @@ def _check_schema(cert) -> None:
     notes = _need(cert, "notes", list, "certificate", optional=True)
     if notes is not None and not all(isinstance(n, str) for n in notes):
         raise _Malformed("notes must be a list of strings")
-    for key in ("lower_bound_witness", "feature_noise", "ball", "conditioning"):
+    for key in ("lower_bound_witness", "feature_noise", "ball", "conditioning", "patterns"):
         _need(cert, key, dict, "certificate", optional=True)
     for key in ("conflicts", "coinciding"):
         _need(cert, key, list, "certificate", optional=True)

@@ -205,6 +205,18 @@ def last_layer(model: nn.Module, sample: Tensor | np.ndarray, name: str | None =
     return layer
 
 
+def ending_layer(model: nn.Module, sample: Tensor | np.ndarray) -> str | None:
+    """The name of the repairable layer whose output is the model's output, or None if no layer ends it."""
+    eval_mode(model)
+    names = candidate_layers(model)
+    if not names:
+        return None
+    try:
+        return _ending_layer(model, names, torch.as_tensor(sample)[:2])
+    except CnnRepairError:
+        return None
+
+
 def _ending_layer(model: nn.Module, names: list[str], sample: Tensor) -> str:
     """The candidate whose output is the model's output (the last one if several are)."""
     for name in reversed(names):

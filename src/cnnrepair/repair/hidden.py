@@ -1,0 +1,740 @@
+"""Provable repair of a linear or convolution layer anywhere in a piecewise-linear network, its activation patterns kept.
+
+For each repair or keep point, the on/off pattern of every ReLU after the repaired layer and the
+chosen input of every max-pool window are fixed to the original network's at that point. With the
+patterns fixed, the logits and every pre-activation after the layer are affine in the layer's
+output ``z`` (the network is linear on that region), and ``z`` is affine in the layer's weight and
+bias. So "every repair point gets its label with the margin, every keep point keeps its label, every
+pattern stays, the change is minimal in L1" is a linear program, and the real network computes
+exactly what it says (ReLU is continuous, so a pre-activation that reaches 0 changes nothing).
+
+The program is never written down whole: a row per point and per neuron after the layer would be
+far too many. Its structure is used instead:
+
+* every row is ``g . (dW patches_k + db) >= c`` for the z-gradient ``g`` of one margin or
+  pre-activation at point ``k``, which one vector-Jacobian product of the network's part after the
+  layer gives for every point at once (``torch.func.vjp``); a row's coefficients on the weight are
+  the outer product ``g patches_k^T`` (a linear layer's patch is its input vector, a convolution's
+  the unfolded input windows);
+* the change that a solve proposes moves every margin and pre-activation of every point by one
+  Jacobian-vector product (``torch.func.jvp``): rows are generated (violated ones added, re-solved)
+  as the last-layer program does with its margin rows;
+* L1-minimal changes are sparse: weight entries (columns) are generated too, priced by
+  ``|sum_r y_r g_r patches_r^T| > 1`` from the rows' multipliers ``y``, one matrix product.
+
+At the end no row of any point is violated and no column prices out, so the restricted program's
+optimum is the full program's; its multipliers, scaled to dual feasibility over every column, give
+the certified lower bound (weak duality).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cnnrepair.bounds.graph import classify_node, export_graph
+from cnnrepair.errors import CnnRepairError
+from cnnrepair.repair.highs import highs_status, new_highs, pass_lp, run
+from cnnrepair.repair.layer import get_tensor
+from cnnrepair.runtime import eval_mode
+
+aten = torch.ops.aten
+_LINEAR = {aten.linear.default}
+_CONV = {aten.conv2d.default, aten.convolution.default}
+_RELU = {aten.relu.default, aten.relu_.default}
+_MAXPOOL = {aten.max_pool2d.default, aten.max_pool2d_with_indices.default}
+ELASTIC_PRICE = 1e4  # price of a unit of (row-scaled) shortfall in the restricted programs
+MAX_ROUNDS = 200
+COLUMNS_PER_ROUND = 2000
+ROWS_PER_ROUND = 4000
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A layer repair can edit: its name (the weight's module path), kind, weight shape, and the layers after it."""
+
+    name: str
+    kind: str  # linear | conv2d
+    weight_shape: tuple[int, ...]
+    after: tuple[str, ...]
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "weight_shape": list(self.weight_shape), "after": list(self.after)}
+
+
+def _attr(node) -> str | None:
+    return str(node.target) if isinstance(node, torch.fx.Node) and node.op == "get_attr" else None
+
+
+def _weighted_nodes(gm: torch.fx.GraphModule) -> dict[str, torch.fx.Node]:
+    """Linear and convolution calls on stored weights, by the weight's module path, in graph order."""
+    found = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in _LINEAR | _CONV:
+            continue
+        weight = _attr(node.args[1])
+        if weight and weight.rpartition(".")[2] == "weight":
+            found[weight.rpartition(".")[0]] = node
+    return found
+
+
+def repairable_layers(model: nn.Module, sample: Tensor) -> list[LayerInfo]:
+    """Every linear and convolution layer of ``model`` in model order (what ``--layer`` accepts)."""
+    gm = export_graph(model, torch.as_tensor(sample)[:2])
+    nodes = _weighted_nodes(gm)
+    names = list(nodes)
+    out = []
+    for i, (name, node) in enumerate(nodes.items()):
+        w = get_tensor(gm, _attr(node.args[1]))
+        out.append(LayerInfo(name, "linear" if node.target in _LINEAR else "conv2d", tuple(w.shape), tuple(names[i + 1:])))
+    return out
+
+
+@dataclass
+class _Suffix:
+    """The network after the layer, as a function of ``(x, z)``: the logits, then every ReLU and max-pool input."""
+
+    module: torch.fx.GraphModule
+    relus: list[int]  # positions (in the outputs after the logits) of ReLU inputs
+    pools: list[tuple[int, tuple]]  # positions of max-pool inputs, with (kernel, stride, padding, dilation)
+
+    def __call__(self, x: Tensor, z: Tensor) -> tuple[Tensor, ...]:
+        out = self.module(x, z)
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def _suffix(gm: torch.fx.GraphModule, layer: torch.fx.Node, sample: Tensor, name: str) -> _Suffix:
+    """The part of the graph that depends on the layer's output, checked to be piecewise linear (named operators refused)."""
+    dep = {layer}
+    for node in gm.graph.nodes:
+        if node is not layer and node.op == "call_function" and any(a in dep for a in node.all_input_nodes):
+            dep.add(node)
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    outputs = out_node.args[0]
+    logits = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+    if logits not in dep:
+        raise CnnRepairError(f"the model's output does not depend on layer {name!r}; nothing to repair there")
+    values = _values(gm, sample)
+    consts = {n: v for n, v in values.items() if n not in dep}
+    watched, relus, pools = [], [], []
+    for node in gm.graph.nodes:
+        if node not in dep or node is layer:
+            continue
+        deps = [a for a in node.all_input_nodes if a in dep]
+        val = values.get(node)
+        val = val[0] if isinstance(val, (tuple, list)) and val else val
+        shape = tuple(val.shape[1:]) if isinstance(val, Tensor) else ()
+        try:
+            op = classify_node(node, deps, consts, shape)
+        except CnnRepairError as exc:
+            raise CnnRepairError(f"after layer {name!r}: {exc}; repair of a layer needs the network after it to be piecewise "
+                                 "linear (linear, convolution, ReLU, max/average pooling, batch norm, reshapes, sums)") from None
+        if op.kind not in ("affine", "sum", "relu", "maxpool"):
+            raise CnnRepairError(f"after layer {name!r}: operator {node.target} is not piecewise linear; the pattern encoding "
+                                 "covers linear, convolution, ReLU, max/average pooling, batch norm, reshapes and sums")
+        if node.target in _RELU:
+            relus.append(len(watched))
+            watched.append(node.args[0])
+        elif node.target in _MAXPOOL:
+            a = list(node.args) + [None] * 6
+            kernel = a[1]
+            stride = a[2] or kernel
+            pad = a[3] if a[3] is not None else 0
+            dil = a[4] if a[4] is not None else 1
+            if a[5]:
+                raise CnnRepairError(f"after layer {name!r}: max-pooling with ceil_mode is not supported by the pattern encoding")
+            pools.append((len(watched), (kernel, stride, pad, dil)))
+            watched.append(node.args[0])
+    g = torch.fx.Graph()
+    env: dict = {}
+    x_in, z_in = g.placeholder("x"), g.placeholder("z")
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            env[node] = x_in
+        elif node is layer:
+            env[node] = z_in
+        elif node.op in ("output", "call_module"):
+            continue
+        else:
+            env[node] = g.node_copy(node, lambda n: env[n])
+    g.output((env[logits], *[env[w] for w in watched]))
+    module = torch.fx.GraphModule(gm, g)
+    module.graph.eliminate_dead_code()
+    module.recompile()
+    return _Suffix(module, relus, pools)
+
+
+def _traced(model: nn.Module, x: Tensor) -> torch.fx.GraphModule:
+    """``model`` as an ATen graph for exactly this batch of points (a graph module, e.g. a loaded .pt2, as it is)."""
+    if isinstance(model, torch.fx.GraphModule):
+        return model
+    return export_graph(model, x)
+
+
+def _values(gm: torch.fx.GraphModule, x: Tensor) -> dict:
+    """Every node's value on a batch."""
+    seen = {}
+
+    class Catch(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            seen[n] = out
+            return out
+
+    with torch.no_grad():
+        Catch(gm).run(x)
+    return seen
+
+
+def _windows(shape: tuple[int, ...], pool: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """Per max-pool output (flattened), the flat indices of its window's inputs (-1: padding) and their validity."""
+    kernel, stride, pad, dil = pool
+    C, H, W = shape
+    idx = torch.arange(1, C * H * W + 1, dtype=torch.float64).reshape(C, 1, H, W)
+    cols = F.unfold(idx, kernel, dilation=dil, padding=pad, stride=stride)  # C x (kh*kw) x L; 0 = padding
+    win = cols.permute(0, 2, 1).reshape(-1, cols.shape[1]).long() - 1  # (C*L) x (kh*kw)
+    return win.numpy(), (win >= 0).numpy()
+
+
+@dataclass
+class _Rows:
+    """The generated rows: ``g . dz_k >= rhs`` (``g`` the z-gradient, flattened), with what each row is."""
+
+    point: list[int] = field(default_factory=list)
+    grad: list[np.ndarray] = field(default_factory=list)
+    rhs: list[float] = field(default_factory=list)
+    what: list[tuple] = field(default_factory=list)
+    keys: set = field(default_factory=set)
+
+    def add(self, key: tuple, k: int, g: np.ndarray, rhs: float) -> None:
+        self.keys.add(key)
+        self.point.append(int(k))
+        self.grad.append(g)
+        self.rhs.append(float(rhs))
+        self.what.append(key)
+
+    def __len__(self) -> int:
+        return len(self.point)
+
+
+@dataclass
+class HiddenProgram:
+    """The pattern-preserving program of one layer on a set of points (repair points first, then keep points)."""
+
+    model: nn.Module
+    name: str
+    kind: str
+    weight: np.ndarray  # float64, as stored
+    bias: np.ndarray
+    has_bias: bool
+    weight_param: str
+    bias_param: str | None
+    x: Tensor  # points, model dtype
+    labels: np.ndarray
+    required: np.ndarray  # margin each point must have
+    n_repair: int
+    freeze_bias: bool = False
+    max_change: float | None = None
+    suffix: _Suffix | None = None
+    conv: dict = field(default_factory=dict)
+    patches: Tensor | None = None  # N x P x L (float64)
+    z0: Tensor | None = None
+    outs0: tuple = ()
+    layout: list = field(default_factory=list)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape)
+
+
+def hidden_program(model: nn.Module, name: str, x: Tensor, labels: np.ndarray, required: np.ndarray, n_repair: int,
+                   freeze_bias: bool = False, max_change: float | None = None) -> HiddenProgram:
+    """Trace ``model``, find layer ``name`` (a linear or convolution layer), and linearise the network after it at every point."""
+    eval_mode(model)
+    gm = _traced(model, x)
+    nodes = _weighted_nodes(gm)
+    if name not in nodes:
+        raise CnnRepairError(f"no linear layer named {name!r} in the model (linear and convolution layers: {', '.join(nodes) or 'none'}); "
+                             "`cnnrepair layers MODEL` lists them")
+    node = nodes[name]
+    conv = {}
+    if node.target in _CONV:
+        a = list(node.args) + [None] * 9
+        if node.target == aten.convolution.default:
+            stride, pad, dil, transposed, groups = a[3], a[4], a[5], a[6], a[8]
+            if transposed:
+                raise CnnRepairError(f"layer {name!r} is a transposed convolution; repair supports linear and convolution layers")
+        else:
+            stride, pad, dil, groups = a[3] or 1, a[4] or 0, a[5] or 1, a[7] or 1
+        if (groups or 1) != 1:
+            raise CnnRepairError(f"layer {name!r} is a grouped convolution ({groups} groups); repair supports groups=1")
+        if isinstance(pad, str):
+            raise CnnRepairError(f"layer {name!r} uses padding={pad!r}; give the padding as numbers")
+        conv = {"stride": stride, "padding": pad, "dilation": dil}
+    wparam = _attr(node.args[1])
+    bias_node = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    bparam = _attr(bias_node)
+    W = get_tensor(gm, wparam).detach().double().cpu().numpy().copy()
+    b = get_tensor(gm, bparam).detach().double().cpu().numpy().copy() if bparam else np.zeros(W.shape[0])
+    for p in (wparam, bparam):
+        if p is not None:
+            try:
+                get_tensor(model, p)
+            except AttributeError:
+                raise CnnRepairError(f"layer {name!r}: the model has no tensor {p!r} to write the repair into") from None
+    prog = HiddenProgram(model, name, "hidden-" + ("conv2d" if conv else "linear"), W, b, bparam is not None, wparam, bparam, x,
+                         np.asarray(labels, np.int64), np.asarray(required, np.float64), n_repair,
+                         freeze_bias or bparam is None, max_change, conv=conv)
+    prog.suffix = _suffix(gm, node, x, name)
+    values = _values(gm, x)
+    h, z = values[node.args[0]].double(), values[node].double()
+    if conv:
+        kernel = tuple(W.shape[2:])
+        prog.patches = F.unfold(h, kernel, dilation=conv["dilation"], padding=conv["padding"], stride=conv["stride"])
+    else:
+        if h.ndim != 2:
+            raise CnnRepairError(f"layer {name!r} receives {h.ndim}-d inputs; a linear layer applied per position is not supported")
+        prog.patches = h.unsqueeze(2)
+    prog.z0 = z
+    with torch.no_grad():
+        prog.outs0 = tuple(o.double() for o in _suffix64(prog)(x.double(), z))
+    ref = values[next(n for n in gm.graph.nodes if n.op == "output").args[0][0]].double()
+    if not torch.allclose(prog.outs0[0], ref, rtol=1e-4, atol=1e-5 * (1 + float(ref.abs().max()))):
+        raise CnnRepairError(f"the network after layer {name!r} could not be re-run from the layer's output; report it with the model")
+    return prog
+
+
+def _suffix64(prog: HiddenProgram) -> _Suffix:
+    """The suffix in float64 (once), so that linearisation rounds no more than the LP does."""
+    if not prog.layout:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            mod = copy.deepcopy(prog.suffix.module).double()
+        for t in list(mod.parameters()) + list(mod.buffers()):
+            t.requires_grad_(False)
+        prog.layout.append(_Suffix(mod, prog.suffix.relus, prog.suffix.pools))
+    return prog.layout[0]
+
+
+def _dz(prog: HiddenProgram, dW: np.ndarray, db: np.ndarray) -> Tensor:
+    """The change of the layer's output at every point for a change (dW, db): N x z shape."""
+    P = prog.patches
+    dWm = torch.as_tensor(dW.reshape(dW.shape[0], -1))
+    out = torch.einsum("op,npl->nol", dWm, P) + torch.as_tensor(db).reshape(1, -1, 1)
+    return out.reshape(prog.z0.shape)
+
+
+def _jvp(prog: HiddenProgram, dz: Tensor) -> tuple[Tensor, ...]:
+    suf = _suffix64(prog)
+    x = prog.x.double()
+    _, tangents = torch.func.jvp(lambda z: suf(x, z), (prog.z0,), (dz,))
+    return tuple(t.detach() for t in tangents)
+
+
+def _vjp_rows(prog: HiddenProgram, cotangents: list[Tensor]) -> np.ndarray:
+    """z-gradients (N x z size) for one cotangent per output (logits, then every watched value), all points at once."""
+    suf = _suffix64(prog)
+    x = prog.x.double()
+    _, pull = torch.func.vjp(lambda z: suf(x, z), prog.z0)
+    (g,) = pull(tuple(cotangents))
+    return g.detach().reshape(len(g), -1).numpy()
+
+
+def _zeros_like_outs(prog: HiddenProgram) -> list[Tensor]:
+    return [torch.zeros_like(o) for o in prog.outs0]
+
+
+def _margin_rows(prog: HiddenProgram, points: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """z-gradients of ``logit[y_k] - logit[j_k]`` for pairs (point k, class j): one VJP per distinct pass."""
+    out = np.zeros((len(points), prog.z0[0].numel()))
+    C = prog.outs0[0].shape[1]
+    # group pairs so each point appears at most once per pass
+    order = np.argsort(points, kind="stable")
+    pts, cls = points[order], classes[order]
+    rank = np.zeros(len(pts), np.int64)
+    for i in range(1, len(pts)):
+        rank[i] = rank[i - 1] + 1 if pts[i] == pts[i - 1] else 0
+    for r in range(int(rank.max(initial=-1)) + 1):
+        sel = np.flatnonzero(rank == r)
+        cot = _zeros_like_outs(prog)
+        lg = torch.zeros(len(prog.x), C, dtype=torch.float64)
+        lg[pts[sel], prog.labels[pts[sel]]] += 1.0
+        lg[pts[sel], cls[sel]] -= 1.0
+        cot[0] = lg
+        g = _vjp_rows(prog, cot)
+        out[order[sel]] = g[pts[sel]]
+    return out
+
+
+def _unit_rows(prog: HiddenProgram, points: np.ndarray, outputs: np.ndarray, flat: np.ndarray, signs: np.ndarray) -> np.ndarray:
+    """z-gradients of ``sum_t signs_t * value`` for watched values (output position, flat neuron index) at points."""
+    res = np.zeros((len(points), prog.z0[0].numel()))
+    order = np.lexsort((outputs, points))
+    pts = points[order]
+    rank = np.zeros(len(pts), np.int64)
+    for i in range(1, len(pts)):
+        rank[i] = rank[i - 1] + 1 if pts[i] == pts[i - 1] else 0
+    for r in range(int(rank.max(initial=-1)) + 1):
+        sel = order[rank == r]
+        cot = _zeros_like_outs(prog)
+        for o in np.unique(outputs[sel]):
+            s = sel[outputs[sel] == o]
+            t = torch.zeros(len(prog.x), prog.outs0[1 + o][0].numel(), dtype=torch.float64)
+            t[points[s], flat[s]] = torch.as_tensor(signs[s], dtype=torch.float64)
+            cot[1 + o] = t.reshape(prog.outs0[1 + o].shape)
+        g = _vjp_rows(prog, cot)
+        res[sel] = g[points[sel]]
+    return res
+
+
+def _pair_rows(prog: HiddenProgram, points, outputs, a, b) -> np.ndarray:
+    """z-gradients of ``value[a] - value[b]`` (a max-pool window's chosen input over another) at points."""
+    ga = _unit_rows(prog, points, outputs, a, np.ones(len(points)))
+    gb = _unit_rows(prog, points, outputs, b, np.ones(len(points)))
+    return ga - gb
+
+
+@dataclass
+class HiddenSolution:
+    """The solved change (float64), its L1 norm, the certified lower bound, and what the solve did."""
+
+    status: str
+    delta_weight: np.ndarray
+    delta_bias: np.ndarray
+    objective: float
+    lower_bound: float
+    seconds: float
+    rounds: int
+    size: dict
+    conflicts: np.ndarray | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "optimal"
+
+    @property
+    def gap(self) -> float:
+        if not self.ok:
+            return float("nan")
+        return 0.0 if self.objective <= 0 else max(0.0, (self.objective - self.lower_bound) / self.objective)
+
+
+def _violations(prog: HiddenProgram, dW: np.ndarray, db: np.ndarray, rows: _Rows, tol: float) -> list[tuple]:
+    """Every margin and pattern row the change (dW, db) violates at any point and that is not yet a row: (key, rhs, excess)."""
+    dz = _dz(prog, dW, db)
+    t = _jvp(prog, dz)
+    found = []
+    logits = (prog.outs0[0] + t[0]).numpy()
+    base = prog.outs0[0].numpy()
+    N, C = logits.shape
+    lab = prog.labels
+    own = logits[np.arange(N), lab][:, None]
+    marg = own - logits
+    marg[np.arange(N), lab] = np.inf
+    base_m = base[np.arange(N), lab][:, None] - base
+    short = marg < prog.required[:, None] - tol * (1 + np.abs(prog.required[:, None]))
+    for k, j in zip(*np.nonzero(short)):
+        key = ("margin", int(k), int(j))
+        if key not in rows.keys:
+            found.append((key, prog.required[k] - base_m[k, j], float(prog.required[k] - marg[k, j])))
+    for o in prog.suffix.relus:
+        p0 = prog.outs0[1 + o].reshape(N, -1).numpy()
+        p1 = p0 + t[1 + o].reshape(N, -1).numpy()
+        s = np.where(p0 > 0, 1.0, -1.0)
+        bad = s * p1 < -tol * (1 + np.abs(p0))
+        for k, n in zip(*np.nonzero(bad)):
+            key = ("relu", int(k), int(o), int(n), float(s[k, n]))
+            if key not in rows.keys:
+                found.append((key, -s[k, n] * p0[k, n], float(-s[k, n] * p1[k, n])))
+    for o, pool in prog.suffix.pools:
+        shape = tuple(prog.outs0[1 + o].shape[1:])
+        win, valid = _windows(shape, pool)
+        p0 = prog.outs0[1 + o].reshape(N, -1).numpy()
+        p1 = p0 + t[1 + o].reshape(N, -1).numpy()
+        safe = np.where(valid, win, 0)
+        v0 = np.where(valid[None], p0[:, safe], -np.inf)
+        chosen = safe[np.arange(len(win))[None, :], v0.argmax(2)]  # N x windows
+        v1 = p1[:, safe]
+        c1 = np.take_along_axis(p1, chosen, 1)
+        c0 = np.take_along_axis(p0, chosen, 1)
+        bad = valid[None] & (v1 > c1[:, :, None] + tol * (1 + np.abs(c0[:, :, None]))) & (safe[None] != chosen[:, :, None])
+        for k, w, i in zip(*np.nonzero(bad)):
+            a, b = int(chosen[k, w]), int(safe[w, i])
+            key = ("pool", int(k), int(o), a, b)
+            if key not in rows.keys:
+                found.append((key, -(p0[k, a] - p0[k, b]), float(v1[k, w, i] - c1[k, w])))
+    return found
+
+
+def _add_rows(prog: HiddenProgram, rows: _Rows, found: list[tuple]) -> int:
+    """Add the most violated of ``found`` (at most ROWS_PER_ROUND), computing their z-gradients in batches."""
+    found = sorted(found, key=lambda f: -f[2])[:ROWS_PER_ROUND]
+    margin = [f for f in found if f[0][0] == "margin"]
+    relu = [f for f in found if f[0][0] == "relu"]
+    pool = [f for f in found if f[0][0] == "pool"]
+    if margin:
+        g = _margin_rows(prog, np.array([f[0][1] for f in margin]), np.array([f[0][2] for f in margin]))
+        for f, gi in zip(margin, g):
+            rows.add(f[0], f[0][1], gi, f[1])
+    if relu:
+        pts = np.array([f[0][1] for f in relu])
+        g = _unit_rows(prog, pts, np.array([f[0][2] for f in relu]), np.array([f[0][3] for f in relu]),
+                       np.array([f[0][4] for f in relu]))
+        for f, gi in zip(relu, g):
+            rows.add(f[0], f[0][1], gi, f[1])
+    if pool:
+        pts = np.array([f[0][1] for f in pool])
+        g = _pair_rows(prog, pts, np.array([f[0][2] for f in pool]), np.array([f[0][3] for f in pool]),
+                       np.array([f[0][4] for f in pool]))
+        for f, gi in zip(pool, g):
+            rows.add(f[0], f[0][1], gi, f[1])
+    return len(found)
+
+
+def _row_weight_coef(prog: HiddenProgram, G: np.ndarray, pts: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Coefficients (rows x cols) of rows with z-gradients ``G`` at points ``pts`` on weight entries ``cols`` (flat)."""
+    O = prog.weight.shape[0]
+    Pn, L = prog.patches.shape[1:]
+    patches = prog.patches.numpy()
+    if L == 1:  # a linear layer: the outer product of the z-gradient and the input
+        i, p = np.divmod(cols, Pn)
+        return G[:, i] * patches[pts][:, p, 0]
+    out = np.empty((len(G), len(cols)))
+    for s in range(0, len(G), 256):  # a convolution: z-gradient (O x L) times the unfolded input (L x P), per row
+        full = np.matmul(G[s:s + 256].reshape(-1, O, L), patches[pts[s:s + 256]].transpose(0, 2, 1)).reshape(-1, O * Pn)
+        out[s:s + 256] = full[:, cols]
+    return out
+
+
+def _bias_coef(prog: HiddenProgram, G: np.ndarray) -> np.ndarray:
+    O = prog.weight.shape[0]
+    return G.reshape(len(G), O, -1).sum(2)
+
+
+def _price(prog: HiddenProgram, G: np.ndarray, pts: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sum_r y_r * weight coefficients, the same on the bias): the reduced-cost test of every column."""
+    O = prog.weight.shape[0]
+    N, Pn, L = prog.patches.shape
+    agg = np.zeros((N, O, L))
+    np.add.at(agg, pts, (y[:, None] * G).reshape(len(G), O, L))
+    M = np.einsum("nol,npl->op", agg, prog.patches.numpy())
+    return M, agg.sum((0, 2))
+
+
+def solve_hidden(prog: HiddenProgram, time_limit: float | None = None) -> HiddenSolution:
+    """The minimal-L1 change of the layer that meets every margin with every pattern kept (row and column generation)."""
+    t0 = time.perf_counter()
+    O = prog.weight.shape[0]
+    n_w = prog.weight.size
+    rows = _Rows()
+    K = prog.n_repair
+    C = prog.outs0[0].shape[1]
+    init = [(("margin", k, j), 0.0, 1.0) for k in range(K) for j in range(C) if j != prog.labels[k]]
+    init = [(key, prog.required[key[1]] - float(prog.outs0[0][key[1], prog.labels[key[1]]] - prog.outs0[0][key[1], key[2]]), e)
+            for key, _, e in init]
+    _add_rows(prog, rows, init)
+    # columns: all of them for a small weight; otherwise the best-priced ones, generated as needed
+    if n_w <= 20000:
+        cols = np.arange(n_w)
+    else:
+        M, _ = _price(prog, np.asarray(rows.grad), np.asarray(rows.point), np.ones(len(rows)))
+        cols = np.sort(np.argsort(-np.abs(M).ravel())[:COLUMNS_PER_ROUND])
+    scale = float(max(np.abs(prog.weight).max(initial=0.0), np.abs(prog.bias).max(initial=0.0), 1e-12))
+    tol = 1e-9
+    dW, db = np.zeros(n_w), np.zeros(O)
+    y = np.zeros(0)
+    rounds, status = 0, "optimal"
+    bound = prog.max_change
+    for rounds in range(1, MAX_ROUNDS + 1):
+        remaining = None if time_limit is None else time_limit - (time.perf_counter() - t0)
+        if remaining is not None and remaining <= 0:
+            status = "time_limit"
+            break
+        G, pts, rhs = np.asarray(rows.grad), np.asarray(rows.point, np.int64), np.asarray(rows.rhs)
+        Aw = _row_weight_coef(prog, G, pts, cols)
+        Ab = _bias_coef(prog, G) if not prog.freeze_bias else np.zeros((len(G), 0))
+        norm = np.maximum(np.abs(np.hstack([Aw, Ab])).max(1), 1e-300)
+        A = np.hstack([Aw, -Aw, Ab, -Ab]) / norm[:, None]
+        R = len(G)
+        A = sp.csc_matrix(np.hstack([A, np.eye(R)]))  # elastic shortfall per row
+        n_var = 2 * len(cols) + 2 * Ab.shape[1]
+        cost = np.concatenate([np.full(n_var, 1.0 / scale), np.full(R, ELASTIC_PRICE)])
+        upper = np.concatenate([np.full(n_var, np.inf if bound is None else bound), np.full(R, np.inf)])
+        h = new_highs(remaining, "simplex")
+        pass_lp(h, cost, A, upper, rhs / norm, np.full(R, np.inf))
+        run(h)
+        st = highs_status(h)
+        if st != "optimal":
+            status = st
+            break
+        sol = h.getSolution()
+        xv = np.asarray(sol.col_value)
+        y = np.maximum(np.asarray(sol.row_dual), 0.0) / norm * scale  # multipliers of the original rows, objective in weight units
+        dW = np.zeros(n_w)
+        dW[cols] = xv[:len(cols)] - xv[len(cols):2 * len(cols)]
+        nb = Ab.shape[1]
+        db = xv[2 * len(cols):2 * len(cols) + nb] - xv[2 * len(cols) + nb:2 * len(cols) + 2 * nb] if nb else np.zeros(O)
+        short = xv[n_var:]
+        M, Mb = _price(prog, G, pts, y)
+        out_cols = np.setdiff1d(np.flatnonzero(np.abs(M).ravel() > 1 + 1e-7), cols)
+        found = _violations(prog, dW.reshape(prog.weight.shape), db, rows, tol)
+        if len(out_cols):
+            worst = out_cols[np.argsort(-np.abs(M).ravel()[out_cols])][:COLUMNS_PER_ROUND]
+            cols = np.union1d(cols, worst)
+        if found:
+            _add_rows(prog, rows, found)
+        if not len(out_cols) and not found:
+            break
+    else:
+        status = "iteration_limit"
+    size = {"rows": len(rows), "columns": int(len(cols)) + (0 if prog.freeze_bias else O), "weights": int(n_w), "rounds": rounds,
+            "pattern_rows": int(sum(1 for w in rows.what if w[0] != "margin"))}
+    seconds = time.perf_counter() - t0
+    zero = (np.zeros(prog.weight.shape), np.zeros(O))
+    if status != "optimal":
+        return HiddenSolution(status, *zero, float("nan"), float("nan"), seconds, rounds, size)
+    if (short > 1e-9).any():  # the elastic rows stayed short: prove infeasibility on those rows with every column
+        bad = np.flatnonzero(short > 1e-9)
+        if _infeasible(prog, rows, bad) or _infeasible(prog, rows, np.arange(len(rows))):
+            pts_bad = np.unique(np.asarray(rows.point)[bad])
+            return HiddenSolution("infeasible", *zero, float("nan"), float("nan"), time.perf_counter() - t0, rounds, size, pts_bad)
+        return HiddenSolution("failed", *zero, float("nan"), float("nan"), time.perf_counter() - t0, rounds, size)
+    objective = float(np.abs(dW).sum() + (0.0 if prog.freeze_bias else np.abs(db).sum()))
+    G, pts = np.asarray(rows.grad), np.asarray(rows.point, np.int64)
+    M, Mb = _price(prog, G, pts, y)
+    z = np.abs(M).max(initial=0.0)
+    if not prog.freeze_bias:
+        z = max(z, np.abs(Mb).max(initial=0.0))
+    cy = float(np.asarray(rows.rhs) @ y)
+    if bound is None:
+        lower = max(0.0, cy / max(1.0, z))
+    else:
+        zz = np.concatenate([np.abs(M).ravel(), [] if prog.freeze_bias else np.abs(Mb)])
+        lower = max(0.0, max(s * cy - bound * float(np.maximum(s * zz - 1.0, 0).sum()) for s in (1.0, 1.0 / max(1.0, z))))
+    lower = min(lower, objective)
+    return HiddenSolution("optimal", dW.reshape(prog.weight.shape), db, objective, lower, time.perf_counter() - t0, rounds, size)
+
+
+def _infeasible(prog: HiddenProgram, rows: _Rows, which: np.ndarray) -> bool:
+    """Are these generated rows infeasible together, over every weight and bias column (HiGHS, exact feasibility)?"""
+    G = np.asarray(rows.grad)[which]
+    pts = np.asarray(rows.point, np.int64)[which]
+    rhs = np.asarray(rows.rhs)[which]
+    Aw = _row_weight_coef(prog, G, pts, np.arange(prog.weight.size))
+    Ab = _bias_coef(prog, G) if not prog.freeze_bias else np.zeros((len(G), 0))
+    norm = np.maximum(np.abs(np.hstack([Aw, Ab])).max(1), 1e-300)
+    A = sp.csc_matrix(np.hstack([Aw, -Aw, Ab, -Ab]) / norm[:, None])
+    n = A.shape[1]
+    upper = np.full(n, np.inf if prog.max_change is None else prog.max_change)
+    h = new_highs(None, "simplex")
+    pass_lp(h, np.zeros(n), A, upper, rhs / norm, np.full(len(G), np.inf))
+    run(h)
+    return highs_status(h) == "infeasible"
+
+
+def _watched(model: nn.Module, name: str, x: Tensor) -> tuple[_Suffix, tuple]:
+    eval_mode(model)
+    gm = _traced(model, x)
+    node = _weighted_nodes(gm)[name]
+    suf = _suffix(gm, node, x, name)
+    vals = _values(gm, x)
+    with torch.no_grad():
+        outs = suf(x, vals[node])
+    return suf, outs
+
+
+def patterns(model: nn.Module, name: str, x: Tensor) -> list[np.ndarray]:
+    """The activation pattern after layer ``name`` of ``model`` at inputs ``x``: per ReLU, which neurons are on;
+    per max-pool, each window's chosen input (flat index)."""
+    suf, outs = _watched(model, name, x)
+    res = []
+    for o in suf.relus:
+        res.append((outs[1 + o].reshape(len(x), -1) > 0).numpy())
+    for o, pool in suf.pools:
+        win, valid = _windows(tuple(outs[1 + o].shape[1:]), pool)
+        p = outs[1 + o].reshape(len(x), -1).double().numpy()
+        safe = np.where(valid, win, 0)
+        res.append(safe[np.arange(len(win))[None, :], np.where(valid[None], p[:, safe], -np.inf).argmax(2)])
+    return res
+
+
+def pattern_changes(original: nn.Module, repaired: nn.Module, name: str, x: Tensor, rtol: float = 1e-5) -> tuple[int, int]:
+    """(activation states after layer ``name`` that differ between the two models at ``x`` beyond float32 rounding, total).
+
+    A ReLU input within ``rtol`` (of its layer's scale) of 0 in either model may read either way (ReLU is continuous
+    there); a max-pool window whose originally chosen input ties the new maximum within ``rtol`` is not a change."""
+    suf0, o0 = _watched(original, name, x)
+    _, o1 = _watched(repaired, name, x)
+    changed = total = 0
+    for o in suf0.relus:
+        p0 = o0[1 + o].reshape(len(x), -1).double().numpy()
+        p1 = o1[1 + o].reshape(len(x), -1).double().numpy()
+        tol = rtol * (1 + np.abs(p0).max(initial=0.0))
+        changed += int((((p0 > 0) != (p1 > 0)) & (np.abs(p0) > tol) & (np.abs(p1) > tol)).sum())
+        total += p0.size
+    for o, pool in suf0.pools:
+        win, valid = _windows(tuple(o0[1 + o].shape[1:]), pool)
+        safe = np.where(valid, win, 0)
+        p0 = o0[1 + o].reshape(len(x), -1).double().numpy()
+        p1 = o1[1 + o].reshape(len(x), -1).double().numpy()
+        chosen = safe[np.arange(len(win))[None, :], np.where(valid[None], p0[:, safe], -np.inf).argmax(2)]
+        best1 = np.where(valid[None], p1[:, safe], -np.inf).max(2)
+        tol = rtol * (1 + np.abs(p1).max(initial=0.0))
+        changed += int((np.take_along_axis(p1, chosen, 1) < best1 - tol).sum())
+        total += chosen.size
+    return changed, total
+
+
+@dataclass(frozen=True)
+class LayerRef:
+    """A linear or convolution layer of a model by name: its weight and bias (float64) and the tensors that hold them."""
+
+    name: str
+    kind: str
+    weight: np.ndarray
+    bias: np.ndarray
+    params: tuple[str, str | None]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape)
+
+    def parameter_names(self) -> tuple[str, str | None]:
+        return self.params
+
+
+def layer_ref(model: nn.Module, sample: Tensor, name: str) -> LayerRef:
+    """Layer ``name`` of ``model`` (a linear or convolution layer anywhere in it)."""
+    gm = export_graph(model, torch.as_tensor(sample)[:2])
+    nodes = _weighted_nodes(gm)
+    if name not in nodes:
+        raise CnnRepairError(f"no linear layer named {name!r} in the model (linear and convolution layers: {', '.join(nodes) or 'none'})")
+    node = nodes[name]
+    wp = _attr(node.args[1])
+    bias_node = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    bp = _attr(bias_node)
+    W = get_tensor(model, wp).detach().double().cpu().numpy().copy()
+    b = get_tensor(model, bp).detach().double().cpu().numpy().copy() if bp else np.zeros(W.shape[0])
+    return LayerRef(name, "hidden-" + ("linear" if node.target in _LINEAR else "conv2d"), W, b, (wp, bp))
+
+
+def written(prog: HiddenProgram, model: nn.Module, dW: np.ndarray, db: np.ndarray) -> nn.Module:
+    """A deep copy of ``model`` with the layer's weight (and bias) changed by (dW, db), in the layer's own dtype."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        new = copy.deepcopy(model)
+    for param, base, delta in ((prog.weight_param, prog.weight, dW), (prog.bias_param, prog.bias, db)):
+        if param is None:
+            continue
+        t = get_tensor(new, param)
+        with torch.no_grad():
+            t.copy_(torch.as_tensor(base + delta, dtype=t.dtype).to(t.device))
+    return new

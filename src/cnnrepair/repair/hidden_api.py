@@ -1,0 +1,164 @@
+"""``repair_classifier`` on a layer inside the network: the pattern-preserving program of
+:mod:`cnnrepair.repair.hidden`, re-measured on the float32 model, and its certificate.
+
+The same contract as a last-layer repair: every repair point gets its label with the margin on the
+returned model as it runs (in every batch layout; points that float32 rounding leaves short are
+re-solved with a slightly higher margin, recorded as ``required``), every keep point keeps its label
+with the keep margin, only the named layer changes, and the change is the minimal L1 one among
+changes that keep every point's activation pattern (certified lower bound, gap).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from cnnrepair.errors import CnnRepairError
+from cnnrepair.repair.certificate import Certificate, KeepClaim, PointClaim
+from cnnrepair.repair.hidden import HiddenProgram, HiddenSolution, hidden_program, solve_hidden, written
+from cnnrepair.repair.inputs import Points, SolveOptions, as_inputs, check_labels
+from cnnrepair.repair.measure import change_summary, model_logits, robust_margins
+from cnnrepair.repair.spec import RepairSpec
+
+FLOAT32_ROUNDS = 5
+
+
+def refuse_unsupported(spec: RepairSpec, layer: str) -> None:
+    """What a repair of a layer inside the network does not do yet: a one-line error naming it."""
+    if spec.kind != "pointwise":
+        raise CnnRepairError(f"layer {layer!r} is inside the network: the {spec.kind} spec repairs the last layer only; use the "
+                             "pointwise spec (or repair the last layer)")
+    if spec.norm != "l1":
+        raise CnnRepairError(f"repair of a layer inside the network minimises the L1 change; --norm {spec.norm} is for the last layer")
+    if spec.keep_price is not None:
+        raise CnnRepairError("repair of a layer inside the network takes hard keep points only; drop --keep-price")
+
+
+def repair_hidden(model: nn.Module, xt: torch.Tensor, ya: np.ndarray, keep: Points | None, spec: RepairSpec, layer: str,
+                  options: SolveOptions):
+    """Repair layer ``layer`` (not the one that ends the model) so that ``xt`` get labels ``ya``; returns a ClassifierRepair."""
+    from cnnrepair.repair.api import ClassifierRepair
+
+    t0 = time.perf_counter()
+    refuse_unsupported(spec, layer)
+    C = model_logits(model, xt[:1]).shape[1]
+    check_labels(ya, C, "repair points")
+    kx, ky = None, np.zeros(0, np.int64)
+    if keep is not None:
+        kx, ky = as_inputs(keep.x, keep.y, "keep points", C, tuple(xt.shape[1:]), xt.dtype)
+        if ky is None:
+            ky = model_logits(model, kx).argmax(1)
+    K, NK = len(ya), len(ky)
+    X = xt if kx is None else torch.cat([xt, kx])
+    labels = np.concatenate([ya, ky]).astype(np.int64)
+    required = np.concatenate([np.full(K, spec.margin), np.full(NK, spec.keep_margin)])
+    base = robust_margins(model, xt, ya)
+    keep_before = robust_margins(model, kx, ky) if NK else np.zeros(0)
+    prog = hidden_program(model, layer, X, labels, required, K, spec.freeze_bias, spec.max_change)
+    extra = np.zeros(K + NK)
+    notes: list[str] = []
+    sol: HiddenSolution | None = None
+    repaired = None
+    ill = None
+    for _ in range(FLOAT32_ROUNDS):
+        prog.required = required + extra
+        remaining = max(1e-3, options.seconds - (time.perf_counter() - t0))
+        sol = solve_hidden(prog, remaining)
+        if not sol.ok:
+            break
+        ill = _ill_conditioned(prog, spec, sol)
+        if ill:
+            notes.append(ill)
+            break
+        repaired = written(prog, model, sol.delta_weight, sol.delta_bias)
+        after = robust_margins(repaired, xt, ya)
+        keep_after = robust_margins(repaired, kx, ky) if NK else np.zeros(0)
+        measured = np.concatenate([after, keep_after])
+        short = np.flatnonzero(measured < required)
+        if len(short) == 0:
+            break
+        worst = float(np.max(required[short] - measured[short]))
+        rounding = 8 * np.finfo(np.float32).eps * (1 + np.abs(prog.outs0[0].numpy()).max(1))
+        extra = np.maximum(2 * extra, rounding + 2 * worst)
+    else:
+        notes.append(f"float32 rounding kept {len(short)} point(s) below their margin after {FLOAT32_ROUNDS} re-solves")
+        sol = HiddenSolution("failed", sol.delta_weight, sol.delta_bias, sol.objective, sol.lower_bound, sol.seconds, sol.rounds, sol.size)
+    status = {"optimal": "repaired", "infeasible": "infeasible"}.get(sol.status, "failed")
+    if ill:
+        status = "ill-conditioned"
+    if status != "repaired":
+        repaired = None
+        after, keep_after = base, keep_before
+    dW, db = _saved_change(prog, repaired) if repaired is not None else (np.zeros_like(prog.weight), np.zeros_like(prog.bias))
+    cert = _certificate(prog, spec, status, sol, (dW, db), (base, after), (ky, keep_before, keep_after), ya)
+    if status == "failed" and sol.status not in ("optimal", "failed"):
+        notes.append(f"the solver stopped: {sol.status}")
+    if status == "infeasible":
+        notes.append(f"no change of layer {layer!r} that keeps every point's activation pattern meets the spec")
+    tensors = tuple(t for t in (prog.weight_param, None if prog.freeze_bias else prog.bias_param) if t)
+    return ClassifierRepair(status, repaired, layer, cert, sol, time.perf_counter() - t0, notes, tensors)
+
+
+def _saved_change(prog: HiddenProgram, repaired: nn.Module) -> tuple[np.ndarray, np.ndarray]:
+    """The change as stored (rounded to the layer's dtype), float64."""
+    from cnnrepair.repair.layer import get_tensor
+
+    W = get_tensor(repaired, prog.weight_param).detach().double().cpu().numpy()
+    b = get_tensor(repaired, prog.bias_param).detach().double().cpu().numpy() if prog.bias_param else prog.bias
+    return W - prog.weight, b - prog.bias
+
+
+def _scale(prog: HiddenProgram) -> float:
+    return float(max(np.abs(prog.weight).max(initial=0.0), np.abs(prog.bias).max(initial=0.0)))
+
+
+def _ill_conditioned(prog: HiddenProgram, spec: RepairSpec, sol: HiddenSolution) -> str | None:
+    if spec.max_change_ratio is None:
+        return None
+    linf = float(max(np.abs(sol.delta_weight).max(initial=0.0), np.abs(sol.delta_bias).max(initial=0.0)))
+    scale = _scale(prog)
+    if linf <= spec.max_change_ratio * scale:
+        return None
+    return (f"ill-conditioned: the change's largest entry {linf:.3g} is {linf / scale if scale else float('inf'):.3g} times the layer's "
+            f"largest weight ({scale:.3g}), beyond max_change_ratio {spec.max_change_ratio:g}; no model is certified")
+
+
+def _certificate(prog: HiddenProgram, spec: RepairSpec, status: str, sol: HiddenSolution, change: tuple, margins: tuple,
+                 keep: tuple, ya: np.ndarray) -> Certificate:
+    dW, db = change
+    base, after = margins
+    ky, keep_before, keep_after = keep
+    K, NK = len(ya), len(ky)
+    repaired = status == "repaired"
+    flat = dW.reshape(dW.shape[0], -1)
+    summary = change_summary(flat, db, prog.freeze_bias)
+    objective = float(np.abs(flat).sum() + (0.0 if prog.freeze_bias else np.abs(db).sum())) if repaired else None
+    lower = float(min(sol.lower_bound, objective)) if repaired else None
+    gap = (0.0 if objective == 0 else max(0.0, (objective - lower) / objective)) if repaired else None
+    required = prog.required
+    scale = _scale(prog)
+    cert = Certificate(
+        layer=prog.name, layer_kind=prog.kind, layer_shape=list(prog.weight.shape), spec=spec.as_dict(), status=status,
+        objective=objective, lower_bound=lower, gap=gap, change=summary,
+        points=[PointClaim(index=k, label=int(ya[k]), margin_before=float(base[k]), margin_after=float(after[k]),
+                           required=float(required[k])) for k in range(K)],
+        keep=KeepClaim(count=int(NK), smallest_margin_before=float(keep_before.min()) if NK else None,
+                       smallest_margin_after=float(keep_after.min()) if NK else None, labels_kept=int((keep_after > 0).sum()),
+                       below_keep_margin=int((keep_after < spec.keep_margin).sum()), required=[float(r) for r in required[K:]],
+                       labels=[int(v) for v in ky]),
+        solver={"name": "cnnrepair.repair.hidden (pattern-preserving LP on HiGHS, row and column generation)", "status": sol.status,
+                "seconds": sol.seconds, **sol.size},
+        lower_bound_witness={},
+        conditioning={"layer_scale": scale, "change_linf": summary["linf"], "ratio": summary["linf"] / scale if scale > 0 else float("inf"),
+                      "max_ratio": spec.max_change_ratio},
+        patterns={"kept": True, "relu_values": len(prog.suffix.relus), "maxpool_values": len(prog.suffix.pools),
+                  "note": "every ReLU's on/off state and every max-pool window's chosen input after the layer are the original "
+                          "network's at every repair and keep point; cnnrepair verify --original recomputes them"})
+    if status == "infeasible" and sol.conflicts is not None:
+        cert.conflicts = [{"index": int(k) if k < K else int(k - K), "set": "points" if k < K else "keep",
+                           "label": int(prog.labels[k])} for k in sol.conflicts]
+        cert.solver["conflicts_irreducible"] = False
+    return cert

@@ -1,0 +1,201 @@
+"""Repair of a layer inside the network, its activation patterns kept: the optimum against an independent
+LP of the same program, the guarantee on the saved float32 file, the certificate, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linprog
+from torch import nn
+from torch.func import functional_call, jacrev
+
+from cnnrepair import CnnRepairError, Points, RepairSpec, repair_classifier
+from cnnrepair.cli import main
+from cnnrepair.repair.hidden import hidden_program, solve_hidden
+from tests.helpers import last_error_line
+
+
+def _independent_optimum(model: nn.Sequential, layer: str, x: torch.Tensor, labels: np.ndarray, required: np.ndarray,
+                         pools: dict[str, tuple[int, int, int]] | None = None):
+    """The whole pattern-preserving program written out row by row from the real network's Jacobians with respect to the
+    layer's weight and bias (float64, torch.func), solved by scipy's HiGHS: every margin of every point, every ReLU
+    input after the layer, every max-pool window (2x2, stride 2) after it. Returns scipy's result (``n_rows``: its rows)."""
+    model = model.double()
+    x = x.double()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    wn, bn = f"{layer}.weight", f"{layer}.bias"
+    order = list(dict(model.named_children()))
+    watched = [(n, m) for n, m in model.named_children() if isinstance(m, (nn.ReLU, nn.MaxPool2d)) and order.index(n) > order.index(layer)]
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append(i[0])) for _, m in watched]
+    rows, rhs = [], []
+    try:
+        for k in range(len(x)):
+            def f(w, b, k=k):
+                seen.clear()
+                out = functional_call(model, {**params, wn: w, bn: b}, (x[k:k + 1],))
+                return (out.reshape(-1), *[a.reshape(-1) for a in seen])
+
+            vals = f(params[wn], params[bn])
+            jac = jacrev(f, argnums=(0, 1))(params[wn], params[bn])
+            logits, (Jw, Jb) = vals[0], jac[0]
+            for j in range(len(logits)):
+                if j != labels[k]:
+                    gw, gb = (Jw[labels[k]] - Jw[j]).reshape(-1).numpy(), (Jb[labels[k]] - Jb[j]).numpy()
+                    rows.append(np.concatenate([gw, -gw, gb, -gb]))
+                    rhs.append(required[k] - float(logits[labels[k]] - logits[j]))
+            for (name, mod), p, (Jw, Jb) in zip(watched, vals[1:], jac[1:]):
+                p = p.detach()
+                if isinstance(mod, nn.ReLU):
+                    for i in range(len(p)):
+                        s = 1.0 if p[i] > 0 else -1.0
+                        gw, gb = s * Jw[i].reshape(-1).numpy(), s * Jb[i].numpy()
+                        rows.append(np.concatenate([gw, -gw, gb, -gb]))
+                        rhs.append(-s * float(p[i]))
+                    continue
+                C, H, W = pools[name]
+                for c in range(C):
+                    for a in range(0, H - 1, 2):
+                        for b in range(0, W - 1, 2):
+                            window = [c * H * W + (a + u) * W + (b + v) for u in range(2) for v in range(2)]
+                            best = max(window, key=lambda t: float(p[t]))
+                            for o in window:
+                                if o != best:
+                                    gw, gb = (Jw[best] - Jw[o]).reshape(-1).numpy(), (Jb[best] - Jb[o]).numpy()
+                                    rows.append(np.concatenate([gw, -gw, gb, -gb]))
+                                    rhs.append(-float(p[best] - p[o]))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.float()
+    A = np.array(rows)
+    res = linprog(np.ones(A.shape[1]), A_ub=-A, b_ub=-np.array(rhs), bounds=(0, None), method="highs")
+    res.n_rows = len(rows)
+    return res
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 30), nn.ReLU(), nn.Linear(30, 4)).eval()
+
+
+def _cnn(seed=1):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(8 * 2 * 2, 32), nn.ReLU(), nn.Linear(32, 3)).eval()
+
+
+def _task(model, x, k):
+    with torch.no_grad():
+        out = model(x)
+    labels = out.argmax(1).numpy().copy()
+    labels[:k] = out.argsort(1)[:k, -2].numpy()  # the runner-up class: a label the model does not give yet
+    return labels
+
+
+@pytest.mark.parametrize("case", ["mlp-hidden", "mlp-hidden-no-keep", "cnn-conv", "cnn-fc"])
+def test_the_optimum_equals_an_independent_lp_of_the_same_pattern_preserving_program(case):
+    torch.manual_seed(7)
+    if case.startswith("mlp"):
+        model, layer, x, pools = _mlp(), "2", torch.randn(40 if case == "mlp-hidden" else 5, 6), None
+    else:
+        model, layer, x, pools = _cnn(), "2" if case == "cnn-conv" else "6", torch.rand(12, 1, 8, 8), {"4": (8, 4, 4)}
+    K = 5 if case.startswith("mlp") else 2
+    labels = _task(model, x, K)
+    required = np.concatenate([np.full(K, 0.05), np.zeros(len(x) - K)])
+    sol = solve_hidden(hidden_program(model, layer, x, labels, required, K))
+    ref = _independent_optimum(model, layer, x, labels, required, pools)
+    assert ref.status == 0 and sol.ok
+    assert abs(sol.objective - ref.fun) <= 1e-6 * ref.fun
+    assert sol.lower_bound <= sol.objective and sol.gap <= 1e-6
+    assert 0 < sol.size["pattern_rows"] and sol.size["rows"] < ref.n_rows  # rows were generated, not all written down
+
+
+def test_an_infeasible_program_is_infeasible_for_the_independent_lp_too_and_names_points():
+    model = _cnn()
+    x = torch.rand(12, 1, 8, 8)
+    labels = _task(model, x, 2)
+    required = np.concatenate([np.full(2, 0.05), np.zeros(10)])
+    sol = solve_hidden(hidden_program(model, "0", x, labels, required, 2))
+    assert _independent_optimum(model, "0", x, labels, required, {"4": (8, 4, 4)}).status == 2  # infeasible
+    assert sol.status == "infeasible" and len(sol.conflicts) >= 1
+
+
+def test_repair_classifier_on_a_hidden_layer_changes_only_it_and_every_margin_holds_in_float32():
+    model = _mlp()
+    x = torch.randn(40, 6)
+    labels = _task(model, x, 5)
+    r = repair_classifier(model, x[:5], labels[:5], RepairSpec(margin=0.05), keep=x[5:], layer="2")
+    assert r.ok, r.notes
+    with torch.no_grad():
+        out = r.model(x).double().numpy()
+    own = out[np.arange(40), labels]
+    other = np.where(np.eye(4, dtype=bool)[labels], -np.inf, out).max(1)
+    assert (own[:5] - other[:5] >= 0.05).all() and (own[5:] - other[5:] >= 0).all()
+    for (name, p0), (_, p1) in zip(model.named_parameters(), r.model.named_parameters()):
+        assert torch.equal(p0, p1) == (not name.startswith("2."))
+    c = r.certificate
+    assert c.layer_kind == "hidden-linear" and c.patterns["kept"] and c.gap <= 1e-6 and c.keep.labels_kept == 35
+    assert r.tensors == ("2.weight", "2.bias")
+
+
+@pytest.fixture
+def files(tmp_path):
+    model = _cnn()
+    x = torch.rand(60, 1, 8, 8)
+    program = torch.export.export(model, (x[:2],), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, str(tmp_path / "m.pt2"))
+    labels = _task(model, x, 3)
+    np.savez(tmp_path / "p.npz", x=x[:3].numpy(), y=labels[:3].astype(np.int64))
+    np.savez(tmp_path / "k.npz", x=x[3:40].numpy())
+    return tmp_path
+
+
+def test_cli_repairs_a_hidden_layer_of_a_pt2_and_verify_rechecks_it_and_fails_when_altered(files, capsys):
+    out = files / "o"
+    assert main(["repair", str(files / "m.pt2"), "--points", str(files / "p.npz"), "--keep", str(files / "k.npz"), "--out", str(out),
+                 "--layer", "6"]) == 0
+    cert = json.loads((out / "certificate.json").read_text())
+    assert cert["layer"] == "6" and cert["layer_kind"] == "hidden-linear" and cert["patterns"]["kept"] is True
+    args = ["verify", str(out / "certificate.json"), "--model", str(out / "repaired.pt2"), "--points", str(files / "p.npz"),
+            "--keep", str(files / "k.npz"), "--original", str(files / "m.pt2")]
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "activation pattern" in capsys.readouterr().err
+    (files / "altered.pt2").write_bytes((files / "m.pt2").read_bytes())  # the original in place of the repair
+    assert main([*args[:3], str(files / "altered.pt2"), *args[4:]]) == 1
+    cert["objective"] *= 0.5
+    (files / "edited.json").write_text(json.dumps(cert))
+    assert main([args[0], str(files / "edited.json"), *args[2:]]) == 1
+
+
+def test_cli_lists_the_layers_as_json(files, capsys):
+    capsys.readouterr()
+    assert main(["layers", str(files / "m.pt2"), "--json"]) == 0
+    layers = json.loads(capsys.readouterr().out)
+    assert [entry["name"] for entry in layers] == ["0", "2", "6", "8"]
+    assert [entry["kind"] for entry in layers] == ["conv2d", "conv2d", "linear", "linear"]
+    assert layers[0]["after"] == ["2", "6", "8"] and [e["ends_model"] for e in layers] == [False, False, False, True]
+
+
+@pytest.mark.parametrize("bad, message", [(["--layer", "4"], "no linear layer named '4'"),
+                                          (["--layer", "6", "--spec", "ball", "--eps", "0.01"], "last layer only"),
+                                          (["--layer", "6", "--norm", "linf"], "L1"),
+                                          (["--layer", "6", "--keep-price", "1"], "hard keep points")])
+def test_bad_input_for_a_hidden_layer_is_one_line_and_writes_nothing(files, capsys, bad, message):
+    out = files / "bad"
+    assert main(["repair", str(files / "m.pt2"), "--points", str(files / "p.npz"), "--out", str(out), *bad]) == 2
+    assert message in last_error_line(capsys) and not out.exists()
+
+
+def test_an_operator_the_pattern_encoding_does_not_cover_is_named(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+    x = torch.randn(6, 6)
+    with pytest.raises(CnnRepairError, match="tanh"):
+        repair_classifier(model, x[:2], np.array([0, 1]), RepairSpec(), layer="0")
+    with pytest.raises(CnnRepairError, match="keep points take no targets"):
+        repair_classifier(model, x[:2], np.array([0, 1]), keep=Points(x[2:], targets=np.zeros((4, 3))), layer="0")
