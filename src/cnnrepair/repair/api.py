@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from torch import nn
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.repair.ball import solve_ball
 from cnnrepair.repair.certificate import Certificate, KeepClaim, PointClaim
+from cnnrepair.repair.outcome import ClassifierRepair
 from cnnrepair.repair.coincide import TOLERANCE, conflicting_pairs, feature_noise, shared_features
 from cnnrepair.repair.inputs import DEFAULT_TIME_LIMIT, Points, SolveOptions, as_inputs, check_labels  # noqa: F401 - DEFAULT_TIME_LIMIT re-exported
 from cnnrepair.repair.layer import LastLayer, ending_layer, last_layer
@@ -34,24 +35,6 @@ FLOAT32_ROUNDS = 5  # re-solves with a raised margin for points that float32 rou
 _OLD_KEYWORDS = {"keep_x": "keep=Points(x, y) (or keep=x)", "keep_y": "keep=Points(x, y)", "keep_input_boxes": "keep=Points(x, y, boxes=...)",
                  "boxes": "Points(x, y, boxes=...) as the points", "targets": "Points(x, y, targets=...) as the points",
                  "time_limit": "options=SolveOptions(time_limit=...)", "threads": "options=SolveOptions(threads=...)"}
-
-
-@dataclass
-class ClassifierRepair:
-    """A repair's outcome. ``model`` is None unless ``status == "repaired"``."""
-
-    status: str
-    model: nn.Module | None
-    layer: str
-    certificate: Certificate
-    solution: object = None
-    seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)
-    tensors: tuple[str, ...] = ()  # names of the model tensors the repair wrote (the layer's weight, bias)
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "repaired"
 
 
 @dataclass

@@ -51,10 +51,12 @@ _LINEAR = {aten.linear.default}
 _CONV = {aten.conv2d.default, aten.convolution.default}
 _RELU = {aten.relu.default, aten.relu_.default}
 _MAXPOOL = {aten.max_pool2d.default, aten.max_pool2d_with_indices.default}
-ELASTIC_PRICE = 1e4  # price of a unit of (row-scaled) shortfall in the restricted programs
+ELASTIC_PRICE = 1e4  # first price of a unit of (row-scaled) shortfall in the restricted programs, raised while rows stay short
+MAX_ELASTIC_PRICE = 1e13
 MAX_ROUNDS = 200
-COLUMNS_PER_ROUND = 2000
-ROWS_PER_ROUND = 4000
+ALL_COLUMNS = 2000  # weights up to this size take every entry as a column from the start
+COLUMNS_PER_ROUND = 500
+ROWS_PER_ROUND = 2000
 
 
 @dataclass(frozen=True)
@@ -249,6 +251,7 @@ class HiddenProgram:
     z0: Tensor | None = None
     outs0: tuple = ()
     layout: list = field(default_factory=list)
+    warm: dict = field(default_factory=dict)  # the rows and columns an earlier solve generated (a re-solve starts from them)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -529,72 +532,193 @@ def _price(prog: HiddenProgram, G: np.ndarray, pts: np.ndarray, y: np.ndarray) -
     return M, agg.sum((0, 2))
 
 
+class _Master:
+    """The restricted program in one HiGHS instance, grown by rows and columns and re-solved from its last basis.
+
+    Columns: ``d+``, ``d-`` per weight entry in the program and per bias entry (cost 1 / layer scale), and an elastic
+    shortfall per row (cost ELASTIC_PRICE); rows: ``g . dz_k + shortfall >= rhs``, each scaled by a bound on its
+    coefficients so that every program is O(1) whatever the layer's scale."""
+
+    def __init__(self, prog: HiddenProgram, scale: float, bound: float | None, time_limit: float | None):
+        self.prog, self.scale = prog, scale
+        self.upper = np.inf if bound is None else float(bound)
+        self.h = new_highs(time_limit, "simplex")
+        self.ncols = 0
+        self.price = ELASTIC_PRICE
+        self.entries: list[int] = []
+        self.entry_col: list[int] = []
+        self.row_norm: list[float] = []
+        self.row_slack: list[int] = []
+        O = prog.weight.shape[0]
+        self.nb = 0 if prog.freeze_bias else O
+        if self.nb:
+            self.bias_col = self._add_cols(np.full(2 * O, 1.0 / scale), np.full(2 * O, self.upper))
+        self.patch_max = np.abs(prog.patches.numpy()).reshape(len(prog.patches), -1).max(1)
+
+    def _add_cols(self, cost, upper, starts=None, idx=None, vals=None) -> int:
+        first, k = self.ncols, len(cost)
+        if starts is None:
+            starts, idx, vals = np.zeros(k, np.int32), np.zeros(0, np.int32), np.zeros(0)
+        self.h.addCols(k, np.asarray(cost, float), np.zeros(k), np.asarray(upper, float), len(vals), np.asarray(starts, np.int32),
+                       np.asarray(idx, np.int32), np.asarray(vals, float))
+        self.ncols += k
+        return first
+
+    def add_cols(self, entries: np.ndarray) -> None:
+        """Columns d+ and d- for new weight entries, with their coefficients in every existing row."""
+        entries = np.asarray(entries, np.int64)
+        if not len(entries):
+            return
+        R = len(self.row_norm)
+        starts, idx, vals = [], [], []
+        if R:
+            rows = self.prog.warm["rows"]
+            coef = _row_weight_coef(self.prog, np.asarray(rows.grad[:R]), np.asarray(rows.point[:R], np.int64), entries)
+            coef = coef / np.asarray(self.row_norm)[:, None]
+        for c in range(len(entries)):
+            col = coef[:, c] if R else np.zeros(0)
+            nz = np.flatnonzero(col)
+            for sign in (1.0, -1.0):
+                starts.append(len(vals))
+                idx.extend(nz.tolist())
+                vals.extend((sign * col[nz]).tolist())
+        k = 2 * len(entries)
+        first = self._add_cols(np.full(k, 1.0 / self.scale), np.full(k, self.upper), np.asarray(starts), np.asarray(idx), np.asarray(vals))
+        for off, e in enumerate(entries):
+            self.entries.append(int(e))
+            self.entry_col.append(first + 2 * off)
+
+    def add_rows(self, rows: _Rows, first: int) -> None:
+        """Rows ``first:`` of ``rows`` (each with its own elastic shortfall column)."""
+        n = len(rows) - first
+        if n <= 0:
+            return
+        G = np.asarray(rows.grad[first:])
+        pts = np.asarray(rows.point[first:], np.int64)
+        rhs = np.asarray(rows.rhs[first:])
+        L = self.prog.patches.shape[2]
+        norm = np.maximum(np.abs(G).max(1) * np.maximum(1.0, self.patch_max[pts]) * L, 1e-300)
+        slack = self._add_cols(np.full(n, self.price), np.full(n, np.inf))
+        cols = np.asarray(self.entries, np.int64)
+        Aw = _row_weight_coef(self.prog, G, pts, cols) if len(cols) else np.zeros((n, 0))
+        Ab = _bias_coef(self.prog, G) if self.nb else np.zeros((n, 0))
+        wcols = np.asarray(self.entry_col, np.int64)
+        starts, idx, vals = [], [], []
+        for r in range(n):
+            starts.append(len(vals))
+            a = Aw[r] / norm[r]
+            nz = np.flatnonzero(a)
+            idx.extend(wcols[nz].tolist())
+            vals.extend(a[nz].tolist())
+            idx.extend((wcols[nz] + 1).tolist())
+            vals.extend((-a[nz]).tolist())
+            if self.nb:
+                b = Ab[r] / norm[r]
+                nzb = np.flatnonzero(b)
+                idx.extend((self.bias_col + 2 * nzb).tolist())
+                vals.extend(b[nzb].tolist())
+                idx.extend((self.bias_col + 2 * nzb + 1).tolist())
+                vals.extend((-b[nzb]).tolist())
+            idx.append(slack + r)
+            vals.append(1.0)
+        self.h.addRows(n, rhs / norm, np.full(n, np.inf), len(vals), np.asarray(starts, np.int32), np.asarray(idx, np.int32),
+                       np.asarray(vals, float))
+        self.row_norm.extend(norm.tolist())
+        self.row_slack.extend(range(slack, slack + n))
+
+    def raise_price(self, factor: float) -> None:
+        """Make every row's shortfall ``factor`` times dearer."""
+        self.price *= factor
+        cols = np.asarray(self.row_slack, np.int32)
+        self.h.changeColsCost(len(cols), cols, np.full(len(cols), self.price))
+
+    def solve(self, time_limit: float | None) -> str:
+        if time_limit is not None and np.isfinite(time_limit):
+            self.h.setOptionValue("time_limit", float(max(time_limit, 1e-3)))
+        run(self.h)
+        return highs_status(self.h)
+
+    def solution(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(dW flat, db, multipliers of the original rows in weight units, shortfall per row)."""
+        sol = self.h.getSolution()
+        x = np.asarray(sol.col_value)
+        O = self.prog.weight.shape[0]
+        dW = np.zeros(self.prog.weight.size)
+        cols = np.asarray(self.entry_col, np.int64)
+        if len(cols):
+            dW[np.asarray(self.entries, np.int64)] = x[cols] - x[cols + 1]
+        db = x[self.bias_col:self.bias_col + 2 * O:2] - x[self.bias_col + 1:self.bias_col + 2 * O:2] if self.nb else np.zeros(O)
+        y = np.maximum(np.asarray(sol.row_dual), 0.0) / np.asarray(self.row_norm) * self.scale
+        return dW, db, y, x[np.asarray(self.row_slack, np.int64)]
+
+
 def solve_hidden(prog: HiddenProgram, time_limit: float | None = None) -> HiddenSolution:
     """The minimal-L1 change of the layer that meets every margin with every pattern kept (row and column generation)."""
     t0 = time.perf_counter()
     O = prog.weight.shape[0]
     n_w = prog.weight.size
-    rows = _Rows()
     K = prog.n_repair
     C = prog.outs0[0].shape[1]
-    init = [(("margin", k, j), 0.0, 1.0) for k in range(K) for j in range(C) if j != prog.labels[k]]
-    init = [(key, prog.required[key[1]] - float(prog.outs0[0][key[1], prog.labels[key[1]]] - prog.outs0[0][key[1], key[2]]), e)
-            for key, _, e in init]
-    _add_rows(prog, rows, init)
-    # columns: all of them for a small weight; otherwise the best-priced ones, generated as needed
-    if n_w <= 20000:
+    rows = prog.warm.get("rows")
+    if rows is None:
+        rows = _Rows()
+        base = prog.outs0[0].numpy()
+        init = [(("margin", k, j), float(prog.required[k] - (base[k, prog.labels[k]] - base[k, j])), 1.0)
+                for k in range(K) for j in range(C) if j != prog.labels[k]]
+        _add_rows(prog, rows, init)
+    else:  # a re-solve with raised margins: the same rows, their right-hand sides from the new requirements
+        for r, key in enumerate(rows.what):
+            if key[0] == "margin":
+                k, j = key[1], key[2]
+                rows.rhs[r] = float(prog.required[k] - (prog.outs0[0][k, prog.labels[k]] - prog.outs0[0][k, j]))
+    # columns: every entry of a small weight; otherwise the best-priced ones, generated as needed
+    cols = prog.warm.get("cols")
+    if cols is None and n_w <= ALL_COLUMNS:
         cols = np.arange(n_w)
-    else:
+    elif cols is None:
         M, _ = _price(prog, np.asarray(rows.grad), np.asarray(rows.point), np.ones(len(rows)))
         cols = np.sort(np.argsort(-np.abs(M).ravel())[:COLUMNS_PER_ROUND])
+    prog.warm.update(rows=rows, cols=cols)
     scale = float(max(np.abs(prog.weight).max(initial=0.0), np.abs(prog.bias).max(initial=0.0), 1e-12))
     tol = 1e-9
+    bound = prog.max_change
+    master = _Master(prog, scale, bound, time_limit)
+    master.add_cols(cols)
+    master.add_rows(rows, 0)
     dW, db = np.zeros(n_w), np.zeros(O)
     y = np.zeros(0)
+    short = np.zeros(0)
     rounds, status = 0, "optimal"
-    bound = prog.max_change
     for rounds in range(1, MAX_ROUNDS + 1):
         remaining = None if time_limit is None else time_limit - (time.perf_counter() - t0)
         if remaining is not None and remaining <= 0:
             status = "time_limit"
             break
-        G, pts, rhs = np.asarray(rows.grad), np.asarray(rows.point, np.int64), np.asarray(rows.rhs)
-        Aw = _row_weight_coef(prog, G, pts, cols)
-        Ab = _bias_coef(prog, G) if not prog.freeze_bias else np.zeros((len(G), 0))
-        norm = np.maximum(np.abs(np.hstack([Aw, Ab])).max(1), 1e-300)
-        A = np.hstack([Aw, -Aw, Ab, -Ab]) / norm[:, None]
-        R = len(G)
-        A = sp.csc_matrix(np.hstack([A, np.eye(R)]))  # elastic shortfall per row
-        n_var = 2 * len(cols) + 2 * Ab.shape[1]
-        cost = np.concatenate([np.full(n_var, 1.0 / scale), np.full(R, ELASTIC_PRICE)])
-        upper = np.concatenate([np.full(n_var, np.inf if bound is None else bound), np.full(R, np.inf)])
-        h = new_highs(remaining, "simplex")
-        pass_lp(h, cost, A, upper, rhs / norm, np.full(R, np.inf))
-        run(h)
-        st = highs_status(h)
+        st = master.solve(remaining)
         if st != "optimal":
             status = st
             break
-        sol = h.getSolution()
-        xv = np.asarray(sol.col_value)
-        y = np.maximum(np.asarray(sol.row_dual), 0.0) / norm * scale  # multipliers of the original rows, objective in weight units
-        dW = np.zeros(n_w)
-        dW[cols] = xv[:len(cols)] - xv[len(cols):2 * len(cols)]
-        nb = Ab.shape[1]
-        db = xv[2 * len(cols):2 * len(cols) + nb] - xv[2 * len(cols) + nb:2 * len(cols) + 2 * nb] if nb else np.zeros(O)
-        short = xv[n_var:]
+        dW, db, y, short = master.solution()
+        G, pts = np.asarray(rows.grad), np.asarray(rows.point, np.int64)
         M, Mb = _price(prog, G, pts, y)
-        out_cols = np.setdiff1d(np.flatnonzero(np.abs(M).ravel() > 1 + 1e-7), cols)
+        out_cols = np.setdiff1d(np.flatnonzero(np.abs(M).ravel() > 1 + 1e-7), master.entries)
         found = _violations(prog, dW.reshape(prog.weight.shape), db, rows, tol)
         if len(out_cols):
             worst = out_cols[np.argsort(-np.abs(M).ravel()[out_cols])][:COLUMNS_PER_ROUND]
-            cols = np.union1d(cols, worst)
+            master.add_cols(np.sort(worst))
+            prog.warm["cols"] = np.asarray(master.entries)
         if found:
+            first = len(rows)
             _add_rows(prog, rows, found)
+            master.add_rows(rows, first)
         if not len(out_cols) and not found:
+            if (short > 1e-9).any() and master.price < MAX_ELASTIC_PRICE:  # short rows may only be too cheap: raise their price
+                master.raise_price(1000.0)
+                continue
             break
     else:
         status = "iteration_limit"
+    cols = np.asarray(master.entries)
     size = {"rows": len(rows), "columns": int(len(cols)) + (0 if prog.freeze_bias else O), "weights": int(n_w), "rounds": rounds,
             "pattern_rows": int(sum(1 for w in rows.what if w[0] != "margin"))}
     seconds = time.perf_counter() - t0

@@ -20,6 +20,7 @@ from cnnrepair.errors import CnnRepairError
 from cnnrepair.repair.certificate import Certificate, KeepClaim, PointClaim
 from cnnrepair.repair.hidden import HiddenProgram, HiddenSolution, hidden_program, solve_hidden, written
 from cnnrepair.repair.inputs import Points, SolveOptions, as_inputs, check_labels
+from cnnrepair.repair.outcome import ClassifierRepair
 from cnnrepair.repair.measure import change_summary, model_logits, robust_margins
 from cnnrepair.repair.spec import RepairSpec
 
@@ -38,10 +39,8 @@ def refuse_unsupported(spec: RepairSpec, layer: str) -> None:
 
 
 def repair_hidden(model: nn.Module, xt: torch.Tensor, ya: np.ndarray, keep: Points | None, spec: RepairSpec, layer: str,
-                  options: SolveOptions):
-    """Repair layer ``layer`` (not the one that ends the model) so that ``xt`` get labels ``ya``; returns a ClassifierRepair."""
-    from cnnrepair.repair.api import ClassifierRepair
-
+                  options: SolveOptions) -> ClassifierRepair:
+    """Repair layer ``layer`` (not the one that ends the model) so that ``xt`` get labels ``ya``."""
     t0 = time.perf_counter()
     refuse_unsupported(spec, layer)
     C = model_logits(model, xt[:1]).shape[1]
