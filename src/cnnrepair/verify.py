@@ -36,7 +36,7 @@ from cnnrepair.io import sha256
 from cnnrepair.bounds import BallInputs
 from cnnrepair.modelrepair import PointsFile, load_points, saved_logits_fn
 from cnnrepair.repair import RepairSpec, last_layer
-from cnnrepair.repair.api import layer_scale
+from cnnrepair.repair.float32 import layer_scale
 from cnnrepair.repair.certificate import Certificate, below_margin, claims_off, witness_bound
 from cnnrepair.repair.measure import change_summary, layout_margins, module_logits_fn
 from cnnrepair.repair.coincide import shared_features

@@ -54,11 +54,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command.check is not None:
             command.check(args)  # every option, before any work starts
         code = command.run(args, bars)
-        if command.name in ("repair", "verify", "layers"):
+        if command.on_files:  # a command on model files returns its exit code
             bars.close()
             return int(code)
-        if not command.on_files:
-            paper.record_command(args, list(sys.argv[1:] if argv is None else argv), time.perf_counter() - t0)
+        paper.record_command(args, list(sys.argv[1:] if argv is None else argv), time.perf_counter() - t0)
     except CnnRepairError as exc:
         bars.close()
         print(f"cnnrepair: error: {exc}", file=sys.stderr)

@@ -66,7 +66,7 @@ class Command:
     """One subcommand: its parser (``configure``), the checks run before any work (``check``) and the work (``run``).
 
     ``on_files``: a command on model files, which writes one output folder as a unit (no run
-    directory, no checkpoint: an interrupt leaves nothing half-written)."""
+    directory, no checkpoint: an interrupt leaves nothing half-written) and returns its exit code."""
 
     name: str
     help: str

@@ -21,6 +21,7 @@ from cnnrepair.repair.ball import solve_ball
 from cnnrepair.repair.certificate import Certificate, KeepClaim, PointClaim
 from cnnrepair.repair.outcome import ClassifierRepair
 from cnnrepair.repair.coincide import TOLERANCE, conflicting_pairs, feature_noise, shared_features
+from cnnrepair.repair.float32 import change_linf, conditioning, ill_conditioned, solve_in_float32
 from cnnrepair.repair.inputs import DEFAULT_TIME_LIMIT, Points, SolveOptions, as_inputs, check_labels  # noqa: F401 - DEFAULT_TIME_LIMIT re-exported
 from cnnrepair.repair.layer import LastLayer, ending_layer, last_layer
 from cnnrepair.repair.margins import solve_margins
@@ -29,7 +30,6 @@ from cnnrepair.repair.program import MarginProblem, MarginSolution
 from cnnrepair.repair.spec import RepairSpec
 from cnnrepair.runtime import eval_mode
 
-FLOAT32_ROUNDS = 5  # re-solves with a raised margin for points that float32 rounding left short
 
 # 0.1's keyword arguments of repair_classifier -> where they live now
 _OLD_KEYWORDS = {"keep_x": "keep=Points(x, y) (or keep=x)", "keep_y": "keep=Points(x, y)", "keep_input_boxes": "keep=Points(x, y, boxes=...)",
@@ -301,49 +301,27 @@ def _pointwise(w: _Work, box=None, keep_box=None) -> ClassifierRepair:
     required = np.concatenate([np.full(K, spec.margin), np.full(NK, spec.keep_margin)])
     prices = np.concatenate([np.full(K, np.inf), np.full(NK, np.inf if spec.keep_price is None else spec.keep_price)])
     hard = np.isinf(prices)
-    extra = np.zeros(K + NK)
-    notes = []
-    sol: MarginSolution | None = None
-    repaired = None
-    ill = None
-    for _ in range(FLOAT32_ROUNDS):
-        problem = MarginProblem(lay.weight, lay.bias, feats, labels, required + extra, prices, spec.norm,
-                                spec.freeze_bias, spec.max_change, radii)
+    last: list[MarginProblem] = []
+
+    def solve(req: np.ndarray) -> MarginSolution:
+        last[:] = [MarginProblem(lay.weight, lay.bias, feats, labels, req, prices, spec.norm, spec.freeze_bias, spec.max_change, radii)]
         remaining = max(1e-3, w.options.seconds - w.elapsed())
-        sol = (solve_ball if problem.has_boxes else solve_margins)(problem, time_limit=remaining)
-        if not sol.ok:
-            break
-        ill = _ill_conditioned(lay, spec, sol)
-        if ill:
-            notes.append(ill)
-            break
+        return (solve_ball if last[0].has_boxes else solve_margins)(last[0], time_limit=remaining)
+
+    def measure(sol: MarginSolution):
         repaired = lay.replaced(lay.weight + sol.delta_weight, lay.bias + sol.delta_bias)
         after = robust_margins(repaired, w.xt, ya)  # the smallest over several batch layouts
         keep_after = robust_margins(repaired, w.kx, ky) if NK else np.zeros(0)
-        if box is not None:  # the guarantee is the worst case over each box, with the weights as stored
-            sdW, sdb = _saved_change(lay, repaired)
-            worst = problem.point_margins(sdW, sdb)
-            measured = np.concatenate([worst[:K], keep_after if keep_box is None else np.minimum(keep_after, worst[K:])])
-        else:
-            measured = np.concatenate([after, keep_after])
-        short = np.flatnonzero(hard & (measured < required))
-        if len(short) == 0:
-            break
-        # float32 rounding of the saved weights and of the forward pass left some just below: every hard
-        # point asks the LP for a little more (a rounding-sized offset, doubled each time); points raised
-        # alone would let their neighbours become the binding, rounded-down ones
-        worst = float(np.max(required[short] - measured[short]))
-        rounding = 8 * np.finfo(np.float32).eps * (np.abs(feats).sum(1) * np.abs(lay.weight).max() + np.abs(lay.bias).max())
-        extra = np.where(hard, np.maximum(2 * extra, rounding + 2 * worst), 0.0)
-    else:
-        notes.append(f"float32 rounding kept {len(short)} point(s) below their margin after {FLOAT32_ROUNDS} re-solves")
-        sol = MarginSolution("failed", sol.delta_weight, sol.delta_bias, sol.objective, sol.lower_bound, sol.seconds, sol.rounds, sol.size)
-    status = {"optimal": "repaired", "infeasible": "infeasible"}.get(sol.status, "failed")
-    if ill:
-        status = "ill-conditioned"
-    if status != "repaired":
-        repaired = None
-        after, keep_after = w.base, w.keep_before
+        if box is None:
+            return repaired, np.concatenate([after, keep_after]), (after, keep_after)
+        worst = last[0].point_margins(*_saved_change(lay, repaired))  # the guarantee: the worst case over each box, as stored
+        measured = np.concatenate([worst[:K], keep_after if keep_box is None else np.minimum(keep_after, worst[K:])])
+        return repaired, measured, (after, keep_after)
+
+    rounding = 8 * np.finfo(np.float32).eps * (np.abs(feats).sum(1) * np.abs(lay.weight).max() + np.abs(lay.bias).max())
+    out = solve_in_float32(solve, lambda sol: ill_conditioned(lay.weight, lay.bias, spec, sol), measure, required, hard, rounding)
+    status, sol, repaired, notes, problem = out.status, out.sol, out.repaired, out.notes, last[0]
+    after, keep_after = out.measured if out.measured is not None else (w.base, w.keep_before)
     saved_dW, saved_db = (_saved_change(lay, repaired) if repaired is not None else (np.zeros_like(lay.weight), np.zeros_like(lay.bias)))
     cert = _certificate(w, status, sol, problem, problem.margins, (saved_dW, saved_db), (after, keep_after))
     if box is not None:
@@ -360,40 +338,10 @@ def _pointwise(w: _Work, box=None, keep_box=None) -> ClassifierRepair:
         cert.ball = {"eps": spec.eps, "bounds": spec.bounds, "bound_seconds": box.seconds,
                      "note": "certified margins: the worst case of the logit difference over each point's feature box, "
                              "which holds every input of its ball (sound bounds; cnnrepair verify recomputes them)"}
-    cert.conditioning = _conditioning(lay, spec, cert.change["linf"] if status == "repaired" else _linf(sol))
+    cert.conditioning = conditioning(lay.weight, lay.bias, spec, cert.change["linf"] if status == "repaired" else change_linf(sol))
     if status == "failed" and sol.status not in ("optimal",):
         notes.append(f"the solver stopped: {sol.status}")
     return ClassifierRepair(status, repaired, lay.name, cert, sol, w.elapsed(), notes, _written(lay))
-
-
-def layer_scale(weight: np.ndarray, bias: np.ndarray) -> float:
-    """The layer's largest weight or bias in absolute value: what a change is compared with."""
-    return float(max(np.abs(weight).max(initial=0.0), np.abs(bias).max(initial=0.0)))
-
-
-def _linf(sol: MarginSolution) -> float:
-    """The largest entry of a solved change, weights and biases together."""
-    return float(np.abs(np.concatenate([sol.delta_weight.ravel(), sol.delta_bias.ravel()])).max(initial=0.0))
-
-
-def _conditioning(lay: LastLayer, spec: RepairSpec, change_linf: float) -> dict:
-    scale = layer_scale(lay.weight, lay.bias)
-    return {"layer_scale": scale, "change_linf": change_linf, "ratio": change_linf / scale if scale > 0 else float("inf"),
-            "max_ratio": spec.max_change_ratio}
-
-
-def _ill_conditioned(lay: LastLayer, spec: RepairSpec, sol: MarginSolution) -> str | None:
-    """A note when the solved change is orders of magnitude beyond the layer's own weights, else None."""
-    if spec.max_change_ratio is None:
-        return None
-    linf = _linf(sol)
-    scale = layer_scale(lay.weight, lay.bias)
-    if linf <= spec.max_change_ratio * scale:
-        return None
-    return (f"ill-conditioned: the change's largest entry {linf:.3g} is {linf / scale if scale else float('inf'):.3g} times the layer's "
-            f"largest weight ({scale:.3g}), beyond max_change_ratio {spec.max_change_ratio:g}; margins bought this way hinge on "
-            "float32 noise (points with nearly equal features and different labels?), so no model is certified. Remove the "
-            "conflicting points, or raise --max-change-ratio if such a change is intended")
 
 
 def _written(lay: LastLayer) -> tuple[str, ...]:

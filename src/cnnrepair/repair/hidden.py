@@ -30,6 +30,7 @@ the certified lower bound (weak duality).
 from __future__ import annotations
 
 import copy
+import functools
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from cnnrepair.bounds.graph import classify_node, export_graph
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.repair.highs import highs_status, new_highs, pass_lp, run
 from cnnrepair.repair.layer import get_tensor
+from cnnrepair.repair.program import MarginSolution
 from cnnrepair.runtime import eval_mode
 
 aten = torch.ops.aten
@@ -153,7 +155,7 @@ def _suffix(gm: torch.fx.GraphModule, layer: torch.fx.Node, sample: Tensor, name
             dil = a[4] if a[4] is not None else 1
             if a[5]:
                 raise CnnRepairError(f"after layer {name!r}: max-pooling with ceil_mode is not supported by the pattern encoding")
-            pools.append((len(watched), (kernel, stride, pad, dil)))
+            pools.append((len(watched), tuple(tuple(v) if isinstance(v, (list, tuple)) else v for v in (kernel, stride, pad, dil))))
             watched.append(node.args[0])
     g = torch.fx.Graph()
     env: dict = {}
@@ -196,6 +198,7 @@ def _values(gm: torch.fx.GraphModule, x: Tensor) -> dict:
     return seen
 
 
+@functools.lru_cache(maxsize=64)
 def _windows(shape: tuple[int, ...], pool: tuple) -> tuple[np.ndarray, np.ndarray]:
     """Per max-pool output (flattened), the flat indices of its window's inputs (-1: padding) and their validity."""
     kernel, stride, pad, dil = pool
@@ -250,7 +253,8 @@ class HiddenProgram:
     patches: Tensor | None = None  # N x P x L (float64)
     z0: Tensor | None = None
     outs0: tuple = ()
-    layout: list = field(default_factory=list)
+    suffix64: _Suffix | None = None  # the suffix in float64, made once
+    pullback: object = None  # its vector-Jacobian product at the points, made once
     warm: dict = field(default_factory=dict)  # the rows and columns an earlier solve generated (a re-solve starts from them)
 
     @property
@@ -317,14 +321,14 @@ def hidden_program(model: nn.Module, name: str, x: Tensor, labels: np.ndarray, r
 
 def _suffix64(prog: HiddenProgram) -> _Suffix:
     """The suffix in float64 (once), so that linearisation rounds no more than the LP does."""
-    if not prog.layout:
+    if prog.suffix64 is None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             mod = copy.deepcopy(prog.suffix.module).double()
         for t in list(mod.parameters()) + list(mod.buffers()):
             t.requires_grad_(False)
-        prog.layout.append(_Suffix(mod, prog.suffix.relus, prog.suffix.pools))
-    return prog.layout[0]
+        prog.suffix64 = _Suffix(mod, prog.suffix.relus, prog.suffix.pools)
+    return prog.suffix64
 
 
 def _dz(prog: HiddenProgram, dW: np.ndarray, db: np.ndarray) -> Tensor:
@@ -343,91 +347,52 @@ def _jvp(prog: HiddenProgram, dz: Tensor) -> tuple[Tensor, ...]:
 
 
 def _vjp_rows(prog: HiddenProgram, cotangents: list[Tensor]) -> np.ndarray:
-    """z-gradients (N x z size) for one cotangent per output (logits, then every watched value), all points at once."""
-    suf = _suffix64(prog)
-    x = prog.x.double()
-    _, pull = torch.func.vjp(lambda z: suf(x, z), prog.z0)
-    (g,) = pull(tuple(cotangents))
+    """z-gradients (N x z size) for one cotangent per output (logits, then every watched value), all points at once.
+
+    The network after the layer is linearised at the points once (its pullback kept on the program) and reused
+    for every row of every round and re-solve."""
+    if prog.pullback is None:
+        suf = _suffix64(prog)
+        x = prog.x.double()
+        _, prog.pullback = torch.func.vjp(lambda z: suf(x, z), prog.z0)
+    (g,) = prog.pullback(tuple(cotangents))
     return g.detach().reshape(len(g), -1).numpy()
 
 
-def _zeros_like_outs(prog: HiddenProgram) -> list[Tensor]:
-    return [torch.zeros_like(o) for o in prog.outs0]
+def _passes(points: np.ndarray) -> list[np.ndarray]:
+    """Indices of ``points`` split into passes in which each point appears at most once (one VJP serves a pass)."""
+    order = np.argsort(points, kind="stable")
+    ranked = points[order]
+    rank = np.arange(len(ranked)) - np.searchsorted(ranked, ranked, side="left")
+    return [order[rank == r] for r in range(int(rank.max(initial=-1)) + 1)]
 
 
 def _margin_rows(prog: HiddenProgram, points: np.ndarray, classes: np.ndarray) -> np.ndarray:
-    """z-gradients of ``logit[y_k] - logit[j_k]`` for pairs (point k, class j): one VJP per distinct pass."""
+    """z-gradients of ``logit[y_k] - logit[j_k]`` for pairs (point k, class j)."""
     out = np.zeros((len(points), prog.z0[0].numel()))
-    C = prog.outs0[0].shape[1]
-    # group pairs so each point appears at most once per pass
-    order = np.argsort(points, kind="stable")
-    pts, cls = points[order], classes[order]
-    rank = np.zeros(len(pts), np.int64)
-    for i in range(1, len(pts)):
-        rank[i] = rank[i - 1] + 1 if pts[i] == pts[i - 1] else 0
-    for r in range(int(rank.max(initial=-1)) + 1):
-        sel = np.flatnonzero(rank == r)
-        cot = _zeros_like_outs(prog)
-        lg = torch.zeros(len(prog.x), C, dtype=torch.float64)
-        lg[pts[sel], prog.labels[pts[sel]]] += 1.0
-        lg[pts[sel], cls[sel]] -= 1.0
-        cot[0] = lg
-        g = _vjp_rows(prog, cot)
-        out[order[sel]] = g[pts[sel]]
+    for sel in _passes(points):
+        cot = [torch.zeros_like(o) for o in prog.outs0]
+        pts = points[sel]
+        cot[0][pts, prog.labels[pts]] += 1.0
+        cot[0][pts, classes[sel]] -= 1.0
+        out[sel] = _vjp_rows(prog, cot)[pts]
     return out
 
 
 def _unit_rows(prog: HiddenProgram, points: np.ndarray, outputs: np.ndarray, flat: np.ndarray, signs: np.ndarray) -> np.ndarray:
-    """z-gradients of ``sum_t signs_t * value`` for watched values (output position, flat neuron index) at points."""
+    """z-gradients of ``sum_t signs[r, t] * value[flat[r, t]]`` of watched value ``outputs[r]`` at ``points[r]``, per row r
+    (one term: a ReLU input's sign; two: a max-pool window's chosen input over another)."""
     res = np.zeros((len(points), prog.z0[0].numel()))
-    order = np.lexsort((outputs, points))
-    pts = points[order]
-    rank = np.zeros(len(pts), np.int64)
-    for i in range(1, len(pts)):
-        rank[i] = rank[i - 1] + 1 if pts[i] == pts[i - 1] else 0
-    for r in range(int(rank.max(initial=-1)) + 1):
-        sel = order[rank == r]
-        cot = _zeros_like_outs(prog)
+    for sel in _passes(points):
+        cot = [torch.zeros_like(o) for o in prog.outs0]
         for o in np.unique(outputs[sel]):
-            s = sel[outputs[sel] == o]
+            rows = sel[outputs[sel] == o]
             t = torch.zeros(len(prog.x), prog.outs0[1 + o][0].numel(), dtype=torch.float64)
-            t[points[s], flat[s]] = torch.as_tensor(signs[s], dtype=torch.float64)
+            for term in range(flat.shape[1]):
+                t[points[rows], flat[rows, term]] += torch.as_tensor(signs[rows, term], dtype=torch.float64)
             cot[1 + o] = t.reshape(prog.outs0[1 + o].shape)
-        g = _vjp_rows(prog, cot)
-        res[sel] = g[points[sel]]
+        res[sel] = _vjp_rows(prog, cot)[points[sel]]
     return res
-
-
-def _pair_rows(prog: HiddenProgram, points, outputs, a, b) -> np.ndarray:
-    """z-gradients of ``value[a] - value[b]`` (a max-pool window's chosen input over another) at points."""
-    ga = _unit_rows(prog, points, outputs, a, np.ones(len(points)))
-    gb = _unit_rows(prog, points, outputs, b, np.ones(len(points)))
-    return ga - gb
-
-
-@dataclass
-class HiddenSolution:
-    """The solved change (float64), its L1 norm, the certified lower bound, and what the solve did."""
-
-    status: str
-    delta_weight: np.ndarray
-    delta_bias: np.ndarray
-    objective: float
-    lower_bound: float
-    seconds: float
-    rounds: int
-    size: dict
-    conflicts: np.ndarray | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "optimal"
-
-    @property
-    def gap(self) -> float:
-        if not self.ok:
-            return float("nan")
-        return 0.0 if self.objective <= 0 else max(0.0, (self.objective - self.lower_bound) / self.objective)
 
 
 def _violations(prog: HiddenProgram, dW: np.ndarray, db: np.ndarray, rows: _Rows, tol: float) -> list[tuple]:
@@ -489,14 +454,14 @@ def _add_rows(prog: HiddenProgram, rows: _Rows, found: list[tuple]) -> int:
             rows.add(f[0], f[0][1], gi, f[1])
     if relu:
         pts = np.array([f[0][1] for f in relu])
-        g = _unit_rows(prog, pts, np.array([f[0][2] for f in relu]), np.array([f[0][3] for f in relu]),
-                       np.array([f[0][4] for f in relu]))
+        g = _unit_rows(prog, pts, np.array([f[0][2] for f in relu]), np.array([[f[0][3]] for f in relu]),
+                       np.array([[f[0][4]] for f in relu]))
         for f, gi in zip(relu, g):
             rows.add(f[0], f[0][1], gi, f[1])
     if pool:
         pts = np.array([f[0][1] for f in pool])
-        g = _pair_rows(prog, pts, np.array([f[0][2] for f in pool]), np.array([f[0][3] for f in pool]),
-                       np.array([f[0][4] for f in pool]))
+        g = _unit_rows(prog, pts, np.array([f[0][2] for f in pool]), np.array([[f[0][3], f[0][4]] for f in pool]),
+                       np.tile([1.0, -1.0], (len(pool), 1)))
         for f, gi in zip(pool, g):
             rows.add(f[0], f[0][1], gi, f[1])
     return len(found)
@@ -652,7 +617,7 @@ class _Master:
         return dW, db, y, x[np.asarray(self.row_slack, np.int64)]
 
 
-def solve_hidden(prog: HiddenProgram, time_limit: float | None = None) -> HiddenSolution:
+def solve_hidden(prog: HiddenProgram, time_limit: float | None = None) -> MarginSolution:
     """The minimal-L1 change of the layer that meets every margin with every pattern kept (row and column generation)."""
     t0 = time.perf_counter()
     O = prog.weight.shape[0]
@@ -724,13 +689,14 @@ def solve_hidden(prog: HiddenProgram, time_limit: float | None = None) -> Hidden
     seconds = time.perf_counter() - t0
     zero = (np.zeros(prog.weight.shape), np.zeros(O))
     if status != "optimal":
-        return HiddenSolution(status, *zero, float("nan"), float("nan"), seconds, rounds, size)
+        return MarginSolution(status, *zero, float("nan"), float("nan"), seconds, rounds, size)
     if (short > 1e-9).any():  # the elastic rows stayed short: prove infeasibility on those rows with every column
         bad = np.flatnonzero(short > 1e-9)
         if _infeasible(prog, rows, bad) or _infeasible(prog, rows, np.arange(len(rows))):
             pts_bad = np.unique(np.asarray(rows.point)[bad])
-            return HiddenSolution("infeasible", *zero, float("nan"), float("nan"), time.perf_counter() - t0, rounds, size, pts_bad)
-        return HiddenSolution("failed", *zero, float("nan"), float("nan"), time.perf_counter() - t0, rounds, size)
+            return MarginSolution("infeasible", *zero, float("nan"), float("nan"), time.perf_counter() - t0, rounds, size,
+                                  conflicts=pts_bad)
+        return MarginSolution("failed", *zero, float("nan"), float("nan"), time.perf_counter() - t0, rounds, size)
     objective = float(np.abs(dW).sum() + (0.0 if prog.freeze_bias else np.abs(db).sum()))
     G, pts = np.asarray(rows.grad), np.asarray(rows.point, np.int64)
     M, Mb = _price(prog, G, pts, y)
@@ -744,7 +710,7 @@ def solve_hidden(prog: HiddenProgram, time_limit: float | None = None) -> Hidden
         zz = np.concatenate([np.abs(M).ravel(), [] if prog.freeze_bias else np.abs(Mb)])
         lower = max(0.0, max(s * cy - bound * float(np.maximum(s * zz - 1.0, 0).sum()) for s in (1.0, 1.0 / max(1.0, z))))
     lower = min(lower, objective)
-    return HiddenSolution("optimal", dW.reshape(prog.weight.shape), db, objective, lower, time.perf_counter() - t0, rounds, size)
+    return MarginSolution("optimal", dW.reshape(prog.weight.shape), db, objective, lower, time.perf_counter() - t0, rounds, size)
 
 
 def _infeasible(prog: HiddenProgram, rows: _Rows, which: np.ndarray) -> bool:

@@ -18,13 +18,14 @@ from torch import nn
 
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.repair.certificate import Certificate, KeepClaim, PointClaim
-from cnnrepair.repair.hidden import HiddenProgram, HiddenSolution, hidden_program, solve_hidden, written
+from cnnrepair.repair.float32 import change_linf, conditioning, ill_conditioned, solve_in_float32
+from cnnrepair.repair.hidden import HiddenProgram, hidden_program, solve_hidden, written
 from cnnrepair.repair.inputs import Points, SolveOptions, as_inputs, check_labels
 from cnnrepair.repair.outcome import ClassifierRepair
+from cnnrepair.repair.program import MarginSolution
 from cnnrepair.repair.measure import change_summary, model_logits, robust_margins
 from cnnrepair.repair.spec import RepairSpec
 
-FLOAT32_ROUNDS = 5
 
 
 def refuse_unsupported(spec: RepairSpec, layer: str) -> None:
@@ -57,40 +58,22 @@ def repair_hidden(model: nn.Module, xt: torch.Tensor, ya: np.ndarray, keep: Poin
     base = robust_margins(model, xt, ya)
     keep_before = robust_margins(model, kx, ky) if NK else np.zeros(0)
     prog = hidden_program(model, layer, X, labels, required, K, spec.freeze_bias, spec.max_change)
-    extra = np.zeros(K + NK)
-    notes: list[str] = []
-    sol: HiddenSolution | None = None
-    repaired = None
-    ill = None
-    for _ in range(FLOAT32_ROUNDS):
-        prog.required = required + extra
-        remaining = max(1e-3, options.seconds - (time.perf_counter() - t0))
-        sol = solve_hidden(prog, remaining)
-        if not sol.ok:
-            break
-        ill = _ill_conditioned(prog, spec, sol)
-        if ill:
-            notes.append(ill)
-            break
+
+    def solve(req: np.ndarray):
+        prog.required = req
+        return solve_hidden(prog, max(1e-3, options.seconds - (time.perf_counter() - t0)))
+
+    def measure(sol):
         repaired = written(prog, model, sol.delta_weight, sol.delta_bias)
         after = robust_margins(repaired, xt, ya)
         keep_after = robust_margins(repaired, kx, ky) if NK else np.zeros(0)
-        measured = np.concatenate([after, keep_after])
-        short = np.flatnonzero(measured < required)
-        if len(short) == 0:
-            break
-        worst = float(np.max(required[short] - measured[short]))
-        rounding = 8 * np.finfo(np.float32).eps * (1 + np.abs(prog.outs0[0].numpy()).max(1))
-        extra = np.maximum(2 * extra, rounding + 2 * worst)
-    else:
-        notes.append(f"float32 rounding kept {len(short)} point(s) below their margin after {FLOAT32_ROUNDS} re-solves")
-        sol = HiddenSolution("failed", sol.delta_weight, sol.delta_bias, sol.objective, sol.lower_bound, sol.seconds, sol.rounds, sol.size)
-    status = {"optimal": "repaired", "infeasible": "infeasible"}.get(sol.status, "failed")
-    if ill:
-        status = "ill-conditioned"
-    if status != "repaired":
-        repaired = None
-        after, keep_after = base, keep_before
+        return repaired, np.concatenate([after, keep_after]), (after, keep_after)
+
+    rounding = 8 * np.finfo(np.float32).eps * (1 + np.abs(prog.outs0[0].numpy()).max(1))
+    out = solve_in_float32(solve, lambda sol: ill_conditioned(prog.weight, prog.bias, spec, sol), measure, required,
+                           np.ones(K + NK, bool), rounding)
+    status, sol, repaired, notes = out.status, out.sol, out.repaired, out.notes
+    after, keep_after = out.measured if out.measured is not None else (base, keep_before)
     dW, db = _saved_change(prog, repaired) if repaired is not None else (np.zeros_like(prog.weight), np.zeros_like(prog.bias))
     cert = _certificate(prog, spec, status, sol, (dW, db), (base, after), (ky, keep_before, keep_after), ya)
     if status == "failed" and sol.status not in ("optimal", "failed"):
@@ -110,22 +93,7 @@ def _saved_change(prog: HiddenProgram, repaired: nn.Module) -> tuple[np.ndarray,
     return W - prog.weight, b - prog.bias
 
 
-def _scale(prog: HiddenProgram) -> float:
-    return float(max(np.abs(prog.weight).max(initial=0.0), np.abs(prog.bias).max(initial=0.0)))
-
-
-def _ill_conditioned(prog: HiddenProgram, spec: RepairSpec, sol: HiddenSolution) -> str | None:
-    if spec.max_change_ratio is None:
-        return None
-    linf = float(max(np.abs(sol.delta_weight).max(initial=0.0), np.abs(sol.delta_bias).max(initial=0.0)))
-    scale = _scale(prog)
-    if linf <= spec.max_change_ratio * scale:
-        return None
-    return (f"ill-conditioned: the change's largest entry {linf:.3g} is {linf / scale if scale else float('inf'):.3g} times the layer's "
-            f"largest weight ({scale:.3g}), beyond max_change_ratio {spec.max_change_ratio:g}; no model is certified")
-
-
-def _certificate(prog: HiddenProgram, spec: RepairSpec, status: str, sol: HiddenSolution, change: tuple, margins: tuple,
+def _certificate(prog: HiddenProgram, spec: RepairSpec, status: str, sol: MarginSolution, change: tuple, margins: tuple,
                  keep: tuple, ya: np.ndarray) -> Certificate:
     dW, db = change
     base, after = margins
@@ -138,7 +106,6 @@ def _certificate(prog: HiddenProgram, spec: RepairSpec, status: str, sol: Hidden
     lower = float(min(sol.lower_bound, objective)) if repaired else None
     gap = (0.0 if objective == 0 else max(0.0, (objective - lower) / objective)) if repaired else None
     required = prog.required
-    scale = _scale(prog)
     cert = Certificate(
         layer=prog.name, layer_kind=prog.kind, layer_shape=list(prog.weight.shape), spec=spec.as_dict(), status=status,
         objective=objective, lower_bound=lower, gap=gap, change=summary,
@@ -151,8 +118,7 @@ def _certificate(prog: HiddenProgram, spec: RepairSpec, status: str, sol: Hidden
         solver={"name": "cnnrepair.repair.hidden (pattern-preserving LP on HiGHS, row and column generation)", "status": sol.status,
                 "seconds": sol.seconds, **sol.size},
         lower_bound_witness={},
-        conditioning={"layer_scale": scale, "change_linf": summary["linf"], "ratio": summary["linf"] / scale if scale > 0 else float("inf"),
-                      "max_ratio": spec.max_change_ratio},
+        conditioning=conditioning(prog.weight, prog.bias, spec, summary["linf"] if repaired else change_linf(sol)),
         patterns={"kept": True, "relu_values": len(prog.suffix.relus), "maxpool_values": len(prog.suffix.pools),
                   "note": "every ReLU's on/off state and every max-pool window's chosen input after the layer are the original "
                           "network's at every repair and keep point; cnnrepair verify --original recomputes them"})
