@@ -14,7 +14,7 @@ from torch.func import functional_call, jacrev
 
 from cnnrepair import CnnRepairError, Points, RepairSpec, repair_classifier
 from cnnrepair.cli import main
-from cnnrepair.repair.hidden import hidden_program, solve_hidden
+from cnnrepair.repair.hidden import hidden_program, solve_hidden, written
 from tests.helpers import last_error_line
 
 
@@ -106,12 +106,28 @@ def test_the_optimum_equals_an_independent_lp_of_the_same_pattern_preserving_pro
     K = 5 if case.startswith("mlp") else 2
     labels = _task(model, x, K)
     required = np.concatenate([np.full(K, 0.05), np.zeros(len(x) - K)])
-    sol = solve_hidden(hidden_program(model, layer, x, labels, required, K))
+    # every keep point in the program from the start: the whole pattern-preserving program
+    prog = hidden_program(model, layer, x, labels, required, K)
+    prog.warm["active"] = np.ones(len(x), bool)
+    sol = solve_hidden(prog)
     ref = _independent_optimum(model, layer, x, labels, required, pools)
     assert ref.status == 0 and sol.ok
     assert abs(sol.objective - ref.fun) <= 1e-6 * ref.fun
     assert sol.lower_bound <= sol.objective and sol.gap <= 1e-6
     assert 0 < sol.size["pattern_rows"] and sol.size["rows"] < ref.n_rows  # rows were generated, not all written down
+    # as repair runs it: keep points enter only when the change would cost them their margin; the optimum is then the
+    # independent program's over the points that entered, and every other keep point keeps its margin on the network
+    prog = hidden_program(model, layer, x, labels, required, K)
+    sol = solve_hidden(prog)
+    active = prog.warm["active"]
+    assert sol.ok and active[:K].all()
+    ref = _independent_optimum(model, layer, x[torch.as_tensor(active)], labels[active], required[active], pools)
+    assert ref.status == 0 and abs(sol.objective - ref.fun) <= 1e-6 * ref.fun
+    with torch.no_grad():
+        out = written(prog, model, sol.delta_weight, sol.delta_bias).double()(x.double()).numpy()
+    own = out[np.arange(len(x)), labels]
+    other = np.where(np.eye(out.shape[1], dtype=bool)[labels], -np.inf, out).max(1)
+    assert (own - other >= required - 1e-5)[~active].all()  # the written model is float32
 
 
 def test_an_infeasible_program_is_infeasible_for_the_independent_lp_too_and_names_points():
@@ -167,9 +183,47 @@ def test_cli_repairs_a_hidden_layer_of_a_pt2_and_verify_rechecks_it_and_fails_wh
     assert "activation pattern" in capsys.readouterr().err
     (files / "altered.pt2").write_bytes((files / "m.pt2").read_bytes())  # the original in place of the repair
     assert main([*args[:3], str(files / "altered.pt2"), *args[4:]]) == 1
+    listed = cert["patterns"]["keep_points_with_patterns"]
+    assert all(0 <= k < 37 for k in listed) and listed == sorted(set(listed))
+    cert["patterns"]["keep_points_with_patterns"] = [37]  # no such keep point: a malformed certificate
+    (files / "edited.json").write_text(json.dumps(cert))
+    capsys.readouterr()
+    assert main([args[0], str(files / "edited.json"), *args[2:]]) == 2
+    assert "keep_points_with_patterns" in last_error_line(capsys)
+    cert["patterns"]["keep_points_with_patterns"] = listed
     cert["objective"] *= 0.5
     (files / "edited.json").write_text(json.dumps(cert))
     assert main([args[0], str(files / "edited.json"), *args[2:]]) == 1
+
+
+def test_a_keep_point_enters_the_program_only_when_the_change_would_cost_its_margin():
+    torch.manual_seed(3)
+    model = _mlp()
+    x = torch.randn(200, 6)
+    labels = _task(model, x, 5)
+    prog = hidden_program(model, "2", x, labels, np.concatenate([np.full(5, 0.05), np.zeros(195)]), 5)
+    sol = solve_hidden(prog)
+    active = prog.warm["active"]
+    assert sol.ok and active[:5].all() and active[5:].sum() < 195  # not every keep point was needed
+    patterns_kept = {w[1] for w in prog.warm["rows"].what if w[0] == "relu"}
+    assert patterns_kept <= set(np.flatnonzero(active).tolist())  # rows only at points in the program
+
+
+def test_the_time_limit_of_a_re_solved_highs_instance_counts_from_its_time_so_far():
+    from cnnrepair.repair.highs import set_time_limit
+
+    class Fake:
+        options: dict = {}
+
+        def getRunTime(self):
+            return 12.5
+
+        def setOptionValue(self, key, value):
+            self.options[key] = value
+
+    h = Fake()
+    set_time_limit(h, 3.0)
+    assert h.options["time_limit"] == 15.5  # HiGHS compares its limit with the instance's run time over every solve
 
 
 def test_cli_lists_the_layers_as_json(files, capsys):

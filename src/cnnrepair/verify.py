@@ -336,10 +336,15 @@ def _against_original(v: Verification, cert: Certificate, spec: RepairSpec, orig
 
 
 def _patterns_kept(cert: Certificate, original, repaired, points: PointsFile, keep: PointsFile | None) -> list[str]:
-    """The activation pattern after the layer is the original's at every repair and keep point (up to float32 ties)."""
+    """The activation pattern after the layer is the original's at every repair point and every keep point the
+    certificate lists (all of them in a certificate without the list), up to float32 ties."""
     from cnnrepair.repair.hidden import pattern_changes
 
-    x = points.x if keep is None else torch.cat([points.x, keep.x])
+    x = points.x
+    if keep is not None:
+        listed = (cert.patterns or {}).get("keep_points_with_patterns")
+        kx = keep.x if listed is None else keep.x[torch.as_tensor(np.asarray(listed, np.int64))]
+        x = torch.cat([x, kx])
     changed, total = pattern_changes(original, repaired, cert.layer, x)
     if changed:
         return [f"{changed} of {total} activation states after layer {cert.layer!r} differ from the original's at the points: "

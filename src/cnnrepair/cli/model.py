@@ -32,7 +32,8 @@ def _add_model_repair_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--std", default=None, help="ball spec: per-channel std the model divides by")
     p.add_argument("--range", default="0,1", help="ball spec: the pixel range the ball is clipped to, LOW,HIGH or none (default: 0,1)")
     p.add_argument("--layer", default=None, help="the layer to repair: the one whose output is the model's output (default), or any linear or "
-                   "convolution layer inside the network, its activation patterns kept at every point (`cnnrepair layers MODEL` lists them)")
+                   "convolution layer inside the network, its activation patterns kept at every repair point and at each keep point the "
+                   "change would otherwise cost its margin (`cnnrepair layers MODEL` lists them)")
     p.add_argument("--margin", type=float, default=0.05, help="required logit[y] - max other logit of each point (default: 0.05)")
     p.add_argument("--keep", type=Path, default=None, help=".npz with x (and optional y; default: the model's predictions) whose labels must survive")
     p.add_argument("--keep-margin", type=float, default=0.0, help="margin the keep points must keep (default: 0)")

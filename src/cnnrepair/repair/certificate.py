@@ -355,6 +355,10 @@ def _check_schema(cert) -> None:
         raise _Malformed("notes must be a list of strings")
     for key in ("lower_bound_witness", "feature_noise", "ball", "conditioning", "patterns"):
         _need(cert, key, dict, "certificate", optional=True)
+    listed = (cert.get("patterns") or {}).get("keep_points_with_patterns")
+    if listed is not None and not (isinstance(listed, list) and all(isinstance(k, int) and not isinstance(k, bool) and 0 <= k < count
+                                                                    for k in listed)):
+        raise _Malformed(f"patterns.keep_points_with_patterns must list keep point indices below {count}")
     for key in ("conflicts", "coinciding"):
         _need(cert, key, list, "certificate", optional=True)
     layouts = _need(cert, "batch_layouts", list, "certificate")

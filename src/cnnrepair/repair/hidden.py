@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from cnnrepair.bounds.graph import classify_node, export_graph
 from cnnrepair.errors import CnnRepairError
-from cnnrepair.repair.highs import highs_status, new_highs, pass_lp, run
+from cnnrepair.repair.highs import highs_status, new_highs, pass_lp, run, set_time_limit
 from cnnrepair.repair.layer import get_tensor
 from cnnrepair.repair.program import MarginSolution
 from cnnrepair.runtime import eval_mode
@@ -59,6 +59,7 @@ MAX_ROUNDS = 200
 ALL_COLUMNS = 2000  # weights up to this size take every entry as a column from the start
 COLUMNS_PER_ROUND = 500
 ROWS_PER_ROUND = 2000
+UNIT_ROWS = 3  # a point of a linear layer gets its own z-change columns once it has this many dense rows
 
 
 @dataclass(frozen=True)
@@ -395,8 +396,9 @@ def _unit_rows(prog: HiddenProgram, points: np.ndarray, outputs: np.ndarray, fla
     return res
 
 
-def _violations(prog: HiddenProgram, dW: np.ndarray, db: np.ndarray, rows: _Rows, tol: float) -> list[tuple]:
-    """Every margin and pattern row the change (dW, db) violates at any point and that is not yet a row: (key, rhs, excess)."""
+def _violations(prog: HiddenProgram, dW: np.ndarray, db: np.ndarray, rows: _Rows, tol: float, active: np.ndarray) -> list[tuple]:
+    """Every margin and pattern row the change (dW, db) violates at an ``active`` point and that is not yet a row:
+    (key, rhs, excess)."""
     dz = _dz(prog, dW, db)
     t = _jvp(prog, dz)
     found = []
@@ -408,7 +410,7 @@ def _violations(prog: HiddenProgram, dW: np.ndarray, db: np.ndarray, rows: _Rows
     marg = own - logits
     marg[np.arange(N), lab] = np.inf
     base_m = base[np.arange(N), lab][:, None] - base
-    short = marg < prog.required[:, None] - tol * (1 + np.abs(prog.required[:, None]))
+    short = (marg < prog.required[:, None] - tol * (1 + np.abs(prog.required[:, None]))) & active[:, None]
     for k, j in zip(*np.nonzero(short)):
         key = ("margin", int(k), int(j))
         if key not in rows.keys:
@@ -417,7 +419,7 @@ def _violations(prog: HiddenProgram, dW: np.ndarray, db: np.ndarray, rows: _Rows
         p0 = prog.outs0[1 + o].reshape(N, -1).numpy()
         p1 = p0 + t[1 + o].reshape(N, -1).numpy()
         s = np.where(p0 > 0, 1.0, -1.0)
-        bad = s * p1 < -tol * (1 + np.abs(p0))
+        bad = (s * p1 < -tol * (1 + np.abs(p0))) & active[:, None]
         for k, n in zip(*np.nonzero(bad)):
             key = ("relu", int(k), int(o), int(n), float(s[k, n]))
             if key not in rows.keys:
@@ -434,12 +436,35 @@ def _violations(prog: HiddenProgram, dW: np.ndarray, db: np.ndarray, rows: _Rows
         c1 = np.take_along_axis(p1, chosen, 1)
         c0 = np.take_along_axis(p0, chosen, 1)
         bad = valid[None] & (v1 > c1[:, :, None] + tol * (1 + np.abs(c0[:, :, None]))) & (safe[None] != chosen[:, :, None])
+        bad &= active[:, None, None]
         for k, w, i in zip(*np.nonzero(bad)):
             a, b = int(chosen[k, w]), int(safe[w, i])
             key = ("pool", int(k), int(o), a, b)
             if key not in rows.keys:
                 found.append((key, -(p0[k, a] - p0[k, b]), float(v1[k, w, i] - c1[k, w])))
     return found
+
+
+def _keep_short(prog: HiddenProgram, dW: np.ndarray, db: np.ndarray, active: np.ndarray, tol: float, batch: int = 2048) -> np.ndarray:
+    """The points not ``active`` (keep points the program has no rows for) whose margin on the network itself, changed by
+    (dW, db) and run in float64 with whatever activation pattern it takes, is below their requirement."""
+    idx = np.flatnonzero(~active)
+    if not len(idx):
+        return idx
+    z = prog.z0 + _dz(prog, dW, db)
+    suffix = _suffix64(prog)
+    short = []
+    with torch.no_grad():
+        for s in range(0, len(idx), batch):
+            sel = idx[s:s + batch]
+            t = torch.as_tensor(sel)
+            logits = suffix(prog.x[t].double(), z[t])[0].numpy()
+            lab = prog.labels[sel]
+            own = logits[np.arange(len(sel)), lab]
+            logits[np.arange(len(sel)), lab] = -np.inf
+            req = prog.required[sel]
+            short.append(sel[own - logits.max(1) < req - tol * (1 + np.abs(req))])
+    return np.concatenate(short)
 
 
 def _add_rows(prog: HiddenProgram, rows: _Rows, found: list[tuple]) -> int:
@@ -501,60 +526,119 @@ class _Master:
     """The restricted program in one HiGHS instance, grown by rows and columns and re-solved from its last basis.
 
     Columns: ``d+``, ``d-`` per weight entry in the program and per bias entry (cost 1 / layer scale), and an elastic
-    shortfall per row (cost ELASTIC_PRICE); rows: ``g . dz_k + shortfall >= rhs``, each scaled by a bound on its
-    coefficients so that every program is O(1) whatever the layer's scale."""
+    shortfall per margin row (cost ELASTIC_PRICE; a pattern row holds at zero change and needs none); rows:
+    ``g . dz_k + shortfall >= rhs``, each scaled by a bound on its coefficients so that every program is O(1) whatever
+    the layer's scale.
+
+    For a linear layer, a point with UNIT_ROWS dense rows (margins, or patterns after a later layer) gets its own columns
+    ``u_k = dz_k`` (free) and definition rows ``u_k - dW h_k - db = 0``: its rows are then ``g . u_k`` (one entry per
+    unit of the layer instead of one per weight entry), which cut the nonzeros of the program several-fold when every
+    point has many rows (the C-1 margins of a repair point, a keep point's ReLU signs)."""
 
     def __init__(self, prog: HiddenProgram, scale: float, bound: float | None, time_limit: float | None):
         self.prog, self.scale = prog, scale
         self.upper = np.inf if bound is None else float(bound)
         self.h = new_highs(time_limit, "simplex")
         self.ncols = 0
+        self.nrows = 0
         self.price = ELASTIC_PRICE
         self.entries: list[int] = []
         self.entry_col: list[int] = []
         self.row_norm: list[float] = []
         self.row_slack: list[int] = []
+        self.row_index: list[int] = []  # the HiGHS row of each generated row
+        self.row_in_u: list[bool] = []
         O = prog.weight.shape[0]
         self.nb = 0 if prog.freeze_bias else O
         if self.nb:
             self.bias_col = self._add_cols(np.full(2 * O, 1.0 / scale), np.full(2 * O, self.upper))
         self.patch_max = np.abs(prog.patches.numpy()).reshape(len(prog.patches), -1).max(1)
+        self.by_unit = prog.patches.shape[2] == 1
+        self.u_col: dict[int, int] = {}  # point -> its first u column
+        self.def_row: dict[int, int] = {}  # point -> its first definition row
+        self.dense_rows: dict[int, int] = {}  # point -> how many dense rows it has
 
-    def _add_cols(self, cost, upper, starts=None, idx=None, vals=None) -> int:
+    def _add_cols(self, cost, upper, starts=None, idx=None, vals=None, lower=None) -> int:
         first, k = self.ncols, len(cost)
         if starts is None:
             starts, idx, vals = np.zeros(k, np.int32), np.zeros(0, np.int32), np.zeros(0)
-        self.h.addCols(k, np.asarray(cost, float), np.zeros(k), np.asarray(upper, float), len(vals), np.asarray(starts, np.int32),
+        lower = np.zeros(k) if lower is None else np.asarray(lower, float)
+        self.h.addCols(k, np.asarray(cost, float), lower, np.asarray(upper, float), len(vals), np.asarray(starts, np.int32),
                        np.asarray(idx, np.int32), np.asarray(vals, float))
         self.ncols += k
         return first
+
+    def _add_rows(self, lower: np.ndarray, upper: np.ndarray, A: sp.csr_matrix) -> int:
+        first = self.nrows
+        self.h.addRows(A.shape[0], np.asarray(lower, float), np.asarray(upper, float), A.nnz, A.indptr.astype(np.int32),
+                       A.indices.astype(np.int32), A.data.astype(float))
+        self.nrows += A.shape[0]
+        return first
+
+    def _definitions(self, points: np.ndarray, entries: np.ndarray) -> sp.coo_matrix:
+        """Coefficients of weight entries ``entries`` (d+ then d- per entry, in order) in the definition rows of
+        ``points``: a (len(points) * O) x (2 * len(entries)) matrix, rows point-major."""
+        O, Pn = self.prog.weight.shape[0], self.prog.patches.shape[1]
+        unit, inp = np.divmod(entries, Pn)
+        H = self.prog.patches.numpy()[points][:, inp, 0] / np.maximum(1.0, self.patch_max[points])[:, None]  # points x entries
+        p, c = np.nonzero(H)
+        v = -H[p, c]
+        r = p * O + unit[c]
+        return sp.coo_matrix((np.concatenate([v, -v]), (np.concatenate([r, r]), np.concatenate([2 * c, 2 * c + 1]))),
+                             shape=(len(points) * O, 2 * len(entries)))
+
+    def _by_unit(self, points: np.ndarray) -> None:
+        """Give ``points`` their u columns and definition rows."""
+        points = np.asarray([k for k in dict.fromkeys(points.tolist()) if k not in self.u_col], np.int64)
+        if not len(points):
+            return
+        O = self.prog.weight.shape[0]
+        n = len(points) * O
+        first = self._add_cols(np.zeros(n), np.full(n, np.inf), lower=np.full(n, -np.inf))
+        s = np.repeat(1.0 / np.maximum(1.0, self.patch_max[points]), O)
+        blocks = [sp.coo_matrix((s, (np.arange(n), first + np.arange(n))), shape=(n, self.ncols))]
+        if self.entries:
+            D = self._definitions(points, np.asarray(self.entries, np.int64)).tocoo()
+            cols = np.stack([np.asarray(self.entry_col), np.asarray(self.entry_col) + 1], 1).ravel()
+            blocks.append(sp.coo_matrix((D.data, (D.row, cols[D.col])), shape=(n, self.ncols)))
+        if self.nb:
+            unit = np.tile(np.arange(O), len(points))
+            blocks.append(sp.coo_matrix((np.concatenate([-s, s]), (np.tile(np.arange(n), 2),
+                                         np.concatenate([self.bias_col + 2 * unit, self.bias_col + 2 * unit + 1]))), shape=(n, self.ncols)))
+        A = sp.csr_matrix(sum(blocks[1:], blocks[0]))
+        row = self._add_rows(np.zeros(n), np.zeros(n), A)
+        for j, k in enumerate(points):
+            self.u_col[int(k)] = first + j * O
+            self.def_row[int(k)] = row + j * O
 
     def add_cols(self, entries: np.ndarray) -> None:
         """Columns d+ and d- for new weight entries, with their coefficients in every existing row."""
         entries = np.asarray(entries, np.int64)
         if not len(entries):
             return
-        R = len(self.row_norm)
-        starts, idx, vals = [], [], []
-        if R:
-            rows = self.prog.warm["rows"]
-            coef = _row_weight_coef(self.prog, np.asarray(rows.grad[:R]), np.asarray(rows.point[:R], np.int64), entries)
-            coef = coef / np.asarray(self.row_norm)[:, None]
-        for c in range(len(entries)):
-            col = coef[:, c] if R else np.zeros(0)
-            nz = np.flatnonzero(col)
-            for sign in (1.0, -1.0):
-                starts.append(len(vals))
-                idx.extend(nz.tolist())
-                vals.extend((sign * col[nz]).tolist())
+        rows = self.prog.warm.get("rows")
+        mine = np.flatnonzero(~np.asarray(self.row_in_u, bool)) if self.row_norm else np.zeros(0, np.int64)
+        blocks = []
+        if len(mine):
+            coef = _row_weight_coef(self.prog, np.asarray(rows.grad)[mine], np.asarray(rows.point, np.int64)[mine], entries)
+            coef = coef / np.asarray(self.row_norm)[mine][:, None]
+            C = sp.coo_matrix(np.stack([coef, -coef], 2).reshape(len(mine), -1))
+            blocks.append(sp.coo_matrix((C.data, (np.asarray(self.row_index)[mine][C.row], C.col)), shape=(self.nrows, 2 * len(entries))))
+        if self.u_col:
+            pts = np.asarray(list(self.def_row), np.int64)
+            D = self._definitions(pts, entries).tocoo()
+            O = self.prog.weight.shape[0]
+            starts = np.asarray([self.def_row[int(k)] for k in pts])
+            blocks.append(sp.coo_matrix((D.data, (starts[D.row // O] + D.row % O, D.col)), shape=(self.nrows, 2 * len(entries))))
+        A = sp.csc_matrix(sum(blocks[1:], blocks[0])) if blocks else sp.csc_matrix((self.nrows, 2 * len(entries)))
         k = 2 * len(entries)
-        first = self._add_cols(np.full(k, 1.0 / self.scale), np.full(k, self.upper), np.asarray(starts), np.asarray(idx), np.asarray(vals))
+        first = self._add_cols(np.full(k, 1.0 / self.scale), np.full(k, self.upper), A.indptr[:-1], A.indices, A.data)
         for off, e in enumerate(entries):
             self.entries.append(int(e))
             self.entry_col.append(first + 2 * off)
 
     def add_rows(self, rows: _Rows, first: int) -> None:
-        """Rows ``first:`` of ``rows`` (each with its own elastic shortfall column)."""
+        """Rows ``first:`` of ``rows`` (a margin row with its own elastic shortfall column)."""
         n = len(rows) - first
         if n <= 0:
             return
@@ -562,44 +646,65 @@ class _Master:
         pts = np.asarray(rows.point[first:], np.int64)
         rhs = np.asarray(rows.rhs[first:])
         L = self.prog.patches.shape[2]
-        norm = np.maximum(np.abs(G).max(1) * np.maximum(1.0, self.patch_max[pts]) * L, 1e-300)
-        slack = self._add_cols(np.full(n, self.price), np.full(n, np.inf))
-        cols = np.asarray(self.entries, np.int64)
-        Aw = _row_weight_coef(self.prog, G, pts, cols) if len(cols) else np.zeros((n, 0))
-        Ab = _bias_coef(self.prog, G) if self.nb else np.zeros((n, 0))
-        wcols = np.asarray(self.entry_col, np.int64)
-        starts, idx, vals = [], [], []
-        for r in range(n):
-            starts.append(len(vals))
-            a = Aw[r] / norm[r]
-            nz = np.flatnonzero(a)
-            idx.extend(wcols[nz].tolist())
-            vals.extend(a[nz].tolist())
-            idx.extend((wcols[nz] + 1).tolist())
-            vals.extend((-a[nz]).tolist())
+        # a shortfall column only where the row can be short: margin rows (their requirement may exceed the margin the
+        # original network has); a pattern row holds at zero change and never needs one (fewer columns, a feasible start)
+        elastic = np.array([w[0] == "margin" for w in rows.what[first:]], bool)
+        slack = self._add_cols(np.full(int(elastic.sum()), self.price), np.full(int(elastic.sum()), np.inf))
+        slack_of = np.full(n, -1, np.int64)
+        slack_of[elastic] = slack + np.arange(int(elastic.sum()))
+        in_u = np.zeros(n, bool)
+        if self.by_unit:  # u columns pay for their O definition rows from a point's UNIT_ROWS-th dense row on
+            dense = (G != 0).sum(1) > 1
+            for k in pts[dense].tolist():
+                self.dense_rows[k] = self.dense_rows.get(k, 0) + 1
+            self._by_unit(np.asarray([k for k in pts[dense].tolist() if self.dense_rows[k] >= UNIT_ROWS], np.int64))
+            in_u = np.array([int(k) in self.u_col for k in pts], bool)
+        norm = np.maximum(np.abs(G).max(1) * np.where(in_u, 1.0, np.maximum(1.0, self.patch_max[pts]) * L), 1e-300)
+        blocks = []
+        if (~in_u).any():
+            sel = np.flatnonzero(~in_u)
+            cols = np.asarray(self.entries, np.int64)
+            wcols = np.asarray(self.entry_col, np.int64)
+            if len(cols):
+                Aw = _row_weight_coef(self.prog, G[sel], pts[sel], cols) / norm[sel][:, None]
+                C = sp.coo_matrix(Aw)
+                blocks.append(sp.coo_matrix((np.concatenate([C.data, -C.data]), (np.concatenate([sel[C.row]] * 2),
+                                             np.concatenate([wcols[C.col], wcols[C.col] + 1]))), shape=(n, self.ncols)))
             if self.nb:
-                b = Ab[r] / norm[r]
-                nzb = np.flatnonzero(b)
-                idx.extend((self.bias_col + 2 * nzb).tolist())
-                vals.extend(b[nzb].tolist())
-                idx.extend((self.bias_col + 2 * nzb + 1).tolist())
-                vals.extend((-b[nzb]).tolist())
-            idx.append(slack + r)
-            vals.append(1.0)
-        self.h.addRows(n, rhs / norm, np.full(n, np.inf), len(vals), np.asarray(starts, np.int32), np.asarray(idx, np.int32),
-                       np.asarray(vals, float))
+                C = sp.coo_matrix(_bias_coef(self.prog, G[sel]) / norm[sel][:, None])
+                blocks.append(sp.coo_matrix((np.concatenate([C.data, -C.data]), (np.concatenate([sel[C.row]] * 2),
+                                             np.concatenate([self.bias_col + 2 * C.col, self.bias_col + 2 * C.col + 1]))),
+                                            shape=(n, self.ncols)))
+        if in_u.any():
+            sel = np.flatnonzero(in_u)
+            C = sp.coo_matrix(G[sel] / norm[sel][:, None])
+            base = np.asarray([self.u_col[int(k)] for k in pts[sel]])
+            blocks.append(sp.coo_matrix((C.data, (sel[C.row], base[C.row] + C.col)), shape=(n, self.ncols)))
+        e = np.flatnonzero(elastic)
+        blocks.append(sp.coo_matrix((np.ones(len(e)), (e, slack_of[e])), shape=(n, self.ncols)))
+        A = sp.csr_matrix(sum(blocks[1:], blocks[0]))
+        row = self._add_rows(rhs / norm, np.full(n, np.inf), A)
+        self.row_index.extend(range(row, row + n))
         self.row_norm.extend(norm.tolist())
-        self.row_slack.extend(range(slack, slack + n))
+        self.row_slack.extend(slack_of.tolist())
+        self.row_in_u.extend(in_u.tolist())
+
+    def set_rhs(self, rhs: np.ndarray) -> None:
+        """New right-hand sides for every generated row (a re-solve with raised margins starts from the last basis)."""
+        n = len(self.row_norm)
+        self.h.changeRowsBounds(n, np.asarray(self.row_index, np.int32), np.asarray(rhs[:n]) / np.asarray(self.row_norm),
+                                np.full(n, np.inf))
 
     def raise_price(self, factor: float) -> None:
         """Make every row's shortfall ``factor`` times dearer."""
         self.price *= factor
         cols = np.asarray(self.row_slack, np.int32)
+        cols = cols[cols >= 0]
         self.h.changeColsCost(len(cols), cols, np.full(len(cols), self.price))
 
     def solve(self, time_limit: float | None) -> str:
         if time_limit is not None and np.isfinite(time_limit):
-            self.h.setOptionValue("time_limit", float(max(time_limit, 1e-3)))
+            set_time_limit(self.h, time_limit)
         run(self.h)
         return highs_status(self.h)
 
@@ -613,8 +718,9 @@ class _Master:
         if len(cols):
             dW[np.asarray(self.entries, np.int64)] = x[cols] - x[cols + 1]
         db = x[self.bias_col:self.bias_col + 2 * O:2] - x[self.bias_col + 1:self.bias_col + 2 * O:2] if self.nb else np.zeros(O)
-        y = np.maximum(np.asarray(sol.row_dual), 0.0) / np.asarray(self.row_norm) * self.scale
-        return dW, db, y, x[np.asarray(self.row_slack, np.int64)]
+        y = np.maximum(np.asarray(sol.row_dual)[np.asarray(self.row_index, np.int64)], 0.0) / np.asarray(self.row_norm) * self.scale
+        slack = np.asarray(self.row_slack, np.int64)
+        return dW, db, y, np.where(slack >= 0, x[np.maximum(slack, 0)], 0.0)
 
 
 def solve_hidden(prog: HiddenProgram, time_limit: float | None = None) -> MarginSolution:
@@ -644,12 +750,21 @@ def solve_hidden(prog: HiddenProgram, time_limit: float | None = None) -> Margin
         M, _ = _price(prog, np.asarray(rows.grad), np.asarray(rows.point), np.ones(len(rows)))
         cols = np.sort(np.argsort(-np.abs(M).ravel())[:COLUMNS_PER_ROUND])
     prog.warm.update(rows=rows, cols=cols)
+    active = prog.warm.get("active")  # the points the program has rows for: every repair point, the keep points it needed
+    if active is None:
+        active = np.arange(len(prog.labels)) < K
+        prog.warm["active"] = active
     scale = float(max(np.abs(prog.weight).max(initial=0.0), np.abs(prog.bias).max(initial=0.0), 1e-12))
     tol = 1e-9
     bound = prog.max_change
-    master = _Master(prog, scale, bound, time_limit)
-    master.add_cols(cols)
-    master.add_rows(rows, 0)
+    master = prog.warm.get("master")
+    if master is None:  # a re-solve keeps the last instance: new right-hand sides, the dual simplex from the last basis
+        master = _Master(prog, scale, bound, time_limit)
+        master.add_cols(cols)
+        master.add_rows(rows, 0)
+        prog.warm["master"] = master
+    else:
+        master.set_rhs(np.asarray(rows.rhs))
     dW, db = np.zeros(n_w), np.zeros(O)
     y = np.zeros(0)
     short = np.zeros(0)
@@ -667,7 +782,12 @@ def solve_hidden(prog: HiddenProgram, time_limit: float | None = None) -> Margin
         G, pts = np.asarray(rows.grad), np.asarray(rows.point, np.int64)
         M, Mb = _price(prog, G, pts, y)
         out_cols = np.setdiff1d(np.flatnonzero(np.abs(M).ravel() > 1 + 1e-7), master.entries)
-        found = _violations(prog, dW.reshape(prog.weight.shape), db, rows, tol)
+        # keep points enter the program only when the change costs them their margin on the network itself (checked every
+        # round, so that they enter while the repair points' rows are still being generated); their rows (margins and
+        # pattern) are then generated like a repair point's
+        entering = _keep_short(prog, dW.reshape(prog.weight.shape), db, active, tol)
+        active[entering] = True
+        found = _violations(prog, dW.reshape(prog.weight.shape), db, rows, tol, active)
         if len(out_cols):
             worst = out_cols[np.argsort(-np.abs(M).ravel()[out_cols])][:COLUMNS_PER_ROUND]
             master.add_cols(np.sort(worst))

@@ -5,7 +5,8 @@ The same contract as a last-layer repair: every repair point gets its label with
 returned model as it runs (in every batch layout; points that float32 rounding leaves short are
 re-solved with a slightly higher margin, recorded as ``required``), every keep point keeps its label
 with the keep margin, only the named layer changes, and the change is the minimal L1 one among
-changes that keep every point's activation pattern (certified lower bound, gap).
+changes that keep the activation pattern of every repair point and of every keep point the program
+took in (those the change would otherwise cost their margin; certified lower bound, gap).
 """
 
 from __future__ import annotations
@@ -84,6 +85,14 @@ def repair_hidden(model: nn.Module, xt: torch.Tensor, ya: np.ndarray, keep: Poin
     return ClassifierRepair(status, repaired, layer, cert, sol, time.perf_counter() - t0, notes, tensors)
 
 
+def _keep_in_program(prog: HiddenProgram) -> list[int]:
+    """Indices (among the keep points) of those the program has rows for."""
+    active = prog.warm.get("active")
+    if active is None:
+        return []
+    return [int(k - prog.n_repair) for k in np.flatnonzero(active[prog.n_repair:]) + prog.n_repair]
+
+
 def _saved_change(prog: HiddenProgram, repaired: nn.Module) -> tuple[np.ndarray, np.ndarray]:
     """The change as stored (rounded to the layer's dtype), float64."""
     from cnnrepair.repair.layer import get_tensor
@@ -120,8 +129,11 @@ def _certificate(prog: HiddenProgram, spec: RepairSpec, status: str, sol: Margin
         lower_bound_witness={},
         conditioning=conditioning(prog.weight, prog.bias, spec, summary["linf"] if repaired else change_linf(sol)),
         patterns={"kept": True, "relu_values": len(prog.suffix.relus), "maxpool_values": len(prog.suffix.pools),
+                  "keep_points_with_patterns": _keep_in_program(prog),
                   "note": "every ReLU's on/off state and every max-pool window's chosen input after the layer are the original "
-                          "network's at every repair and keep point; cnnrepair verify --original recomputes them"})
+                          "network's at every repair point and at the keep points listed in keep_points_with_patterns (those "
+                          "whose margin the change would otherwise have cost; the other keep points keep their labels, as "
+                          "measured, with whatever pattern they take); cnnrepair verify --original recomputes them"})
     if status == "infeasible" and sol.conflicts is not None:
         cert.conflicts = [{"index": int(k) if k < K else int(k - K), "set": "points" if k < K else "keep",
                            "label": int(prog.labels[k])} for k in sol.conflicts]

@@ -2,7 +2,7 @@
 so that Ctrl-C stops it promptly, read its status.
 
 Every LP of the project (the paper's program, the margin program's master and conflict checks, the
-ball program) goes through these four functions, so solver settings, quiet output and interrupt
+ball program) goes through these functions, so solver settings, quiet output and interrupt
 handling are decided once.
 """
 
@@ -48,6 +48,12 @@ def new_highs(time_limit: float | None, method: str):
     if time_limit is not None and np.isfinite(time_limit):
         h.setOptionValue("time_limit", float(time_limit))
     return h
+
+
+def set_time_limit(h, seconds: float) -> None:
+    """Let the next solve of ``h`` run for ``seconds`` more. HiGHS measures its time limit against the instance's run
+    time summed over every solve, so a re-solved instance needs the time it has already spent added."""
+    h.setOptionValue("time_limit", float(h.getRunTime() + max(float(seconds), 1e-3)))
 
 
 def run(h) -> None:

@@ -190,7 +190,7 @@ def solve_margins(p: MarginProblem, time_limit: float | None = None, max_rounds:
     Status ``optimal`` comes with a certified lower bound whose relative gap to the objective is at
     most 1e-6; ``infeasible`` with ``conflicts`` (indices of points that cannot all meet their margins).
     """
-    from cnnrepair.repair.highs import highs_status, run as run_highs
+    from cnnrepair.repair.highs import highs_status, set_time_limit, run as run_highs
 
     if p.has_boxes:
         raise CnnRepairError("points with feature boxes need the box program: cnnrepair.repair.ball.solve_ball")
@@ -236,7 +236,7 @@ def solve_margins(p: MarginProblem, time_limit: float | None = None, max_rounds:
         # many dense rows: HiGHS's interior point (with crossover) beat warm-started dual simplex by 10x in our runs
         master.h.setOptionValue("solver", "ipm" if len(master.rows) >= _IPM_ROWS else "simplex")
         if time_limit is not None:
-            master.h.setOptionValue("time_limit", max(1e-3, time_limit - (time.perf_counter() - t0)))
+            set_time_limit(master.h, time_limit - (time.perf_counter() - t0))
         run_highs(master.h)
         rounds += 1
         name = highs_status(master.h)

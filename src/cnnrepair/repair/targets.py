@@ -39,7 +39,7 @@ import torch
 
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.repair import ipm
-from cnnrepair.repair.highs import highs_status, new_highs, pass_lp
+from cnnrepair.repair.highs import highs_status, new_highs, pass_lp, set_time_limit
 from cnnrepair.repair.highs import run as run_highs
 
 SOLVERS = ("auto", "highs", "highs-cg", "highs-ipm", "ipm", "cvxopt")
@@ -299,7 +299,7 @@ def _solve_highs_colgen(lp: ClassLP, time_limit: float | None, batch: int = 200,
     rounds = 0
     while True:
         if time_limit is not None:
-            h.setOptionValue("time_limit", max(1e-3, float(time_limit) - (time.perf_counter() - start)))
+            set_time_limit(h, float(time_limit) - (time.perf_counter() - start))
         run_highs(h)
         rounds += 1
         name = highs_status(h)

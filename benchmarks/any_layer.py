@@ -1,0 +1,176 @@
+"""Repair of a layer inside the network against the last layer, on APRNN's task (issue 23).
+
+Task (APRNN, PLDI'23, and PRDNN before it): MNIST MLPs of the field's shapes, trained here (seeded,
+Adam, a few CPU minutes): ``3x100`` = 784-100-100-10, ``9x100`` = 784-100x8-10, ``9x200`` =
+784-200x8-10 (``NxW``: N linear layers, the N-1 hidden ones W wide, ReLU), the shapes of ERAN's
+networks. The MNIST test set corrupted with fog (``cnnrepair.corruptions.fog``, severity 5, seed 0):
+the first 100 fog images are the repair set, the other 9,900 measure generalisation, the clean test
+set measures drawdown. For each network: the last layer and the two linear layers before it (never
+the input layer, 784 inputs wide), each without and with 1,000 keep points (clean training images the network classifies correctly, hard,
+margin 0). Spec: pointwise, L1, margin 0.05; a layer inside the network keeps every repair and keep
+point's activation pattern (``cnnrepair.repair.hidden``).
+
+* efficacy: accuracy on the 100 repair images after repair (100% by construction);
+* drawdown: clean test accuracy lost (points);
+* generalisation: accuracy gained on the 9,900 held-out fog images (points).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from benchmarks import registry
+
+SHAPES = {"3x100": (3, 100), "9x100": (9, 100), "9x200": (9, 200)}
+
+
+def mlp(depth: int, width: int) -> nn.Sequential:
+    """``depth`` linear layers, the hidden ones ``width`` wide, ReLU between them (flatten first)."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    d = 784
+    for _ in range(depth - 1):
+        layers += [nn.Linear(d, width), nn.ReLU()]
+        d = width
+    layers.append(nn.Linear(d, 10))
+    return nn.Sequential(*layers)
+
+
+def train(shape: str, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -> tuple[nn.Sequential, float]:
+    """A seeded MLP of ``shape`` trained with Adam (lr 1e-3, batch 128); (model, seconds)."""
+    depth, width = SHAPES[shape]
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = mlp(depth, width)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        perm = torch.randperm(len(y), generator=gen)
+        for i in range(0, len(y), 128):
+            idx = perm[i:i + 128]
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval(), time.perf_counter() - t0
+
+
+def _accuracy(model: nn.Module, x: torch.Tensor, y: np.ndarray, batch: int = 2000) -> float:
+    with torch.no_grad():
+        pred = np.concatenate([model(x[i:i + batch]).argmax(1).numpy() for i in range(0, len(x), batch)])
+    return float((pred == y).mean())
+
+
+def run(data_dir: Path, shapes: tuple[str, ...] = tuple(SHAPES), repair_images: int = 100, keep_images: int = 1000,
+        margin: float = 0.05, epochs: int = 3, seed: int = 0, time_limit: float = 600.0) -> Path:
+    """Every (network, layer, keep) case; writes benchmarks/results/any_layer.json."""
+    from benchmarks.common import machine, write_result
+    from cnnrepair import RepairSpec, SolveOptions, repair_classifier
+    from cnnrepair.corruptions import fog
+    from cnnrepair.data import load_dataset, to_float
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    ds = load_dataset("mnist", data_dir)
+    xtr, ytr = to_float(ds.x_train), torch.as_tensor(ds.y_train, dtype=torch.long)
+    x_clean, y_test = to_float(ds.x_test), ds.y_test
+    t0 = time.perf_counter()
+    x_fog = to_float(fog(ds.x_test, severity=5, seed=seed))
+    fog_s = time.perf_counter() - t0
+    xr, yr = x_fog[:repair_images], y_test[:repair_images]
+    xg, yg = x_fog[repair_images:], y_test[repair_images:]
+    order = np.random.default_rng(seed).permutation(len(ds.y_train))[:3 * keep_images]
+    nets, rows = {}, []
+    for shape in shapes:
+        model, train_s = train(shape, xtr, ytr, epochs, seed)
+        before = {"repair": _accuracy(model, xr, yr), "generalisation": _accuracy(model, xg, yg), "clean": _accuracy(model, x_clean, y_test)}
+        nets[shape] = {"train_seconds": train_s, "epochs": epochs, "accuracy": before}
+        print(f"{shape}: trained in {train_s:.0f}s, clean {100 * before['clean']:.2f}%, fog {100 * before['generalisation']:.2f}%", flush=True)
+        with torch.no_grad():
+            ok = model(xtr[order]).argmax(1).numpy() == ds.y_train[order]
+        xk, yk = xtr[order][ok][:keep_images], ds.y_train[order][ok][:keep_images]
+        linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+        for layer in reversed(linear[1:][-3:]):  # the last layer and the two before it (not the input layer)
+            for keep in (False, True):
+                t1 = time.perf_counter()
+                r = repair_classifier(model, xr, yr, RepairSpec(margin=margin), layer=layer, keep=(xk, yk) if keep else None,
+                                      options=SolveOptions(time_limit=time_limit))
+                seconds = time.perf_counter() - t1
+                where = "last" if layer == linear[-1] else f"hidden ({len(linear) - 1 - linear.index(layer)} before the last)"
+                row = {"network": shape, "layer": layer, "position": where, "keep_points": int(len(yk)) if keep else 0,
+                       "status": r.status, "seconds": seconds, "notes": list(r.notes)}
+                solver = r.certificate.solver if r.certificate is not None else {}
+                row["lp"] = {k: solver.get(k) for k in ("rows", "columns", "pattern_rows", "rounds", "weights")}
+                if r.ok:
+                    after = {"repair": _accuracy(r.model, xr, yr), "generalisation": _accuracy(r.model, xg, yg),
+                             "clean": _accuracy(r.model, x_clean, y_test)}
+                    c = r.certificate
+                    row.update(after=after, efficacy=after["repair"], drawdown=100 * (before["clean"] - after["clean"]),
+                               generalisation=100 * (after["generalisation"] - before["generalisation"]),
+                               l1=c.change["l1"], linf=c.change["linf"], nonzero=c.change["nonzero"], gap=c.gap)
+                rows.append(row)
+                print(f"  {layer} ({where}) keep={len(yk) if keep else 0}: {r.status} in {seconds:.1f}s" + (
+                    f", efficacy {100 * row['efficacy']:.0f}%, drawdown {row['drawdown']:.2f}, generalisation {row['generalisation']:+.2f}, "
+                    f"L1 {row['l1']:.3g}" if r.ok else f" ({'; '.join(r.notes)[:120]})"), flush=True)
+    out = {"machine": machine(), "command": f"python -m benchmarks.run any-layer --data-dir {data_dir}",
+           "task": {"corruption": "fog", "severity": 5, "seed": seed, "repair_images": repair_images,
+                    "generalisation_images": int(len(yg)), "keep_images": keep_images, "margin": margin, "spec": "pointwise",
+                    "norm": "l1", "time_limit": time_limit, "fog_seconds": fog_s, "training": f"Adam lr 1e-3, batch 128, {epochs} epochs, seed {seed}"},
+           "networks": nets,
+           "peers": {"APRNN (PLDI'23), 9x200, as reported": {"drawdown": 1.38, "generalisation": 24.7, "seconds": 455,
+                                                             "machine": "Gurobi, 32 cores"},
+                     "PRDNN (PLDI'21), 9x200, as reported": {"drawdown": 3.92, "generalisation": 6.55}},
+           "rows": rows}
+    return write_result("any_layer.json", out)
+
+
+def table(d: dict) -> str:
+    """Markdown: per network, layer and keep set, the field's three measures, the change, seconds and LP size."""
+    out = ["| network (clean / fog acc.) | layer | keep | status | efficacy | drawdown (points) | generalisation (points) | L1 | L-inf | s | LP rows (pattern) |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in d["rows"]:
+        acc = d["networks"][r["network"]]["accuracy"]
+        net = f"{r['network']} ({100 * acc['clean']:.1f} / {100 * acc['generalisation']:.1f})"
+        lp = r["lp"]
+        size = f"{lp['rows']:,} ({lp['pattern_rows']:,})" if lp.get("rows") is not None and lp.get("pattern_rows") is not None else (
+            f"{lp['rows']:,}" if lp.get("rows") is not None else "-")
+        if r["status"] != "repaired":
+            out.append(f"| {net} | {r['layer']} ({r['position']}) | {r['keep_points']:,} | {r['status']} | - | - | - | - | - | {r['seconds']:.1f} | {size} |")
+            continue
+        out.append(f"| {net} | {r['layer']} ({r['position']}) | {r['keep_points']:,} | repaired | {100 * r['efficacy']:.0f}% | "
+                   f"{r['drawdown']:.2f} | {r['generalisation']:+.2f} | {r['l1']:.3g} | {r['linf']:.3g} | {r['seconds']:.1f} | {size} |")
+    a = d["peers"]["APRNN (PLDI'23), 9x200, as reported"]
+    p = d["peers"]["PRDNN (PLDI'21), 9x200, as reported"]
+    out += ["", f"For scale (their own 9x200 network and fog set, not rerun here): APRNN reports {a['drawdown']}% drawdown for "
+                f"{a['generalisation']}% generalisation in {a['seconds']} s ({a['machine']}); PRDNN {p['drawdown']}% / {p['generalisation']}%."]
+    return "\n".join(out)
+
+
+def _intro(d: dict) -> str:
+    t = d["task"]
+    return (f"`{d['command']}`: networks trained here ({t['training']}); fog severity {t['severity']} on the MNIST test set "
+            f"(seed {t['seed']}); repair the first {t['repair_images']} fog images (pointwise, L1, margin {t['margin']:g}), "
+            f"generalisation on the other {t['generalisation_images']:,}, drawdown on the clean test set; keep points: "
+            f"{t['keep_images']:,} clean training images the network gets right; a hidden layer's repair keeps every point's "
+            f"ReLU pattern; time limit {t['time_limit']:g} s per repair; {d['machine']['cores']} cores, {d['machine']['measured']}.")
+
+
+registry.section("any_layer.json", order=175, title=lambda d: "### Repair of a layer inside the network (APRNN's MNIST fog task)",
+                 intro=_intro, table=table)
+
+
+@registry.command("any-layer", "last-layer against hidden-layer repair on MNIST MLPs (3x100, 9x100, 9x200) with fog", order=75,
+                  arguments=registry.arguments(
+                      registry.arg("--data-dir", type=Path, default=Path("../shared/datasets/mnist"), help="the MNIST IDX folder"),
+                      registry.arg("--shapes", default=",".join(SHAPES), help="comma-separated network shapes (3x100,9x100,9x200)"),
+                      registry.arg("--time-limit", type=float, default=600.0, help="seconds per repair"),
+                      registry.arg("--keep", type=int, default=1000, help="keep points in the runs with keep points")))
+def _cli(args):
+    shapes = tuple(s for s in args.shapes.split(",") if s)
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        raise SystemExit(f"unknown shape(s) {', '.join(unknown)}; choose from {', '.join(SHAPES)}")
+    return run(args.data_dir, shapes, keep_images=args.keep, time_limit=args.time_limit)
