@@ -115,7 +115,12 @@ def run(data_dir: Path, shapes: tuple[str, ...] = tuple(SHAPES), repair_images: 
                 print(f"  {layer} ({where}) keep={len(yk) if keep else 0}: {r.status} in {seconds:.1f}s" + (
                     f", efficacy {100 * row['efficacy']:.0f}%, drawdown {row['drawdown']:.2f}, generalisation {row['generalisation']:+.2f}, "
                     f"L1 {row['l1']:.3g}" if r.ok else f" ({'; '.join(r.notes)[:120]})"), flush=True)
-    out = {"machine": machine(), "command": f"python -m benchmarks.run any-layer --data-dir {data_dir}",
+    command = f"python -m benchmarks.run any-layer --data-dir {data_dir} --time-limit {time_limit:g}"
+    if tuple(shapes) != tuple(SHAPES):
+        command += f" --shapes {','.join(shapes)}"
+    if keep_images != 1000:
+        command += f" --keep {keep_images}"
+    out = {"machine": machine(), "command": command,
            "task": {"corruption": "fog", "severity": 5, "seed": seed, "repair_images": repair_images,
                     "generalisation_images": int(len(yg)), "keep_images": keep_images, "margin": margin, "spec": "pointwise",
                     "norm": "l1", "time_limit": time_limit, "fog_seconds": fog_s, "training": f"Adam lr 1e-3, batch 128, {epochs} epochs, seed {seed}"},
