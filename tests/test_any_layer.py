@@ -19,14 +19,20 @@ from tests.helpers import last_error_line
 
 
 def _independent_optimum(model: nn.Sequential, layer: str, x: torch.Tensor, labels: np.ndarray, required: np.ndarray,
-                         pools: dict[str, tuple[int, int, int]] | None = None):
+                         pools: dict[str, tuple[int, int, int]] | None = None, later: tuple[str, ...] = ()):
     """The whole pattern-preserving program written out row by row from the real network's Jacobians with respect to the
-    layer's weight and bias (float64, torch.func), solved by scipy's HiGHS: every margin of every point, every ReLU
-    input after the layer, every max-pool window (2x2, stride 2) after it. Returns scipy's result (``n_rows``: its rows)."""
+    layer's weight and bias (and the biases of the layers ``later``; float64, torch.func), solved by scipy's HiGHS: every
+    margin of every point, every ReLU input after the layer, every max-pool window (2x2, stride 2) after it. Returns
+    scipy's result (``n_rows``: its rows)."""
     model = model.double()
     x = x.double()
     params = {k: v.detach() for k, v in model.named_parameters()}
     wn, bn = f"{layer}.weight", f"{layer}.bias"
+    moved = [wn, bn, *(f"{name}.bias" for name in later)]
+
+    def row(grads):  # d+ and d- of every moved tensor
+        return np.concatenate([np.concatenate([g, -g]) for g in grads])
+
     order = list(dict(model.named_children()))
     watched = [(n, m) for n, m in model.named_children() if isinstance(m, (nn.ReLU, nn.MaxPool2d)) and order.index(n) > order.index(layer)]
     seen = []
@@ -34,26 +40,24 @@ def _independent_optimum(model: nn.Sequential, layer: str, x: torch.Tensor, labe
     rows, rhs = [], []
     try:
         for k in range(len(x)):
-            def f(w, b, k=k):
+            def f(*tensors, k=k):
                 seen.clear()
-                out = functional_call(model, {**params, wn: w, bn: b}, (x[k:k + 1],))
+                out = functional_call(model, {**params, **dict(zip(moved, tensors))}, (x[k:k + 1],))
                 return (out.reshape(-1), *[a.reshape(-1) for a in seen])
 
-            vals = f(params[wn], params[bn])
-            jac = jacrev(f, argnums=(0, 1))(params[wn], params[bn])
-            logits, (Jw, Jb) = vals[0], jac[0]
+            vals = f(*(params[n] for n in moved))
+            jac = jacrev(f, argnums=tuple(range(len(moved))))(*(params[n] for n in moved))
+            logits, J = vals[0], jac[0]
             for j in range(len(logits)):
                 if j != labels[k]:
-                    gw, gb = (Jw[labels[k]] - Jw[j]).reshape(-1).numpy(), (Jb[labels[k]] - Jb[j]).numpy()
-                    rows.append(np.concatenate([gw, -gw, gb, -gb]))
+                    rows.append(row([(t[labels[k]] - t[j]).reshape(-1).numpy() for t in J]))
                     rhs.append(required[k] - float(logits[labels[k]] - logits[j]))
-            for (name, mod), p, (Jw, Jb) in zip(watched, vals[1:], jac[1:]):
+            for (name, mod), p, J in zip(watched, vals[1:], jac[1:]):
                 p = p.detach()
                 if isinstance(mod, nn.ReLU):
                     for i in range(len(p)):
                         s = 1.0 if p[i] > 0 else -1.0
-                        gw, gb = s * Jw[i].reshape(-1).numpy(), s * Jb[i].numpy()
-                        rows.append(np.concatenate([gw, -gw, gb, -gb]))
+                        rows.append(row([s * t[i].reshape(-1).numpy() for t in J]))
                         rhs.append(-s * float(p[i]))
                     continue
                 C, H, W = pools[name]
@@ -64,8 +68,7 @@ def _independent_optimum(model: nn.Sequential, layer: str, x: torch.Tensor, labe
                             best = max(window, key=lambda t: float(p[t]))
                             for o in window:
                                 if o != best:
-                                    gw, gb = (Jw[best] - Jw[o]).reshape(-1).numpy(), (Jb[best] - Jb[o]).numpy()
-                                    rows.append(np.concatenate([gw, -gw, gb, -gb]))
+                                    rows.append(row([(t[best] - t[o]).reshape(-1).numpy() for t in J]))
                                     rhs.append(-float(p[best] - p[o]))
     finally:
         for h in hooks:
@@ -96,35 +99,44 @@ def _task(model, x, k):
     return labels
 
 
-@pytest.mark.parametrize("case", ["mlp-hidden", "mlp-hidden-no-keep", "cnn-conv", "cnn-fc"])
+@pytest.mark.parametrize("case", ["mlp-hidden", "mlp-hidden-no-keep", "cnn-conv", "cnn-fc", "mlp-later-biases", "cnn-conv-later-biases"])
 def test_the_optimum_equals_an_independent_lp_of_the_same_pattern_preserving_program(case):
     torch.manual_seed(7)
     if case.startswith("mlp"):
         model, layer, x, pools = _mlp(), "2", torch.randn(40 if case == "mlp-hidden" else 5, 6), None
     else:
         model, layer, x, pools = _cnn(), "2" if case == "cnn-conv" else "6", torch.rand(12, 1, 8, 8), {"4": (8, 4, 4)}
+    if case == "mlp-later-biases":
+        model, layer, x = _mlp(), "0", torch.randn(20, 6)
+    later_biases = case.endswith("later-biases")
+    later = tuple(n for n, m in model.named_children() if isinstance(m, (nn.Linear, nn.Conv2d)) and int(n) > int(layer)) if later_biases else ()
     K = 5 if case.startswith("mlp") else 2
     labels = _task(model, x, K)
     required = np.concatenate([np.full(K, 0.05), np.zeros(len(x) - K)])
     # every keep point in the program from the start: the whole pattern-preserving program
-    prog = hidden_program(model, layer, x, labels, required, K)
+    prog = hidden_program(model, layer, x, labels, required, K, later_biases=later_biases)
+    assert [name for name, _, _ in prog.later] == list(later)
     prog.warm["active"] = np.ones(len(x), bool)
     sol = solve_hidden(prog)
-    ref = _independent_optimum(model, layer, x, labels, required, pools)
+    ref = _independent_optimum(model, layer, x, labels, required, pools, later)
     assert ref.status == 0 and sol.ok
     assert abs(sol.objective - ref.fun) <= 1e-6 * ref.fun
     assert sol.lower_bound <= sol.objective and sol.gap <= 1e-6
     assert 0 < sol.size["pattern_rows"] and sol.size["rows"] < ref.n_rows  # rows were generated, not all written down
+    if later_biases:  # more freedom: never a larger change than the layer alone (when the layer alone can do it)
+        assert len(sol.delta_later) == sum(size for _, _, size in prog.later)
+        fixed = _independent_optimum(model, layer, x, labels, required, pools)
+        assert fixed.status == 2 or sol.objective <= fixed.fun * (1 + 1e-6)
     # as repair runs it: keep points enter only when the change would cost them their margin; the optimum is then the
     # independent program's over the points that entered, and every other keep point keeps its margin on the network
-    prog = hidden_program(model, layer, x, labels, required, K)
+    prog = hidden_program(model, layer, x, labels, required, K, later_biases=later_biases)
     sol = solve_hidden(prog)
     active = prog.warm["active"]
     assert sol.ok and active[:K].all()
-    ref = _independent_optimum(model, layer, x[torch.as_tensor(active)], labels[active], required[active], pools)
+    ref = _independent_optimum(model, layer, x[torch.as_tensor(active)], labels[active], required[active], pools, later)
     assert ref.status == 0 and abs(sol.objective - ref.fun) <= 1e-6 * ref.fun
     with torch.no_grad():
-        out = written(prog, model, sol.delta_weight, sol.delta_bias).double()(x.double()).numpy()
+        out = written(prog, model, sol.delta_weight, sol.delta_bias, sol.delta_later).double()(x.double()).numpy()
     own = out[np.arange(len(x)), labels]
     other = np.where(np.eye(out.shape[1], dtype=bool)[labels], -np.inf, out).max(1)
     assert (own - other >= required - 1e-5)[~active].all()  # the written model is float32
@@ -253,3 +265,28 @@ def test_an_operator_the_pattern_encoding_does_not_cover_is_named(tmp_path):
         repair_classifier(model, x[:2], np.array([0, 1]), RepairSpec(), layer="0")
     with pytest.raises(CnnRepairError, match="keep points take no targets"):
         repair_classifier(model, x[:2], np.array([0, 1]), keep=Points(x[2:], targets=np.zeros((4, 3))), layer="0")
+
+
+def test_cli_repairs_with_the_later_biases_free_and_verify_rechecks_which_tensors_moved(files, capsys):
+    out = files / "later"
+    assert main(["repair", str(files / "m.pt2"), "--points", str(files / "p.npz"), "--keep", str(files / "k.npz"), "--out", str(out),
+                 "--layer", "2", "--later-biases"]) == 0
+    cert = json.loads((out / "certificate.json").read_text())
+    assert cert["spec"]["later_biases"] is True and cert["later_biases"]["tensors"] == ["6.bias", "8.bias"]
+    original = torch.export.load(str(files / "m.pt2")).module().state_dict()
+    repaired = torch.export.load(str(out / "repaired.pt2")).module().state_dict()
+    moved = {k for k in original if not torch.equal(original[k], repaired[k])}
+    assert moved <= {"2.weight", "2.bias", "6.bias", "8.bias"} and "2.weight" in moved
+    l1 = sum(float((repaired[k].double() - original[k].double()).abs().sum()) for k in ("6.bias", "8.bias"))
+    assert abs(cert["later_biases"]["l1"] - l1) <= 1e-9 * (1 + l1)
+    args = ["verify", str(out / "certificate.json"), "--model", str(out / "repaired.pt2"), "--points", str(files / "p.npz"),
+            "--keep", str(files / "k.npz"), "--original", str(files / "m.pt2")]
+    assert main(args) == 0
+    later_moved = sorted(moved & {"6.bias", "8.bias"})
+    assert later_moved  # the later biases were used
+    cert["later_biases"]["tensors"] = [t for t in ("6.bias", "8.bias") if t != later_moved[0]]  # a moved tensor left off the list
+    (files / "edited.json").write_text(json.dumps(cert))
+    assert main([args[0], str(files / "edited.json"), *args[2:]]) == 1
+    capsys.readouterr()
+    assert main(["repair", str(files / "m.pt2"), "--points", str(files / "p.npz"), "--out", str(files / "bad"), "--later-biases"]) == 2
+    assert "--layer" in last_error_line(capsys) and not (files / "bad").exists()

@@ -104,6 +104,8 @@ def prepare(files: RepairFiles, spec: RepairSpec, layer: str | None = None, ball
             name = _hidden_layer(model.module, points.x[:2], layer, spec)
             C = model_logits(model.module, points.x[:1]).shape[1]
         else:
+            if spec.later_biases:
+                raise CnnRepairError("later biases move only in a repair of a layer inside the network; name one with --layer (`cnnrepair layers MODEL` lists them)")
             lay = last_layer(model.module, points.x[:2], layer)
             name, C = lay.name, lay.shape[0]
     except CnnRepairError:

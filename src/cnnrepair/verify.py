@@ -289,12 +289,25 @@ def _against_original(v: Verification, cert: Certificate, spec: RepairSpec, orig
     repaired, lay1 = repaired_layer
     lay0 = _find_layer(cert, original, points.x[:2])
     names = set(lay0.parameter_names())
+    later = list((cert.later_biases or {}).get("tensors", []))
+    if later and not spec.later_biases:
+        v.problems.append("the certificate lists later biases that moved, but its spec keeps them")
     s0 = {**dict(original.named_parameters()), **dict(original.named_buffers())}
     s1 = {**dict(repaired.named_parameters()), **dict(repaired.named_buffers())}
     for name, t in s0.items():
-        if name not in names and (name not in s1 or not torch.equal(t, s1[name])):
-            v.problems.append(f"tensor {name!r} differs from the original model: repair may change layer {layer!r} only")
+        if name not in names | set(later) and (name not in s1 or not torch.equal(t, s1[name])):
+            v.problems.append(f"tensor {name!r} differs from the original model: repair may change layer {layer!r}"
+                              + (" and the later biases it lists" if later else "") + " only")
             break
+    missing = [t for t in later if t not in s0 or t not in s1]
+    if missing:
+        v.problems.append(f"later bias {missing[0]!r} is not a tensor of both models")
+        later = []
+    de = np.concatenate([(s1[t].detach().double() - s0[t].detach().double()).cpu().numpy().ravel() for t in later]) if later else np.zeros(0)
+    if later:
+        for key, value in (("l1", float(np.abs(de).sum())), ("linf", float(np.abs(de).max(initial=0.0))), ("nonzero", int(np.count_nonzero(de)))):
+            if not _close(cert.later_biases[key], value, 1e-9):
+                v.problems.append(f"later_biases.{key} is {value:.9g}, the certificate says {cert.later_biases[key]}")
     dW, db = lay1.weight - lay0.weight, lay1.bias - lay0.bias
     if spec.freeze_bias and np.any(db != 0):
         v.problems.append("the bias changed, but the spec froze it")
@@ -324,7 +337,7 @@ def _against_original(v: Verification, cert: Certificate, spec: RepairSpec, orig
                           f"layer's ({scale:.9g}, {change['linf'] / scale if scale else float('inf'):.9g})")
     if _hidden(cert):
         v.problems += _patterns_kept(cert, original, repaired, points, keep)
-        objective = float(np.abs(dW).sum() + (0.0 if spec.freeze_bias or lay0.params[1] is None else np.abs(db).sum()))
+        objective = float(np.abs(dW).sum() + (0.0 if spec.freeze_bias or lay0.params[1] is None else np.abs(db).sum()) + np.abs(de).sum())
         if abs(objective - cert.objective) > 1e-6 * max(1.0, abs(cert.objective)):
             v.problems.append(f"the change's l1 norm is {objective:.9g}, the certificate says {cert.objective:.9g}")
         v.checked.append("against the original: only the layer changed, change block, objective, margins before, conditioning, "

@@ -41,6 +41,8 @@ def _add_model_repair_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--norm", choices=["l1", "linf", "l1+linf"], default="l1",
                    help="measure of the change to minimise; l1+linf is PRDNN's mean|d| + max|d| (default: l1)")
     p.add_argument("--freeze-bias", action="store_true", help="change the weights only")
+    p.add_argument("--later-biases", action="store_true",
+                   help="with --layer inside the network: the biases of the layers after it may move too (APRNN's choice)")
     p.add_argument("--max-change", type=float, default=None, help="bound on each weight's change")
     p.add_argument("--max-change-ratio", type=float, default=1000.0,
                    help="a change whose largest entry exceeds this multiple of the layer's largest weight is ill-conditioned and "
@@ -100,7 +102,7 @@ def _model_repair_job(args: argparse.Namespace):
     domain = _vnnlib_range(args.range)
     spec = RepairSpec(kind=args.spec, margin=args.margin, keep_margin=args.keep_margin, keep_price=args.keep_price,
                       norm=args.norm, freeze_bias=args.freeze_bias, max_change=args.max_change, eps=args.eps or 0.0, bounds=args.bounds,
-                      keep_eps=args.keep_eps, max_change_ratio=args.max_change_ratio)
+                      keep_eps=args.keep_eps, max_change_ratio=args.max_change_ratio, later_biases=args.later_biases)
     ball = BallInputs(mean, std, domain) if args.spec == "ball" else None
     files = RepairFiles(args.model, args.points, args.keep, args.factory, _input_shape(args, None))
     args.job = prepare(files, spec, args.layer, ball)

@@ -173,6 +173,8 @@ def _repair(model: nn.Module, points: Points, spec: RepairSpec, keep: Points | N
         from cnnrepair.repair.hidden_api import repair_hidden
 
         return repair_hidden(model, xt, ya, keep, spec, layer, options)
+    if spec.later_biases:
+        raise CnnRepairError("later biases move only in a repair of a layer inside the network; name one with --layer (`cnnrepair layers MODEL` lists them)")
     lay = last_layer(model, xt, layer)
     C = lay.shape[0]
     check_labels(ya, C, "repair points")

@@ -132,6 +132,7 @@ class Certificate:
     conditioning: dict[str, Any] | None = None
     margins_by_layout: list[float] | None = None
     patterns: dict[str, Any] | None = None
+    later_biases: dict[str, Any] | None = None
     points_file: FileRef | None = None
     keep_file: FileRef | None = None
     notes: list[str] | None = None
@@ -300,7 +301,9 @@ def _check_schema(cert) -> None:
     if kind not in SPECS:
         raise _Malformed(f"spec.kind {kind!r} is none of {', '.join(SPECS)}")
     used = set(RepairSpec(kind=kind, norm="l1").used_fields())
-    if set(spec) != used | {"keep"}:
+    if spec.get("later_biases", True) is not True:
+        raise _Malformed("spec.later_biases is recorded only as true")
+    if set(spec) - {"later_biases"} != used | {"keep"}:
         raise _Malformed(f"spec of kind {kind} must hold exactly {', '.join(sorted(used | {'keep'}))}")
     _need(spec, "keep", str, "spec")
     for key in used - {"kind"}:
@@ -355,6 +358,14 @@ def _check_schema(cert) -> None:
         raise _Malformed("notes must be a list of strings")
     for key in ("lower_bound_witness", "feature_noise", "ball", "conditioning", "patterns"):
         _need(cert, key, dict, "certificate", optional=True)
+    later = _need(cert, "later_biases", dict, "certificate", optional=True)
+    if later is not None:
+        tensors = _need(later, "tensors", list, "later_biases")
+        if not all(isinstance(t, str) for t in tensors):
+            raise _Malformed("later_biases.tensors must be a list of tensor names")
+        for key in ("l1", "linf"):
+            _need(later, key, float, "later_biases")
+        _need(later, "nonzero", int, "later_biases")
     listed = (cert.get("patterns") or {}).get("keep_points_with_patterns")
     if listed is not None and not (isinstance(listed, list) and all(isinstance(k, int) and not isinstance(k, bool) and 0 <= k < count
                                                                     for k in listed)):

@@ -110,14 +110,29 @@ class _Suffix:
     module: torch.fx.GraphModule
     relus: list[int]  # positions (in the outputs after the logits) of ReLU inputs
     pools: list[tuple[int, tuple]]  # positions of max-pool inputs, with (kernel, stride, padding, dilation)
+    added: list[tuple[int, ...]] = field(default_factory=list)  # per later layer whose bias may move: its per-point shape
 
-    def __call__(self, x: Tensor, z: Tensor) -> tuple[Tensor, ...]:
-        out = self.module(x, z)
+    def __call__(self, x: Tensor, z: Tensor, *e: Tensor) -> tuple[Tensor, ...]:
+        """The outputs at ``(x, z)``, each later bias changed by ``e`` (per point; zero when not given)."""
+        if len(e) < len(self.added):
+            e = (*e, *(torch.zeros((len(z), *shape), dtype=z.dtype) for shape in self.added[len(e):]))
+        out = self.module(x, z, *e)
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
-def _suffix(gm: torch.fx.GraphModule, layer: torch.fx.Node, sample: Tensor, name: str) -> _Suffix:
-    """The part of the graph that depends on the layer's output, checked to be piecewise linear (named operators refused)."""
+def _later_biased(gm: torch.fx.GraphModule, layer: torch.fx.Node) -> list[torch.fx.Node]:
+    """The linear and convolution calls after ``layer`` (depending on its output) that add a stored bias."""
+    dep = {layer}
+    for node in gm.graph.nodes:
+        if node is not layer and node.op == "call_function" and any(a in dep for a in node.all_input_nodes):
+            dep.add(node)
+    return [n for n in _weighted_nodes(gm).values() if n in dep and n is not layer and len(n.args) > 2 and _attr(n.args[2])]
+
+
+def _suffix(gm: torch.fx.GraphModule, layer: torch.fx.Node, sample: Tensor, name: str,
+            add_to: list[torch.fx.Node] | tuple = ()) -> _Suffix:
+    """The part of the graph that depends on the layer's output, checked to be piecewise linear (named operators refused);
+    ``add_to``: later layers whose output gets a per-point input added (their bias changes)."""
     dep = {layer}
     for node in gm.graph.nodes:
         if node is not layer and node.op == "call_function" and any(a in dep for a in node.all_input_nodes):
@@ -161,6 +176,11 @@ def _suffix(gm: torch.fx.GraphModule, layer: torch.fx.Node, sample: Tensor, name
     g = torch.fx.Graph()
     env: dict = {}
     x_in, z_in = g.placeholder("x"), g.placeholder("z")
+    e_in = {n: g.placeholder(f"e{i}") for i, n in enumerate(add_to)}
+    added = []
+    for n in add_to:
+        out = values[n]
+        added.append((out.shape[1],) + (1,) * (out.ndim - 2))
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             env[node] = x_in
@@ -170,11 +190,13 @@ def _suffix(gm: torch.fx.GraphModule, layer: torch.fx.Node, sample: Tensor, name
             continue
         else:
             env[node] = g.node_copy(node, lambda n: env[n])
+            if node in e_in:
+                env[node] = g.call_function(aten.add.Tensor, (env[node], e_in[node]))
     g.output((env[logits], *[env[w] for w in watched]))
     module = torch.fx.GraphModule(gm, g)
     module.graph.eliminate_dead_code()
     module.recompile()
-    return _Suffix(module, relus, pools)
+    return _Suffix(module, relus, pools, added)
 
 
 def _traced(model: nn.Module, x: Tensor) -> torch.fx.GraphModule:
@@ -249,6 +271,8 @@ class HiddenProgram:
     n_repair: int
     freeze_bias: bool = False
     max_change: float | None = None
+    later: list[tuple[str, str, int]] = field(default_factory=list)  # later layers whose bias may move: (layer, bias, size)
+    later_bias: np.ndarray = field(default_factory=lambda: np.zeros(0))  # their biases, concatenated (float64)
     suffix: _Suffix | None = None
     conv: dict = field(default_factory=dict)
     patches: Tensor | None = None  # N x P x L (float64)
@@ -262,10 +286,16 @@ class HiddenProgram:
     def shape(self) -> tuple[int, ...]:
         return tuple(self.weight.shape)
 
+    @property
+    def nz(self) -> int:
+        """Entries of the layer's output at one point (a row's gradient holds these, then one per later bias entry)."""
+        return int(self.z0[0].numel())
+
 
 def hidden_program(model: nn.Module, name: str, x: Tensor, labels: np.ndarray, required: np.ndarray, n_repair: int,
-                   freeze_bias: bool = False, max_change: float | None = None) -> HiddenProgram:
-    """Trace ``model``, find layer ``name`` (a linear or convolution layer), and linearise the network after it at every point."""
+                   freeze_bias: bool = False, max_change: float | None = None, later_biases: bool = False) -> HiddenProgram:
+    """Trace ``model``, find layer ``name`` (a linear or convolution layer), and linearise the network after it at every point.
+    ``later_biases``: the biases of the linear and convolution layers after it may move too (APRNN's choice)."""
     eval_mode(model)
     gm = _traced(model, x)
     nodes = _weighted_nodes(gm)
@@ -301,7 +331,16 @@ def hidden_program(model: nn.Module, name: str, x: Tensor, labels: np.ndarray, r
     prog = HiddenProgram(model, name, "hidden-" + ("conv2d" if conv else "linear"), W, b, bparam is not None, wparam, bparam, x,
                          np.asarray(labels, np.int64), np.asarray(required, np.float64), n_repair,
                          freeze_bias or bparam is None, max_change, conv=conv)
-    prog.suffix = _suffix(gm, node, x, name)
+    add_to = _later_biased(gm, node) if later_biases else []
+    for n in add_to:
+        try:
+            get_tensor(model, _attr(n.args[2]))
+        except AttributeError:
+            raise CnnRepairError(f"layer {name!r}: the model has no tensor {_attr(n.args[2])!r} to write a later bias into") from None
+    prog.later = [(_attr(n.args[1]).rpartition(".")[0], _attr(n.args[2]), int(get_tensor(gm, _attr(n.args[2])).numel())) for n in add_to]
+    prog.later_bias = (np.concatenate([get_tensor(gm, b).detach().double().cpu().numpy().ravel() for _, b, _ in prog.later])
+                       if prog.later else np.zeros(0))
+    prog.suffix = _suffix(gm, node, x, name, add_to)
     values = _values(gm, x)
     h, z = values[node.args[0]].double(), values[node].double()
     if conv:
@@ -328,7 +367,7 @@ def _suffix64(prog: HiddenProgram) -> _Suffix:
             mod = copy.deepcopy(prog.suffix.module).double()
         for t in list(mod.parameters()) + list(mod.buffers()):
             t.requires_grad_(False)
-        prog.suffix64 = _Suffix(mod, prog.suffix.relus, prog.suffix.pools)
+        prog.suffix64 = _Suffix(mod, prog.suffix.relus, prog.suffix.pools, prog.suffix.added)
     return prog.suffix64
 
 
@@ -340,10 +379,25 @@ def _dz(prog: HiddenProgram, dW: np.ndarray, db: np.ndarray) -> Tensor:
     return out.reshape(prog.z0.shape)
 
 
-def _jvp(prog: HiddenProgram, dz: Tensor) -> tuple[Tensor, ...]:
+def _later_split(prog: HiddenProgram, de: np.ndarray) -> tuple[Tensor, ...]:
+    """A change of the later biases (concatenated) as the per-point inputs the suffix adds (every point the same)."""
+    out, at = [], 0
+    for (_, _, size), shape in zip(prog.later, prog.suffix.added):
+        t = torch.as_tensor(de[at:at + size], dtype=torch.float64).reshape(1, *shape)
+        out.append(t.expand(len(prog.x), *shape).contiguous())
+        at += size
+    return tuple(out)
+
+
+def _jvp(prog: HiddenProgram, dz: Tensor, de: np.ndarray | None = None) -> tuple[Tensor, ...]:
     suf = _suffix64(prog)
     x = prog.x.double()
-    _, tangents = torch.func.jvp(lambda z: suf(x, z), (prog.z0,), (dz,))
+    if not prog.later:
+        _, tangents = torch.func.jvp(lambda z: suf(x, z), (prog.z0,), (dz,))
+    else:
+        e0 = _later_split(prog, np.zeros(len(prog.later_bias)))
+        e1 = _later_split(prog, np.zeros(len(prog.later_bias)) if de is None else de)
+        _, tangents = torch.func.jvp(lambda z, *e: suf(x, z, *e), (prog.z0, *e0), (dz, *e1))
     return tuple(t.detach() for t in tangents)
 
 
@@ -355,9 +409,10 @@ def _vjp_rows(prog: HiddenProgram, cotangents: list[Tensor]) -> np.ndarray:
     if prog.pullback is None:
         suf = _suffix64(prog)
         x = prog.x.double()
-        _, prog.pullback = torch.func.vjp(lambda z: suf(x, z), prog.z0)
-    (g,) = prog.pullback(tuple(cotangents))
-    return g.detach().reshape(len(g), -1).numpy()
+        e0 = _later_split(prog, np.zeros(len(prog.later_bias)))
+        _, prog.pullback = torch.func.vjp(lambda z, *e: suf(x, z, *e), prog.z0, *e0)
+    grads = prog.pullback(tuple(cotangents))
+    return torch.cat([g.detach().reshape(len(g), -1) for g in grads], 1).numpy()
 
 
 def _passes(points: np.ndarray) -> list[np.ndarray]:
@@ -370,7 +425,7 @@ def _passes(points: np.ndarray) -> list[np.ndarray]:
 
 def _margin_rows(prog: HiddenProgram, points: np.ndarray, classes: np.ndarray) -> np.ndarray:
     """z-gradients of ``logit[y_k] - logit[j_k]`` for pairs (point k, class j)."""
-    out = np.zeros((len(points), prog.z0[0].numel()))
+    out = np.zeros((len(points), prog.nz + len(prog.later_bias)))
     for sel in _passes(points):
         cot = [torch.zeros_like(o) for o in prog.outs0]
         pts = points[sel]
@@ -383,7 +438,7 @@ def _margin_rows(prog: HiddenProgram, points: np.ndarray, classes: np.ndarray) -
 def _unit_rows(prog: HiddenProgram, points: np.ndarray, outputs: np.ndarray, flat: np.ndarray, signs: np.ndarray) -> np.ndarray:
     """z-gradients of ``sum_t signs[r, t] * value[flat[r, t]]`` of watched value ``outputs[r]`` at ``points[r]``, per row r
     (one term: a ReLU input's sign; two: a max-pool window's chosen input over another)."""
-    res = np.zeros((len(points), prog.z0[0].numel()))
+    res = np.zeros((len(points), prog.nz + len(prog.later_bias)))
     for sel in _passes(points):
         cot = [torch.zeros_like(o) for o in prog.outs0]
         for o in np.unique(outputs[sel]):
@@ -396,11 +451,12 @@ def _unit_rows(prog: HiddenProgram, points: np.ndarray, outputs: np.ndarray, fla
     return res
 
 
-def _violations(prog: HiddenProgram, dW: np.ndarray, db: np.ndarray, rows: _Rows, tol: float, active: np.ndarray) -> list[tuple]:
-    """Every margin and pattern row the change (dW, db) violates at an ``active`` point and that is not yet a row:
-    (key, rhs, excess)."""
+def _violations(prog: HiddenProgram, change: tuple, rows: _Rows, tol: float, active: np.ndarray) -> list[tuple]:
+    """Every margin and pattern row the change (dW, db, later biases) violates at an ``active`` point and that is not yet a
+    row: (key, rhs, excess)."""
+    dW, db, de = change
     dz = _dz(prog, dW, db)
-    t = _jvp(prog, dz)
+    t = _jvp(prog, dz, de)
     found = []
     logits = (prog.outs0[0] + t[0]).numpy()
     base = prog.outs0[0].numpy()
@@ -445,20 +501,22 @@ def _violations(prog: HiddenProgram, dW: np.ndarray, db: np.ndarray, rows: _Rows
     return found
 
 
-def _keep_short(prog: HiddenProgram, dW: np.ndarray, db: np.ndarray, active: np.ndarray, tol: float, batch: int = 2048) -> np.ndarray:
+def _keep_short(prog: HiddenProgram, change: tuple, active: np.ndarray, tol: float, batch: int = 2048) -> np.ndarray:
     """The points not ``active`` (keep points the program has no rows for) whose margin on the network itself, changed by
-    (dW, db) and run in float64 with whatever activation pattern it takes, is below their requirement."""
+    (dW, db, later biases) and run in float64 with whatever activation pattern it takes, is below their requirement."""
     idx = np.flatnonzero(~active)
     if not len(idx):
         return idx
+    dW, db, de = change
     z = prog.z0 + _dz(prog, dW, db)
+    e = _later_split(prog, de)
     suffix = _suffix64(prog)
     short = []
     with torch.no_grad():
         for s in range(0, len(idx), batch):
             sel = idx[s:s + batch]
             t = torch.as_tensor(sel)
-            logits = suffix(prog.x[t].double(), z[t])[0].numpy()
+            logits = suffix(prog.x[t].double(), z[t], *(v[t] for v in e))[0].numpy()
             lab = prog.labels[sel]
             own = logits[np.arange(len(sel)), lab]
             logits[np.arange(len(sel)), lab] = -np.inf
@@ -497,6 +555,7 @@ def _row_weight_coef(prog: HiddenProgram, G: np.ndarray, pts: np.ndarray, cols: 
     O = prog.weight.shape[0]
     Pn, L = prog.patches.shape[1:]
     patches = prog.patches.numpy()
+    G = G[:, :prog.nz]
     if L == 1:  # a linear layer: the outer product of the z-gradient and the input
         i, p = np.divmod(cols, Pn)
         return G[:, i] * patches[pts][:, p, 0]
@@ -509,7 +568,12 @@ def _row_weight_coef(prog: HiddenProgram, G: np.ndarray, pts: np.ndarray, cols: 
 
 def _bias_coef(prog: HiddenProgram, G: np.ndarray) -> np.ndarray:
     O = prog.weight.shape[0]
-    return G.reshape(len(G), O, -1).sum(2)
+    return G[:, :prog.nz].reshape(len(G), O, -1).sum(2)
+
+
+def _later_coef(prog: HiddenProgram, G: np.ndarray) -> np.ndarray:
+    """Coefficients of rows on the later biases' entries (the tail of each row's gradient)."""
+    return G[:, prog.nz:]
 
 
 def _price(prog: HiddenProgram, G: np.ndarray, pts: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -517,7 +581,7 @@ def _price(prog: HiddenProgram, G: np.ndarray, pts: np.ndarray, y: np.ndarray) -
     O = prog.weight.shape[0]
     N, Pn, L = prog.patches.shape
     agg = np.zeros((N, O, L))
-    np.add.at(agg, pts, (y[:, None] * G).reshape(len(G), O, L))
+    np.add.at(agg, pts, (y[:, None] * G[:, :prog.nz]).reshape(len(G), O, L))
     M = np.einsum("nol,npl->op", agg, prog.patches.numpy())
     return M, agg.sum((0, 2))
 
@@ -552,6 +616,8 @@ class _Master:
         self.nb = 0 if prog.freeze_bias else O
         if self.nb:
             self.bias_col = self._add_cols(np.full(2 * O, 1.0 / scale), np.full(2 * O, self.upper))
+        self.nl = len(prog.later_bias)
+        self.later_col = self._add_cols(np.full(2 * self.nl, 1.0 / scale), np.full(2 * self.nl, self.upper))
         self.patch_max = np.abs(prog.patches.numpy()).reshape(len(prog.patches), -1).max(1)
         self.by_unit = prog.patches.shape[2] == 1
         self.u_col: dict[int, int] = {}  # point -> its first u column
@@ -654,12 +720,14 @@ class _Master:
         slack_of[elastic] = slack + np.arange(int(elastic.sum()))
         in_u = np.zeros(n, bool)
         if self.by_unit:  # u columns pay for their O definition rows from a point's UNIT_ROWS-th dense row on
-            dense = (G != 0).sum(1) > 1
+            dense = (G[:, :self.prog.nz] != 0).sum(1) > 1
             for k in pts[dense].tolist():
                 self.dense_rows[k] = self.dense_rows.get(k, 0) + 1
             self._by_unit(np.asarray([k for k in pts[dense].tolist() if self.dense_rows[k] >= UNIT_ROWS], np.int64))
             in_u = np.array([int(k) in self.u_col for k in pts], bool)
-        norm = np.maximum(np.abs(G).max(1) * np.where(in_u, 1.0, np.maximum(1.0, self.patch_max[pts]) * L), 1e-300)
+        Gz, Ge = G[:, :self.prog.nz], _later_coef(self.prog, G)
+        norm = np.abs(Gz).max(1) * np.where(in_u, 1.0, np.maximum(1.0, self.patch_max[pts]) * L)
+        norm = np.maximum(np.maximum(norm, np.abs(Ge).max(1, initial=0.0)), 1e-300)
         blocks = []
         if (~in_u).any():
             sel = np.flatnonzero(~in_u)
@@ -677,9 +745,14 @@ class _Master:
                                             shape=(n, self.ncols)))
         if in_u.any():
             sel = np.flatnonzero(in_u)
-            C = sp.coo_matrix(G[sel] / norm[sel][:, None])
+            C = sp.coo_matrix(Gz[sel] / norm[sel][:, None])
             base = np.asarray([self.u_col[int(k)] for k in pts[sel]])
             blocks.append(sp.coo_matrix((C.data, (sel[C.row], base[C.row] + C.col)), shape=(n, self.ncols)))
+        if self.nl:
+            C = sp.coo_matrix(Ge / norm[:, None])
+            blocks.append(sp.coo_matrix((np.concatenate([C.data, -C.data]), (np.concatenate([C.row] * 2),
+                                         np.concatenate([self.later_col + 2 * C.col, self.later_col + 2 * C.col + 1]))),
+                                        shape=(n, self.ncols)))
         e = np.flatnonzero(elastic)
         blocks.append(sp.coo_matrix((np.ones(len(e)), (e, slack_of[e])), shape=(n, self.ncols)))
         A = sp.csr_matrix(sum(blocks[1:], blocks[0]))
@@ -708,8 +781,8 @@ class _Master:
         run(self.h)
         return highs_status(self.h)
 
-    def solution(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(dW flat, db, multipliers of the original rows in weight units, shortfall per row)."""
+    def solution(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(dW flat, db, multipliers of the original rows in weight units, shortfall per row, later biases' change)."""
         sol = self.h.getSolution()
         x = np.asarray(sol.col_value)
         O = self.prog.weight.shape[0]
@@ -720,7 +793,9 @@ class _Master:
         db = x[self.bias_col:self.bias_col + 2 * O:2] - x[self.bias_col + 1:self.bias_col + 2 * O:2] if self.nb else np.zeros(O)
         y = np.maximum(np.asarray(sol.row_dual)[np.asarray(self.row_index, np.int64)], 0.0) / np.asarray(self.row_norm) * self.scale
         slack = np.asarray(self.row_slack, np.int64)
-        return dW, db, y, np.where(slack >= 0, x[np.maximum(slack, 0)], 0.0)
+        l0 = self.later_col
+        de = x[l0:l0 + 2 * self.nl:2] - x[l0 + 1:l0 + 2 * self.nl:2]
+        return dW, db, y, np.where(slack >= 0, x[np.maximum(slack, 0)], 0.0), de
 
 
 def solve_hidden(prog: HiddenProgram, time_limit: float | None = None) -> MarginSolution:
@@ -765,7 +840,7 @@ def solve_hidden(prog: HiddenProgram, time_limit: float | None = None) -> Margin
         prog.warm["master"] = master
     else:
         master.set_rhs(np.asarray(rows.rhs))
-    dW, db = np.zeros(n_w), np.zeros(O)
+    dW, db, de = np.zeros(n_w), np.zeros(O), np.zeros(len(prog.later_bias))
     y = np.zeros(0)
     short = np.zeros(0)
     rounds, status = 0, "optimal"
@@ -778,16 +853,17 @@ def solve_hidden(prog: HiddenProgram, time_limit: float | None = None) -> Margin
         if st != "optimal":
             status = st
             break
-        dW, db, y, short = master.solution()
+        dW, db, y, short, de = master.solution()
+        change = (dW.reshape(prog.weight.shape), db, de)
         G, pts = np.asarray(rows.grad), np.asarray(rows.point, np.int64)
         M, Mb = _price(prog, G, pts, y)
         out_cols = np.setdiff1d(np.flatnonzero(np.abs(M).ravel() > 1 + 1e-7), master.entries)
         # keep points enter the program only when the change costs them their margin on the network itself (checked every
         # round, so that they enter while the repair points' rows are still being generated); their rows (margins and
         # pattern) are then generated like a repair point's
-        entering = _keep_short(prog, dW.reshape(prog.weight.shape), db, active, tol)
+        entering = _keep_short(prog, change, active, tol)
         active[entering] = True
-        found = _violations(prog, dW.reshape(prog.weight.shape), db, rows, tol, active)
+        found = _violations(prog, change, rows, tol, active)
         if len(out_cols):
             worst = out_cols[np.argsort(-np.abs(M).ravel()[out_cols])][:COLUMNS_PER_ROUND]
             master.add_cols(np.sort(worst))
@@ -804,8 +880,10 @@ def solve_hidden(prog: HiddenProgram, time_limit: float | None = None) -> Margin
     else:
         status = "iteration_limit"
     cols = np.asarray(master.entries)
-    size = {"rows": len(rows), "columns": int(len(cols)) + (0 if prog.freeze_bias else O), "weights": int(n_w), "rounds": rounds,
-            "pattern_rows": int(sum(1 for w in rows.what if w[0] != "margin"))}
+    size = {"rows": len(rows), "columns": int(len(cols)) + (0 if prog.freeze_bias else O) + len(de), "weights": int(n_w),
+            "rounds": rounds, "pattern_rows": int(sum(1 for w in rows.what if w[0] != "margin"))}
+    if prog.later:
+        size["later_bias_entries"] = len(de)
     seconds = time.perf_counter() - t0
     zero = (np.zeros(prog.weight.shape), np.zeros(O))
     if status != "optimal":
@@ -817,20 +895,22 @@ def solve_hidden(prog: HiddenProgram, time_limit: float | None = None) -> Margin
             return MarginSolution("infeasible", *zero, float("nan"), float("nan"), time.perf_counter() - t0, rounds, size,
                                   conflicts=pts_bad)
         return MarginSolution("failed", *zero, float("nan"), float("nan"), time.perf_counter() - t0, rounds, size)
-    objective = float(np.abs(dW).sum() + (0.0 if prog.freeze_bias else np.abs(db).sum()))
+    objective = float(np.abs(dW).sum() + (0.0 if prog.freeze_bias else np.abs(db).sum()) + np.abs(de).sum())
     G, pts = np.asarray(rows.grad), np.asarray(rows.point, np.int64)
     M, Mb = _price(prog, G, pts, y)
-    z = np.abs(M).max(initial=0.0)
+    Me = y @ _later_coef(prog, G) if len(de) else np.zeros(0)
+    z = max(np.abs(M).max(initial=0.0), np.abs(Me).max(initial=0.0))
     if not prog.freeze_bias:
         z = max(z, np.abs(Mb).max(initial=0.0))
     cy = float(np.asarray(rows.rhs) @ y)
     if bound is None:
         lower = max(0.0, cy / max(1.0, z))
     else:
-        zz = np.concatenate([np.abs(M).ravel(), [] if prog.freeze_bias else np.abs(Mb)])
+        zz = np.concatenate([np.abs(M).ravel(), [] if prog.freeze_bias else np.abs(Mb), np.abs(Me)])
         lower = max(0.0, max(s * cy - bound * float(np.maximum(s * zz - 1.0, 0).sum()) for s in (1.0, 1.0 / max(1.0, z))))
     lower = min(lower, objective)
-    return MarginSolution("optimal", dW.reshape(prog.weight.shape), db, objective, lower, time.perf_counter() - t0, rounds, size)
+    return MarginSolution("optimal", dW.reshape(prog.weight.shape), db, objective, lower, time.perf_counter() - t0, rounds, size,
+                          delta_later=de if prog.later else None)
 
 
 def _infeasible(prog: HiddenProgram, rows: _Rows, which: np.ndarray) -> bool:
@@ -840,8 +920,9 @@ def _infeasible(prog: HiddenProgram, rows: _Rows, which: np.ndarray) -> bool:
     rhs = np.asarray(rows.rhs)[which]
     Aw = _row_weight_coef(prog, G, pts, np.arange(prog.weight.size))
     Ab = _bias_coef(prog, G) if not prog.freeze_bias else np.zeros((len(G), 0))
-    norm = np.maximum(np.abs(np.hstack([Aw, Ab])).max(1), 1e-300)
-    A = sp.csc_matrix(np.hstack([Aw, -Aw, Ab, -Ab]) / norm[:, None])
+    Ae = _later_coef(prog, G)
+    norm = np.maximum(np.abs(np.hstack([Aw, Ab, Ae])).max(1), 1e-300)
+    A = sp.csc_matrix(np.hstack([Aw, -Aw, Ab, -Ab, Ae, -Ae]) / norm[:, None])
     n = A.shape[1]
     upper = np.full(n, np.inf if prog.max_change is None else prog.max_change)
     h = new_highs(None, "simplex")
@@ -936,12 +1017,19 @@ def layer_ref(model: nn.Module, sample: Tensor, name: str) -> LayerRef:
     return LayerRef(name, "hidden-" + ("linear" if node.target in _LINEAR else "conv2d"), W, b, (wp, bp))
 
 
-def written(prog: HiddenProgram, model: nn.Module, dW: np.ndarray, db: np.ndarray) -> nn.Module:
-    """A deep copy of ``model`` with the layer's weight (and bias) changed by (dW, db), in the layer's own dtype."""
+def written(prog: HiddenProgram, model: nn.Module, dW: np.ndarray, db: np.ndarray, de: np.ndarray | None = None) -> nn.Module:
+    """A deep copy of ``model`` with the layer's weight (and bias) changed by (dW, db), and the later biases by ``de``
+    (when they may move), in each tensor's own dtype."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         new = copy.deepcopy(model)
-    for param, base, delta in ((prog.weight_param, prog.weight, dW), (prog.bias_param, prog.bias, db)):
+    changes = [(prog.weight_param, prog.weight, dW), (prog.bias_param, prog.bias, db)]
+    at = 0
+    for _, bias, size in prog.later:
+        if de is not None:
+            changes.append((bias, prog.later_bias[at:at + size], de[at:at + size]))
+        at += size
+    for param, base, delta in changes:
         if param is None:
             continue
         t = get_tensor(new, param)

@@ -58,14 +58,16 @@ def repair_hidden(model: nn.Module, xt: torch.Tensor, ya: np.ndarray, keep: Poin
     required = np.concatenate([np.full(K, spec.margin), np.full(NK, spec.keep_margin)])
     base = robust_margins(model, xt, ya)
     keep_before = robust_margins(model, kx, ky) if NK else np.zeros(0)
-    prog = hidden_program(model, layer, X, labels, required, K, spec.freeze_bias, spec.max_change)
+    prog = hidden_program(model, layer, X, labels, required, K, spec.freeze_bias, spec.max_change, spec.later_biases)
+    if spec.later_biases and not prog.later:
+        raise CnnRepairError(f"--later-biases: no linear or convolution layer with a bias comes after layer {layer!r}")
 
     def solve(req: np.ndarray):
         prog.required = req
         return solve_hidden(prog, max(1e-3, options.seconds - (time.perf_counter() - t0)))
 
     def measure(sol):
-        repaired = written(prog, model, sol.delta_weight, sol.delta_bias)
+        repaired = written(prog, model, sol.delta_weight, sol.delta_bias, sol.delta_later)
         after = robust_margins(repaired, xt, ya)
         keep_after = robust_margins(repaired, kx, ky) if NK else np.zeros(0)
         return repaired, np.concatenate([after, keep_after]), (after, keep_after)
@@ -75,13 +77,14 @@ def repair_hidden(model: nn.Module, xt: torch.Tensor, ya: np.ndarray, keep: Poin
                            np.ones(K + NK, bool), rounding)
     status, sol, repaired, notes = out.status, out.sol, out.repaired, out.notes
     after, keep_after = out.measured if out.measured is not None else (base, keep_before)
-    dW, db = _saved_change(prog, repaired) if repaired is not None else (np.zeros_like(prog.weight), np.zeros_like(prog.bias))
-    cert = _certificate(prog, spec, status, sol, (dW, db), (base, after), (ky, keep_before, keep_after), ya)
+    dW, db, de = (_saved_change(prog, repaired) if repaired is not None else
+                  (np.zeros_like(prog.weight), np.zeros_like(prog.bias), np.zeros_like(prog.later_bias)))
+    cert = _certificate(prog, spec, status, sol, (dW, db, de), (base, after), (ky, keep_before, keep_after), ya)
     if status == "failed" and sol.status not in ("optimal", "failed"):
         notes.append(f"the solver stopped: {sol.status}")
     if status == "infeasible":
         notes.append(f"no change of layer {layer!r} that keeps every point's activation pattern meets the spec")
-    tensors = tuple(t for t in (prog.weight_param, None if prog.freeze_bias else prog.bias_param) if t)
+    tensors = tuple(t for t in (prog.weight_param, None if prog.freeze_bias else prog.bias_param) if t) + tuple(b for _, b, _ in prog.later)
     return ClassifierRepair(status, repaired, layer, cert, sol, time.perf_counter() - t0, notes, tensors)
 
 
@@ -93,25 +96,27 @@ def _keep_in_program(prog: HiddenProgram) -> list[int]:
     return [int(k - prog.n_repair) for k in np.flatnonzero(active[prog.n_repair:]) + prog.n_repair]
 
 
-def _saved_change(prog: HiddenProgram, repaired: nn.Module) -> tuple[np.ndarray, np.ndarray]:
-    """The change as stored (rounded to the layer's dtype), float64."""
+def _saved_change(prog: HiddenProgram, repaired: nn.Module) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The change as stored (rounded to each tensor's dtype), float64: the layer's weight and bias, the later biases."""
     from cnnrepair.repair.layer import get_tensor
 
     W = get_tensor(repaired, prog.weight_param).detach().double().cpu().numpy()
     b = get_tensor(repaired, prog.bias_param).detach().double().cpu().numpy() if prog.bias_param else prog.bias
-    return W - prog.weight, b - prog.bias
+    later = [get_tensor(repaired, name).detach().double().cpu().numpy().ravel() for _, name, _ in prog.later]
+    de = np.concatenate(later) - prog.later_bias if later else np.zeros(0)
+    return W - prog.weight, b - prog.bias, de
 
 
 def _certificate(prog: HiddenProgram, spec: RepairSpec, status: str, sol: MarginSolution, change: tuple, margins: tuple,
                  keep: tuple, ya: np.ndarray) -> Certificate:
-    dW, db = change
+    dW, db, de = change
     base, after = margins
     ky, keep_before, keep_after = keep
     K, NK = len(ya), len(ky)
     repaired = status == "repaired"
     flat = dW.reshape(dW.shape[0], -1)
     summary = change_summary(flat, db, prog.freeze_bias)
-    objective = float(np.abs(flat).sum() + (0.0 if prog.freeze_bias else np.abs(db).sum())) if repaired else None
+    objective = float(np.abs(flat).sum() + (0.0 if prog.freeze_bias else np.abs(db).sum()) + np.abs(de).sum()) if repaired else None
     lower = float(min(sol.lower_bound, objective)) if repaired else None
     gap = (0.0 if objective == 0 else max(0.0, (objective - lower) / objective)) if repaired else None
     required = prog.required
@@ -134,6 +139,10 @@ def _certificate(prog: HiddenProgram, spec: RepairSpec, status: str, sol: Margin
                           "network's at every repair point and at the keep points listed in keep_points_with_patterns (those "
                           "whose margin the change would otherwise have cost; the other keep points keep their labels, as "
                           "measured, with whatever pattern they take); cnnrepair verify --original recomputes them"})
+    if prog.later:
+        cert.later_biases = {"tensors": [b for _, b, _ in prog.later], "l1": float(np.abs(de).sum()),
+                             "linf": float(np.abs(de).max(initial=0.0)), "nonzero": int(np.count_nonzero(de)),
+                             "note": "the biases of the layers after the repaired one moved too; the objective counts their L1 change"}
     if status == "infeasible" and sol.conflicts is not None:
         cert.conflicts = [{"index": int(k) if k < K else int(k - K), "set": "points" if k < K else "keep",
                            "label": int(prog.labels[k])} for k in sol.conflicts]

@@ -238,6 +238,7 @@ class MarginSolution:
     size: dict[str, int] = field(default_factory=dict)
     witness: dict[str, np.ndarray] = field(default_factory=dict)
     conflicts: np.ndarray | None = None
+    delta_later: np.ndarray | None = None  # a repair inside the network with its later biases free: their change
 
     @property
     def ok(self) -> bool:

@@ -31,6 +31,9 @@ class RepairSpec:
       ``delta_weight``; keep points are anchors (targets = their current logits) weighted by
       ``keep_price`` (1 if unset). L1 on the weights only; nothing is guaranteed.
 
+    ``later_biases``: in a repair of a layer inside the network, the biases of the linear and convolution
+    layers after it may move too (APRNN's choice; their change counts in the L1 objective).
+
     ``max_change_ratio``: a pointwise or ball solution whose largest change exceeds this multiple of
     the layer's largest weight is reported as ill-conditioned and not certified (None: no limit).
     """
@@ -47,14 +50,18 @@ class RepairSpec:
     bounds: str = "crown"
     keep_eps: float = 0.0
     max_change_ratio: float | None = 1000.0
+    later_biases: bool = False
 
     def __post_init__(self) -> None:
         for name, value in self.__dict__.items():
-            if isinstance(value, bool) and name != "freeze_bias":
+            if isinstance(value, bool) and name not in ("freeze_bias", "later_biases"):
                 raise CnnRepairError(f"{name.replace('_', ' ')} must be {'a name' if name in ('kind', 'norm', 'bounds') else 'a number'}, "
                                      f"not {value}")
-        if not isinstance(self.freeze_bias, bool):
-            raise CnnRepairError(f"freeze bias must be True or False (got {self.freeze_bias!r})")
+        for name in ("freeze_bias", "later_biases"):
+            if not isinstance(getattr(self, name), bool):
+                raise CnnRepairError(f"{name.replace('_', ' ')} must be True or False (got {getattr(self, name)!r})")
+        if self.later_biases and self.kind != "pointwise":
+            raise CnnRepairError("later biases move in a repair of a layer inside the network: it needs the pointwise spec")
         for name in ("kind", "norm", "bounds"):
             if not isinstance(getattr(self, name), str):
                 raise CnnRepairError(f"{name} must be a name (got {getattr(self, name)!r})")
@@ -99,4 +106,6 @@ class RepairSpec:
         """JSON-ready: the fields the kind uses, and whether keep points are hard or soft."""
         d = {k: v for k, v in asdict(self).items() if k in self.used_fields()}
         d["keep"] = "soft" if self.keep_price is not None else "hard"
+        if self.later_biases:  # recorded only when set (certificates without it read as before)
+            d["later_biases"] = True
         return d
