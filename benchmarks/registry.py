@@ -44,6 +44,7 @@ class Section:
     pattern: str
     render: Callable[[dict, Callable[[Path], str]], list[str]]
     order: int
+    headline: Callable[[dict], list[str]] | None = None  # lines for the README's headline results, if any
 
 
 COMMANDS: dict[str, Command] = {}
@@ -76,12 +77,14 @@ def arg(*args, **kwargs) -> tuple[tuple, dict]:
 
 
 def section(pattern: str, order: int, title: Callable[[dict], str] | None = None, intro: Callable[[dict], str] | None = None,
-            table: Callable[[dict], str] | None = None, render: Callable[[dict, Callable[[Path], str]], list[str]] | None = None) -> None:
-    """Register a results section: either ``render``, or a ``title``, an ``intro`` sentence and a ``table``."""
+            table: Callable[[dict], str] | None = None, render: Callable[[dict, Callable[[Path], str]], list[str]] | None = None,
+            headline: Callable[[dict], list[str]] | None = None) -> None:
+    """Register a results section: either ``render``, or a ``title``, an ``intro`` sentence and a ``table``; ``headline``:
+    what it adds to the README's headline results."""
     if render is None:
         def render(data: dict, link: Callable[[Path], str]) -> list[str]:
             return [title(data), "", intro(data), "", table(data), ""]
-    SECTIONS.append(Section(pattern, render, order))
+    SECTIONS.append(Section(pattern, render, order, headline))
 
 
 def pct(x) -> str:
@@ -92,6 +95,16 @@ def pct(x) -> str:
 def measured_on(d: dict) -> str:
     """How a result was measured: its command, the core count and the date."""
     return f"`{d['command']}` on {d['machine']['cores']} CPU cores, {d['machine']['measured']}"
+
+
+def headline_lines() -> list[str]:
+    """Every registered section's headline lines, in order, for every results file it matches."""
+    lines: list[str] = []
+    for sec in sorted(SECTIONS, key=lambda s: s.order):
+        if sec.headline is not None:
+            for path in sorted(common.RESULTS.glob(sec.pattern)):
+                lines += sec.headline(json.loads(path.read_text()))
+    return lines
 
 
 def render_sections(link: Callable[[Path], str]) -> list[str]:

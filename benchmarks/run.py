@@ -311,6 +311,7 @@ def headline_section(results_doc: Path, base: Path) -> str:
     if len(acc) == 2:
         body = acc[1].split("\n\n", 2)
         lines += ["**Accuracy on the full test sets** (the paper's section 3.1):", "", body[1].strip(), ""]
+    lines += registry.headline_lines()
     rel = Path(os.path.relpath(results_doc, base)).as_posix()
     lines += ["Every table, with the command that made it, in [" + rel + "](" + rel + "):", ""]
     lines += [f"- [{t}]({rel}#{_anchor(t)})" for t in tables]

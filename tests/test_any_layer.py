@@ -290,3 +290,60 @@ def test_cli_repairs_with_the_later_biases_free_and_verify_rechecks_which_tensor
     capsys.readouterr()
     assert main(["repair", str(files / "m.pt2"), "--points", str(files / "p.npz"), "--out", str(files / "bad"), "--later-biases"]) == 2
     assert "--layer" in last_error_line(capsys) and not (files / "bad").exists()
+
+
+_MLP_FACTORY = '''
+from torch import nn
+
+def make():
+    return nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 30), nn.ReLU(), nn.Linear(30, 4))
+'''
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "state-dict"])
+def test_a_hidden_layer_of_an_onnx_file_or_a_state_dict_is_repaired_in_its_format_and_verified(fmt, tmp_path, monkeypatch, capsys):
+    import warnings
+
+    model = _mlp()
+    x = torch.randn(60, 6)
+    labels = _task(model, x, 4)
+    np.savez(tmp_path / "p.npz", x=x[:4].numpy(), y=labels[:4].astype(np.int64))
+    np.savez(tmp_path / "k.npz", x=x[4:].numpy())
+    extra = []
+    if fmt == "onnx":
+        src = tmp_path / "m.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (x[:1],), str(src), dynamo=False, input_names=["x"], output_names=["logits"],
+                              dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
+    else:
+        (tmp_path / "mlpnets.py").write_text(_MLP_FACTORY)
+        monkeypatch.syspath_prepend(str(tmp_path))
+        src = tmp_path / "m.pt"
+        torch.save(model.state_dict(), src)
+        extra = ["--factory", "mlpnets:make", "--input-shape", "6"]
+    capsys.readouterr()
+    assert main(["layers", str(src), "--json", *extra]) == 0
+    names = [e["name"] for e in json.loads(capsys.readouterr().out)]
+    assert len(names) == 3
+    out = tmp_path / "o"
+    assert main(["repair", str(src), *extra, "--points", str(tmp_path / "p.npz"), "--keep", str(tmp_path / "k.npz"), "--out", str(out),
+                 "--layer", names[1], "--later-biases"]) == 0
+    cert = json.loads((out / "certificate.json").read_text())
+    assert cert["layer_kind"] == "hidden-linear" and len(cert["later_biases"]["tensors"]) == 1
+    saved = out / ("repaired.onnx" if fmt == "onnx" else "repaired.pt")
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(saved), providers=["CPUExecutionProvider"])  # plain onnxruntime, no cnnrepair
+        after = sess.run(None, {"x": x.numpy()})[0]
+    else:
+        fresh = _mlp()
+        fresh.load_state_dict(torch.load(str(saved), weights_only=True))
+        with torch.no_grad():
+            after = fresh(x).numpy()
+    own = after[np.arange(60), labels]
+    other = np.where(np.eye(4, dtype=bool)[labels], -np.inf, after).max(1)
+    assert (own[:4] - other[:4] >= 0.05 - 1e-6).all() and (own[4:] > other[4:]).all()
+    assert main(["verify", str(out / "certificate.json"), "--model", str(saved), *extra, "--points", str(tmp_path / "p.npz"),
+                 "--keep", str(tmp_path / "k.npz"), "--original", str(src)]) == 0

@@ -125,7 +125,7 @@ def prepare(files: RepairFiles, spec: RepairSpec, layer: str | None = None, ball
 
 def _hidden_layer(module: torch.nn.Module, sample: torch.Tensor, layer: str, spec: RepairSpec) -> str:
     """``layer`` checked to be a linear or convolution layer inside the network that the spec can repair."""
-    from cnnrepair.repair.hidden import repairable_layers
+    from cnnrepair.repair.suffix import repairable_layers
     from cnnrepair.repair.hidden_api import refuse_unsupported
 
     names = [info.name for info in repairable_layers(module, sample)]

@@ -12,10 +12,13 @@ What is recomputed (any difference is a problem, so an edited claim fails):
   the gap from the objective and the lower bound; the consistency of claims with the spec (a
   ``targets`` certificate claims no margin, bound or gap; every required margin is at least the
   spec's); for the ball spec, every point's certified margin from freshly computed bounds.
-* with ``--original``: the source model's sha256; that no tensor but the layer's changed; the whole
-  ``change`` block, the objective, the bias freeze and ``max_change``; the lower bound from the stored
-  multipliers (weak duality); every margin before the repair; the conditioning record; for balls,
-  the certified margins before and the keep balls certified before and after.
+* with ``--original``: the source model's sha256; that no tensor but the layer's (and the later
+  biases a hidden-layer certificate lists) changed; the whole ``change`` block (and ``later_biases``),
+  the objective, the bias freeze and ``max_change``; the lower bound from the stored multipliers (weak
+  duality; not for a layer inside the network); every margin before the repair; the conditioning
+  record; for a layer inside the network, the activation patterns after it at every repair point and
+  listed keep point; for balls, the certified margins before and the keep balls certified before and
+  after.
 
 Not checked (informational; docs/trust.md lists them): file *names*, the ``solver`` block (name,
 status, seconds, rounds, sizes), ``notes``, ``feature_noise`` and ``ball.bound_seconds``. Without
@@ -142,7 +145,7 @@ def _hidden(cert: Certificate) -> bool:
 
 def _find_layer(cert: Certificate, model: torch.nn.Module, sample: torch.Tensor):
     if _hidden(cert):
-        from cnnrepair.repair.hidden import layer_ref
+        from cnnrepair.repair.suffix import layer_ref
 
         return layer_ref(model, sample, cert.layer)
     return last_layer(model, sample, cert.layer)
@@ -340,8 +343,9 @@ def _against_original(v: Verification, cert: Certificate, spec: RepairSpec, orig
         objective = float(np.abs(dW).sum() + (0.0 if spec.freeze_bias or lay0.params[1] is None else np.abs(db).sum()) + np.abs(de).sum())
         if abs(objective - cert.objective) > 1e-6 * max(1.0, abs(cert.objective)):
             v.problems.append(f"the change's l1 norm is {objective:.9g}, the certificate says {cert.objective:.9g}")
-        v.checked.append("against the original: only the layer changed, change block, objective, margins before, conditioning, "
-                         "every activation pattern after the layer kept at every point")
+        v.checked.append("against the original: only the layer" + (" and the listed later biases" if later else "") + " changed, change "
+                         "block" + (", later biases' change" if later else "") + ", objective, margins before, conditioning, every "
+                         "activation pattern after the layer kept at every repair point and listed keep point")
         v.unchecked.append("lower bound of a repair inside the network (its multipliers are on rows verify does not rebuild)")
         return
     v.problems += _optimality(cert, spec, original, lay0, dW, db, points, keep, fb)
@@ -351,7 +355,7 @@ def _against_original(v: Verification, cert: Certificate, spec: RepairSpec, orig
 def _patterns_kept(cert: Certificate, original, repaired, points: PointsFile, keep: PointsFile | None) -> list[str]:
     """The activation pattern after the layer is the original's at every repair point and every keep point the
     certificate lists (all of them in a certificate without the list), up to float32 ties."""
-    from cnnrepair.repair.hidden import pattern_changes
+    from cnnrepair.repair.suffix import pattern_changes
 
     x = points.x
     if keep is not None:

@@ -352,7 +352,7 @@ def _cmd_layers(args: argparse.Namespace, bars: Bars) -> int:
     import torch
 
     from cnnrepair.formats import load_model
-    from cnnrepair.repair.hidden import repairable_layers
+    from cnnrepair.repair.suffix import repairable_layers
     from cnnrepair.repair.layer import ending_layer
 
     model = load_model(args.model, args.factory, _input_shape(args, None))

@@ -463,7 +463,9 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: Path, chec
             ref = model(x).double().numpy()
         worst = disagreement(run_onnxruntime(p, x), ref)
         if worst > RUNTIME_AGREEMENT:
-            raise CnnRepairError(f"{path.name}: onnxruntime differs from the torch model by {worst:.2g} (relative); not written")
+            raise CnnRepairError(f"{path.name}: onnxruntime differs from the torch model by {worst:.2g} of the logits' scale, more than "
+                                 f"{RUNTIME_AGREEMENT:g}; not written: save it as .pt2 (torch.export runs the torch model itself), or "
+                                 "report the model")
 
     atomic_write(Path(path), write)
 

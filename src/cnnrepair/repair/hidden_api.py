@@ -12,6 +12,7 @@ took in (those the change would otherwise cost their margin; certified lower bou
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -62,9 +63,14 @@ def repair_hidden(model: nn.Module, xt: torch.Tensor, ya: np.ndarray, keep: Poin
     if spec.later_biases and not prog.later:
         raise CnnRepairError(f"--later-biases: no linear or convolution layer with a bias comes after layer {layer!r}")
 
-    def solve(req: np.ndarray):
+    spent = {"seconds": 0.0, "rounds": 0}
+
+    def solve(req: np.ndarray):  # the solver's seconds and rounds over every float32 re-solve
         prog.required = req
-        return solve_hidden(prog, max(1e-3, options.seconds - (time.perf_counter() - t0)))
+        sol = solve_hidden(prog, max(1e-3, options.seconds - (time.perf_counter() - t0)))
+        spent["seconds"] += sol.seconds
+        spent["rounds"] += sol.rounds
+        return replace(sol, seconds=spent["seconds"], rounds=spent["rounds"], size={**sol.size, "rounds": spent["rounds"]})
 
     def measure(sol):
         repaired = written(prog, model, sol.delta_weight, sol.delta_bias, sol.delta_later)
