@@ -89,7 +89,8 @@ def repair_hidden(model: nn.Module, xt: torch.Tensor, ya: np.ndarray, keep: Poin
     if status == "failed" and sol.status not in ("optimal", "failed"):
         notes.append(f"the solver stopped: {sol.status}")
     if status == "infeasible":
-        notes.append(f"no change of layer {layer!r} that keeps every point's activation pattern meets the spec")
+        notes.append(f"no change of layer {layer!r} that keeps the activation pattern of every repair point (and of the keep "
+                     "points the program took in) meets the spec")
     tensors = tuple(t for t in (prog.weight_param, None if prog.freeze_bias else prog.bias_param) if t) + tuple(b for _, b, _ in prog.later)
     return ClassifierRepair(status, repaired, layer, cert, sol, time.perf_counter() - t0, notes, tensors)
 
@@ -99,7 +100,7 @@ def _keep_in_program(prog: HiddenProgram) -> list[int]:
     active = prog.warm.get("active")
     if active is None:
         return []
-    return [int(k - prog.n_repair) for k in np.flatnonzero(active[prog.n_repair:]) + prog.n_repair]
+    return [int(k) for k in np.flatnonzero(active[prog.n_repair:])]
 
 
 def _saved_change(prog: HiddenProgram, repaired: nn.Module) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
