@@ -60,12 +60,6 @@ def train(shape: str, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) 
     return model.eval(), time.perf_counter() - t0
 
 
-def _accuracy(model: nn.Module, x: torch.Tensor, y: np.ndarray, batch: int = 2000) -> float:
-    with torch.no_grad():
-        pred = np.concatenate([model(x[i:i + batch]).argmax(1).numpy() for i in range(0, len(x), batch)])
-    return float((pred == y).mean())
-
-
 def run(data_dir: Path, shapes: tuple[str, ...] = tuple(SHAPES), repair_images: int = 100, keep_images: int = 1000,
         margin: float = 0.05, epochs: int = 3, seed: int = 0, time_limit: float = 600.0) -> Path:
     """Every (network, layer, keep) case; writes benchmarks/results/any_layer.json."""
@@ -73,6 +67,7 @@ def run(data_dir: Path, shapes: tuple[str, ...] = tuple(SHAPES), repair_images: 
     from cnnrepair import RepairSpec, SolveOptions, repair_classifier
     from cnnrepair.corruptions import fog
     from cnnrepair.data import load_dataset, to_float
+    from cnnrepair.runtime import accuracy
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     ds = load_dataset("mnist", data_dir)
@@ -87,7 +82,7 @@ def run(data_dir: Path, shapes: tuple[str, ...] = tuple(SHAPES), repair_images: 
     nets, rows = {}, []
     for shape in shapes:
         model, train_s = train(shape, xtr, ytr, epochs, seed)
-        before = {"repair": _accuracy(model, xr, yr), "generalisation": _accuracy(model, xg, yg), "clean": _accuracy(model, x_clean, y_test)}
+        before = {"repair": accuracy(model, xr, yr), "generalisation": accuracy(model, xg, yg), "clean": accuracy(model, x_clean, y_test)}
         nets[shape] = {"train_seconds": train_s, "epochs": epochs, "accuracy": before}
         print(f"{shape}: trained in {train_s:.0f}s, clean {100 * before['clean']:.2f}%, fog {100 * before['generalisation']:.2f}%", flush=True)
         with torch.no_grad():
@@ -107,8 +102,8 @@ def run(data_dir: Path, shapes: tuple[str, ...] = tuple(SHAPES), repair_images: 
             solver = r.certificate.solver if r.certificate is not None else {}
             row["lp"] = {k: solver.get(k) for k in ("rows", "columns", "pattern_rows", "rounds", "weights")}
             if r.ok:
-                after = {"repair": _accuracy(r.model, xr, yr), "generalisation": _accuracy(r.model, xg, yg),
-                         "clean": _accuracy(r.model, x_clean, y_test)}
+                after = {"repair": accuracy(r.model, xr, yr), "generalisation": accuracy(r.model, xg, yg),
+                         "clean": accuracy(r.model, x_clean, y_test)}
                 c = r.certificate
                 extra = c.later_biases or {"l1": 0.0, "linf": 0.0}
                 row.update(after=after, efficacy=after["repair"], drawdown=100 * (before["clean"] - after["clean"]),

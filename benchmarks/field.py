@@ -23,12 +23,6 @@ import torch
 from benchmarks import registry
 
 
-def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: np.ndarray, batch: int = 1000) -> float:
-    with torch.no_grad():
-        pred = np.concatenate([model(x[i:i + batch]).argmax(1).numpy() for i in range(0, len(x), batch)])
-    return float((pred == y).mean())
-
-
 def run(run_dir: Path, repair_images: int = 100, keep_images: int = 1000, margins: tuple[float, ...] = (0.05, 0.5, 2.0),
         seed: int = 0) -> Path:
     """Every (model, keep) case on one fog set; writes benchmarks/results/field_fog.json."""
@@ -38,6 +32,7 @@ def run(run_dir: Path, repair_images: int = 100, keep_images: int = 1000, margin
     from cnnrepair.data import to_float
     from cnnrepair.paper.pipeline import load_models, open_dataset
     from cnnrepair.paper.rundir import RunDir
+    from cnnrepair.runtime import accuracy
 
     run = RunDir(run_dir)
     ds = open_dataset(run)
@@ -56,7 +51,7 @@ def run(run_dir: Path, repair_images: int = 100, keep_images: int = 1000, margin
         with torch.no_grad():
             ok = model(xk_all).argmax(1).numpy() == ds.y_train[order]
         xk, yk = xk_all[ok][:keep_images], ds.y_train[order][ok][:keep_images]
-        before = {"repair": _accuracy(model, xr, yr), "generalisation": _accuracy(model, xg, yg), "clean": _accuracy(model, x_clean, y_test)}
+        before = {"repair": accuracy(model, xr, yr), "generalisation": accuracy(model, xg, yg), "clean": accuracy(model, x_clean, y_test)}
         for margin in margins:
             for keep in (False, True):
                 t1 = time.perf_counter()
@@ -65,8 +60,8 @@ def run(run_dir: Path, repair_images: int = 100, keep_images: int = 1000, margin
                 row = {"model": name, "layer": layer, "margin": margin, "keep_points": int(len(yk)) if keep else 0, "status": r.status,
                        "seconds": seconds, "before": before}
                 if r.ok:
-                    after = {"repair": _accuracy(r.model, xr, yr), "generalisation": _accuracy(r.model, xg, yg),
-                             "clean": _accuracy(r.model, x_clean, y_test)}
+                    after = {"repair": accuracy(r.model, xr, yr), "generalisation": accuracy(r.model, xg, yg),
+                             "clean": accuracy(r.model, x_clean, y_test)}
                     c = r.certificate
                     row.update(after=after, efficacy=after["repair"], drawdown=100 * (before["clean"] - after["clean"]),
                                generalisation=100 * (after["generalisation"] - before["generalisation"]),

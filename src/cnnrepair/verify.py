@@ -41,7 +41,7 @@ from cnnrepair.modelrepair import PointsFile, load_points, saved_logits_fn
 from cnnrepair.repair import RepairSpec, last_layer
 from cnnrepair.repair.float32 import layer_scale
 from cnnrepair.repair.certificate import Certificate, below_margin, claims_off, witness_bound
-from cnnrepair.repair.measure import change_summary, layout_margins, module_logits_fn
+from cnnrepair.repair.measure import change_norms, change_summary, layout_margins, module_logits_fn
 from cnnrepair.repair.coincide import shared_features
 from cnnrepair.repair.program import GAP, MarginProblem
 
@@ -308,7 +308,7 @@ def _against_original(v: Verification, cert: Certificate, spec: RepairSpec, orig
         later = []
     de = np.concatenate([(s1[t].detach().double() - s0[t].detach().double()).cpu().numpy().ravel() for t in later]) if later else np.zeros(0)
     if later:
-        for key, value in (("l1", float(np.abs(de).sum())), ("linf", float(np.abs(de).max(initial=0.0))), ("nonzero", int(np.count_nonzero(de)))):
+        for key, value in change_norms(de).items():
             if not _close(cert.later_biases[key], value, 1e-9):
                 v.problems.append(f"later_biases.{key} is {value:.9g}, the certificate says {cert.later_biases[key]}")
     dW, db = lay1.weight - lay0.weight, lay1.bias - lay0.bias

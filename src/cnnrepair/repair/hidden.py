@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.repair.highs import highs_status, new_highs, pass_lp, run, set_time_limit
 from cnnrepair.repair.layer import get_tensor
-from cnnrepair.repair.program import MarginSolution
+from cnnrepair.repair.program import MarginSolution, margins_of
 from cnnrepair.repair.suffix import (CONV, Suffix, aten, attr, build_suffix, later_biased, node_values, pool_windows, traced,
                                      weighted_nodes)
 from cnnrepair.runtime import eval_mode
@@ -147,7 +147,8 @@ def hidden_program(model: nn.Module, name: str, x: Tensor, labels: np.ndarray, r
     bparam = attr(bias_node)
     W = get_tensor(gm, wparam).detach().double().cpu().numpy().copy()
     b = get_tensor(gm, bparam).detach().double().cpu().numpy().copy() if bparam else np.zeros(W.shape[0])
-    for p in (wparam, bparam):
+    add_to = later_biased(gm, node) if later_biases else []
+    for p in (wparam, bparam, *(attr(n.args[2]) for n in add_to)):
         if p is not None:
             try:
                 get_tensor(model, p)
@@ -156,17 +157,11 @@ def hidden_program(model: nn.Module, name: str, x: Tensor, labels: np.ndarray, r
     prog = HiddenProgram(model, name, "hidden-" + ("conv2d" if conv else "linear"), W, b, bparam is not None, wparam, bparam, x,
                          np.asarray(labels, np.int64), np.asarray(required, np.float64), n_repair,
                          freeze_bias or bparam is None, max_change, conv=conv)
-    add_to = later_biased(gm, node) if later_biases else []
-    for n in add_to:
-        try:
-            get_tensor(model, attr(n.args[2]))
-        except AttributeError:
-            raise CnnRepairError(f"layer {name!r}: the model has no tensor {attr(n.args[2])!r} to write a later bias into") from None
     prog.later = [(attr(n.args[1]).rpartition(".")[0], attr(n.args[2]), int(get_tensor(gm, attr(n.args[2])).numel())) for n in add_to]
     prog.later_bias = (np.concatenate([get_tensor(gm, b).detach().double().cpu().numpy().ravel() for _, b, _ in prog.later])
                        if prog.later else np.zeros(0))
-    prog.suffix = build_suffix(gm, node, x, name, add_to)
     values = node_values(gm, x)
+    prog.suffix = build_suffix(gm, node, values, name, add_to)
     h, z = values[node.args[0]].double(), values[node].double()
     if conv:
         kernel = tuple(W.shape[2:])
@@ -217,12 +212,9 @@ def _later_split(prog: HiddenProgram, de: np.ndarray) -> tuple[Tensor, ...]:
 def _jvp(prog: HiddenProgram, dz: Tensor, de: np.ndarray | None = None) -> tuple[Tensor, ...]:
     suf = _suffix64(prog)
     x = prog.x.double()
-    if not prog.later:
-        _, tangents = torch.func.jvp(lambda z: suf(x, z), (prog.z0,), (dz,))
-    else:
-        e0 = _later_split(prog, np.zeros(len(prog.later_bias)))
-        e1 = _later_split(prog, np.zeros(len(prog.later_bias)) if de is None else de)
-        _, tangents = torch.func.jvp(lambda z, *e: suf(x, z, *e), (prog.z0, *e0), (dz, *e1))
+    e0 = _later_split(prog, np.zeros(len(prog.later_bias)))
+    e1 = _later_split(prog, np.zeros(len(prog.later_bias)) if de is None else de)
+    _, tangents = torch.func.jvp(lambda z, *e: suf(x, z, *e), (prog.z0, *e0), (dz, *e1))
     return tuple(t.detach() for t in tangents)
 
 
@@ -342,11 +334,8 @@ def _keep_short(prog: HiddenProgram, change: tuple, active: np.ndarray, tol: flo
             sel = idx[s:s + batch]
             t = torch.as_tensor(sel)
             logits = suffix(prog.x[t].double(), z[t], *(v[t] for v in e))[0].numpy()
-            lab = prog.labels[sel]
-            own = logits[np.arange(len(sel)), lab]
-            logits[np.arange(len(sel)), lab] = -np.inf
             req = prog.required[sel]
-            short.append(sel[own - logits.max(1) < req - tol * (1 + np.abs(req))])
+            short.append(sel[margins_of(logits, prog.labels[sel]) < req - tol * (1 + np.abs(req))])
     return np.concatenate(short)
 
 
@@ -409,6 +398,13 @@ def _price(prog: HiddenProgram, G: np.ndarray, pts: np.ndarray, y: np.ndarray) -
     np.add.at(agg, pts, (y[:, None] * G[:, :prog.nz]).reshape(len(G), O, L))
     M = np.einsum("nol,npl->op", agg, prog.patches.numpy())
     return M, agg.sum((0, 2))
+
+
+def _split(values: np.ndarray, rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> sp.coo_matrix:
+    """Coefficients ``values`` of a change split as ``d+ - d-``: ``+values`` in column ``cols`` (each entry's d+) and
+    ``-values`` in ``cols + 1`` (its d-), at ``rows``."""
+    return sp.coo_matrix((np.concatenate([values, -values]), (np.concatenate([rows, rows]), np.concatenate([cols, cols + 1]))),
+                         shape=shape)
 
 
 class _Master:
@@ -475,8 +471,7 @@ class _Master:
         p, c = np.nonzero(H)
         v = -H[p, c]
         r = p * O + unit[c]
-        return sp.coo_matrix((np.concatenate([v, -v]), (np.concatenate([r, r]), np.concatenate([2 * c, 2 * c + 1]))),
-                             shape=(len(points) * O, 2 * len(entries)))
+        return _split(v, r, 2 * c, (len(points) * O, 2 * len(entries)))
 
     def _by_unit(self, points: np.ndarray) -> None:
         """Give ``points`` their u columns and definition rows."""
@@ -494,8 +489,7 @@ class _Master:
             blocks.append(sp.coo_matrix((D.data, (D.row, cols[D.col])), shape=(n, self.ncols)))
         if self.nb:
             unit = np.tile(np.arange(O), len(points))
-            blocks.append(sp.coo_matrix((np.concatenate([-s, s]), (np.tile(np.arange(n), 2),
-                                         np.concatenate([self.bias_col + 2 * unit, self.bias_col + 2 * unit + 1]))), shape=(n, self.ncols)))
+            blocks.append(_split(-s, np.arange(n), self.bias_col + 2 * unit, (n, self.ncols)))
         A = sp.csr_matrix(sum(blocks[1:], blocks[0]))
         row = self._add_rows(np.zeros(n), np.zeros(n), A)
         for j, k in enumerate(points):
@@ -561,13 +555,10 @@ class _Master:
             if len(cols):
                 Aw = _row_weight_coef(self.prog, G[sel], pts[sel], cols) / norm[sel][:, None]
                 C = sp.coo_matrix(Aw)
-                blocks.append(sp.coo_matrix((np.concatenate([C.data, -C.data]), (np.concatenate([sel[C.row]] * 2),
-                                             np.concatenate([wcols[C.col], wcols[C.col] + 1]))), shape=(n, self.ncols)))
+                blocks.append(_split(C.data, sel[C.row], wcols[C.col], (n, self.ncols)))
             if self.nb:
                 C = sp.coo_matrix(_bias_coef(self.prog, G[sel]) / norm[sel][:, None])
-                blocks.append(sp.coo_matrix((np.concatenate([C.data, -C.data]), (np.concatenate([sel[C.row]] * 2),
-                                             np.concatenate([self.bias_col + 2 * C.col, self.bias_col + 2 * C.col + 1]))),
-                                            shape=(n, self.ncols)))
+                blocks.append(_split(C.data, sel[C.row], self.bias_col + 2 * C.col, (n, self.ncols)))
         if in_u.any():
             sel = np.flatnonzero(in_u)
             C = sp.coo_matrix(Gz[sel] / norm[sel][:, None])
@@ -575,9 +566,7 @@ class _Master:
             blocks.append(sp.coo_matrix((C.data, (sel[C.row], base[C.row] + C.col)), shape=(n, self.ncols)))
         if self.nl:
             C = sp.coo_matrix(Ge / norm[:, None])
-            blocks.append(sp.coo_matrix((np.concatenate([C.data, -C.data]), (np.concatenate([C.row] * 2),
-                                         np.concatenate([self.later_col + 2 * C.col, self.later_col + 2 * C.col + 1]))),
-                                        shape=(n, self.ncols)))
+            blocks.append(_split(C.data, C.row, self.later_col + 2 * C.col, (n, self.ncols)))
         e = np.flatnonzero(elastic)
         blocks.append(sp.coo_matrix((np.ones(len(e)), (e, slack_of[e])), shape=(n, self.ncols)))
         A = sp.csr_matrix(sum(blocks[1:], blocks[0]))

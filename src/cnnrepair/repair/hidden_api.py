@@ -25,7 +25,7 @@ from cnnrepair.repair.hidden import HiddenProgram, hidden_program, solve_hidden,
 from cnnrepair.repair.inputs import Points, SolveOptions, as_inputs, check_labels
 from cnnrepair.repair.outcome import ClassifierRepair
 from cnnrepair.repair.program import MarginSolution
-from cnnrepair.repair.measure import change_summary, model_logits, robust_margins
+from cnnrepair.repair.measure import change_norms, change_summary, model_logits, robust_margins
 from cnnrepair.repair.spec import RepairSpec
 
 
@@ -147,8 +147,7 @@ def _certificate(prog: HiddenProgram, spec: RepairSpec, status: str, sol: Margin
                           "whose margin the change would otherwise have cost; the other keep points keep their labels, as "
                           "measured, with whatever pattern they take); cnnrepair verify --original recomputes them"})
     if prog.later:
-        cert.later_biases = {"tensors": [b for _, b, _ in prog.later], "l1": float(np.abs(de).sum()),
-                             "linf": float(np.abs(de).max(initial=0.0)), "nonzero": int(np.count_nonzero(de)),
+        cert.later_biases = {"tensors": [b for _, b, _ in prog.later], **change_norms(de),
                              "note": "the biases of the layers after the repaired one moved too; the objective counts their L1 change"}
     if status == "infeasible" and sol.conflicts is not None:
         cert.conflicts = [{"index": int(k) if k < K else int(k - K), "set": "points" if k < K else "keep",

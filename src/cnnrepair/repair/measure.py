@@ -78,9 +78,14 @@ def model_logits(model: nn.Module, x: np.ndarray | torch.Tensor, batch_size: int
     return np.concatenate(out) if out else np.zeros((0, 0))
 
 
+def change_norms(d: np.ndarray) -> dict:
+    """L1, L-infinity and non-zeros of a change (any shape)."""
+    d = np.asarray(d, np.float64).ravel()
+    return {"l1": float(np.abs(d).sum()), "linf": float(np.abs(d).max(initial=0.0)), "nonzero": int(np.count_nonzero(d))}
+
+
 def change_summary(dW: np.ndarray, db: np.ndarray, freeze_bias: bool) -> dict:
     """L1, L-infinity and non-zeros of a change, weights and biases together."""
     d = np.concatenate([dW.ravel(), [] if freeze_bias else db.ravel()])
-    return {"l1": float(np.abs(d).sum()), "linf": float(np.abs(d).max(initial=0.0)), "nonzero": int(np.count_nonzero(d)),
-            "weights_changed": int(np.count_nonzero(dW)), "biases_changed": int(np.count_nonzero(db)),
+    return {**change_norms(d), "weights_changed": int(np.count_nonzero(dW)), "biases_changed": int(np.count_nonzero(db)),
             "rows_changed": int(np.count_nonzero(np.abs(np.hstack([dW, db[:, None]])).sum(1)))}

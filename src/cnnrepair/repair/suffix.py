@@ -98,10 +98,11 @@ def later_biased(gm: torch.fx.GraphModule, layer: torch.fx.Node) -> list[torch.f
     return [n for n in weighted_nodes(gm).values() if n in dep and n is not layer and len(n.args) > 2 and attr(n.args[2])]
 
 
-def build_suffix(gm: torch.fx.GraphModule, layer: torch.fx.Node, sample: Tensor, name: str,
+def build_suffix(gm: torch.fx.GraphModule, layer: torch.fx.Node, values: dict, name: str,
             add_to: list[torch.fx.Node] | tuple = ()) -> Suffix:
     """The part of the graph that depends on the layer's output, checked to be piecewise linear (named operators refused);
-    ``add_to``: later layers whose output gets a per-point input added (their bias changes)."""
+    ``values``: every node's value on the points (:func:`node_values`); ``add_to``: later layers whose output gets a
+    per-point input added (their bias changes)."""
     dep = {layer}
     for node in gm.graph.nodes:
         if node is not layer and node.op == "call_function" and any(a in dep for a in node.all_input_nodes):
@@ -111,7 +112,6 @@ def build_suffix(gm: torch.fx.GraphModule, layer: torch.fx.Node, sample: Tensor,
     logits = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
     if logits not in dep:
         raise CnnRepairError(f"the model's output does not depend on layer {name!r}; nothing to repair there")
-    values = node_values(gm, sample)
     consts = {n: v for n, v in values.items() if n not in dep}
     watched, relus, pools = [], [], []
     for node in gm.graph.nodes:
@@ -206,8 +206,8 @@ def _watched(model: nn.Module, name: str, x: Tensor) -> tuple[Suffix, tuple]:
     eval_mode(model)
     gm = traced(model, x)
     node = weighted_nodes(gm)[name]
-    suf = build_suffix(gm, node, x, name)
     vals = node_values(gm, x)
+    suf = build_suffix(gm, node, vals, name)
     with torch.no_grad():
         outs = suf(x, vals[node])
     return suf, outs
