@@ -417,8 +417,8 @@ class _Master:
 
     For a linear layer, a point with UNIT_ROWS dense rows (margins, or patterns after a later layer) gets its own columns
     ``u_k = dz_k`` (free) and definition rows ``u_k - dW h_k - db = 0``: its rows are then ``g . u_k`` (one entry per
-    unit of the layer instead of one per weight entry), which cut the nonzeros of the program several-fold when every
-    point has many rows (the C-1 margins of a repair point, a keep point's ReLU signs)."""
+    unit of the layer instead of one per weight entry), far fewer nonzeros when a point has many rows (the C-1 margins
+    of a repair point, a keep point's ReLU signs)."""
 
     def __init__(self, prog: HiddenProgram, scale: float, bound: float | None, time_limit: float | None):
         self.prog, self.scale = prog, scale
