@@ -43,21 +43,12 @@ def mlp(depth: int, width: int) -> nn.Sequential:
 
 def train(shape: str, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -> tuple[nn.Sequential, float]:
     """A seeded MLP of ``shape`` trained with Adam (lr 1e-3, batch 128); (model, seconds)."""
+    from benchmarks.common import fit
+
     depth, width = SHAPES[shape]
-    gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = mlp(depth, width)
-    opt = torch.optim.Adam(model.parameters(), 1e-3)
-    t0 = time.perf_counter()
-    for _ in range(epochs):
-        perm = torch.randperm(len(y), generator=gen)
-        for i in range(0, len(y), 128):
-            idx = perm[i:i + 128]
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval(), time.perf_counter() - t0
+    return model, fit(model, x, y, epochs, seed)
 
 
 def run(data_dir: Path, shapes: tuple[str, ...] = tuple(SHAPES), repair_images: int = 100, keep_images: int = 1000,

@@ -10,7 +10,7 @@ and LH's head, both from the run's ``export/*.pt2``), each eps and each bound me
   points (their label kept), and with CROWN also as balls (``keep_eps = eps``: those whose ball was
   certified stay certified);
 * ``cnnrepair``'s ``ball`` spec repairs the layer (L1, margin 0.01); then, on ``eval`` unseen images
-  of the second half: certified accuracy before and after (same bounds, the features do not change),
+  of the second half: certified accuracy before and after (the same method, the specification itself bounded),
   PGD accuracy after (50 steps, 5 restarts, in the same boxes; never below the certified accuracy
   when the bounds are sound), and clean accuracy (drawdown) on the whole second half.
 """
@@ -37,8 +37,6 @@ def run(runs: list[Path], eps_grid: tuple[float, ...], k: int = 20, keep: int = 
     from cnnrepair.formats import load_model
     from cnnrepair.paper.pipeline import open_dataset
     from cnnrepair.repair import Points, RepairSpec, SolveOptions, repair_classifier
-    from cnnrepair.repair.api import last_layer_tensors
-    from cnnrepair.repair.layer import last_layer
     from cnnrepair.paper.rundir import RunDir
 
     paths = []
@@ -77,8 +75,7 @@ def run(runs: list[Path], eps_grid: tuple[float, ...], k: int = 20, keep: int = 
                                "bound_seconds_per_point": ev.seconds / max(1, eval_n), "clean_before": clean_before,
                                "certified_before": ev.accuracy, "eval_points": eval_n}
                         if result.ok:
-                            W, b = last_layer_tensors(result.model, last_layer(model, x[:2], result.layer))
-                            after = ev.with_layer(W, b)
+                            after = certify(result.model, xe[:eval_n], ye[:eval_n], eps, method)
                             robust = pgd_accuracy(result.model, lo, hi, ye[:eval_n])
                             with torch.no_grad():
                                 clean_after = float((result.model(xe).argmax(1).numpy() == ye).mean())

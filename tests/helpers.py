@@ -37,3 +37,19 @@ def last_error_line(capsys) -> str:
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines, "expected an error line"
     return lines[-1]
+
+
+def pgd_in_box(objective, lo, hi, steps: int = 40, restarts: int = 3) -> list:
+    """The end points (float32) of signed-gradient ascent on ``objective(x).sum()`` inside the box ``[lo, hi]``, one per
+    random start: the attack the bound tests hold their bounds against."""
+    ends = []
+    for r in range(restarts):
+        g = torch.Generator().manual_seed(r)
+        x = (lo + (hi - lo) * torch.rand(lo.shape, generator=g, dtype=torch.float64)).float()
+        for _ in range(steps):
+            x.requires_grad_(True)
+            grad, = torch.autograd.grad(objective(x).sum(), x)
+            with torch.no_grad():
+                x = torch.minimum(torch.maximum(x + 0.1 * (hi - lo).float() * grad.sign(), lo.float()), hi.float())
+        ends.append(x.detach())
+    return ends

@@ -3,7 +3,8 @@
 The public API, one level: repair a model (``repair_classifier``, ``RepairSpec``, ``Points``,
 ``SolveOptions``; the outcome's ``Certificate``), read and write
 model files (``load_model``, ``save_model``), make points and evaluate (``make_points``,
-``assess``), bound and certify (``feature_bounds``, ``certify``), re-check a certificate
+``assess``), bound and certify (``feature_bounds``: a box on a layer's input; ``frozen_graph`` and
+``margin_bounds``: the logit differences themselves; ``certify``), re-check a certificate
 (``verify_certificate``), write VNN-LIB properties (``write_properties``). The solvers and their
 data (``MarginProblem``, ``solve_margins``, ...) live in :mod:`cnnrepair.repair`; the paper's
 pipeline (Guidotti & Leofante, 2020) is one application on top, in :mod:`cnnrepair.paper`, beside
@@ -11,7 +12,7 @@ the ``cnnrepair`` command (:mod:`cnnrepair.cli`).
 """
 
 from cnnrepair.assess import AssessSettings, assess
-from cnnrepair.bounds import BallInputs, FeatureBounds, ball_box, feature_bounds
+from cnnrepair.bounds import BallInputs, FeatureBounds, ball_box, feature_bounds, frozen_graph, margin_bounds
 from cnnrepair.certify import Certification, certify, pgd_accuracy
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.formats import LoadedModel, load_model, save_model
@@ -27,7 +28,7 @@ from cnnrepair import moved as _moved_modules  # noqa: E402 - old module paths (
 _moved_modules.install()
 __all__ = ["AssessSettings", "BallInputs", "BallProperty", "Certificate", "Certification", "ClassifierRepair", "CnnRepairError", "FeatureBounds", "InputSpec",
            "LoadedModel", "MadePoints", "Points", "PointsSettings", "RepairSpec", "SolveOptions", "Verification", "__version__", "assess", "ball_box", "certify",
-           "feature_bounds", "last_layer", "load_model", "make_points", "pgd_accuracy", "repair_classifier", "save_model",
+           "feature_bounds", "frozen_graph", "last_layer", "load_model", "make_points", "margin_bounds", "pgd_accuracy", "repair_classifier", "save_model",
            "verify_certificate", "write_properties"]
 
 _MOVED = {"MarginProblem": "cnnrepair.repair", "MarginSolution": "cnnrepair.repair", "solve_margins": "cnnrepair.repair"}

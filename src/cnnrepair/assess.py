@@ -31,8 +31,9 @@ class AssessSettings:
     n: int = 1000
     seed: int = 0
     pgd_steps: int = 40
-    certify: str | None = None  # "ibp" or "crown": also the certified accuracy at each eps (sound bounds over each ball)
+    certify: str | None = None  # "ibp", "crown" or "alpha-crown": also the certified accuracy at each eps (sound bounds over each ball)
     split: str | None = None  # which split the images are (recorded; matched against the point sets' recorded split)
+    scheduler: str | None = None  # a Dask scheduler's address: certified accuracy bounded on its workers
 
     def check(self) -> None:
         for e in self.eps:
@@ -41,8 +42,10 @@ class AssessSettings:
             raise CnnRepairError(f"--attack must be fgsm or pgd (got {self.attack!r})")
         if self.n < 1:
             raise CnnRepairError(f"--n must be >= 1 (got {self.n})")
-        if self.certify not in (None, "ibp", "crown"):
-            raise CnnRepairError(f"--certify must be ibp or crown (got {self.certify!r})")
+        if self.certify not in (None, "ibp", "crown", "alpha-crown"):
+            raise CnnRepairError(f"--certify must be ibp, crown or alpha-crown (got {self.certify!r})")
+        if self.scheduler is not None and self.certify is None:
+            raise CnnRepairError("--scheduler spreads certification over a Dask cluster: give --certify too")
 
 
 @torch.no_grad()
@@ -214,7 +217,8 @@ def _certified(model: nn.Module, images: np.ndarray, labels: np.ndarray, spec: I
     for eps in settings.eps:  # the box in pixels, through the input convention (monotone: std > 0)
         lo, hi = spec.to_model((x01 - eps).clamp(0, 1)), spec.to_model((x01 + eps).clamp(0, 1))
         tell = None if progress is None else (lambda desc, i, n, e=eps: progress(f"{name}: {desc} eps={e:g}", i, n))
-        out[f"{eps:g}"] = certify_boxes(model, lo, hi, labels, settings.certify, eps=eps, progress=tell).accuracy
+        out[f"{eps:g}"] = certify_boxes(model, lo, hi, labels, settings.certify, eps=eps, progress=tell,
+                                      scheduler=settings.scheduler).accuracy
     return out
 
 

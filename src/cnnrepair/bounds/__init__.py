@@ -1,13 +1,21 @@
-"""Sound bounds on what a network's frozen part computes over an L-infinity ball around each input.
+"""Sound bounds on what a network computes over an L-infinity ball around each input.
 
     from cnnrepair.bounds import ball_box, feature_bounds
     lo, hi = ball_box(x, eps=0.02)                          # the ball, clipped to pixels in [0, 1]
     fb = feature_bounds(model, "head.2", lo, hi, "crown")   # fb.lower <= features(x') <= fb.upper for every x' in it
+    g = frozen_graph(model, "head.2", x[:2], through=True)
+    m = margin_bounds(g, lo, hi, y, "crown")                # m[i] <= logit[y] - logit[j] for every j != y, every x' in ball i
 
-Two methods behind one call (:mod:`cnnrepair.bounds.propagate`): interval bound propagation
-(``ibp``) and a linear relaxation (``crown``), over the graph :mod:`cnnrepair.bounds.graph`
-extracts from any model ``torch.export`` can trace (convolution, linear, batch norm, average and
-max pooling, ReLU, flatten/reshape, normalisation by stored tensors, residual sums).
+Two kinds of result: :func:`feature_bounds`, a box on the repaired layer's input (what the repair
+LP constrains: each feature's own range), and :func:`margin_bounds`, the specification itself (the
+logit differences, the last layer folded into the backward pass), which certified accuracy uses and
+which is tighter than the worst case of the last layer over the feature box. Three methods behind
+both (:mod:`cnnrepair.bounds.propagate`): interval bound propagation (``ibp``), CROWN's linear
+relaxation with back-substitution (``crown``) and its optimised slopes (``alpha-crown``), over the
+graph :mod:`cnnrepair.bounds.graph` extracts from any model ``torch.export`` can trace (convolution,
+linear, batch norm, average and max pooling, ReLU, flatten/reshape, normalisation by stored
+tensors, residual sums). Inputs are bounded in batches sized to the memory free
+(:func:`~cnnrepair.bounds.propagate.memory_budget`); the results do not depend on the batch.
 """
 
 from __future__ import annotations
@@ -20,11 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from cnnrepair.bounds.graph import FrozenGraph, frozen_graph
-from cnnrepair.bounds.propagate import METHODS, propagate
+from cnnrepair.bounds.propagate import METHODS, AlphaSettings, memory_budget, propagate, spec_bounds
 from cnnrepair.errors import CnnRepairError
-
-
-_CROWN_LIMIT = 60_000_000  # float64 numbers in one linear bound (~480 MB; a few are alive at once)
 
 
 @dataclass
@@ -100,6 +105,30 @@ class BallInputs:
         return {"mean": self.mean, "std": self.std, "domain": self.domain}
 
 
+def _boxes(lower, upper) -> tuple[Tensor, Tensor]:
+    lower = torch.as_tensor(np.asarray(lower) if not isinstance(lower, Tensor) else lower).double()
+    upper = torch.as_tensor(np.asarray(upper) if not isinstance(upper, Tensor) else upper).double()
+    if lower.shape != upper.shape or (lower > upper).any():
+        raise CnnRepairError("the boxes' lower corners must have the upper corners' shape and lie below them")
+    return lower, upper
+
+
+def _check(graph: FrozenGraph, lower: Tensor, method: str) -> None:
+    if method not in METHODS:
+        raise CnnRepairError(f"unknown bound method {method!r}; choose one of {', '.join(METHODS)}")
+    if tuple(lower.shape[1:]) != graph.input_shape:
+        raise CnnRepairError(f"boxes of shape {tuple(lower.shape[1:])} for a model taking {graph.input_shape}")
+
+
+def batch_for(graph: FrozenGraph, method: str, device="cpu") -> int:
+    """Inputs bounded at once: CROWN's walks hold (inputs x rows x widest value) numbers, kept within the memory
+    budget with at least 16 rows a walk; IBP holds a few boxes per input."""
+    widest = max(int(np.prod(op.shape)) if op.shape else 1 for op in graph.ops)
+    if method == "ibp":
+        return max(1, min(1024, memory_budget(device) // (8 * widest)))
+    return max(1, min(256, memory_budget(device) // (2 * 16 * widest)))
+
+
 def feature_bounds(model: nn.Module | FrozenGraph, layer: str, lower, upper, method: str = "crown",
                    batch_size: int | None = None, progress=None) -> FeatureBounds:
     """Bounds on the input of ``layer`` (the repaired linear layer) over each box ``[lower, upper]``.
@@ -109,29 +138,20 @@ def feature_bounds(model: nn.Module | FrozenGraph, layer: str, lower, upper, met
     arithmetic and widened against float64 roundoff; the model itself runs in float32, whose
     rounding (about 1e-6 relative) the margins asked of repair must cover.
     """
+    lower, upper = _boxes(lower, upper)
     if method not in METHODS:
         raise CnnRepairError(f"unknown bound method {method!r}; choose one of {', '.join(METHODS)}")
-    lower = torch.as_tensor(np.asarray(lower) if not isinstance(lower, Tensor) else lower).double()
-    upper = torch.as_tensor(np.asarray(upper) if not isinstance(upper, Tensor) else upper).double()
-    if lower.shape != upper.shape or (lower > upper).any():
-        raise CnnRepairError("the boxes' lower corners must have the upper corners' shape and lie below them")
     t0 = time.perf_counter()
     graph = model if isinstance(model, FrozenGraph) else frozen_graph(model, layer, lower[:2].float())
-    if tuple(lower.shape[1:]) != graph.input_shape:
-        raise CnnRepairError(f"boxes of shape {tuple(lower.shape[1:])} for a model taking {graph.input_shape}")
-    widest = max(int(np.prod(op.shape)) for op in graph.ops)
-    per_point = int(np.prod(graph.input_shape)) * widest  # numbers in one linear bound of the widest value, per input
-    if method == "crown" and per_point > _CROWN_LIMIT:
-        raise CnnRepairError(f"crown bounds on this model would hold {per_point:,} numbers per input and value (input size x widest "
-                             f"layer; the limit is {_CROWN_LIMIT:,}): use --bounds ibp, or a smaller model")
-    if batch_size is None:  # CROWN's linear bounds hold (input size x widest value) numbers per point
-        batch_size = 256 if method == "ibp" else max(1, 12_000_000 // (int(np.prod(graph.input_shape)) * widest))
+    _check(graph, lower, method)
+    lower, upper = lower.to(graph.device), upper.to(graph.device)
+    batch_size = batch_size or batch_for(graph, method, graph.device)
     los, his = [], []
     with torch.no_grad():
         for i in range(0, len(lower), batch_size):
             lo, hi = propagate(graph, lower[i:i + batch_size], upper[i:i + batch_size], method)
-            los.append(lo.reshape(len(lo), -1).numpy())
-            his.append(hi.reshape(len(hi), -1).numpy())
+            los.append(lo.reshape(len(lo), -1).cpu().numpy())
+            his.append(hi.reshape(len(hi), -1).cpu().numpy())
             if progress is not None:
                 progress(f"{method} bounds", min(i + batch_size, len(lower)), len(lower))
     n = int(np.prod(graph.op(graph.target).shape))
@@ -140,4 +160,39 @@ def feature_bounds(model: nn.Module | FrozenGraph, layer: str, lower, upper, met
     return FeatureBounds(lo, hi, method, time.perf_counter() - t0)
 
 
-__all__ = ["METHODS", "BallInputs", "FeatureBounds", "FrozenGraph", "ball_box", "feature_bounds", "frozen_graph", "propagate"]
+def margin_rows(labels, classes: int) -> Tensor:
+    """B x (classes - 1) x classes: per input with label y, the rows ``e_y - e_j`` for every other class j."""
+    labels = torch.as_tensor(np.asarray(labels, np.int64))
+    if len(labels) and (labels.min() < 0 or labels.max() >= classes):
+        raise CnnRepairError(f"labels must lie in 0..{classes - 1} for a model with {classes} outputs")
+    others = torch.arange(classes).repeat(len(labels), 1)
+    others = others[others != labels[:, None]].reshape(len(labels), classes - 1)
+    rows = torch.zeros(len(labels), classes - 1, classes, dtype=torch.float64)
+    rows.scatter_(2, labels.reshape(-1, 1, 1).expand(-1, classes - 1, 1), 1.0)
+    rows.scatter_(2, others.unsqueeze(2), -1.0)
+    return rows
+
+
+def margin_bounds(graph: FrozenGraph, lower, upper, labels, method: str = "crown", progress=None) -> np.ndarray:
+    """Per box, a lower bound of ``min_j logit[y] - logit[j]`` over it (``graph``: :func:`frozen_graph` with
+    ``through=True``, so its target is the logits); positive means the whole box keeps label y."""
+    lower, upper = _boxes(lower, upper)
+    _check(graph, lower, method)
+    classes = int(np.prod(graph.op(graph.target).shape))
+    rows = margin_rows(labels, classes).to(graph.device)
+    if len(rows) != len(lower):
+        raise CnnRepairError(f"{len(rows)} labels for {len(lower)} boxes")
+    lower, upper = lower.to(graph.device), upper.to(graph.device)
+    batch_size = batch_for(graph, method, graph.device)
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(lower), batch_size):
+            sl = slice(i, i + batch_size)
+            out.append(spec_bounds(graph, lower[sl], upper[sl], rows[sl], method).min(1).values.cpu().numpy())
+            if progress is not None:
+                progress(f"{method} bounds", min(i + batch_size, len(lower)), len(lower))
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+__all__ = ["METHODS", "AlphaSettings", "BallInputs", "FeatureBounds", "FrozenGraph", "ball_box", "batch_for", "feature_bounds", "frozen_graph",
+           "margin_bounds", "margin_rows", "memory_budget", "propagate", "spec_bounds"]

@@ -20,6 +20,7 @@ import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -51,6 +52,7 @@ _RELU = {aten.relu.default, aten.relu_.default}
 _MAXPOOL = {aten.max_pool2d.default, aten.max_pool2d_with_indices.default}
 _SKIP = {aten._assert_tensor_metadata.default}
 _PADS = {aten.pad.default, aten.constant_pad_nd.default}  # zero padding: linear, with 0/1 coefficients
+_AVERAGES = {aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default, aten._adaptive_avg_pool2d.default, aten.mean.dim}
 
 
 @dataclass
@@ -65,7 +67,9 @@ class Op:
     signs: tuple[float, ...] = (1.0, 1.0)  # sum: coefficient of each input
     linear: object = None  # affine: x -> L x, the linear part (no constant)
     transpose: object = None  # affine, optional: (rows of coefficients on the output, input shape) -> (L^T rows, constant c or None)
+    rows_of: object = None  # affine, optional: (B x S output neuron indices, input shape) -> (their rows of L, B x S x input shape; c, B x S)
     shape: tuple[int, ...] = ()  # per-example output shape
+    diagonal: bool = False  # affine: each output is one input times a constant plus a constant (the image of a box is a box)
 
 
 @dataclass
@@ -76,6 +80,8 @@ class FrozenGraph:
     target: torch.fx.Node
     input_shape: tuple[int, ...]
     constants: dict = field(default_factory=dict)
+    cache: dict = field(default_factory=dict, repr=False, compare=False)  # what the bound passes derive from the graph alone
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where its stored tensors are
 
     def op(self, node: torch.fx.Node) -> Op:
         return self._index[node]
@@ -102,14 +108,16 @@ def _get_attr(gm: torch.fx.GraphModule, target: str) -> Tensor:
     return obj
 
 
-def frozen_graph(model: nn.Module, layer: str, sample: Tensor) -> FrozenGraph:
-    """The graph of ``model`` up to the input of its linear layer ``layer`` (a name from ``candidate_layers``)."""
+def frozen_graph(model: nn.Module, layer: str, sample: Tensor, through: bool = False, device: str | torch.device = "cpu") -> FrozenGraph:
+    """The graph of ``model`` up to the input of its linear layer ``layer`` (a name from ``candidate_layers``), or with
+    ``through`` up to its output (the logits, when the layer ends the model: what a specification is written on).
+    Its stored tensors are put on ``device`` (``cuda``: the bounds are computed there)."""
     gm = export_graph(model, sample[:2].float())
     lins = linear_nodes(gm)
     if layer not in lins:
         raise CnnRepairError(f"layer {layer!r} is not a linear layer of the traced model (found: {', '.join(lins) or 'none'}); "
                              "bounds need the features of a linear last layer (an RBF head's kernel values are not supported)")
-    target = lins[layer].inp
+    target = lins[layer].out if through else lins[layer].inp
     needed = _ancestors(target)
     consts: dict[torch.fx.Node, object] = {}
     ops: list[Op] = []
@@ -125,7 +133,7 @@ def frozen_graph(model: nn.Module, layer: str, sample: Tensor) -> FrozenGraph:
             ops.append(Op(node, "input", [], shape=tuple(sample.shape[1:])))
             dep.add(node)
         elif node.op == "get_attr":
-            consts[node] = _as64(_get_attr(gm, str(node.target)))
+            consts[node] = _as64(_get_attr(gm, str(node.target)), device)
         elif node.op == "call_module":
             continue
         elif node.op == "call_function":
@@ -133,17 +141,19 @@ def frozen_graph(model: nn.Module, layer: str, sample: Tensor) -> FrozenGraph:
                 continue
             args_dep = [a for a in _flat_args(node) if isinstance(a, torch.fx.Node) and a in dep]
             if not args_dep:
-                consts[node] = _as64(_run_const(node, consts))
+                consts[node] = _as64(_run_const(node, consts), device)
                 continue
             op = classify_node(node, args_dep, consts, shapes[node])
             op.shape = shapes[node]
+            if op.diagonal and node.target not in _PADS and any(np.prod(shapes[n]) != np.prod(op.shape) for n in op.inputs):
+                op.diagonal = False  # broadcast to more values: each one still exact, but not a box
             ops.append(op)
             dep.add(node)
         else:
             raise CnnRepairError(f"unexpected graph node {node.op} {node.target}; bound propagation cannot read this model")
     if target not in dep:
         raise CnnRepairError(f"layer {layer!r} does not depend on the model's input; nothing to bound")
-    return FrozenGraph(ops, target, tuple(sample.shape[1:]), consts)
+    return FrozenGraph(ops, target, tuple(sample.shape[1:]), consts, device=torch.device(device))
 
 
 def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
@@ -175,8 +185,10 @@ def _shapes(gm: torch.fx.GraphModule, sample: Tensor, needed: set) -> dict:
     return shapes
 
 
-def _as64(v):
-    return v.detach().double() if isinstance(v, Tensor) and v.is_floating_point() else v
+def _as64(v, device="cpu"):
+    if not isinstance(v, Tensor):
+        return v
+    return (v.detach().double() if v.is_floating_point() else v).to(device)
 
 
 def _flat_args(node: torch.fx.Node) -> list:
@@ -280,7 +292,7 @@ def _getitem(site: Site) -> Op:
     src = site.node.args[0]
     if site.node.args[1] != 0:
         raise CnnRepairError(f"output {site.node.args[1]} of {src.target} is not supported by the bound propagation")
-    return Op(site.node, "affine", [src], run=lambda x: x, abs_linear=lambda x: x, linear=lambda x: x)
+    return Op(site.node, "affine", [src], run=lambda x: x, abs_linear=lambda x: x, linear=lambda x: x, diagonal=True)
 
 
 @bound_rule(*_RELU)
@@ -321,7 +333,7 @@ def _weighted(site: Site) -> Op | None:
         return site.call(x, {1: consts[node.args[1]].abs(), 2: None})
 
     return Op(node, "affine", [site.src], run=site.run, abs_linear=abs_lin, linear=lambda x: site.call(x, {2: None}),
-              transpose=_weighted_transpose(node, consts))
+              transpose=_weighted_transpose(node, consts), rows_of=_weighted_rows(node, consts))
 
 
 @bound_rule(*(PASS_THROUGH - {operator.getitem}))
@@ -329,7 +341,7 @@ def _pass_through(site: Site) -> Op | None:
     if not _at(site, 0):
         return None
     return Op(site.node, "affine", [site.src], run=site.run, abs_linear=site.run, linear=site.run,
-              transpose=lambda a, shape: (a.reshape(len(a), *shape), None))
+              transpose=lambda a, shape: (a.reshape(len(a), *shape), None), diagonal=True)
 
 
 @bound_rule(*_BATCH_NORM)
@@ -344,7 +356,8 @@ def _batch_norm(site: Site) -> Op | None:
         scale = (w if w is not None else 1.0) / torch.sqrt(var + eps)
         return scale.reshape(1, -1, *([1] * (x.ndim - 2)))
 
-    return Op(node, "affine", [site.src], run=site.run, abs_linear=lambda x: x * bn_scale(x).abs(), linear=lambda x: x * bn_scale(x))
+    return Op(node, "affine", [site.src], run=site.run, abs_linear=lambda x: x * bn_scale(x).abs(), linear=lambda x: x * bn_scale(x),
+              diagonal=True)
 
 
 @bound_rule(*_SCALE)
@@ -356,14 +369,14 @@ def _scale(site: Site) -> Op | None:
     if t == aten.div.Tensor and pos == 1:
         raise CnnRepairError("dividing by an input-dependent tensor is not supported by the bound propagation")
     k = c if t == aten.mul.Tensor else 1.0 / c
-    return Op(node, "affine", [site.src], run=site.run, abs_linear=lambda x: x * k.abs(), linear=lambda x: x * k)
+    return Op(node, "affine", [site.src], run=site.run, abs_linear=lambda x: x * k.abs(), linear=lambda x: x * k, diagonal=True)
 
 
 @bound_rule(aten.neg.default, aten.sub.Tensor)
 def _negation(site: Site) -> Op | None:
     if not site.single or site.pos is None or (site.node.target == aten.sub.Tensor and site.pos != 1):
         return None
-    return Op(site.node, "affine", [site.src], run=site.run, abs_linear=lambda x: x, linear=lambda x: -x)
+    return Op(site.node, "affine", [site.src], run=site.run, abs_linear=lambda x: x, linear=lambda x: -x, diagonal=True)
 
 
 @bound_rule(aten.matmul.default, aten.mm.default)
@@ -384,7 +397,7 @@ def _pad(site: Site) -> Op | None:
     mode = node.args[2] if t == aten.pad.default and len(node.args) > 2 else node.kwargs.get("mode", "constant")
     if mode != "constant" or (value not in (None, 0, 0.0) and any(node.args[1])):
         raise CnnRepairError(f"padding with mode {mode!r} and value {value!r} is not supported by the bound propagation (zero padding is)")
-    return Op(node, "affine", [site.src], run=site.run, abs_linear=site.run, linear=site.run)
+    return Op(node, "affine", [site.src], run=site.run, abs_linear=site.run, linear=site.run, diagonal=True)
 
 
 @bound_rule(*_MONOTONE)
@@ -398,7 +411,8 @@ def _monotone(site: Site) -> Op | None:
             zero_shift["c"] = site.run(torch.zeros_like(x[:1]))
         return site.run(x) - zero_shift["c"]
 
-    return Op(site.node, "affine", [site.src], run=site.run, abs_linear=abs_mono, linear=abs_mono)
+    return Op(site.node, "affine", [site.src], run=site.run, abs_linear=abs_mono, linear=abs_mono,
+              diagonal=site.node.target not in _AVERAGES)
 
 
 def _weighted_transpose(node: torch.fx.Node, consts: dict):
@@ -427,6 +441,44 @@ def _weighted_transpose(node: torch.fx.Node, consts: dict):
         const = None if b is None else b.reshape(-1, 1, 1).expand(*rows.shape[1:])
         return grad, const
     return adjoint
+
+
+def _weighted_rows(node: torch.fx.Node, consts: dict):
+    """Rows of a linear layer's or 2-d convolution's matrix by output neuron, read off the weight (a walk from single
+    neurons starts there instead of multiplying one-hot rows through the layer)."""
+    t = node.target
+    w = consts[node.args[1]]
+    bias_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    b = consts.get(bias_arg) if isinstance(bias_arg, torch.fx.Node) else None
+
+    def const(c):
+        return torch.zeros(c.shape, dtype=w.dtype, device=c.device) if b is None else b[c]
+
+    if t == aten.linear.default and w.ndim == 2:
+        return lambda idx, shape: (w[idx], const(idx))
+    a = list(node.args) + [None] * 7
+    stride, padding, dilation, groups = a[3] or [1, 1], a[4] or [0, 0], a[5] or [1, 1], a[6] or 1
+    if t != aten.conv2d.default or isinstance(padding, str) or groups != 1 or w.ndim != 4:
+        return None
+    st, pd, dl = ([v] * 2 if not isinstance(v, (list, tuple)) else list(v) for v in (stride, padding, dilation))
+    cout, cin, kh, kw = w.shape
+
+    def rows(idx, shape):
+        h, wd = shape[-2:]
+        ho = (h + 2 * pd[0] - dl[0] * (kh - 1) - 1) // st[0] + 1
+        wo = (wd + 2 * pd[1] - dl[1] * (kw - 1) - 1) // st[1] + 1
+        c, pos = idx // (ho * wo), idx % (ho * wo)
+        top, left = (pos // wo) * st[0], (pos % wo) * st[1]  # the window's corner in the padded input
+        B, S = idx.shape
+        out = torch.zeros(B, S, cin, h + 2 * pd[0] + st[0], wd + 2 * pd[1] + st[1], dtype=w.dtype, device=w.device)
+        ys = top[..., None, None] + (torch.arange(kh, device=w.device) * dl[0])[:, None]  # B x S x kh x 1
+        xs = left[..., None, None] + (torch.arange(kw, device=w.device) * dl[1])[None, :]  # B x S x 1 x kw
+        bi = torch.arange(B, device=w.device)[:, None, None, None, None]
+        si = torch.arange(S, device=w.device)[None, :, None, None, None]
+        ci = torch.arange(cin, device=w.device)[None, None, :, None, None]
+        out[bi, si, ci, ys[:, :, None], xs[:, :, None]] = w[c]  # B x S x cin x kh x kw
+        return out[..., pd[0]:pd[0] + h, pd[1]:pd[1] + wd], const(c)
+    return rows
 
 
 def maxpool(x: Tensor, pool, indices: bool = False):

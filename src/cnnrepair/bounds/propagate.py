@@ -1,71 +1,130 @@
-"""Sound bounds on a network's intermediate values over an input box: IBP and CROWN.
+"""Sound bounds on a network's values over an input box: IBP, CROWN and alpha-CROWN.
 
 * ``ibp`` (interval bound propagation): each operation maps a box to a box containing its image;
   affine maps as centre +- |L| radius, ReLU and max-pooling by monotonicity. Fast and loose.
-* ``crown`` (linear relaxation, back-substitution as in CROWN / DeepPoly): a value's bound is
-  written as a linear function of the input by walking the graph backwards, relaxing each ReLU
-  between two lines (the chord above; the identity or zero below, whichever is closer) and each
-  max-pool window between its largest-lower-bound input and a constant, then minimised over the
-  input box in closed form. The ReLU and max-pool inputs that need it (unstable neurons) are
-  bounded this way first, layer by layer, and every CROWN bound is intersected with IBP's.
+* ``crown`` (linear relaxation with back-substitution, as in CROWN / DeepPoly): a value is bounded
+  by a linear function of the input, found by walking the graph backwards from it, each ReLU
+  relaxed between two lines (the chord above; the identity or zero below, whichever is closer)
+  and each max-pool window between its largest-lower-bound input and a constant, then minimised
+  over the input box in closed form. Every value a relaxation needs a box for (the unstable
+  inputs of a ReLU; every input of a max-pool or of a kind without linear rules; the features) is
+  bounded this way first, layer by layer, each from the bounds already found before it, and every
+  CROWN bound is intersected with IBP's. Values whose IBP box is already exact (one affine map of
+  the input box) are not walked.
+* ``alpha-crown``: CROWN, then the lower ReLU slopes of the last walk (the features, or the
+  specification's rows) optimised by projected gradient steps, one slope per row and neuron; every
+  slope in [0, 1] gives a sound bound, so every step's bound is kept where it is tighter.
 
-How each kind of operation is crossed (its interval, forward and backward rules) is one registered
-object per kind in :mod:`cnnrepair.bounds.kinds`; this module runs the passes.
+How each kind of operation is crossed (its interval and backward rules) is one registered object
+per kind in :mod:`cnnrepair.bounds.kinds`; this module runs the passes. A walk's rows are chunked so
+that no tensor of it holds more than a memory budget (:func:`memory_budget`); a neuron is walked in
+every batch it needs it in, and its result does not depend on the other inputs of the batch.
 
-All arithmetic is float64, whatever the model's dtype; the bounds of every affine map are widened
-outward by a rounding-sized amount (``_WIDEN``, ``_FLOOR``) so that float64 roundoff cannot make
-them unsound (ReLU, max-pooling and reshapes are exact on their input's box, so a dead neuron's
-output stays exactly 0).
+All arithmetic is float64, on the device of the boxes (CPU or CUDA); the bounds of every affine map
+are widened outward by a rounding-sized amount (``_WIDEN``, ``_FLOOR``) so that float64 roundoff
+cannot make them unsound (ReLU, max-pooling and reshapes are exact on their input's box, so a dead
+neuron's output stays exactly 0).
 """
 
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from cnnrepair.bounds.graph import PASS_THROUGH, FrozenGraph, Op
-from cnnrepair.bounds.kinds import KINDS
+from cnnrepair.bounds.kinds import KINDS, box_constant
+from cnnrepair.errors import CnnRepairError
 
-METHODS = ("ibp", "crown")
+METHODS = ("ibp", "crown", "alpha-crown")
 _WIDEN = 1e-9  # relative (to the bound's magnitude plus its width) outward widening of every result
 _FLOOR = 1e-12  # absolute part of that widening
-_BUDGET = 12_000_000  # elements of one back-substitution tensor (float64: ~100 MB); larger ones are split
+_MAX_BUDGET = 1_000_000  # elements of one back-substitution tensor at most (float64: 8 MB; measured: larger ones run slower)
 
 
-def propagate(graph: FrozenGraph, lower: Tensor, upper: Tensor, method: str = "crown") -> tuple[Tensor, Tensor]:
+@dataclass(frozen=True)
+class AlphaSettings:
+    """alpha-CROWN's optimisation: ``steps`` Adam steps of size ``lr`` on the lower ReLU slopes."""
+
+    steps: int = 20
+    lr: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or not self.lr > 0:
+            raise CnnRepairError(f"alpha-CROWN needs steps >= 1 and a learning rate > 0 (got steps={self.steps}, lr={self.lr})")
+
+
+def memory_budget(device: torch.device | str = "cpu") -> int:
+    """Elements (float64) one back-substitution tensor may hold: an eightieth of the memory free now (a walk keeps
+    a few such tensors and their products alive at once), at most ``_MAX_BUDGET``: tensors that large are
+    allocated afresh for every operation, and the page faults cost more than the calls that smaller ones add."""
+    device = torch.device(device)
+    try:
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        free = 8 * _MAX_BUDGET * 10
+    return int(max(250_000, min(_MAX_BUDGET, free // 80)))
+
+
+def propagate(graph: FrozenGraph, lower: Tensor, upper: Tensor, method: str = "crown",
+              alpha: AlphaSettings | None = None) -> tuple[Tensor, Tensor]:
     """Bounds (B x target shape) on the graph's target over the boxes ``[lower, upper]`` (B x input shape)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown bound method {method!r}; choose one of {', '.join(METHODS)}")
+    bounds = node_bounds(graph, lower, upper, method, alpha)
+    return bounds[graph.target]
+
+
+def node_bounds(graph: FrozenGraph, lower: Tensor, upper: Tensor, method: str = "crown",
+                alpha: AlphaSettings | None = None, features: bool = True) -> dict:
+    """Bounds on every value of the graph, by node. ``features``: the target's every neuron matters (repair's
+    feature box); otherwise (a specification on the target is bounded next) only what relaxations need."""
+    _check(method)
     lower, upper = lower.double(), upper.double()
+    plan = _plan(graph, features)
     bounds: dict[torch.fx.Node, tuple[Tensor, Tensor]] = {}
-    linear: dict[torch.fx.Node, tuple] = {}
-    uses = {op.node: sum(op.node in o.inputs for o in graph.ops) for op in graph.ops}
-    behind = _behind(graph)
-    final = _feature_source(graph, behind) if method == "crown" else None
     for op in graph.ops:
         kind = _kind(op)
         lo, hi = kind.ibp(op, bounds, lower, upper)
-        exact_map = kind.linear_map and op.node.target not in PASS_THROUGH
-        if method == "crown":
-            linear[op.node] = kind.forward(op, linear, bounds, lower, upper)
-            if behind[op.node] and exact_map:
-                # elsewhere IBP is already exact (before any relaxation) or the tightest box (ReLU, max-pool, reshapes)
-                flo, fhi = _concretise(linear[op.node], lower, upper)
-                lo, hi = torch.maximum(lo, flo), torch.minimum(hi, fhi)
-            if op.node is final:
-                clo, chi = crown(graph, bounds, op.node, lower, upper, ibp=(lo, hi))
-                lo, hi = torch.maximum(lo, clo), torch.minimum(hi, chi)
-            for src in op.inputs:  # a value's linear bounds are dropped after its last use
-                uses[src] -= 1
-                if uses[src] == 0:
-                    linear.pop(src, None)
-        if exact_map:
+        need = plan.need.get(op.node)
+        if method != "ibp" and need is not None:
+            rows = _unstable(lo, hi) if need == "unstable" else torch.ones_like(lo, dtype=torch.bool)
+            optimise = (alpha or AlphaSettings()) if method == "alpha-crown" and op.node is plan.final else None
+            lo, hi = _tighten(graph, bounds, op.node, rows, (lo, hi), (lower, upper), optimise)
+        if plan.widen[op.node]:
             # against float64 roundoff; ReLU, max-pool and reshapes are exact on their input's (widened) box
             pad = _WIDEN * (lo.abs() + hi.abs() + (hi - lo)) + _FLOOR
             lo, hi = lo - pad, hi + pad
         bounds[op.node] = (lo, hi)
-    return bounds[graph.target]
+    return bounds
+
+
+def spec_bounds(graph: FrozenGraph, lower: Tensor, upper: Tensor, rows: Tensor, method: str = "crown",
+                alpha: AlphaSettings | None = None) -> Tensor:
+    """Lower bounds (B x R) of the linear functions ``rows`` (B x R x target shape) of the graph's target over
+    each box: the specification itself bounded (e.g. logit differences), not a box around the target first."""
+    _check(method)
+    lower, upper = lower.double(), upper.double()
+    rows = rows.double().to(lower.device)
+    bounds = node_bounds(graph, lower, upper, method, alpha, features=False)
+    target = graph.target
+    if method == "ibp":  # the target's last affine map taken exactly, its input's box for the rest
+        op = graph.op(target)
+        stop = set(op.inputs) if _kind(op).linear_map else {target}
+        out = _backward(graph, bounds, target, rows, rows.shape[1], (lower, upper), stop=stop)
+    elif method == "alpha-crown":
+        out = _optimised(graph, bounds, target, rows, rows.shape[1], (lower, upper), alpha or AlphaSettings())
+    else:
+        out = _backward(graph, bounds, target, rows, rows.shape[1], (lower, upper))
+    tlo, thi = bounds[target]
+    scale = (rows.abs() * (tlo.abs() + thi.abs()).unsqueeze(1)).flatten(2).sum(-1)
+    return out - _WIDEN * (out.abs() + scale) - _FLOOR
+
+
+def _check(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown bound method {method!r}; choose one of {', '.join(METHODS)}")
 
 
 def _kind(op: Op):
@@ -75,78 +134,172 @@ def _kind(op: Op):
     return kind
 
 
-def _concretise(lin: tuple, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
-    """The box the two linear functions span over the input box."""
-    LA, La, UA, Ua = lin
-    B, D = LA.shape[:2]
-    xl = lower.reshape(B, D, *([1] * (LA.ndim - 2)))
-    xu = upper.reshape(B, D, *([1] * (LA.ndim - 2)))
-    lo = La + (LA.clamp(min=0) * xl + LA.clamp(max=0) * xu).sum(1)
-    hi = Ua + (UA.clamp(min=0) * xu + UA.clamp(max=0) * xl).sum(1)
-    return lo, hi
+def _unstable(lo: Tensor, hi: Tensor) -> Tensor:
+    return (lo < 0) & (hi > 0)
 
 
-def _behind(graph: FrozenGraph) -> dict[torch.fx.Node, bool]:
-    """Per node: is there a non-linearity between the input and it?"""
-    behind: dict[torch.fx.Node, bool] = {}
+@dataclass
+class _Plan:
+    """Per node: which of its neurons CROWN walks back (``need``: "unstable", "all", absent: none), whether its
+    results are widened against roundoff, and the node whose walk alpha-CROWN optimises (``final``)."""
+
+    need: dict
+    widen: dict
+    final: torch.fx.Node | None
+
+
+def _plan(graph: FrozenGraph, features: bool) -> _Plan:
+    key = ("plan", features)
+    if key in graph.cache:
+        return graph.cache[key]
+    consumers: dict[torch.fx.Node, list[Op]] = {op.node: [] for op in graph.ops}
     for op in graph.ops:
-        behind[op.node] = _kind(op).nonlinear or any(behind[n] for n in op.inputs)
-    return behind
+        for src in op.inputs:
+            consumers[src].append(op)
+
+    def through(node):  # the operations reading a value, seen through reshapes
+        out = []
+        for c in consumers[node]:
+            out.extend(through(c.node) if _passes(c) else [c])
+        return out
+
+    box, exact, widen = {}, {}, {}
+    for op in graph.ops:  # box: the values over the input box are exactly a box; exact: IBP's per-neuron bounds are exact
+        kind = _kind(op)
+        src_box = bool(op.inputs) and all(box[n] for n in op.inputs)
+        box[op.node] = op.kind == "input" or (op.kind == "affine" and op.diagonal and src_box)
+        exact[op.node] = box[op.node] or (op.kind == "affine" and src_box)
+        widen[op.node] = kind.linear_map and not _passes(op)
+    final = _feature_source(graph) if features else None
+    need = {}
+    for op in graph.ops:
+        if not widen[op.node] or exact[op.node]:
+            continue
+        readers = through(op.node)
+        if op.node is final:
+            need[op.node] = "all"
+        elif any(r.kind != "relu" and _kind(r).nonlinear for r in readers):
+            need[op.node] = "all"  # a max-pool (or a kind crossed by its box) reads it directly
+        elif any(r.kind == "relu" for r in readers):  # a stable neuron's ReLU is exact whatever its box
+            need[op.node] = "unstable"
+    plan = _Plan(need, widen, final)
+    graph.cache[key] = plan
+    return plan
 
 
-def _feature_source(graph: FrozenGraph, behind: dict) -> torch.fx.Node | None:
-    """The value the features are a ReLU or reshape of, when it is a linear map behind a non-linearity:
-    CROWN back-substitutes every one of its neurons (each feature's box matters to repair)."""
+def _passes(op: Op) -> bool:
+    return op.kind == "affine" and op.node.target in PASS_THROUGH
+
+
+def _feature_source(graph: FrozenGraph) -> torch.fx.Node | None:
+    """The value the features are a ReLU or reshape of, when it is a linear map: CROWN walks every one of its
+    neurons back (each feature's box matters to repair)."""
     node = graph.target
-    while graph.op(node).kind == "relu" or (graph.op(node).kind == "affine" and node.target in PASS_THROUGH):
+    while graph.op(node).kind == "relu" or _passes(graph.op(node)):
         node = graph.op(node).inputs[0]
-    return node if _kind(graph.op(node)).linear_map and behind[node] else None
+    return node if _kind(graph.op(node)).linear_map else None
 
 
-def crown(graph: FrozenGraph, bounds: dict, node: torch.fx.Node, lower: Tensor, upper: Tensor,
-          ibp: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    """CROWN bounds on every neuron of ``node`` (B x its shape), by back-substitution to the input."""
-    lo, hi = ibp[0].clone(), ibp[1].clone()
+def _widest(graph: FrozenGraph, node: torch.fx.Node) -> int:
+    upto = [op for op in graph.ops]
+    end = next(i for i, op in enumerate(upto) if op.node is node)
+    return max(int(np.prod(op.shape)) if op.shape else 1 for op in upto[:end + 1])
+
+
+def _tighten(graph: FrozenGraph, bounds: dict, node: torch.fx.Node, rows: Tensor, box: tuple[Tensor, Tensor],
+             inputs: tuple[Tensor, Tensor], alpha: AlphaSettings | None) -> tuple[Tensor, Tensor]:
+    """IBP's box of ``node`` intersected with CROWN's bounds of the neurons ``rows`` marks (per input)."""
+    lo, hi = box
     B = lo.shape[0]
-    flat_lo, flat_hi = lo.reshape(B, -1), hi.reshape(B, -1)
-    widest = max(int(np.prod(op.shape)) for op in graph.ops)
-    idx = torch.arange(flat_lo.shape[1])
-    chunk = max(1, _BUDGET // (2 * B * widest))
-    for start in range(0, len(idx), chunk):
-        sel = idx[start:start + chunk]
-        clo, chi = _back_substitute(graph, bounds, node, sel, lower, upper)
-        flat_lo[:, sel] = torch.maximum(flat_lo[:, sel], clo)
-        flat_hi[:, sel] = torch.minimum(flat_hi[:, sel], chi)
+    want = rows.reshape(B, -1)
+    counts = want.sum(1)
+    R = int(counts.max()) if B else 0
+    if R == 0:
+        return lo, hi
+    # each input's own neurons first (a stable sort keeps them in order), padded to the largest count
+    order = torch.sort((~want).to(torch.int8), dim=1, stable=True).indices[:, :R]
+    valid = torch.arange(R, device=lo.device).unsqueeze(0) < counts.unsqueeze(1)
+    flat_lo, flat_hi = lo.reshape(B, -1).clone(), hi.reshape(B, -1).clone()
+    op = graph.op(node)
+    n = flat_lo.shape[1]
+    chunk = max(1, memory_budget(lo.device) // (2 * B * _widest(graph, node)))
+    for start in range(0, R, chunk):
+        part, ok = order[:, start:start + chunk], valid[:, start:start + chunk]
+        S = part.shape[1]
+        okf = ok.to(torch.float64)
+        if op.rows_of is not None:  # the layer's own rows: the walk starts at its input
+            src = op.inputs[0]
+            rows, const = op.rows_of(part, bounds[src][0].shape[1:])
+            rows = rows * okf.reshape(B, S, *([1] * (rows.ndim - 2)))  # a padding row is all zero
+            a, bias, at = torch.cat([rows, rows], 1), torch.cat([const, const], 1) * torch.cat([okf, okf], 1), src
+        else:
+            one = torch.zeros(B, S, n, dtype=torch.float64, device=lo.device)
+            one.scatter_(2, part.unsqueeze(2), okf.unsqueeze(2))
+            one = one.reshape(B, S, *op.shape)
+            a, bias, at = torch.cat([one, one], 1), 0.0, node  # lower-bound rows, then upper-bound rows
+        walk = _optimised if alpha else _backward
+        out = bias + (walk(graph, bounds, at, a, S, inputs, alpha) if alpha else walk(graph, bounds, at, a, S, inputs))
+        cur_lo, cur_hi = flat_lo.gather(1, part), flat_hi.gather(1, part)
+        flat_lo.scatter_(1, part, torch.where(ok, torch.maximum(cur_lo, out[:, :S]), cur_lo))
+        flat_hi.scatter_(1, part, torch.where(ok, torch.minimum(cur_hi, out[:, S:]), cur_hi))
     return flat_lo.reshape(lo.shape), flat_hi.reshape(hi.shape)
 
 
-def _back_substitute(graph: FrozenGraph, bounds: dict, node: torch.fx.Node, sel: Tensor, lower: Tensor,
-                     upper: Tensor) -> tuple[Tensor, Tensor]:
-    """Lower and upper bounds (B x len(sel)) of the selected neurons of ``node``."""
-    B, S = lower.shape[0], len(sel)
-    shape = graph.op(node).shape
-    eye = torch.zeros(S, int(np.prod(shape)), dtype=torch.float64)
-    eye[torch.arange(S), sel] = 1.0
-    start = eye.reshape(1, S, *shape).expand(B, S, *shape)
-    A: dict[torch.fx.Node, Tensor] = {node: torch.cat([start, start], 1)}  # lower-bound rows, then upper-bound rows
-    bias = torch.zeros(B, 2 * S, dtype=torch.float64)
-    order = [op for op in graph.ops]
-    pos = {op.node: i for i, op in enumerate(order)}
-    for op in reversed(order[:pos[node] + 1]):
-        if op.node not in A or op is graph.ops[0]:  # the input's coefficients are concretised below
+def _backward(graph: FrozenGraph, bounds: dict, node: torch.fx.Node, a: Tensor, n_low: int, inputs: tuple[Tensor, Tensor],
+              slopes: dict | None = None, stop: set | None = None) -> Tensor:
+    """B x rows: lower bounds of the first ``n_low`` rows' linear functions (``a``: B x rows x node's shape) of
+    ``node``'s value over the input box, upper bounds of the others. ``slopes``: alpha-CROWN's lower ReLU
+    slopes by ReLU node; ``stop``: nodes whose box is taken instead of walking further back."""
+    lower, upper = inputs
+    B = a.shape[0]
+    A: dict[torch.fx.Node, Tensor] = {node: a}
+    bias = torch.zeros(B, a.shape[1], dtype=torch.float64, device=a.device)
+    end = next(i for i, op in enumerate(graph.ops) if op.node is node)
+    for op in reversed(graph.ops[:end + 1]):
+        if op.node not in A or op.kind == "input":
             continue
-        a = A.pop(op.node)
-        for src, a_src, b in _kind(op).backward(op, a, bounds, S):
+        coef = A.pop(op.node)
+        if stop and op.node in stop:
+            bias = bias + box_constant(coef, *bounds[op.node], n_low)
+            continue
+        kwargs = {"slopes": slopes[op.node]} if slopes and op.node in slopes else {}
+        for src, a_src, b in _kind(op).backward(op, coef, bounds, n_low, **kwargs):
             A[src] = A[src] + a_src if src in A else a_src
             bias = bias + b
-    inp = graph.ops[0].node
-    a = A.get(inp)
-    if a is None:
-        out = bias
-    else:
-        al, au = a[:, :S].flatten(2), a[:, S:].flatten(2)
-        xl, xu = lower.reshape(B, 1, -1), upper.reshape(B, 1, -1)
-        lo = (al.clamp(min=0) * xl + al.clamp(max=0) * xu).sum(-1)
-        hi = (au.clamp(min=0) * xu + au.clamp(max=0) * xl).sum(-1)
-        out = bias + torch.cat([lo, hi], 1)
-    return out[:, :S], out[:, S:]
+    a_in = A.get(graph.ops[0].node)
+    if a_in is None:
+        return bias
+    return bias + box_constant(a_in, lower, upper, n_low)
+
+
+def _optimised(graph: FrozenGraph, bounds: dict, node: torch.fx.Node, a: Tensor, n_low: int, inputs: tuple[Tensor, Tensor],
+               alpha: AlphaSettings) -> Tensor:
+    """:func:`_backward` with each row's lower ReLU slopes optimised (alpha-CROWN): the tightest bound any step found."""
+    end = next(i for i, op in enumerate(graph.ops) if op.node is node)
+    params = {}
+    for op in graph.ops[:end + 1]:  # every ReLU the walk crosses, the one it may start at included
+        if op.kind == "relu":
+            lo, hi = bounds[op.inputs[0]]
+            if _unstable(lo, hi).any():
+                init = (hi > -lo).double().unsqueeze(1).expand(a.shape[0], a.shape[1], *lo.shape[1:])
+                params[op.node] = init.clone().requires_grad_(True)
+    best = _backward(graph, bounds, node, a, n_low, inputs)
+    if not params:
+        return best
+    sign = torch.ones(a.shape[1], dtype=torch.float64, device=a.device)
+    sign[n_low:] = -1.0
+    opt = torch.optim.Adam(list(params.values()), lr=alpha.lr)
+    for _ in range(alpha.steps):
+        with torch.enable_grad():
+            out = _backward(graph, bounds, node, a, n_low, inputs, slopes=params)
+            best = torch.where(sign > 0, torch.maximum(best, out.detach()), torch.minimum(best, out.detach()))
+            loss = -(out * sign).sum()
+            opt.zero_grad()
+            loss.backward()
+        with torch.no_grad():
+            opt.step()
+            for p in params.values():
+                p.clamp_(0.0, 1.0)
+    with torch.no_grad():  # the last step's slopes too (each step is sound: keep the tightest bound per row)
+        out = _backward(graph, bounds, node, a, n_low, inputs, slopes=params)
+    return torch.where(sign > 0, torch.maximum(best, out), torch.minimum(best, out))

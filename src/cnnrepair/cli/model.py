@@ -24,8 +24,9 @@ def _add_model_repair_args(p: argparse.ArgumentParser) -> None:
                         "within --eps of a point does (certified through sound bounds); targets: the paper's program (default: pointwise)")
     p.add_argument("--eps", type=float, default=None, help="ball spec: L-infinity radius in pixels (an 'eps' array in the points file "
                    "gives one per point, 0 for a pointwise point)")
-    p.add_argument("--bounds", choices=["crown", "ibp"], default="crown", help="ball spec: how the features are bounded over each ball: "
-                   "crown (linear relaxation, tighter) or ibp (intervals, faster) (default: crown)")
+    p.add_argument("--bounds", choices=["crown", "alpha-crown", "ibp"], default="crown", help="ball spec: how the features are bounded "
+                   "over each ball: crown (linear relaxation, back-substituted), alpha-crown (its slopes optimised: tighter, slower) or "
+                   "ibp (intervals, fastest) (default: crown)")
     p.add_argument("--keep-eps", type=float, default=0.0, help="ball spec: keep points whose ball of this radius is certified before "
                    "the repair stay certified (default: 0, keep points keep their own label)")
     p.add_argument("--mean", default=None, help="ball spec: per-channel mean the model subtracts from [0, 1] pixels (the ball is in pixels)")
@@ -301,7 +302,7 @@ def _cmd_evaluate(args: argparse.Namespace, bars: Bars) -> int:
     mean, std = _convention(args)
     eps = list(_floats(args.eps, "eps", "0.05,0.1") or ())
     settings = AssessSettings(eps, args.attack, args.n, args.seed, certify=args.certify,
-                              split=args.split if args.npz is None else f"npz:{args.npz.name}")
+                              split=args.split if args.npz is None else f"npz:{args.npz.name}", scheduler=args.scheduler)
     settings.check()
     images, labels, source = _points_images(args)
     shape = _input_shape(args, images.shape[1:])
@@ -413,8 +414,10 @@ def _configure_evaluate(p: argparse.ArgumentParser) -> None:
     _add_images_args(p)
     p.add_argument("--eps", default="0.05,0.1", help="attack radii in pixel units, comma-separated (default 0.05,0.1)")
     p.add_argument("--attack", choices=["fgsm", "pgd"], default="fgsm")
-    p.add_argument("--certify", choices=["ibp", "crown"], default=None,
+    p.add_argument("--certify", choices=["ibp", "crown", "alpha-crown"], default=None,
                    help="also report certified accuracy at each --eps: images whose whole ball provably keeps the label")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="with --certify: a Dask scheduler (tcp://host:8786) whose workers bound batches of the images")
     p.add_argument("--n", type=int, default=1000, help="test images (a seeded slice; default 1000)")
     p.add_argument("--points", type=Path, default=None, help="the repair points (efficacy)")
     p.add_argument("--held-out", type=Path, default=None, help="held-out points of the same kind (generalisation)")

@@ -1,0 +1,193 @@
+"""Certified accuracy with our IBP, CROWN and alpha-CROWN, side by side with a textbook CROWN, on networks the benchmark trains.
+
+Models (seeded, trained here on 2 cores): MLPs of VNN-COMP's mnistfc shapes (784-256x2-10 and
+784-256x4-10, Adam, 3 epochs), the paper's MNIST CNN (1 epoch) and a small CIFAR-10 CNN (conv 16 4x4
+stride 2, conv 32 4x4 stride 2, FC 100, FC 10: the "cnn_4layer" shape of the CROWN papers; 3 epochs on
+the JPEG q75 set). Per model and eps (MNIST 0.02 and 0.05, CIFAR-10 2/255, VNN-COMP's radii) the first
+``images`` test images: seconds per image, images certified (label kept over the whole ball; an
+image the model gets wrong is never certified) and the mean lower bound of the margin, for
+
+* ``ibp``, ``crown``, ``alpha-crown``: :func:`cnnrepair.certify` (the specification bounded itself);
+* ``crown, feature box``: CROWN's box on the last layer's input, then the last layer's worst case
+  over it (what certification did before, and what the ball repair program still constrains);
+* ``textbook CROWN`` (MLPs): an independent numpy CROWN (:func:`textbook_crown`), the reference
+  the issue names; ours must certify at least as many.
+
+auto_LiRPA is not in the table: 0.7 is not on PyPI, and its one PyPI release (0.3) requires torch < 1.13,
+which has no Python 3.11 wheel; installed beside torch 2.13 with --no-deps it fails at import (the
+result file records what was tried).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from benchmarks import registry
+
+MLPS = {"mnist 784-256x2-10": 2, "mnist 784-256x4-10": 4}
+
+
+def textbook_crown(Ws: list[np.ndarray], bs: list[np.ndarray], lo: np.ndarray, hi: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """CROWN as in Zhang et al. (2018), in numpy, for one input box of an MLP ``W_k relu(... W_1 x + b_1 ...) + b_k``: every
+    pre-activation bounded by back-substitution, lower ReLU slope 1 where u > -l else 0; the lower bounds of ``rows @ logits``."""
+    L, U = [], []
+
+    def back(k, A, lower):
+        c = A @ bs[k]
+        A = A @ Ws[k]
+        for j in range(k - 1, -1, -1):
+            lj, uj = L[j], U[j]
+            unst, act = (lj < 0) & (uj > 0), lj >= 0
+            w = np.where(unst, uj - lj, 1.0)
+            su, iu = np.where(unst, uj / w, act * 1.0), np.where(unst, -uj * lj / w, 0.0)
+            sl = np.where(unst, (uj > -lj) * 1.0, act * 1.0)
+            P, N = np.maximum(A, 0), np.minimum(A, 0)
+            A, c = (P * sl + N * su, c + N @ iu) if lower else (P * su + N * sl, c + P @ iu)
+            c = c + A @ bs[j]
+            A = A @ Ws[j]
+        P, N = np.maximum(A, 0), np.minimum(A, 0)
+        return c + (P @ lo + N @ hi if lower else P @ hi + N @ lo)
+
+    for k in range(len(Ws) - 1):
+        eye = np.eye(len(bs[k]))
+        L.append(back(k, eye, True))
+        U.append(back(k, eye, False))
+    return back(len(Ws) - 1, rows, True)
+
+
+def small_cifar_cnn() -> nn.Sequential:
+    """The CROWN papers' cnn_4layer shape for CIFAR-10."""
+    return nn.Sequential(nn.Conv2d(3, 16, 4, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 4, 2, 1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(2048, 100), nn.ReLU(), nn.Linear(100, 10))
+
+
+def _models(mnist_dir: Path, cifar_dir: Path | None, seed: int) -> list[tuple[str, nn.Module, torch.Tensor, np.ndarray, tuple, dict]]:
+    from benchmarks.any_layer import mlp
+    from benchmarks.common import fit
+    from cnnrepair.data import load_dataset, to_float
+    from cnnrepair.paper.models import mnist_nn
+
+    out = []
+    ds = load_dataset("mnist", mnist_dir)
+    xtr, ytr = to_float(ds.x_train), torch.as_tensor(ds.y_train, dtype=torch.long)
+    xte = to_float(ds.x_test)
+    for name, depth in MLPS.items():
+        torch.manual_seed(seed)
+        model = mlp(depth + 1, 256)
+        s = fit(model, xtr, ytr, 3, seed)
+        out.append((name, model, xte, ds.y_test, (0.02, 0.05), {"train_seconds": s, "epochs": 3}))
+    torch.manual_seed(seed)
+    cnn = mnist_nn()
+    s = fit(cnn, xtr, ytr, 1, seed)
+    out.append(("mnist CNN (the paper's)", cnn, xte, ds.y_test, (0.02, 0.05), {"train_seconds": s, "epochs": 1}))
+    if cifar_dir is not None:
+        cds = load_dataset("cifar10", cifar_dir)
+        cx, cy = to_float(cds.x_train), torch.as_tensor(cds.y_train, dtype=torch.long)
+        torch.manual_seed(seed)
+        small = small_cifar_cnn()
+        s = fit(small, cx, cy, 3, seed)
+        out.append(("cifar10 CNN 2 conv + 2 FC", small, to_float(cds.x_test), cds.y_test, (2 / 255,), {"train_seconds": s, "epochs": 3}))
+    return out
+
+
+def run(mnist_dir: Path, cifar_dir: Path | None, images: int = 100, seed: int = 0) -> Path:
+    """Every (model, eps, method); writes benchmarks/results/bounds.json."""
+    from benchmarks.common import machine, write_result
+    from cnnrepair.bounds import ball_box, feature_bounds, margin_rows
+    from cnnrepair.certify import certify, worst_margins
+    from cnnrepair.repair import last_layer
+    from cnnrepair.runtime import accuracy
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    rows, nets = [], {}
+    for name, model, x_test, y_test, eps_grid, info in _models(mnist_dir, cifar_dir, seed):
+        x, y = x_test[:images], np.asarray(y_test[:images], np.int64)
+        with torch.no_grad():
+            right = model(x).argmax(1).numpy() == y
+        nets[name] = {**info, "test_accuracy": accuracy(model, x_test, y_test), "correct_of_images": int(right.sum())}
+        print(f"{name}: trained in {info['train_seconds']:.0f}s, test accuracy {100 * nets[name]['test_accuracy']:.2f}%", flush=True)
+        lay = last_layer(model, x[:2])
+        for eps in eps_grid:
+            found = {}
+            for method in ("ibp", "crown", "alpha-crown"):
+                t0 = time.perf_counter()
+                c = certify(model, x, y, eps, method)
+                found[method] = (c.margins, time.perf_counter() - t0)
+            lo, hi = ball_box(x, eps)
+            t0 = time.perf_counter()
+            box = worst_margins(feature_bounds(model, lay.name, lo, hi, "crown"), y, lay.weight, lay.bias)
+            found["crown, feature box"] = (box, time.perf_counter() - t0)
+            if name in MLPS:
+                Ws = [m.weight.detach().double().numpy() for m in model if isinstance(m, nn.Linear)]
+                bs = [m.bias.detach().double().numpy() for m in model if isinstance(m, nn.Linear)]
+                spec = margin_rows(y, 10).numpy()
+                t0 = time.perf_counter()
+                ref = np.array([textbook_crown(Ws, bs, lo[i].reshape(-1).numpy(), hi[i].reshape(-1).numpy(), spec[i]).min()
+                                for i in range(len(y))])
+                found["textbook CROWN (numpy)"] = (ref, time.perf_counter() - t0)
+            for method, (m, s) in found.items():
+                row = {"model": name, "eps": eps, "method": method, "images": int(len(y)), "certified": int((m > 0).sum()),
+                       "mean_margin_bound": float(np.mean(m)), "seconds_per_image": s / len(y)}
+                rows.append(row)
+                print(f"  eps {eps:.4g} {method}: {row['certified']}/{len(y)} certified, mean bound {row['mean_margin_bound']:.3f}, "
+                      f"{1000 * row['seconds_per_image']:.1f} ms/image", flush=True)
+    command = f"python -m benchmarks.run bounds --data-dir {mnist_dir}" + (f" --cifar-dir {cifar_dir}" if cifar_dir else "")
+    if images != 100:
+        command += f" --images {images}"
+    out = {"machine": machine(), "command": command, "task": {"images": images, "seed": seed, "training": "Adam lr 1e-3, batch 128"},
+           "networks": nets, "rows": rows,
+           "auto_LiRPA": ("not run: auto_LiRPA 0.7 is not on PyPI; its one PyPI release, 0.3, requires torch < 1.13 (no Python 3.11 "
+                          "wheel), and installed with --no-deps beside torch 2.13 (numpy < 2) it fails at import: "
+                          "torch.onnx.symbolic_helper._set_opset_version no longer exists")}
+    return write_result("bounds.json", out)
+
+
+def table(d: dict) -> str:
+    lines = ["| model | eps | method | certified | mean margin bound | ms / image |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in d["rows"]:
+        lines.append(f"| {r['model']} | {r['eps']:.4g} | {r['method']} | {r['certified']}/{r['images']} | {r['mean_margin_bound']:.3f} | "
+                     f"{1000 * r['seconds_per_image']:.1f} |")
+    nets = "; ".join(f"{k}: {100 * v['test_accuracy']:.2f}% test accuracy ({v['epochs']} epoch(s), {v['train_seconds']:.0f} s)"
+                     for k, v in d["networks"].items())
+    return "\n".join(lines + ["", f"Networks: {nets}. {d['auto_LiRPA']}."])
+
+
+def headline(d: dict) -> list[str]:
+    """README lines: per model and eps, images certified and ms per image, CROWN and alpha-CROWN against the references."""
+    out = [f"**Certified accuracy bounds** (networks trained by the benchmark, first {d['task']['images']} test images; "
+           f"`{d['command']}`, {d['machine']['cores']} cores):", "",
+           "| model | eps | IBP | CROWN | alpha-CROWN | CROWN via the feature box | textbook CROWN |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    keys = []
+    for r in d["rows"]:
+        if (r["model"], r["eps"]) not in keys:
+            keys.append((r["model"], r["eps"]))
+    for model, eps in keys:
+        by = {r["method"]: r for r in d["rows"] if r["model"] == model and r["eps"] == eps}
+
+        def cell(m):
+            r = by.get(m)
+            return "-" if r is None else f"{r['certified']} ({1000 * r['seconds_per_image']:.0f} ms)"
+
+        out.append(f"| {model} | {eps:.4g} | {cell('ibp')} | {cell('crown')} | {cell('alpha-crown')} | {cell('crown, feature box')} | "
+                   f"{cell('textbook CROWN (numpy)')} |")
+    return out + ["", "Images certified (time per image). auto_LiRPA could not be installed here (see docs/results.md).", ""]
+
+
+registry.section("bounds.json", order=165, title=lambda d: "### Bounds: certified accuracy with IBP, CROWN and alpha-CROWN",
+                 intro=lambda d: f"`{d['command']}`; {registry.measured_on(d)}; the first {d['task']['images']} test images per model; "
+                                 "an image is certified when every logit difference's lower bound over its ball is positive.",
+                 table=table, headline=headline)
+
+
+@registry.command("bounds", "certified accuracy with our IBP, CROWN, alpha-CROWN beside a textbook CROWN (MNIST MLPs and CNN, CIFAR-10 CNN)",
+                  order=165, arguments=registry.arguments(
+                      registry.arg("--data-dir", type=Path, default=Path("../shared/datasets/mnist"), help="the MNIST IDX folder"),
+                      registry.arg("--cifar-dir", type=Path, default=None, help="the CIFAR-10 data (e.g. ../shared/datasets/cifar10-jpeg.tar.gz)"),
+                      registry.arg("--images", type=int, default=100, help="test images per model")))
+def _cli(args):
+    return run(args.data_dir, args.cifar_dir, args.images)

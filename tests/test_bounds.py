@@ -1,0 +1,209 @@
+"""Bounds on the specification (margin_bounds), alpha-CROWN, batching, and CROWN against an independent textbook version."""
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from benchmarks.bounds import textbook_crown
+from cnnrepair.bounds import ball_box, feature_bounds, frozen_graph, margin_bounds, margin_rows, spec_bounds
+from cnnrepair.certify import certify, worst_margins
+from cnnrepair.repair import last_layer
+
+from tests.helpers import pgd_in_box
+from tests.test_certified import _nets
+
+METHODS = ["ibp", "crown", "alpha-crown"]
+
+
+def _graph(model, x):
+    return frozen_graph(model, last_layer(model, x[:2]).name, x[:2], through=True)
+
+
+def _margins(model, x, y):
+    with torch.no_grad():
+        out = model(x.float()).double()
+    own = out.gather(1, y[:, None])[:, 0]
+    other = out.masked_fill(nn.functional.one_hot(y, out.shape[1]).bool(), float("-inf")).max(1).values
+    return (own - other).numpy()
+
+
+def _pgd_margin(model, lo, hi, y):
+    """The smallest margin PGD finds in each box."""
+    def lost(x):
+        out = model(x)
+        own = out.gather(1, y[:, None])[:, 0]
+        return out.masked_fill(nn.functional.one_hot(y, out.shape[1]).bool(), float("-inf")).max(1).values - own
+
+    return np.min([_margins(model, x, y) for x in pgd_in_box(lost, lo, hi)], axis=0)
+
+
+@pytest.mark.parametrize("name", ["cnn", "residual", "mlp"])
+@pytest.mark.parametrize("method", METHODS)
+def test_margin_bounds_hold_at_every_sampled_corner_and_pgd_point_of_the_ball(name, method):
+    model = _nets()[name]
+    torch.manual_seed(4)
+    x = torch.rand(6, 1, 8, 8)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    lo, hi = ball_box(x, 0.03)
+    bound = margin_bounds(_graph(model, x), lo, hi, y.numpy(), method)
+    tol = 1e-5
+    for trial in range(30):
+        u = torch.rand(lo.shape, generator=torch.Generator().manual_seed(trial), dtype=torch.float64)
+        xs = lo + (hi - lo) * (u.round() if trial % 2 else u)
+        assert (bound <= _margins(model, xs, y) + tol).all()
+    assert (bound <= _pgd_margin(model, lo, hi, y) + tol).all()
+    assert (bound <= _margins(model, x, y) + tol).all()
+
+
+@pytest.mark.parametrize("name", ["cnn", "residual", "mlp"])
+def test_the_specification_bounded_itself_is_never_looser_than_the_feature_box_and_methods_tighten_in_order(name):
+    model = _nets()[name]
+    torch.manual_seed(5)
+    x = torch.rand(8, 1, 8, 8)
+    with torch.no_grad():
+        y = model(x).argmax(1).numpy()
+    lo, hi = ball_box(x, 0.04)
+    lay = last_layer(model, x[:2])
+    graph = _graph(model, x)
+    found = {m: margin_bounds(graph, lo, hi, y, m) for m in METHODS}
+    for m in METHODS:
+        box = worst_margins(feature_bounds(model, lay.name, lo, hi, m), y, lay.weight, lay.bias)
+        assert (found[m] >= box - 1e-7 * (1 + np.abs(box))).all(), m  # equal for IBP, but for the widening against roundoff
+    assert (found["crown"] >= found["ibp"] - 1e-9).all() and (found["alpha-crown"] >= found["crown"] - 1e-9).all()
+    assert found["crown"].sum() > found["ibp"].sum()
+
+
+@pytest.mark.parametrize("name", ["cnn", "residual", "mlp"])
+def test_alpha_crown_feature_bounds_are_sound_and_never_looser_than_crown(name):
+    model = _nets()[name]
+    torch.manual_seed(6)
+    x = torch.rand(5, 1, 8, 8)
+    lay = last_layer(model, x[:2])
+    lo, hi = ball_box(x, 0.08)
+    crown, alpha = (feature_bounds(model, lay.name, lo, hi, m) for m in ("crown", "alpha-crown"))
+    assert (alpha.lower >= crown.lower - 1e-9).all() and (alpha.upper <= crown.upper + 1e-9).all()
+    for trial in range(20):
+        u = torch.rand(lo.shape, generator=torch.Generator().manual_seed(trial), dtype=torch.float64)
+        f = lay.features((lo + (hi - lo) * (u.round() if trial % 2 else u)).float())
+        assert (f >= alpha.lower - 1e-5).all() and (f <= alpha.upper + 1e-5).all()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bounds_do_not_depend_on_the_batch(method):
+    """Each input's bounds are the same alone, in a small batch and in the whole batch (whose unstable neurons differ)."""
+    torch.manual_seed(7)
+    for name, model in _nets().items():
+        x = torch.rand(7, 1, 8, 8)
+        x[3:] *= 0.3  # other inputs, other unstable neurons
+        lo, hi = ball_box(x, torch.linspace(0.0, 0.1, 7))
+        lay = last_layer(model, x[:2])
+        whole = feature_bounds(model, lay.name, lo, hi, method)
+        for bs in (1, 3):
+            part = feature_bounds(model, lay.name, lo, hi, method, batch_size=bs)
+            assert np.allclose(part.lower, whole.lower, rtol=1e-9, atol=1e-10) and np.allclose(part.upper, whole.upper, rtol=1e-9, atol=1e-10)
+        graph = _graph(model, x)
+        with torch.no_grad():
+            y = model(x).argmax(1).numpy()
+        rows = margin_rows(y, 3 if name == "cnn" else 4 if name == "residual" else 5)
+        full = spec_bounds(graph, lo, hi, rows, method)
+        for i in range(7):
+            one = spec_bounds(graph, lo[i:i + 1], hi[i:i + 1], rows[i:i + 1], method)
+            assert torch.allclose(one[0], full[i], rtol=1e-9, atol=1e-10), (name, i)
+
+
+def test_crown_is_at_least_textbook_crown_on_mlps():
+    torch.manual_seed(8)
+    for widths in ((30, 30), (40, 25, 20, 15)):
+        layers, d = [nn.Flatten()], 64
+        for w in widths:
+            layers += [nn.Linear(d, w), nn.ReLU()]
+            d = w
+        model = nn.Sequential(*layers, nn.Linear(d, 6)).eval()
+        x = torch.rand(10, 1, 8, 8)
+        with torch.no_grad():
+            y = model(x).argmax(1).numpy()
+        lo, hi = ball_box(x, 0.02)
+        ours = margin_bounds(_graph(model, x), lo, hi, y, "crown")
+        rows = margin_rows(y, 6).numpy()
+        Ws = [m.weight.detach().double().numpy() for m in model if isinstance(m, nn.Linear)]
+        bs = [m.bias.detach().double().numpy() for m in model if isinstance(m, nn.Linear)]
+        ref = np.array([textbook_crown(Ws, bs, lo[i].reshape(-1).numpy(), hi[i].reshape(-1).numpy(), rows[i]).min() for i in range(10)])
+        assert (ours >= ref - 1e-7 * (1 + np.abs(ref))).all()
+        assert np.abs(ours - ref).max() <= 1e-6 * (1 + np.abs(ref).max())  # the same method: the same numbers
+
+
+def test_margin_bounds_of_a_tiny_network_are_exact_without_unstable_neurons_and_close_with_them():
+    torch.manual_seed(9)
+    net = nn.Sequential(nn.Linear(2, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+    x = torch.tensor([[0.3, 0.6]])
+    grid = torch.stack(torch.meshgrid(torch.linspace(0.2, 0.4, 201), torch.linspace(0.5, 0.7, 201), indexing="ij"), -1).reshape(-1, 2)
+    with torch.no_grad():
+        y = int(net(x).argmax(1))
+        out = net(grid).double()
+    exact = (out[:, y:y + 1] - out).numpy()
+    exact = np.delete(exact, y, axis=1).min(1).min()
+    lo, hi = ball_box(x, 0.1)
+    graph = frozen_graph(net, "2", x, through=True)
+    for m in METHODS:
+        b = margin_bounds(graph, lo, hi, [y], m)[0]
+        assert b <= exact + 1e-6
+    b = margin_bounds(graph, lo, hi, [y], "crown")[0]
+    assert exact - b <= 0.5 * abs(exact) + 0.05
+    point = margin_bounds(graph, x.double(), x.double(), [y], "crown")[0]  # a box of one point: its margin
+    assert np.isclose(point, _margins(net, x, torch.tensor([y]))[0], atol=1e-5)
+
+
+def test_certify_and_the_ball_repair_record_the_method_and_alpha_crown_certifies_at_least_what_crown_does():
+    model = _nets()["mlp"]
+    torch.manual_seed(10)
+    x = torch.rand(20, 1, 8, 8)
+    with torch.no_grad():
+        y = model(x).argmax(1).numpy()
+    c, a = certify(model, x, y, 0.02, "crown"), certify(model, x, y, 0.02, "alpha-crown")
+    assert a.method == "alpha-crown" and (a.margins >= c.margins - 1e-9).all() and a.accuracy >= c.accuracy
+
+
+
+def test_certify_on_a_dask_cluster_gets_the_local_results():
+    distributed = pytest.importorskip("distributed")
+    model = _nets()["cnn"]
+    torch.manual_seed(11)
+    x = torch.rand(9, 1, 8, 8)
+    with torch.no_grad():
+        y = model(x).argmax(1).numpy()
+    local = certify(model, x, y, 0.03, "crown")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        remote = certify(model, x, y, 0.03, "crown", scheduler=cluster.scheduler_address)
+    assert np.allclose(remote.margins, local.margins, rtol=1e-9, atol=1e-12) and remote.accuracy == local.accuracy
+
+
+def test_an_unreachable_scheduler_is_one_line(monkeypatch):
+    from cnnrepair.errors import CnnRepairError
+
+    pytest.importorskip("distributed")
+    monkeypatch.setattr(sys.modules["cnnrepair.certify"], "_CONNECT_S", 1)
+    model = _nets()["mlp"]
+    x = torch.rand(2, 1, 8, 8)
+    with pytest.raises(CnnRepairError, match="could not reach the Dask scheduler"):
+        certify(model, x, [0, 1], 0.01, scheduler="tcp://127.0.0.1:9")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_bounds_on_cuda_agree_with_the_cpu():
+    for name, model in _nets().items():
+        x = torch.rand(5, 1, 8, 8)
+        with torch.no_grad():
+            y = model(x).argmax(1).numpy()
+        lo, hi = ball_box(x, 0.03)
+        lay = last_layer(model, x[:2]).name
+        for method in METHODS:
+            cpu = margin_bounds(frozen_graph(model, lay, x, through=True), lo, hi, y, method)
+            gpu = margin_bounds(frozen_graph(model, lay, x, through=True, device="cuda"), lo, hi, y, method)
+            assert np.allclose(cpu, gpu, rtol=1e-9, atol=1e-9), (name, method)
+            fc = feature_bounds(frozen_graph(model, lay, x), lay, lo, hi, method)
+            fg = feature_bounds(frozen_graph(model, lay, x, device="cuda"), lay, lo, hi, method)
+            assert np.allclose(fc.lower, fg.lower, rtol=1e-9, atol=1e-9) and np.allclose(fc.upper, fg.upper, rtol=1e-9, atol=1e-9)
