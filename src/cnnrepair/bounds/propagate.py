@@ -89,8 +89,8 @@ def node_bounds(graph: FrozenGraph, lower: Tensor, upper: Tensor, method: str = 
         lo, hi = kind.ibp(op, bounds, lower, upper)
         need = plan.need.get(op.node)
         if method != "ibp" and need is not None:
-            rows = _unstable(lo, hi) if need == "unstable" else torch.ones_like(lo, dtype=torch.bool)
-            optimise = (alpha or AlphaSettings()) if method == "alpha-crown" and op.node is plan.final else None
+            rows = _unstable(lo, hi) if need == "unstable" else hi > 0 if need == "live" else torch.ones_like(lo, dtype=torch.bool)
+            optimise = (alpha or AlphaSettings()) if method == "alpha-crown" and op.node in plan.final else None
             lo, hi = _tighten(graph, bounds, op.node, rows, (lo, hi), (lower, upper), optimise)
         if plan.widen[op.node]:
             # against float64 roundoff; ReLU, max-pool and reshapes are exact on their input's (widened) box
@@ -140,12 +140,13 @@ def _unstable(lo: Tensor, hi: Tensor) -> Tensor:
 
 @dataclass
 class _Plan:
-    """Per node: which of its neurons CROWN walks back (``need``: "unstable", "all", absent: none), whether its
-    results are widened against roundoff, and the node whose walk alpha-CROWN optimises (``final``)."""
+    """Per node: which of its neurons CROWN walks back (``need``: "unstable", "live" (not dead), "all", absent:
+    none), whether its results are widened against roundoff, and the nodes whose walks alpha-CROWN optimises
+    (``final``: those the features are read from)."""
 
     need: dict
     widen: dict
-    final: torch.fx.Node | None
+    final: dict
 
 
 def _plan(graph: FrozenGraph, features: bool) -> _Plan:
@@ -170,14 +171,14 @@ def _plan(graph: FrozenGraph, features: bool) -> _Plan:
         box[op.node] = op.kind == "input" or (op.kind == "affine" and op.diagonal and src_box)
         exact[op.node] = box[op.node] or (op.kind == "affine" and src_box)
         widen[op.node] = kind.linear_map and not _passes(op)
-    final = _feature_source(graph) if features else None
+    final = _feature_sources(graph) if features else {}
     need = {}
     for op in graph.ops:
         if not widen[op.node] or exact[op.node]:
             continue
         readers = through(op.node)
-        if op.node is final:
-            need[op.node] = "all"
+        if op.node in final:
+            need[op.node] = final[op.node]
         elif any(r.kind != "relu" and _kind(r).nonlinear for r in readers):
             need[op.node] = "all"  # a max-pool (or a kind crossed by its box) reads it directly
         elif any(r.kind == "relu" for r in readers):  # a stable neuron's ReLU is exact whatever its box
@@ -191,13 +192,20 @@ def _passes(op: Op) -> bool:
     return op.kind == "affine" and op.node.target in PASS_THROUGH
 
 
-def _feature_source(graph: FrozenGraph) -> torch.fx.Node | None:
-    """The value the features are a ReLU or reshape of, when it is a linear map: CROWN walks every one of its
-    neurons back (each feature's box matters to repair)."""
-    node = graph.target
-    while graph.op(node).kind == "relu" or _passes(graph.op(node)):
-        node = graph.op(node).inputs[0]
-    return node if _kind(graph.op(node)).linear_map else None
+def _feature_sources(graph: FrozenGraph) -> dict:
+    """The linear maps the features are read from through ReLUs, max-pools and reshapes only: CROWN walks each of
+    their neurons back (each feature's box matters to repair), all of them, or with a ReLU on the way the live
+    ones (a dead neuron's ReLU is 0 whatever its box)."""
+    found: dict = {}
+    stack = [(graph.target, False)]
+    while stack:
+        node, via_relu = stack.pop()
+        op = graph.op(node)
+        if op.kind in ("relu", "maxpool") or _passes(op):
+            stack.extend((src, via_relu or op.kind == "relu") for src in op.inputs)
+        elif _kind(op).linear_map and found.get(node) != "all":
+            found[node] = "live" if via_relu else "all"
+    return found
 
 
 def _widest(graph: FrozenGraph, node: torch.fx.Node) -> int:
