@@ -63,6 +63,13 @@ def run(runs: list[Path], eps_grid: tuple[float, ...], k: int = 20, keep: int = 
                     cand = tight if method == "crown" else certify(model, x[:candidates], y[:candidates], eps, method)
                     ev = certify(model, xe[:eval_n], ye[:eval_n], eps, method)
                     lo, hi = ball_box(xe[:eval_n], eps)
+                    if len(idx) == 0:  # CROWN certifies every candidate: nothing to repair at this eps
+                        rows.append({"dataset": res["dataset"], "model": name, "eps": eps, "bounds": method, "keep": "points",
+                                     "repair_points": 0, "candidates_certified_before": int(cand.certified.sum()),
+                                     "candidates": candidates, "keep_points": 0, "status": "every candidate certified", "seconds": 0.0,
+                                     "bound_seconds_per_point": ev.seconds / max(1, eval_n), "clean_before": clean_before,
+                                     "certified_before": ev.accuracy, "eval_points": eval_n})
+                        continue
                     for keep_kind in ("points", "balls") if method == "crown" else ("points",):
                         spec = RepairSpec(kind="ball", eps=eps, bounds=method, margin=margin, keep_eps=eps if keep_kind == "balls" else 0.0)
                         t0 = time.perf_counter()
