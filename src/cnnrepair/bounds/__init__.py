@@ -113,9 +113,12 @@ def _boxes(lower, upper) -> tuple[Tensor, Tensor]:
     return lower, upper
 
 
-def _check(graph: FrozenGraph, lower: Tensor, method: str) -> None:
+def _check_method(method: str) -> None:
     if method not in METHODS:
         raise CnnRepairError(f"unknown bound method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def _check_shape(graph: FrozenGraph, lower: Tensor) -> None:
     if tuple(lower.shape[1:]) != graph.input_shape:
         raise CnnRepairError(f"boxes of shape {tuple(lower.shape[1:])} for a model taking {graph.input_shape}")
 
@@ -123,7 +126,7 @@ def _check(graph: FrozenGraph, lower: Tensor, method: str) -> None:
 def batch_for(graph: FrozenGraph, method: str, device="cpu") -> int:
     """Inputs bounded at once: CROWN's walks hold (inputs x rows x widest value) numbers, kept within the memory
     budget with at least 16 rows a walk; IBP holds a few boxes per input."""
-    widest = max(int(np.prod(op.shape)) if op.shape else 1 for op in graph.ops)
+    widest = graph.widest()
     if method == "ibp":
         return max(1, min(1024, memory_budget(device) // (8 * widest)))
     return max(1, min(256, memory_budget(device) // (2 * 16 * widest)))
@@ -139,11 +142,10 @@ def feature_bounds(model: nn.Module | FrozenGraph, layer: str, lower, upper, met
     rounding (about 1e-6 relative) the margins asked of repair must cover.
     """
     lower, upper = _boxes(lower, upper)
-    if method not in METHODS:
-        raise CnnRepairError(f"unknown bound method {method!r}; choose one of {', '.join(METHODS)}")
+    _check_method(method)  # before the graph is traced
     t0 = time.perf_counter()
     graph = model if isinstance(model, FrozenGraph) else frozen_graph(model, layer, lower[:2].float())
-    _check(graph, lower, method)
+    _check_shape(graph, lower)
     lower, upper = lower.to(graph.device), upper.to(graph.device)
     batch_size = batch_size or batch_for(graph, method, graph.device)
     los, his = [], []
@@ -177,7 +179,8 @@ def margin_bounds(graph: FrozenGraph, lower, upper, labels, method: str = "crown
     """Per box, a lower bound of ``min_j logit[y] - logit[j]`` over it (``graph``: :func:`frozen_graph` with
     ``through=True``, so its target is the logits); positive means the whole box keeps label y."""
     lower, upper = _boxes(lower, upper)
-    _check(graph, lower, method)
+    _check_method(method)
+    _check_shape(graph, lower)
     classes = int(np.prod(graph.op(graph.target).shape))
     rows = margin_rows(labels, classes).to(graph.device)
     if len(rows) != len(lower):

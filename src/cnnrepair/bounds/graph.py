@@ -86,8 +86,18 @@ class FrozenGraph:
     def op(self, node: torch.fx.Node) -> Op:
         return self._index[node]
 
+    def upto(self, node: torch.fx.Node) -> list[Op]:
+        """The ops from the input to ``node``, ``node``'s own included (what a walk back from it crosses)."""
+        return self.ops[:self._position[node] + 1]
+
+    def widest(self, node: torch.fx.Node | None = None) -> int:
+        """Values per example of the widest op up to ``node`` (default: the whole graph)."""
+        ops = self.ops if node is None else self.upto(node)
+        return max(int(np.prod(op.shape)) if op.shape else 1 for op in ops)
+
     def __post_init__(self) -> None:
         self._index = {op.node: op for op in self.ops}
+        self._position = {op.node: i for i, op in enumerate(self.ops)}
 
 
 def export_graph(model: nn.Module, sample: Tensor) -> torch.fx.GraphModule:

@@ -147,7 +147,7 @@ class MaxPool(Kind):
         idx, exact, hi_out = pool_choice(op, lo, hi)
         B = lo.shape[0]
         exact = exact.unsqueeze(1).to(a.dtype)
-        sign = _row_signs(a, n_low)
+        sign = row_signs(a, n_low)
         pos = (a * sign).clamp(min=0) * sign  # the part of each row that takes the selected input (below the max)
         coef = pos + (a - pos) * exact
         const = ((a - pos) * hi_out.unsqueeze(1) * (1 - exact)).flatten(2).sum(-1)
@@ -157,8 +157,8 @@ class MaxPool(Kind):
         return [(op.inputs[0], out.reshape(B, R, *lo.shape[1:]), const)]
 
 
-def _row_signs(a: Tensor, n_low: int) -> Tensor:
-    """B x rows x 1... : +1 for the first ``n_low`` rows (bounded from below), -1 for the rest (from above)."""
+def row_signs(a: Tensor, n_low: int) -> Tensor:
+    """1 x rows x 1... (to broadcast against ``a``): +1 for the first ``n_low`` rows (bounded from below), -1 for the rest."""
     sign = torch.ones(a.shape[1], dtype=a.dtype, device=a.device)
     sign[n_low:] = -1.0
     return sign.reshape(1, -1, *([1] * (a.ndim - 2)))
@@ -170,9 +170,7 @@ def box_constant(a: Tensor, lo: Tensor, hi: Tensor, n_low: int) -> Tensor:
     B, R = a.shape[:2]
     flat = a.reshape(B, R, -1)
     mid, rad = ((hi + lo) / 2).reshape(B, -1, 1), ((hi - lo) / 2).reshape(B, -1, 1)  # centre -+ |a| . radius
-    sign = torch.ones(R, dtype=a.dtype, device=a.device)
-    sign[n_low:] = -1.0
-    return (torch.bmm(flat, mid) - sign.reshape(1, R, 1) * torch.bmm(flat.abs(), rad))[:, :, 0]
+    return (torch.bmm(flat, mid) - row_signs(flat, n_low) * torch.bmm(flat.abs(), rad))[:, :, 0]
 
 
 def _affine_back(op: Op, a: Tensor, src_shape) -> tuple[Tensor, Tensor]:

@@ -31,12 +31,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from cnnrepair.bounds.graph import PASS_THROUGH, FrozenGraph, Op
-from cnnrepair.bounds.kinds import KINDS, box_constant
+from cnnrepair.bounds.kinds import KINDS, box_constant, row_signs
 from cnnrepair.errors import CnnRepairError
 
 METHODS = ("ibp", "crown", "alpha-crown")
@@ -104,7 +103,6 @@ def spec_bounds(graph: FrozenGraph, lower: Tensor, upper: Tensor, rows: Tensor, 
                 alpha: AlphaSettings | None = None) -> Tensor:
     """Lower bounds (B x R) of the linear functions ``rows`` (B x R x target shape) of the graph's target over
     each box: the specification itself bounded (e.g. logit differences), not a box around the target first."""
-    _check(method)
     lower, upper = lower.double(), upper.double()
     rows = rows.double().to(lower.device)
     bounds = node_bounds(graph, lower, upper, method, alpha, features=False)
@@ -208,12 +206,6 @@ def _feature_sources(graph: FrozenGraph) -> dict:
     return found
 
 
-def _widest(graph: FrozenGraph, node: torch.fx.Node) -> int:
-    upto = [op for op in graph.ops]
-    end = next(i for i, op in enumerate(upto) if op.node is node)
-    return max(int(np.prod(op.shape)) if op.shape else 1 for op in upto[:end + 1])
-
-
 def _tighten(graph: FrozenGraph, bounds: dict, node: torch.fx.Node, rows: Tensor, box: tuple[Tensor, Tensor],
              inputs: tuple[Tensor, Tensor], alpha: AlphaSettings | None) -> tuple[Tensor, Tensor]:
     """IBP's box of ``node`` intersected with CROWN's bounds of the neurons ``rows`` marks (per input)."""
@@ -230,7 +222,7 @@ def _tighten(graph: FrozenGraph, bounds: dict, node: torch.fx.Node, rows: Tensor
     flat_lo, flat_hi = lo.reshape(B, -1).clone(), hi.reshape(B, -1).clone()
     op = graph.op(node)
     n = flat_lo.shape[1]
-    chunk = max(1, memory_budget(lo.device) // (2 * B * _widest(graph, node)))
+    chunk = max(1, memory_budget(lo.device) // (2 * B * graph.widest(node)))
     for start in range(0, R, chunk):
         part, ok = order[:, start:start + chunk], valid[:, start:start + chunk]
         S = part.shape[1]
@@ -245,8 +237,7 @@ def _tighten(graph: FrozenGraph, bounds: dict, node: torch.fx.Node, rows: Tensor
             one.scatter_(2, part.unsqueeze(2), okf.unsqueeze(2))
             one = one.reshape(B, S, *op.shape)
             a, bias, at = torch.cat([one, one], 1), 0.0, node  # lower-bound rows, then upper-bound rows
-        walk = _optimised if alpha else _backward
-        out = bias + (walk(graph, bounds, at, a, S, inputs, alpha) if alpha else walk(graph, bounds, at, a, S, inputs))
+        out = bias + (_optimised(graph, bounds, at, a, S, inputs, alpha) if alpha else _backward(graph, bounds, at, a, S, inputs))
         cur_lo, cur_hi = flat_lo.gather(1, part), flat_hi.gather(1, part)
         flat_lo.scatter_(1, part, torch.where(ok, torch.maximum(cur_lo, out[:, :S]), cur_lo))
         flat_hi.scatter_(1, part, torch.where(ok, torch.minimum(cur_hi, out[:, S:]), cur_hi))
@@ -262,8 +253,7 @@ def _backward(graph: FrozenGraph, bounds: dict, node: torch.fx.Node, a: Tensor, 
     B = a.shape[0]
     A: dict[torch.fx.Node, Tensor] = {node: a}
     bias = torch.zeros(B, a.shape[1], dtype=torch.float64, device=a.device)
-    end = next(i for i, op in enumerate(graph.ops) if op.node is node)
-    for op in reversed(graph.ops[:end + 1]):
+    for op in reversed(graph.upto(node)):
         if op.node not in A or op.kind == "input":
             continue
         coef = A.pop(op.node)
@@ -283,9 +273,8 @@ def _backward(graph: FrozenGraph, bounds: dict, node: torch.fx.Node, a: Tensor, 
 def _optimised(graph: FrozenGraph, bounds: dict, node: torch.fx.Node, a: Tensor, n_low: int, inputs: tuple[Tensor, Tensor],
                alpha: AlphaSettings) -> Tensor:
     """:func:`_backward` with each row's lower ReLU slopes optimised (alpha-CROWN): the tightest bound any step found."""
-    end = next(i for i, op in enumerate(graph.ops) if op.node is node)
     params = {}
-    for op in graph.ops[:end + 1]:  # every ReLU the walk crosses, the one it may start at included
+    for op in graph.upto(node):  # every ReLU the walk crosses, the one it may start at included
         if op.kind == "relu":
             lo, hi = bounds[op.inputs[0]]
             if _unstable(lo, hi).any():
@@ -294,8 +283,7 @@ def _optimised(graph: FrozenGraph, bounds: dict, node: torch.fx.Node, a: Tensor,
     best = _backward(graph, bounds, node, a, n_low, inputs)
     if not params:
         return best
-    sign = torch.ones(a.shape[1], dtype=torch.float64, device=a.device)
-    sign[n_low:] = -1.0
+    sign = row_signs(best, n_low)
     opt = torch.optim.Adam(list(params.values()), lr=alpha.lr)
     for _ in range(alpha.steps):
         with torch.enable_grad():
