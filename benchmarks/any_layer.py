@@ -188,13 +188,9 @@ registry.section("any_layer.json", order=175, title=lambda d: "### Repair of a l
 
 @registry.command("any-layer", "last-layer against hidden-layer repair on MNIST MLPs (3x100, 9x100, 9x200) with fog", order=75,
                   arguments=registry.arguments(
-                      registry.arg("--data-dir", type=Path, default=Path("../shared/datasets/mnist"), help="the MNIST IDX folder"),
+                      registry.MNIST_DIR,
                       registry.arg("--shapes", default=",".join(SHAPES), help="comma-separated network shapes (3x100,9x100,9x200)"),
                       registry.arg("--time-limit", type=float, default=600.0, help="seconds per repair"),
                       registry.arg("--keep", type=int, default=1000, help="keep points in the runs with keep points")))
 def _cli(args):
-    shapes = tuple(s for s in args.shapes.split(",") if s)
-    unknown = [s for s in shapes if s not in SHAPES]
-    if unknown:
-        raise SystemExit(f"unknown shape(s) {', '.join(unknown)}; choose from {', '.join(SHAPES)}")
-    return run(args.data_dir, shapes, keep_images=args.keep, time_limit=args.time_limit)
+    return run(args.data_dir, registry.names(args.shapes, SHAPES, "shape"), keep_images=args.keep, time_limit=args.time_limit)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-SIZES = [(100, 800, 0), (1000, 512, 0), (1000, 800, 0), (1000, 800, 2000), (1000, 4096, 0)]
+SIZES = [(100, 800, 0), (1000, 512, 0), (1000, 800, 0), (1000, 800, 2000), (1000, 800, 10000), (1000, 4096, 0)]
 QUICK = [(20, 64, 0), (40, 64, 40)]
 
 from benchmarks import registry

@@ -76,6 +76,18 @@ def arg(*args, **kwargs) -> tuple[tuple, dict]:
     return args, kwargs
 
 
+MNIST_DIR = arg("--data-dir", type=Path, default=Path("../shared/datasets/mnist"), help="the MNIST IDX folder")
+
+
+def names(text: str, known, what: str) -> tuple[str, ...]:
+    """The comma-separated names of a ``--shapes``-like option, each one of ``known`` (else the command stops, naming them)."""
+    picked = tuple(s for s in text.split(",") if s)
+    unknown = [s for s in picked if s not in known]
+    if unknown:
+        raise SystemExit(f"unknown {what}(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    return picked
+
+
 def section(pattern: str, order: int, title: Callable[[dict], str] | None = None, intro: Callable[[dict], str] | None = None,
             table: Callable[[dict], str] | None = None, render: Callable[[dict, Callable[[Path], str]], list[str]] | None = None,
             headline: Callable[[dict], list[str]] | None = None) -> None:

@@ -215,6 +215,7 @@ def _bad_settings():
             (lambda: AttackSweep("fgsm", ()), "at least one epsilon"), (lambda: AttackSweep("fgsm", (2.0,)), "outside"),
             (lambda: AttackSweep("pgd", (0.1,), steps=0), "step"), (lambda: AttackSweep("fgsm", (0.1,), images=0), "images"),
             (lambda: BallInputs(domain=(1.0, 0.0)), "empty"), (lambda: SolveOptions(threads=-2), "threads"),
+            (lambda: SolveOptions(progress="yes"), "progress must be a function"),
             (lambda: RepairSpec(margin=-1), "margin")]
 
 

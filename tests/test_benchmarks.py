@@ -208,7 +208,7 @@ def test_prdnn_benchmark_records_a_missing_prdnn_and_still_times_ours():
     assert row["prdnn"]["status"] == "error" and "prdnn" in " ".join(row["prdnn"]["error"]).lower()
     assert row["ours"]["status"] == "optimal" and row["highs-lp"]["status"] == "ok"
     assert row["ours"]["objective"] == pytest.approx(row["highs-lp"]["objective"], rel=1e-6)
-    assert row["ours"]["smallest_margin"] >= 0.05 - 1e-9
+    assert row["ours"]["smallest_margin"] >= 0.05 - 1e-8  # the solvers' feasibility tolerance (1e-8 of the largest required change)
     assert "| 10 | 8 |" in table(out["rows"])
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from cnnrepair.cli.common import Bars, Command, say
@@ -117,7 +118,7 @@ def _cmd_model_repair(args: argparse.Namespace, bars: Bars) -> int:
     say(f"repairing layer {job.layer!r} of {job.model.path.name} on {len(job.points.x)} points"
         + (f" (+{len(job.keep.x)} keep)" if job.keep is not None else "") + f", spec {job.spec.kind}, norm {job.spec.norm} ...")
     t0 = time.perf_counter()
-    cert = run(job, args.out, args.options, args.overwrite)
+    cert = run(job, args.out, replace(args.options, progress=bars), args.overwrite)
     dt = time.perf_counter() - t0
     notes = "; ".join(cert.notes or [])
     if cert.status == "repaired":

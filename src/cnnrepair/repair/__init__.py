@@ -3,7 +3,7 @@
 * :mod:`cnnrepair.repair.targets`: the paper's program (equation 3): pull decision values toward targets.
 * :mod:`cnnrepair.repair.program`: that program's data (layer, points, margins, norm) and its certified lower bound.
 * :mod:`cnnrepair.repair.margins`: the exact minimal change that gives points their labels with a margin.
-* :mod:`cnnrepair.repair.rows_ipm`: the structured interior point it takes for L1 with many rows.
+* :mod:`cnnrepair.repair.rows_ipm`: the structured interior point it takes first, for every norm and bound.
 * :mod:`cnnrepair.repair.ball`: the same for points known only up to a box of features (certified repair of input balls).
 * :mod:`cnnrepair.repair.layer`: any classifier as frozen features plus the linear layer that ends it.
 * :mod:`cnnrepair.repair.api`: :func:`repair_classifier`, one call from a model and points to a repaired copy.

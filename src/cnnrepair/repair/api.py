@@ -133,7 +133,7 @@ def _gather(x, y, keep, options, old: dict) -> tuple[Points, Points | None, Solv
         raise CnnRepairError(f"options must be a cnnrepair.SolveOptions (got {type(options).__name__})")
     if "time_limit" in old or "threads" in old:
         base = options or SolveOptions()
-        options = SolveOptions(old.get("time_limit", base.time_limit), old.get("threads", base.threads))
+        options = SolveOptions(old.get("time_limit", base.time_limit), old.get("threads", base.threads), base.progress)
     if isinstance(x, Points):
         if y is not None:
             raise CnnRepairError("give the labels in Points(x, y) or as y, not both")
@@ -305,10 +305,17 @@ def _pointwise(w: _Work, box=None, keep_box=None) -> ClassifierRepair:
     hard = np.isinf(prices)
     last: list[MarginProblem] = []
 
+    previous: list[MarginSolution] = []
+
     def solve(req: np.ndarray) -> MarginSolution:
         last[:] = [MarginProblem(lay.weight, lay.bias, feats, labels, req, prices, spec.norm, spec.freeze_bias, spec.max_change, radii)]
         remaining = max(1e-3, w.options.seconds - w.elapsed())
-        return (solve_ball if last[0].has_boxes else solve_margins)(last[0], time_limit=remaining)
+        if last[0].has_boxes:
+            return solve_ball(last[0], time_limit=remaining)
+        sol = solve_margins(last[0], time_limit=remaining, start=previous[0] if previous else None,  # a re-solve starts from the rows that bound
+                            progress=w.options.progress)
+        previous[:] = [sol] if sol.ok else []
+        return sol
 
     def measure(sol: MarginSolution):
         repaired = lay.replaced(lay.weight + sol.delta_weight, lay.bias + sol.delta_bias)

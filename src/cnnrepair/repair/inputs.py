@@ -8,6 +8,7 @@ the solve's time limit and thread cap. Both check themselves when made.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,16 +54,20 @@ class Points:
 @dataclass(frozen=True)
 class SolveOptions:
     """How a repair's solve may run: ``time_limit`` seconds (None: :data:`DEFAULT_TIME_LIMIT`; ``math.inf``:
-    none) and at most ``threads`` BLAS/OpenMP threads (None: ``$CNNREPAIR_THREADS``, else 1)."""
+    none), at most ``threads`` BLAS/OpenMP threads (None: ``$CNNREPAIR_THREADS``, else 1), and
+    ``progress(desc, done, total)``, told each round of a long solve (its round, rows, gap, seconds)."""
 
     time_limit: float | None = None
     threads: int | None = None
+    progress: Callable[[str, int, int], None] | None = None
 
     def __post_init__(self) -> None:
         t = self.time_limit
         if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t) or not t > 0):
             raise CnnRepairError(f"time limit must be a number of seconds > 0 (got {t!r})")
         check_threads(self.threads)
+        if self.progress is not None and not callable(self.progress):
+            raise CnnRepairError(f"progress must be a function progress(desc, done, total) (got {type(self.progress).__name__})")
 
     @property
     def seconds(self) -> float:

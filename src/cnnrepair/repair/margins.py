@@ -2,33 +2,36 @@
 
 The program is :class:`cnnrepair.repair.program.MarginProblem`'s. Its margin rows couple the
 classes, so the per-class split of the paper's program does not apply, and the full linear program
-(2 C (n+1) columns, N (C-1) rows) is slow for general LP codes (see the speed table in docs/results.md). Its
-optimum is sparse twice over: few rows bind (the runner-up class of each point) and, for L1, few
-entries change. :func:`solve_margins` exploits both, exactly: HiGHS dual simplex on a restricted
-program, rows added when a point's margin is violated by the current change, entries added while
-their reduced cost is negative (``|A^T y| > a``), warm-started each round. It stops only when no
-row is violated and no entry prices out, which is optimality for the full program. L1 problems
-with many violated rows (``_IPM_ROWS``, no ``max_change``) go first to the structured interior
-point of :mod:`cnnrepair.repair.rows_ipm`, which holds every entry and generates only rows. Either
-way the answer ends on the certified lower bound of :func:`~cnnrepair.repair.program.certified_lower_bound`.
-Hard points are made elastic at a price that grows until their shortfall is zero; if it cannot be,
-a deletion filter names a small set of conflicting points (an irreducible infeasible subset of the
-points).
+(2 C (n+1) columns, N (C-1) rows) is slow for general LP codes (see the speed tables in docs/results.md). Its
+optimum is sparse: few rows bind (the runner-up class of some points, a few keep points), and for
+L1 few entries change. Every program goes first to the structured interior point of
+:mod:`cnnrepair.repair.rows_ipm` (every norm, with or without ``max_change``), which holds every
+entry and generates rows. When it cannot certify its answer (an infeasible program, or numerical
+trouble) HiGHS solves it here: dual simplex on a restricted program, rows added when a point's
+margin is violated by the current change, entries added while their reduced cost is negative
+(``|A^T y| > a``), warm-started each round; it stops only when no row is violated and no entry
+prices out, which is optimality for the full program. Either way the answer ends on the certified
+lower bound of :func:`~cnnrepair.repair.program.certified_lower_bound`. Hard points are made
+elastic at a price that grows until their shortfall is zero; if it cannot be, a deletion filter
+names a small set of conflicting points (an irreducible infeasible subset of the points).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import scipy.sparse as sp
 
 from cnnrepair.errors import CnnRepairError
-from cnnrepair.repair.program import FEAS, MarginProblem, MarginSolution, certified_lower_bound, margin_rows
+from cnnrepair.repair.program import FEAS, MarginProblem, MarginSolution, SolveClock, certified_lower_bound, margin_rows
 from cnnrepair.repair.rows_ipm import solve_rows_ipm
 
 _CROSSOVER = "on"
-_IPM_ROWS = 300  # from this many margin rows on, a round runs HiGHS's interior point
+_IPM_ROWS = 300  # from this many margin rows on, a HiGHS round runs HiGHS's interior point
+METHODS = ("auto", "ipm", "highs")
 _PRICE_START, _PRICE_MAX = 1e3, 1e9  # elastic price of hard points, scaled units
 CONFLICT_SECONDS = 30.0  # the search for a small conflicting set stops here (with the set found so far)
 
@@ -184,8 +187,15 @@ class _Master:
         return np.abs(Z.ravel())
 
 
-def solve_margins(p: MarginProblem, time_limit: float | None = None, max_rounds: int = 10_000) -> MarginSolution:
+def solve_margins(p: MarginProblem, time_limit: float | None = None, max_rounds: int = 10_000, method: str = "auto",
+                  start: MarginSolution | None = None, progress: Callable[[str, int, int], None] | None = None) -> MarginSolution:
     """Solve the margin program exactly (structured interior point or HiGHS, with generation); see the module docstring.
+
+    ``method``: ``auto`` (the interior point; HiGHS when it cannot certify the answer), ``ipm`` (the
+    interior point only: ``not_converged`` when it cannot) or ``highs`` (HiGHS only). ``start``: a
+    solution of the same points (say, before their margins were raised by float32 rounding) whose
+    rows the interior point starts from; it changes how fast, not what is found. ``progress(desc, done,
+    total)`` hears of every round: the solver, the round, the rows in the program, the gap, the seconds.
 
     Status ``optimal`` comes with a certified lower bound whose relative gap to the objective is at
     most 1e-6; ``infeasible`` with ``conflicts`` (indices of points that cannot all meet their margins).
@@ -207,14 +217,21 @@ def solve_margins(p: MarginProblem, time_limit: float | None = None, max_rounds:
         return MarginSolution("optimal", *zero, 0.0, 0.0, time.perf_counter() - t0)
     alpha = float(np.abs(p.features).max()) or 1.0
     beta = float(R0[need].max())
-    if p.norm == "l1" and p.max_change is None and int((R0 > 0).sum()) >= _IPM_ROWS:
-        found = solve_rows_ipm(p, R0, alpha, beta, t0, time_limit)
-        if found is not None:
-            return found
+    if method not in METHODS:
+        raise CnnRepairError(f"unknown margin solver {method!r}; choose one of {', '.join(METHODS)}")
+    if method != "highs":
+        hint = None if start is None or "point" not in start.witness else (start.witness["point"], start.witness["class"])
+        found = solve_rows_ipm(p, R0, alpha, beta, SolveClock(t0, time_limit, progress), hint)
+        if found.ok or method == "ipm" or found.status == "time_limit":
+            return found if found.ok else replace(found, witness={})
+        fallback = True  # recorded with HiGHS's answer: the interior point could not certify one
+        seed_rows = [(int(k), int(j)) for k, j in zip(found.witness["point"], found.witness["class"]) if R0[k, j] <= 0]
+    else:
+        fallback, seed_rows = False, []
     master = _Master(p, alpha, beta, time_limit)
     ncoef = master.ncoef
-    # first rows: every (point, class) the unchanged layer violates
-    first = [(int(k), int(j)) for k, j in zip(*np.nonzero(R0 > 0))]
+    # first rows: every (point, class) the unchanged layer violates, and those the interior point had
+    first = [(int(k), int(j)) for k, j in zip(*np.nonzero(R0 > 0))] + seed_rows
     master.add_rows(first, R0[tuple(np.array(first).T)] / beta)
     in_master = np.zeros((N, C), bool)
     in_master[tuple(np.array(first).T)] = True
@@ -237,6 +254,8 @@ def solve_margins(p: MarginProblem, time_limit: float | None = None, max_rounds:
         master.h.setOptionValue("solver", "ipm" if len(master.rows) >= _IPM_ROWS else "simplex")
         if time_limit is not None:
             set_time_limit(master.h, time_limit - (time.perf_counter() - t0))
+        if progress is not None:
+            SolveClock(t0, time_limit, progress).report("HiGHS", rounds + 1, len(master.rows), np.inf)
         run_highs(master.h)
         rounds += 1
         name = highs_status(master.h)
@@ -279,7 +298,7 @@ def solve_margins(p: MarginProblem, time_limit: float | None = None, max_rounds:
             break
     seconds = time.perf_counter() - t0
     size = {"rows": len(master.rows), "entries": len(master.entries), "points": N, "full_rows": N * (C - 1),
-            "full_entries": C * ncoef}
+            "full_entries": C * ncoef, **({"interior_point": "not certified"} if fallback else {})}
     if status == "infeasible":
         deadline = time.perf_counter() + CONFLICT_SECONDS
         if time_limit is not None:
