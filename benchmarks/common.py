@@ -46,6 +46,15 @@ def compare(row: dict, other: str, ratio: str) -> None:
         row[ratio] = row[other]["seconds"] / row["ours"]["seconds"]
 
 
+def run_cnnrepair(args: list[str]):
+    """``cnnrepair --quiet ARGS`` in its own process, as a user runs it: (wall seconds, the completed process)."""
+    import subprocess
+
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "cnnrepair.cli", "--quiet", *args], capture_output=True, text=True)
+    return time.perf_counter() - t0, proc
+
+
 def fit(model, x, y, epochs: int, seed: int) -> float:
     """Train ``model`` in place with Adam (lr 1e-3, batch 128, seeded shuffles) and leave it in eval mode; the seconds taken."""
     import time

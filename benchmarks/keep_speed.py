@@ -22,8 +22,6 @@ also compiles byte code; both are recorded).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import tempfile
 import time
 import warnings
@@ -94,6 +92,8 @@ def _whole_lp(p, _arg):
 
 def _command(model, xr, yr, xk, work: Path) -> dict:
     """``cnnrepair repair`` on the network's ONNX file, in its own process: wall seconds and what the certificate says."""
+    from benchmarks.common import run_cnnrepair
+
     src = work / "model.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -104,9 +104,8 @@ def _command(model, xr, yr, xk, work: Path) -> dict:
     walls = []
     for attempt in range(2):  # the first run also compiles Python's byte code and warms the file cache: the second is the one a user sees
         args = ["repair", str(src), "--points", str(work / "points.npz"), "--keep", str(work / "keep.npz"), "--out", str(work / f"fixed{attempt}")]
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "cnnrepair.cli", "--quiet", *args], capture_output=True, text=True)
-        walls.append(time.perf_counter() - t0)
+        wall, proc = run_cnnrepair(args)
+        walls.append(wall)
         if proc.returncode != 0:
             return {"status": "failed", "wall_s": walls[-1], "error": proc.stderr.strip()[-300:]}
     cert = json.loads((work / "fixed1" / "certificate.json").read_text())

@@ -10,18 +10,16 @@ process; wall seconds include starting Python and loading the model.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 from benchmarks import registry
 
 
 def _cnnrepair(args: list[str]) -> tuple[float, str]:
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "cnnrepair.cli", "--quiet", *args], capture_output=True, text=True)
-    seconds = time.perf_counter() - t0
+    from benchmarks.common import run_cnnrepair
+
+    seconds, proc = run_cnnrepair(args)
     if proc.returncode != 0:
         raise SystemExit(f"cnnrepair {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()[-400:]}")
     return seconds, proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""

@@ -219,9 +219,10 @@ def solve_margins(p: MarginProblem, time_limit: float | None = None, max_rounds:
     beta = float(R0[need].max())
     if method not in METHODS:
         raise CnnRepairError(f"unknown margin solver {method!r}; choose one of {', '.join(METHODS)}")
+    clock = SolveClock(t0, time_limit, progress)  # one clock for the interior point and HiGHS after it
     if method != "highs":
         hint = None if start is None or "point" not in start.witness else (start.witness["point"], start.witness["class"])
-        found = solve_rows_ipm(p, R0, alpha, beta, SolveClock(t0, time_limit, progress), hint)
+        found = solve_rows_ipm(p, R0, alpha, beta, clock, hint)
         if found.ok or method == "ipm" or found.status == "time_limit":
             return found if found.ok else replace(found, witness={})
         fallback = True  # recorded with HiGHS's answer: the interior point could not certify one
@@ -254,8 +255,7 @@ def solve_margins(p: MarginProblem, time_limit: float | None = None, max_rounds:
         master.h.setOptionValue("solver", "ipm" if len(master.rows) >= _IPM_ROWS else "simplex")
         if time_limit is not None:
             set_time_limit(master.h, time_limit - (time.perf_counter() - t0))
-        if progress is not None:
-            SolveClock(t0, time_limit, progress).report("HiGHS", rounds + 1, len(master.rows), np.inf)
+        clock.report("HiGHS", rounds + 1, len(master.rows), np.inf)
         run_highs(master.h)
         rounds += 1
         name = highs_status(master.h)

@@ -63,6 +63,13 @@ def _dot(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.multiply(a, b).sum())
 
 
+def _per_entry_solve(f: np.ndarray, Omega: np.ndarray, kappa: float) -> np.ndarray:
+    """``(diag(Omega) + gamma 1 1^T)^-1 f`` by Sherman-Morrison (``kappa = gamma / (1 + gamma sum 1/Omega)``): the
+    per-entry rows' block, diagonal but for the one variable ``t`` they share."""
+    u = f / Omega
+    return u - kappa * u.sum() / Omega if kappa else u
+
+
 def _max_step(v: list[np.ndarray], dv: list[np.ndarray]) -> float:
     """Largest step in [0, 1] that keeps every block of ``v + step * dv`` non-negative."""
     ratios = [np.min(-x[dx < 0] / dx[dx < 0], initial=np.inf) for x, dx in zip(v, dv)]
@@ -258,12 +265,8 @@ class RowsIPM:
         if self.has_v:
             VV = D["t"][0] + D["v"][0]
             fW = fW + D["t"][0] * fV[0] / VV
-        u = fW / Omega  # (Omega + gamma 1 1^T)^-1 fW
-        if kappa:
-            u = u - kappa * u.sum() / Omega
-        dy = sla.cho_solve((factor, True), fR - self.A(diff * u), check_finite=False)
-        u = (fW - diff * self.At(dy)) / Omega
-        dlam = u - kappa * u.sum() / Omega if kappa else u
+        dy = sla.cho_solve((factor, True), fR - self.A(diff * _per_entry_solve(fW, Omega, kappa)), check_finite=False)
+        dlam = _per_entry_solve(fW - diff * self.At(dy), Omega, kappa)
         dmu = np.array([(fV[0] + D["t"][0] * dlam.sum()) / VV]) if self.has_v else None
         return dy, dlam, dmu
 
