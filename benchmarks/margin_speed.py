@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-SIZES = [(100, 800, 0), (1000, 512, 0), (1000, 800, 0), (1000, 800, 2000), (1000, 800, 10000), (1000, 4096, 0)]
+SIZES = [(100, 800, 0), (1000, 512, 0), (1000, 800, 0), (1000, 800, 2000), (1000, 800, 5000), (1000, 800, 10000), (1000, 4096, 0)]
 QUICK = [(20, 64, 0), (40, 64, 40)]
 
 from benchmarks import registry
@@ -99,6 +99,58 @@ def _ours_threads(p, threads: int):
 
 
 THREAD_SIZES = [(1000, 512, 0), (1000, 800, 2000)]
+
+
+def _ours_on(p, device: str | None):
+    from cnnrepair.repair import solve_margins
+
+    s = solve_margins(p, device=device)
+    if not s.ok:
+        raise RuntimeError(s.status)
+    return s.objective
+
+
+def run_device(cap: float = 300.0, quick: bool = False, device: str = "cuda") -> Path:
+    """Our solve with the normal matrix on the CPU and on ``device`` (CUDA), side by side on the speed table's
+    programs, each solve in its own process; the ratio CPU / device and both machines recorded."""
+    import torch
+
+    from benchmarks.common import machine, write_result
+    from benchmarks.lp_scaling import timed
+    from cnnrepair.errors import CnnRepairError
+    from cnnrepair.runtime import resolve_device
+
+    dev = resolve_device(device)
+    if dev.type != "cuda":
+        raise CnnRepairError(f"margin-device compares the CPU with a CUDA device, and {device!r} is not one; run it where a GPU is")
+    rows = []
+    for K, n, keep in QUICK if quick else SIZES:
+        for program, norm, bound in (("l1", "l1", None), ("prdnn", "l1+linf", 3.0)):
+            p = problem(K, n, keep, norm, bound)
+            row = {"K": K, "features": n, "keep": keep, "program": program,
+                   "cpu": timed(_ours_on, p, None, cap, start="spawn"), "cuda": timed(_ours_on, p, str(dev), cap, start="spawn")}
+            if row["cpu"]["status"] == row["cuda"]["status"] == "ok":
+                row["cpu_over_cuda"] = row["cpu"]["seconds"] / row["cuda"]["seconds"]
+                row["relative_difference"] = abs(row["cpu"]["objective"] - row["cuda"]["objective"]) / abs(row["cpu"]["objective"])
+            rows.append(row)
+            print(f"K={K} n={n} keep={keep} {program}: cpu {row['cpu']['status']} {row['cpu'].get('seconds')}, "
+                  f"cuda {row['cuda']['status']} {row['cuda'].get('seconds')}", flush=True)
+    out = {"machine": machine(), "device": f"{dev} ({torch.cuda.get_device_name(dev)})", "cap_s": cap, "quick": quick,
+           "command": "python -m benchmarks.run margin-device" + (" --quick" if quick else "") + f" --cap {cap:g}",
+           "problems": "the speed table's problems", "rows": rows}
+    return write_quick(out, "margin_device_quick.json") if quick else write_result("margin_device.json", out)
+
+
+def device_table(rows: list[dict]) -> str:
+    """Markdown: seconds on the CPU and on CUDA, the ratio, and whether the optima agree."""
+    out = ["| K | features | keep | program | CPU (s) | CUDA (s) | CPU / CUDA | optima agree |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    cell = (lambda x: f"{x['seconds']:.2f}" if x["status"] == "ok" else (f"> {x['cap_s']:g} (cap)" if x["status"] == "timeout" else x["status"]))
+    for r in rows:
+        ratio = f"{r['cpu_over_cuda']:.1f}x" if "cpu_over_cuda" in r else "-"
+        agree = f"{r['relative_difference']:.0e}" if "relative_difference" in r else "-"
+        name = "L1" if r["program"] == "l1" else "PRDNN's (mean + max, bound 3)"
+        out.append(f"| {r['K']:,} | {r['features']:,} | {r['keep']:,} | {name} | {cell(r['cpu'])} | {cell(r['cuda'])} | {ratio} | {agree} |")
+    return "\n".join(out)
 
 
 def run_threads(cap: float = 300.0, quick: bool = False) -> Path:
@@ -205,6 +257,11 @@ registry.section("margin_threads.json", order=100, title=lambda d: "### Pointwis
                                  "`repair_classifier` use one thread unless `--threads` / `threads=` / `CNNREPAIR_THREADS` "
                                  "say otherwise.", table=lambda d: threads_table(d["rows"]))
 
+registry.section("margin_device.json", order=105, title=lambda d: "### Pointwise repair on the CPU and on CUDA",
+                 intro=lambda d: f"{registry.measured_on(d)}, CUDA device {d['device']}; {d['problems']}, each solve in its own "
+                                 "process; `--device` (`SolveOptions(device=)`) moves the interior point's normal matrix there.",
+                 table=lambda d: device_table(d["rows"]))
+
 _QUICK = registry.arg("--quick", action="store_true", help="tiny sizes, written to a temporary folder (a smoke check)")
 _CAP = registry.arg("--cap", type=float, default=300.0, help="seconds each solve may take (default 300)")
 
@@ -219,3 +276,9 @@ def _cli(args):
                   arguments=registry.arguments(_QUICK, _CAP))
 def _cli_threads(args):
     return run_threads(cap=args.cap, quick=args.quick)
+
+
+@registry.command("margin-device", "pointwise repair program with its normal matrix on the CPU and on CUDA, side by side (needs a GPU)",
+                  order=95, arguments=registry.arguments(_QUICK, _CAP))
+def _cli_device(args):
+    return run_device(cap=args.cap, quick=args.quick)

@@ -223,6 +223,23 @@ def test_margin_threads_benchmark_times_one_and_two_threads_on_the_same_problems
     assert threads_table(out["rows"]).count("\n") == len(QUICK) + 1
 
 
+def test_margin_device_benchmark_compares_the_cpu_with_cuda_or_refuses_in_one_line():
+    import torch
+
+    from benchmarks.margin_speed import QUICK, device_table, run_device
+    from cnnrepair.errors import CnnRepairError
+
+    with pytest.raises(CnnRepairError, match="not one; run it where a GPU is"):
+        run_device(cap=60, quick=True, device="cpu")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine: the CPU / CUDA table is made on a GPU only")
+    out = json.loads(run_device(cap=60, quick=True).read_text())
+    assert len(out["rows"]) == 2 * len(QUICK) and "cuda" in out["device"]
+    for row in out["rows"]:
+        assert row["cpu"]["status"] == row["cuda"]["status"] == "ok" and row["relative_difference"] <= 1e-9
+    assert device_table(out["rows"]).count("\n") == 2 * len(QUICK) + 1
+
+
 def test_the_committed_readme_and_results_page_regenerate_byte_identically(tmp_path, monkeypatch):
     """`python -m benchmarks.run readme` on the committed results rewrites README.md and docs/results.md unchanged."""
     import shutil

@@ -112,6 +112,51 @@ def test_the_margin_program_reaches_an_independent_linprog_optimum(norm, freeze_
     assert solved >= 1  # every case is checked against the reference at least once
 
 
+def _same_solution_on(device: str, cases) -> int:
+    """Solve each case on the CPU (SciPy) and with the normal matrix on ``device``; they must agree to 1e-9."""
+    compared = 0
+    for norm, freeze_bias, keep, max_change in cases:
+        for seed in range(2):
+            p = _problem(seed, norm, freeze_bias, keep, max_change)
+            cpu, other = solve_margins(p, method="ipm"), solve_margins(p, method="ipm", device=device)
+            assert cpu.status == other.status
+            if not cpu.ok:
+                continue
+            compared += 1
+            assert cpu.size["device"] == "cpu" and other.size["device"] == ("cpu (torch)" if device == "torch:cpu" else
+                                                                           str(torch.device(device)))
+            assert other.objective == pytest.approx(cpu.objective, rel=1e-9, abs=1e-12)
+            scale = max(1.0, float(np.abs(cpu.delta_weight).max()))
+            assert np.abs(other.delta_weight - cpu.delta_weight).max() <= 1e-7 * scale  # the same iterates, up to rounding
+    return compared
+
+
+def test_the_torch_normal_matrix_gives_the_cpu_answer_for_every_norm_and_bound():
+    """The torch implementation of the interior point's normal matrix (the CUDA path), run on the CPU, reaches the SciPy
+    path's optimum to 1e-9 relative in every norm x bias x keep x bound case, and the solution records where it ran."""
+    assert _same_solution_on("torch:cpu", CASES) >= len(CASES)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine: the CUDA path is compared on a GPU only")
+def test_the_cuda_path_gives_the_cpu_answer_for_every_norm_and_bound():
+    assert _same_solution_on("cuda", CASES) >= len(CASES)
+
+
+def test_the_solver_device_is_checked_when_the_options_are_made_and_recorded_in_the_certificate():
+    from cnnrepair.repair import SolveOptions
+
+    if not torch.cuda.is_available():
+        with pytest.raises(CnnRepairError, match="no CUDA device.*--device cpu"):
+            SolveOptions(device="cuda")
+    with pytest.raises(CnnRepairError, match="not a device"):
+        SolveOptions(device="tpu:9")
+    assert SolveOptions(device="cpu").solver_device is None
+    model = small_mlp()
+    x, pred = random_points(model, 12)
+    res = repair_classifier(model, x[:4], (pred[:4] + 1) % 5, RepairSpec(margin=0.1), keep=x[4:], options=SolveOptions(device="cpu"))
+    assert res.ok and res.certificate.solver["device"] == "cpu"
+
+
 @pytest.mark.parametrize("norm,bound", [("l1", None), ("l1", 0.7), ("linf", None), ("linf", 0.7), ("l1+linf", None), ("l1+linf", 0.7)])
 def test_the_dual_bound_is_the_best_scaling_of_the_multipliers(norm, bound):
     """dual_bound against a fine grid over the scaling s: never above the grid's best by more than the grid's step
@@ -498,7 +543,8 @@ def test_cli_infeasible_spec_says_when_the_conflict_search_ran_out_of_time(expor
     (lambda d: np.savez(d / "p.npz", x=np.zeros((2, 1, 3, 4), np.float32), y=np.array([0, 7])), [], "labels must lie in 0..4"),
     (lambda d: np.savez(d / "p.npz", x=np.full((2, 1, 3, 4), np.nan, np.float32), y=np.zeros(2, np.int64)), [], "NaN"),
     (lambda d: (d / "m.pt2").write_bytes(b"not a program"), [], "not a readable torch.export program"),
-])
+    (lambda d: None, ["--device", "gpu0"], "--device 'gpu0' is not a device"),
+] + ([] if torch.cuda.is_available() else [(lambda d: None, ["--device", "cuda"], "no CUDA device")]))
 def test_cli_bad_input_is_one_line_exit_2_and_nothing_written(exported, capsys, make, extra, message):
     d = exported
     make(d)

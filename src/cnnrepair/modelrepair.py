@@ -199,9 +199,8 @@ def saved_logits_fn(path: Path, module: torch.nn.Module):
 
 def _measure_saved(cert: Certificate, target: Path, job: RepairJob, repaired: torch.nn.Module) -> list[str]:
     """Fill the certificate's margins from the saved file (every batch layout) and list what it does not keep."""
-    saved = load_model(target, job.model.factory, job.model.input_shape).module
-    own = runtime_fn(target)  # the format's own runtime, where it is not the loaded module
-    fn = own or module_logits_fn(saved)
+    own = runtime_fn(target)  # the format's own runtime, where it is not the loaded module (then the file is not loaded again)
+    fn = own or module_logits_fn(load_model(target, job.model.factory, job.model.input_shape).module)
     by_layout = layout_margins(fn, job.points.x, job.points.y)
     after = by_layout.min(0)
     for p, m in zip(cert.points, after):

@@ -51,6 +51,9 @@ def _add_model_repair_args(p: argparse.ArgumentParser) -> None:
                         "not certified (default: 1000)")
     p.add_argument("--time-limit", type=float, default=None, help="seconds the solver may take (default: 3600)")
     p.add_argument("--threads", type=int, default=None, help="BLAS/OpenMP threads of the solve (default: CNNREPAIR_THREADS or 1)")
+    p.add_argument("--device", default="auto",
+                   help="where the pointwise solver factors its matrices: cpu, cuda, cuda:N or auto (default: CUDA when present, "
+                        "else the CPU)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier repair's files in --out (never any other file)")
     _add_factory_arg(p)
 
@@ -94,7 +97,7 @@ def _model_repair_job(args: argparse.Namespace):
     from cnnrepair.modelrepair import RepairFiles, output_dir, prepare
     from cnnrepair.repair import RepairSpec, SolveOptions
 
-    args.options = SolveOptions(args.time_limit, args.threads)
+    args.options = SolveOptions(args.time_limit, args.threads, device=args.device)
     output_dir(args.out, [args.model, args.points, args.keep], args.overwrite).check()
     if args.spec != "ball" and (args.eps is not None or args.mean is not None or args.std is not None):
         raise CnnRepairError("--eps, --mean and --std describe the ball spec's input balls; add --spec ball or drop them")

@@ -313,7 +313,7 @@ def _pointwise(w: _Work, box=None, keep_box=None) -> ClassifierRepair:
         if last[0].has_boxes:
             return solve_ball(last[0], time_limit=remaining)
         sol = solve_margins(last[0], time_limit=remaining, start=previous[0] if previous else None,  # a re-solve starts from the rows that bound
-                            progress=w.options.progress)
+                            progress=w.options.progress, device=w.options.solver_device)
         previous[:] = [sol] if sol.ok else []
         return sol
 

@@ -2,7 +2,7 @@
 
 :class:`Points` carries inputs with their labels and, where a spec needs them, an input box per point
 (the ``ball`` spec) or target logits per point (the ``targets`` spec). :class:`SolveOptions` carries
-the solve's time limit and thread cap. Both check themselves when made.
+the solve's time limit, thread cap, progress and device. Both check themselves when made.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from cnnrepair.errors import CnnRepairError
-from cnnrepair.runtime import check_threads
+from cnnrepair.runtime import check_threads, resolve_device
 
 DEFAULT_TIME_LIMIT = 3600.0  # seconds a repair's solve may take when no limit is given (math.inf: none)
 
@@ -54,12 +54,15 @@ class Points:
 @dataclass(frozen=True)
 class SolveOptions:
     """How a repair's solve may run: ``time_limit`` seconds (None: :data:`DEFAULT_TIME_LIMIT`; ``math.inf``:
-    none), at most ``threads`` BLAS/OpenMP threads (None: ``$CNNREPAIR_THREADS``, else 1), and
-    ``progress(desc, done, total)``, told each round of a long solve (its round, rows, gap, seconds)."""
+    none), at most ``threads`` BLAS/OpenMP threads (None: ``$CNNREPAIR_THREADS``, else 1),
+    ``progress(desc, done, total)``, told each round of a long solve (its round, rows, gap, seconds), and
+    ``device``: where the pointwise program's interior point factors its normal matrix (``cpu``, ``cuda``,
+    ``cuda:N``; None or ``auto``: CUDA when present, else the CPU). The other programs solve on the CPU."""
 
     time_limit: float | None = None
     threads: int | None = None
     progress: Callable[[str, int, int], None] | None = None
+    device: str | None = None
 
     def __post_init__(self) -> None:
         t = self.time_limit
@@ -68,6 +71,15 @@ class SolveOptions:
         check_threads(self.threads)
         if self.progress is not None and not callable(self.progress):
             raise CnnRepairError(f"progress must be a function progress(desc, done, total) (got {type(self.progress).__name__})")
+        if self.device is not None and not isinstance(self.device, (str, torch.device)):
+            raise CnnRepairError(f"device must be a name such as cpu, cuda, cuda:1 or auto (got {type(self.device).__name__})")
+        self.solver_device  # a device this machine lacks is refused here, before anything is loaded
+
+    @property
+    def solver_device(self) -> str | None:
+        """The device the margin solver is given: None for the CPU (SciPy), else the torch device's name."""
+        dev = resolve_device(None if self.device is None else str(self.device))
+        return None if dev.type == "cpu" else str(dev)
 
     @property
     def seconds(self) -> float:

@@ -188,7 +188,8 @@ class _Master:
 
 
 def solve_margins(p: MarginProblem, time_limit: float | None = None, max_rounds: int = 10_000, method: str = "auto",
-                  start: MarginSolution | None = None, progress: Callable[[str, int, int], None] | None = None) -> MarginSolution:
+                  start: MarginSolution | None = None, progress: Callable[[str, int, int], None] | None = None,
+                  device: str | None = None) -> MarginSolution:
     """Solve the margin program exactly (structured interior point or HiGHS, with generation); see the module docstring.
 
     ``method``: ``auto`` (the interior point; HiGHS when it cannot certify the answer), ``ipm`` (the
@@ -196,6 +197,8 @@ def solve_margins(p: MarginProblem, time_limit: float | None = None, max_rounds:
     solution of the same points (say, before their margins were raised by float32 rounding) whose
     rows the interior point starts from; it changes how fast, not what is found. ``progress(desc, done,
     total)`` hears of every round: the solver, the round, the rows in the program, the gap, the seconds.
+    ``device``: where the interior point factors its normal matrix (None or ``cpu``: SciPy on the CPU;
+    ``cuda``, ``cuda:N``: torch in float64 there); recorded in the solution's ``size["device"]``.
 
     Status ``optimal`` comes with a certified lower bound whose relative gap to the objective is at
     most 1e-6; ``infeasible`` with ``conflicts`` (indices of points that cannot all meet their margins).
@@ -222,7 +225,7 @@ def solve_margins(p: MarginProblem, time_limit: float | None = None, max_rounds:
     clock = SolveClock(t0, time_limit, progress)  # one clock for the interior point and HiGHS after it
     if method != "highs":
         hint = None if start is None or "point" not in start.witness else (start.witness["point"], start.witness["class"])
-        found = solve_rows_ipm(p, R0, alpha, beta, clock, hint)
+        found = solve_rows_ipm(p, R0, alpha, beta, clock, hint, device)
         if found.ok or method == "ipm" or found.status == "time_limit":
             return found if found.ok else replace(found, witness={})
         fallback = True  # recorded with HiGHS's answer: the interior point could not certify one
@@ -298,7 +301,7 @@ def solve_margins(p: MarginProblem, time_limit: float | None = None, max_rounds:
             break
     seconds = time.perf_counter() - t0
     size = {"rows": len(master.rows), "entries": len(master.entries), "points": N, "full_rows": N * (C - 1),
-            "full_entries": C * ncoef, **({"interior_point": "not certified"} if fallback else {})}
+            "full_entries": C * ncoef, "device": "cpu", **({"interior_point": "not certified"} if fallback else {})}
     if status == "infeasible":
         deadline = time.perf_counter() + CONFLICT_SECONDS
         if time_limit is not None:

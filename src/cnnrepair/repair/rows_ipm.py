@@ -14,9 +14,9 @@ point (hard points are elastic at a high price) and ``s`` the surplus of each ro
 the normal matrix of all rows. The per-entry rows are eliminated in closed form (diagonal plus one
 rank-one term through ``t``), leaving ``A diag(theta) A^T + B diag(De) B^T + diag(Ds) + kappa g g^T``
 over the margin rows: rows x rows, and a row touches only its label's and its rival's entries, so
-it is built class by class as symmetric rank-k updates of the features (one triangle), the rank-one
-term added (Sherman-Morrison on the factor lost every digit late in a solve), and factored in place
-by LAPACK's Cholesky. Every entry stays
+it is built class by class from the features, the rank-one term added (Sherman-Morrison on the factor
+lost every digit late in a solve), and factored by Cholesky, on the CPU or a torch device
+(:mod:`cnnrepair.repair.normal`; every vector of the iteration stays on the CPU). Every entry stays
 in the program, so only rows are generated: a round solves the rows that bind or nearly bind, then
 each point that the change leaves short enters with its most violated row, and rows left far from
 binding leave (each at most once, so the rounds end). A round stops at a loose gap (it only picks
@@ -37,11 +37,10 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import scipy.linalg as sla
 import scipy.sparse as sp
-from scipy.linalg.blas import dgemm, dsyrk
-from scipy.linalg.lapack import dpotrf
+from scipy.linalg.blas import dgemm
 
+from cnnrepair.repair.normal import NormalMatrix, normal_matrix
 from cnnrepair.repair.program import FEAS, GAP, MarginProblem, MarginSolution, SolveClock, certified_lower_bound, dual_bound
 
 _GAP = 1e-8  # certified relative gap the last round aims for
@@ -82,12 +81,13 @@ class RowsIPM:
     ``G`` holds the scaled features (N x n), ``alpha`` their scale (a bias column is ``1/alpha``),
     ``price`` the per-point price of shortfall (scaled units), ``bound`` the largest change of an
     entry (scaled units; None: unbounded). The norm's coefficients are the problem's. ``support``
-    (flat indices into the C x nc entries) lists the entries that may change; by default every one.
+    (flat indices into the C x nc entries) lists the entries that may change; by default every one. ``device``: where
+    the normal matrix is built and factored (:func:`cnnrepair.repair.normal.normal_matrix`; None: the CPU).
     """
 
     def __init__(self, p: MarginProblem, G: np.ndarray, alpha: float, pts: np.ndarray, cls: np.ndarray, r: np.ndarray,
-                 price: np.ndarray, support: np.ndarray | None = None, bound: float | None = None):
-        self.p = p
+                 price: np.ndarray, support: np.ndarray | None = None, bound: float | None = None, device=None):
+        self.p, self.device = p, device
         self.pts, self.cls, self.r = pts, cls, r
         self.lab = p.labels[pts]
         self.C = p.num_classes
@@ -107,13 +107,12 @@ class RowsIPM:
         self.B = sp.csr_matrix((np.ones(m), (np.arange(m), self.row_point)), shape=(m, len(self.points)))
         self.free = np.arange(self.C * self.nc) if support is None else np.asarray(support, np.int64)
         free_cls, free_feat = np.divmod(self.free, self.nc)
-        self.by_class = []  # per class: its rows, their signed features on its free entries, those entries' positions
+        by_class = []  # per class: its rows, their signed features on its free entries, those entries' positions
         for c in range(self.C):
             idx = np.flatnonzero((self.lab == c) | (self.cls == c))
             sign = np.where(self.lab[idx] == c, 1.0, -1.0)
             pos = np.flatnonzero(free_cls == c)
-            self.by_class.append((idx, np.asfortranarray(sign[:, None] * self.Gp[np.ix_(idx, free_feat[pos])]), pos))
-        self.flat_index = [(idx[:, None] * m + idx[None, :]).reshape(-1) for idx, _, _ in self.by_class]
+            by_class.append((idx, np.asfortranarray(sign[:, None] * self.Gp[np.ix_(idx, free_feat[pos])]), pos))
         # rows of one point share its shortfall: the (i >= j) pairs of rows with the same point
         order = np.argsort(self.row_point, kind="stable")
         starts = np.searchsorted(self.row_point[order], np.arange(len(self.points) + 1))
@@ -124,9 +123,8 @@ class RowsIPM:
             keep = ii >= jj
             I.append(ii[keep])
             J.append(jj[keep])
-        self.same_i, self.same_j = np.concatenate(I), np.concatenate(J)
-        self.same_point = self.row_point[self.same_i]
-        self._buffer: np.ndarray | None = None
+        same_i = np.concatenate(I)
+        self.normal: NormalMatrix = normal_matrix(m, by_class, (same_i, np.concatenate(J), self.row_point[same_i]), device)
         self.state: tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray, np.ndarray, float] | None = None
 
     def full(self, d: np.ndarray) -> np.ndarray:
@@ -148,38 +146,6 @@ class RowsIPM:
         L = dgemm(1.0, self.Gp.T, self.full(d).T, trans_a=1)
         rows = np.arange(len(self.pts))
         return L[rows, self.lab] - L[rows, self.cls]
-
-    def normal_factor(self, theta: np.ndarray, De: np.ndarray, Ds: np.ndarray,
-                      rank_one: tuple[float, np.ndarray] | None = None) -> np.ndarray | None:
-        """Cholesky factor (lower triangle, Fortran order) of ``A diag(theta) A^T + B diag(De) B^T + diag(Ds)``
-        (``+ kappa g g^T`` for ``rank_one = (kappa, g)``); None when it cannot be factored. Only the upper triangle is built, in C order: its transpose is the
-        lower triangle in the Fortran order LAPACK factors in place. A failed factorisation (late, ill-conditioned
-        iterations) is retried with the diagonal raised, no more than needed."""
-        m = len(self.pts)
-        if self._buffer is None:
-            self._buffer = np.empty((m, m))
-        M = self._buffer
-        flat = M.reshape(-1)
-        reg, top = 0.0, None
-        while True:
-            M.fill(0.0)
-            for c, (idx, Gc, pos) in enumerate(self.by_class):
-                if len(idx) and len(pos):  # the block's lower triangle, transposed: C order, upper triangle
-                    block = dsyrk(1.0, Gc * np.sqrt(theta[pos]), lower=1).T
-                    at = self.flat_index[c]
-                    flat[at] = flat[at] + block.reshape(-1)
-            M[self.same_j, self.same_i] += De[self.same_point]
-            if rank_one is not None:  # added before factoring: Sherman-Morrison on an ill-conditioned M lost every digit late
-                M += rank_one[0] * np.outer(rank_one[1], rank_one[1])
-            diag = M.diagonal() + Ds
-            top = float(diag.max()) if top is None else top
-            M[np.diag_indices(m)] = diag + reg
-            factor, info = dpotrf(M.T, lower=1, clean=0, overwrite_a=1)
-            if info == 0:
-                return factor
-            if reg > 1e-4 * top:
-                return None
-            reg = 1e-14 * top if reg == 0.0 else reg * 100.0
 
     # the program's blocks, in order; which exist depends on the norm and the bound
     def _names(self) -> list[str]:
@@ -251,29 +217,31 @@ class RowsIPM:
         Z = {k: cost[k] - KT[k] for k in self._names()}
         return X, Z, y, lam, mu
 
-    def _normal_solve(self, D: dict[str, np.ndarray], factor: np.ndarray, fR: np.ndarray, fW: np.ndarray | None,
+    def _normal_solve(self, D: dict[str, np.ndarray], fR: np.ndarray, fW: np.ndarray | None,
                       fV: np.ndarray | None, extra: tuple[np.ndarray, np.ndarray, float] | None):
-        """(dy, dlam, dmu) from the normal equations; the per-entry and bound rows eliminated in closed form."""
+        """(dy, dlam, dmu) from the normal equations (the last factor of ``self.normal``); the per-entry and bound rows
+        eliminated in closed form."""
+        solve = self.normal.solve
         if not self.has_w:
-            dy = sla.cho_solve((factor, True), fR, check_finite=False)
+            dy = solve(fR)
             for _ in range(_REFINE):  # the factor is of a regularised, rounded matrix: refine against the operator itself
                 theta = D["p"] + D["q"]
                 res = fR - (self.A(theta * self.At(dy)) + self.B @ (D["e"] * (self.B.T @ dy)) + D["s"] * dy)
-                dy = dy + sla.cho_solve((factor, True), res, check_finite=False)
+                dy = dy + solve(res)
             return dy, None, None
         Omega, diff, kappa = extra
         if self.has_v:
             VV = D["t"][0] + D["v"][0]
             fW = fW + D["t"][0] * fV[0] / VV
-        dy = sla.cho_solve((factor, True), fR - self.A(diff * _per_entry_solve(fW, Omega, kappa)), check_finite=False)
+        dy = solve(fR - self.A(diff * _per_entry_solve(fW, Omega, kappa)))
         dlam = _per_entry_solve(fW - diff * self.At(dy), Omega, kappa)
         dmu = np.array([(fV[0] + D["t"][0] * dlam.sum()) / VV]) if self.has_v else None
         return dy, dlam, dmu
 
-    def _factor(self, D: dict[str, np.ndarray]):
-        """The factor of the reduced normal matrix and what its solves need (None when it cannot be factored)."""
+    def _factor(self, D: dict[str, np.ndarray]) -> tuple[bool, tuple[np.ndarray, np.ndarray, float] | None]:
+        """Factor the reduced normal matrix (False when it cannot be) and say what its solves need."""
         if not self.has_w:
-            return self.normal_factor(D["p"] + D["q"], D["e"], D["s"]), None
+            return self.normal.factor(D["p"] + D["q"], D["e"], D["s"]), None
         Omega = D["p"] + D["q"] + D["w"]
         diff = D["p"] - D["q"]
         theta = (4.0 * D["p"] * D["q"] + (D["p"] + D["q"]) * D["w"]) / Omega
@@ -282,8 +250,7 @@ class RowsIPM:
         else:
             gamma = D["t"][0] if self.has_t else 0.0
         kappa = gamma / (1.0 + gamma * float((1.0 / Omega).sum())) if gamma else 0.0
-        factor = self.normal_factor(theta, D["e"], D["s"], (kappa, self.A(diff / Omega)) if kappa else None)
-        return (None, None) if factor is None else (factor, (Omega, diff, kappa))
+        return self.normal.factor(theta, D["e"], D["s"], (kappa, self.A(diff / Omega)) if kappa else None), (Omega, diff, kappa)
 
     def solve(self, deadline: float | None, gap: float = _GAP) -> tuple[str, np.ndarray, np.ndarray]:
         """(status, d, y): the change (C x nc, scaled units) and row multipliers of the best certified iterate.
@@ -321,8 +288,8 @@ class RowsIPM:
                 if best_it is None and mu_c < 1e-10 * mu0:  # converged with a hard point short: its elastic price binds
                     return "price", self.full(d), y
                 D = {k: X[k] / Z[k] for k in names}
-                factor, extra = self._factor(D)
-                if factor is None:
+                factored, extra = self._factor(D)
+                if not factored:
                     break
 
                 def direction(comp):
@@ -331,7 +298,7 @@ class RowsIPM:
                     fR = rp[0] - qR
                     fW = None if qW is None else rp[1] - qW
                     fV = None if qV is None else rp[2] - qV
-                    dy, dlam, dmu = self._normal_solve(D, factor, fR, fW, fV, extra)
+                    dy, dlam, dmu = self._normal_solve(D, fR, fW, fV, extra)
                     KTd = self._KT(dy, dlam, dmu)
                     dX = {k: q[k] + D[k] * KTd[k] for k in names}
                     dZ = {k: rd[k] - KTd[k] for k in names}
@@ -405,7 +372,8 @@ def _on_support(p: MarginProblem, solved: RowsIPM, price: np.ndarray, d: np.ndar
     flat = np.abs(d.ravel())
     support = np.flatnonzero(flat > _SUPPORT * flat.max(initial=0.0))
     tight = solved.A(d.reshape(-1)[solved.free]) - solved.r < _TIGHT
-    ipm = RowsIPM(p, p.features / alpha, alpha, solved.pts[tight], solved.cls[tight], solved.r[tight], price, support, solved.bound)
+    ipm = RowsIPM(p, p.features / alpha, alpha, solved.pts[tight], solved.cls[tight], solved.r[tight], price, support, solved.bound,
+                  solved.device)
     status, d2, _ = ipm.solve(deadline, _GAP)
     if status != "optimal":
         return None
@@ -436,9 +404,10 @@ def _acceptable(p: MarginProblem, dW: np.ndarray, db: np.ndarray, lower: float, 
 
 
 def solve_rows_ipm(p: MarginProblem, R0: np.ndarray, alpha: float, beta: float, clock: SolveClock,
-                   rows: tuple[np.ndarray, np.ndarray] | None = None) -> MarginSolution:
+                   rows: tuple[np.ndarray, np.ndarray] | None = None, device=None) -> MarginSolution:
     """Every norm and bound, the structured interior point with row generation. ``rows`` (points, classes): rows to
-    start from besides those near binding (a previous solve's). An answer it cannot certify comes back as
+    start from besides those near binding (a previous solve's). ``device``: where the normal matrix is factored
+    (None: the CPU; see :func:`cnnrepair.repair.normal.normal_matrix`). An answer it cannot certify comes back as
     ``not_converged`` (or ``time_limit``) with the rows it had, for simplex to start from."""
     N, C = R0.shape
     G = p.features / alpha
@@ -457,7 +426,7 @@ def solve_rows_ipm(p: MarginProblem, R0: np.ndarray, alpha: float, beta: float, 
     while True:
         pts, cls = np.nonzero(in_set)
         if ipm is None:
-            ipm = RowsIPM(p, G, alpha, pts, cls, R0[pts, cls] / beta, price, bound=bound)
+            ipm = RowsIPM(p, G, alpha, pts, cls, R0[pts, cls] / beta, price, bound=bound, device=device)
             rounds += 1
         clock.report("interior point", rounds, len(pts), np.inf)
         status, d, y = ipm.solve(deadline, gap)
@@ -474,6 +443,7 @@ def solve_rows_ipm(p: MarginProblem, R0: np.ndarray, alpha: float, beta: float, 
             in_set[pts[far], cls[far]] = False
             left[pts[far], cls[far]] = True
             in_set |= bad
+
             ipm, gap = None, _ROUND_GAP
         elif gap > _GAP:
             gap = _GAP  # the rows are settled: go on to the certified gap from where the round stopped
@@ -487,7 +457,8 @@ def solve_rows_ipm(p: MarginProblem, R0: np.ndarray, alpha: float, beta: float, 
               or _sparsify(p, dW, db, lower, beta, (1e-10,)))
     if sparse is not None:
         dW, db = sparse
-    size = {"rows": int(in_set.sum()), "entries": C * ipm.nc, "points": N, "full_rows": N * (C - 1), "full_entries": C * ipm.nc}
+    size = {"rows": int(in_set.sum()), "entries": C * ipm.nc, "points": N, "full_rows": N * (C - 1), "full_entries": C * ipm.nc,
+            "device": ipm.normal.device}
     witness = {"point": pts.astype(np.int64), "class": cls.astype(np.int64), "multiplier": ydual}
     obj = p.objective(dW, db)
     if not _acceptable(p, dW, db, lower, beta) or not _within_bound(p, dW, db):
