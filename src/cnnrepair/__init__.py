@@ -5,7 +5,8 @@ The public API, one level: repair a model (``repair_classifier``, ``RepairSpec``
 model files (``load_model``, ``save_model``), make points and evaluate (``make_points``,
 ``assess``), bound and certify (``feature_bounds``: a box on a layer's input; ``frozen_graph`` and
 ``margin_bounds``: the logit differences themselves; ``certify``), re-check a certificate
-(``verify_certificate``), write VNN-LIB properties (``write_properties``). The solvers and their
+(``verify_certificate``), read, check and write VNN-LIB properties (``read_vnnlib``, ``check_properties``,
+``write_properties``). The solvers and their
 data (``MarginProblem``, ``solve_margins``, ...) live in :mod:`cnnrepair.repair`; the paper's
 pipeline (Guidotti & Leofante, 2020) is one application on top, in :mod:`cnnrepair.paper`, beside
 the ``cnnrepair`` command (:mod:`cnnrepair.cli`).
@@ -19,7 +20,7 @@ from cnnrepair.formats import LoadedModel, load_model, save_model
 from cnnrepair.points import InputSpec, MadePoints, PointsSettings, make_points
 from cnnrepair.repair import Certificate, ClassifierRepair, Points, RepairSpec, SolveOptions, last_layer, repair_classifier
 from cnnrepair.verify import Verification, verify_certificate
-from cnnrepair.vnnlib import BallProperty, write_properties
+from cnnrepair.vnnlib import BallProperty, PropertyCheck, VnnlibProperty, check_properties, read_vnnlib, write_properties
 
 __version__ = "0.2.0"
 
@@ -27,8 +28,10 @@ from cnnrepair import moved as _moved_modules  # noqa: E402 - old module paths (
 
 _moved_modules.install()
 __all__ = ["AssessSettings", "BallInputs", "BallProperty", "Certificate", "Certification", "ClassifierRepair", "CnnRepairError", "FeatureBounds", "InputSpec",
-           "LoadedModel", "MadePoints", "Points", "PointsSettings", "RepairSpec", "SolveOptions", "Verification", "__version__", "assess", "ball_box", "certify",
-           "feature_bounds", "frozen_graph", "last_layer", "load_model", "make_points", "margin_bounds", "pgd_accuracy", "repair_classifier", "save_model",
+           "LoadedModel", "MadePoints", "Points", "PointsSettings", "PropertyCheck", "RepairSpec", "SolveOptions", "Verification", "VnnlibProperty",
+           "__version__", "assess", "ball_box", "certify", "check_properties",
+           "feature_bounds", "frozen_graph", "last_layer", "load_model", "make_points", "margin_bounds", "pgd_accuracy", "read_vnnlib", "repair_classifier",
+           "save_model",
            "verify_certificate", "write_properties"]
 
 _MOVED = {"MarginProblem": "cnnrepair.repair", "MarginSolution": "cnnrepair.repair", "solve_margins": "cnnrepair.repair"}

@@ -102,7 +102,8 @@ def repair_classifier(model: nn.Module, x, y=None, spec: RepairSpec | None = Non
     reported as conflicts before any solve; a change far beyond the layer's own weights
     (``spec.max_change_ratio``) is reported as ill-conditioned, never certified. With the ``ball``
     spec, a point's input box defaults to :func:`cnnrepair.bounds.ball_box` of ``spec.eps`` (pixels
-    in [0, 1]; a box of zero width is a pointwise point), a keep point's to that of ``spec.keep_eps``.
+    in [0, 1]; a box of zero width is a pointwise point), a keep point's to that of ``spec.keep_eps``
+    (keep points given with boxes keep those, whatever ``spec.keep_eps`` says).
     ``model`` is not changed (its train/eval modes included). The keyword arguments of 0.1
     (``keep_x``, ``keep_y``, ``boxes``, ``keep_input_boxes``, ``targets``, ``time_limit``,
     ``threads``) still work for one release, with a DeprecationWarning.
@@ -205,8 +206,9 @@ def _repair(model: nn.Module, points: Points, spec: RepairSpec, keep: Points | N
             lo, hi = _input_boxes(spec, xt, points.boxes)
             graph = _frozen(model, lay, xt)  # traced once for the repair points' and the keep points' balls
             box = _feature_boxes(graph, lay, spec, lo, hi, F)
-            keep_box = (keep_boxes(graph, lay, spec, kx, ky, FK, None if keep is None else keep.boxes)
-                        if spec.keep_eps > 0 and len(ky) else None)
+            given = keep is not None and keep.boxes is not None  # keep boxes given are kept whatever spec.keep_eps says
+            keep_box = (keep_boxes(graph, lay, spec, kx, ky, FK, keep.boxes if given else None)
+                        if (spec.keep_eps > 0 or given) and len(ky) else None)
         result = _pointwise(work, box, keep_box)
         result.certificate.feature_noise = {"linf": noise, "tolerance": TOLERANCE * noise,
                                             "note": "largest difference between an input's features computed in a batch and alone "

@@ -443,7 +443,6 @@ def solve_rows_ipm(p: MarginProblem, R0: np.ndarray, alpha: float, beta: float, 
             in_set[pts[far], cls[far]] = False
             left[pts[far], cls[far]] = True
             in_set |= bad
-
             ipm, gap = None, _ROUND_GAP
         elif gap > _GAP:
             gap = _GAP  # the rows are settled: go on to the certified gap from where the round stopped

@@ -1,4 +1,4 @@
-"""VNN-LIB properties: hand a repaired model to any VNN-COMP verifier.
+"""Writing VNN-LIB properties: hand a repaired model to any VNN-COMP verifier.
 
 One file per input: the L-infinity ball of radius ``eps`` around it (intersected with the input
 domain) and, as VNN-LIB states properties, the *violation*: some other class scores at least as

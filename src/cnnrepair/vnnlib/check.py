@@ -1,0 +1,132 @@
+"""Check VNN-LIB robustness properties on a model: a counterexample (PGD), a proof (our bounds), or unknown.
+
+This is the first step of "a verifier found this property violated; fix the network so that it
+holds; verify again": each property is tried by PGD inside its box (a counterexample, checked by
+running the model on it, makes it ``violated``) and bounded by :func:`cnnrepair.certify.certify_boxes`
+(a positive lower bound on every logit difference makes it ``holds``); neither gives ``unknown``.
+The properties must be in the robustness form (:meth:`VnnlibProperty.label`); others are refused
+by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from cnnrepair.errors import CnnRepairError
+from cnnrepair.vnnlib.read import VnnlibProperty
+
+STATUSES = ("violated", "holds", "unknown")
+
+
+@dataclass(frozen=True)
+class PropertyCheck:
+    """What was found for one property: ``status`` (violated / holds / unknown), its label, the certified lower bound of
+    the margin over the box (``bound``), and the counterexample PGD found (model input shape), if any."""
+
+    name: str
+    status: str
+    label: int
+    bound: float
+    counterexample: np.ndarray | None = None
+
+
+def property_boxes(props: list[VnnlibProperty], input_shape: tuple[int, ...], num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(lower, upper, labels): each property's box in the model's input shape and its label; a one-line error for a
+    property the repair cannot take (not the robustness form, or not this model's sizes)."""
+    n_in = int(np.prod(input_shape))
+    lower, upper, labels = [], [], []
+    for p in props:
+        if p.num_inputs != n_in:
+            raise CnnRepairError(f"{p.name}: declares {p.num_inputs} inputs but the model takes {n_in} ({' x '.join(map(str, input_shape))})")
+        if p.num_outputs != num_classes:
+            raise CnnRepairError(f"{p.name}: declares {p.num_outputs} outputs but the model has {num_classes}")
+        label = p.label()
+        if label is None:
+            raise CnnRepairError(f"{p.name}: its output constraint is not the robustness form (some Y_j >= Y_label, over every "
+                                 "other class); only that form is checked and repaired")
+        lower.append(p.lower.reshape(input_shape))
+        upper.append(p.upper.reshape(input_shape))
+        labels.append(label)
+    return np.stack(lower), np.stack(upper), np.asarray(labels, np.int64)
+
+
+def check_properties(model: nn.Module, props: list[VnnlibProperty], input_shape: tuple[int, ...], method: str = "crown",
+                     seed: int = 0) -> list[PropertyCheck]:
+    """Each property's status on ``model`` (see the module docstring). ``method``: the bound (ibp, crown, alpha-crown)."""
+    from cnnrepair.certify import certify_boxes
+    from cnnrepair.runtime import eval_mode
+
+    if not props:
+        return []
+    eval_mode(model)
+    with torch.no_grad():
+        C = _outputs(model, torch.zeros((1, *input_shape))).shape[1]
+    lower, upper, labels = property_boxes(props, input_shape, C)
+    bound = certify_boxes(model, lower, upper, labels, method).margins
+    found = _counterexamples(model, lower, upper, labels, seed)
+    out = []
+    for i, p in enumerate(props):
+        if found[i] is not None:
+            out.append(PropertyCheck(p.name, "violated", int(labels[i]), float(bound[i]), found[i]))
+        else:
+            out.append(PropertyCheck(p.name, "holds" if bound[i] > 0 else "unknown", int(labels[i]), float(bound[i])))
+    return out
+
+
+def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    while isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
+
+
+def _counterexamples(model: nn.Module, lower: np.ndarray, upper: np.ndarray, labels: np.ndarray, seed: int,
+                     steps: int = 50, restarts: int = 5) -> list[np.ndarray | None]:
+    """Per box, an input inside it that the model labels other than its label (PGD on the margin, random starts, the
+    box's corners clipped to float32), checked by running the model on it; None where none was found."""
+    gen = torch.Generator().manual_seed(seed)
+    lo, hi = _float32_inside(np.asarray(lower, np.float64), np.asarray(upper, np.float64))
+    y = torch.as_tensor(labels)
+    found: list[np.ndarray | None] = [None] * len(labels)
+    searchable = (lo <= hi).flatten(1).all(1)  # a box with no float32 point in some coordinate has no counterexample to run
+    step = 2.5 * (hi - lo).clamp(min=0) / 2 / steps
+    for _ in range(restarts):
+        x = torch.minimum(lo + (hi - lo).clamp(min=0) * torch.rand(lo.shape, generator=gen), hi.maximum(lo))
+        for _ in range(steps + 1):
+            x.requires_grad_(True)
+            out = _outputs(model, x)
+            own = out.gather(1, y[:, None])[:, 0]
+            other = out.masked_fill(nn.functional.one_hot(y, out.shape[1]).bool(), float("-inf")).max(1).values
+            margin = own - other
+            with torch.no_grad():
+                for i in torch.nonzero((margin <= 0) & searchable).flatten().tolist():
+                    if found[i] is None:
+                        found[i] = x[i].detach().numpy().copy()
+            grad, = torch.autograd.grad(margin.sum(), x)
+            with torch.no_grad():
+                x = torch.minimum(torch.maximum(x - step * grad.sign(), lo), hi.maximum(lo))
+        if all(f is not None for f in found):
+            break
+    with torch.no_grad():  # each one checked again, alone, as the model runs: inside its box, some class at least as high
+        for i, f in enumerate(found):
+            if f is None:
+                continue
+            out = _outputs(model, torch.as_tensor(f[None]))[0].double()
+            rivals = torch.cat([out[:int(labels[i])], out[int(labels[i]) + 1:]])
+            inside = bool((f >= lower[i]).all() and (f <= upper[i]).all())
+            if not inside or float(out[int(labels[i])]) > float(rivals.max()):
+                found[i] = None
+    return found
+
+
+def _float32_inside(lower: np.ndarray, upper: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 box inside ``[lower, upper]`` (float64): each bound rounded toward the inside. Where a coordinate
+    holds no float32 number, lower ends above upper."""
+    lo, hi = lower.astype(np.float32), upper.astype(np.float32)
+    lo = np.where(lo < lower, np.nextafter(lo, np.float32(np.inf)), lo)
+    hi = np.where(hi > upper, np.nextafter(hi, np.float32(-np.inf)), hi)
+    return torch.from_numpy(lo), torch.from_numpy(hi)
