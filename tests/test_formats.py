@@ -147,6 +147,73 @@ def test_a_graph_exported_for_one_example_runs_on_batches(digits, tmp_path):
                                    model(torch.from_numpy(x)).numpy(), atol=1e-5)
 
 
+class _Reshaping(nn.Module):
+    """A CNN whose flatten is a reshape by its input's batch: exported for one example, the graph holds Reshape(1, 32)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc1, self.fc2 = nn.Conv2d(1, 8, 3, stride=2), nn.Linear(8 * 3 * 3, 24), nn.Linear(24, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        return self.fc2(torch.relu(self.fc1(h.reshape(x.shape[0], -1))))
+
+
+def test_a_batch_one_graph_is_repaired_into_a_file_that_takes_any_batch(digits, tmp_path):
+    """A VNN-COMP-style graph fixed at batch 1 (its reshape's target a constant 1 x 72): the repaired file takes any
+    batch (input and output dimension 0 named, the reshape taking the batch from its input), onnxruntime gives a batch
+    what it gives each input alone, and the certificate's margins, measured on that file, hold."""
+    model = _trained(_Reshaping, digits, steps=5)
+    src = tmp_path / "one.onnx"
+    _export(model, src, batch_one=True)
+    g = onnx.load(str(src)).graph
+    consts = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in g.node if n.op_type == "Constant"})
+    assert any(n.op_type == "Reshape" and consts.get(n.input[1], np.zeros(0)).tolist()[:1] == [1] for n in g.node)  # the hard case
+    x = _images(digits, 60)
+    ref = _ort(src, x)
+    out, lab = _repair_to_runner_up(src, x, ref, 6, 10, tmp_path)
+    saved = out / "repaired.onnx"
+    sess = ort.InferenceSession(str(saved), providers=["CPUExecutionProvider"])
+    assert sess.get_inputs()[0].shape[0] == "batch" and sess.get_outputs()[0].shape[0] == "batch"
+    together = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    alone = np.concatenate([sess.run(None, {sess.get_inputs()[0].name: x[i:i + 1]})[0] for i in range(len(x))])
+    np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-5)
+    assert _smallest_margin(together[:6], lab) >= 0.1 - 1e-5
+    assert np.all(together[10:].argmax(1) == ref[10:].argmax(1))
+    assert main(["verify", str(out / "certificate.json"), "--model", str(saved), "--points", str(tmp_path / "p.npz"),
+                 "--keep", str(tmp_path / "k.npz"), "--original", str(src)]) == 0
+
+
+def test_a_batch_one_graph_with_reshape_targets_as_initializers_verifies_against_its_original(tmp_path):
+    """Written by hand, as other exporters write it: the reshape targets are initializers, so the loaded module holds them
+    as tensors; verify --original accepts exactly the change that lets them take any batch, and nothing else."""
+    rng = np.random.default_rng(0)
+    W1, W2 = rng.normal(size=(16, 4)).astype(np.float32), rng.normal(size=(3, 16)).astype(np.float32)
+    nodes = [helper.make_node("Reshape", ["x", "s4"], ["x4"]), helper.make_node("Gemm", ["x4", "W1", "b1"], ["h"], transB=1, name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"]), helper.make_node("Gemm", ["r", "W2", "b2"], ["logits"], transB=1, name="head")]
+    inits = [numpy_helper.from_array(np.array([1, 4], np.int64), "s4"), numpy_helper.from_array(W1, "W1"),
+             numpy_helper.from_array(np.zeros(16, np.float32), "b1"), numpy_helper.from_array(W2, "W2"),
+             numpy_helper.from_array(np.zeros(3, np.float32), "b2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 2])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3])], inits)
+    src = tmp_path / "one.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    x = rng.normal(size=(30, 2, 2)).astype(np.float32)
+    out, lab = _repair_to_runner_up(src, x, _ort(src, x), 3, 24, tmp_path)
+    saved = out / "repaired.onnx"
+    assert numpy_helper.to_array(next(i for i in onnx.load(str(saved)).graph.initializer if i.name == "s4")).tolist() == [0, 4]
+    assert _ort(saved, x).shape == (30, 3) and ort.InferenceSession(str(saved)).get_inputs()[0].shape[0] == "batch"
+    assert any("takes any batch" in n for n in json.loads((out / "certificate.json").read_text())["notes"])
+    args = ["verify", str(out / "certificate.json"), "--model", str(saved), "--points", str(tmp_path / "p.npz"), "--keep",
+            str(tmp_path / "k.npz"), "--original", str(src)]
+    assert main(args) == 0
+    m = onnx.load(str(saved))  # any other change of that tensor is still caught
+    next(i for i in m.graph.initializer if i.name == "s4").CopyFrom(numpy_helper.from_array(np.array([0, -1], np.int64), "s4"))
+    onnx.save(m, str(saved))
+    assert main(args) == 1
+
+
 def _matmul_add_graph(path, W: np.ndarray, b: np.ndarray, op: str = "Relu") -> None:
     """x -> MatMul(W1^T) + b1 -> op -> MatMul(W^T) + b: a graph written by hand, as other exporters write it."""
     rng = np.random.default_rng(0)

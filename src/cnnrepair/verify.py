@@ -283,6 +283,14 @@ def _check_ball(cert: Certificate, lay, fb) -> list[str]:
                          "point {k}: certificate {c:.6g}, recomputed {v:.6g}"))
 
 
+def _any_batch_target(before: torch.Tensor, after: torch.Tensor) -> bool:
+    """A reshape target of a graph exported for one example, changed only as saving makes such a graph take any batch:
+    an integer vector whose leading 1 became 0 (the input's batch) or -1, every other entry the same."""
+    if before.dtype not in (torch.int64, torch.int32) or before.ndim != 1 or before.shape != after.shape or not len(before):
+        return False
+    return int(before[0]) == 1 and int(after[0]) in (0, -1) and torch.equal(before[1:], after[1:])
+
+
 def _against_original(v: Verification, cert: Certificate, spec: RepairSpec, original, repaired_layer: tuple, points: PointsFile,
                       keep: PointsFile | None, fb=None) -> None:
     """Only the layer changed; the change block, objective, bound, margins before and conditioning recomputed.
@@ -297,11 +305,17 @@ def _against_original(v: Verification, cert: Certificate, spec: RepairSpec, orig
         v.problems.append("the certificate lists later biases that moved, but its spec keeps them")
     s0 = {**dict(original.named_parameters()), **dict(original.named_buffers())}
     s1 = {**dict(repaired.named_parameters()), **dict(repaired.named_buffers())}
+    batch_targets = 0
     for name, t in s0.items():
         if name not in names | set(later) and (name not in s1 or not torch.equal(t, s1[name])):
+            if name in s1 and _any_batch_target(t, s1[name]):
+                batch_targets += 1
+                continue
             v.problems.append(f"tensor {name!r} differs from the original model: repair may change layer {layer!r}"
                               + (" and the later biases it lists" if later else "") + " only")
             break
+    if batch_targets:
+        v.checked.append(f"{batch_targets} reshape target(s) of a batch-1 graph changed only to take the batch from their input")
     missing = [t for t in later if t not in s0 or t not in s1]
     if missing:
         v.problems.append(f"later bias {missing[0]!r} is not a tensor of both models")

@@ -435,7 +435,86 @@ def save(loaded, repaired: nn.Module, tensors: list[str], path: Path) -> None:
         new = onnx.numpy_helper.from_array(np.ascontiguousarray(value.astype(onnx.helper.tensor_dtype_to_np_dtype(old.data_type))), target)
         old.CopyFrom(new)
     onnx.checker.check_model(model)
+    if _fixed_batch_one(model):
+        model = _with_dynamic_batch(model, loaded.input_shape)
     atomic_write_bytes(Path(path), model.SerializeToString())
+
+
+def batch_note(source: Path, saved: Path) -> str | None:
+    """What saving did to a graph exported for one example (the certificate's note), or None when it did nothing."""
+    onnx = import_onnx()
+    if not _fixed_batch_one(onnx.load(str(source))):
+        return None
+    if _fixed_batch_one(onnx.load(str(saved))):
+        return ("the source graph was exported for one example (batch 1) and the repaired file keeps batch 1: a reshape in it "
+                "could not be made to take the batch from its input, or onnxruntime gave a batch other outputs than each input alone")
+    return ("the source graph was exported for one example (batch 1); the repaired file takes any batch: its inputs' and "
+            "outputs' first dimension is named 'batch' and each reshape target's leading 1 is 0 (its input's batch), checked "
+            "with onnxruntime on a batch against each input alone")
+
+
+def _fixed_batch_one(model) -> bool:
+    """Was the graph exported for one example (its input's first dimension fixed at 1)?"""
+    dims = model.graph.input[0].type.tensor_type.shape.dim if model.graph.input else []
+    return bool(dims) and dims[0].HasField("dim_value") and dims[0].dim_value == 1
+
+
+def _with_dynamic_batch(model, input_shape: tuple[int, ...] | None):
+    """A copy of a batch-1 graph that takes any batch: the inputs' and outputs' first dimension named ``batch`` and every
+    Reshape whose constant target starts with 1 made to take the batch from its input (0, or -1 under ``allowzero``).
+    Kept only if it passes ``onnx.checker`` and onnxruntime gives a batch of inputs the outputs the batch-1 graph gives
+    each one alone (to 1e-6 of the logits' scale); otherwise the batch-1 graph is returned as it is."""
+    onnx = import_onnx()
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    for vi in list(g.input) + list(g.output):
+        dims = vi.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value == 1:
+            dims[0].dim_param = "batch"  # replaces the fixed value (one field of a oneof)
+    del g.value_info[:]  # shapes inferred for batch 1
+    inits = {i.name: i for i in g.initializer}
+    consts = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
+    other_uses = {name for n in g.node if n.op_type != "Reshape" for name in n.input}
+    for node in g.node:
+        if node.op_type != "Reshape" or len(node.input) < 2:
+            continue
+        allowzero = any(a.name == "allowzero" and a.i == 1 for a in node.attribute)
+        name = node.input[1]
+        holder = inits.get(name)
+        if holder is None and name in consts:
+            attr = next((a for a in consts[name].attribute if a.name == "value"), None)
+            holder = None if attr is None else attr.t
+        if holder is None:
+            continue  # a computed shape (Shape -> Gather -> Concat) already follows the batch
+        if name in other_uses:
+            return model  # the same constant feeds another operator: changing it would change that one too
+        shape = onnx.numpy_helper.to_array(holder).copy()
+        if shape.ndim != 1 or not len(shape) or shape[0] != 1:
+            continue
+        if allowzero:
+            if (shape[1:] == -1).any():
+                return model  # no way to say "the batch" here: keep the graph as exported
+            shape[0] = -1
+        else:
+            shape[0] = 0
+        holder.CopyFrom(onnx.numpy_helper.from_array(shape.astype(onnx.numpy_helper.to_array(holder).dtype), holder.name))
+    try:
+        onnx.checker.check_model(out)
+        if input_shape is None:
+            return model
+        import onnxruntime as ort
+
+        x = np.random.default_rng(0).random((3, *input_shape), dtype=np.float32)
+        one = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        many = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"])
+        ref = np.concatenate([one.run(None, {one.get_inputs()[0].name: x[i:i + 1]})[0] for i in range(len(x))])
+        got = many.run(None, {many.get_inputs()[0].name: x})[0]
+    except Exception:  # noqa: BLE001 - any failure keeps the graph as exported
+        return model
+    from cnnrepair.formats import disagreement
+
+    return out if disagreement(got.astype(np.float64), ref.astype(np.float64)) <= 1e-6 else model
 
 
 def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: Path, check: torch.Tensor | None = None) -> None:

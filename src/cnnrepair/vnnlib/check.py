@@ -58,13 +58,13 @@ def check_properties(model: nn.Module, props: list[VnnlibProperty], input_shape:
                      seed: int = 0) -> list[PropertyCheck]:
     """Each property's status on ``model`` (see the module docstring). ``method``: the bound (ibp, crown, alpha-crown)."""
     from cnnrepair.certify import certify_boxes
-    from cnnrepair.runtime import eval_mode
+    from cnnrepair.runtime import eval_mode, model_device
 
     if not props:
         return []
     eval_mode(model)
     with torch.no_grad():
-        C = _outputs(model, torch.zeros((1, *input_shape))).shape[1]
+        C = _outputs(model, torch.zeros((1, *input_shape), device=model_device(model))).shape[1]
     lower, upper, labels = property_boxes(props, input_shape, C)
     bound = certify_boxes(model, lower, upper, labels, method).margins
     found = _counterexamples(model, lower, upper, labels, seed)
@@ -88,7 +88,10 @@ def _counterexamples(model: nn.Module, lower: np.ndarray, upper: np.ndarray, lab
                      steps: int = 50, restarts: int = 5) -> list[np.ndarray | None]:
     """Per box, an input inside it that the model labels other than its label (PGD on the margin, random starts, the
     box's corners clipped to float32), checked by running the model on it; None where none was found."""
+    from cnnrepair.runtime import model_device
+
     gen = torch.Generator().manual_seed(seed)
+    dev = model_device(model)
     lo, hi = _float32_inside(np.asarray(lower, np.float64), np.asarray(upper, np.float64))
     y = torch.as_tensor(labels)
     found: list[np.ndarray | None] = [None] * len(labels)
@@ -98,7 +101,7 @@ def _counterexamples(model: nn.Module, lower: np.ndarray, upper: np.ndarray, lab
         x = torch.minimum(lo + (hi - lo).clamp(min=0) * torch.rand(lo.shape, generator=gen), hi.maximum(lo))
         for _ in range(steps + 1):
             x.requires_grad_(True)
-            out = _outputs(model, x)
+            out = _outputs(model, x.to(dev)).cpu()
             own = out.gather(1, y[:, None])[:, 0]
             other = out.masked_fill(nn.functional.one_hot(y, out.shape[1]).bool(), float("-inf")).max(1).values
             margin = own - other
@@ -115,7 +118,7 @@ def _counterexamples(model: nn.Module, lower: np.ndarray, upper: np.ndarray, lab
         for i, f in enumerate(found):
             if f is None:
                 continue
-            out = _outputs(model, torch.as_tensor(f[None]))[0].double()
+            out = _outputs(model, torch.as_tensor(f[None]).to(dev))[0].double().cpu()
             rivals = torch.cat([out[:int(labels[i])], out[int(labels[i]) + 1:]])
             inside = bool((f >= lower[i]).all() and (f <= upper[i]).all())
             if not inside or float(out[int(labels[i])]) > float(rivals.max()):
