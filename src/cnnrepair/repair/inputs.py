@@ -62,7 +62,7 @@ class SolveOptions:
     time_limit: float | None = None
     threads: int | None = None
     progress: Callable[[str, int, int], None] | None = None
-    device: str | None = None
+    device: str | torch.device | None = None
 
     def __post_init__(self) -> None:
         t = self.time_limit
