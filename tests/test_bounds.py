@@ -178,7 +178,10 @@ def test_certify_on_a_dask_cluster_gets_the_local_results():
     local = certify(model, x, y, 0.03, "crown")
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         remote = certify(model, x, y, 0.03, "crown", scheduler=cluster.scheduler_address)
+        with distributed.Client(cluster) as client:  # five batches on two workers: each traced the graph once
+            traced = client.run(lambda: __import__("cnnrepair.certify", fromlist=["GRAPHS_TRACED"]).GRAPHS_TRACED)
     assert np.allclose(remote.margins, local.margins, rtol=1e-9, atol=1e-12) and remote.accuracy == local.accuracy
+    assert 1 <= sum(traced.values()) <= len(traced) == 2
 
 
 def test_an_unreachable_scheduler_is_one_line(monkeypatch):
