@@ -185,6 +185,25 @@ def test_a_batch_one_graph_is_repaired_into_a_file_that_takes_any_batch(digits, 
                  "--keep", str(tmp_path / "k.npz"), "--original", str(src)]) == 0
 
 
+def test_a_graph_that_computes_its_reshape_from_its_input_shape_runs_and_is_bounded(digits, tmp_path):
+    """torch.onnx writes x.reshape(x.shape[0], -1) with a dynamic batch as Shape -> Gather -> Unsqueeze -> Concat -> Reshape:
+    it runs on any batch (a 0-d Gather index used to break it), and it is traced for bounds (the shape stays static where
+    it is known, instead of data torch.export refused: GuardOnDataDependentSymNode), with the torch model's own bounds."""
+    from cnnrepair import certify
+
+    model = _trained(_Reshaping, digits, steps=5)
+    src = tmp_path / "dyn.onnx"
+    _export(model, src)
+    assert {"Shape", "Gather", "Unsqueeze", "Concat"} <= {n.op_type for n in onnx.load(str(src)).graph.node}
+    loaded = load_model(src).module
+    x = torch.from_numpy(_images(digits, 9))
+    with torch.no_grad():
+        np.testing.assert_allclose(loaded(x).numpy(), model(x).numpy(), atol=1e-5)
+        y = model(x).argmax(1).numpy()
+    ours, theirs = certify(loaded, x, y, 0.01, "crown"), certify(model, x, y, 0.01, "crown")
+    np.testing.assert_allclose(ours.margins, theirs.margins, rtol=1e-6, atol=1e-6)
+
+
 def test_a_batch_one_graph_with_reshape_targets_as_initializers_verifies_against_its_original(tmp_path):
     """Written by hand, as other exporters write it: the reshape targets are initializers, so the loaded module holds them
     as tensors; verify --original accepts exactly the change that lets them take any batch, and nothing else."""

@@ -190,12 +190,46 @@ def operator(*names: str) -> Callable[[Operator], Operator]:
     return register
 
 
+class ShapeValue(tuple):
+    """A tensor's shape (or a part of it) as ``Shape`` makes it: Python integers, the batch a symbol when the graph is
+    traced for bounds. The shape operators (``Gather``, ``Unsqueeze``, ``Squeeze``, ``Concat``, ``Cast``, ``Reshape``)
+    keep it a tuple, so a reshape's target stays static where the shapes are known instead of becoming data the tracer
+    cannot see through (torch.export's GuardOnDataDependentSymNode); any other operator gets it as an int64 tensor.
+    ``scalar``: a 0-d value (one entry picked by a 0-d index)."""
+
+    scalar = False
+
+    @classmethod
+    def of(cls, values, scalar: bool = False) -> ShapeValue:
+        out = cls(values)
+        out.scalar = scalar
+        return out
+
+    def tensor(self) -> torch.Tensor:
+        t = torch.tensor(list(self), dtype=torch.int64)
+        return t.reshape(()) if self.scalar else t
+
+
+SHAPE_OPERATORS = {"Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Cast", "Reshape", "Identity"}
+
+
 def _run(node, attrs: dict, ins: list, batch: int) -> list:
-    """One node's outputs."""
+    """One node's outputs (a shape value reaches an operator that does not take one as a tensor)."""
     fn = OPERATORS.get(node.op_type)
     if fn is None:  # pragma: no cover - checked when loading
         raise CnnRepairError(f"operator {node.op_type!r} is not supported")
+    if node.op_type not in SHAPE_OPERATORS:
+        ins = [v.tensor() if isinstance(v, ShapeValue) else v for v in ins]
     return fn(node, attrs, ins, batch)
+
+
+def _static(v) -> list[int] | None:
+    """The integer entries of a shape value or of a constant integer tensor (None for anything else)."""
+    if isinstance(v, ShapeValue):
+        return [v[0]] if v.scalar else list(v)
+    if isinstance(v, torch.Tensor) and not torch.is_floating_point(v) and v.ndim <= 1:
+        return [int(e) for e in v.reshape(-1).tolist()]
+    return None
 
 
 @operator("Identity", "Dropout")
@@ -250,7 +284,9 @@ def _clip(node, attrs, ins, batch):
 
 def _axes(attrs: dict, ins: list):
     """An operator's axes: the attribute (older opsets) or the optional second input."""
-    return attrs.get("axes") if "axes" in attrs else (ins[1].tolist() if len(ins) > 1 and ins[1] is not None else None)
+    if "axes" in attrs:
+        return attrs.get("axes")
+    return _static(ins[1]) if len(ins) > 1 and ins[1] is not None else None
 
 
 @operator("ReduceSum")
@@ -337,7 +373,9 @@ def _flatten(node, attrs, ins, batch):
 @operator("Reshape")
 def _reshape(node, attrs, ins, batch):
     x = ins[0]
-    shape = [int(v) for v in ins[1].tolist()]
+    if isinstance(x, ShapeValue):
+        x = x.tensor()
+    shape = list(ins[1]) if isinstance(ins[1], ShapeValue) else [int(v) for v in ins[1].tolist()]
     shape = [x.shape[i] if v == 0 and not attrs.get("allowzero", 0) else v for i, v in enumerate(shape)]
     if shape and shape[0] == 1 and x.shape[0] == batch and batch != 1:
         shape[0] = batch  # a graph exported for one example: its reshapes keep the batch
@@ -346,24 +384,35 @@ def _reshape(node, attrs, ins, batch):
 
 @operator("Shape")
 def _shape(node, attrs, ins, batch):
-    return [torch.tensor(list(ins[0].shape), dtype=torch.int64)]
+    dims = list(ins[0].shape) if not isinstance(ins[0], ShapeValue) else ([] if ins[0].scalar else [len(ins[0])])
+    start, end = attrs.get("start", 0), attrs.get("end", None)
+    return [ShapeValue.of(dims[start:end])]
 
 
 @operator("Gather")
 def _gather(node, attrs, ins, batch):
     x, idx, axis = ins[0], ins[1], attrs.get("axis", 0)
-    return [torch.index_select(x, axis, idx.reshape(-1).long()).reshape(*x.shape[:axis], *idx.shape, *x.shape[axis + 1:])]
+    if isinstance(x, ShapeValue) and not x.scalar and isinstance(idx, torch.Tensor) and idx.ndim <= 1:
+        picked = [x[int(i)] for i in idx.reshape(-1).tolist()]
+        return [ShapeValue.of(picked, scalar=idx.ndim == 0)]
+    x = x.tensor() if isinstance(x, ShapeValue) else x
+    return [torch.index_select(x, axis, idx.reshape(-1).long()).reshape((*x.shape[:axis], *idx.shape, *x.shape[axis + 1:]))]  # a 0-d index drops the axis
 
 
 @operator("Squeeze")
 def _squeeze(node, attrs, ins, batch):
     x, axes = ins[0], _axes(attrs, ins)
+    if isinstance(x, ShapeValue):
+        return [ShapeValue.of(list(x), scalar=len(x) == 1) if axes in (None, [0], [-1]) else x]
     return [x.squeeze() if axes is None else x.squeeze(tuple(a % x.ndim for a in axes))]
 
 
 @operator("Unsqueeze")
 def _unsqueeze(node, attrs, ins, batch):
     x, axes = ins[0], _axes(attrs, ins)
+    if isinstance(x, ShapeValue) and x.scalar and axes in ([0], [-1]):
+        return [ShapeValue.of(list(x))]
+    x = x.tensor() if isinstance(x, ShapeValue) else x
     out = x
     for a in sorted(a % (x.ndim + len(axes)) for a in axes):
         out = out.unsqueeze(a)
@@ -372,6 +421,11 @@ def _unsqueeze(node, attrs, ins, batch):
 
 @operator("Concat")
 def _concat(node, attrs, ins, batch):
+    if any(isinstance(t, ShapeValue) for t in ins) and attrs["axis"] in (0, -1):
+        parts = [_static(t) for t in ins]
+        if all(p is not None for p in parts):
+            return [ShapeValue.of([v for p in parts for v in p])]
+    ins = [t.tensor() if isinstance(t, ShapeValue) else t for t in ins]
     return [torch.cat([t.reshape(1) if t.ndim == 0 else t for t in ins], dim=attrs["axis"])]
 
 
@@ -384,7 +438,10 @@ def _transpose(node, attrs, ins, batch):
 @operator("Cast")
 def _cast(node, attrs, ins, batch):
     dtype = import_onnx().helper.tensor_dtype_to_np_dtype(attrs["to"])
-    return [ins[0].to(torch.from_numpy(np.zeros(0, dtype)).dtype)]
+    if isinstance(ins[0], ShapeValue) and np.issubdtype(dtype, np.integer):
+        return [ins[0]]
+    x = ins[0].tensor() if isinstance(ins[0], ShapeValue) else ins[0]
+    return [x.to(torch.from_numpy(np.zeros(0, dtype)).dtype)]
 
 
 def load(path: Path) -> tuple[nn.Module, tuple[int, ...] | None, object]:
