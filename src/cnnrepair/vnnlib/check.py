@@ -86,8 +86,8 @@ def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _counterexamples(model: nn.Module, lower: np.ndarray, upper: np.ndarray, labels: np.ndarray, seed: int,
                      steps: int = 50, restarts: int = 5) -> list[np.ndarray | None]:
-    """Per box, an input inside it that the model labels other than its label (PGD on the margin, random starts, the
-    box's corners clipped to float32), checked by running the model on it; None where none was found."""
+    """Per box, an input inside it that the model does not give its label (PGD on the margin from random starts, in the
+    box rounded inward to float32), checked again by running the model on it alone; None where none was found."""
     from cnnrepair.runtime import model_device
 
     gen = torch.Generator().manual_seed(seed)
