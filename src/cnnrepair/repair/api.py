@@ -134,7 +134,7 @@ def _gather(x, y, keep, options, old: dict) -> tuple[Points, Points | None, Solv
         raise CnnRepairError(f"options must be a cnnrepair.SolveOptions (got {type(options).__name__})")
     if "time_limit" in old or "threads" in old:
         base = options or SolveOptions()
-        options = SolveOptions(old.get("time_limit", base.time_limit), old.get("threads", base.threads), base.progress)
+        options = replace(base, time_limit=old.get("time_limit", base.time_limit), threads=old.get("threads", base.threads))
     if isinstance(x, Points):
         if y is not None:
             raise CnnRepairError("give the labels in Points(x, y) or as y, not both")
