@@ -171,8 +171,7 @@ def table(d: dict) -> str:
     out = ["| network | features | program | ours (s) | rows ours kept | HiGHS, whole LP (s) | HiGHS / ours | optima agree |",
            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
 
-    def cell(r: dict) -> str:
-        return f"{r['seconds']:.2f}" if r["status"] == "ok" else (f"> {r['cap_s']:g} (cap)" if r["status"] == "timeout" else r["status"])
+    from benchmarks.margin_speed import seconds_cell as cell
 
     for r in d["rows"]:
         ratio = f"{r['speedup']:.0f}x" if "speedup" in r else "-"

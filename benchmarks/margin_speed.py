@@ -78,10 +78,10 @@ def full_lp_highs(p, time_limit: float | None = None) -> float:
     return float(h.getInfo().objective_function_value)
 
 
-def _ours(p, _arg):
+def _ours(p, device: str | None = None):
     from cnnrepair.repair import solve_margins
 
-    s = solve_margins(p)
+    s = solve_margins(p, device=device)
     if not s.ok:
         raise RuntimeError(s.status)
     return s.objective
@@ -99,15 +99,6 @@ def _ours_threads(p, threads: int):
 
 
 THREAD_SIZES = [(1000, 512, 0), (1000, 800, 2000)]
-
-
-def _ours_on(p, device: str | None):
-    from cnnrepair.repair import solve_margins
-
-    s = solve_margins(p, device=device)
-    if not s.ok:
-        raise RuntimeError(s.status)
-    return s.objective
 
 
 def run_device(cap: float = 300.0, quick: bool = False, device: str = "cuda") -> Path:
@@ -128,7 +119,7 @@ def run_device(cap: float = 300.0, quick: bool = False, device: str = "cuda") ->
         for program, norm, bound in (("l1", "l1", None), ("prdnn", "l1+linf", 3.0)):
             p = problem(K, n, keep, norm, bound)
             row = {"K": K, "features": n, "keep": keep, "program": program,
-                   "cpu": timed(_ours_on, p, None, cap, start="spawn"), "cuda": timed(_ours_on, p, str(dev), cap, start="spawn")}
+                   "cpu": timed(_ours, p, None, cap, start="spawn"), "cuda": timed(_ours, p, str(dev), cap, start="spawn")}
             if row["cpu"]["status"] == row["cuda"]["status"] == "ok":
                 row["cpu_over_cuda"] = row["cpu"]["seconds"] / row["cuda"]["seconds"]
                 row["relative_difference"] = abs(row["cpu"]["objective"] - row["cuda"]["objective"]) / abs(row["cpu"]["objective"])
@@ -141,15 +132,27 @@ def run_device(cap: float = 300.0, quick: bool = False, device: str = "cuda") ->
     return write_quick(out, "margin_device_quick.json") if quick else write_result("margin_device.json", out)
 
 
+def seconds_cell(r: dict) -> str:
+    """A timed solve's table cell: its seconds, "> cap (cap)" for a timeout, else its status."""
+    if r["status"] == "ok":
+        return f"{r['seconds']:.2f}"
+    if r["status"] == "timeout":
+        return f"> {r['cap_s']:g} (cap)"
+    return r["status"]
+
+
+def _program_name(row: dict) -> str:
+    return "L1" if row["program"] == "l1" else "PRDNN's (mean + max, bound 3)"
+
+
 def device_table(rows: list[dict]) -> str:
     """Markdown: seconds on the CPU and on CUDA, the ratio, and whether the optima agree."""
     out = ["| K | features | keep | program | CPU (s) | CUDA (s) | CPU / CUDA | optima agree |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    cell = (lambda x: f"{x['seconds']:.2f}" if x["status"] == "ok" else (f"> {x['cap_s']:g} (cap)" if x["status"] == "timeout" else x["status"]))
     for r in rows:
         ratio = f"{r['cpu_over_cuda']:.1f}x" if "cpu_over_cuda" in r else "-"
         agree = f"{r['relative_difference']:.0e}" if "relative_difference" in r else "-"
-        name = "L1" if r["program"] == "l1" else "PRDNN's (mean + max, bound 3)"
-        out.append(f"| {r['K']:,} | {r['features']:,} | {r['keep']:,} | {name} | {cell(r['cpu'])} | {cell(r['cuda'])} | {ratio} | {agree} |")
+        out.append(f"| {r['K']:,} | {r['features']:,} | {r['keep']:,} | {_program_name(r)} | {seconds_cell(r['cpu'])} | "
+                   f"{seconds_cell(r['cuda'])} | {ratio} | {agree} |")
     return "\n".join(out)
 
 
@@ -233,19 +236,12 @@ def table(rows: list[dict]) -> str:
     out = ["| K | features | keep | program | ours (s) | HiGHS, whole LP (s) | HiGHS / ours | optima agree |",
            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
 
-    def cell(r: dict) -> str:
-        if r["status"] == "ok":
-            return f"{r['seconds']:.2f}"
-        if r["status"] == "timeout":
-            return f"> {r['cap_s']:g} (cap)"
-        return r["status"]
-
     for row in rows:
         agree = f"{row['relative_difference']:.0e}" if "relative_difference" in row else "-"
         ratio = f"{row['speedup']:.1f}x" if "speedup" in row else (
             f"> {row['highs-lp']['cap_s'] / row['ours']['seconds']:.0f}x" if row["highs-lp"]["status"] == "timeout" and row["ours"]["status"] == "ok" else "-")
-        name = "L1" if row["program"] == "l1" else "PRDNN's (mean + max, bound 3)"
-        out.append(f"| {row['K']:,} | {row['features']:,} | {row['keep']:,} | {name} | {cell(row['ours'])} | {cell(row['highs-lp'])} | {ratio} | {agree} |")
+        out.append(f"| {row['K']:,} | {row['features']:,} | {row['keep']:,} | {_program_name(row)} | {seconds_cell(row['ours'])} | "
+                   f"{seconds_cell(row['highs-lp'])} | {ratio} | {agree} |")
     return "\n".join(out)
 
 

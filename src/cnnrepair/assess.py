@@ -19,7 +19,7 @@ from cnnrepair.attacks import attack, check_eps, get_attack
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.data import to_float
 from cnnrepair.points import InputSpec, PixelModel, chance_warning
-from cnnrepair.runtime import Progress, outputs, predict
+from cnnrepair.runtime import Progress, first_output, outputs, predict
 
 
 @dataclass
@@ -54,7 +54,7 @@ def accuracy_on(model: nn.Module, x: torch.Tensor | np.ndarray, y: np.ndarray, b
     x = torch.as_tensor(x)
     if len(x) == 0:
         return float("nan")
-    pred = np.concatenate([_first(model(x[i:i + batch])).argmax(1).cpu().numpy() for i in range(0, len(x), batch)])
+    pred = np.concatenate([first_output(model(x[i:i + batch])).argmax(1).cpu().numpy() for i in range(0, len(x), batch)])
     return float((pred == np.asarray(y)).mean())
 
 
@@ -121,17 +121,11 @@ def _check_inputs(models: dict[str, nn.Module], images: np.ndarray, spec: InputS
             raise CnnRepairError(f"the {what} carry labels {py.min()}..{py.max()}, but the model has {num} classes (0..{num - 1})")
         with torch.no_grad():
             try:
-                _first(first(torch.as_tensor(px[:2])))
+                first_output(first(torch.as_tensor(px[:2])))
             except Exception as exc:  # noqa: BLE001 - wrong shape or dtype for the model
                 raise CnnRepairError(f"the {what} (inputs of shape {tuple(px.shape[1:])}) cannot run on the model "
                                      f"({type(exc).__name__}); give points made for it by cnnrepair points") from None
     return num
-
-
-def _first(out):
-    while isinstance(out, (tuple, list)):
-        out = out[0]
-    return out
 
 
 def assess(models: dict[str, nn.Module], images: np.ndarray, labels: np.ndarray, spec: InputSpec, settings: AssessSettings,

@@ -26,6 +26,7 @@ from cnnrepair.bounds import BallInputs, FeatureBounds, frozen_graph, margin_bou
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.repair.layer import last_layer
 from cnnrepair.repair.program import MarginProblem
+from cnnrepair.runtime import first_output, model_device
 
 
 @dataclass
@@ -149,35 +150,45 @@ def _on_cluster(scheduler: str, model: nn.Module, layer: str, boxes: tuple, meth
         client.close()
 
 
-def pgd_accuracy(model: nn.Module, lower, upper, y, steps: int = 50, restarts: int = 5, seed: int = 0,
-                 batch_size: int = 256) -> np.ndarray:
-    """Per input, True when PGD (margin loss, ``restarts`` random starts, ``steps`` steps each) finds no input of the
-    box ``[lower, upper]`` (model units) that the model labels other than ``y``."""
+def pgd_counterexamples(model: nn.Module, lower, upper, y, steps: int = 50, restarts: int = 5, seed: int = 0,
+                        batch_size: int = 256) -> list[np.ndarray | None]:
+    """Per box ``[lower, upper]`` (model units, float32), the first input PGD (margin loss, ``restarts`` random starts,
+    ``steps`` steps each, on the model's device) visits that the model does not give label ``y`` (its margin not > 0), or
+    None. A box with no float32 point (lower above upper somewhere) is never searched."""
     gen = torch.Generator().manual_seed(seed)
+    dev = model_device(model)
     lower = torch.as_tensor(np.asarray(lower) if not isinstance(lower, torch.Tensor) else lower).float()
     upper = torch.as_tensor(np.asarray(upper) if not isinstance(upper, torch.Tensor) else upper).float()
     labels = torch.as_tensor(np.asarray(y, np.int64))
-    robust = np.ones(len(labels), bool)
+    found: list[np.ndarray | None] = [None] * len(labels)
     for i in range(0, len(labels), batch_size):
         lo, hi, yb = lower[i:i + batch_size], upper[i:i + batch_size], labels[i:i + batch_size]
-        step = 2.5 * (hi - lo) / 2 / steps
-        alive = torch.ones(len(yb), dtype=torch.bool)
+        searchable = (lo <= hi).flatten(1).all(1)
+        top = hi.maximum(lo)
+        width = (hi - lo).clamp(min=0)
+        step = 2.5 * width / 2 / steps
         for _ in range(restarts):
-            x = lo + (hi - lo) * torch.rand(lo.shape, generator=gen)
+            x = torch.minimum(lo + width * torch.rand(lo.shape, generator=gen), top)
             for _ in range(steps + 1):
                 x.requires_grad_(True)
-                out = model(x)
-                while isinstance(out, (tuple, list)):
-                    out = out[0]
+                out = first_output(model(x.to(dev))).cpu()
                 own = out.gather(1, yb[:, None])[:, 0]
                 other = out.masked_fill(nn.functional.one_hot(yb, out.shape[1]).bool(), float("-inf")).max(1).values
                 margin = own - other
-                alive &= (margin > 0).detach()
+                for k in torch.nonzero(~(margin > 0).detach() & searchable).flatten().tolist():  # NaN counts as found
+                    if found[i + k] is None:
+                        found[i + k] = x[k].detach().numpy().copy()
                 grad, = torch.autograd.grad(margin.sum(), x)
                 with torch.no_grad():
-                    x = torch.minimum(torch.maximum(x - step * grad.sign(), lo), hi)
-        robust[i:i + batch_size] = alive.numpy()
-    return robust
+                    x = torch.minimum(torch.maximum(x - step * grad.sign(), lo), top)
+    return found
 
 
-__all__ = ["Certification", "certify", "certify_boxes", "pgd_accuracy", "worst_margins"]
+def pgd_accuracy(model: nn.Module, lower, upper, y, steps: int = 50, restarts: int = 5, seed: int = 0,
+                 batch_size: int = 256) -> np.ndarray:
+    """Per input, True when PGD (:func:`pgd_counterexamples`) finds no input of the box ``[lower, upper]`` (model units)
+    that the model labels other than ``y``."""
+    return np.array([f is None for f in pgd_counterexamples(model, lower, upper, y, steps, restarts, seed, batch_size)], bool)
+
+
+__all__ = ["Certification", "certify", "certify_boxes", "pgd_accuracy", "pgd_counterexamples", "worst_margins"]

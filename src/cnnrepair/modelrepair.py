@@ -179,12 +179,8 @@ def run(job: RepairJob, out: Path, options: SolveOptions | None = None, overwrit
         cert.notes = list(result.notes)
         target = stage / f"repaired{job.model.suffix}"
         if result.ok:
-            save_model(job.model, result.model, list(result.tensors), target)
-            if job.model.format == "onnx":
-                from cnnrepair.formats.onnx import batch_note
-
-                note = batch_note(job.model.path, target)
-                cert.notes = cert.notes + ([note] if note else [])
+            note = save_model(job.model, result.model, list(result.tensors), target)
+            cert.notes = cert.notes + ([note] if note else [])
             problems = _measure_saved(cert, target, job, result.model)
             if problems:  # the saved file does not do what the solve promised: never certify it
                 target.unlink()  # the staging copy this run just wrote

@@ -19,7 +19,7 @@ from torch import nn
 from cnnrepair.attacks import attack, check_eps
 from cnnrepair.data import to_float
 from cnnrepair.errors import CnnRepairError
-from cnnrepair.runtime import Progress, outputs, predict
+from cnnrepair.runtime import Progress, first_output, outputs, predict
 
 KINDS = ("misclassified", "fgsm", "pgd", "fog")
 KEEP_KINDS = ("clean", "fgsm", "pgd")
@@ -115,10 +115,7 @@ class PixelModel(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        out = self.model(self.spec.to_model(x))
-        while isinstance(out, (tuple, list)):
-            out = out[0]
-        return out
+        return first_output(self.model(self.spec.to_model(x)))
 
 
 @dataclass

@@ -63,6 +63,13 @@ def resolve_device(name: str | None = None) -> torch.device:
     return dev
 
 
+def first_output(out):
+    """A model's output tensor: the first of a tuple or list (nested ones too), or the output itself."""
+    while isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
+
+
 def model_device(model: nn.Module) -> torch.device:
     """Where a model's parameters and buffers live (the CPU for a model that has none)."""
     for t in (*model.parameters(), *model.buffers()):

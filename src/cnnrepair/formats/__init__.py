@@ -73,9 +73,10 @@ def load_model(path: Path, factory: str | None = None, input_shape: tuple[int, .
     return LoadedModel(path, fmt, module, shape, program, factory)
 
 
-def save_model(loaded: LoadedModel, repaired: nn.Module, tensors: list[str], path: Path) -> None:
-    """Write ``repaired`` in ``loaded``'s format: the source file with ``tensors`` taken from ``repaired``."""
-    _module(loaded.format).save(loaded, repaired, tensors, Path(path))
+def save_model(loaded: LoadedModel, repaired: nn.Module, tensors: list[str], path: Path) -> str | None:
+    """Write ``repaired`` in ``loaded``'s format: the source file with ``tensors`` taken from ``repaired``. Returns a note
+    when saving had to do more than that (an ONNX graph exported for one example), else None."""
+    return _module(loaded.format).save(loaded, repaired, tensors, Path(path))
 
 
 def runtime_fn(path: Path):

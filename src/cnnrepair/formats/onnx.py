@@ -219,8 +219,13 @@ def _run(node, attrs: dict, ins: list, batch: int) -> list:
     if fn is None:  # pragma: no cover - checked when loading
         raise CnnRepairError(f"operator {node.op_type!r} is not supported")
     if node.op_type not in SHAPE_OPERATORS:
-        ins = [v.tensor() if isinstance(v, ShapeValue) else v for v in ins]
+        ins = [_tensor(v) for v in ins]
     return fn(node, attrs, ins, batch)
+
+
+def _tensor(v):
+    """A shape value as the int64 tensor ONNX means by it; anything else as it is."""
+    return v.tensor() if isinstance(v, ShapeValue) else v
 
 
 def _static(v) -> list[int] | None:
@@ -372,9 +377,7 @@ def _flatten(node, attrs, ins, batch):
 
 @operator("Reshape")
 def _reshape(node, attrs, ins, batch):
-    x = ins[0]
-    if isinstance(x, ShapeValue):
-        x = x.tensor()
+    x = _tensor(ins[0])
     shape = list(ins[1]) if isinstance(ins[1], ShapeValue) else [int(v) for v in ins[1].tolist()]
     shape = [x.shape[i] if v == 0 and not attrs.get("allowzero", 0) else v for i, v in enumerate(shape)]
     if shape and shape[0] == 1 and x.shape[0] == batch and batch != 1:
@@ -395,7 +398,7 @@ def _gather(node, attrs, ins, batch):
     if isinstance(x, ShapeValue) and not x.scalar and isinstance(idx, torch.Tensor) and idx.ndim <= 1:
         picked = [x[int(i)] for i in idx.reshape(-1).tolist()]
         return [ShapeValue.of(picked, scalar=idx.ndim == 0)]
-    x = x.tensor() if isinstance(x, ShapeValue) else x
+    x = _tensor(x)
     return [torch.index_select(x, axis, idx.reshape(-1).long()).reshape((*x.shape[:axis], *idx.shape, *x.shape[axis + 1:]))]  # a 0-d index drops the axis
 
 
@@ -412,7 +415,7 @@ def _unsqueeze(node, attrs, ins, batch):
     x, axes = ins[0], _axes(attrs, ins)
     if isinstance(x, ShapeValue) and x.scalar and axes in ([0], [-1]):
         return [ShapeValue.of(list(x))]
-    x = x.tensor() if isinstance(x, ShapeValue) else x
+    x = _tensor(x)
     out = x
     for a in sorted(a % (x.ndim + len(axes)) for a in axes):
         out = out.unsqueeze(a)
@@ -425,7 +428,7 @@ def _concat(node, attrs, ins, batch):
         parts = [_static(t) for t in ins]
         if all(p is not None for p in parts):
             return [ShapeValue.of([v for p in parts for v in p])]
-    ins = [t.tensor() if isinstance(t, ShapeValue) else t for t in ins]
+    ins = [_tensor(t) for t in ins]
     return [torch.cat([t.reshape(1) if t.ndim == 0 else t for t in ins], dim=attrs["axis"])]
 
 
@@ -440,7 +443,7 @@ def _cast(node, attrs, ins, batch):
     dtype = import_onnx().helper.tensor_dtype_to_np_dtype(attrs["to"])
     if isinstance(ins[0], ShapeValue) and np.issubdtype(dtype, np.integer):
         return [ins[0]]
-    x = ins[0].tensor() if isinstance(ins[0], ShapeValue) else ins[0]
+    x = _tensor(ins[0])
     return [x.to(torch.from_numpy(np.zeros(0, dtype)).dtype)]
 
 
@@ -462,8 +465,9 @@ def load(path: Path) -> tuple[nn.Module, tuple[int, ...] | None, object]:
     return module, shape, model
 
 
-def save(loaded, repaired: nn.Module, tensors: list[str], path: Path) -> None:
-    """The source graph with the repaired layers' initializers replaced, checked by ``onnx.checker``."""
+def save(loaded, repaired: nn.Module, tensors: list[str], path: Path) -> str | None:
+    """The source graph with the repaired layers' initializers replaced, checked by ``onnx.checker``; for a graph exported
+    for one example, a note saying whether the file now takes any batch (see :func:`_with_dynamic_batch`)."""
     onnx = import_onnx()
     model = onnx.load(str(loaded.path))
     sources: dict[str, LinearSource] = loaded.module.linear_sources
@@ -492,22 +496,19 @@ def save(loaded, repaired: nn.Module, tensors: list[str], path: Path) -> None:
         new = onnx.numpy_helper.from_array(np.ascontiguousarray(value.astype(onnx.helper.tensor_dtype_to_np_dtype(old.data_type))), target)
         old.CopyFrom(new)
     onnx.checker.check_model(model)
+    note = None
     if _fixed_batch_one(model):
         model = _with_dynamic_batch(model, loaded.input_shape)
+        note = _BATCH_ONE_KEPT if _fixed_batch_one(model) else _ANY_BATCH
     atomic_write_bytes(Path(path), model.SerializeToString())
+    return note
 
 
-def batch_note(source: Path, saved: Path) -> str | None:
-    """What saving did to a graph exported for one example (the certificate's note), or None when it did nothing."""
-    onnx = import_onnx()
-    if not _fixed_batch_one(onnx.load(str(source))):
-        return None
-    if _fixed_batch_one(onnx.load(str(saved))):
-        return ("the source graph was exported for one example (batch 1) and the repaired file keeps batch 1: a reshape in it "
-                "could not be made to take the batch from its input, or onnxruntime gave a batch other outputs than each input alone")
-    return ("the source graph was exported for one example (batch 1); the repaired file takes any batch: its inputs' and "
-            "outputs' first dimension is named 'batch' and each reshape target's leading 1 is 0 (its input's batch), checked "
-            "with onnxruntime on a batch against each input alone")
+_BATCH_ONE_KEPT = ("the source graph was exported for one example (batch 1) and the repaired file keeps batch 1: a reshape in it "
+                   "could not be made to take the batch from its input, or onnxruntime gave a batch other outputs than each input alone")
+_ANY_BATCH = ("the source graph was exported for one example (batch 1); the repaired file takes any batch: its inputs' and "
+              "outputs' first dimension is named 'batch' and each reshape target's leading 1 is 0 (its input's batch), checked "
+              "with onnxruntime on a batch against each input alone")
 
 
 def _fixed_batch_one(model) -> bool:

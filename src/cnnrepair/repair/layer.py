@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.graph_linear import linear_nodes as _linear_nodes
-from cnnrepair.runtime import eval_mode, model_device
+from cnnrepair.runtime import eval_mode, first_output, model_device
 
 
 def _is_graph(model: nn.Module) -> bool:
@@ -102,9 +102,7 @@ class LastLayer:
                         seen["out"] = out
                     return out
 
-            res = Catch(self.model).run(x)
-            while isinstance(res, (tuple, list)):
-                res = res[0]
+            res = first_output(Catch(self.model).run(x))  # fills seen as it runs
             return seen["in"], seen["out"], res
         module, seen = self._module(), {}
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from cnnrepair.repair.program import margins_of
-from cnnrepair.runtime import eval_mode, model_device
+from cnnrepair.runtime import eval_mode, first_output, model_device
 
 
 # The batch layouts every margin is measured in, on the repaired model and on the saved file: a
@@ -55,9 +55,7 @@ def module_logits_fn(model: nn.Module):
 
     def run(xb: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
-            res = model(xb.to(device))
-        while isinstance(res, (tuple, list)):
-            res = res[0]
+            res = first_output(model(xb.to(device)))
         return res.detach().double().cpu().numpy()
 
     return run

@@ -191,13 +191,11 @@ class RowsIPM:
 
     def start(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray, np.ndarray, float]:
         """A strictly positive first iterate (X, Z, y, lam, mu): every entry and shortfall at one shift, small multipliers."""
-        m, P, E = len(self.pts), len(self.points), len(self.free)
+        m, E = len(self.pts), len(self.free)
         t = 1.0 + float(np.abs(self.r).mean())
         if self.bound is not None:
             t = min(t, 0.25 * self.bound)
-        short0 = np.zeros(P)
-        np.maximum.at(short0, self.row_point, np.maximum(self.r, 0.0))
-        e = short0 + 1.0 + float(np.abs(self.r).mean())
+        e = self._shortfall(np.zeros(m)) + 1.0 + float(np.abs(self.r).mean())  # each point's shortfall with no change
         X = {"p": np.full(E, t), "q": np.full(E, t), "e": e, "s": self.B @ e - self.r}
         if self.has_w:
             X["w"] = np.full(E, t if self.has_t else max(self.bound - 2 * t, t))

@@ -58,13 +58,13 @@ def check_properties(model: nn.Module, props: list[VnnlibProperty], input_shape:
                      seed: int = 0) -> list[PropertyCheck]:
     """Each property's status on ``model`` (see the module docstring). ``method``: the bound (ibp, crown, alpha-crown)."""
     from cnnrepair.certify import certify_boxes
-    from cnnrepair.runtime import eval_mode, model_device
+    from cnnrepair.runtime import eval_mode, first_output, model_device
 
     if not props:
         return []
     eval_mode(model)
     with torch.no_grad():
-        C = _outputs(model, torch.zeros((1, *input_shape), device=model_device(model))).shape[1]
+        C = first_output(model(torch.zeros((1, *input_shape), device=model_device(model)))).shape[1]
     lower, upper, labels = property_boxes(props, input_shape, C)
     bound = certify_boxes(model, lower, upper, labels, method).margins
     found = _counterexamples(model, lower, upper, labels, seed)
@@ -77,48 +77,20 @@ def check_properties(model: nn.Module, props: list[VnnlibProperty], input_shape:
     return out
 
 
-def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = model(x)
-    while isinstance(out, (tuple, list)):
-        out = out[0]
-    return out
+def _counterexamples(model: nn.Module, lower: np.ndarray, upper: np.ndarray, labels: np.ndarray, seed: int) -> list[np.ndarray | None]:
+    """Per box, an input inside it that the model does not give its label (:func:`cnnrepair.certify.pgd_counterexamples`
+    in the box rounded inward to float32), checked again by running the model on it alone; None where none was found."""
+    from cnnrepair.certify import pgd_counterexamples
+    from cnnrepair.runtime import first_output, model_device
 
-
-def _counterexamples(model: nn.Module, lower: np.ndarray, upper: np.ndarray, labels: np.ndarray, seed: int,
-                     steps: int = 50, restarts: int = 5) -> list[np.ndarray | None]:
-    """Per box, an input inside it that the model does not give its label (PGD on the margin from random starts, in the
-    box rounded inward to float32), checked again by running the model on it alone; None where none was found."""
-    from cnnrepair.runtime import model_device
-
-    gen = torch.Generator().manual_seed(seed)
     dev = model_device(model)
     lo, hi = _float32_inside(np.asarray(lower, np.float64), np.asarray(upper, np.float64))
-    y = torch.as_tensor(labels)
-    found: list[np.ndarray | None] = [None] * len(labels)
-    searchable = (lo <= hi).flatten(1).all(1)  # a box with no float32 point in some coordinate has no counterexample to run
-    step = 2.5 * (hi - lo).clamp(min=0) / 2 / steps
-    for _ in range(restarts):
-        x = torch.minimum(lo + (hi - lo).clamp(min=0) * torch.rand(lo.shape, generator=gen), hi.maximum(lo))
-        for _ in range(steps + 1):
-            x.requires_grad_(True)
-            out = _outputs(model, x.to(dev)).cpu()
-            own = out.gather(1, y[:, None])[:, 0]
-            other = out.masked_fill(nn.functional.one_hot(y, out.shape[1]).bool(), float("-inf")).max(1).values
-            margin = own - other
-            with torch.no_grad():
-                for i in torch.nonzero((margin <= 0) & searchable).flatten().tolist():
-                    if found[i] is None:
-                        found[i] = x[i].detach().numpy().copy()
-            grad, = torch.autograd.grad(margin.sum(), x)
-            with torch.no_grad():
-                x = torch.minimum(torch.maximum(x - step * grad.sign(), lo), hi.maximum(lo))
-        if all(f is not None for f in found):
-            break
+    found = pgd_counterexamples(model, lo, hi, labels, seed=seed)
     with torch.no_grad():  # each one checked again, alone, as the model runs: inside its box, some class at least as high
         for i, f in enumerate(found):
             if f is None:
                 continue
-            out = _outputs(model, torch.as_tensor(f[None]).to(dev))[0].double().cpu()
+            out = first_output(model(torch.as_tensor(f[None]).to(dev)))[0].double().cpu()
             rivals = torch.cat([out[:int(labels[i])], out[int(labels[i]) + 1:]])
             inside = bool((f >= lower[i]).all() and (f <= upper[i]).all())
             if not inside or float(out[int(labels[i])]) > float(rivals.max()):

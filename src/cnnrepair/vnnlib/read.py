@@ -120,6 +120,12 @@ class _Reader:
     def fail(self, what: str) -> CnnRepairError:
         return CnnRepairError(f"{self.name}: {what}")
 
+    def capped(self, cases: list) -> list:
+        """``cases`` (a DNF), refused once it holds more than :data:`MAX_DISJUNCTS`."""
+        if len(cases) > MAX_DISJUNCTS:
+            raise self.fail(f"the output formula has more than {MAX_DISJUNCTS:,} cases in disjunctive normal form")
+        return cases
+
     def declare(self, expr: list) -> None:
         if len(expr) != 3 or not isinstance(expr[1], str) or expr[2] != "Real":
             raise self.fail(f"only (declare-const NAME Real) is read; got {_show(expr)}")
@@ -182,14 +188,11 @@ class _Reader:
             for part in expr[1:]:
                 sub = self.formula(part)
                 cases = [a + b for a in cases for b in sub]
-                if len(cases) > MAX_DISJUNCTS:
-                    raise self.fail(f"the output formula has more than {MAX_DISJUNCTS:,} cases in disjunctive normal form")
+                self.capped(cases)
             return cases
         if op == "or":
             out = [case for part in expr[1:] for case in self.formula(part)]
-            if len(out) > MAX_DISJUNCTS:
-                raise self.fail(f"the output formula has more than {MAX_DISJUNCTS:,} cases in disjunctive normal form")
-            return out
+            return self.capped(out)
         raise self.fail(f"operator {op!r} is not read (assertions use <= >= < > and or)")
 
 
@@ -249,8 +252,7 @@ def parse_vnnlib(text: str, name: str = "property") -> VnnlibProperty:
         if not kinds:
             raise r.fail(f"the assertion {_show(a)} involves no variable")
         cases = [x + y for x in cases for y in dnf]
-        if len(cases) > MAX_DISJUNCTS:
-            raise r.fail(f"the output formula has more than {MAX_DISJUNCTS:,} cases in disjunctive normal form")
+        r.capped(cases)
     missing = np.flatnonzero(~np.isfinite(lower) | ~np.isfinite(upper))
     if len(missing):
         raise r.fail(f"input X_{missing[0]} has no {'lower' if not np.isfinite(lower[missing[0]]) else 'upper'} bound "
