@@ -24,6 +24,8 @@ def reference_optimum(p: MarginProblem) -> float:
     nc = n if p.freeze_bias else n + 1
     E, N = C * nc, len(p.labels)
     L0 = p.features @ p.weight.T + p.bias
+    if p.zero_rival:  # one more rival per point: a logit fixed at 0 (class C, no variables)
+        L0 = np.hstack([L0, np.zeros((N, 1))])
     a, b = p.norm_coefficients()
     soft = np.flatnonzero(np.isfinite(p.prices))
     pos = {k: i for i, k in enumerate(soft)}
@@ -33,12 +35,13 @@ def reference_optimum(p: MarginProblem) -> float:
     for k in range(N):
         f = p.features[k] if p.freeze_bias else np.append(p.features[k], 1.0)
         y = p.labels[k]
-        for j in range(C):
+        for j in range(C + int(p.zero_rival)):
             if j == y:
                 continue
             row = np.zeros(nv)
             row[y * nc:(y + 1) * nc] -= f
-            row[j * nc:(j + 1) * nc] += f
+            if j < C:
+                row[j * nc:(j + 1) * nc] += f
             if k in pos:
                 row[2 * E + 1 + pos[k]] = -1.0
             rows.append(row)
@@ -463,9 +466,9 @@ def test_api_rejects_bad_points_with_one_line_errors():
     assert inner.certificate.layer_kind == "hidden-linear" and inner.status in ("repaired", "infeasible")
     with pytest.raises(CnnRepairError, match="margin must be"):
         RepairSpec(margin=-0.1)
-    soft = nn.Sequential(_mlp(), nn.Softmax(1)).eval()
+    squashed = nn.Sequential(_mlp(), nn.Sigmoid()).eval()  # a softmax, log-softmax or ReLU is accepted (tests/test_endings.py)
     with pytest.raises(CnnRepairError, match="no linear layer ends this model"):
-        repair_classifier(soft, x, pred)
+        repair_classifier(squashed, x, pred)
 
 
 # the command line on a torch.export file -------------------------------------------------------------

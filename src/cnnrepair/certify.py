@@ -50,9 +50,10 @@ class Certification:
         return float(self.certified.mean()) if len(self.margins) else 0.0
 
 
-def worst_margins(bounds: FeatureBounds, labels: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    """Per point, min over other classes j of the smallest ``logit[y] - logit[j]`` over its feature box."""
-    problem = MarginProblem(weight, bias, bounds.centre, labels, 0.0, radii=bounds.radius)
+def worst_margins(bounds: FeatureBounds, labels: np.ndarray, weight: np.ndarray, bias: np.ndarray, zero_rival: bool = False) -> np.ndarray:
+    """Per point, min over other classes j of the smallest ``logit[y] - logit[j]`` over its feature box (and of ``logit[y]``
+    itself with ``zero_rival``: a ReLU after the layer)."""
+    problem = MarginProblem(weight, bias, bounds.centre, labels, 0.0, radii=bounds.radius, zero_rival=zero_rival)
     return problem.point_margins()
 
 
@@ -89,10 +90,10 @@ def certify_boxes(model: nn.Module, lower, upper, y, method: str = "crown", laye
     sample = ((lower[:2] + upper[:2]) / 2).float()
     lay = last_layer(model, sample, layer)
     if scheduler is not None:
-        margins = _on_cluster(scheduler, model, lay.name, (lower, upper, labels), method, progress)
+        margins = _on_cluster(scheduler, model, lay, (lower, upper, labels), method, progress)
     else:
         graph = frozen_graph(model, lay.name, sample, through=True)
-        margins = margin_bounds(graph, lower, upper, labels, method, progress=progress)
+        margins = margin_bounds(graph, lower, upper, labels, method, progress=progress, zero_rival=lay.zero_rival)
     return Certification(eps, method, labels, margins, lay.name, time.perf_counter() - t0)
 
 
@@ -106,7 +107,8 @@ _WORKER_LOCK = threading.Lock()
 GRAPHS_TRACED = 0
 
 
-def _margins_of(model: nn.Module, layer: str, lower: torch.Tensor, upper: torch.Tensor, labels: np.ndarray, method: str) -> np.ndarray:
+def _margins_of(model: nn.Module, layer: str, lower: torch.Tensor, upper: torch.Tensor, labels: np.ndarray, method: str,
+                zero_rival: bool = False) -> np.ndarray:
     """One batch of boxes' margin bounds, as a Dask worker computes them."""
     global GRAPHS_TRACED
     with _WORKER_LOCK:
@@ -115,10 +117,10 @@ def _margins_of(model: nn.Module, layer: str, lower: torch.Tensor, upper: torch.
         if graph is None:  # the graph does not depend on the batch it is traced with (certify_boxes traces it once for all)
             graph = graphs[layer] = frozen_graph(model, layer, ((lower[:2] + upper[:2]) / 2).float(), through=True)
             GRAPHS_TRACED += 1
-    return margin_bounds(graph, lower, upper, labels, method)
+    return margin_bounds(graph, lower, upper, labels, method, zero_rival=zero_rival)
 
 
-def _on_cluster(scheduler: str, model: nn.Module, layer: str, boxes: tuple, method: str, progress) -> np.ndarray:
+def _on_cluster(scheduler: str, model: nn.Module, lay, boxes: tuple, method: str, progress) -> np.ndarray:
     """Margin bounds of the boxes, in batches spread over a Dask cluster's workers (each batch bounded as here)."""
     try:
         from distributed import Client, as_completed
@@ -134,8 +136,8 @@ def _on_cluster(scheduler: str, model: nn.Module, layer: str, boxes: tuple, meth
         workers = max(1, len(client.scheduler_info().get("workers", {})))
         size = max(1, -(-len(lower) // (4 * workers)))  # about four batches a worker
         remote = client.scatter(model, broadcast=True)
-        futures = {client.submit(_margins_of, remote, layer, lower[i:i + size], upper[i:i + size], labels[i:i + size], method,
-                                 pure=False): i for i in range(0, len(lower), size)}
+        futures = {client.submit(_margins_of, remote, lay.name, lower[i:i + size], upper[i:i + size], labels[i:i + size], method,
+                                 lay.zero_rival, pure=False): i for i in range(0, len(lower), size)}
         out = np.zeros(len(lower))
         done = 0
         for fut in as_completed(futures):

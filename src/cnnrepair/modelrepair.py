@@ -202,7 +202,7 @@ def _measure_saved(cert: Certificate, target: Path, job: RepairJob, repaired: to
     """Fill the certificate's margins from the saved file (every batch layout) and list what it does not keep."""
     own = runtime_fn(target)  # the format's own runtime, where it is not the loaded module (then the file is not loaded again)
     fn = own or module_logits_fn(load_model(target, job.model.factory, job.model.input_shape).module)
-    by_layout = layout_margins(fn, job.points.x, job.points.y)
+    by_layout = layout_margins(fn, job.points.x, job.points.y, cert.ending_name)
     after = by_layout.min(0)
     for p, m in zip(cert.points, after):
         p.margin_after = float(m)
@@ -210,7 +210,7 @@ def _measure_saved(cert: Certificate, target: Path, job: RepairJob, repaired: to
     keep = job.keep
     km = np.zeros(0)
     if keep is not None and cert.keep.count:
-        km = layout_margins(fn, keep.x, np.asarray(cert.keep.labels, np.int64)).min(0)  # the labels repair kept
+        km = layout_margins(fn, keep.x, np.asarray(cert.keep.labels, np.int64), cert.ending_name).min(0)  # the labels repair kept
         cert.keep.smallest_margin_after = float(km.min())
         cert.keep.labels_kept = int((km > 0).sum())
         if cert.keep.below_keep_margin is not None:

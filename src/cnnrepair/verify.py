@@ -160,7 +160,10 @@ def _layer(v: Verification, cert: Certificate, model: torch.nn.Module, points: P
     if lay.kind != cert.layer_kind or list(lay.shape) != list(cert.layer_shape):
         v.problems.append(f"layer {cert.layer!r} is a {lay.kind} layer of shape {list(lay.shape)}, the certificate says "
                           f"{cert.layer_kind} of shape {cert.layer_shape}")
-    v.checked.append("layer")
+    found = getattr(lay, "ending", "none")
+    if found != cert.ending_name:
+        v.problems.append(f"the model applies {found!r} after layer {cert.layer!r}, the certificate says {cert.ending_name!r}")
+    v.checked.append("layer, and what follows it")
     return lay
 
 
@@ -183,7 +186,7 @@ def _points(v: Verification, cert: Certificate, points: PointsFile) -> None:
 
 def _margins_after(v: Verification, cert: Certificate, spec: RepairSpec, model_path: Path, model, points: PointsFile, keep: PointsFile | None) -> None:
     fn = saved_logits_fn(model_path, model)
-    by_layout = layout_margins(fn, points.x, points.y)
+    by_layout = layout_margins(fn, points.x, points.y, cert.ending_name)
     after = by_layout.min(0)
     v.problems += cert.check_claims(after, np.zeros(0) if keep is None else _keep_margins(v, cert, spec, fn, keep))
     claimed_layouts = cert.margins_by_layout
@@ -204,7 +207,7 @@ def _keep_margins(v: Verification, cert: Certificate, spec: RepairSpec, fn, keep
     if keep.y is not None and not np.array_equal(keep.y, labels):
         k = int(np.flatnonzero(keep.y != labels)[0])
         v.problems.append(f"keep label(s) differ from the keep file (keep point {k}: certificate {labels[k]}, file {keep.y[k]})")
-    km = layout_margins(fn, keep.x, labels).min(0) if len(labels) else np.zeros(0)
+    km = layout_margins(fn, keep.x, labels, cert.ending_name).min(0) if len(labels) else np.zeros(0)
     if len(km):
         if not _close(block.smallest_margin_after, float(km.min())):
             v.problems.append(f"the keep points' smallest margin is {km.min():.6g}, the certificate says {block.smallest_margin_after}")
@@ -275,7 +278,7 @@ def _ball_bounds(cert: Certificate, model: torch.nn.Module, points: PointsFile):
 def _check_ball(cert: Certificate, lay, fb) -> list[str]:
     """Every point's worst-case margin over its recomputed feature box ``fb`` under the repaired layer."""
     labels = np.array([p.label for p in cert.points], np.int64)
-    worst = MarginProblem(lay.weight, lay.bias, fb.centre, labels, 0.0, radii=fb.radius).point_margins()
+    worst = MarginProblem(lay.weight, lay.bias, fb.centre, labels, 0.0, radii=fb.radius, zero_rival=lay.zero_rival).point_margins()
     claimed = np.array([p.certified_margin_after for p in cert.points], np.float64)
     return (below_margin(worst, cert.spec["margin"], "ball(s) not certified to keep their label with margin {m:g}",
                          "point {k}: worst case {v:.6g}")
@@ -299,6 +302,9 @@ def _against_original(v: Verification, cert: Certificate, spec: RepairSpec, orig
     layer = cert.layer
     repaired, lay1 = repaired_layer
     lay0 = _find_layer(cert, original, points.x[:2])
+    if getattr(lay0, "ending", "none") != cert.ending_name:
+        v.problems.append(f"the original model applies {getattr(lay0, 'ending', 'none')!r} after layer {layer!r}, the certificate "
+                          f"says {cert.ending_name!r}")
     names = set(lay0.parameter_names())
     later = list((cert.later_biases or {}).get("tensors", []))
     if later and not spec.later_biases:
@@ -334,12 +340,12 @@ def _against_original(v: Verification, cert: Certificate, spec: RepairSpec, orig
     for key, value in change.items():
         if not _close(cert.change[key], value, 1e-9):
             v.problems.append(f"change.{key} is {value:.9g}, the certificate says {cert.change[key]}")
-    before = layout_margins(module_logits_fn(original), points.x, points.y).min(0)
+    before = layout_margins(module_logits_fn(original), points.x, points.y, cert.ending_name).min(0)
     claimed_before = np.array([p.margin_before for p in cert.points], np.float64)
     v.problems += claims_off(claimed_before, before, RTOL, "margin(s) before the repair differ from the original model",
                              "point {k}: certificate {c:.6g}, measured {v:.6g}")
     if keep is not None and cert.keep.count and len(keep.x) == cert.keep.count:
-        kb = layout_margins(module_logits_fn(original), keep.x, np.asarray(cert.keep.labels, np.int64)).min(0)
+        kb = layout_margins(module_logits_fn(original), keep.x, np.asarray(cert.keep.labels, np.int64), cert.ending_name).min(0)
         if not _close(cert.keep.smallest_margin_before, float(kb.min())):
             v.problems.append(f"the keep points' smallest margin before is {kb.min():.6g}, the certificate says "
                               f"{cert.keep.smallest_margin_before}")
@@ -392,7 +398,7 @@ def _optimality(cert: Certificate, spec: RepairSpec, original, lay0, dW, db, poi
     if spec.kind == "ball":
         fb = fb if fb is not None else _ball_bounds(cert, original, points)
         feats, radii = fb.centre, fb.radius
-        worst0 = MarginProblem(lay0.weight, lay0.bias, feats, labels, 0.0, radii=radii).point_margins()
+        worst0 = MarginProblem(lay0.weight, lay0.bias, feats, labels, 0.0, radii=radii, zero_rival=lay0.zero_rival).point_margins()
         claimed0 = np.array([p.certified_margin_before for p in cert.points], np.float64)
         problems += claims_off(claimed0, worst0, 1e-6, "certified margin(s) before differ from the recomputed bounds",
                                "point {k}: certificate {c:.6g}, recomputed {v:.6g}")
@@ -412,7 +418,8 @@ def _optimality(cert: Certificate, spec: RepairSpec, original, lay0, dW, db, poi
         labels = np.concatenate([labels, ky])
         required = np.concatenate([required, cert.keep.required])
         prices = np.concatenate([prices, np.full(len(ky), np.inf if spec.keep_price is None else spec.keep_price)])
-    problem = MarginProblem(lay0.weight, lay0.bias, feats, labels, required, prices, spec.norm, spec.freeze_bias, spec.max_change, radii)
+    problem = MarginProblem(lay0.weight, lay0.bias, feats, labels, required, prices, spec.norm, spec.freeze_bias, spec.max_change, radii,
+                            lay0.zero_rival)
     achieved = problem.point_margins(dW, db)  # float64, exact for these features (the worst case over a box)
     scale = np.abs(feats).sum(1) * np.abs(lay0.weight + dW).max() + np.abs(lay0.bias + db).max(initial=0.0)
     short = np.flatnonzero(np.isinf(prices) & (achieved < required - 1e-5 * (1 + np.abs(required) + scale)))
@@ -439,7 +446,7 @@ def _keep_balls(cert: Certificate, spec: RepairSpec, lay0, dW, db, kf, keep_radi
     block = cert.keep
     if block.balls_certified_before != int(held.sum()):
         problems.append(f"{int(held.sum())} keep balls are certified before the repair, the certificate says {block.balls_certified_before}")
-    worst = MarginProblem(lay0.weight + dW, lay0.bias + db, kf, ky, 0.0, radii=keep_radii).point_margins()
+    worst = MarginProblem(lay0.weight + dW, lay0.bias + db, kf, ky, 0.0, radii=keep_radii, zero_rival=lay0.zero_rival).point_margins()
     after = int((worst[held] >= spec.keep_margin).sum())
     if block.balls_certified_after != after:
         problems.append(f"{after} of those keep balls are certified after it, the certificate says {block.balls_certified_after}")

@@ -162,8 +162,9 @@ def feature_bounds(model: nn.Module | FrozenGraph, layer: str, lower, upper, met
     return FeatureBounds(lo, hi, method, time.perf_counter() - t0)
 
 
-def margin_rows(labels, classes: int) -> Tensor:
-    """B x (classes - 1) x classes: per input with label y, the rows ``e_y - e_j`` for every other class j."""
+def margin_rows(labels, classes: int, zero_rival: bool = False) -> Tensor:
+    """B x (classes - 1) x classes: per input with label y, the rows ``e_y - e_j`` for every other class j; with
+    ``zero_rival`` (a ReLU after the logits) one more row ``e_y``: the label's logit itself must stay above 0."""
     labels = torch.as_tensor(np.asarray(labels, np.int64))
     if len(labels) and (labels.min() < 0 or labels.max() >= classes):
         raise CnnRepairError(f"labels must lie in 0..{classes - 1} for a model with {classes} outputs")
@@ -172,17 +173,22 @@ def margin_rows(labels, classes: int) -> Tensor:
     rows = torch.zeros(len(labels), classes - 1, classes, dtype=torch.float64)
     rows.scatter_(2, labels.reshape(-1, 1, 1).expand(-1, classes - 1, 1), 1.0)
     rows.scatter_(2, others.unsqueeze(2), -1.0)
+    if zero_rival:
+        own = torch.zeros(len(labels), 1, classes, dtype=torch.float64)
+        own.scatter_(2, labels.reshape(-1, 1, 1), 1.0)
+        rows = torch.cat([rows, own], 1)
     return rows
 
 
-def margin_bounds(graph: FrozenGraph, lower, upper, labels, method: str = "crown", progress=None) -> np.ndarray:
+def margin_bounds(graph: FrozenGraph, lower, upper, labels, method: str = "crown", progress=None, zero_rival: bool = False) -> np.ndarray:
     """Per box, a lower bound of ``min_j logit[y] - logit[j]`` over it (``graph``: :func:`frozen_graph` with
-    ``through=True``, so its target is the logits); positive means the whole box keeps label y."""
+    ``through=True``, so its target is the logits); positive means the whole box keeps label y. ``zero_rival``: the
+    logits go through a ReLU, so ``logit[y]`` itself is one more rival difference (:func:`margin_rows`)."""
     lower, upper = _boxes(lower, upper)
     _check_method(method)
     _check_shape(graph, lower)
     classes = int(np.prod(graph.op(graph.target).shape))
-    rows = margin_rows(labels, classes).to(graph.device)
+    rows = margin_rows(labels, classes, zero_rival).to(graph.device)
     if len(rows) != len(lower):
         raise CnnRepairError(f"{len(rows)} labels for {len(lower)} boxes")
     lower, upper = lower.to(graph.device), upper.to(graph.device)

@@ -261,6 +261,16 @@ def _elementwise(node, attrs, ins, batch):
     return [_ELEMENTWISE[node.op_type](ins[0])]
 
 
+@operator("Softmax", "LogSoftmax")
+def _softmax(node, attrs, ins, batch):
+    x = ins[0]
+    axis = attrs.get("axis", -1 if x.ndim <= 2 else None)
+    if axis is None or axis % x.ndim != x.ndim - 1:  # before opset 13 the default axis is 1 and the input is flattened from it on
+        raise CnnRepairError(f"{node.op_type} node {node.name or '?'}: only over the last axis is supported (its meaning on other "
+                             f"axes changed with opset 13); got axis {axis} of a {x.ndim}-d input")
+    return [(torch.softmax if node.op_type == "Softmax" else torch.log_softmax)(x, -1)]
+
+
 @operator("LeakyRelu")
 def _leaky_relu(node, attrs, ins, batch):
     return [F.leaky_relu(ins[0], attrs.get("alpha", 0.01))]

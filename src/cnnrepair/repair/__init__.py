@@ -17,6 +17,7 @@
 from cnnrepair.repair.api import ClassifierRepair, repair_classifier
 from cnnrepair.repair.ball import solve_ball
 from cnnrepair.repair.certificate import Certificate, FileRef, KeepClaim, PointClaim
+from cnnrepair.repair.ending import ENDINGS, Ending, register_ending
 from cnnrepair.repair.inputs import Points, SolveOptions
 from cnnrepair.repair.layer import LastLayer, candidate_layers, last_layer
 from cnnrepair.repair.margins import find_conflicts, solve_margins
@@ -36,8 +37,8 @@ from cnnrepair.repair.targets import (
 )
 
 __all__ = [
-    "SPECS", "Certificate", "ClassifierRepair", "FileRef", "KeepClaim", "LastLayer", "PointClaim", "Points", "RepairSpec", "SolveOptions", "candidate_layers", "last_layer", "repair_classifier",
+    "ENDINGS", "SPECS", "Certificate", "ClassifierRepair", "Ending", "FileRef", "KeepClaim", "LastLayer", "PointClaim", "Points", "RepairSpec", "SolveOptions", "candidate_layers", "last_layer", "repair_classifier",
     "AUTO_IPM_POINTS", "NORMS", "SOLVERS", "BoundConstraints", "ClassLP", "MarginProblem", "MarginSolution",
     "RepairProblem", "RepairResult", "TargetConstraints", "certified_lower_bound", "default_threads",
-    "find_conflicts", "margins_of", "repair", "solve_ball", "solve_margins", "wilcoxon_select",
+    "find_conflicts", "margins_of", "register_ending", "repair", "solve_ball", "solve_margins", "wilcoxon_select",
 ]

@@ -183,11 +183,11 @@ def _repair(model: nn.Module, points: Points, spec: RepairSpec, keep: Points | N
     if keep is not None:
         kx, ky = as_inputs(keep.x, keep.y, "keep points", C, tuple(xt.shape[1:]), dtype)
     F, FK = shared_features(lay, xt, kx)  # one feature vector per distinct input, wherever it appears
-    base = robust_margins(model, xt, ya)
+    base = robust_margins(model, xt, ya, lay.ending)
     if kx is not None and len(kx):
         logits_k = FK @ lay.weight.T + lay.bias
         ky = logits_k.argmax(1) if ky is None else ky
-        keep_before = robust_margins(model, kx, ky)
+        keep_before = robust_margins(model, kx, ky, lay.ending)
     else:
         FK, ky, keep_before = np.zeros((0, F.shape[1])), np.zeros(0, np.int64), np.zeros(0)
     if spec.freeze_bias is False and not lay.has_bias:
@@ -195,6 +195,9 @@ def _repair(model: nn.Module, points: Points, spec: RepairSpec, keep: Points | N
     work = _Work(lay, spec, xt, F, ya, kx, FK, ky, base, keep_before, options, t0)
     with threadpool_limits(limits=options.threads or default_threads()):
         if spec.kind == "targets":
+            if lay.ending != "none":
+                raise CnnRepairError(f"the targets spec fits the layer's logits, but a {lay.ending} follows layer {lay.name!r}; "
+                                     "use --spec pointwise (its margins hold through the model's ending)")
             return _targets(work, points.targets)
         eps = float(torch.finfo(dtype).eps) if dtype is not None else float(np.finfo(np.float32).eps)
         noise = feature_noise(lay, xt, F, eps)
@@ -229,7 +232,7 @@ def _coinciding(w: _Work, noise: float) -> ClassifierRepair | None:
         return None
     where = (lambda k: {"set": "points" if k < K else "keep", "index": int(k if k < K else k - K), "label": int(labels[k])})
     members = list(pairs[0][:2])  # one pair is an irreducible conflict; every pair is listed under "coinciding"
-    problem = MarginProblem(lay.weight, lay.bias, feats, labels, 0.0)
+    problem = MarginProblem(lay.weight, lay.bias, feats, labels, 0.0, zero_rival=lay.zero_rival)
     sol = MarginSolution("infeasible", np.zeros_like(lay.weight), np.zeros_like(lay.bias), float("nan"), float("nan"),
                          w.elapsed(), conflicts=np.asarray(members, np.int64))
     required = np.concatenate([np.full(K, spec.margin), np.full(len(ky), spec.keep_margin)])
@@ -264,7 +267,7 @@ def keep_boxes(model, lay: LastLayer, spec: RepairSpec, kx: torch.Tensor, ky: np
 
     lo, hi = ball_box(kx, spec.keep_eps) if input_boxes is None else input_boxes
     fb = feature_bounds(model, lay.name, lo, hi, spec.bounds)
-    worst = MarginProblem(lay.weight, lay.bias, fb.centre, ky, 0.0, radii=fb.radius).point_margins()
+    worst = MarginProblem(lay.weight, lay.bias, fb.centre, ky, 0.0, radii=fb.radius, zero_rival=lay.zero_rival).point_margins()
     held = worst >= spec.keep_margin
     centre = np.where(held[:, None], fb.centre, FK)
     radius = np.where(held[:, None], fb.radius, 0.0)
@@ -310,7 +313,8 @@ def _pointwise(w: _Work, box=None, keep_box=None) -> ClassifierRepair:
     previous: list[MarginSolution] = []
 
     def solve(req: np.ndarray) -> MarginSolution:
-        last[:] = [MarginProblem(lay.weight, lay.bias, feats, labels, req, prices, spec.norm, spec.freeze_bias, spec.max_change, radii)]
+        last[:] = [MarginProblem(lay.weight, lay.bias, feats, labels, req, prices, spec.norm, spec.freeze_bias, spec.max_change, radii,
+                                 lay.zero_rival)]
         remaining = max(1e-3, w.options.seconds - w.elapsed())
         if last[0].has_boxes:
             return solve_ball(last[0], time_limit=remaining)
@@ -321,8 +325,8 @@ def _pointwise(w: _Work, box=None, keep_box=None) -> ClassifierRepair:
 
     def measure(sol: MarginSolution):
         repaired = lay.replaced(lay.weight + sol.delta_weight, lay.bias + sol.delta_bias)
-        after = robust_margins(repaired, w.xt, ya)  # the smallest over several batch layouts
-        keep_after = robust_margins(repaired, w.kx, ky) if NK else np.zeros(0)
+        after = robust_margins(repaired, w.xt, ya, lay.ending)  # the smallest over several batch layouts
+        keep_after = robust_margins(repaired, w.kx, ky, lay.ending) if NK else np.zeros(0)
         if box is None:
             return repaired, np.concatenate([after, keep_after]), (after, keep_after)
         worst = last[0].point_margins(*_saved_change(lay, repaired))  # the guarantee: the worst case over each box, as stored
@@ -412,7 +416,7 @@ def _certificate(w: _Work, status: str, sol: MarginSolution, problem: MarginProb
         keep=_keep_claim(w, keep_after, required[K:]),
         solver={"name": _solver_name(problem, sol), "status": sol.status, "seconds": sol.seconds, "rounds": sol.rounds, **sol.size,
                 "lp_objective": float(sol.objective) if np.isfinite(sol.objective) else None, "lp_gap": sol.gap if sol.ok else None},
-        lower_bound_witness={key: np.asarray(val).tolist() for key, val in sol.witness.items()})
+        lower_bound_witness={key: np.asarray(val).tolist() for key, val in sol.witness.items()}, ending=lay.ending_record())
     if status == "infeasible":
         cert.conflicts = [{"index": int(k) if k < K else int(k - K), "set": "points" if k < K else "keep",
                            "label": int(problem.labels[k])} for k in (sol.conflicts if sol.conflicts is not None else [])]

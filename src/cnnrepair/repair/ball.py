@@ -95,7 +95,7 @@ def solve_ball(p: MarginProblem, time_limit: float | None = None, max_rounds: in
         in_set |= bad | (short - allowed[:, None] > -_NEAR * beta)
     seconds = time.perf_counter() - t0
     size = {"rows": int(in_set.sum()), "entries": int(C * lp.ncoef), "pairs": int(len(lp.pairs)), "box_features": int(len(wide)),
-            "points": N, "full_rows": N * (C - 1), "full_entries": int(C * lp.ncoef), "method": "box LP"}
+            "points": N, "full_rows": N * (p.num_rivals - 1), "full_entries": int(C * lp.ncoef), "method": "box LP"}
     if status == "infeasible":
         hard = [k for k in range(N) if not np.isfinite(p.prices[k])]
         deadline = time.perf_counter() + CONFLICT_SECONDS
@@ -122,7 +122,7 @@ def _feasible(p: MarginProblem, points: list[int], wide: np.ndarray, deadline: f
     from cnnrepair.repair.highs import highs_status, new_highs, pass_lp, run as run_highs
 
     sub = p.subset(np.asarray(points, np.int64))
-    C = p.num_classes
+    C = p.num_rivals
     pts = np.repeat(np.arange(len(points)), C)
     cls = np.tile(np.arange(C), len(points))
     keep = cls != sub.labels[pts]
@@ -172,14 +172,15 @@ class _BoxLP:
         G = p.features / alpha
         radii = p.radii if p.radii is not None else np.zeros_like(p.features)
         Rr = radii / alpha
-        W0 = p.weight
-        b0 = p.bias
+        W0, b0 = p.padded()  # the zero rival (index C: logit 0, no entries) is a pair's second class
         r = 0
         for k, j in zip(pts, cls):
             y = int(p.labels[k])
             f = G[k]
             nz = np.flatnonzero(f)
             for c, sgn in ((y, 1.0), (int(j), -1.0)):
+                if c >= C:
+                    continue
                 e = c * nc + nz
                 cols += [e, E + e]
                 vals += [sgn * f[nz], -sgn * f[nz]]
@@ -217,9 +218,9 @@ class _BoxLP:
                 ucol = col_u + i * W + np.arange(W)
                 eu, ev = u * nc + wide, v * nc + wide
                 rr = r + np.arange(W)
-                cols += [ucol, eu, E + eu, ev, E + ev]
-                vals += [np.ones(W), np.full(W, -sgn), np.full(W, sgn), np.full(W, sgn), np.full(W, -sgn)]
-                rows += [rr] * 5
+                cols += [ucol, eu, E + eu] + ([ev, E + ev] if v < C else [])
+                vals += [np.ones(W), np.full(W, -sgn), np.full(W, sgn)] + ([np.full(W, sgn), np.full(W, -sgn)] if v < C else [])
+                rows += [rr] * (5 if v < C else 3)
                 lower.extend((sgn * D0[i]).tolist())
                 r += W
         rows_a, cols_a, vals_a = np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)

@@ -133,6 +133,7 @@ class Certificate:
     margins_by_layout: list[float] | None = None
     patterns: dict[str, Any] | None = None
     later_biases: dict[str, Any] | None = None
+    ending: dict[str, Any] | None = None  # what follows the layer (name, note; absent: nothing): cnnrepair.repair.ending
     points_file: FileRef | None = None
     keep_file: FileRef | None = None
     notes: list[str] | None = None
@@ -140,6 +141,11 @@ class Certificate:
     @property
     def repaired(self) -> bool:
         return self.status == "repaired"
+
+    @property
+    def ending_name(self) -> str:
+        """What follows the layer (:mod:`cnnrepair.repair.ending`): the margins claimed are measured through it."""
+        return (self.ending or {}).get("name", "none")
 
     def to_dict(self) -> dict:
         """The JSON object ``certificate.json`` holds."""
@@ -372,6 +378,13 @@ def _check_schema(cert) -> None:
         raise _Malformed(f"patterns.keep_points_with_patterns must list keep point indices below {count}")
     for key in ("conflicts", "coinciding"):
         _need(cert, key, list, "certificate", optional=True)
+    ending = _need(cert, "ending", dict, "certificate", optional=True)
+    if ending is not None:
+        from cnnrepair.repair.ending import ENDINGS
+
+        if set(ending) != {"name", "note"} or _need(ending, "name", str, "ending") not in ENDINGS:
+            raise _Malformed(f"ending must hold exactly name (one of {', '.join(ENDINGS)}) and note")
+        _need(ending, "note", str, "ending")
     layouts = _need(cert, "batch_layouts", list, "certificate")
     if layouts != layouts_record():
         raise _Malformed(f"batch_layouts must be {layouts_record()} (the layouts this version measures)")

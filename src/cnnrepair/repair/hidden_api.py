@@ -41,11 +41,24 @@ def refuse_unsupported(spec: RepairSpec, layer: str) -> None:
         raise CnnRepairError("repair of a layer inside the network takes hard keep points only; drop --keep-price")
 
 
+def _refuse_ending(model: nn.Module, xt: torch.Tensor, layer: str) -> None:
+    """A ReLU, softmax or log-softmax after the last linear layer is handled for that layer's repair only (for now)."""
+    from cnnrepair.repair.layer import ending_layer, last_layer
+
+    last = ending_layer(model, xt)
+    end = last_layer(model, xt, last).ending if last is not None else "none"
+    if end != "none":
+        raise CnnRepairError(f"a {end} follows the model's last linear layer {last!r}: repair of layer {layer!r} inside the network "
+                             f"needs the last layer's output to be the model's output; repair layer {last!r} (the {end} is handled "
+                             "there), or remove the ending from the model")
+
+
 def repair_hidden(model: nn.Module, xt: torch.Tensor, ya: np.ndarray, keep: Points | None, spec: RepairSpec, layer: str,
                   options: SolveOptions) -> ClassifierRepair:
     """Repair layer ``layer`` (not the one that ends the model) so that ``xt`` get labels ``ya``."""
     t0 = time.perf_counter()
     refuse_unsupported(spec, layer)
+    _refuse_ending(model, xt, layer)
     C = model_logits(model, xt[:1]).shape[1]
     check_labels(ya, C, "repair points")
     kx, ky = None, np.zeros(0, np.int64)

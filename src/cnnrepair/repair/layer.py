@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.graph_linear import linear_nodes as _linear_nodes
+from cnnrepair.repair.ending import ENDINGS, find_ending, matches, probe_like
 from cnnrepair.runtime import eval_mode, first_output, model_device
 
 
@@ -57,11 +58,6 @@ def head_kind(module: nn.Module) -> HeadKind | None:
     return None
 
 
-def _same_output(lay: Tensor, res: Tensor) -> bool:
-    """Is the layer's output the model's output (up to a final cast to the output's dtype)?"""
-    return lay.shape == res.shape and torch.equal(lay.to(res.dtype), res)
-
-
 def candidate_layers(model: nn.Module) -> list[str]:
     """Names of the layers repair can edit, in the model's order."""
     if _is_graph(model):
@@ -79,16 +75,27 @@ class LastLayer:
     weight: np.ndarray
     bias: np.ndarray
     has_bias: bool
+    ending: str = "none"  # what follows the layer (:mod:`cnnrepair.repair.ending`): none | relu | softmax | log_softmax
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.weight.shape)
 
+    @property
+    def zero_rival(self) -> bool:
+        """Must each label's logit also beat a rival fixed at 0 (a ReLU after the layer)?"""
+        return ENDINGS[self.ending].zero_rival
+
+    def ending_record(self) -> dict | None:
+        """What a certificate records of the ending (None: nothing follows the layer)."""
+        return None if self.ending == "none" else {"name": self.ending, "note": ENDINGS[self.ending].note}
+
     def _module(self) -> nn.Module:
         return self.model.get_submodule(self.name)
 
-    def _capture(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(layer input, layer output, model output) for a batch."""
+    def _capture(self, x: Tensor, probe: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """(layer input, layer output, model output) for a batch; with ``probe`` the layer's output is replaced by
+        :func:`~cnnrepair.repair.ending.probe_like` of it on the way (and that is what comes back as its output)."""
         if _is_graph(self.model):
             lin = _linear_nodes(self.model)[self.name]
             seen = {}
@@ -99,6 +106,7 @@ class LastLayer:
                     if n is lin.inp:  # kept when made: the interpreter frees values after their last use
                         seen["in"] = out
                     if n is lin.out:
+                        out = probe_like(out) if probe else out
                         seen["out"] = out
                     return out
 
@@ -107,7 +115,8 @@ class LastLayer:
         module, seen = self._module(), {}
 
         def hook(_m, args, out):
-            seen["in"], seen["out"] = args[0], out
+            seen["in"], seen["out"] = args[0], (probe_like(out) if probe else out)
+            return seen["out"] if probe else None
 
         handle = module.register_forward_hook(hook)
         try:
@@ -131,8 +140,9 @@ class LastLayer:
             for i in range(0, len(x), batch_size):
                 xb = x[i:i + batch_size].to(device)
                 inp, lay, res = self._capture(xb)
-                if not _same_output(lay, res):
-                    raise CnnRepairError(f"layer {self.name!r} does not end the classifier (its output is not the model's output); "
+                if not matches(ENDINGS[self.ending], lay, res):
+                    after = "" if self.ending == "none" else f" through its {self.ending}"
+                    raise CnnRepairError(f"layer {self.name!r} does not end the classifier (its output{after} is not the model's output); "
                                          f"repair the last linear layer instead (choose from: {', '.join(candidate_layers(self.model))})")
                 head = None if _is_graph(self.model) else head_kind(self._module())
                 if head is not None and head.kernel:
@@ -185,6 +195,7 @@ def last_layer(model: nn.Module, sample: Tensor | np.ndarray, name: str | None =
     sample = torch.as_tensor(sample)[:2]
     if name is None:
         name = _ending_layer(model, names, sample)
+    end = _ending_of(model, name, sample)
     if _is_graph(model):
         lin = _linear_nodes(model)[name]
         w = get_tensor(model, lin.weight)
@@ -198,7 +209,7 @@ def last_layer(model: nn.Module, sample: Tensor | np.ndarray, name: str | None =
         has_bias, kind = b is not None, head.kind
     W = w.detach().double().cpu().numpy().copy()
     B = b.detach().double().cpu().numpy().copy() if b is not None else np.zeros(W.shape[0])
-    layer = LastLayer(model, name, kind, W, B, has_bias)
+    layer = LastLayer(model, name, kind, W, B, has_bias, end or "none")
     layer.features(sample)  # checks that it ends the classifier and takes flat features
     return layer
 
@@ -215,16 +226,24 @@ def ending_layer(model: nn.Module, sample: Tensor | np.ndarray) -> str | None:
         return None
 
 
+def _ending_of(model: nn.Module, name: str, sample: Tensor) -> str | None:
+    """Which registered ending turns layer ``name``'s output into the model's output (None: none does), found by
+    handing the model a probe in the layer's place (:func:`cnnrepair.repair.ending.find_ending`)."""
+    probe = LastLayer(model, name, "graph-linear" if _is_graph(model) else "linear", np.zeros((1, 1)), np.zeros(1), True)
+    with torch.no_grad():
+        try:
+            _, lay, res = probe._capture(sample.to(model_device(model)), probe=True)
+        except (CnnRepairError, RuntimeError):
+            return None
+    found = find_ending(lay, res)
+    return None if found is None else found.name
+
+
 def _ending_layer(model: nn.Module, names: list[str], sample: Tensor) -> str:
-    """The candidate whose output is the model's output (the last one if several are)."""
+    """The candidate whose output, through one registered ending, is the model's output (the last one if several are)."""
     for name in reversed(names):
-        probe = LastLayer(model, name, "graph-linear" if _is_graph(model) else "linear", np.zeros((1, 1)), np.zeros(1), True)
-        with torch.no_grad():
-            try:
-                _, lay, res = probe._capture(sample.to(model_device(model)))
-            except CnnRepairError:
-                continue
-        if _same_output(lay, res):
+        if _ending_of(model, name, sample) is not None:
             return name
-    raise CnnRepairError(f"no linear layer ends this model (its output is not any linear layer's output; linear layers: {', '.join(names)}); "
-                         "a softmax or other layer after the last linear one must be removed before repair")
+    raise CnnRepairError(f"no linear layer ends this model (its output is not any linear layer's output, nor that through "
+                         f"{', '.join(e for e in ENDINGS if e != 'none')}; linear layers: {', '.join(names)}); "
+                         "a layer after the last linear one that is none of these must be removed before repair")

@@ -175,12 +175,13 @@ class _Master:
 
     def prices_out(self, y: np.ndarray) -> np.ndarray:
         """|A^T y| per entry in scaled units (the reduced cost of d+/- is a -+ it)."""
-        Ymat = np.zeros((len(self.p.labels), self.C))
+        Ymat = np.zeros((len(self.p.labels), self.p.num_rivals))
         if len(self.rows):
             pts = np.array([k for k, _ in self.rows])
             cls = np.array([j for _, j in self.rows])
             np.add.at(Ymat, (pts, self.p.labels[pts]), y)
             np.add.at(Ymat, (pts, cls), -y)
+        Ymat = Ymat[:, :self.C]  # the zero rival has no entries
         Z = Ymat.T @ self.G
         if not self.p.freeze_bias:
             Z = np.hstack([Z, Ymat.sum(0)[:, None] / self.alpha])
@@ -211,10 +212,7 @@ def solve_margins(p: MarginProblem, time_limit: float | None = None, max_rounds:
     C, n = p.weight.shape
     N = len(p.labels)
     zero = (np.zeros((C, n)), np.zeros(C))
-    L0 = p.logits()
-    R0 = p.margins[:, None] - (L0[np.arange(N), p.labels][:, None] - L0)  # required change per (point, class)
-    if N:
-        R0[np.arange(N), p.labels] = -np.inf
+    R0 = p.row_shortfall()  # required change per (point, rival)
     need = R0.max(1) > 0 if N else np.zeros(0, bool)
     if not need.any():
         return MarginSolution("optimal", *zero, 0.0, 0.0, time.perf_counter() - t0)
@@ -237,13 +235,13 @@ def solve_margins(p: MarginProblem, time_limit: float | None = None, max_rounds:
     # first rows: every (point, class) the unchanged layer violates, and those the interior point had
     first = [(int(k), int(j)) for k, j in zip(*np.nonzero(R0 > 0))] + seed_rows
     master.add_rows(first, R0[tuple(np.array(first).T)] / beta)
-    in_master = np.zeros((N, C), bool)
+    in_master = np.zeros(R0.shape, bool)
     in_master[tuple(np.array(first).T)] = True
     # first entries: for each such row, the largest features of its two classes (and biases)
     seed = set()
     for k, j in first:
         top = np.argsort(-np.abs(p.features[k]))[:3]
-        for c in (int(p.labels[k]), j):
+        for c in (int(p.labels[k]), j) if j < C else (int(p.labels[k]),):
             seed.update(c * ncoef + int(i) for i in top if p.features[k, i] != 0)
             if not p.freeze_bias:
                 seed.add(c * ncoef + n)
@@ -276,9 +274,7 @@ def solve_margins(p: MarginProblem, time_limit: float | None = None, max_rounds:
             master.add_entries(entering)
         # rows violated by the current change, beyond the point's own shortfall
         dW, db = master.unscale(d)
-        L = p.logits(dW, db)
-        Rk = (p.margins[:, None] - (L[np.arange(N), p.labels][:, None] - L)) / beta
-        Rk[np.arange(N), p.labels] = -np.inf
+        Rk = p.row_shortfall(dW, db) / beta
         Rk[in_master] = -np.inf
         allowed = np.zeros(N)
         for k, s in slack.items():
@@ -300,7 +296,7 @@ def solve_margins(p: MarginProblem, time_limit: float | None = None, max_rounds:
             status = "not_converged"
             break
     seconds = time.perf_counter() - t0
-    size = {"rows": len(master.rows), "entries": len(master.entries), "points": N, "full_rows": N * (C - 1),
+    size = {"rows": len(master.rows), "entries": len(master.entries), "points": N, "full_rows": N * (p.num_rivals - 1),
             "full_entries": C * ncoef, "device": "cpu", **({"interior_point": "not certified"} if fallback else {})}
     if status == "infeasible":
         deadline = time.perf_counter() + CONFLICT_SECONDS

@@ -6,6 +6,9 @@ Logits are ``L = F W^T + b`` for features ``F`` (N x n) of the frozen part of a 
     (W_y + dW_y - W_j - dW_j) . f_k + (b_y + db_y - b_j - db_j) >= m_k,
     i.e. (dW_y - dW_j) . f_k + (db_y - db_j) >= r_kj = m_k - (L_ky - L_kj).
 
+With ``zero_rival`` (a ReLU after the layer: :mod:`cnnrepair.repair.ending`) every point has one
+more rival, class index ``C``, whose logit is 0 and never changes: ``dW_y . f_k + db_y >= m_k - L_ky``.
+
 Hard points must meet every such row; soft points pay ``price_k`` per unit of their largest
 shortfall. The change is measured in ``a * ||d||_1 + b * ||d||_inf`` over weight and bias entries
 together (L1: a=1, b=0; L-infinity: a=0, b=1; ``l1+linf``: PRDNN's mean|d| + max|d|, a=1/#entries,
@@ -52,6 +55,7 @@ class MarginProblem:
     freeze_bias: bool = False
     max_change: float | None = None
     radii: np.ndarray | None = None  # N x n: a point's features lie anywhere in features +- radii (its whole box must keep the label)
+    zero_rival: bool = False  # one more rival per point: a logit fixed at 0 (class index C; a ReLU after the layer)
 
     def __post_init__(self) -> None:
         self.weight = np.asarray(self.weight, np.float64)
@@ -93,12 +97,26 @@ class MarginProblem:
         """The same layer and spec for some of the points."""
         idx = np.asarray(points, np.int64)
         return MarginProblem(self.weight, self.bias, self.features[idx], self.labels[idx], self.margins[idx], self.prices[idx],
-                             self.norm, self.freeze_bias, self.max_change, None if self.radii is None else self.radii[idx])
+                             self.norm, self.freeze_bias, self.max_change, None if self.radii is None else self.radii[idx],
+                             self.zero_rival)
 
-    def row_shortfall(self, dW: np.ndarray | None = None, db: np.ndarray | None = None) -> np.ndarray:
-        """N x C: required margin minus the (worst-case, over each box) logit difference to each class; -inf at the label."""
+    @property
+    def num_rivals(self) -> int:
+        """Columns of :meth:`row_shortfall`: the classes, and the fixed zero logit (index C) with ``zero_rival``."""
+        return self.num_classes + int(self.zero_rival)
+
+    def padded(self, dW: np.ndarray | None = None, db: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(weight, bias) after a change, with the zero rival's row (all zeros) appended when there is one."""
         W = self.weight if dW is None else self.weight + dW
         b = self.bias if db is None else self.bias + db
+        if self.zero_rival:
+            W, b = np.vstack([W, np.zeros((1, W.shape[1]))]), np.append(b, 0.0)
+        return W, b
+
+    def row_shortfall(self, dW: np.ndarray | None = None, db: np.ndarray | None = None) -> np.ndarray:
+        """N x C (C + 1 with the zero rival): required margin minus the (worst-case, over each box) logit difference to each
+        rival; -inf at the label."""
+        W, b = self.padded(dW, db)
         N = len(self.labels)
         out = np.empty((N, W.shape[0]))
         for y in np.unique(self.labels):
@@ -143,8 +161,8 @@ class MarginProblem:
         return self.features @ W.T + b
 
     def shortfall(self, logits: np.ndarray) -> np.ndarray:
-        """Per point: how far its smallest margin over the other classes is below its required margin (>= 0)."""
-        return np.maximum(0.0, self.margins - margins_of(logits, self.labels))
+        """Per point: how far its smallest margin over the other classes (and the zero rival) is below its required margin (>= 0)."""
+        return np.maximum(0.0, self.margins - margins_of(logits, self.labels, self.zero_rival))
 
     def change_cost(self, dW: np.ndarray, db: np.ndarray) -> float:
         """The norm of a change (frozen biases must be zero)."""
@@ -160,9 +178,11 @@ class MarginProblem:
         return self.change_cost(dW, db) + pen
 
 
-def margins_of(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """logit[y] - max_{j != y} logit[j] per row (float64)."""
+def margins_of(logits: np.ndarray, labels: np.ndarray, zero_rival: bool = False) -> np.ndarray:
+    """logit[y] - max_{j != y} logit[j] per row (float64); with ``zero_rival`` at most logit[y] itself (a rival at 0)."""
     L = np.asarray(logits, np.float64)
+    if zero_rival:
+        L = np.hstack([L, np.zeros((len(L), 1))])
     idx = np.arange(len(labels))
     own = L[idx, labels]
     other = L.copy()
@@ -196,15 +216,17 @@ def certified_lower_bound(p: MarginProblem, point: np.ndarray, cls: np.ndarray, 
     if p.radii is not None:
         sig = np.zeros_like(F) if sigma_rows is None else np.clip(np.asarray(sigma_rows, np.float64), -1.0, 1.0)
         F = F - sig * p.radii[point]
-    r = p.margins[point] - (np.einsum("ij,ij->i", F, p.weight[lab] - p.weight[cls]) + p.bias[lab] - p.bias[cls])
+    W, b0 = p.padded()  # the zero rival (index C) has logit 0 and no entries
+    r = p.margins[point] - (np.einsum("ij,ij->i", F, W[lab] - W[cls]) + b0[lab] - b0[cls])
     base = float(r @ y)
     C, n = p.weight.shape
-    Z = np.zeros((C, n))
+    R = p.num_rivals
+    Z = np.zeros((R, n))
     np.add.at(Z, lab, y[:, None] * F)
     np.add.at(Z, cls, -y[:, None] * F)
-    z = np.abs(Z.ravel())
+    z = np.abs(Z[:C].ravel())
     if not p.freeze_bias:
-        z = np.concatenate([z, np.abs(np.bincount(lab, y, C) - np.bincount(cls, y, C))])
+        z = np.concatenate([z, np.abs(np.bincount(lab, y, R) - np.bincount(cls, y, R))[:C]])
     a, b = p.norm_coefficients()
     return dual_bound(base, z, a, b, p.max_change)
 
@@ -298,19 +320,21 @@ def margin_rows(p: MarginProblem, points: np.ndarray, cls: np.ndarray | None = N
     Rows (points[i], cls[i]) when ``cls`` is given, else every rival class of each point.
     """
     C, n = p.weight.shape
+    R = p.num_rivals
     nc = n if p.freeze_bias else n + 1
     pts = np.asarray(points, np.int64)
     if cls is None:
-        pts = np.repeat(pts, C)
-        cls = np.tile(np.arange(C), len(points))
+        pts = np.repeat(pts, R)
+        cls = np.tile(np.arange(R), len(points))
         rival = cls != p.labels[pts]
         pts, cls = pts[rival], cls[rival]
     cls = np.asarray(cls, np.int64)
-    L0 = p.logits()
+    L0 = np.hstack([p.logits(), np.zeros((len(p.labels), R - C))])
     rhs = p.margins[pts] - (L0[pts, p.labels[pts]] - L0[pts, cls])
     Fb = p.features[pts] if p.freeze_bias else np.hstack([p.features[pts], np.ones((len(pts), 1))])
     m = len(pts)
     rows = np.repeat(np.arange(m), 2 * nc)
     cols = np.stack([p.labels[pts][:, None] * nc + np.arange(nc), cls[:, None] * nc + np.arange(nc)], 1).reshape(-1)
     vals = np.stack([Fb, -Fb], 1).reshape(-1)
-    return sp.csc_matrix((vals, (rows, cols)), shape=(m, C * nc)), rhs
+    real = cols < C * nc  # the zero rival has no entries
+    return sp.csc_matrix((vals[real], (rows[real], cols[real])), shape=(m, C * nc)), rhs

@@ -135,15 +135,17 @@ class RowsIPM:
 
     def At(self, y: np.ndarray) -> np.ndarray:
         """A^T y on the free entries (one product: +y at each row's label, -y at its rival)."""
-        Y = np.zeros((self.C, len(y)))
+        Y = np.zeros((self.p.num_rivals, len(y)))  # the zero rival's row (index C, no entries) is dropped
         rows = np.arange(len(y))
         Y[self.lab, rows] = y
         Y[self.cls, rows] = -y
-        return dgemm(1.0, self.Gp.T, Y.T).T.reshape(-1)[self.free]
+        return dgemm(1.0, self.Gp.T, Y[:self.C].T).T.reshape(-1)[self.free]
 
     def A(self, d: np.ndarray) -> np.ndarray:
         """A d for a change d of the free entries: the logit-difference change of every row."""
         L = dgemm(1.0, self.Gp.T, self.full(d).T, trans_a=1)
+        if self.p.zero_rival:  # its logit never changes
+            L = np.hstack([L, np.zeros((len(L), 1))])
         rows = np.arange(len(self.pts))
         return L[rows, self.lab] - L[rows, self.cls]
 
@@ -345,7 +347,7 @@ class RowsIPM:
 
 
 def _violated(p: MarginProblem, in_set: np.ndarray, ipm: RowsIPM, d: np.ndarray, alpha: float, beta: float) -> np.ndarray:
-    """N x C: for each point the change d (scaled) leaves short beyond its shortfall in the program, its most violated row
+    """N x C (C + 1 with the zero rival): for each point the change d (scaled) leaves short beyond its shortfall in the program, its most violated row
     outside the set (a point's margin is its worst rival's: one row per point per round keeps the set near the rows that bind)."""
     N = len(p.labels)
     Rk = p.row_shortfall(*p.split_change(d, beta / alpha)) / beta
@@ -407,7 +409,7 @@ def solve_rows_ipm(p: MarginProblem, R0: np.ndarray, alpha: float, beta: float, 
     start from besides those near binding (a previous solve's). ``device``: where the normal matrix is factored
     (None: the CPU; see :func:`cnnrepair.repair.normal.normal_matrix`). An answer it cannot certify comes back as
     ``not_converged`` (or ``time_limit``) with the rows it had, for simplex to start from."""
-    N, C = R0.shape
+    N, R = R0.shape  # R: the classes, and the zero rival when there is one
     G = p.features / alpha
     hard_price = _HARD_PRICE
     price = np.where(np.isfinite(p.prices), p.prices * alpha, hard_price)
@@ -415,7 +417,7 @@ def solve_rows_ipm(p: MarginProblem, R0: np.ndarray, alpha: float, beta: float, 
     in_set = R0 / beta > -_NEAR
     if rows is not None:
         k, j = (np.asarray(a, np.int64) for a in rows)
-        ok = (k >= 0) & (k < N) & (j >= 0) & (j < C)
+        ok = (k >= 0) & (k < N) & (j >= 0) & (j < R)
         in_set[k[ok], j[ok]] = True
     in_set[np.arange(N), p.labels] = False
     left = np.zeros_like(in_set)  # rows that left the set once (they may come back, never leave again)
@@ -454,7 +456,8 @@ def solve_rows_ipm(p: MarginProblem, R0: np.ndarray, alpha: float, beta: float, 
               or _sparsify(p, dW, db, lower, beta, (1e-10,)))
     if sparse is not None:
         dW, db = sparse
-    size = {"rows": int(in_set.sum()), "entries": C * ipm.nc, "points": N, "full_rows": N * (C - 1), "full_entries": C * ipm.nc,
+    C = p.num_classes
+    size = {"rows": int(in_set.sum()), "entries": C * ipm.nc, "points": N, "full_rows": N * (R - 1), "full_entries": C * ipm.nc,
             "device": ipm.normal.device}
     witness = {"point": pts.astype(np.int64), "class": cls.astype(np.int64), "multiplier": ydual}
     obj = p.objective(dW, db)
