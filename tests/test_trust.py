@@ -345,6 +345,37 @@ def test_every_edited_certificate_field_fails_verify(files, tmp_path, spec):
     assert len(refused) < edited / 2  # most edits are well-formed claims that verify recomputes and finds false
 
 
+def test_every_edited_field_of_a_property_repair_with_a_final_relu_fails_verify(tmp_path):
+    """The same on a certificate made from VNN-LIB files (its properties block) of an ERAN-style model (its ending)."""
+    from cnnrepair.verify import verify_certificate
+    from tests.test_vnnlib import _eran_style
+
+    model, props, _ = _eran_style(tmp_path)
+    out = tmp_path / "o"
+    assert main(["repair", str(model), "--vnnlib", *map(str, props), "--out", str(out), "--margin", "0.02", "--bounds", "ibp"]) == 0
+    cert = json.loads((out / "certificate.json").read_text())
+    assert cert["ending"]["name"] == "relu" and len(cert["properties"]) == len(props)
+    args = dict(model_path=out / "repaired.onnx", points_path=out / "points.npz", keep_path=out / "keep.npz", original_path=model,
+                properties=props)
+    assert verify_certificate(out / "certificate.json", **args).holds
+    accepted, edited = [], 0
+    for path, value in _leaves(cert):
+        if path.startswith(UNCHECKED) or path in ("ball.bound_seconds", "ball.note") or (path.startswith("properties.")
+                                                                                         and path.endswith(".file")):
+            continue
+        bad = copy.deepcopy(cert)
+        _set(bad, path, 1e-9 if path == "spec.max_change" else _edited(value))  # a tighter bound claims more than a looser one
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        edited += 1
+        try:
+            if verify_certificate(tmp_path / "bad.json", **args).holds:
+                accepted.append(path)
+        except CnnRepairError:
+            pass
+    assert edited >= 60 and any(p.startswith("properties.") for p, _ in _leaves(cert)) and any(p.startswith("ending.") for p, _ in _leaves(cert))
+    assert accepted == [], " ".join(accepted)
+
+
 def test_verify_rejects_other_files_than_the_certificate_names(files, tmp_path):
     from cnnrepair.verify import verify_certificate
 

@@ -222,3 +222,139 @@ def test_checking_refuses_a_property_the_model_cannot_take_in_one_line():
                                                                                       f"(assert (>= X_{i} 0))" for i in range(2, 6))), "lin.vnnlib")
     with pytest.raises(CnnRepairError, match="lin.vnnlib: its output constraint is not the robustness form"):
         check_properties(model, [two_rows], (1, 2, 3))
+
+
+# cnnrepair repair MODEL --vnnlib / --instances: the verification workflow from the command line -------------------------
+
+import json  # noqa: E402
+
+
+def _eran_style(tmp_path, seed: int = 0):
+    """A tiny ONNX network as ERAN writes them (Gemm, Relu, Gemm, then a final Relu), and eight box properties around
+    points: two the model violates at their centres, six that hold there."""
+    from onnx import TensorProto, helper, numpy_helper
+    import onnx
+
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(5, 24), nn.ReLU(), nn.Linear(24, 3)).eval()
+    with torch.no_grad():
+        net[2].bias += 1.0  # logits mostly above 0, as a trained ERAN net's winning logit is
+    W1, b1, W2, b2 = (t.detach().numpy() for t in (net[0].weight, net[0].bias, net[2].weight, net[2].bias))
+    nodes = [helper.make_node("Gemm", ["x", "W1", "b1"], ["h0"], name="fc1", transB=1), helper.make_node("Relu", ["h0"], ["h1"]),
+             helper.make_node("Gemm", ["h1", "W2", "b2"], ["z"], name="fc2", transB=1), helper.make_node("Relu", ["z"], ["y"])]
+    inits = [numpy_helper.from_array(a, n) for a, n in ((W1, "W1"), (b1, "b1"), (W2, "W2"), (b2, "b2"))]
+    graph = helper.make_graph(nodes, "eran", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(tmp_path / "eran.onnx"))
+    x = np.random.default_rng(seed).random((8, 5))
+    with torch.no_grad():
+        pred = net(torch.as_tensor(x, dtype=torch.float32)).argmax(1).numpy()
+    labels = np.concatenate([(pred[:2] + 1) % 3, pred[2:]])
+    paths = []
+    for i, (xi, li) in enumerate(zip(x, labels)):
+        path = tmp_path / f"prop_{i}.vnnlib"
+        path.write_text(BoxProperty(xi - 0.01, xi + 0.01, int(li), 3).text())
+        paths.append(path)
+    return tmp_path / "eran.onnx", paths, net
+
+
+def test_repair_from_vnnlib_fixes_the_violated_properties_keeps_the_others_and_verify_recomputes_them(tmp_path, capsys):
+    model, props, _ = _eran_style(tmp_path)
+    out = tmp_path / "out"
+    assert main(["repair", str(model), "--vnnlib", *map(str, props), "--out", str(out), "--margin", "0.02"]) == 0
+    said = capsys.readouterr().err
+    assert "8 properties on eran.onnx: 2 violated" in said
+    cert = json.loads((out / "certificate.json").read_text())
+    assert cert["status"] == "repaired" and cert["ending"]["name"] == "relu" and cert["ball"]["boxes"] == "points file"
+    assert [p["file"] for p in cert["properties"] if p["set"] == "points"] == ["prop_0.vnnlib", "prop_1.vnnlib"]
+    report = json.loads((out / "properties.json").read_text())["properties"]
+    assert [r["before"] for r in report[:2]] == ["violated", "violated"]
+    assert all(r["after"] == "holds" for r in report if r["role"] == "repaired")
+    assert all(r["after"] == "holds" for r in report if r["before"] == "holds")  # what held is proved still
+    data = np.load(out / "points.npz")
+    for k in range(2):  # the repair's boxes are the files' boxes, to the last digit
+        prop = read_vnnlib(props[k])
+        assert np.array_equal(data["lower"][k].reshape(-1), prop.lower) and np.array_equal(data["upper"][k].reshape(-1), prop.upper)
+    rows = (out / "instances.csv").read_text().splitlines()
+    assert len(rows) == sum(r["after"] == "holds" for r in report) and rows[0].startswith("repaired.onnx,proved_0_prop_0.vnnlib,")
+    args = ["verify", str(out / "certificate.json"), "--model", str(out / "repaired.onnx"), "--points", str(out / "points.npz"),
+            "--keep", str(out / "keep.npz"), "--original", str(model)]
+    assert main([*args, "--vnnlib", *map(str, props)]) == 0
+    capsys.readouterr()
+    assert main(args) == 0 and "VNN-LIB files' boxes and labels (needs --vnnlib)" in capsys.readouterr().err
+    # a property file edited after the repair (another box): verify names it
+    props[0].write_text(props[0].read_text().replace("(assert (<= X_0", "(assert (<= X_0 1.0)) ; was: (<= X_0", 1))
+    assert main([*args, "--vnnlib", *map(str, props)]) == 1
+    assert "prop_0.vnnlib" in capsys.readouterr().err
+
+
+def test_repair_from_instances_csv_takes_the_models_lines_and_marabou_proves_what_it_wrote(tmp_path, capsys):
+    model, props, net = _eran_style(tmp_path, seed=1)
+    (tmp_path / "instances.csv").write_text("".join(f"eran.onnx,{p.name},30\n" for p in props) + "other.onnx,prop_0.vnnlib,30\n")
+    out = tmp_path / "out"
+    assert main(["repair", str(model), "--instances", str(tmp_path / "instances.csv"), "--out", str(out), "--margin", "0.02"]) == 0
+    capsys.readouterr()
+    rows = [r.split(",") for r in (out / "instances.csv").read_text().splitlines()]
+    assert rows and all(r[0] == "repaired.onnx" and r[2] == "30" for r in rows)
+    pytest.importorskip("maraboupy", reason="maraboupy 2.0.0 has wheels for CPython 3.11 only (the test extra installs it there)")
+    repaired_violated = [r[1] for r in rows if r[1].split("_", 2)[1] in ("0", "1")]
+    assert len(repaired_violated) == 2
+    for name in repaired_violated:  # an independent complete verifier proves each repaired property on the saved file
+        code, _, _ = _marabou(out / "repaired.onnx", out / name)
+        assert code == "unsat"
+    code, values, mnet = _marabou(model, props[0])  # and finds the violation before the repair, which the model confirms
+    assert code == "sat"
+    cex = np.array([values[v] for v in mnet.inputVars[0].reshape(-1)], np.float32)
+    with torch.no_grad():
+        out0 = torch.relu(net(torch.from_numpy(cex[None])))[0].numpy()
+    label = read_vnnlib(props[0]).label()
+    assert out0[label] <= np.delete(out0, label).max() + 1e-6
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--points", "p.npz"], "not both"),
+    (["--keep", "k.npz"], "drop --keep"),
+    (["--spec", "pointwise"], "drop --spec pointwise"),
+    (["--eps", "0.1"], "--eps does not apply"),
+])
+def test_property_repair_refuses_options_that_do_not_apply_in_one_line(tmp_path, capsys, extra, message):
+    model, props, _ = _eran_style(tmp_path)
+    rc = main(["repair", str(model), "--vnnlib", str(props[0]), "--out", str(tmp_path / "o"), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and message in err[0] and not (tmp_path / "o").exists()
+
+
+def test_a_model_the_instances_do_not_name_is_refused(tmp_path, capsys):
+    model, props, _ = _eran_style(tmp_path)
+    (tmp_path / "instances.csv").write_text(f"other.onnx,{props[0].name},30\n")
+    rc = main(["repair", str(model), "--instances", str(tmp_path / "instances.csv"), "--out", str(tmp_path / "o")])
+    assert rc == 2 and "no instance names the model eran.onnx (it lists other.onnx)" in capsys.readouterr().err
+
+
+def test_a_points_file_with_boxes_is_repaired_over_them_and_bad_boxes_are_refused(tmp_path, capsys):
+    model, props, _ = _eran_style(tmp_path)
+    boxes = [read_vnnlib(p) for p in props[:2]]
+    lower, upper = np.stack([b.lower for b in boxes]), np.stack([b.upper for b in boxes])
+    x = ((lower + upper) / 2).astype(np.float32)
+    y = np.array([b.label() for b in boxes], np.int64)
+    np.savez(tmp_path / "p.npz", x=x, y=y, lower=lower, upper=upper)
+    out = tmp_path / "o"
+    assert main(["repair", str(model), "--points", str(tmp_path / "p.npz"), "--spec", "ball", "--margin", "0.02", "--out", str(out)]) == 0
+    cert = json.loads((out / "certificate.json").read_text())
+    assert cert["ball"]["boxes"] == "points file" and cert["ball"]["domain"] is None
+    assert main(["verify", str(out / "certificate.json"), "--model", str(out / "repaired.onnx"), "--points", str(tmp_path / "p.npz"),
+                 "--original", str(model)]) == 0
+    capsys.readouterr()
+    for arrays, extra, message in [
+        (dict(x=x, y=y, lower=lower, upper=upper), [], "they are the ball spec's; add --spec ball"),
+        (dict(x=x, y=y, lower=lower, upper=upper), ["--spec", "ball", "--eps", "0.1"], "drop --eps"),
+        (dict(x=x, y=y, lower=upper, upper=lower), ["--spec", "ball"], "lower <= upper"),
+        (dict(x=x + 1, y=y, lower=lower, upper=upper), ["--spec", "ball"], "outside its own box"),
+        (dict(x=x, y=y, lower=lower), ["--spec", "ball"], "need both 'lower' and 'upper'"),
+        (dict(x=x, y=y), ["--spec", "ball"], "needs --eps"),
+    ]:
+        np.savez(tmp_path / "bad.npz", **arrays)
+        rc = main(["repair", str(model), "--points", str(tmp_path / "bad.npz"), "--out", str(tmp_path / "bad"), *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and message in err[0], (message, err)
+        assert not (tmp_path / "bad").exists()

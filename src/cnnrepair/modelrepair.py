@@ -28,11 +28,18 @@ from cnnrepair.repair.measure import layout_margins, model_logits, module_logits
 
 @dataclass
 class PointsFile:
-    """Inputs ``x`` (model units) and labels ``y`` (None: the model's own predictions) read from an .npz."""
+    """Inputs ``x`` (model units) and labels ``y`` (None: the model's own predictions) read from an .npz; ``lower`` and
+    ``upper`` (float64, x's shape), when the file holds them, are each input's box for the ball spec (as VNN-LIB states them)."""
 
     path: Path
     x: torch.Tensor
     y: np.ndarray | None
+    lower: np.ndarray | None = None
+    upper: np.ndarray | None = None
+
+    @property
+    def boxes(self) -> tuple[np.ndarray, np.ndarray] | None:
+        return None if self.lower is None else (self.lower, self.upper)
 
 
 def load_points(path: Path, what: str, labels_required: bool = True) -> PointsFile:
@@ -52,7 +59,26 @@ def load_points(path: Path, what: str, labels_required: bool = True) -> PointsFi
     y = data.get("y")
     if y is not None and (y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer)):
         raise CnnRepairError(f"{path}: 'y' must hold one integer label per input ({len(x)}), got {y.dtype} of shape {y.shape}")
-    return PointsFile(Path(path), torch.from_numpy(np.ascontiguousarray(x, np.float32)), None if y is None else y.astype(np.int64))
+    lower, upper = _input_boxes(path, data, x)
+    return PointsFile(Path(path), torch.from_numpy(np.ascontiguousarray(x, np.float32)), None if y is None else y.astype(np.int64),
+                      lower, upper)
+
+
+def _input_boxes(path: Path, data: dict, x: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The file's 'lower' and 'upper' input boxes (both or neither), checked to hold their inputs."""
+    if "lower" not in data and "upper" not in data:
+        return None, None
+    if "lower" not in data or "upper" not in data:
+        raise CnnRepairError(f"{path}: input boxes need both 'lower' and 'upper' (x's shape each); save both or neither")
+    lower, upper = (np.asarray(data[k], np.float64) for k in ("lower", "upper"))
+    if lower.shape != x.shape or upper.shape != x.shape:
+        raise CnnRepairError(f"{path}: 'lower' and 'upper' must have x's shape {x.shape}; got {lower.shape} and {upper.shape}")
+    if not (np.isfinite(lower).all() and np.isfinite(upper).all()) or (lower > upper).any():
+        raise CnnRepairError(f"{path}: every box needs finite bounds with lower <= upper; check the order of 'lower' and 'upper'")
+    xd = x.astype(np.float64)
+    if ((xd < lower - 1e-6 * (1 + np.abs(lower))) | (xd > upper + 1e-6 * (1 + np.abs(upper)))).any():
+        raise CnnRepairError(f"{path}: some input 'x' lies outside its own box [lower, upper]; give each box's centre (or any point in it) as x")
+    return lower, upper
 
 
 @dataclass
@@ -116,7 +142,19 @@ def prepare(files: RepairFiles, spec: RepairSpec, layer: str | None = None, ball
         if pts is not None and pts.y is not None and len(pts.y) and (pts.y.min() < 0 or pts.y.max() >= C):
             raise CnnRepairError(f"{pts.path}: labels must lie in 0..{C - 1} for this {C}-class model (got {pts.y.min()}..{pts.y.max()})")
     point_eps = None
-    if spec.kind == "ball":
+    given = [pts.path.name for pts in (points, keep) if pts is not None and pts.boxes is not None]
+    if given and spec.kind != "ball":
+        raise CnnRepairError(f"{given[0]} holds input boxes ('lower', 'upper'): they are the ball spec's; add --spec ball")
+    if spec.kind == "ball" and points.boxes is None and spec.eps == 0:
+        raise CnnRepairError("the ball spec needs --eps (the L-infinity radius in pixels, e.g. --eps 0.01) or input boxes "
+                             "('lower', 'upper') in the points file")
+    if spec.kind == "ball" and keep is not None and keep.boxes is not None and spec.keep_eps > 0:
+        raise CnnRepairError(f"{keep.path.name}: its input boxes are the keep balls; drop --keep-eps")
+    if spec.kind == "ball" and points.boxes is not None:
+        if (ball is not None and (ball.mean is not None or ball.std is not None)) or spec.eps > 0:
+            raise CnnRepairError(f"{points.path.name}: its input boxes are the balls, in the model's units already; drop --eps / --mean / --std")
+        ball = BallInputs(None, None, None)  # recorded as such: no convention was used
+    elif spec.kind == "ball":
         ball = ball or BallInputs()
         point_eps = _point_eps(points_path, len(points.x))
         ball.boxes(points.x, spec.eps if point_eps is None else point_eps)  # checks the convention against the points now
@@ -163,32 +201,44 @@ def run(job: RepairJob, out: Path, options: SolveOptions | None = None, overwrit
     keep = job.keep
     outdir = output_dir(out, [job.model.path, job.points.path, None if keep is None else keep.path], overwrite)
     with outdir as stage:
-        boxes = _boxes(job, job.points.x) if job.spec.kind == "ball" else None
-        keep_in = (job.ball.boxes(keep.x, job.spec.keep_eps) if job.spec.kind == "ball" and job.spec.keep_eps > 0 and keep is not None
-                   else None)  # the keep balls in the same convention (mean, std, range) as the repair balls
-        result = repair_classifier(job.model.module, Points(job.points.x, job.points.y, boxes=boxes), spec=job.spec, layer=job.layer,
-                                   keep=None if keep is None else Points(keep.x, keep.y, boxes=keep_in), options=options)
-        cert = result.certificate
-        if cert.ball is not None:
-            cert.ball.update(job.ball.as_dict())
-            cert.ball["point_eps"] = None if job.point_eps is None else job.point_eps.tolist()
-        cert.source_model = FileRef.of(job.model.path)
-        cert.points_file = FileRef.of(job.points.path)
-        if keep is not None:
-            cert.keep_file = FileRef.of(keep.path)
-        cert.notes = list(result.notes)
-        target = stage / f"repaired{job.model.suffix}"
-        if result.ok:
-            note = save_model(job.model, result.model, list(result.tensors), target)
-            cert.notes = cert.notes + ([note] if note else [])
-            problems = _measure_saved(cert, target, job, result.model)
-            if problems:  # the saved file does not do what the solve promised: never certify it
-                target.unlink()  # the staging copy this run just wrote
-                cert.status = "failed"
-                cert.notes = cert.notes + problems
-            else:
-                cert.model = FileRef.of(target)
+        cert = repair_into(job, stage, options)
         cert.write(stage / "certificate.json")
+    return cert
+
+
+def repair_into(job: RepairJob, stage: Path, options: SolveOptions | None = None) -> Certificate:
+    """The repair of :func:`run` inside a folder being staged: ``stage/repaired.<format>`` written (when the spec holds on
+    the saved file), the certificate returned for the caller to complete and write."""
+    keep = job.keep
+    boxes = (job.points.boxes or _boxes(job, job.points.x)) if job.spec.kind == "ball" else None
+    keep_in = (keep.boxes if job.spec.kind == "ball" and keep is not None and keep.boxes is not None else
+               job.ball.boxes(keep.x, job.spec.keep_eps) if job.spec.kind == "ball" and job.spec.keep_eps > 0 and keep is not None
+               else None)  # the keep file's boxes, or the keep balls in the same convention (mean, std, range) as the repair balls
+    result = repair_classifier(job.model.module, Points(job.points.x, job.points.y, boxes=boxes), spec=job.spec, layer=job.layer,
+                               keep=None if keep is None else Points(keep.x, keep.y, boxes=keep_in), options=options)
+    cert = result.certificate
+    if cert.ball is not None:
+        cert.ball.update(job.ball.as_dict())
+        cert.ball["point_eps"] = None if job.point_eps is None else job.point_eps.tolist()
+        cert.ball["boxes"] = "points file" if job.points.boxes is not None else "eps"
+        if keep is not None and keep.boxes is not None:
+            cert.ball["keep_boxes"] = "keep file"
+    cert.source_model = FileRef.of(job.model.path)
+    cert.points_file = FileRef.of(job.points.path)
+    if keep is not None:
+        cert.keep_file = FileRef.of(keep.path)
+    cert.notes = list(result.notes)
+    target = stage / f"repaired{job.model.suffix}"
+    if result.ok:
+        note = save_model(job.model, result.model, list(result.tensors), target)
+        cert.notes = cert.notes + ([note] if note else [])
+        problems = _measure_saved(cert, target, job, result.model)
+        if problems:  # the saved file does not do what the solve promised: never certify it
+            target.unlink()  # the staging copy this run just wrote
+            cert.status = "failed"
+            cert.notes = cert.notes + problems
+        else:
+            cert.model = FileRef.of(target)
     return cert
 
 

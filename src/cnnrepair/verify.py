@@ -79,9 +79,10 @@ def _file(path: Path | None, what: str) -> Path | None:
 
 
 def verify_certificate(cert_path: Path, model_path: Path, points_path: Path, keep_path: Path | None = None,
-                       original_path: Path | None = None, factory: str | None = None) -> Verification:
+                       original_path: Path | None = None, factory: str | None = None, *, properties=()) -> Verification:
     """Re-check a certificate against the repaired model file, the points (and keep points) and, with
-    ``original_path``, the source model. Malformed input raises CnnRepairError (one line)."""
+    ``original_path``, the source model; ``properties``: the VNN-LIB files a property repair's certificate names (their
+    boxes and labels are checked against the points and keep files). Malformed input raises CnnRepairError (one line)."""
     cert_path, model_path, points_path = _file(cert_path, "certificate"), _file(model_path, "model file"), _file(points_path, "points file")
     keep_path, original_path = _file(keep_path, "keep file"), _file(original_path, "original model file")
     cert = Certificate.read(cert_path)  # its shape checked first: a malformed field is a one-line error
@@ -104,6 +105,7 @@ def verify_certificate(cert_path: Path, model_path: Path, points_path: Path, kee
     if lay1 is None:
         return v
     _points(v, cert, points)
+    _properties(v, cert, [_file(p, "VNN-LIB file") for p in properties], points, keep)
     _margins_after(v, cert, spec, model_path, model, points, keep)
     _consistency(v, cert, spec)
     fb = None
@@ -163,6 +165,8 @@ def _layer(v: Verification, cert: Certificate, model: torch.nn.Module, points: P
     found = getattr(lay, "ending", "none")
     if found != cert.ending_name:
         v.problems.append(f"the model applies {found!r} after layer {cert.layer!r}, the certificate says {cert.ending_name!r}")
+    elif cert.ending is not None and cert.ending != lay.ending_record():
+        v.problems.append(f"the ending's note is not this version's note for {found!r}")
     v.checked.append("layer, and what follows it")
     return lay
 
@@ -182,6 +186,22 @@ def _points(v: Verification, cert: Certificate, points: PointsFile) -> None:
         v.problems.append(f"{len(off)} repair point label(s) differ from the points file (point {k}: certificate {labels[k]}, "
                           f"file {points.y[k]})")
     v.checked.append("point labels")
+
+
+def _properties(v: Verification, cert: Certificate, paths: list[Path], points: PointsFile, keep: PointsFile | None) -> None:
+    """The VNN-LIB files a certificate names: each box and label recomputed from its file (needs the files)."""
+    if not cert.properties:
+        if paths:
+            v.problems.append("VNN-LIB files were given, but the certificate names none (it was not made from properties)")
+        return
+    if not paths:
+        v.unchecked.append(f"the {len(cert.properties)} VNN-LIB files' boxes and labels (needs --vnnlib)")
+        return
+    from cnnrepair.vnnlib.repair import check_property_files
+
+    problems, checked = check_property_files(cert, paths, points, keep)
+    v.problems += problems
+    v.checked += checked
 
 
 def _margins_after(v: Verification, cert: Certificate, spec: RepairSpec, model_path: Path, model, points: PointsFile, keep: PointsFile | None) -> None:
@@ -242,6 +262,12 @@ def _consistency(v: Verification, cert: Certificate, spec: RepairSpec) -> None:
         for key in ("eps", "bounds"):
             if cert.ball.get(key) != getattr(spec, key):
                 v.problems.append(f"ball.{key} is {cert.ball.get(key)!r}, the spec's {key} is {getattr(spec, key)!r}")
+        if cert.ball.get("boxes") == "points file":  # the boxes are the file's: no radius or pixel convention was used
+            used = [k for k in ("mean", "std", "domain", "point_eps") if cert.ball.get(k) is not None] + (["eps"] if spec.eps else [])
+            if used:
+                v.problems.append(f"the balls are the points file's boxes, yet the certificate claims a {used[0]} for them")
+        if cert.ball.get("keep_boxes") == "keep file" and spec.keep_eps:
+            v.problems.append("the keep balls are the keep file's boxes, yet the spec claims keep_eps")
     obj, lb, gap = cert.objective, cert.lower_bound, cert.gap
     if lb > obj * (1 + GAP) + 1e-12:  # the objective is measured on the float32-rounded saved change
         v.problems.append(f"the lower bound {lb:.9g} exceeds the objective {obj:.9g}")
@@ -268,11 +294,22 @@ def _ball_from(cert: Certificate) -> tuple[BallInputs, object]:
 
 
 def _ball_bounds(cert: Certificate, model: torch.nn.Module, points: PointsFile):
-    """The feature boxes of the certificate's balls, recomputed from a model file (its frozen part)."""
+    """The feature boxes of the certificate's balls (or of the points file's input boxes, where it says so), recomputed
+    from a model file (its frozen part)."""
     from cnnrepair.bounds import feature_bounds
 
+    return feature_bounds(model, cert.layer, *_input_boxes(cert, points, "boxes", "points file"), cert.spec["bounds"])
+
+
+def _input_boxes(cert: Certificate, pts: PointsFile, key: str, source: str) -> tuple:
+    """The input boxes a ball certificate covers: ``pts``' own boxes when ``cert.ball[key]`` names its file (``source``),
+    else the balls of ``eps`` in the certificate's convention (repair points) or of ``keep_eps`` (keep points)."""
+    if cert.ball.get(key) == source:
+        if pts.boxes is None:
+            raise CnnRepairError(f"{pts.path}: the certificate covers this file's input boxes ('lower', 'upper'), but it holds none")
+        return tuple(torch.as_tensor(b) for b in pts.boxes)
     inputs, eps = _ball_from(cert)
-    return feature_bounds(model, cert.layer, *inputs.boxes(points.x, eps), cert.spec["bounds"])
+    return inputs.boxes(pts.x, eps if key == "boxes" else cert.spec["keep_eps"])
 
 
 def _check_ball(cert: Certificate, lay, fb) -> list[str]:
@@ -407,11 +444,12 @@ def _optimality(cert: Certificate, spec: RepairSpec, original, lay0, dW, db, poi
     if keep is not None and cert.keep.count and len(keep.x) == cert.keep.count:
         ky = np.asarray(cert.keep.labels, np.int64)
         keep_radii = np.zeros_like(kf)
-        if radii is not None and spec.keep_eps > 0:  # the keep balls certified before the repair, as repair chose them
+        given = cert.ball is not None and cert.ball.get("keep_boxes") == "keep file"
+        if radii is not None and (spec.keep_eps > 0 or given):  # the keep balls certified before the repair, as repair chose them
             from cnnrepair.repair.api import keep_boxes
 
-            inputs, _ = _ball_from(cert)  # the keep balls in the repair balls' convention
-            kf, keep_radii, held = keep_boxes(original, lay0, spec, keep.x, ky, kf, inputs.boxes(keep.x, spec.keep_eps))
+            # the keep file's boxes, or the keep balls in the repair balls' convention
+            kf, keep_radii, held = keep_boxes(original, lay0, spec, keep.x, ky, kf, _input_boxes(cert, keep, "keep_boxes", "keep file"))
             problems += _keep_balls(cert, spec, lay0, dW, db, kf, keep_radii, ky, held)
         feats = np.vstack([feats, kf])
         radii = None if radii is None else np.vstack([radii, keep_radii])

@@ -18,11 +18,15 @@ from cnnrepair.outdir import names
 def _add_model_repair_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path, help="the classifier: a torch.export program (.pt2) with a dynamic batch dimension, an ONNX "
                    "file (.onnx), or a state dict (.pt/.pth) with --factory")
-    p.add_argument("--points", type=Path, required=True, help=".npz with x (float32, N x input shape, model units) and y (int64 labels)")
+    p.add_argument("--points", type=Path, default=None, help=".npz with x (float32, N x input shape, model units) and y (int64 labels); "
+                   "optional 'lower' / 'upper' (x's shape): each point's input box for the ball spec")
+    _add_property_args(p, "VNN-LIB robustness properties instead of --points: the ones the model violates (or that are not proved) "
+                          "are repaired as boxes, the proved ones kept")
     p.add_argument("--out", type=Path, required=True, help="folder for repaired.pt2 / repaired.onnx (the model's format) and certificate.json")
-    p.add_argument("--spec", choices=["pointwise", "ball", "targets"], default="pointwise",
+    p.add_argument("--spec", choices=["pointwise", "ball", "targets"], default=None,
                    help="pointwise: every point gets its label with --margin (guaranteed, minimal change); ball: every input "
-                        "within --eps of a point does (certified through sound bounds); targets: the paper's program (default: pointwise)")
+                        "within --eps of a point does (certified through sound bounds); targets: the paper's program (default: "
+                        "pointwise; ball with --vnnlib / --instances)")
     p.add_argument("--eps", type=float, default=None, help="ball spec: L-infinity radius in pixels (an 'eps' array in the points file "
                    "gives one per point, 0 for a pointwise point)")
     p.add_argument("--bounds", choices=["crown", "alpha-crown", "ibp"], default="crown", help="ball spec: how the features are bounded "
@@ -56,6 +60,25 @@ def _add_model_repair_args(p: argparse.ArgumentParser) -> None:
                         "else the CPU)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier repair's files in --out (never any other file)")
     _add_factory_arg(p)
+
+
+def _add_property_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--vnnlib", type=Path, nargs="+", default=None, metavar="PROPERTY", help=what)
+    p.add_argument("--instances", type=Path, default=None, help="VNN-COMP's instances.csv: the properties it lists for this model "
+                   "(instead of --vnnlib)")
+
+
+def _property_paths(args: argparse.Namespace) -> tuple[tuple[Path, ...], tuple[float, ...]]:
+    """The VNN-LIB files of --vnnlib or --instances (for the model named first), and their timeouts (none for --vnnlib)."""
+    vnnlib, instances = getattr(args, "vnnlib", None), getattr(args, "instances", None)
+    if vnnlib and instances:
+        raise CnnRepairError("give the properties with --vnnlib or with --instances, not both")
+    if instances is not None:
+        from cnnrepair.vnnlib.repair import instances_for
+
+        model = getattr(args, "original", None) or args.model
+        return instances_for(instances, model)
+    return tuple(vnnlib or ()), ()
 
 
 def _add_images_args(p: argparse.ArgumentParser) -> None:
@@ -95,29 +118,89 @@ def _model_repair_job(args: argparse.Namespace):
     """Check every input of ``cnnrepair repair MODEL`` (nothing is written before this passes)."""
     from cnnrepair.bounds import BallInputs
     from cnnrepair.modelrepair import RepairFiles, output_dir, prepare
-    from cnnrepair.repair import RepairSpec, SolveOptions
+    from cnnrepair.repair import SolveOptions
 
     args.options = SolveOptions(args.time_limit, args.threads, device=args.device)
+    props, timeouts = _property_paths(args)
+    if props or args.points is None:
+        return _property_job(args, props, timeouts)
+    args.spec = args.spec or "pointwise"
     output_dir(args.out, [args.model, args.points, args.keep], args.overwrite).check()
     if args.spec != "ball" and (args.eps is not None or args.mean is not None or args.std is not None):
         raise CnnRepairError("--eps, --mean and --std describe the ball spec's input balls; add --spec ball or drop them")
-    if args.spec == "ball" and args.eps is None:
-        raise CnnRepairError("the ball spec needs --eps (the L-infinity radius in pixels, e.g. --eps 0.01)")
     mean, std = _convention(args)
     domain = _vnnlib_range(args.range)
-    spec = RepairSpec(kind=args.spec, margin=args.margin, keep_margin=args.keep_margin, keep_price=args.keep_price,
-                      norm=args.norm, freeze_bias=args.freeze_bias, max_change=args.max_change, eps=args.eps or 0.0, bounds=args.bounds,
-                      keep_eps=args.keep_eps, max_change_ratio=args.max_change_ratio, later_biases=args.later_biases)
+    spec = _spec(args, args.spec)
     ball = BallInputs(mean, std, domain) if args.spec == "ball" else None
     files = RepairFiles(args.model, args.points, args.keep, args.factory, _input_shape(args, None))
     args.job = prepare(files, spec, args.layer, ball)
     return args.job
 
 
+def _spec(args: argparse.Namespace, kind: str):
+    from cnnrepair.repair import RepairSpec
+
+    return RepairSpec(kind=kind, margin=args.margin, keep_margin=args.keep_margin, keep_price=args.keep_price,
+                      norm=args.norm, freeze_bias=args.freeze_bias, max_change=args.max_change, eps=args.eps or 0.0, bounds=args.bounds,
+                      keep_eps=args.keep_eps, max_change_ratio=args.max_change_ratio, later_biases=args.later_biases)
+
+
+def _property_job(args: argparse.Namespace, props: tuple, timeouts: tuple):
+    """``cnnrepair repair MODEL --vnnlib ...``: the properties read and checked on the model (nothing written yet)."""
+    from cnnrepair.outdir import OutputDir
+    from cnnrepair.vnnlib.repair import PropertyFiles, owns, plan_properties
+
+    if args.points is not None:
+        raise CnnRepairError("give the repair points with --points or as VNN-LIB properties (--vnnlib / --instances), not both")
+    if not props:
+        raise CnnRepairError("give the repair points: --points P.npz, or VNN-LIB properties with --vnnlib P.vnnlib (or --instances instances.csv)")
+    if args.keep is not None:
+        raise CnnRepairError("--keep with VNN-LIB properties: the properties the model satisfies are kept already; drop --keep")
+    if args.spec not in (None, "ball"):
+        raise CnnRepairError(f"VNN-LIB properties are input boxes, repaired with the ball spec; drop --spec {args.spec}")
+    for flag, value in (("--eps", args.eps), ("--mean", args.mean), ("--std", args.std), ("--layer", args.layer)):
+        if value is not None:
+            raise CnnRepairError(f"{flag} does not apply to VNN-LIB properties (their boxes are in the model's units and repair the "
+                                 "last layer); drop it")
+    args.spec = "ball"
+    OutputDir(args.out, owns, args.overwrite, [args.model, *props]).check()
+    args.property_spec = _spec(args, "ball")
+    args.plan = plan_properties(PropertyFiles(args.model, tuple(props), tuple(timeouts), args.factory, _input_shape(args, None)),
+                                args.bounds)
+    return args.plan
+
+
+def _cmd_property_repair(args: argparse.Namespace, bars: Bars) -> int:
+    from cnnrepair.vnnlib.repair import repair_properties
+
+    plan = args.plan
+    counts = {s: sum(c.status == s for c in plan.checks) for s in ("violated", "holds", "unknown")}
+    say(f"{len(plan.checks)} propert{'y' if len(plan.checks) == 1 else 'ies'} on {plan.model.path.name}: {counts['violated']} violated (a counterexample), "
+        f"{counts['holds']} proved ({args.bounds} bounds), {counts['unknown']} unknown")
+    t0 = time.perf_counter()
+    done = repair_properties(plan, args.property_spec, args.out, replace(args.options, progress=bars), args.overwrite)
+    if done.certificate is None:
+        say(f"every property is proved on the model already: nothing to repair; wrote {args.out / 'properties.json'}")
+        return 0
+    cert = done.certificate
+    if cert.status != "repaired":
+        say(f"not repaired ({cert.status}; {'; '.join(cert.notes or []) or 'see the certificate'}); no model written; "
+            f"details in {args.out / 'certificate.json'}")
+        return 1
+    proved = sum(r.get("after") == "holds" for r in done.records)
+    say(f"repaired in {time.perf_counter() - t0:.1f}s: change {args.norm} {cert.objective:.6g} (certified >= {cert.lower_bound:.6g}); "
+        f"{len(cert.points)} properties repaired, {cert.keep.count} kept")
+    say(f"after: {proved} of {len(done.records)} properties proved on the saved model; wrote {args.out / cert.model.file}, "
+        f"certificate.json, properties.json and proved_*.vnnlib with instances.csv (for any VNN-COMP verifier)")
+    return 0
+
+
 def _cmd_model_repair(args: argparse.Namespace, bars: Bars) -> int:
     from cnnrepair.modelrepair import run
 
-    job = getattr(args, "job", None) or _model_repair_job(args)
+    job = getattr(args, "job", None) or getattr(args, "plan", None) or _model_repair_job(args)
+    if getattr(args, "plan", None) is not None:  # VNN-LIB properties in place of points
+        return _cmd_property_repair(args, bars)
     say(f"repairing layer {job.layer!r} of {job.model.path.name} on {len(job.points.x)} points"
         + (f" (+{len(job.keep.x)} keep)" if job.keep is not None else "") + f", spec {job.spec.kind}, norm {job.spec.norm} ...")
     t0 = time.perf_counter()
@@ -161,7 +244,8 @@ def _cmd_model_repair(args: argparse.Namespace, bars: Bars) -> int:
 def _cmd_verify(args: argparse.Namespace, bars: Bars) -> int:
     from cnnrepair.verify import verify_certificate
 
-    report = verify_certificate(args.certificate, args.model, args.points, args.keep, args.original, args.factory)
+    report = verify_certificate(args.certificate, args.model, args.points, args.keep, args.original, args.factory,
+                                properties=_property_paths(args)[0])
     if report.problems:
         for p in report.problems:
             say(f"FAILED: {p}")
@@ -390,6 +474,7 @@ def _configure_verify(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep", type=Path, default=None, help="the keep points, if the repair had any")
     p.add_argument("--original", type=Path, default=None, help="the model before repair: also checks that only the layer changed, "
                    "the change's norm, and the certified lower bound")
+    _add_property_args(p, "the VNN-LIB files a property repair was made from (checks each box and label against the points files)")
     _add_factory_arg(p)
 
 

@@ -134,6 +134,7 @@ class Certificate:
     patterns: dict[str, Any] | None = None
     later_biases: dict[str, Any] | None = None
     ending: dict[str, Any] | None = None  # what follows the layer (name, note; absent: nothing): cnnrepair.repair.ending
+    properties: list[dict] | None = None  # VNN-LIB files the points came from: file, sha256, set (points / keep), index
     points_file: FileRef | None = None
     keep_file: FileRef | None = None
     notes: list[str] | None = None
@@ -378,6 +379,15 @@ def _check_schema(cert) -> None:
         raise _Malformed(f"patterns.keep_points_with_patterns must list keep point indices below {count}")
     for key in ("conflicts", "coinciding"):
         _need(cert, key, list, "certificate", optional=True)
+    props = _need(cert, "properties", list, "certificate", optional=True)
+    for k, entry in enumerate(props or []):
+        where = f"properties[{k}]"
+        if not isinstance(entry, dict) or set(entry) != {"file", "sha256", "set", "index"}:
+            raise _Malformed(f"{where} must hold exactly file, sha256, set and index")
+        _need(entry, "file", str, where)
+        _need(entry, "sha256", str, where)
+        if _need(entry, "set", str, where) not in ("points", "keep") or _need(entry, "index", int, where) < 0:
+            raise _Malformed(f"{where}: set is points or keep, index a position in that file")
     ending = _need(cert, "ending", dict, "certificate", optional=True)
     if ending is not None:
         from cnnrepair.repair.ending import ENDINGS
@@ -398,6 +408,8 @@ def _check_schema(cert) -> None:
         _numbers(_need(cert, "margins_by_layout", list, "certificate"), "margins_by_layout")
     if spec["kind"] == "ball":
         ball = _need(cert, "ball", dict, "certificate")
+        if ball.get("boxes", "eps") not in ("eps", "points file") or ball.get("keep_boxes", "keep file") != "keep file":
+            raise _Malformed("ball.boxes is 'eps' or 'points file' (where the input boxes come from), ball.keep_boxes only 'keep file'")
         for key in ("mean", "std", "domain", "point_eps"):
             value = _need(ball, key, list, "ball", optional=True)
             if value is not None:

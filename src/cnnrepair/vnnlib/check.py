@@ -84,7 +84,7 @@ def _counterexamples(model: nn.Module, lower: np.ndarray, upper: np.ndarray, lab
     from cnnrepair.runtime import first_output, model_device
 
     dev = model_device(model)
-    lo, hi = _float32_inside(np.asarray(lower, np.float64), np.asarray(upper, np.float64))
+    lo, hi = float32_inside(np.asarray(lower, np.float64), np.asarray(upper, np.float64))
     found = pgd_counterexamples(model, lo, hi, labels, seed=seed)
     with torch.no_grad():  # each one checked again, alone, as the model runs: inside its box, some class at least as high
         for i, f in enumerate(found):
@@ -98,7 +98,7 @@ def _counterexamples(model: nn.Module, lower: np.ndarray, upper: np.ndarray, lab
     return found
 
 
-def _float32_inside(lower: np.ndarray, upper: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+def float32_inside(lower: np.ndarray, upper: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """The float32 box inside ``[lower, upper]`` (float64): each bound rounded toward the inside. Where a coordinate
     holds no float32 number, lower ends above upper."""
     lo, hi = lower.astype(np.float32), upper.astype(np.float32)

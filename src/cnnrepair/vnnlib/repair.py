@@ -1,0 +1,222 @@
+"""Repair the VNN-LIB properties a model violates, keep the ones it satisfies: ``cnnrepair repair MODEL --vnnlib ...``.
+
+The verification workflow is "a verifier found this property violated; fix the network so that it
+holds; verify again". :func:`plan_properties` reads each property (the robustness form: the input
+box and its label; anything else is refused by name) and checks it on the model
+(:func:`cnnrepair.vnnlib.check.check_properties`: a PGD counterexample makes it ``violated``, our
+bounds prove it ``holds``, neither is ``unknown``). :func:`repair_properties` then runs one ball
+repair in the output folder: the violated and unknown properties are its repair points (each box
+exactly as the file states it, a float32 point inside it as the point), the ones that hold are its
+keep points (their boxes kept certified). It writes ``points.npz`` and ``keep.npz`` (inputs,
+labels, ``lower`` / ``upper`` boxes: what ``cnnrepair verify`` recomputes the bounds from), the
+repaired model and its certificate (which names every property file by sha256, so that
+``verify --vnnlib`` recomputes each box and label from the files), ``properties.json`` (each
+property's status before and after, rechecked on the saved model) and, for every property the
+repaired model is proved to satisfy, a copy ``proved_<i>_<name>`` with ``instances.csv`` beside it,
+so that any VNN-COMP verifier can re-check the repaired file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from cnnrepair.errors import CnnRepairError
+from cnnrepair.formats import LoadedModel, load_model
+from cnnrepair.io import atomic_write, sha256, write_json
+from cnnrepair.modelrepair import REPAIR_OUTPUTS, RepairFiles, prepare, repair_into
+from cnnrepair.outdir import OutputDir
+from cnnrepair.repair import RepairSpec, SolveOptions
+from cnnrepair.repair.certificate import Certificate
+from cnnrepair.vnnlib.check import PropertyCheck, float32_inside, check_properties, property_boxes
+from cnnrepair.vnnlib.read import VnnlibProperty, read_instances, read_vnnlib
+
+OUTPUTS = frozenset(REPAIR_OUTPUTS | {"points.npz", "keep.npz", "properties.json", "instances.csv"})
+DEFAULT_TIMEOUT = 60.0  # seconds per instance in the instances.csv written for the proved properties (VNN-COMP's field)
+
+
+def owns(name: str) -> bool:
+    """The file names a property repair writes into its folder."""
+    return name in OUTPUTS or (name.startswith("proved_") and (name.endswith(".vnnlib") or name.endswith(".vnnlib.gz")))
+
+
+@dataclass(frozen=True)
+class PropertyFiles:
+    """What ``cnnrepair repair MODEL --vnnlib`` reads: the model (a state dict needs ``factory``; a graph that does not
+    record its input shape needs ``input_shape``), the property files and each one's timeout (for the instances written)."""
+
+    model: Path
+    properties: tuple[Path, ...]
+    timeouts: tuple[float, ...] = ()
+    factory: str | None = None
+    input_shape: tuple[int, ...] | None = None
+
+
+def instances_for(csv: Path, model: Path) -> tuple[tuple[Path, ...], tuple[float, ...]]:
+    """The properties (and timeouts) that VNN-COMP's ``instances.csv`` lists for ``model`` (the same file, or its name)."""
+    rows = read_instances(csv)
+    target = os.path.realpath(model)
+    mine = [(prop, timeout) for onnx, prop, timeout in rows if os.path.realpath(onnx) == target or Path(onnx).name == Path(model).name]
+    if not mine:
+        listed = ", ".join(sorted({Path(onnx).name for onnx, _, _ in rows}))
+        raise CnnRepairError(f"{csv}: no instance names the model {Path(model).name} (it lists {listed}); give the model it lists")
+    return tuple(p for p, _ in mine), tuple(t for _, t in mine)
+
+
+@dataclass
+class PropertyPlan:
+    """The properties read and checked on the model, before any repair."""
+
+    model: LoadedModel
+    input_shape: tuple[int, ...]
+    files: tuple[Path, ...]
+    timeouts: tuple[float, ...]
+    properties: list[VnnlibProperty]
+    checks: list[PropertyCheck]
+    lower: np.ndarray
+    upper: np.ndarray
+    labels: np.ndarray
+
+    @property
+    def to_repair(self) -> np.ndarray:
+        """The properties not proved on the model (violated or unknown): the repair points."""
+        return np.array([i for i, c in enumerate(self.checks) if c.status != "holds"], np.int64)
+
+    @property
+    def held(self) -> np.ndarray:
+        """The properties our bounds prove on the model: the keep points (their boxes stay certified)."""
+        return np.array([i for i, c in enumerate(self.checks) if c.status == "holds"], np.int64)
+
+
+def plan_properties(files: PropertyFiles, bounds: str = "crown") -> PropertyPlan:
+    """Read the model and every property and check each property on the model (raises CnnRepairError, one line)."""
+    if not files.properties:
+        raise CnnRepairError("no VNN-LIB property given; pass at least one file with --vnnlib (or an --instances file)")
+    model = load_model(Path(files.model), files.factory, files.input_shape)
+    shape = files.input_shape or model.input_shape
+    if shape is None:
+        raise CnnRepairError(f"{Path(files.model).name} does not record its input shape; give it with --input-shape (e.g. 1,28,28)")
+    props = [read_vnnlib(Path(p)) for p in files.properties]
+    checks = check_properties(model.module, props, tuple(shape), bounds)
+    lower, upper, labels = property_boxes(props, tuple(shape), props[0].num_outputs)
+    timeouts = tuple(files.timeouts) or (DEFAULT_TIMEOUT,) * len(props)
+    return PropertyPlan(model, tuple(shape), tuple(Path(p) for p in files.properties), timeouts, props, checks, lower, upper, labels)
+
+
+def _points(plan: PropertyPlan, idx: np.ndarray, path: Path) -> None:
+    """An .npz of the properties ``idx``: a float32 input inside each box (its centre, rounded inward), the label, the box."""
+    lo32, hi32 = float32_inside(plan.lower[idx], plan.upper[idx])
+    lo32, hi32 = lo32.numpy(), hi32.numpy()
+    empty = np.flatnonzero((lo32 > hi32).reshape(len(idx), -1).any(1))
+    if len(empty):
+        raise CnnRepairError(f"{plan.files[idx[empty[0]]].name}: its input box holds no float32 number in some coordinate; "
+                             "the model runs in float32, so widen the box")
+    x = np.clip(((lo32.astype(np.float64) + hi32) / 2).astype(np.float32), lo32, hi32)
+    atomic_write(path, lambda p: np.savez(p, x=x, y=plan.labels[idx], lower=plan.lower[idx], upper=plan.upper[idx]))
+
+
+@dataclass
+class PropertyRepair:
+    """What :func:`repair_properties` did: the certificate (None when every property already held: nothing repaired) and
+    each property's record as ``properties.json`` holds it."""
+
+    certificate: Certificate | None
+    records: list[dict]
+
+    @property
+    def status(self) -> str:
+        return "held" if self.certificate is None else self.certificate.status
+
+
+def repair_properties(plan: PropertyPlan, spec: RepairSpec, out: Path, options: SolveOptions | None = None,
+                      overwrite: bool = False) -> PropertyRepair:
+    """Repair the properties not proved on the model as ball specs, keeping the proved ones; write the folder ``out``
+    (see the module docstring). ``spec``: the ball spec's margins, norm, bounds (its kind and eps are the boxes')."""
+    if spec.kind != "ball":
+        raise CnnRepairError(f"VNN-LIB properties are input boxes: they are repaired with the ball spec, not {spec.kind}; drop --spec")
+    spec = replace(spec, eps=0.0, keep_eps=0.0)
+    outdir = OutputDir(Path(out), owns, overwrite, [plan.model.path, *plan.files],
+                       what="a property repair (certificate.json, repaired.*, points.npz, properties.json, proved_*.vnnlib)")
+    with outdir as stage:
+        todo, held = plan.to_repair, plan.held
+        if not len(todo):
+            records = _records(plan, None)
+            write_json(stage / "properties.json", {"model": plan.model.path.name, "repaired": False, "properties": records})
+            return PropertyRepair(None, records)
+        _points(plan, todo, stage / "points.npz")
+        if len(held):
+            _points(plan, held, stage / "keep.npz")
+        files = RepairFiles(plan.model.path, stage / "points.npz", stage / "keep.npz" if len(held) else None,
+                            plan.model.factory, plan.input_shape)
+        job = prepare(files, spec)
+        cert = repair_into(job, stage, options)
+        cert.properties = [{"file": plan.files[i].name, "sha256": sha256(plan.files[i]), "set": which, "index": k}
+                           for which, idx in (("points", todo), ("keep", held)) for k, i in enumerate(idx)]
+        after = None
+        if cert.status == "repaired":
+            repaired = load_model(stage / cert.model.file, job.model.factory, plan.input_shape).module
+            after = check_properties(repaired, plan.properties, plan.input_shape, spec.bounds)
+            _proved(plan, after, stage, cert.model.file)
+        records = _records(plan, after, todo)
+        write_json(stage / "properties.json", {"model": plan.model.path.name, "repaired": cert.status == "repaired",
+                                               "properties": records})
+        cert.write(stage / "certificate.json")
+    return PropertyRepair(cert, records)
+
+
+def _records(plan: PropertyPlan, after: list[PropertyCheck] | None, todo: np.ndarray | None = None) -> list[dict]:
+    """Per property: its file, label, status and bound before, and after (on the saved repaired model) when repaired."""
+    repaired = set() if todo is None else {int(i) for i in todo}
+    out = []
+    for i, (path, check) in enumerate(zip(plan.files, plan.checks)):
+        rec = {"file": path.name, "label": check.label, "before": check.status, "bound_before": check.bound,
+               "role": "repaired" if i in repaired else "kept"}
+        if after is not None:
+            rec.update(after=after[i].status, bound_after=after[i].bound)
+        out.append(rec)
+    return out
+
+
+def _proved(plan: PropertyPlan, after: list[PropertyCheck], stage: Path, model_name: str) -> None:
+    """``proved_<i>_<name>``: a copy of every property the repaired model is proved to satisfy, and ``instances.csv``."""
+    rows = []
+    for i, (path, check) in enumerate(zip(plan.files, after)):
+        if check.status != "holds":
+            continue
+        name = f"proved_{i}_{path.name}"
+        data = path.read_bytes()
+        atomic_write(stage / name, lambda p, d=data: Path(p).write_bytes(d))
+        rows.append(f"{model_name},{name},{plan.timeouts[i]:g}\n")
+    if rows:
+        atomic_write(stage / "instances.csv", lambda p: Path(p).write_text("".join(rows)))
+
+
+def check_property_files(cert: Certificate, paths: list[Path], points, keep) -> tuple[list[str], list[str]]:
+    """(problems, what was checked): every property the certificate names is among ``paths`` (by sha256), and its box and
+    label are exactly the points (or keep) file's entry it names."""
+    problems = []
+    by_hash = {}
+    for p in paths:
+        by_hash.setdefault(sha256(p), p)
+    for entry in cert.properties or []:
+        path = by_hash.get(entry["sha256"])
+        if path is None:
+            problems.append(f"property {entry['file']!r} (sha256 {entry['sha256'][:12]}...) is not among the files given with --vnnlib")
+            continue
+        pts = points if entry["set"] == "points" else keep
+        k = entry["index"]
+        if pts is None or pts.boxes is None or not 0 <= k < len(pts.x):
+            problems.append(f"property {entry['file']!r}: the {entry['set']} file holds no box {k}")
+            continue
+        prop = read_vnnlib(path)
+        lo, hi = pts.boxes[0][k].reshape(-1), pts.boxes[1][k].reshape(-1)
+        label = prop.label()
+        y = None if pts.y is None else int(pts.y[k])
+        if prop.lower.shape != lo.shape or not (np.array_equal(prop.lower, lo) and np.array_equal(prop.upper, hi)):
+            problems.append(f"property {entry['file']!r}: its box is not the {entry['set']} file's box {k}")
+        elif label is None or label != y:
+            problems.append(f"property {entry['file']!r}: its label {label} is not the {entry['set']} file's label {y}")
+    return problems, [f"{len(cert.properties or [])} property file(s): boxes and labels against the points and keep files"]
