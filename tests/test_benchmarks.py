@@ -255,3 +255,29 @@ def test_the_committed_readme_and_results_page_regenerate_byte_identically(tmp_p
     for name in ("README.md", "docs/results.md", "docs/cli.md"):
         assert (tmp_path / name).read_text() == (root / name).read_text(), name
     assert len((root / "README.md").read_text().splitlines()) < 250
+
+
+def test_vnncomp_benchmark_checks_repairs_and_reproves_generated_properties(tmp_path):
+    """One (network, eps) case of the VNN-COMP benchmark on a small 784-32-32-10 net: the whole command as a user runs it,
+    every count read back from its files, and Marabou on a repaired property where maraboupy is installed."""
+    import numpy as np
+    import torch
+
+    from benchmarks import vnncomp
+    from benchmarks.any_layer import mlp
+
+    torch.manual_seed(0)
+    model = mlp(3, 32).eval()
+    x = torch.rand(40, 1, 28, 28)
+    with torch.no_grad():
+        y = model(x).argmax(1).numpy()
+    rec = vnncomp._case(model, "32x2", 0.002, (x, y, x[30:].numpy()), np.arange(30), 4, tmp_path / "case", 1, 20.0)
+    assert rec["properties"] == 4 and sum(rec["before"].values()) == 4 and rec["keep_points"] == 10
+    assert rec["status"] == "repaired" and rec["before"]["violated"] >= 1  # this seeded case has a violated property
+    assert rec["repaired"] == rec["before"]["violated"] + rec["before"]["unknown"] and rec["kept"] == rec["before"]["holds"]
+    assert rec["repaired_proved_after"] == rec["repaired"]  # what the repair certified is proved on the saved file
+    assert rec["keep_labels_kept"] == 10 and 0 <= rec["accuracy_after"] <= 1
+    if rec["marabou"][0].get("status") != "not run":
+        assert rec["marabou"][0]["answer"] in ("unsat", "timeout")  # never sat: that would refute the repair
+    table = vnncomp.table({"rows": [rec]})
+    assert table.count("\n") == 2 and "32x2" in table

@@ -313,7 +313,6 @@ def test_repair_from_instances_csv_takes_the_models_lines_and_marabou_proves_wha
 
 @pytest.mark.parametrize("extra,message", [
     (["--points", "p.npz"], "not both"),
-    (["--keep", "k.npz"], "drop --keep"),
     (["--spec", "pointwise"], "drop --spec pointwise"),
     (["--eps", "0.1"], "--eps does not apply"),
 ])
@@ -358,3 +357,44 @@ def test_a_points_file_with_boxes_is_repaired_over_them_and_bad_boxes_are_refuse
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and message in err[0], (message, err)
         assert not (tmp_path / "bad").exists()
+
+
+def test_keep_points_given_beside_properties_keep_their_labels_after_the_kept_properties(tmp_path, capsys):
+    model, props, net = _eran_style(tmp_path)
+    x = np.random.default_rng(5).random((30, 5)).astype(np.float32)
+    np.savez(tmp_path / "k.npz", x=x)
+    out = tmp_path / "out"
+    assert main(["repair", str(model), "--vnnlib", *map(str, props), "--keep", str(tmp_path / "k.npz"), "--out", str(out),
+                 "--margin", "0.02"]) == 0
+    cert = json.loads((out / "certificate.json").read_text())
+    held = [p for p in cert["properties"] if p["set"] == "keep"]
+    assert cert["keep"]["count"] == len(held) + 30 and [p["index"] for p in held] == list(range(len(held)))
+    keep = np.load(out / "keep.npz")
+    assert np.array_equal(keep["x"][len(held):], x) and np.array_equal(keep["lower"][len(held):], x.astype(np.float64))
+    with torch.no_grad():
+        pred = torch.relu(net(torch.from_numpy(x))).argmax(1).numpy()
+    assert np.array_equal(keep["y"][len(held):], pred)  # the model's own labels, kept
+    import onnxruntime as ort
+
+    after = ort.InferenceSession(str(out / "repaired.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.all(margins_of_after(after, pred) >= 0)
+    assert main(["verify", str(out / "certificate.json"), "--model", str(out / "repaired.onnx"), "--points", str(out / "points.npz"),
+                 "--keep", str(out / "keep.npz"), "--original", str(model), "--vnnlib", *map(str, props)]) == 0
+
+
+def test_keep_points_beside_properties_none_of_which_holds_are_kept(tmp_path, capsys):
+    model, props, net = _eran_style(tmp_path)
+    x = np.random.default_rng(6).random((12, 5)).astype(np.float32)
+    np.savez(tmp_path / "k.npz", x=x)
+    out = tmp_path / "out"
+    assert main(["repair", str(model), "--vnnlib", *map(str, props[:2]), "--keep", str(tmp_path / "k.npz"), "--out", str(out),
+                 "--margin", "0.02"]) == 0  # the two violated properties only: every keep point is the user's
+    cert = json.loads((out / "certificate.json").read_text())
+    assert cert["keep"]["count"] == 12 and all(p["set"] == "points" for p in cert["properties"])
+
+
+def margins_of_after(out: np.ndarray, y: np.ndarray) -> np.ndarray:
+    own = out[np.arange(len(y)), y]
+    rival = out.copy()
+    rival[np.arange(len(y)), y] = -np.inf
+    return own - rival.max(1)

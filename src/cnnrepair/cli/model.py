@@ -21,7 +21,7 @@ def _add_model_repair_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--points", type=Path, default=None, help=".npz with x (float32, N x input shape, model units) and y (int64 labels); "
                    "optional 'lower' / 'upper' (x's shape): each point's input box for the ball spec")
     _add_property_args(p, "VNN-LIB robustness properties instead of --points: the ones the model violates (or that are not proved) "
-                          "are repaired as boxes, the proved ones kept")
+                          "are repaired as boxes, the proved ones kept (with --keep points too)")
     p.add_argument("--out", type=Path, required=True, help="folder for repaired.pt2 / repaired.onnx (the model's format) and certificate.json")
     p.add_argument("--spec", choices=["pointwise", "ball", "targets"], default=None,
                    help="pointwise: every point gets its label with --margin (guaranteed, minimal change); ball: every input "
@@ -154,8 +154,6 @@ def _property_job(args: argparse.Namespace, props: tuple, timeouts: tuple):
         raise CnnRepairError("give the repair points with --points or as VNN-LIB properties (--vnnlib / --instances), not both")
     if not props:
         raise CnnRepairError("give the repair points: --points P.npz, or VNN-LIB properties with --vnnlib P.vnnlib (or --instances instances.csv)")
-    if args.keep is not None:
-        raise CnnRepairError("--keep with VNN-LIB properties: the properties the model satisfies are kept already; drop --keep")
     if args.spec not in (None, "ball"):
         raise CnnRepairError(f"VNN-LIB properties are input boxes, repaired with the ball spec; drop --spec {args.spec}")
     for flag, value in (("--eps", args.eps), ("--mean", args.mean), ("--std", args.std), ("--layer", args.layer)):
@@ -163,10 +161,10 @@ def _property_job(args: argparse.Namespace, props: tuple, timeouts: tuple):
             raise CnnRepairError(f"{flag} does not apply to VNN-LIB properties (their boxes are in the model's units and repair the "
                                  "last layer); drop it")
     args.spec = "ball"
-    OutputDir(args.out, owns, args.overwrite, [args.model, *props]).check()
+    OutputDir(args.out, owns, args.overwrite, [args.model, *props, args.keep]).check()
     args.property_spec = _spec(args, "ball")
-    args.plan = plan_properties(PropertyFiles(args.model, tuple(props), tuple(timeouts), args.factory, _input_shape(args, None)),
-                                args.bounds)
+    args.plan = plan_properties(PropertyFiles(args.model, tuple(props), tuple(timeouts), args.factory, _input_shape(args, None),
+                                              args.keep), args.bounds)
     return args.plan
 
 

@@ -7,7 +7,8 @@ box and its label; anything else is refused by name) and checks it on the model
 bounds prove it ``holds``, neither is ``unknown``). :func:`repair_properties` then runs one ball
 repair in the output folder: the violated and unknown properties are its repair points (each box
 exactly as the file states it, a float32 point inside it as the point), the ones that hold are its
-keep points (their boxes kept certified). It writes ``points.npz`` and ``keep.npz`` (inputs,
+keep points (their boxes kept certified), followed by any keep points the user gives (clean inputs,
+boxes of zero width: the drawdown control of any repair). It writes ``points.npz`` and ``keep.npz`` (inputs,
 labels, ``lower`` / ``upper`` boxes: what ``cnnrepair verify`` recomputes the bounds from), the
 repaired model and its certificate (which names every property file by sha256, so that
 ``verify --vnnlib`` recomputes each box and label from the files), ``properties.json`` (each
@@ -53,6 +54,7 @@ class PropertyFiles:
     timeouts: tuple[float, ...] = ()
     factory: str | None = None
     input_shape: tuple[int, ...] | None = None
+    keep: Path | None = None  # more keep points (an .npz with x, optional y): clean inputs whose labels must survive
 
 
 def instances_for(csv: Path, model: Path) -> tuple[tuple[Path, ...], tuple[float, ...]]:
@@ -79,6 +81,7 @@ class PropertyPlan:
     lower: np.ndarray
     upper: np.ndarray
     labels: np.ndarray
+    keep: tuple[np.ndarray, np.ndarray] | None = None  # the extra keep points (x float32, labels), after the kept properties
 
     @property
     def to_repair(self) -> np.ndarray:
@@ -103,19 +106,40 @@ def plan_properties(files: PropertyFiles, bounds: str = "crown") -> PropertyPlan
     checks = check_properties(model.module, props, tuple(shape), bounds)
     lower, upper, labels = property_boxes(props, tuple(shape), props[0].num_outputs)
     timeouts = tuple(files.timeouts) or (DEFAULT_TIMEOUT,) * len(props)
-    return PropertyPlan(model, tuple(shape), tuple(Path(p) for p in files.properties), timeouts, props, checks, lower, upper, labels)
+    keep = _keep_points(model, files.keep, tuple(shape)) if files.keep is not None else None
+    return PropertyPlan(model, tuple(shape), tuple(Path(p) for p in files.properties), timeouts, props, checks, lower, upper, labels,
+                        keep)
 
 
-def _points(plan: PropertyPlan, idx: np.ndarray, path: Path) -> None:
-    """An .npz of the properties ``idx``: a float32 input inside each box (its centre, rounded inward), the label, the box."""
+def _keep_points(model: LoadedModel, path: Path, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The keep file's inputs and labels (default: the model's predictions), checked against the model's input shape."""
+    from cnnrepair.modelrepair import load_points
+    from cnnrepair.repair.measure import model_logits
+
+    pts = load_points(Path(path), "keep file", labels_required=False)
+    if tuple(pts.x.shape[1:]) != shape:
+        raise CnnRepairError(f"{path}: inputs of shape {tuple(pts.x.shape[1:])} but the model takes {shape}; reshape them")
+    if pts.boxes is not None:
+        raise CnnRepairError(f"{path}: keep points with boxes next to VNN-LIB properties; give boxes as properties, or drop 'lower' / 'upper'")
+    y = pts.y if pts.y is not None else model_logits(model.module, pts.x).argmax(1)
+    return pts.x.numpy(), np.asarray(y, np.int64)
+
+
+def _points(plan: PropertyPlan, idx: np.ndarray, path: Path, extra: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    """An .npz of the properties ``idx``: a float32 input inside each box (its centre, rounded inward), the label, the box;
+    ``extra`` (inputs, labels) follow, each its own box of zero width."""
     lo32, hi32 = float32_inside(plan.lower[idx], plan.upper[idx])
     lo32, hi32 = lo32.numpy(), hi32.numpy()
-    empty = np.flatnonzero((lo32 > hi32).reshape(len(idx), -1).any(1))
+    empty = np.flatnonzero((lo32 > hi32).reshape(len(idx), -1).any(1)) if len(idx) else np.zeros(0, np.int64)
     if len(empty):
         raise CnnRepairError(f"{plan.files[idx[empty[0]]].name}: its input box holds no float32 number in some coordinate; "
                              "the model runs in float32, so widen the box")
     x = np.clip(((lo32.astype(np.float64) + hi32) / 2).astype(np.float32), lo32, hi32)
-    atomic_write(path, lambda p: np.savez(p, x=x, y=plan.labels[idx], lower=plan.lower[idx], upper=plan.upper[idx]))
+    y, lower, upper = plan.labels[idx], plan.lower[idx], plan.upper[idx]
+    if extra is not None:
+        x, y = np.concatenate([x, extra[0]]), np.concatenate([y, extra[1]])
+        lower, upper = np.concatenate([lower, extra[0].astype(np.float64)]), np.concatenate([upper, extra[0].astype(np.float64)])
+    atomic_write(path, lambda p: np.savez(p, x=x, y=y, lower=lower, upper=upper))
 
 
 @dataclass
@@ -138,7 +162,7 @@ def repair_properties(plan: PropertyPlan, spec: RepairSpec, out: Path, options: 
     if spec.kind != "ball":
         raise CnnRepairError(f"VNN-LIB properties are input boxes: they are repaired with the ball spec, not {spec.kind}; drop --spec")
     spec = replace(spec, eps=0.0, keep_eps=0.0)
-    outdir = OutputDir(Path(out), owns, overwrite, [plan.model.path, *plan.files],
+    outdir = OutputDir(Path(out), owns, overwrite, [plan.model.path, *plan.files],  # (the keep file is read already)
                        what="a property repair (certificate.json, repaired.*, points.npz, properties.json, proved_*.vnnlib)")
     with outdir as stage:
         todo, held = plan.to_repair, plan.held
@@ -147,9 +171,10 @@ def repair_properties(plan: PropertyPlan, spec: RepairSpec, out: Path, options: 
             write_json(stage / "properties.json", {"model": plan.model.path.name, "repaired": False, "properties": records})
             return PropertyRepair(None, records)
         _points(plan, todo, stage / "points.npz")
-        if len(held):
-            _points(plan, held, stage / "keep.npz")
-        files = RepairFiles(plan.model.path, stage / "points.npz", stage / "keep.npz" if len(held) else None,
+        has_keep = len(held) or plan.keep is not None
+        if has_keep:
+            _points(plan, held, stage / "keep.npz", plan.keep)
+        files = RepairFiles(plan.model.path, stage / "points.npz", stage / "keep.npz" if has_keep else None,
                             plan.model.factory, plan.input_shape)
         job = prepare(files, spec)
         cert = repair_into(job, stage, options)

@@ -1,0 +1,244 @@
+"""VNN-COMP's workflow on networks of its shapes: properties checked, the violated ones repaired, all proved after (issue 26).
+
+Networks, trained here (seeded, Adam, as the other MNIST benchmarks): ``256x2`` = 784-256-256-10 and
+``256x4`` = 784-256x4-10 (VNN-COMP 2021's mnistfc shapes) on MNIST, and ``convsmall`` (ERAN's and
+VNN-COMP's cifar2020 ConvSmall: conv 16x4x4 stride 2, conv 32x4x4 stride 2, 100, 10; pixels in
+[0, 1]) on CIFAR-10 (JPEG q75). Each is exported to ONNX. Properties are generated the way
+VNN-COMP's mnistfc and oval21 generators do: test images drawn at random (seeded) among those the
+network classifies correctly, the L-infinity ball of ``eps`` around each (clipped to [0, 1]) must
+keep the true label (``eps`` 0.02 and 0.05 for MNIST, 2/255 for CIFAR-10), written as VNN-LIB files
+with an ``instances.csv``; keep points: training images the network classifies correctly (a seeded
+draw, ``--keep``). ``32x2`` (784-32-32-10) is there for Marabou: small enough for it to decide a
+property within the cap. Then, as a user runs it, in its own process::
+
+    cnnrepair repair model.onnx --instances instances.csv --keep keep.npz --out fixed/
+
+and from its files: how many properties were violated (a PGD counterexample), proved (CROWN) or
+unknown before, how many are proved after on the saved model, the change, the seconds per
+property, the drawdown (clean accuracy on 2,000 other test images, before and after, onnxruntime)
+and, for the properties the repair made true on the MNIST networks, Marabou (an independent complete
+verifier) on the repaired file, each run capped (``--marabou-cap``): ``unsat`` proves the property,
+``sat`` would refute the repair, a time-out decides nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from benchmarks import registry
+
+NETWORKS = {"256x2": ("mnist", (3, 256), (0.02, 0.05)), "256x4": ("mnist", (5, 256), (0.02, 0.05)),
+            "convsmall": ("cifar10", None, (2 / 255,)), "32x2": ("mnist", (3, 32), (0.02, 0.05))}
+
+
+def convsmall() -> nn.Sequential:
+    """ERAN's ConvSmall for 3 x 32 x 32 inputs."""
+    return nn.Sequential(nn.Conv2d(3, 16, 4, stride=2), nn.ReLU(), nn.Conv2d(16, 32, 4, stride=2), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(32 * 6 * 6, 100), nn.ReLU(), nn.Linear(100, 10))
+
+
+def _network(name: str, data_dirs: dict, epochs: int, seed: int, keep: int):
+    """(model, test inputs in [0, 1], test labels, ``keep`` training inputs it classifies correctly (a seeded draw), training
+    seconds)."""
+    from benchmarks.any_layer import mlp
+    from benchmarks.common import fit
+    from cnnrepair.data import load_dataset, to_float
+
+    dataset, shape, _ = NETWORKS[name]
+    ds = load_dataset(dataset, data_dirs[dataset])
+    torch.manual_seed(seed)
+    model = mlp(*shape) if shape is not None else convsmall()
+    xtr, ytr = to_float(ds.x_train), torch.as_tensor(ds.y_train, dtype=torch.long)
+    seconds = fit(model, xtr, ytr, epochs, seed)
+    pool = torch.as_tensor(np.random.default_rng(seed + 1).permutation(len(ytr))[:3 * keep])
+    with torch.no_grad():
+        right = pool[model.eval()(xtr[pool]).argmax(1) == ytr[pool]][:keep]
+    return model, to_float(ds.x_test), np.asarray(ds.y_test, np.int64), xtr[right].numpy(), seconds
+
+
+def _onnx(model: nn.Module, sample: torch.Tensor, path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (sample[:1],), str(path), dynamo=False, input_names=["x"], output_names=["logits"],
+                          dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
+
+
+def _accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    pred = np.concatenate([sess.run(None, {"x": x[i:i + 500]})[0].argmax(1) for i in range(0, len(x), 500)])
+    return float((pred == y).mean())
+
+
+def _marabou(onnx_path: str, prop_path: str) -> tuple[str, dict]:
+    """Marabou on one property (in a child process: the caller caps it); its answer as the objective."""
+    from maraboupy import Marabou
+
+    t0 = time.perf_counter()
+    net = Marabou.read_onnx(onnx_path)
+    code, _, _ = net.solve(verbose=False, options=Marabou.createOptions(verbosity=0), propertyFilename=prop_path)
+    return 0.0, {"answer": code, "seconds": time.perf_counter() - t0}
+
+
+def _marabou_checks(fixed: Path, report: list[dict], limit: int, cap: float) -> list[dict]:
+    """Marabou on the first ``limit`` properties the repair made true, each capped at ``cap`` seconds."""
+    from benchmarks.lp_scaling import timed
+
+    try:
+        import maraboupy  # noqa: F401
+    except ImportError:
+        return [{"status": "not run", "reason": "maraboupy is not installed (CPython 3.11 wheels only)"}]
+    proved = {line.split(",")[1] for line in (fixed / "instances.csv").read_text().splitlines()} if (fixed / "instances.csv").exists() else set()
+    out = []
+    for i, rec in enumerate(report):
+        if len(out) >= limit:
+            break
+        name = f"proved_{i}_{rec['file']}"
+        if rec["role"] != "repaired" or name not in proved:
+            continue
+        res = timed(_marabou, str(fixed / "repaired.onnx"), str(fixed / name), cap, start="spawn")
+        out.append({"property": rec["file"], "answer": res.get("answer", res["status"]), "seconds": res.get("seconds"),
+                    **({"error": res["error"][-200:]} if res.get("error") else {})})
+    return out
+
+
+def _case(model, name: str, eps: float, data: tuple, order: np.ndarray, n: int, work: Path, marabou: int, marabou_cap: float) -> dict:
+    """One (network, eps): properties written, ``cnnrepair repair --instances --keep`` run, its files read. ``data``: test
+    inputs, test labels, keep inputs."""
+    from benchmarks.common import run_cnnrepair
+    from cnnrepair.vnnlib import BallProperty
+
+    x, y, xk = data
+    work.mkdir(parents=True)
+    np.savez(work / "keep.npz", x=xk.astype(np.float32))
+    src = work / "model.onnx"
+    _onnx(model, x, src)
+    with torch.no_grad():
+        pred = model(x[torch.as_tensor(order)]).argmax(1).numpy()
+    picked = order[pred == y[order]][:n]  # correctly classified test images, in the seeded random order
+    rows = []
+    for i, k in enumerate(picked):
+        (work / f"prop_{i}.vnnlib").write_text(BallProperty(x[k].numpy().reshape(-1), int(y[k]), eps, 10, (0.0, 1.0)).text())
+        rows.append(f"model.onnx,prop_{i}.vnnlib,60\n")
+    (work / "instances.csv").write_text("".join(rows))
+    args = ["repair", str(src), "--instances", str(work / "instances.csv"), "--keep", str(work / "keep.npz"), "--out", str(work / "fixed")]
+    wall, proc = run_cnnrepair(args)
+    rec = {"network": name, "eps": eps, "properties": len(picked), "keep_points": len(xk), "wall_s": wall,
+           "command": "cnnrepair " + " ".join(a.replace(str(work), "WORK") for a in args)}
+    report_path = work / "fixed" / "properties.json"
+    if not report_path.exists():
+        return {**rec, "status": "failed", "error": proc.stderr.strip()[-300:]}
+    report = json.loads(report_path.read_text())["properties"]
+    before = {s: sum(r["before"] == s for r in report) for s in ("violated", "holds", "unknown")}
+    rec.update(before=before, seconds_per_property=wall / max(len(report), 1))
+    cert_path = work / "fixed" / "certificate.json"
+    if not cert_path.exists():
+        return {**rec, "status": "every property held", "proved_after": before["holds"]}
+    cert = json.loads(cert_path.read_text())
+    rec.update(status=cert["status"], repaired=len(cert["points"]), kept=cert["keep"]["count"] - len(xk),
+)
+    if cert["status"] != "repaired":
+        return {**rec, "notes": cert.get("notes"), "solver": cert["solver"].get("status")}
+    held_out = np.setdiff1d(np.arange(len(y)), picked)[:2000]
+    xh = x[torch.as_tensor(held_out)].numpy()
+    rec.update(proved_after=sum(r.get("after") == "holds" for r in report),
+               repaired_proved_after=sum(r.get("after") == "holds" for r in report if r["role"] == "repaired"),
+               kept_proved_after=sum(r.get("after") == "holds" for r in report if r["role"] == "kept"),
+               keep_labels_kept=cert["keep"]["labels_kept"] - (cert["keep"]["count"] - len(xk)),
+               change_l1=cert["objective"], gap=cert["gap"], solver_s=cert["solver"].get("seconds"),
+               accuracy_before=_accuracy(src, xh, y[held_out]), accuracy_after=_accuracy(work / "fixed" / "repaired.onnx", xh, y[held_out]))
+    rec["drawdown"] = rec["accuracy_before"] - rec["accuracy_after"]
+    if marabou and NETWORKS[name][0] == "mnist":
+        rec["marabou"] = _marabou_checks(work / "fixed", report, marabou, marabou_cap)
+    return rec
+
+
+def run(data_dirs: dict, networks: tuple[str, ...] = tuple(NETWORKS), n: int = 15, epochs: int = 3, seed: int = 0,
+        marabou: int = 3, marabou_cap: float = 120.0, keep: int = 500) -> Path:
+    """Every (network, eps) of :data:`NETWORKS`; vnncomp.json."""
+    from benchmarks.common import machine, write_result
+
+    rows, trained = [], {}
+    for name in networks:
+        model, x, y, xk, train_s = _network(name, data_dirs, epochs, seed, keep)
+        trained[name] = {"train_seconds": train_s}
+        order = np.random.default_rng(seed).permutation(len(y))[:5 * n]
+        for eps in NETWORKS[name][2]:
+            with tempfile.TemporaryDirectory(prefix="cnnrepair-vnncomp-") as tmp:
+                rows.append(_case(model, name, eps, (x, y, xk), order, n, Path(tmp) / "case", marabou, marabou_cap))
+            r = rows[-1]
+            print(f"{name} eps {eps:.4g}: {r.get('before')} -> {r.get('status')}, proved after {r.get('proved_after')}, "
+                  f"{r['wall_s']:.1f} s", flush=True)
+    used = {NETWORKS[m][0] for m in networks}
+    dirs = " ".join(f"{flag} {data_dirs[k]}" for k, flag in (("mnist", "--data-dir"), ("cifar10", "--cifar-dir")) if k in used)
+    cmd = f"python -m benchmarks.run vnncomp {dirs} --networks {','.join(networks)} --n {n} --keep {keep} --marabou {marabou}"
+    return write_result("vnncomp.json", {"machine": machine(), "command": cmd,
+                                         "task": {"properties": n, "keep": keep, "epochs": epochs, "seed": seed, "marabou": marabou,
+                                                  "marabou_cap_s": marabou_cap}, "networks": trained, "rows": rows})
+
+
+def _marabou_cell(r: dict) -> str:
+    runs = r.get("marabou")
+    if not runs:
+        return "-"
+    if runs[0].get("status") == "not run":
+        return "not run"
+    answers = [m["answer"] for m in runs]
+    return ", ".join(f"{answers.count(a)} {a}" for a in sorted(set(answers)))
+
+
+def table(d: dict) -> str:
+    lines = ["| network | eps | properties | violated / proved / unknown before | status | proved after (repaired, kept) | "
+             "keep points keeping their label | change (L1) | s / property | accuracy before -> after | Marabou on repaired |",
+             "| --- | ---: | ---: | --- | --- | --- | --- | ---: | ---: | --- | --- |"]
+    for r in d["rows"]:
+        b = r.get("before", {})
+        after = ("-" if r.get("proved_after") is None else
+                 f"{r['proved_after']}/{r['properties']} ({r.get('repaired_proved_after', '-')}/{r.get('repaired', '-')}, "
+                 f"{r.get('kept_proved_after', '-')}/{r.get('kept', '-')})")
+        kept = f"{r['keep_labels_kept']}/{r['keep_points']}" if r.get("keep_labels_kept") is not None else "-"
+        acc = (f"{100 * r['accuracy_before']:.2f} -> {100 * r['accuracy_after']:.2f}" if "accuracy_after" in r else "-")
+        change = f"{r['change_l1']:.4g}" if r.get("change_l1") is not None else "-"
+        lines.append(f"| {r['network']} | {r['eps']:.4g} | {r['properties']} | {b.get('violated', '-')} / {b.get('holds', '-')} / "
+                     f"{b.get('unknown', '-')} | {r.get('status', '-')} | {after} | {kept} | {change} | "
+                     f"{r.get('seconds_per_property', float('nan')):.2f} | {acc} | {_marabou_cell(r)} |")
+    return "\n".join(lines)
+
+
+def _intro(d: dict) -> str:
+    t = d["task"]
+    return (f"{registry.measured_on(d)}. Networks trained here ({t['epochs']} epochs, seed {t['seed']}); {t['properties']} "
+            f"properties per row and {t['keep']} keep points (training images the network gets right), properties generated as VNN-COMP's mnistfc / oval21 generators do (random correctly classified test "
+            "images, the eps-ball clipped to [0, 1]); the whole `cnnrepair repair --instances` command in its own process "
+            "(seconds per property: its wall time over the properties, loading, checking, repairing, saving and re-checking "
+            "included). Proved after: on the saved file (CROWN); accuracy on 2,000 other test images (onnxruntime); Marabou: "
+            f"the first {t['marabou']} repaired properties on the repaired MNIST file, each capped at {t['marabou_cap_s']:g} s "
+            "(unsat: proved; a time-out decides nothing).")
+
+
+registry.section("vnncomp.json", order=96, title=lambda d: "### VNN-COMP's workflow: violated properties repaired, then proved",
+                 intro=_intro, table=table)
+
+
+@registry.command("vnncomp", "VNN-COMP-shaped networks (256x2, 256x4, ConvSmall) with generated properties: check, repair, prove",
+                  order=96, arguments=registry.arguments(
+                      registry.MNIST_DIR,
+                      registry.arg("--cifar-dir", type=Path, default=Path("../shared/datasets/cifar10-jpeg.tar.gz"),
+                                   help="the CIFAR-10 data (default ../shared/datasets/cifar10-jpeg.tar.gz)"),
+                      registry.arg("--networks", default=",".join(NETWORKS), help="comma-separated (256x2,256x4,convsmall)"),
+                      registry.arg("--n", type=int, default=15, help="properties per network and eps (default 15)"),
+                      registry.arg("--keep", type=int, default=500, help="keep points: training images the network gets right (default 500)"),
+                      registry.arg("--marabou", type=int, default=3, help="repaired properties Marabou re-checks per MNIST row"),
+                      registry.arg("--marabou-cap", type=float, default=120.0, help="seconds per Marabou run (default 120)")))
+def _cli(args):
+    return run({"mnist": args.data_dir, "cifar10": args.cifar_dir}, registry.names(args.networks, NETWORKS, "network"), args.n,
+               marabou=args.marabou, marabou_cap=args.marabou_cap, keep=args.keep)
