@@ -13,7 +13,8 @@ property within the cap. Then, as a user runs it, in its own process::
 
     cnnrepair repair model.onnx --instances instances.csv --keep keep.npz --out fixed/
 
-and from its files: how many properties were violated (a PGD counterexample), proved (CROWN) or
+(all the properties not proved, repaired together) and each such property alone in a run of its own
+(``--alone``: as one edits one violated property), and from the files: how many properties were violated (a PGD counterexample), proved (CROWN) or
 unknown before, how many are proved after on the saved model, the change, the seconds per
 property, the drawdown (clean accuracy on 2,000 other test images, before and after, onnxruntime)
 and, for the properties the repair made true on the MNIST networks, Marabou (an independent complete
@@ -111,7 +112,31 @@ def _marabou_checks(fixed: Path, report: list[dict], limit: int, cap: float) -> 
     return out
 
 
-def _case(model, name: str, eps: float, data: tuple, order: np.ndarray, n: int, work: Path, marabou: int, marabou_cap: float) -> dict:
+def _alone(src: Path, work: Path, report: list[dict], limit: int, time_limit: float) -> dict:
+    """The properties not proved before, each repaired on its own (with every proved property and the keep points kept),
+    the first ``limit`` of them: how many are repaired and proved after, and the seconds each whole command took."""
+    from benchmarks.common import run_cnnrepair
+
+    held = [work / r["file"] for r in report if r["before"] == "holds"]
+    todo = [r["file"] for r in report if r["before"] != "holds"][:limit]
+    runs = []
+    for i, name in enumerate(todo):
+        out = work / f"alone_{i}"
+        args = ["repair", str(src), "--vnnlib", str(work / name), *map(str, held), "--keep", str(work / "keep.npz"), "--out", str(out),
+                "--time-limit", f"{time_limit:g}"]
+        wall, _ = run_cnnrepair(args)
+        cert = json.loads((out / "certificate.json").read_text()) if (out / "certificate.json").exists() else {}
+        props = json.loads((out / "properties.json").read_text())["properties"] if (out / "properties.json").exists() else []
+        runs.append({"property": name, "status": cert.get("status", "failed"), "wall_s": wall,
+                     "proved_after": bool(props) and props[0].get("after") == "holds",
+                     "kept_proved_after": sum(p.get("after") == "holds" for p in props[1:]), "kept": len(props) - 1})
+    return {"tried": len(runs), "repaired": sum(r["status"] == "repaired" for r in runs),
+            "proved_after": sum(r["proved_after"] for r in runs), "median_wall_s": float(np.median([r["wall_s"] for r in runs])) if runs else None,
+            "runs": runs}
+
+
+def _case(model, name: str, eps: float, data: tuple, order: np.ndarray, n: int, work: Path, marabou: int, marabou_cap: float,
+          time_limit: float = 300.0, alone: int = 5) -> dict:
     """One (network, eps): properties written, ``cnnrepair repair --instances --keep`` run, its files read. ``data``: test
     inputs, test labels, keep inputs."""
     from benchmarks.common import run_cnnrepair
@@ -130,7 +155,8 @@ def _case(model, name: str, eps: float, data: tuple, order: np.ndarray, n: int, 
         (work / f"prop_{i}.vnnlib").write_text(BallProperty(x[k].numpy().reshape(-1), int(y[k]), eps, 10, (0.0, 1.0)).text())
         rows.append(f"model.onnx,prop_{i}.vnnlib,60\n")
     (work / "instances.csv").write_text("".join(rows))
-    args = ["repair", str(src), "--instances", str(work / "instances.csv"), "--keep", str(work / "keep.npz"), "--out", str(work / "fixed")]
+    args = ["repair", str(src), "--instances", str(work / "instances.csv"), "--keep", str(work / "keep.npz"), "--out", str(work / "fixed"),
+            "--time-limit", f"{time_limit:g}"]
     wall, proc = run_cnnrepair(args)
     rec = {"network": name, "eps": eps, "properties": len(picked), "keep_points": len(xk), "wall_s": wall,
            "command": "cnnrepair " + " ".join(a.replace(str(work), "WORK") for a in args)}
@@ -140,6 +166,8 @@ def _case(model, name: str, eps: float, data: tuple, order: np.ndarray, n: int, 
     report = json.loads(report_path.read_text())["properties"]
     before = {s: sum(r["before"] == s for r in report) for s in ("violated", "holds", "unknown")}
     rec.update(before=before, seconds_per_property=wall / max(len(report), 1))
+    if alone:
+        rec["alone"] = _alone(src, work, report, alone, time_limit)
     cert_path = work / "fixed" / "certificate.json"
     if not cert_path.exists():
         return {**rec, "status": "every property held", "proved_after": before["holds"]}
@@ -163,7 +191,7 @@ def _case(model, name: str, eps: float, data: tuple, order: np.ndarray, n: int, 
 
 
 def run(data_dirs: dict, networks: tuple[str, ...] = tuple(NETWORKS), n: int = 15, epochs: int = 3, seed: int = 0,
-        marabou: int = 3, marabou_cap: float = 120.0, keep: int = 500) -> Path:
+        marabou: int = 3, marabou_cap: float = 120.0, keep: int = 500, time_limit: float = 300.0, alone: int = 5) -> Path:
     """Every (network, eps) of :data:`NETWORKS`; vnncomp.json."""
     from benchmarks.common import machine, write_result
 
@@ -174,15 +202,17 @@ def run(data_dirs: dict, networks: tuple[str, ...] = tuple(NETWORKS), n: int = 1
         order = np.random.default_rng(seed).permutation(len(y))[:5 * n]
         for eps in NETWORKS[name][2]:
             with tempfile.TemporaryDirectory(prefix="cnnrepair-vnncomp-") as tmp:
-                rows.append(_case(model, name, eps, (x, y, xk), order, n, Path(tmp) / "case", marabou, marabou_cap))
+                rows.append(_case(model, name, eps, (x, y, xk), order, n, Path(tmp) / "case", marabou, marabou_cap, time_limit, alone))
             r = rows[-1]
             print(f"{name} eps {eps:.4g}: {r.get('before')} -> {r.get('status')}, proved after {r.get('proved_after')}, "
                   f"{r['wall_s']:.1f} s", flush=True)
     used = {NETWORKS[m][0] for m in networks}
     dirs = " ".join(f"{flag} {data_dirs[k]}" for k, flag in (("mnist", "--data-dir"), ("cifar10", "--cifar-dir")) if k in used)
-    cmd = f"python -m benchmarks.run vnncomp {dirs} --networks {','.join(networks)} --n {n} --keep {keep} --marabou {marabou}"
+    cmd = (f"python -m benchmarks.run vnncomp {dirs} --networks {','.join(networks)} --n {n} --keep {keep} --marabou {marabou} "
+           f"--marabou-cap {marabou_cap:g} --time-limit {time_limit:g} --alone {alone}")
     return write_result("vnncomp.json", {"machine": machine(), "command": cmd,
                                          "task": {"properties": n, "keep": keep, "epochs": epochs, "seed": seed, "marabou": marabou,
+                                                  "time_limit_s": time_limit, "alone": alone,
                                                   "marabou_cap_s": marabou_cap}, "networks": trained, "rows": rows})
 
 
@@ -196,10 +226,18 @@ def _marabou_cell(r: dict) -> str:
     return ", ".join(f"{answers.count(a)} {a}" for a in sorted(set(answers)))
 
 
+def _alone_cell(r: dict) -> str:
+    a = r.get("alone")
+    if not a or not a["tried"]:
+        return "-"
+    return f"{a['proved_after']}/{a['tried']} ({a['median_wall_s']:.1f} s)"
+
+
 def table(d: dict) -> str:
     lines = ["| network | eps | properties | violated / proved / unknown before | status | proved after (repaired, kept) | "
-             "keep points keeping their label | change (L1) | s / property | accuracy before -> after | Marabou on repaired |",
-             "| --- | ---: | ---: | --- | --- | --- | --- | ---: | ---: | --- | --- |"]
+             "keep points keeping their label | change (L1) | s / property | accuracy before -> after | Marabou on repaired | "
+             "each alone: repaired and proved (median s) |",
+             "| --- | ---: | ---: | --- | --- | --- | --- | ---: | ---: | --- | --- | --- |"]
     for r in d["rows"]:
         b = r.get("before", {})
         after = ("-" if r.get("proved_after") is None else
@@ -210,7 +248,7 @@ def table(d: dict) -> str:
         change = f"{r['change_l1']:.4g}" if r.get("change_l1") is not None else "-"
         lines.append(f"| {r['network']} | {r['eps']:.4g} | {r['properties']} | {b.get('violated', '-')} / {b.get('holds', '-')} / "
                      f"{b.get('unknown', '-')} | {r.get('status', '-')} | {after} | {kept} | {change} | "
-                     f"{r.get('seconds_per_property', float('nan')):.2f} | {acc} | {_marabou_cell(r)} |")
+                     f"{r.get('seconds_per_property', float('nan')):.2f} | {acc} | {_marabou_cell(r)} | {_alone_cell(r)} |")
     return "\n".join(lines)
 
 
@@ -222,11 +260,30 @@ def _intro(d: dict) -> str:
             "(seconds per property: its wall time over the properties, loading, checking, repairing, saving and re-checking "
             "included). Proved after: on the saved file (CROWN); accuracy on 2,000 other test images (onnxruntime); Marabou: "
             f"the first {t['marabou']} repaired properties on the repaired MNIST file, each capped at {t['marabou_cap_s']:g} s "
-            "(unsat: proved; a time-out decides nothing).")
+            f"(unsat: proved; a time-out decides nothing). Each repair runs with `--time-limit {t['time_limit_s']:g}`. "
+            f"Each alone: the first {t['alone']} properties not proved before, each repaired in a run of its own (the proved "
+            "properties and the keep points kept), as one edits one violated property; how many are repaired and proved after, "
+            "and the median seconds of the whole command.")
+
+
+def headline(d: dict) -> list[str]:
+    t = d["task"]
+    out = [f"**VNN-COMP's workflow** (networks of its shapes trained by the benchmark, {t['properties']} generated properties per "
+           f"row, {t['keep']} keep points; `{d['command']}`, {d['machine']['cores']} cores): `cnnrepair repair --instances` on all "
+           "the properties not proved, then each of them alone:", "",
+           "| network | eps | violated / proved / unknown before | all together: status, proved after | accuracy before -> after | "
+           "each alone: repaired and proved (median s) | Marabou on repaired |", "| --- | ---: | --- | --- | --- | --- | --- |"]
+    for r in d["rows"]:
+        b = r.get("before", {})
+        together = r.get("status", "-") + (f", {r['proved_after']}/{r['properties']}" if r.get("proved_after") is not None else "")
+        acc = f"{100 * r['accuracy_before']:.2f} -> {100 * r['accuracy_after']:.2f}" if "accuracy_after" in r else "-"
+        out.append(f"| {r['network']} | {r['eps']:.4g} | {b.get('violated', '-')} / {b.get('holds', '-')} / {b.get('unknown', '-')} | "
+                   f"{together} | {acc} | {_alone_cell(r)} | {_marabou_cell(r)} |")
+    return out + [""]
 
 
 registry.section("vnncomp.json", order=96, title=lambda d: "### VNN-COMP's workflow: violated properties repaired, then proved",
-                 intro=_intro, table=table)
+                 intro=_intro, table=table, headline=headline)
 
 
 @registry.command("vnncomp", "VNN-COMP-shaped networks (256x2, 256x4, ConvSmall) with generated properties: check, repair, prove",
@@ -238,7 +295,10 @@ registry.section("vnncomp.json", order=96, title=lambda d: "### VNN-COMP's workf
                       registry.arg("--n", type=int, default=15, help="properties per network and eps (default 15)"),
                       registry.arg("--keep", type=int, default=500, help="keep points: training images the network gets right (default 500)"),
                       registry.arg("--marabou", type=int, default=3, help="repaired properties Marabou re-checks per MNIST row"),
-                      registry.arg("--marabou-cap", type=float, default=120.0, help="seconds per Marabou run (default 120)")))
+                      registry.arg("--marabou-cap", type=float, default=120.0, help="seconds per Marabou run (default 120)"),
+                      registry.arg("--time-limit", type=float, default=300.0, help="the repair's --time-limit per row (default 300)"),
+                      registry.arg("--alone", type=int, default=5, help="properties not proved before, each also repaired on its own "
+                                   "(default: the first 5 per row)")))
 def _cli(args):
     return run({"mnist": args.data_dir, "cifar10": args.cifar_dir}, registry.names(args.networks, NETWORKS, "network"), args.n,
-               marabou=args.marabou, marabou_cap=args.marabou_cap, keep=args.keep)
+               marabou=args.marabou, marabou_cap=args.marabou_cap, keep=args.keep, time_limit=args.time_limit, alone=args.alone)

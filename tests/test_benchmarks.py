@@ -277,6 +277,8 @@ def test_vnncomp_benchmark_checks_repairs_and_reproves_generated_properties(tmp_
     assert rec["repaired"] == rec["before"]["violated"] + rec["before"]["unknown"] and rec["kept"] == rec["before"]["holds"]
     assert rec["repaired_proved_after"] == rec["repaired"]  # what the repair certified is proved on the saved file
     assert rec["keep_labels_kept"] == 10 and 0 <= rec["accuracy_after"] <= 1
+    alone = rec["alone"]  # each property not proved before, repaired on its own: here each one repairs
+    assert alone["tried"] == rec["repaired"] and alone["repaired"] == alone["proved_after"] == alone["tried"]
     if rec["marabou"][0].get("status") != "not run":
         assert rec["marabou"][0]["answer"] in ("unsat", "timeout")  # never sat: that would refute the repair
     table = vnncomp.table({"rows": [rec]})

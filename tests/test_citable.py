@@ -246,3 +246,29 @@ def test_evaluate_reports_robustness_after_repair_and_adversarial_keep_points_ar
         from cnnrepair.points import PointsSettings
 
         PointsSettings(keep_kind="fgsm").check()
+
+
+def test_an_nhwc_onnx_model_is_repaired_end_to_end_pointwise_and_over_balls(tmp_path, capsys):
+    """marabou-cifar10's convention: an ONNX graph taking N x H x W x C (a Transpose first). Points in its layout, a
+    pointwise and a ball repair from the file (the bounds go through the Transpose), each verified against the original."""
+    import warnings
+
+    net = _rgb_task(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_ChannelsLast(net).eval(), (torch.zeros(1, 4, 4, 3),), str(tmp_path / "nhwc.onnx"), dynamo=False,
+                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "b"}, "y": {0: "b"}})
+    assert main(["points", str(tmp_path / "nhwc.onnx"), "--npz", str(tmp_path / "rgb.npz"), "--kind", "fgsm", "--eps", "0.2",
+                 "--n", "4", "--keep", "30", "--out", str(tmp_path / "p")]) == 0
+    assert json.loads((tmp_path / "p" / "points.json").read_text())["input"]["layout"] == "nhwc"
+    pts, keep = tmp_path / "p" / "points.npz", tmp_path / "p" / "keep.npz"
+    for name, extra in (("pointwise", []), ("ball", ["--spec", "ball", "--eps", "0.002"])):
+        out = tmp_path / name
+        assert main(["repair", str(tmp_path / "nhwc.onnx"), "--points", str(pts), "--keep", str(keep), "--out", str(out),
+                     "--margin", "0.05", *extra]) == 0, name
+        cert = json.loads((out / "certificate.json").read_text())
+        assert cert["status"] == "repaired"
+        if name == "ball":
+            assert min(p["certified_margin_after"] for p in cert["points"]) >= 0.05
+        assert main(["verify", str(out / "certificate.json"), "--model", str(out / "repaired.onnx"), "--points", str(pts),
+                     "--keep", str(keep), "--original", str(tmp_path / "nhwc.onnx")]) == 0, name

@@ -216,9 +216,46 @@ def test_a_ball_repair_through_a_final_relu_certifies_the_label_logit_over_each_
         assert worst >= r.certificate.points[k].certified_margin_after - 1e-5
 
 
-@pytest.mark.parametrize("end", ["relu", "softmax"])
-def test_a_repair_inside_a_network_with_an_ending_is_refused_by_name(end):
-    net = _net(end)
-    x = torch.rand(4, 6)
-    with pytest.raises(CnnRepairError, match=f"a {end} follows the model's last linear layer '2'"):
-        repair_classifier(net, x, np.zeros(4, np.int64), layer="0")
+@pytest.mark.parametrize("end", ["relu", "softmax", "log_softmax"])
+def test_a_layer_inside_a_network_with_an_ending_is_repaired_through_it(end):
+    """The pattern-preserving program stops before the ending: margins are on the logits (log-probabilities for a softmax),
+    and a final ReLU adds the zero rival, so the label's own logit reaches the margin too."""
+    net = _net(end, seed=4, shift=-0.6 if end == "relu" else 0.0)
+    x = torch.rand(40, 6, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        z = net[:3](x)
+    y = ((z.argmax(1) + 1) % 4).numpy()
+    r = repair_classifier(net, x[:3], y[:3], RepairSpec(margin=0.2), layer="0", keep=x[3:])
+    assert r.ok, r.notes
+    cert = r.certificate
+    assert cert.layer_kind == "hidden-linear" and cert.ending["name"] == end and cert.patterns["kept"]
+    with torch.no_grad():
+        logits = r.model[:3](x[:3]).double().numpy()
+    assert np.all(margins_of(logits, y[:3], zero_rival=end == "relu") >= 0.2 - 1e-5)
+    assert min(p.margin_after for p in cert.points) >= 0.2  # measured on the model's own output, through its ending
+    if end == "relu":  # the final ReLU is not one of the patterns kept: it is the zero rival
+        plain = repair_classifier(_net("none", seed=4, shift=-0.6), x[:3], y[:3], RepairSpec(margin=0.2), layer="0", keep=x[3:])
+        assert cert.patterns["relu_values"] == plain.certificate.patterns["relu_values"]
+        assert cert.objective >= plain.certificate.objective * (1 - 1e-6)
+
+
+def test_a_hidden_layer_of_an_eran_style_onnx_model_is_repaired_and_verified(tmp_path):
+    net = _net("relu", seed=5, shift=-0.2)
+    _onnx_of(net, "relu", tmp_path / "m.onnx")
+    x = np.random.default_rng(2).random((40, 6)).astype(np.float32)
+    with torch.no_grad():
+        y = ((net[:3](torch.from_numpy(x)).argmax(1) + 1) % 4).numpy()
+    np.savez(tmp_path / "p.npz", x=x[:3], y=y[:3].astype(np.int64))
+    np.savez(tmp_path / "k.npz", x=x[3:])
+    out = tmp_path / "out"
+    assert main(["repair", str(tmp_path / "m.onnx"), "--layer", "fc1", "--points", str(tmp_path / "p.npz"), "--keep",
+                 str(tmp_path / "k.npz"), "--out", str(out), "--margin", "0.1"]) == 0
+    cert = json.loads((out / "certificate.json").read_text())
+    assert cert["layer_kind"] == "hidden-linear" and cert["ending"]["name"] == "relu"
+    assert np.all(_runtime_margins(out / "repaired.onnx", x[:3], y[:3], "relu") >= 0.1 - 1e-5)
+    args = ["verify", str(out / "certificate.json"), "--model", str(out / "repaired.onnx"), "--points", str(tmp_path / "p.npz"),
+            "--keep", str(tmp_path / "k.npz"), "--original", str(tmp_path / "m.onnx")]
+    assert main(args) == 0
+    del cert["ending"]
+    (out / "certificate.json").write_text(json.dumps(cert))
+    assert main(args) == 1

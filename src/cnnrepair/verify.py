@@ -43,6 +43,7 @@ from cnnrepair.repair.float32 import layer_scale
 from cnnrepair.repair.certificate import Certificate, below_margin, claims_off, witness_bound
 from cnnrepair.repair.measure import change_norms, change_summary, layout_margins, module_logits_fn
 from cnnrepair.repair.coincide import shared_features
+from cnnrepair.repair.ending import ending_record
 from cnnrepair.repair.program import GAP, MarginProblem
 
 RTOL = 1e-5  # relative tolerance for re-measured margins (float32 outputs)
@@ -162,13 +163,23 @@ def _layer(v: Verification, cert: Certificate, model: torch.nn.Module, points: P
     if lay.kind != cert.layer_kind or list(lay.shape) != list(cert.layer_shape):
         v.problems.append(f"layer {cert.layer!r} is a {lay.kind} layer of shape {list(lay.shape)}, the certificate says "
                           f"{cert.layer_kind} of shape {cert.layer_shape}")
-    found = getattr(lay, "ending", "none")
+    found = _ending_of(cert, model, points.x[:2], lay)
     if found != cert.ending_name:
-        v.problems.append(f"the model applies {found!r} after layer {cert.layer!r}, the certificate says {cert.ending_name!r}")
-    elif cert.ending is not None and cert.ending != lay.ending_record():
+        v.problems.append(f"the model applies {found!r} after its logits, the certificate says {cert.ending_name!r}")
+    elif cert.ending is not None and cert.ending != ending_record(found):
         v.problems.append(f"the ending's note is not this version's note for {found!r}")
     v.checked.append("layer, and what follows it")
     return lay
+
+
+def _ending_of(cert: Certificate, model: torch.nn.Module, sample: torch.Tensor, lay) -> str:
+    """What ends the model after its logits: found by the last layer's probe, or, for a layer inside the network, where the
+    network after it stops (:func:`cnnrepair.repair.suffix.suffix_ending`)."""
+    if _hidden(cert):
+        from cnnrepair.repair.suffix import suffix_ending
+
+        return suffix_ending(model, cert.layer, sample)
+    return lay.ending
 
 
 def _points(v: Verification, cert: Certificate, points: PointsFile) -> None:
@@ -339,9 +350,9 @@ def _against_original(v: Verification, cert: Certificate, spec: RepairSpec, orig
     layer = cert.layer
     repaired, lay1 = repaired_layer
     lay0 = _find_layer(cert, original, points.x[:2])
-    if getattr(lay0, "ending", "none") != cert.ending_name:
-        v.problems.append(f"the original model applies {getattr(lay0, 'ending', 'none')!r} after layer {layer!r}, the certificate "
-                          f"says {cert.ending_name!r}")
+    found0 = _ending_of(cert, original, points.x[:2], lay0)
+    if found0 != cert.ending_name:
+        v.problems.append(f"the original model applies {found0!r} after its logits, the certificate says {cert.ending_name!r}")
     names = set(lay0.parameter_names())
     later = list((cert.later_biases or {}).get("tensors", []))
     if later and not spec.later_biases:

@@ -79,6 +79,11 @@ def ending(name: str) -> Ending:
     return ENDINGS[name]
 
 
+def ending_record(name: str) -> dict | None:
+    """What a certificate records of an ending (None: nothing follows the layer)."""
+    return None if name == "none" else {"name": name, "note": ending(name).note}
+
+
 def probe_like(out: Tensor) -> Tensor:
     """A stand-in for a layer's output: mixed signs, no two rows alike, so every registered ending gives another output."""
     rows, cols = out.shape[0], int(np.prod(out.shape[1:])) if out.ndim > 1 else 1

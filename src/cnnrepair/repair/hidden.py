@@ -173,7 +173,7 @@ def hidden_program(model: nn.Module, name: str, x: Tensor, labels: np.ndarray, r
     prog.z0 = z
     with torch.no_grad():
         prog.outs0 = tuple(o.double() for o in _suffix64(prog)(x.double(), z))
-    ref = values[next(n for n in gm.graph.nodes if n.op == "output").args[0][0]].double()
+    ref = values[prog.suffix.logits_node].double()  # the model's logits (before a ReLU / softmax that ends it)
     if not torch.allclose(prog.outs0[0], ref, rtol=1e-4, atol=1e-5 * (1 + float(ref.abs().max()))):
         raise CnnRepairError(f"the network after layer {name!r} could not be re-run from the layer's output; report it with the model")
     return prog
@@ -240,14 +240,25 @@ def _passes(points: np.ndarray) -> list[np.ndarray]:
     return [order[rank == r] for r in range(int(rank.max(initial=-1)) + 1)]
 
 
+def _zero_rival(prog: HiddenProgram) -> bool:
+    """Does a ReLU end the model, so that each label's logit must also beat a rival fixed at 0 (class index C)?"""
+    return prog.suffix.ending == "relu"
+
+
+def _padded(prog: HiddenProgram, logits: np.ndarray) -> np.ndarray:
+    """The logits with the zero rival's column (all 0) appended when there is one."""
+    return np.hstack([logits, np.zeros((len(logits), 1))]) if _zero_rival(prog) else logits
+
+
 def _margin_rows(prog: HiddenProgram, points: np.ndarray, classes: np.ndarray) -> np.ndarray:
-    """z-gradients of ``logit[y_k] - logit[j_k]`` for pairs (point k, class j)."""
+    """z-gradients of ``logit[y_k] - logit[j_k]`` for pairs (point k, class j); class C is the zero rival (logit 0)."""
     out = np.zeros((len(points), prog.nz + len(prog.later_bias)))
+    C = prog.outs0[0].shape[1]
     for sel in _passes(points):
         cot = [torch.zeros_like(o) for o in prog.outs0]
-        pts = points[sel]
+        pts, cls = points[sel], classes[sel]
         cot[0][pts, prog.labels[pts]] += 1.0
-        cot[0][pts, classes[sel]] -= 1.0
+        cot[0][pts[cls < C], cls[cls < C]] -= 1.0
         out[sel] = _vjp_rows(prog, cot)[pts]
     return out
 
@@ -275,8 +286,8 @@ def _violations(prog: HiddenProgram, change: tuple, rows: _Rows, tol: float, act
     dz = _dz(prog, dW, db)
     t = _jvp(prog, dz, de)
     found = []
-    logits = (prog.outs0[0] + t[0]).numpy()
-    base = prog.outs0[0].numpy()
+    logits = _padded(prog, (prog.outs0[0] + t[0]).numpy())
+    base = _padded(prog, prog.outs0[0].numpy())
     N, C = logits.shape
     lab = prog.labels
     own = logits[np.arange(N), lab][:, None]
@@ -335,7 +346,7 @@ def _keep_short(prog: HiddenProgram, change: tuple, active: np.ndarray, tol: flo
             t = torch.as_tensor(sel)
             logits = suffix(prog.x[t].double(), z[t], *(v[t] for v in e))[0].numpy()
             req = prog.required[sel]
-            short.append(sel[margins_of(logits, prog.labels[sel]) < req - tol * (1 + np.abs(req))])
+            short.append(sel[margins_of(logits, prog.labels[sel], _zero_rival(prog)) < req - tol * (1 + np.abs(req))])
     return np.concatenate(short)
 
 
@@ -622,15 +633,16 @@ def solve_hidden(prog: HiddenProgram, time_limit: float | None = None) -> Margin
     rows = prog.warm.get("rows")
     if rows is None:
         rows = _Rows()
-        base = prog.outs0[0].numpy()
+        base = _padded(prog, prog.outs0[0].numpy())
         init = [(("margin", k, j), float(prog.required[k] - (base[k, prog.labels[k]] - base[k, j])), 1.0)
-                for k in range(K) for j in range(C) if j != prog.labels[k]]
+                for k in range(K) for j in range(base.shape[1]) if j != prog.labels[k]]
         _add_rows(prog, rows, init)
     else:  # a re-solve with raised margins: the same rows, their right-hand sides from the new requirements
         for r, key in enumerate(rows.what):
             if key[0] == "margin":
                 k, j = key[1], key[2]
-                rows.rhs[r] = float(prog.required[k] - (prog.outs0[0][k, prog.labels[k]] - prog.outs0[0][k, j]))
+                rival = float(prog.outs0[0][k, j]) if j < C else 0.0  # class C: the zero rival
+                rows.rhs[r] = float(prog.required[k] - (float(prog.outs0[0][k, prog.labels[k]]) - rival))
     # columns: every entry of a small weight; otherwise the best-priced ones, generated as needed
     cols = prog.warm.get("cols")
     if cols is None and n_w <= ALL_COLUMNS:

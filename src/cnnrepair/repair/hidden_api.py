@@ -22,6 +22,7 @@ from cnnrepair.errors import CnnRepairError
 from cnnrepair.repair.certificate import Certificate, KeepClaim, PointClaim
 from cnnrepair.repair.float32 import change_linf, conditioning, ill_conditioned, solve_in_float32
 from cnnrepair.repair.hidden import HiddenProgram, hidden_program, solve_hidden, written
+from cnnrepair.repair.ending import ending_record
 from cnnrepair.repair.inputs import Points, SolveOptions, as_inputs, check_labels
 from cnnrepair.repair.outcome import ClassifierRepair
 from cnnrepair.repair.program import MarginSolution
@@ -41,24 +42,11 @@ def refuse_unsupported(spec: RepairSpec, layer: str) -> None:
         raise CnnRepairError("repair of a layer inside the network takes hard keep points only; drop --keep-price")
 
 
-def _refuse_ending(model: nn.Module, xt: torch.Tensor, layer: str) -> None:
-    """A ReLU, softmax or log-softmax after the last linear layer is handled for that layer's repair only (for now)."""
-    from cnnrepair.repair.layer import ending_layer, last_layer
-
-    last = ending_layer(model, xt)
-    end = last_layer(model, xt, last).ending if last is not None else "none"
-    if end != "none":
-        raise CnnRepairError(f"a {end} follows the model's last linear layer {last!r}: repair of layer {layer!r} inside the network "
-                             f"needs the last layer's output to be the model's output; repair layer {last!r} (the {end} is handled "
-                             "there), or remove the ending from the model")
-
-
 def repair_hidden(model: nn.Module, xt: torch.Tensor, ya: np.ndarray, keep: Points | None, spec: RepairSpec, layer: str,
                   options: SolveOptions) -> ClassifierRepair:
     """Repair layer ``layer`` (not the one that ends the model) so that ``xt`` get labels ``ya``."""
     t0 = time.perf_counter()
     refuse_unsupported(spec, layer)
-    _refuse_ending(model, xt, layer)
     C = model_logits(model, xt[:1]).shape[1]
     check_labels(ya, C, "repair points")
     kx, ky = None, np.zeros(0, np.int64)
@@ -70,9 +58,10 @@ def repair_hidden(model: nn.Module, xt: torch.Tensor, ya: np.ndarray, keep: Poin
     X = xt if kx is None else torch.cat([xt, kx])
     labels = np.concatenate([ya, ky]).astype(np.int64)
     required = np.concatenate([np.full(K, spec.margin), np.full(NK, spec.keep_margin)])
-    base = robust_margins(model, xt, ya)
-    keep_before = robust_margins(model, kx, ky) if NK else np.zeros(0)
     prog = hidden_program(model, layer, X, labels, required, K, spec.freeze_bias, spec.max_change, spec.later_biases)
+    ending = prog.suffix.ending  # margins are measured through a ReLU / softmax that ends the model
+    base = robust_margins(model, xt, ya, ending)
+    keep_before = robust_margins(model, kx, ky, ending) if NK else np.zeros(0)
     if spec.later_biases and not prog.later:
         raise CnnRepairError(f"--later-biases: no linear or convolution layer with a bias comes after layer {layer!r}")
 
@@ -87,8 +76,8 @@ def repair_hidden(model: nn.Module, xt: torch.Tensor, ya: np.ndarray, keep: Poin
 
     def measure(sol):
         repaired = written(prog, model, sol.delta_weight, sol.delta_bias, sol.delta_later)
-        after = robust_margins(repaired, xt, ya)
-        keep_after = robust_margins(repaired, kx, ky) if NK else np.zeros(0)
+        after = robust_margins(repaired, xt, ya, ending)
+        keep_after = robust_margins(repaired, kx, ky, ending) if NK else np.zeros(0)
         return repaired, np.concatenate([after, keep_after]), (after, keep_after)
 
     rounding = 8 * np.finfo(np.float32).eps * (1 + np.abs(prog.outs0[0].numpy()).max(1))
@@ -151,7 +140,7 @@ def _certificate(prog: HiddenProgram, spec: RepairSpec, status: str, sol: Margin
                        labels=[int(v) for v in ky]),
         solver={"name": "cnnrepair.repair.hidden (pattern-preserving LP on HiGHS, row and column generation)", "status": sol.status,
                 "seconds": sol.seconds, **sol.size},
-        lower_bound_witness={},
+        lower_bound_witness={}, ending=ending_record(prog.suffix.ending),
         conditioning=conditioning(prog.weight, prog.bias, spec, summary["linf"] if repaired else change_linf(sol)),
         patterns={"kept": True, "relu_values": len(prog.suffix.relus), "maxpool_values": len(prog.suffix.pools),
                   "keep_points_with_patterns": _keep_in_program(prog),

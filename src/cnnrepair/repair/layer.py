@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.graph_linear import linear_nodes as _linear_nodes
-from cnnrepair.repair.ending import ENDINGS, find_ending, matches, probe_like
+from cnnrepair.repair.ending import ENDINGS, ending_record, find_ending, matches, probe_like
 from cnnrepair.runtime import eval_mode, first_output, model_device
 
 
@@ -88,7 +88,7 @@ class LastLayer:
 
     def ending_record(self) -> dict | None:
         """What a certificate records of the ending (None: nothing follows the layer)."""
-        return None if self.ending == "none" else {"name": self.ending, "note": ENDINGS[self.ending].note}
+        return ending_record(self.ending)
 
     def _module(self) -> nn.Module:
         return self.model.get_submodule(self.name)

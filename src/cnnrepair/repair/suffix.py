@@ -29,6 +29,9 @@ LINEAR = {aten.linear.default}
 CONV = {aten.conv2d.default, aten.convolution.default}
 RELU = {aten.relu.default, aten.relu_.default}
 MAXPOOL = {aten.max_pool2d.default, aten.max_pool2d_with_indices.default}
+# what may end the model after its logits (cnnrepair.repair.ending): the suffix stops before it, and the program is told
+ENDING_OPS = {aten.relu.default: "relu", aten.relu_.default: "relu", aten._softmax.default: "softmax", aten.softmax.int: "softmax",
+              aten._log_softmax.default: "log_softmax", aten.log_softmax.int: "log_softmax"}
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,8 @@ class Suffix:
     relus: list[int]  # positions (in the outputs after the logits) of ReLU inputs
     pools: list[tuple[int, tuple]]  # positions of max-pool inputs, with (kernel, stride, padding, dilation)
     added: list[tuple[int, ...]] = field(default_factory=list)  # per later layer whose bias may move: its per-point shape
+    ending: str = "none"  # a ReLU, softmax or log-softmax after the logits (the suffix's first output is before it)
+    logits_node: object = None  # the graph's node whose value the first output reproduces
 
     def __call__(self, x: Tensor, z: Tensor, *e: Tensor) -> tuple[Tensor, ...]:
         """The outputs at ``(x, z)``, each later bias changed by ``e`` (per point; zero when not given)."""
@@ -112,10 +117,13 @@ def build_suffix(gm: torch.fx.GraphModule, layer: torch.fx.Node, values: dict, n
     logits = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
     if logits not in dep:
         raise CnnRepairError(f"the model's output does not depend on layer {name!r}; nothing to repair there")
+    end_node, ending = _ending_node(logits, layer, values)
+    if end_node is not None:
+        logits = end_node.args[0]
     consts = {n: v for n, v in values.items() if n not in dep}
     watched, relus, pools = [], [], []
     for node in gm.graph.nodes:
-        if node not in dep or node is layer:
+        if node not in dep or node is layer or node is end_node:
             continue
         deps = [a for a in node.all_input_nodes if a in dep]
         val = values.get(node)
@@ -165,7 +173,21 @@ def build_suffix(gm: torch.fx.GraphModule, layer: torch.fx.Node, values: dict, n
     module = torch.fx.GraphModule(gm, g)
     module.graph.eliminate_dead_code()
     module.recompile()
-    return Suffix(module, relus, pools, added)
+    return Suffix(module, relus, pools, added, ending, logits)
+
+
+def _ending_node(out: torch.fx.Node, layer: torch.fx.Node, values: dict) -> tuple[torch.fx.Node | None, str]:
+    """The model's output node when it is a registered ending (a ReLU, or a softmax / log-softmax over the last axis) of
+    something after ``layer``, and that ending's name; (None, "none") otherwise."""
+    name = ENDING_OPS.get(out.target) if isinstance(out, torch.fx.Node) and out.op == "call_function" else None
+    if name is None or not isinstance(out.args[0], torch.fx.Node) or out.args[0] is layer:
+        return None, "none"
+    if name != "relu":
+        val = values.get(out)
+        dim = out.args[1] if len(out.args) > 1 else out.kwargs.get("dim")
+        if not isinstance(val, Tensor) or not isinstance(dim, int) or dim % val.ndim != val.ndim - 1:
+            return None, "none"
+    return out, name
 
 
 def traced(model: nn.Module, x: Tensor) -> torch.fx.GraphModule:
@@ -211,6 +233,11 @@ def _watched(model: nn.Module, name: str, x: Tensor) -> tuple[Suffix, tuple]:
     with torch.no_grad():
         outs = suf(x, vals[node])
     return suf, outs
+
+
+def suffix_ending(model: nn.Module, name: str, x: Tensor) -> str:
+    """What ends the model after its logits, as a repair of layer ``name`` sees it (``none``, ``relu``, ``softmax``, ...)."""
+    return _watched(model, name, x)[0].ending
 
 
 def patterns(model: nn.Module, name: str, x: Tensor) -> list[np.ndarray]:
