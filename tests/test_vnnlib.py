@@ -398,3 +398,21 @@ def margins_of_after(out: np.ndarray, y: np.ndarray) -> np.ndarray:
     rival = out.copy()
     rival[np.arange(len(y)), y] = -np.inf
     return own - rival.max(1)
+
+
+def test_a_property_check_takes_the_larger_of_its_two_sound_bounds(tmp_path):
+    from cnnrepair.bounds import feature_bounds
+    from cnnrepair.certify import certify_boxes, worst_margins
+    from cnnrepair.repair import last_layer
+    from cnnrepair.vnnlib import check_properties, property_boxes
+
+    _, props, net = _eran_style(tmp_path)
+    model = nn.Sequential(*net, nn.ReLU()).eval()
+    parsed = [read_vnnlib(p) for p in props]
+    checks = check_properties(model, parsed, (5,))
+    lo, hi, y = property_boxes(parsed, (5,), 3)
+    lay = last_layer(model, torch.as_tensor(lo[:2], dtype=torch.float32))
+    crown = certify_boxes(model, lo, hi, y).margins
+    box = worst_margins(feature_bounds(model, lay.name, torch.as_tensor(lo), torch.as_tensor(hi)), y, lay.weight, lay.bias, True)
+    assert np.allclose([c.bound for c in checks], np.maximum(crown, box))
+    assert all((c.status == "holds") == (c.bound > 0) for c in checks if c.status != "violated")
