@@ -315,6 +315,7 @@ def test_repair_from_instances_csv_takes_the_models_lines_and_marabou_proves_wha
     (["--points", "p.npz"], "not both"),
     (["--spec", "pointwise"], "drop --spec pointwise"),
     (["--eps", "0.1"], "--eps does not apply"),
+    (["--keep-eps", "0.1"], "--keep-eps does not apply"),
 ])
 def test_property_repair_refuses_options_that_do_not_apply_in_one_line(tmp_path, capsys, extra, message):
     model, props, _ = _eran_style(tmp_path)

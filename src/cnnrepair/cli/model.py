@@ -156,7 +156,8 @@ def _property_job(args: argparse.Namespace, props: tuple, timeouts: tuple):
         raise CnnRepairError("give the repair points: --points P.npz, or VNN-LIB properties with --vnnlib P.vnnlib (or --instances instances.csv)")
     if args.spec not in (None, "ball"):
         raise CnnRepairError(f"VNN-LIB properties are input boxes, repaired with the ball spec; drop --spec {args.spec}")
-    for flag, value in (("--eps", args.eps), ("--mean", args.mean), ("--std", args.std), ("--layer", args.layer)):
+    for flag, value in (("--eps", args.eps), ("--mean", args.mean), ("--std", args.std), ("--layer", args.layer),
+                        ("--keep-eps", args.keep_eps or None)):
         if value is not None:
             raise CnnRepairError(f"{flag} does not apply to VNN-LIB properties (their boxes are in the model's units and repair the "
                                  "last layer); drop it")
