@@ -106,16 +106,17 @@ class RepairFiles:
     input_shape: tuple[int, ...] | None = None
 
 
-def prepare(files: RepairFiles, spec: RepairSpec, layer: str | None = None, ball: BallInputs | None = None) -> RepairJob:
+def prepare(files: RepairFiles, spec: RepairSpec, layer: str | None = None, ball: BallInputs | None = None, *,
+            loaded: LoadedModel | None = None) -> RepairJob:
     """Load and check every input (raises CnnRepairError naming the problem); writes nothing.
 
     ``ball``: how the ball spec's balls are taken (default: pixels as they are, in [0, 1]); only
-    the ball spec takes one."""
+    the ball spec takes one. ``loaded``: ``files.model`` as the caller loaded it already (not read again)."""
     if ball is not None and spec.kind != "ball":
         raise CnnRepairError(f"input balls (a mean, std or range) describe the ball spec; the {spec.kind} spec takes none")
     model_path, points_path, keep_path = Path(files.model), Path(files.points), files.keep
     points = load_points(points_path, "points file")
-    model = load_model(model_path, files.factory, files.input_shape or tuple(points.x.shape[1:]))
+    model = loaded or load_model(model_path, files.factory, files.input_shape or tuple(points.x.shape[1:]))
     keep = load_points(keep_path, "keep file", labels_required=False) if keep_path is not None else None
     for pts in (points, keep):
         if pts is None:
@@ -210,10 +211,11 @@ def repair_into(job: RepairJob, stage: Path, options: SolveOptions | None = None
     """The repair of :func:`run` inside a folder being staged: ``stage/repaired.<format>`` written (when the spec holds on
     the saved file), the certificate returned for the caller to complete and write."""
     keep = job.keep
-    boxes = (job.points.boxes or _boxes(job, job.points.x)) if job.spec.kind == "ball" else None
-    keep_in = (keep.boxes if job.spec.kind == "ball" and keep is not None and keep.boxes is not None else
-               job.ball.boxes(keep.x, job.spec.keep_eps) if job.spec.kind == "ball" and job.spec.keep_eps > 0 and keep is not None
-               else None)  # the keep file's boxes, or the keep balls in the same convention (mean, std, range) as the repair balls
+    boxes = keep_in = None
+    if job.spec.kind == "ball":  # the files' boxes, or the balls (the keep balls in the same convention as the repair balls)
+        boxes = job.points.boxes or _boxes(job, job.points.x)
+        if keep is not None:
+            keep_in = keep.boxes or (job.ball.boxes(keep.x, job.spec.keep_eps) if job.spec.keep_eps > 0 else None)
     result = repair_classifier(job.model.module, Points(job.points.x, job.points.y, boxes=boxes), spec=job.spec, layer=job.layer,
                                keep=None if keep is None else Points(keep.x, keep.y, boxes=keep_in), options=options)
     cert = result.certificate

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cnnrepair.errors import CnnRepairError
+
 _LOG_FLOOR = float(np.log(np.finfo(np.float32).smallest_subnormal))
 
 
@@ -72,8 +74,6 @@ register_ending(Ending("softmax", lambda z: torch.softmax(z, -1), _log_probabili
 
 def ending(name: str) -> Ending:
     """The registered ending ``name`` (a one-line error naming the known ones otherwise)."""
-    from cnnrepair.errors import CnnRepairError
-
     if name not in ENDINGS:
         raise CnnRepairError(f"unknown model ending {name!r}; known: {', '.join(ENDINGS)}")
     return ENDINGS[name]

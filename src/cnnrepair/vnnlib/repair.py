@@ -150,10 +150,6 @@ class PropertyRepair:
     certificate: Certificate | None
     records: list[dict]
 
-    @property
-    def status(self) -> str:
-        return "held" if self.certificate is None else self.certificate.status
-
 
 def repair_properties(plan: PropertyPlan, spec: RepairSpec, out: Path, options: SolveOptions | None = None,
                       overwrite: bool = False) -> PropertyRepair:
@@ -176,7 +172,7 @@ def repair_properties(plan: PropertyPlan, spec: RepairSpec, out: Path, options: 
             _points(plan, held, stage / "keep.npz", plan.keep)
         files = RepairFiles(plan.model.path, stage / "points.npz", stage / "keep.npz" if has_keep else None,
                             plan.model.factory, plan.input_shape)
-        job = prepare(files, spec)
+        job = prepare(files, spec, loaded=plan.model)  # the model read and checked by plan_properties
         cert = repair_into(job, stage, options)
         cert.properties = [{"file": plan.files[i].name, "sha256": sha256(plan.files[i]), "set": which, "index": k}
                            for which, idx in (("points", todo), ("keep", held)) for k, i in enumerate(idx)]
