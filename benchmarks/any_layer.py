@@ -52,8 +52,9 @@ def train(shape: str, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) 
 
 
 def run(data_dir: Path, shapes: tuple[str, ...] = tuple(SHAPES), repair_images: int = 100, keep_images: int = 1000,
-        margin: float = 0.05, epochs: int = 3, seed: int = 0, time_limit: float = 600.0) -> Path:
-    """Every (network, layer, keep) case; writes benchmarks/results/any_layer.json."""
+        margin: float = 0.05, epochs: int = 3, seed: int = 0, time_limit: float = 600.0, norm: str = "l1") -> Path:
+    """Every (network, layer, keep) case; writes benchmarks/results/any_layer.json (``any_layer_<norm>.json`` for a norm
+    other than L1)."""
     from benchmarks.common import machine, write_result
     from cnnrepair import RepairSpec, SolveOptions, repair_classifier
     from cnnrepair.corruptions import fog
@@ -84,7 +85,7 @@ def run(data_dir: Path, shapes: tuple[str, ...] = tuple(SHAPES), repair_images: 
                  for later in ((False,) if layer == linear[-1] else (False, True)) for keep in (False, True)]
         for layer, keep, later in cases:
             t1 = time.perf_counter()
-            r = repair_classifier(model, xr, yr, RepairSpec(margin=margin, later_biases=later), layer=layer,
+            r = repair_classifier(model, xr, yr, RepairSpec(margin=margin, later_biases=later, norm=norm), layer=layer,
                                   keep=(xk, yk) if keep else None, options=SolveOptions(time_limit=time_limit))
             seconds = time.perf_counter() - t1
             where = "last" if layer == linear[-1] else f"hidden ({len(linear) - 1 - linear.index(layer)} before the last)"
@@ -110,16 +111,28 @@ def run(data_dir: Path, shapes: tuple[str, ...] = tuple(SHAPES), repair_images: 
         command += f" --shapes {','.join(shapes)}"
     if keep_images != 1000:
         command += f" --keep {keep_images}"
+    if norm != "l1":
+        command += f" --norm {norm}"
     out = {"machine": machine(), "command": command,
            "task": {"corruption": "fog", "severity": 5, "seed": seed, "repair_images": repair_images,
                     "generalisation_images": int(len(yg)), "keep_images": keep_images, "margin": margin, "spec": "pointwise",
-                    "norm": "l1", "time_limit": time_limit, "fog_seconds": fog_s, "training": f"Adam lr 1e-3, batch 128, {epochs} epochs, seed {seed}"},
+                    "norm": norm, "time_limit": time_limit, "fog_seconds": fog_s, "training": f"Adam lr 1e-3, batch 128, {epochs} epochs, seed {seed}"},
            "networks": nets,
            "peers": {"APRNN (PLDI'23), 9x200, as reported": {"drawdown": 1.38, "generalisation": 24.7, "seconds": 455,
                                                              "machine": "Gurobi, 32 cores"},
                      "PRDNN (PLDI'21), 9x200, as reported": {"drawdown": 3.92, "generalisation": 6.55}},
            "rows": rows}
-    return write_result("any_layer.json", out)
+    return write_result(result_name(norm), out)
+
+
+def result_name(norm: str) -> str:
+    """The results file of a run in ``norm``."""
+    return "any_layer.json" if norm == "l1" else f"any_layer_{norm.replace('+', '_')}.json"
+
+
+def _norm_words(d: dict) -> str:
+    norm = d["task"].get("norm", "l1")
+    return {"l1": "L1", "linf": "L-infinity", "l1+linf": "mean + max |change|, APRNN's and PRDNN's objective"}[norm]
 
 
 def table(d: dict) -> str:
@@ -149,7 +162,8 @@ def table(d: dict) -> str:
 def headline(d: dict) -> list[str]:
     """README lines: per network, with 1,000 keep points, the last layer against the best hidden-layer repair."""
     out = ["**Repair of a layer inside the network** (APRNN's MNIST fog task, networks trained by the benchmark; "
-           f"100 fog repair points, {d['task']['keep_images']:,} keep points; `{d['command']}`, {d['machine']['cores']} cores):", "",
+           f"100 fog repair points, {d['task']['keep_images']:,} keep points, minimal {_norm_words(d)}; `{d['command']}`, "
+           f"{d['machine']['cores']} cores):", "",
            "| network | last layer: drawdown / generalisation / s | hidden layer with the least drawdown: drawdown / generalisation / s |",
            "| --- | --- | --- |"]
     for net in d["networks"]:
@@ -174,7 +188,7 @@ def headline(d: dict) -> list[str]:
 def _intro(d: dict) -> str:
     t = d["task"]
     return (f"`{d['command']}`: networks trained here ({t['training']}); fog severity {t['severity']} on the MNIST test set "
-            f"(seed {t['seed']}); repair the first {t['repair_images']} fog images (pointwise, L1, margin {t['margin']:g}), "
+            f"(seed {t['seed']}); repair the first {t['repair_images']} fog images (pointwise, minimal {_norm_words(d)}, margin {t['margin']:g}), "
             f"generalisation on the other {t['generalisation_images']:,}, drawdown on the clean test set; keep points: "
             f"{t['keep_images']:,} clean training images the network gets right; a hidden layer's repair keeps every repair "
             "point's ReLU pattern and a keep point's when the change would cost it its margin; later biases free: the biases "
@@ -182,7 +196,12 @@ def _intro(d: dict) -> str:
             f"{d['machine']['measured']}.")
 
 
-registry.section("any_layer.json", order=175, title=lambda d: "### Repair of a layer inside the network (APRNN's MNIST fog task)",
+def _title(d: dict) -> str:
+    norm = d["task"].get("norm", "l1")
+    return "### Repair of a layer inside the network (APRNN's MNIST fog task" + ("" if norm == "l1" else f", norm {norm}") + ")"
+
+
+registry.section("any_layer*.json", order=175, title=_title,
                  intro=_intro, table=table, headline=headline)
 
 
@@ -191,6 +210,8 @@ registry.section("any_layer.json", order=175, title=lambda d: "### Repair of a l
                       registry.MNIST_DIR,
                       registry.arg("--shapes", default=",".join(SHAPES), help="comma-separated network shapes (3x100,9x100,9x200)"),
                       registry.arg("--time-limit", type=float, default=600.0, help="seconds per repair"),
-                      registry.arg("--keep", type=int, default=1000, help="keep points in the runs with keep points")))
+                      registry.arg("--keep", type=int, default=1000, help="keep points in the runs with keep points"),
+                      registry.arg("--norm", choices=["l1", "linf", "l1+linf"], default="l1",
+                                   help="the change's norm (l1+linf: APRNN's and PRDNN's mean + max; default: l1)")))
 def _cli(args):
-    return run(args.data_dir, registry.names(args.shapes, SHAPES, "shape"), keep_images=args.keep, time_limit=args.time_limit)
+    return run(args.data_dir, registry.names(args.shapes, SHAPES, "shape"), keep_images=args.keep, time_limit=args.time_limit, norm=args.norm)

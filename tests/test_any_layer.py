@@ -14,16 +14,18 @@ from torch.func import functional_call, jacrev
 
 from cnnrepair import CnnRepairError, Points, RepairSpec, repair_classifier
 from cnnrepair.cli import main
-from cnnrepair.repair.hidden import hidden_program, solve_hidden, written
+from cnnrepair.repair.hidden import LayerChange, hidden_program, solve_hidden, written
 from tests.helpers import last_error_line
 
 
 def _independent_optimum(model: nn.Sequential, layer: str, x: torch.Tensor, labels: np.ndarray, required: np.ndarray,
-                         pools: dict[str, tuple[int, int, int]] | None = None, later: tuple[str, ...] = ()):
+                         pools: dict[str, tuple[int, int, int]] | None = None, later: tuple[str, ...] = (), norm: str = "l1",
+                         max_change: float | None = None):
     """The whole pattern-preserving program written out row by row from the real network's Jacobians with respect to the
     layer's weight and bias (and the biases of the layers ``later``; float64, torch.func), solved by scipy's HiGHS: every
-    margin of every point, every ReLU input after the layer, every max-pool window (2x2, stride 2) after it. Returns
-    scipy's result (``n_rows``: its rows)."""
+    margin of every point, every ReLU input after the layer, every max-pool window (2x2, stride 2) after it; the change
+    minimal in ``norm`` (an L-infinity part as a variable t >= d+ + d- of every entry), each entry within
+    ``max_change``. Returns scipy's result (``n_rows``: its rows)."""
     model = model.double()
     x = x.double()
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -75,7 +77,21 @@ def _independent_optimum(model: nn.Sequential, layer: str, x: torch.Tensor, labe
             h.remove()
         model.float()
     A = np.array(rows)
-    res = linprog(np.ones(A.shape[1]), A_ub=-A, b_ub=-np.array(rhs), bounds=(0, None), method="highs")
+    n = A.shape[1] // 2  # entries that may change (d+ and d- of each)
+    a, b = {"l1": (1.0, 0.0), "linf": (0.0, 1.0), "l1+linf": (1.0 / n, 1.0)}[norm]
+    A_ub, b_ub, cost = -A, -np.array(rhs), np.full(2 * n, a)
+    if b:  # one more column t, and d+_e + d-_e - t <= 0 for every entry e (the entries' d+ and d- lie in the blocks of row())
+        A_ub = np.hstack([A_ub, np.zeros((len(A_ub), 1))])
+        link, at = [], 0
+        for size in (int(params[name].numel()) for name in moved):
+            for e in range(size):
+                r = np.zeros(2 * n + 1)
+                r[at + e] = r[at + size + e] = 1.0
+                r[-1] = -1.0
+                link.append(r)
+            at += 2 * size
+        A_ub, b_ub, cost = np.vstack([A_ub, link]), np.concatenate([b_ub, np.zeros(len(link))]), np.append(cost, b)
+    res = linprog(cost, A_ub=A_ub, b_ub=b_ub, bounds=(0, max_change), method="highs")
     res.n_rows = len(rows)
     return res
 
@@ -114,7 +130,7 @@ def test_the_optimum_equals_an_independent_lp_of_the_same_pattern_preserving_pro
     labels = _task(model, x, K)
     required = np.concatenate([np.full(K, 0.05), np.zeros(len(x) - K)])
     # every keep point in the program from the start: the whole pattern-preserving program
-    prog = hidden_program(model, layer, x, labels, required, K, later_biases=later_biases)
+    prog = hidden_program(model, layer, x, labels, required, K, LayerChange(later_biases=later_biases))
     assert [name for name, _, _ in prog.later] == list(later)
     prog.warm["active"] = np.ones(len(x), bool)
     sol = solve_hidden(prog)
@@ -129,7 +145,7 @@ def test_the_optimum_equals_an_independent_lp_of_the_same_pattern_preserving_pro
         assert fixed.status == 2 or sol.objective <= fixed.fun * (1 + 1e-6)
     # as repair runs it: keep points enter only when the change would cost them their margin; the optimum is then the
     # independent program's over the points that entered, and every other keep point keeps its margin on the network
-    prog = hidden_program(model, layer, x, labels, required, K, later_biases=later_biases)
+    prog = hidden_program(model, layer, x, labels, required, K, LayerChange(later_biases=later_biases))
     sol = solve_hidden(prog)
     active = prog.warm["active"]
     assert sol.ok and active[:K].all()
@@ -140,6 +156,37 @@ def test_the_optimum_equals_an_independent_lp_of_the_same_pattern_preserving_pro
     own = out[np.arange(len(x)), labels]
     other = np.where(np.eye(out.shape[1], dtype=bool)[labels], -np.inf, out).max(1)
     assert (own - other >= required - 1e-5)[~active].all()  # the written model is float32
+
+
+@pytest.mark.parametrize("norm, max_change", [("linf", None), ("l1+linf", None), ("l1", 0.02), ("linf", 0.5), ("l1+linf", 3.0)])
+@pytest.mark.parametrize("net", ["mlp", "cnn-conv", "mlp-later-biases"])
+def test_every_norm_and_bound_reaches_the_optimum_of_an_independent_lp(norm, max_change, net):
+    torch.manual_seed(7)
+    if net == "cnn-conv":
+        model, layer, x, pools, K = _cnn(), "2", torch.rand(12, 1, 8, 8), {"4": (8, 4, 4)}, 2
+    else:
+        model, layer, x, pools, K = _mlp(), "2" if net == "mlp" else "0", torch.randn(30, 6), None, 5
+    later = ("2", "4") if net == "mlp-later-biases" else ()
+    labels = _task(model, x, K)
+    required = np.concatenate([np.full(K, 0.05), np.zeros(len(x) - K)])
+    change = LayerChange(norm=norm, max_change=max_change, later_biases=bool(later))
+    for keep in (True, False):  # every keep point in the program, then the repair points alone
+        n = len(x) if keep else K
+        ref = _independent_optimum(model, layer, x[:n], labels[:n], required[:n], pools, later, norm, max_change)
+        prog = hidden_program(model, layer, x[:n], labels[:n], required[:n], K, change)
+        prog.warm["active"] = np.ones(n, bool)
+        sol = solve_hidden(prog)
+        if ref.status == 2:  # a tight bound can make the program infeasible: then both must say so
+            assert sol.status == "infeasible", (norm, max_change, net, keep)
+            continue
+        assert ref.status == 0 and sol.ok, (sol.status, norm, max_change, net, keep)
+        assert abs(sol.objective - ref.fun) <= 1e-6 * ref.fun, (sol.objective, ref.fun)
+        assert sol.lower_bound <= sol.objective and sol.gap <= 1e-6
+        dW, db, de = sol.delta_weight, sol.delta_bias, sol.delta_later if later else np.zeros(0)
+        d = np.concatenate([dW.ravel(), db, de])
+        assert max_change is None or np.abs(d).max() <= max_change * (1 + 1e-9)
+        assert abs(prog.change_cost(dW, db, de) - sol.objective) <= 1e-12 * (1 + sol.objective)
+    assert ref.status == 0 or max_change is not None  # without a bound every case here is feasible
 
 
 def test_an_infeasible_program_is_infeasible_for_the_independent_lp_too_and_names_points():
@@ -208,6 +255,27 @@ def test_cli_repairs_a_hidden_layer_of_a_pt2_and_verify_rechecks_it_and_fails_wh
     assert main([args[0], str(files / "edited.json"), *args[2:]]) == 1
 
 
+def test_cli_repairs_a_hidden_layer_in_prdnns_norm_with_a_bound_and_verify_recomputes_that_objective(files, capsys):
+    out = files / "mm"
+    assert main(["repair", str(files / "m.pt2"), "--points", str(files / "p.npz"), "--keep", str(files / "k.npz"), "--out", str(out),
+                 "--layer", "6", "--norm", "l1+linf", "--max-change", "0.065"]) == 0
+    cert = json.loads((out / "certificate.json").read_text())
+    original = torch.export.load(str(files / "m.pt2")).module().state_dict()
+    repaired = torch.export.load(str(out / "repaired.pt2")).module().state_dict()
+    d = torch.cat([(repaired[k].double() - original[k].double()).ravel() for k in ("6.weight", "6.bias")])
+    assert cert["spec"]["norm"] == "l1+linf" and float(d.abs().max()) <= 0.065 * (1 + 1e-6)
+    objective = float(d.abs().mean() + d.abs().max())  # PRDNN's mean |d| + max |d| over the layer's weight and bias
+    assert abs(cert["objective"] - objective) <= 1e-6 * objective and cert["gap"] <= 1e-6
+    args = ["verify", str(out / "certificate.json"), "--model", str(out / "repaired.pt2"), "--points", str(files / "p.npz"),
+            "--keep", str(files / "k.npz"), "--original", str(files / "m.pt2")]
+    assert main(args) == 0
+    cert["spec"]["norm"] = "l1"  # the same change claimed minimal in another norm: its objective is not that norm's
+    (files / "edited.json").write_text(json.dumps(cert))
+    capsys.readouterr()
+    assert main([args[0], str(files / "edited.json"), *args[2:]]) == 1
+    assert "l1 norm" in capsys.readouterr().err
+
+
 def test_a_keep_point_enters_the_program_only_when_the_change_would_cost_its_margin():
     torch.manual_seed(3)
     model = _mlp()
@@ -249,7 +317,6 @@ def test_cli_lists_the_layers_as_json(files, capsys):
 
 @pytest.mark.parametrize("bad, message", [(["--layer", "4"], "no linear layer named '4'"),
                                           (["--layer", "6", "--spec", "ball", "--eps", "0.01"], "last layer only"),
-                                          (["--layer", "6", "--norm", "linf"], "L1"),
                                           (["--layer", "6", "--keep-price", "1"], "hard keep points")])
 def test_bad_input_for_a_hidden_layer_is_one_line_and_writes_nothing(files, capsys, bad, message):
     out = files / "bad"

@@ -44,7 +44,7 @@ from cnnrepair.repair.certificate import Certificate, below_margin, claims_off, 
 from cnnrepair.repair.measure import change_norms, change_summary, layout_margins, module_logits_fn
 from cnnrepair.repair.coincide import shared_features
 from cnnrepair.repair.ending import ending_record
-from cnnrepair.repair.program import GAP, MarginProblem
+from cnnrepair.repair.program import GAP, MarginProblem, change_cost
 
 RTOL = 1e-5  # relative tolerance for re-measured margins (float32 outputs)
 NEEDS_ORIGINAL = ("source model hash", "only the layer changed", "change block", "objective", "lower bound", "margins before",
@@ -408,9 +408,10 @@ def _against_original(v: Verification, cert: Certificate, spec: RepairSpec, orig
                           f"layer's ({scale:.9g}, {change['linf'] / scale if scale else float('inf'):.9g})")
     if _hidden(cert):
         v.problems += _patterns_kept(cert, original, repaired, points, keep)
-        objective = float(np.abs(dW).sum() + (0.0 if spec.freeze_bias or lay0.params[1] is None else np.abs(db).sum()) + np.abs(de).sum())
+        moved = [dW.ravel(), [] if spec.freeze_bias or lay0.params[1] is None else db.ravel(), de]
+        objective = change_cost(np.concatenate(moved), spec.norm)
         if abs(objective - cert.objective) > 1e-6 * max(1.0, abs(cert.objective)):
-            v.problems.append(f"the change's l1 norm is {objective:.9g}, the certificate says {cert.objective:.9g}")
+            v.problems.append(f"the change's {spec.norm} norm is {objective:.9g}, the certificate says {cert.objective:.9g}")
         v.checked.append("against the original: only the layer" + (" and the listed later biases" if later else "") + " changed, change "
                          "block" + (", later biases' change" if later else "") + ", objective, margins before, conditioning, every "
                          "activation pattern after the layer kept at every repair point and listed keep point")

@@ -22,9 +22,15 @@ far too many. Its structure is used instead:
 * L1-minimal changes are sparse: weight entries (columns) are generated too, priced by
   ``|sum_r y_r g_r patches_r^T| > 1`` from the rows' multipliers ``y``, one matrix product.
 
+The change is minimal in ``a ||d||_1 + b ||d||_inf`` over every number that moves (the norms of
+:mod:`cnnrepair.repair.program`: L1, L-infinity, PRDNN's mean + max): an L-infinity part is one more
+column ``t`` with a row ``d+_e + d-_e <= t`` per entry in the program. A missing entry then prices
+out when the excess ``sum (|price_e| - a)+`` over the missing entries is more than ``t``'s reduced
+cost can absorb (so under L-infinity every entry with a nonzero price enters: such changes are dense).
+
 At the end no row of any point is violated and no column prices out, so the restricted program's
 optimum is the full program's; its multipliers, scaled to dual feasibility over every column, give
-the certified lower bound (weak duality).
+the certified lower bound (weak duality, :func:`cnnrepair.repair.program.dual_bound`).
 """
 
 from __future__ import annotations
@@ -43,13 +49,13 @@ from torch import Tensor, nn
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.repair.highs import highs_status, new_highs, pass_lp, run, set_time_limit
 from cnnrepair.repair.layer import get_tensor
-from cnnrepair.repair.program import MarginSolution, margins_of
+from cnnrepair.repair.program import NORMS, MarginSolution, change_cost, dual_bound, margins_of, norm_coefficients
 from cnnrepair.repair.suffix import (CONV, Suffix, aten, attr, build_suffix, later_biased, node_values, pool_windows, traced,
                                      weighted_nodes)
 from cnnrepair.runtime import eval_mode
 
 ELASTIC_PRICE = 1e4  # first price of a unit of (row-scaled) shortfall in the restricted programs, raised while rows stay short
-MAX_ELASTIC_PRICE = 1e13
+MAX_ELASTIC_PRICE = 1e10
 MAX_ROUNDS = 200
 ALL_COLUMNS = 2000  # weights up to this size take every entry as a column from the start
 COLUMNS_PER_ROUND = 500
@@ -78,6 +84,26 @@ class _Rows:
         return len(self.point)
 
 
+@dataclass(frozen=True)
+class LayerChange:
+    """What may change in a repair of a layer inside the network, and how the change is measured.
+
+    ``norm``: ``l1``, ``linf`` or ``l1+linf`` (over the layer's weight, its bias unless frozen, and the later biases
+    when they move); ``max_change``: a bound on every entry's change; ``later_biases``: the biases of the linear and
+    convolution layers after the layer may move too (APRNN's choice)."""
+
+    norm: str = "l1"
+    freeze_bias: bool = False
+    max_change: float | None = None
+    later_biases: bool = False
+
+    def __post_init__(self) -> None:
+        if self.norm not in NORMS:
+            raise CnnRepairError(f"unknown change norm {self.norm!r}; choose one of {', '.join(NORMS)}")
+        if self.max_change is not None and not self.max_change > 0:
+            raise CnnRepairError(f"max_change must be > 0 (got {self.max_change})")
+
+
 @dataclass
 class HiddenProgram:
     """The pattern-preserving program of one layer on a set of points (repair points first, then keep points)."""
@@ -96,6 +122,7 @@ class HiddenProgram:
     n_repair: int
     freeze_bias: bool = False
     max_change: float | None = None
+    norm: str = "l1"
     later: list[tuple[str, str, int]] = field(default_factory=list)  # later layers whose bias may move: (layer, bias, size)
     later_bias: np.ndarray = field(default_factory=lambda: np.zeros(0))  # their biases, concatenated (float64)
     suffix: Suffix | None = None
@@ -112,15 +139,28 @@ class HiddenProgram:
         return tuple(self.weight.shape)
 
     @property
+    def num_entries(self) -> int:
+        """How many numbers may change: the weight, the bias unless frozen, the later biases that move."""
+        return int(self.weight.size + (0 if self.freeze_bias else self.weight.shape[0]) + len(self.later_bias))
+
+    def norm_coefficients(self) -> tuple[float, float]:
+        """(a, b) of the change's cost ``a ||d||_1 + b ||d||_inf``."""
+        return norm_coefficients(self.norm, self.num_entries)
+
+    def change_cost(self, dW: np.ndarray, db: np.ndarray, de: np.ndarray) -> float:
+        """The cost of a change of the weight, bias (ignored when frozen) and later biases in the program's norm."""
+        return change_cost(np.concatenate([np.ravel(dW), [] if self.freeze_bias else np.ravel(db), np.ravel(de)]), self.norm)
+
+    @property
     def nz(self) -> int:
         """Entries of the layer's output at one point (a row's gradient holds these, then one per later bias entry)."""
         return int(self.z0[0].numel())
 
 
 def hidden_program(model: nn.Module, name: str, x: Tensor, labels: np.ndarray, required: np.ndarray, n_repair: int,
-                   freeze_bias: bool = False, max_change: float | None = None, later_biases: bool = False) -> HiddenProgram:
-    """Trace ``model``, find layer ``name`` (a linear or convolution layer), and linearise the network after it at every point.
-    ``later_biases``: the biases of the linear and convolution layers after it may move too (APRNN's choice)."""
+                   change: LayerChange = LayerChange()) -> HiddenProgram:
+    """Trace ``model``, find layer ``name`` (a linear or convolution layer), and linearise the network after it at every point
+    (``x``: repair points first, ``n_repair`` of them, then keep points; ``required``: each one's margin)."""
     eval_mode(model)
     gm = traced(model, x)
     nodes = weighted_nodes(gm)
@@ -147,7 +187,7 @@ def hidden_program(model: nn.Module, name: str, x: Tensor, labels: np.ndarray, r
     bparam = attr(bias_node)
     W = get_tensor(gm, wparam).detach().double().cpu().numpy().copy()
     b = get_tensor(gm, bparam).detach().double().cpu().numpy().copy() if bparam else np.zeros(W.shape[0])
-    add_to = later_biased(gm, node) if later_biases else []
+    add_to = later_biased(gm, node) if change.later_biases else []
     for p in (wparam, bparam, *(attr(n.args[2]) for n in add_to)):
         if p is not None:
             try:
@@ -156,7 +196,7 @@ def hidden_program(model: nn.Module, name: str, x: Tensor, labels: np.ndarray, r
                 raise CnnRepairError(f"layer {name!r}: the model has no tensor {p!r} to write the repair into") from None
     prog = HiddenProgram(model, name, "hidden-" + ("conv2d" if conv else "linear"), W, b, bparam is not None, wparam, bparam, x,
                          np.asarray(labels, np.int64), np.asarray(required, np.float64), n_repair,
-                         freeze_bias or bparam is None, max_change, conv=conv)
+                         change.freeze_bias or bparam is None, change.max_change, change.norm, conv=conv)
     prog.later = [(attr(n.args[1]).rpartition(".")[0], attr(n.args[2]), int(get_tensor(gm, attr(n.args[2])).numel())) for n in add_to]
     prog.later_bias = (np.concatenate([get_tensor(gm, b).detach().double().cpu().numpy().ravel() for _, b, _ in prog.later])
                        if prog.later else np.zeros(0))
@@ -445,11 +485,18 @@ class _Master:
         self.row_index: list[int] = []  # the HiGHS row of each generated row
         self.row_in_u: list[bool] = []
         O = prog.weight.shape[0]
+        self.a, self.b = prog.norm_coefficients()
+        # the dearest shortfall over the cheapest change stays within what HiGHS solves reliably (PRDNN's mean + max has
+        # a change cost of 1 / #entries beside the largest change's 1)
+        self.max_price = MAX_ELASTIC_PRICE * min(c for c in (self.a, self.b) if c > 0) / max(self.a, self.b)
+        self.t_col = self._add_cols([self.b / scale], [self.upper]) if self.b > 0 else None  # the largest change, t
         self.nb = 0 if prog.freeze_bias else O
         if self.nb:
-            self.bias_col = self._add_cols(np.full(2 * O, 1.0 / scale), np.full(2 * O, self.upper))
+            self.bias_col = self._add_cols(np.full(2 * O, self.a / scale), np.full(2 * O, self.upper))
+            self._link(self.bias_col, O)
         self.nl = len(prog.later_bias)
-        self.later_col = self._add_cols(np.full(2 * self.nl, 1.0 / scale), np.full(2 * self.nl, self.upper))
+        self.later_col = self._add_cols(np.full(2 * self.nl, self.a / scale), np.full(2 * self.nl, self.upper))
+        self._link(self.later_col, self.nl)
         self.patch_max = np.abs(prog.patches.numpy()).reshape(len(prog.patches), -1).max(1)
         self.by_unit = prog.patches.shape[2] == 1
         self.u_col: dict[int, int] = {}  # point -> its first u column
@@ -472,6 +519,15 @@ class _Master:
                        A.indices.astype(np.int32), A.data.astype(float))
         self.nrows += A.shape[0]
         return first
+
+    def _link(self, first: int, count: int) -> None:
+        """Rows ``d+_e + d-_e - t <= 0`` for the ``count`` entries whose columns start at ``first`` (an L-infinity part)."""
+        if self.t_col is None or count == 0:
+            return
+        r = np.repeat(np.arange(count), 3)
+        c = (first + np.stack([2 * np.arange(count), 2 * np.arange(count) + 1, np.full(count, self.t_col - first)], 1)).ravel()
+        v = np.tile([1.0, 1.0, -1.0], count)
+        self._add_rows(np.full(count, -np.inf), np.zeros(count), sp.csr_matrix((v, (r, c)), shape=(count, self.ncols)))
 
     def _definitions(self, points: np.ndarray, entries: np.ndarray) -> sp.coo_matrix:
         """Coefficients of weight entries ``entries`` (d+ then d- per entry, in order) in the definition rows of
@@ -528,7 +584,8 @@ class _Master:
             blocks.append(sp.coo_matrix((D.data, (starts[D.row // O] + D.row % O, D.col)), shape=(self.nrows, 2 * len(entries))))
         A = sp.csc_matrix(sum(blocks[1:], blocks[0])) if blocks else sp.csc_matrix((self.nrows, 2 * len(entries)))
         k = 2 * len(entries)
-        first = self._add_cols(np.full(k, 1.0 / self.scale), np.full(k, self.upper), A.indptr[:-1], A.indices, A.data)
+        first = self._add_cols(np.full(k, self.a / self.scale), np.full(k, self.upper), A.indptr[:-1], A.indices, A.data)
+        self._link(first, len(entries))
         for off, e in enumerate(entries):
             self.entries.append(int(e))
             self.entry_col.append(first + 2 * off)
@@ -594,8 +651,8 @@ class _Master:
                                 np.full(n, np.inf))
 
     def raise_price(self, factor: float) -> None:
-        """Make every row's shortfall ``factor`` times dearer."""
-        self.price *= factor
+        """Make every row's shortfall ``factor`` times dearer (at most ``max_price``)."""
+        self.price = min(self.price * factor, self.max_price)
         cols = np.asarray(self.row_slack, np.int32)
         cols = cols[cols >= 0]
         self.h.changeColsCost(len(cols), cols, np.full(len(cols), self.price))
@@ -605,6 +662,14 @@ class _Master:
             set_time_limit(self.h, time_limit)
         run(self.h)
         return highs_status(self.h)
+
+    def slack_of_t(self) -> float:
+        """How much more excess ``sum (|price_e| - a)+`` of entries outside the program the L-infinity part can absorb (in
+        weight units): ``t``'s reduced cost when ``t`` is at 0, else nothing (0 without an L-infinity part)."""
+        if self.t_col is None:
+            return 0.0
+        sol = self.h.getSolution()
+        return max(0.0, float(sol.col_dual[self.t_col]) * self.scale) if sol.col_value[self.t_col] <= 0 else 0.0
 
     def solution(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(dW flat, db, multipliers of the original rows in weight units, shortfall per row, later biases' change)."""
@@ -676,6 +741,8 @@ def solve_hidden(prog: HiddenProgram, time_limit: float | None = None) -> Margin
             status = "time_limit"
             break
         st = master.solve(remaining)
+        if st != "optimal" and st != "time_limit" and master.price > ELASTIC_PRICE and (short > 1e-9).any():
+            break  # the raised price left HiGHS without an answer: the rows still short go to the feasibility proof below
         if st != "optimal":
             status = st
             break
@@ -683,7 +750,7 @@ def solve_hidden(prog: HiddenProgram, time_limit: float | None = None) -> Margin
         change = (dW.reshape(prog.weight.shape), db, de)
         G, pts = np.asarray(rows.grad), np.asarray(rows.point, np.int64)
         M, Mb = _price(prog, G, pts, y)
-        out_cols = np.setdiff1d(np.flatnonzero(np.abs(M).ravel() > 1 + 1e-7), master.entries)
+        out_cols = _priced_out(master, np.abs(M).ravel())
         # keep points enter the program only when the change costs them their margin on the network itself (checked every
         # round, so that they enter while the repair points' rows are still being generated); their rows (margins and
         # pattern) are then generated like a repair point's
@@ -699,7 +766,7 @@ def solve_hidden(prog: HiddenProgram, time_limit: float | None = None) -> Margin
             _add_rows(prog, rows, found)
             master.add_rows(rows, first)
         if not len(out_cols) and not found:
-            if (short > 1e-9).any() and master.price < MAX_ELASTIC_PRICE:  # short rows may only be too cheap: raise their price
+            if (short > 1e-9).any() and master.price < master.max_price:  # short rows may only be too cheap: raise their price
                 master.raise_price(1000.0)
                 continue
             break
@@ -721,22 +788,26 @@ def solve_hidden(prog: HiddenProgram, time_limit: float | None = None) -> Margin
             return MarginSolution("infeasible", *zero, float("nan"), float("nan"), time.perf_counter() - t0, rounds, size,
                                   conflicts=pts_bad)
         return MarginSolution("failed", *zero, float("nan"), float("nan"), time.perf_counter() - t0, rounds, size)
-    objective = float(np.abs(dW).sum() + (0.0 if prog.freeze_bias else np.abs(db).sum()) + np.abs(de).sum())
+    objective = prog.change_cost(dW, db, de)
     G, pts = np.asarray(rows.grad), np.asarray(rows.point, np.int64)
     M, Mb = _price(prog, G, pts, y)
     Me = y @ _later_coef(prog, G) if len(de) else np.zeros(0)
-    z = max(np.abs(M).max(initial=0.0), np.abs(Me).max(initial=0.0))
-    if not prog.freeze_bias:
-        z = max(z, np.abs(Mb).max(initial=0.0))
-    cy = float(np.asarray(rows.rhs) @ y)
-    if bound is None:
-        lower = max(0.0, cy / max(1.0, z))
-    else:
-        zz = np.concatenate([np.abs(M).ravel(), [] if prog.freeze_bias else np.abs(Mb), np.abs(Me)])
-        lower = max(0.0, max(s * cy - bound * float(np.maximum(s * zz - 1.0, 0).sum()) for s in (1.0, 1.0 / max(1.0, z))))
-    lower = min(lower, objective)
+    zz = np.concatenate([np.abs(M).ravel(), [] if prog.freeze_bias else np.abs(Mb), np.abs(Me)])
+    a, b = prog.norm_coefficients()
+    lower = min(dual_bound(float(np.asarray(rows.rhs) @ y), zz, a, b, bound), objective)  # over every entry, in the program or not
     return MarginSolution("optimal", dW.reshape(prog.weight.shape), db, objective, lower, time.perf_counter() - t0, rounds, size,
                           delta_later=de if prog.later else None)
+
+
+def _priced_out(master: _Master, price: np.ndarray) -> np.ndarray:
+    """Weight entries outside the program whose column would lower the cost (``price``: ``|sum_r y_r A_re|`` of every
+    entry, weight units): under L1 each one with a price above its cost ``a``; with an L-infinity part only once their
+    total excess over ``a`` is more than the largest change ``t`` can absorb (else the program is optimal as it is)."""
+    a, b = master.a, master.b
+    out = np.setdiff1d(np.flatnonzero(price > a * (1 + 1e-7)), master.entries)
+    if b > 0 and len(out) and float((price[out] - a).sum()) <= master.slack_of_t() + 1e-7 * b:
+        return out[:0]
+    return out
 
 
 def _infeasible(prog: HiddenProgram, rows: _Rows, which: np.ndarray) -> bool:

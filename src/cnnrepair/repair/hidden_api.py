@@ -4,8 +4,8 @@
 The same contract as a last-layer repair: every repair point gets its label with the margin on the
 returned model as it runs (in every batch layout; points that float32 rounding leaves short are
 re-solved with a slightly higher margin, recorded as ``required``), every keep point keeps its label
-with the keep margin, only the named layer changes, and the change is the minimal L1 one among
-changes that keep the activation pattern of every repair point and of every keep point the program
+with the keep margin, only the named layer changes, and the change is the minimal one in the spec's
+norm (L1, L-infinity or PRDNN's mean + max) among changes that keep the activation pattern of every repair point and of every keep point the program
 took in (those the change would otherwise cost their margin; certified lower bound, gap).
 """
 
@@ -21,7 +21,7 @@ from torch import nn
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.repair.certificate import Certificate, KeepClaim, PointClaim
 from cnnrepair.repair.float32 import change_linf, conditioning, ill_conditioned, solve_in_float32
-from cnnrepair.repair.hidden import HiddenProgram, hidden_program, solve_hidden, written
+from cnnrepair.repair.hidden import HiddenProgram, LayerChange, hidden_program, solve_hidden, written
 from cnnrepair.repair.ending import ending_record
 from cnnrepair.repair.inputs import Points, SolveOptions, as_inputs, check_labels
 from cnnrepair.repair.outcome import ClassifierRepair
@@ -36,8 +36,6 @@ def refuse_unsupported(spec: RepairSpec, layer: str) -> None:
     if spec.kind != "pointwise":
         raise CnnRepairError(f"layer {layer!r} is inside the network: the {spec.kind} spec repairs the last layer only; use the "
                              "pointwise spec (or repair the last layer)")
-    if spec.norm != "l1":
-        raise CnnRepairError(f"repair of a layer inside the network minimises the L1 change; --norm {spec.norm} is for the last layer")
     if spec.keep_price is not None:
         raise CnnRepairError("repair of a layer inside the network takes hard keep points only; drop --keep-price")
 
@@ -58,7 +56,7 @@ def repair_hidden(model: nn.Module, xt: torch.Tensor, ya: np.ndarray, keep: Poin
     X = xt if kx is None else torch.cat([xt, kx])
     labels = np.concatenate([ya, ky]).astype(np.int64)
     required = np.concatenate([np.full(K, spec.margin), np.full(NK, spec.keep_margin)])
-    prog = hidden_program(model, layer, X, labels, required, K, spec.freeze_bias, spec.max_change, spec.later_biases)
+    prog = hidden_program(model, layer, X, labels, required, K, LayerChange(spec.norm, spec.freeze_bias, spec.max_change, spec.later_biases))
     ending = prog.suffix.ending  # margins are measured through a ReLU / softmax that ends the model
     base = robust_margins(model, xt, ya, ending)
     keep_before = robust_margins(model, kx, ky, ending) if NK else np.zeros(0)
@@ -125,7 +123,7 @@ def _certificate(prog: HiddenProgram, spec: RepairSpec, status: str, sol: Margin
     repaired = status == "repaired"
     flat = dW.reshape(dW.shape[0], -1)
     summary = change_summary(flat, db, prog.freeze_bias)
-    objective = float(np.abs(flat).sum() + (0.0 if prog.freeze_bias else np.abs(db).sum()) + np.abs(de).sum()) if repaired else None
+    objective = prog.change_cost(flat, db, de) if repaired else None
     lower = float(min(sol.lower_bound, objective)) if repaired else None
     gap = (0.0 if objective == 0 else max(0.0, (objective - lower) / objective)) if repaired else None
     required = prog.required

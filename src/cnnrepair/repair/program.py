@@ -153,7 +153,7 @@ class MarginProblem:
 
     def norm_coefficients(self) -> tuple[float, float]:
         """(a, b) of the change's cost ``a ||d||_1 + b ||d||_inf``."""
-        return {"l1": (1.0, 0.0), "linf": (0.0, 1.0), "l1+linf": (1.0 / self.num_entries, 1.0)}[self.norm]
+        return norm_coefficients(self.norm, self.num_entries)
 
     def logits(self, dW: np.ndarray | None = None, db: np.ndarray | None = None) -> np.ndarray:
         W = self.weight if dW is None else self.weight + dW
@@ -166,9 +166,7 @@ class MarginProblem:
 
     def change_cost(self, dW: np.ndarray, db: np.ndarray) -> float:
         """The norm of a change (frozen biases must be zero)."""
-        a, b = self.norm_coefficients()
-        d = np.concatenate([dW.ravel(), [] if self.freeze_bias else db.ravel()])
-        return float(a * np.abs(d).sum() + b * np.abs(d).max(initial=0.0))
+        return change_cost(np.concatenate([dW.ravel(), [] if self.freeze_bias else db.ravel()]), self.norm)
 
     def objective(self, dW: np.ndarray, db: np.ndarray) -> float:
         """Change cost plus the price of every soft point's shortfall."""
@@ -176,6 +174,21 @@ class MarginProblem:
         short = np.maximum(0.0, self.margins - self.point_margins(dW, db)) if soft.any() else None
         pen = float((self.prices[soft] * short[soft]).sum()) if soft.any() else 0.0
         return self.change_cost(dW, db) + pen
+
+
+def norm_coefficients(norm: str, num_entries: int) -> tuple[float, float]:
+    """(a, b) of the cost ``a ||d||_1 + b ||d||_inf`` that ``norm`` names, for a change of ``num_entries`` numbers
+    (``l1+linf`` is PRDNN's mean|d| + max|d|)."""
+    if norm not in NORMS:
+        raise CnnRepairError(f"unknown change norm {norm!r}; choose one of {', '.join(NORMS)}")
+    return {"l1": (1.0, 0.0), "linf": (0.0, 1.0), "l1+linf": (1.0 / max(int(num_entries), 1), 1.0)}[norm]
+
+
+def change_cost(d: np.ndarray, norm: str) -> float:
+    """The cost of a change ``d`` (every number that may change, flattened) in ``norm``."""
+    d = np.abs(np.asarray(d, np.float64).ravel())
+    a, b = norm_coefficients(norm, d.size)
+    return float(a * d.sum() + b * d.max(initial=0.0))
 
 
 def margins_of(logits: np.ndarray, labels: np.ndarray, zero_rival: bool = False) -> np.ndarray:
