@@ -25,7 +25,7 @@ from torch import nn
 from cnnrepair.bounds import BallInputs, FeatureBounds, frozen_graph, margin_bounds
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.repair.layer import last_layer
-from cnnrepair.repair.program import MarginProblem
+from cnnrepair.repair.program import box_margins
 from cnnrepair.runtime import first_output, model_device
 
 
@@ -53,8 +53,7 @@ class Certification:
 def worst_margins(bounds: FeatureBounds, labels: np.ndarray, weight: np.ndarray, bias: np.ndarray, zero_rival: bool = False) -> np.ndarray:
     """Per point, min over other classes j of the smallest ``logit[y] - logit[j]`` over its feature box (and of ``logit[y]``
     itself with ``zero_rival``: a ReLU after the layer)."""
-    problem = MarginProblem(weight, bias, bounds.centre, labels, 0.0, radii=bounds.radius, zero_rival=zero_rival)
-    return problem.point_margins()
+    return box_margins(weight, bias, bounds.centre, bounds.radius, labels, zero_rival)
 
 
 def certify(model: nn.Module, x, y, eps, method: str = "crown", layer: str | None = None, inputs: BallInputs | None = None,

@@ -44,7 +44,7 @@ from cnnrepair.repair.certificate import Certificate, below_margin, claims_off, 
 from cnnrepair.repair.measure import change_norms, change_summary, layout_margins, module_logits_fn
 from cnnrepair.repair.coincide import shared_features
 from cnnrepair.repair.ending import ending_record
-from cnnrepair.repair.program import GAP, MarginProblem, change_cost
+from cnnrepair.repair.program import GAP, MarginProblem, box_margins, change_cost
 
 RTOL = 1e-5  # relative tolerance for re-measured margins (float32 outputs)
 NEEDS_ORIGINAL = ("source model hash", "only the layer changed", "change block", "objective", "lower bound", "margins before",
@@ -326,7 +326,7 @@ def _input_boxes(cert: Certificate, pts: PointsFile, key: str, source: str) -> t
 def _check_ball(cert: Certificate, lay, fb) -> list[str]:
     """Every point's worst-case margin over its recomputed feature box ``fb`` under the repaired layer."""
     labels = np.array([p.label for p in cert.points], np.int64)
-    worst = MarginProblem(lay.weight, lay.bias, fb.centre, labels, 0.0, radii=fb.radius, zero_rival=lay.zero_rival).point_margins()
+    worst = box_margins(lay.weight, lay.bias, fb.centre, fb.radius, labels, lay.zero_rival)
     claimed = np.array([p.certified_margin_after for p in cert.points], np.float64)
     return (below_margin(worst, cert.spec["margin"], "ball(s) not certified to keep their label with margin {m:g}",
                          "point {k}: worst case {v:.6g}")
@@ -447,7 +447,7 @@ def _optimality(cert: Certificate, spec: RepairSpec, original, lay0, dW, db, poi
     if spec.kind == "ball":
         fb = fb if fb is not None else _ball_bounds(cert, original, points)
         feats, radii = fb.centre, fb.radius
-        worst0 = MarginProblem(lay0.weight, lay0.bias, feats, labels, 0.0, radii=radii, zero_rival=lay0.zero_rival).point_margins()
+        worst0 = box_margins(lay0.weight, lay0.bias, feats, radii, labels, lay0.zero_rival)
         claimed0 = np.array([p.certified_margin_before for p in cert.points], np.float64)
         problems += claims_off(claimed0, worst0, 1e-6, "certified margin(s) before differ from the recomputed bounds",
                                "point {k}: certificate {c:.6g}, recomputed {v:.6g}")
@@ -496,7 +496,7 @@ def _keep_balls(cert: Certificate, spec: RepairSpec, lay0, dW, db, kf, keep_radi
     block = cert.keep
     if block.balls_certified_before != int(held.sum()):
         problems.append(f"{int(held.sum())} keep balls are certified before the repair, the certificate says {block.balls_certified_before}")
-    worst = MarginProblem(lay0.weight + dW, lay0.bias + db, kf, ky, 0.0, radii=keep_radii, zero_rival=lay0.zero_rival).point_margins()
+    worst = box_margins(lay0.weight + dW, lay0.bias + db, kf, keep_radii, ky, lay0.zero_rival)
     after = int((worst[held] >= spec.keep_margin).sum())
     if block.balls_certified_after != after:
         problems.append(f"{after} of those keep balls are certified after it, the certificate says {block.balls_certified_after}")

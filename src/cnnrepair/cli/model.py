@@ -227,10 +227,15 @@ def _cmd_model_repair(args: argparse.Namespace, bars: Bars) -> int:
         return 0
     if cert.status == "infeasible":
         conf = ", ".join(f"{c['set']}[{c['index']}] (label {c['label']})" for c in (cert.conflicts or [])[:12])
-        minimal = "" if cert.solver.get("conflicts_irreducible", True) else " (the search for a smaller set stopped at its time limit)"
+        minimal = ("" if cert.solver.get("conflicts_irreducible", True) else
+                   f" ({cert.solver.get('conflicts_note', 'the search for a smaller set stopped at its time limit')})")
         which = (f"these points conflict{minimal}: {conf}" if conf else
                  "the program is infeasible as a whole, and no smaller conflicting set was isolated")
-        say(f"infeasible: no change of layer {job.layer!r} meets the spec; {which}. "
+        kept = ""
+        if cert.patterns is not None:  # a layer inside the network: infeasible with the activation patterns kept
+            n = len(cert.patterns.get("keep_points_with_patterns") or [])
+            kept = f" that keeps the activation patterns of the repair points{f' and of {n} keep points' if n else ''}"
+        say(f"infeasible: no change of layer {job.layer!r}{kept} meets the spec; {which}. "
             f"No model written; details in {args.out / 'certificate.json'}")
         return 1
     if cert.status == "ill-conditioned":

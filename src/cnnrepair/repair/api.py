@@ -26,7 +26,7 @@ from cnnrepair.repair.inputs import DEFAULT_TIME_LIMIT, Points, SolveOptions, as
 from cnnrepair.repair.layer import LastLayer, ending_layer, last_layer
 from cnnrepair.repair.margins import solve_margins
 from cnnrepair.repair.measure import change_summary, robust_margins
-from cnnrepair.repair.program import MarginProblem, MarginSolution
+from cnnrepair.repair.program import MarginProblem, MarginSolution, box_margins
 from cnnrepair.repair.spec import RepairSpec
 from cnnrepair.runtime import eval_mode
 
@@ -267,7 +267,7 @@ def keep_boxes(model, lay: LastLayer, spec: RepairSpec, kx: torch.Tensor, ky: np
 
     lo, hi = ball_box(kx, spec.keep_eps) if input_boxes is None else input_boxes
     fb = feature_bounds(model, lay.name, lo, hi, spec.bounds)
-    worst = MarginProblem(lay.weight, lay.bias, fb.centre, ky, 0.0, radii=fb.radius, zero_rival=lay.zero_rival).point_margins()
+    worst = box_margins(lay.weight, lay.bias, fb.centre, fb.radius, ky, lay.zero_rival)
     held = worst >= spec.keep_margin
     centre = np.where(held[:, None], fb.centre, FK)
     radius = np.where(held[:, None], fb.radius, 0.0)

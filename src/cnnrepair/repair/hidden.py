@@ -783,10 +783,13 @@ def solve_hidden(prog: HiddenProgram, time_limit: float | None = None) -> Margin
         return MarginSolution(status, *zero, float("nan"), float("nan"), seconds, rounds, size)
     if (short > 1e-9).any():  # the elastic rows stayed short: prove infeasibility on those rows with every column
         bad = np.flatnonzero(short > 1e-9)
-        if _infeasible(prog, rows, bad) or _infeasible(prog, rows, np.arange(len(rows))):
-            pts_bad = np.unique(np.asarray(rows.point)[bad])
-            return MarginSolution("infeasible", *zero, float("nan"), float("nan"), time.perf_counter() - t0, rounds, size,
-                                  conflicts=pts_bad)
+        everything = np.arange(len(rows))
+        # the short rows alone, or only with the pattern rows of every point in the program (then all of those points are
+        # part of the conflict, the keep points whose patterns were fixed included)
+        for which in (bad, everything):
+            if _infeasible(prog, rows, which):
+                return MarginSolution("infeasible", *zero, float("nan"), float("nan"), time.perf_counter() - t0, rounds, size,
+                                      conflicts=np.unique(np.asarray(rows.point, np.int64)[which]))
         return MarginSolution("failed", *zero, float("nan"), float("nan"), time.perf_counter() - t0, rounds, size)
     objective = prog.change_cost(dW, db, de)
     G, pts = np.asarray(rows.grad), np.asarray(rows.point, np.int64)

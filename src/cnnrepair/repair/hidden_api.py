@@ -153,4 +153,5 @@ def _certificate(prog: HiddenProgram, spec: RepairSpec, status: str, sol: Margin
         cert.conflicts = [{"index": int(k) if k < K else int(k - K), "set": "points" if k < K else "keep",
                            "label": int(prog.labels[k])} for k in sol.conflicts]
         cert.solver["conflicts_irreducible"] = False
+        cert.solver["conflicts_note"] = "the points of the rows no change meets with those patterns; not searched for a smaller set"
     return cert

@@ -176,6 +176,14 @@ class MarginProblem:
         return self.change_cost(dW, db) + pen
 
 
+def box_margins(weight: np.ndarray, bias: np.ndarray, centre: np.ndarray, radius: np.ndarray | None, labels: np.ndarray,
+                zero_rival: bool = False) -> np.ndarray:
+    """Per point, the smallest margin of a linear layer over the point's feature box ``centre +- radius`` (``None``: the
+    point itself): min over the other classes j of ``logit[y] - logit[j]`` there (and of ``logit[y]`` itself with
+    ``zero_rival``). Exact for a box: each difference is linear in the features."""
+    return MarginProblem(weight, bias, centre, labels, 0.0, radii=radius, zero_rival=zero_rival).point_margins()
+
+
 def norm_coefficients(norm: str, num_entries: int) -> tuple[float, float]:
     """(a, b) of the cost ``a ||d||_1 + b ||d||_inf`` that ``norm`` names, for a change of ``num_entries`` numbers
     (``l1+linf`` is PRDNN's mean|d| + max|d|)."""
