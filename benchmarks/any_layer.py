@@ -160,7 +160,10 @@ def table(d: dict) -> str:
 
 
 def headline(d: dict) -> list[str]:
-    """README lines: per network, with 1,000 keep points, the last layer against the best hidden-layer repair."""
+    """README lines: per network, with 1,000 keep points, the last layer against the best hidden-layer repair (the L1
+    table's; the other norms' tables are in docs/results.md only)."""
+    if d["task"].get("norm", "l1") != "l1":
+        return []
     out = ["**Repair of a layer inside the network** (APRNN's MNIST fog task, networks trained by the benchmark; "
            f"100 fog repair points, {d['task']['keep_images']:,} keep points, minimal {_norm_words(d)}; `{d['command']}`, "
            f"{d['machine']['cores']} cores):", "",

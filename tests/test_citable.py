@@ -272,3 +272,52 @@ def test_an_nhwc_onnx_model_is_repaired_end_to_end_pointwise_and_over_balls(tmp_
             assert min(p["certified_margin_after"] for p in cert["points"]) >= 0.05
         assert main(["verify", str(out / "certificate.json"), "--model", str(out / "repaired.onnx"), "--points", str(pts),
                      "--keep", str(keep), "--original", str(tmp_path / "nhwc.onnx")]) == 0, name
+
+
+def test_a_ball_on_nhwc_inputs_takes_per_channel_mean_and_std_on_the_last_axis():
+    from cnnrepair import BallInputs, CnnRepairError
+
+    rng = np.random.default_rng(0)
+    pix = torch.as_tensor(rng.uniform(0, 1, (5, 3, 4, 4)))
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    m, s = torch.tensor(mean).reshape(1, 3, 1, 1), torch.tensor(std).reshape(1, 3, 1, 1)
+    nchw = ((pix - m) / s).float()
+    nhwc = nchw.permute(0, 2, 3, 1).contiguous()
+    lo, hi = BallInputs(mean, std).boxes(nchw, 0.01)
+    lo2, hi2 = BallInputs(mean, std).boxes(nhwc, 0.01)  # auto: the last axis is the one with 3 entries
+    assert torch.equal(lo2, lo.permute(0, 2, 3, 1)) and torch.equal(hi2, hi.permute(0, 2, 3, 1))
+    assert BallInputs(mean, std).resolved(nhwc).layout == "nhwc" and BallInputs(mean, std).resolved(nchw).layout == "nchw"
+    square = torch.zeros(2, 3, 4, 3)  # 3 on both axes: the layout cannot be read from the shape
+    with pytest.raises(CnnRepairError, match="--layout nchw"):
+        BallInputs(mean, std).boxes(square, 0.01)
+    lo3, _ = BallInputs(mean, std, layout="nhwc").boxes(square + 0.5, 0.01)
+    assert torch.allclose(lo3[0, 0, 0], ((torch.clamp(0.5 * torch.tensor(std, dtype=torch.float64) + torch.tensor(mean, dtype=torch.float64)
+                                                      - 0.01, 0, 1) - torch.tensor(mean, dtype=torch.float64)) / torch.tensor(std, dtype=torch.float64)))
+
+
+def test_a_ball_repair_of_an_nhwc_model_with_per_channel_normalisation_records_the_layout_and_verify_uses_it(tmp_path, capsys):
+    import warnings
+
+    net = _rgb_task(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_ChannelsLast(net).eval(), (torch.zeros(1, 4, 4, 3),), str(tmp_path / "nhwc.onnx"), dynamo=False,
+                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "b"}, "y": {0: "b"}})
+    norm = ["--mean", "0.5,0.4,0.3", "--std", "0.2,0.25,0.3"]
+    assert main(["points", str(tmp_path / "nhwc.onnx"), "--npz", str(tmp_path / "rgb.npz"), "--kind", "fgsm", "--eps", "0.2",
+                 "--n", "4", "--keep", "30", "--out", str(tmp_path / "p"), *norm]) == 0
+    pts, keep = tmp_path / "p" / "points.npz", tmp_path / "p" / "keep.npz"
+    out = tmp_path / "ball"
+    assert main(["repair", str(tmp_path / "nhwc.onnx"), "--points", str(pts), "--keep", str(keep), "--out", str(out),
+                 "--spec", "ball", "--eps", "0.002", *norm]) == 0
+    cert = json.loads((out / "certificate.json").read_text())
+    assert cert["ball"]["layout"] == "nhwc" and cert["ball"]["mean"] == [0.5, 0.4, 0.3]
+    args = ["verify", str(out / "certificate.json"), "--model", str(out / "repaired.onnx"), "--points", str(pts), "--keep", str(keep),
+            "--original", str(tmp_path / "nhwc.onnx")]
+    assert main(args) == 0
+    cert["ball"]["layout"] = "nchw"  # the channels claimed on another axis: the balls cannot be rebuilt as certified
+    (tmp_path / "edited.json").write_text(json.dumps(cert))
+    assert main([args[0], str(tmp_path / "edited.json"), *args[2:]]) != 0
+    capsys.readouterr()
+    assert main(["repair", str(tmp_path / "nhwc.onnx"), "--points", str(pts), "--out", str(tmp_path / "bad"), "--layout", "nhwc"]) == 2
+    assert "--spec ball" in capsys.readouterr().err and not (tmp_path / "bad").exists()

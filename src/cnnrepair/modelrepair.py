@@ -152,11 +152,12 @@ def prepare(files: RepairFiles, spec: RepairSpec, layer: str | None = None, ball
     if spec.kind == "ball" and keep is not None and keep.boxes is not None and spec.keep_eps > 0:
         raise CnnRepairError(f"{keep.path.name}: its input boxes are the keep balls; drop --keep-eps")
     if spec.kind == "ball" and points.boxes is not None:
-        if (ball is not None and (ball.mean is not None or ball.std is not None)) or spec.eps > 0:
-            raise CnnRepairError(f"{points.path.name}: its input boxes are the balls, in the model's units already; drop --eps / --mean / --std")
+        if (ball is not None and (ball.mean is not None or ball.std is not None or ball.layout != "auto")) or spec.eps > 0:
+            raise CnnRepairError(f"{points.path.name}: its input boxes are the balls, in the model's units already; drop --eps / --mean / "
+                                 "--std / --layout")
         ball = BallInputs(None, None, None)  # recorded as such: no convention was used
     elif spec.kind == "ball":
-        ball = ball or BallInputs()
+        ball = (ball or BallInputs()).resolved(points.x)  # the layout as read from the points: what the certificate records
         point_eps = _point_eps(points_path, len(points.x))
         ball.boxes(points.x, spec.eps if point_eps is None else point_eps)  # checks the convention against the points now
     return RepairJob(model, points, keep, spec, name, ball, point_eps)

@@ -301,7 +301,8 @@ def _ball_from(cert: Certificate) -> tuple[BallInputs, object]:
     ball = cert.ball
     tup = (lambda val: None if val is None else tuple(val))
     eps = cert.spec["eps"] if ball.get("point_eps") is None else np.asarray(ball["point_eps"], np.float64)
-    return BallInputs(tup(ball.get("mean")), tup(ball.get("std")), tup(ball.get("domain"))), eps
+    layout = ball.get("layout", "nchw")  # a certificate from before layouts were recorded took the channels after the batch axis
+    return BallInputs(tup(ball.get("mean")), tup(ball.get("std")), tup(ball.get("domain")), layout), eps
 
 
 def _ball_bounds(cert: Certificate, model: torch.nn.Module, points: PointsFile):

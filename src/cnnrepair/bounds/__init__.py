@@ -21,7 +21,7 @@ tensors, residual sums). Inputs are bounded in batches sized to the memory free
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -50,12 +50,12 @@ class FeatureBounds:
         return (self.upper - self.lower) / 2
 
 
-def ball_box(x, eps, mean=None, std=None, domain: tuple[float, float] = (0.0, 1.0)) -> tuple[Tensor, Tensor]:
+def ball_box(x, eps, mean=None, std=None, domain: tuple[float, float] = (0.0, 1.0), channel_axis: int = 1) -> tuple[Tensor, Tensor]:
     """The box ``{x' : |x' - x|_inf <= eps in pixels, pixels in domain}`` in the model's input units.
 
-    ``x`` (N x input shape) is in model units; with ``mean``/``std`` (per channel) the model takes
-    ``(pixels - mean) / std``, so the ball is taken in pixels and mapped back. ``eps`` is one number
-    or one per input (0 for a point).
+    ``x`` (N x input shape) is in model units; with ``mean``/``std`` (per channel, along ``channel_axis``: 1 for
+    NCHW inputs, 3 for NHWC) the model takes ``(pixels - mean) / std``, so the ball is taken in pixels and mapped
+    back. ``eps`` is one number or one per input (0 for a point).
     """
     x = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x).double()
     e = torch.as_tensor(np.asarray(eps, np.float64)).reshape(-1)
@@ -64,13 +64,15 @@ def ball_box(x, eps, mean=None, std=None, domain: tuple[float, float] = (0.0, 1.
     if (e < 0).any() or not torch.isfinite(e).all():
         raise CnnRepairError("eps must be finite and >= 0 (pixels)")
     e = e.reshape(-1, *([1] * (x.ndim - 1)))
-    channels = x.shape[1] if x.ndim > 1 else 1
+    channel_axis = channel_axis % x.ndim if x.ndim > 1 else 0
+    channels = x.shape[channel_axis] if x.ndim > 1 else 1
     for name, v in (("mean", mean), ("std", std)):
         if v is not None and np.asarray(v).size not in (1, channels):
             raise CnnRepairError(f"--{name} has {np.asarray(v).size} values but the inputs have {channels} channel(s); give 1 or {channels}")
     if std is not None and (np.asarray(std, np.float64) <= 0).any():
         raise CnnRepairError(f"--std must be positive (got {std})")
-    shape = [1, -1] + [1] * (x.ndim - 2)
+    shape = [1] * max(x.ndim, 1)
+    shape[channel_axis] = -1
     m = torch.zeros(1, dtype=torch.float64) if mean is None else torch.as_tensor(np.asarray(mean, np.float64)).reshape(shape)
     s = torch.ones(1, dtype=torch.float64) if std is None else torch.as_tensor(np.asarray(std, np.float64)).reshape(shape)
     pix = x * s + m
@@ -83,6 +85,9 @@ def ball_box(x, eps, mean=None, std=None, domain: tuple[float, float] = (0.0, 1.
     return torch.minimum(lo, x), torch.maximum(hi, x)
 
 
+BALL_LAYOUTS = ("auto", "nchw", "nhwc")
+
+
 @dataclass(frozen=True)
 class BallInputs:
     """How balls are taken around inputs: in pixels, for a model taking ``(pixels - mean) / std`` (per channel;
@@ -91,18 +96,43 @@ class BallInputs:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     domain: tuple[float, float] | None = (0.0, 1.0)
+    layout: str = "auto"  # where an image input's channels are: nchw, nhwc, or auto (the one axis that fits mean / std)
 
     def __post_init__(self) -> None:
         if self.domain is not None and not (len(self.domain) == 2 and float(self.domain[0]) < float(self.domain[1])):
             raise CnnRepairError(f"the pixel range {self.domain} is empty; give LOW,HIGH with LOW < HIGH (e.g. 0,1)")
+        if self.layout not in BALL_LAYOUTS:
+            raise CnnRepairError(f"--layout must be one of {', '.join(BALL_LAYOUTS)} (got {self.layout!r})")
+
+    def channel_axis(self, x) -> int:
+        """The axis of ``x`` (N x input shape) that holds the channels of ``mean`` / ``std``: 1 (NCHW) or 3 (NHWC) for
+        images, 1 otherwise. ``auto`` takes the one of the two whose size is the number of values given, and refuses
+        when both are."""
+        shape = tuple(x.shape)
+        if len(shape) != 4 or self.layout == "nchw":
+            return 1
+        if self.layout == "nhwc":
+            return 3
+        k = max(np.asarray(v).size if v is not None else 1 for v in (self.mean, self.std))
+        fits = [a for a in (1, 3) if shape[a] == k]
+        if k > 1 and len(fits) == 2:
+            raise CnnRepairError(f"inputs of shape {shape[1:]}: both their first and their last axis could hold the {k} channels of "
+                                 "--mean / --std; give --layout nchw (channels first) or --layout nhwc (channels last)")
+        return fits[0] if k > 1 and fits else 1
+
+    def resolved(self, x) -> BallInputs:
+        """The same convention with the layout read from ``x`` (``nchw`` / ``nhwc`` for images): what a certificate records."""
+        if len(tuple(x.shape)) != 4:
+            return self
+        return replace(self, layout="nhwc" if self.channel_axis(x) == 3 else "nchw")
 
     def boxes(self, x, eps) -> tuple[Tensor, Tensor]:
         """Each input's ball of radius ``eps`` (one, or one per input) as a box in the model's units: :func:`ball_box`."""
         lo, hi = self.domain if self.domain is not None else (-np.inf, np.inf)
-        return ball_box(x, eps, self.mean, self.std, (lo, hi))
+        return ball_box(x, eps, self.mean, self.std, (lo, hi), self.channel_axis(x))
 
     def as_dict(self) -> dict:
-        return {"mean": self.mean, "std": self.std, "domain": self.domain}
+        return {"mean": self.mean, "std": self.std, "domain": self.domain, "layout": self.layout}
 
 
 def _boxes(lower, upper) -> tuple[Tensor, Tensor]:

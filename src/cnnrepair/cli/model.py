@@ -36,6 +36,9 @@ def _add_model_repair_args(p: argparse.ArgumentParser) -> None:
                    "the repair stay certified (default: 0, keep points keep their own label)")
     p.add_argument("--mean", default=None, help="ball spec: per-channel mean the model subtracts from [0, 1] pixels (the ball is in pixels)")
     p.add_argument("--std", default=None, help="ball spec: per-channel std the model divides by")
+    p.add_argument("--layout", choices=["auto", "nchw", "nhwc"], default="auto",
+                   help="ball spec: where an image input holds the channels of --mean/--std: nchw (after the batch axis) or nhwc "
+                        "(last); auto takes the one axis whose size fits and refuses when both do (default: auto)")
     p.add_argument("--range", default="0,1", help="ball spec: the pixel range the ball is clipped to, LOW,HIGH or none (default: 0,1)")
     p.add_argument("--layer", default=None, help="the layer to repair: the one whose output is the model's output (default), or any linear or "
                    "convolution layer inside the network, its activation patterns kept at every repair point and at each keep point the "
@@ -126,12 +129,12 @@ def _model_repair_job(args: argparse.Namespace):
         return _property_job(args, props, timeouts)
     args.spec = args.spec or "pointwise"
     output_dir(args.out, [args.model, args.points, args.keep], args.overwrite).check()
-    if args.spec != "ball" and (args.eps is not None or args.mean is not None or args.std is not None):
-        raise CnnRepairError("--eps, --mean and --std describe the ball spec's input balls; add --spec ball or drop them")
+    if args.spec != "ball" and (args.eps is not None or args.mean is not None or args.std is not None or args.layout != "auto"):
+        raise CnnRepairError("--eps, --mean, --std and --layout describe the ball spec's input balls; add --spec ball or drop them")
     mean, std = _convention(args)
     domain = _vnnlib_range(args.range)
     spec = _spec(args, args.spec)
-    ball = BallInputs(mean, std, domain) if args.spec == "ball" else None
+    ball = BallInputs(mean, std, domain, args.layout) if args.spec == "ball" else None
     files = RepairFiles(args.model, args.points, args.keep, args.factory, _input_shape(args, None))
     args.job = prepare(files, spec, args.layer, ball)
     return args.job
@@ -157,7 +160,7 @@ def _property_job(args: argparse.Namespace, props: tuple, timeouts: tuple):
     if args.spec not in (None, "ball"):
         raise CnnRepairError(f"VNN-LIB properties are input boxes, repaired with the ball spec; drop --spec {args.spec}")
     for flag, value in (("--eps", args.eps), ("--mean", args.mean), ("--std", args.std), ("--layer", args.layer),
-                        ("--keep-eps", args.keep_eps or None)):
+                        ("--keep-eps", args.keep_eps or None), ("--layout", None if args.layout == "auto" else args.layout)):
         if value is not None:
             raise CnnRepairError(f"{flag} does not apply to VNN-LIB properties (their boxes are in the model's units and repair the "
                                  "last layer); drop it")
@@ -280,7 +283,7 @@ def _cmd_vnnlib(args: argparse.Namespace, bars: Bars) -> int:
     outdir = _out(args, names("instances.csv", suffixes=(".vnnlib",)), [args.model, args.points], "properties")
     check_timeout(args.timeout)
     mean, std = _convention(args)
-    ball = BallInputs(mean, std, _vnnlib_range(args.range))  # checks the range before anything is loaded
+    ball = BallInputs(mean, std, _vnnlib_range(args.range), args.layout)  # checks the range before anything is loaded
     points = load_points(args.points, "points file", labels_required=False)
     model = load_model(args.model, args.factory, _input_shape(args, points.x.shape[1:]))
     if model.input_shape is not None and tuple(points.x.shape[1:]) != model.input_shape:
@@ -527,6 +530,9 @@ def _configure_vnnlib(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mean", default=None, help="per-channel mean the model subtracts from [0, 1] pixels: the ball is taken in "
                    "pixels and written in the model's units")
     p.add_argument("--std", default=None, help="per-channel std the model divides by")
+    p.add_argument("--layout", choices=["auto", "nchw", "nhwc"], default="auto",
+                   help="where an image input holds the channels of --mean/--std: nchw or nhwc; auto takes the one axis whose size "
+                        "fits and refuses when both do (default: auto)")
     p.add_argument("--range", default="0,1", help="pixel range the balls are clipped to, LOW,HIGH, or 'none' (default: 0,1)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per property written to instances.csv (default 60)")
     p.add_argument("--out", type=Path, required=True, help="folder for point_<i>.vnnlib and instances.csv")

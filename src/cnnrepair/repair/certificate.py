@@ -414,3 +414,5 @@ def _check_schema(cert) -> None:
             value = _need(ball, key, list, "ball", optional=True)
             if value is not None:
                 _numbers(value, f"ball.{key}")
+        if ball.get("layout", "nchw") not in ("auto", "nchw", "nhwc"):
+            raise _Malformed("ball.layout is 'nchw' or 'nhwc' (where the channels of mean / std are), or 'auto' for non-image inputs")
