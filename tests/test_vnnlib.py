@@ -64,7 +64,27 @@ def test_the_robustness_form_needs_every_rival():
     base += "".join(f"(declare-const Y_{j} Real)" for j in range(3))
     assert parse_vnnlib(base + "(assert (or (and (>= Y_0 Y_1)) (and (>= Y_2 Y_1))))").label() == 1
     assert parse_vnnlib(base + "(assert (>= Y_0 Y_1))").label() is None  # a targeted property: one rival only
+    assert parse_vnnlib(base + "(assert (>= Y_0 Y_1))").robustness() == (1, (0,))  # ... robustness against that one
+    assert parse_vnnlib(base + "(assert (or (and (>= Y_0 Y_1)) (and (>= Y_2 Y_1))))").robustness() == (1, (0, 2))
     assert parse_vnnlib(base + "(assert (or (and (>= Y_0 Y_1)) (and (>= Y_2 Y_0))))").label() is None
+    assert parse_vnnlib(base + "(assert (or (and (>= Y_0 Y_1)) (and (>= Y_2 Y_0))))").robustness() is None  # two labels
+
+
+def test_a_targeted_property_is_violated_only_when_its_own_classes_win():
+    from cnnrepair.vnnlib import check_properties
+
+    model = nn.Linear(2, 3).eval()  # Y_0 = x_0, Y_1 = x_1, Y_2 = -10: class 2 never wins
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+        model.bias.copy_(torch.tensor([0.0, 0.0, -10.0]))
+    box = "".join(f"(declare-const X_{i} Real)(assert (<= X_{i} 1))(assert (>= X_{i} 0))" for i in range(2))
+    box += "".join(f"(declare-const Y_{j} Real)" for j in range(3))
+    targeted = parse_vnnlib(box + "(assert (>= Y_2 Y_0))", "t.vnnlib")  # label 0 against class 2 only: it holds
+    untargeted = parse_vnnlib(box + "(assert (or (and (>= Y_1 Y_0)) (and (>= Y_2 Y_0))))", "u.vnnlib")  # class 1 wins at (0, 1)
+    t, u = check_properties(model, [targeted, untargeted], (2,))
+    assert u.status == "violated" and u.rivals is None
+    assert t.status == "holds" and t.rivals == (2,) and t.label == 0  # PGD's class-1 winners are no counterexample to it,
+    assert t.bound >= 10 - 1e-6 and u.bound < 0  # and its own bound (Y_0 - Y_2 = x_0 + 10) proves it
 
 
 @pytest.mark.parametrize("tail,message", [
@@ -286,6 +306,25 @@ def test_repair_from_vnnlib_fixes_the_violated_properties_keeps_the_others_and_v
     props[0].write_text(props[0].read_text().replace("(assert (<= X_0", "(assert (<= X_0 1.0)) ; was: (<= X_0", 1))
     assert main([*args, "--vnnlib", *map(str, props)]) == 1
     assert "prop_0.vnnlib" in capsys.readouterr().err
+
+
+def test_a_targeted_property_is_repaired_as_the_stronger_untargeted_one_and_recorded_so(tmp_path, capsys):
+    model, props, net = _eran_style(tmp_path)
+    prop = read_vnnlib(props[0])
+    with torch.no_grad():
+        winner = int(net(torch.as_tensor((prop.lower + prop.upper) / 2, dtype=torch.float32)[None]).argmax())
+    label = prop.label()
+    text = props[0].read_text()
+    targeted = text[:text.index("(assert (or")] + f"(assert (>= Y_{winner} Y_{label}))\n"  # oval21's form: one target class
+    props[0].write_text(targeted)
+    out = tmp_path / "out"
+    assert main(["repair", str(model), "--vnnlib", *map(str, props), "--out", str(out), "--margin", "0.02"]) == 0
+    report = json.loads((out / "properties.json").read_text())["properties"]
+    assert report[0]["before"] == "violated" and report[0]["rivals"] == [winner] and "every class" in report[0]["form"]
+    assert report[0]["after"] == "holds" and "rivals" not in report[1]
+    args = ["verify", str(out / "certificate.json"), "--model", str(out / "repaired.onnx"), "--points", str(out / "points.npz"),
+            "--keep", str(out / "keep.npz"), "--original", str(model), "--vnnlib", *map(str, props)]
+    assert main(args) == 0
 
 
 def test_repair_from_instances_csv_takes_the_models_lines_and_marabou_proves_what_it_wrote(tmp_path, capsys):

@@ -214,6 +214,14 @@ def margin_bounds(graph: FrozenGraph, lower, upper, labels, method: str = "crown
     """Per box, a lower bound of ``min_j logit[y] - logit[j]`` over it (``graph``: :func:`frozen_graph` with
     ``through=True``, so its target is the logits); positive means the whole box keeps label y. ``zero_rival``: the
     logits go through a ReLU, so ``logit[y]`` itself is one more rival difference (:func:`margin_rows`)."""
+    rows = rival_bounds(graph, lower, upper, labels, method, progress, zero_rival)
+    return rows.min(1) if len(rows) else np.zeros(0)
+
+
+def rival_bounds(graph: FrozenGraph, lower, upper, labels, method: str = "crown", progress=None, zero_rival: bool = False) -> np.ndarray:
+    """Per box, a lower bound of each row of :func:`margin_rows` over it (B x rows: ``logit[y] - logit[j]`` for every
+    other class j in increasing order, then ``logit[y]`` itself with ``zero_rival``); :func:`margin_bounds` is their
+    minimum, a property against some of the classes takes the minimum over its own."""
     lower, upper = _boxes(lower, upper)
     _check_method(method)
     _check_shape(graph, lower)
@@ -227,11 +235,11 @@ def margin_bounds(graph: FrozenGraph, lower, upper, labels, method: str = "crown
     with torch.no_grad():
         for i in range(0, len(lower), batch_size):
             sl = slice(i, i + batch_size)
-            out.append(spec_bounds(graph, lower[sl], upper[sl], rows[sl], method).min(1).values.cpu().numpy())
+            out.append(spec_bounds(graph, lower[sl], upper[sl], rows[sl], method).cpu().numpy())
             if progress is not None:
                 progress(f"{method} bounds", min(i + batch_size, len(lower)), len(lower))
-    return np.concatenate(out) if out else np.zeros(0)
+    return np.concatenate(out) if out else np.zeros((0, rows.shape[1]))
 
 
 __all__ = ["METHODS", "AlphaSettings", "BallInputs", "FeatureBounds", "FrozenGraph", "ball_box", "batch_for", "feature_bounds", "frozen_graph",
-           "margin_bounds", "margin_rows", "memory_budget", "propagate", "spec_bounds"]
+           "margin_bounds", "margin_rows", "memory_budget", "propagate", "rival_bounds", "spec_bounds"]

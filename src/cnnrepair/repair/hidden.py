@@ -488,7 +488,7 @@ class _Master:
         self.a, self.b = prog.norm_coefficients()
         # the dearest shortfall over the cheapest change stays within what HiGHS solves reliably (PRDNN's mean + max has
         # a change cost of 1 / #entries beside the largest change's 1)
-        self.max_price = MAX_ELASTIC_PRICE * min(c for c in (self.a, self.b) if c > 0) / max(self.a, self.b)
+        self.max_price = max(ELASTIC_PRICE, MAX_ELASTIC_PRICE * min(c for c in (self.a, self.b) if c > 0) / max(self.a, self.b))
         self.t_col = self._add_cols([self.b / scale], [self.upper]) if self.b > 0 else None  # the largest change, t
         self.nb = 0 if prog.freeze_bias else O
         if self.nb:

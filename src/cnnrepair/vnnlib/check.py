@@ -6,8 +6,10 @@ running the model on it, makes it ``violated``) and bounded by :func:`cnnrepair.
 (a positive lower bound on every logit difference makes it ``holds``: the larger of the bound on the
 logit differences and the last layer's worst case over the feature box, both sound); neither gives
 ``unknown``.
-The properties must be in the robustness form (:meth:`VnnlibProperty.label`); others are refused
-by name.
+The properties must be in the robustness form (:meth:`VnnlibProperty.robustness`); others are
+refused by name. A targeted property (label against some of the other classes) is proved by the
+larger of those bounds and the bound on its own logit differences only, and is violated only by an
+input its own formula rejects.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class PropertyCheck:
     label: int
     bound: float
     counterexample: np.ndarray | None = None
+    rivals: tuple[int, ...] | None = None  # a targeted property's classes (None: every other class)
 
 
 def property_boxes(props: list[VnnlibProperty], input_shape: tuple[int, ...], num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -46,13 +49,13 @@ def property_boxes(props: list[VnnlibProperty], input_shape: tuple[int, ...], nu
             raise CnnRepairError(f"{p.name}: declares {p.num_inputs} inputs but the model takes {n_in} ({' x '.join(map(str, input_shape))})")
         if p.num_outputs != num_classes:
             raise CnnRepairError(f"{p.name}: declares {p.num_outputs} outputs but the model has {num_classes}")
-        label = p.label()
-        if label is None:
+        form = p.robustness()
+        if form is None:
             raise CnnRepairError(f"{p.name}: its output constraint is not the robustness form (some Y_j >= Y_label, over every "
-                                 "other class); only that form is checked and repaired")
+                                 "other class or some of them); only that form is checked and repaired")
         lower.append(p.lower.reshape(input_shape))
         upper.append(p.upper.reshape(input_shape))
-        labels.append(label)
+        labels.append(form[0])
     return np.stack(lower), np.stack(upper), np.asarray(labels, np.int64)
 
 
@@ -69,13 +72,19 @@ def check_properties(model: nn.Module, props: list[VnnlibProperty], input_shape:
         C = first_output(model(torch.zeros((1, *input_shape), device=model_device(model)))).shape[1]
     lower, upper, labels = property_boxes(props, input_shape, C)
     bound = np.maximum(certify_boxes(model, lower, upper, labels, method).margins, _box_margins(model, lower, upper, labels, method))
-    found = _counterexamples(model, lower, upper, labels, seed)
+    targeted = [i for i, p in enumerate(props) if len(p.robustness()[1]) < C - 1]
+    if targeted:  # against its own classes only: at least the bound against every class
+        bound[targeted] = np.maximum(bound[targeted], _targeted_margins(model, lower[targeted], upper[targeted],
+                                                                        [props[i].robustness() for i in targeted], method))
+    found = _counterexamples(model, lower, upper, labels, seed, props)
     out = []
     for i, p in enumerate(props):
+        rivals = p.robustness()[1]
+        rivals = None if len(rivals) == C - 1 else rivals
         if found[i] is not None:
-            out.append(PropertyCheck(p.name, "violated", int(labels[i]), float(bound[i]), found[i]))
+            out.append(PropertyCheck(p.name, "violated", int(labels[i]), float(bound[i]), found[i], rivals))
         else:
-            out.append(PropertyCheck(p.name, "holds" if bound[i] > 0 else "unknown", int(labels[i]), float(bound[i])))
+            out.append(PropertyCheck(p.name, "holds" if bound[i] > 0 else "unknown", int(labels[i]), float(bound[i]), rivals=rivals))
     return out
 
 
@@ -93,9 +102,32 @@ def _box_margins(model: nn.Module, lower: np.ndarray, upper: np.ndarray, labels:
     return worst_margins(fb, labels, lay.weight, lay.bias, lay.zero_rival)
 
 
-def _counterexamples(model: nn.Module, lower: np.ndarray, upper: np.ndarray, labels: np.ndarray, seed: int) -> list[np.ndarray | None]:
-    """Per box, an input inside it that the model does not give its label (:func:`cnnrepair.certify.pgd_counterexamples`
-    in the box rounded inward to float32), checked again by running the model on it alone; None where none was found."""
+def _targeted_margins(model: nn.Module, lower: np.ndarray, upper: np.ndarray, forms: list[tuple[int, tuple[int, ...]]],
+                      method: str) -> np.ndarray:
+    """Per box, a lower bound of ``min over the property's classes j of logit[l] - logit[j]`` (and of ``logit[l]``
+    itself when a ReLU ends the model) over it: :func:`cnnrepair.bounds.rival_bounds`, the rows of the other classes
+    dropped."""
+    from cnnrepair.bounds import frozen_graph, rival_bounds
+    from cnnrepair.repair.layer import last_layer
+
+    labels = np.asarray([f[0] for f in forms], np.int64)
+    sample = torch.as_tensor((lower[:2] + upper[:2]) / 2, dtype=torch.float32)
+    lay = last_layer(model, sample)
+    graph = frozen_graph(model, lay.name, sample, through=True)
+    rows = rival_bounds(graph, torch.as_tensor(lower), torch.as_tensor(upper), labels, method, zero_rival=lay.zero_rival)
+    out = np.empty(len(forms))
+    for i, (label, rivals) in enumerate(forms):
+        others = [j for j in range(rows.shape[1] + 1 - int(lay.zero_rival)) if j != label]  # the row order of margin_rows
+        keep = [r for r, j in enumerate(others) if j in rivals] + ([len(others)] if lay.zero_rival else [])
+        out[i] = rows[i, keep].min()
+    return out
+
+
+def _counterexamples(model: nn.Module, lower: np.ndarray, upper: np.ndarray, labels: np.ndarray, seed: int,
+                     props: list[VnnlibProperty]) -> list[np.ndarray | None]:
+    """Per box, an input inside it that violates its property (:func:`cnnrepair.certify.pgd_counterexamples` in the box
+    rounded inward to float32, then checked again by running the model on it alone against the property's own formula:
+    a targeted property is violated only when one of its classes wins); None where none was found."""
     from cnnrepair.certify import pgd_counterexamples
     from cnnrepair.runtime import first_output, model_device
 
@@ -106,10 +138,9 @@ def _counterexamples(model: nn.Module, lower: np.ndarray, upper: np.ndarray, lab
         for i, f in enumerate(found):
             if f is None:
                 continue
-            out = first_output(model(torch.as_tensor(f[None]).to(dev)))[0].double().cpu()
-            rivals = torch.cat([out[:int(labels[i])], out[int(labels[i]) + 1:]])
+            out = first_output(model(torch.as_tensor(f[None]).to(dev)))[0].double().cpu().numpy()
             inside = bool((f >= lower[i]).all() and (f <= upper[i]).all())
-            if not inside or float(out[int(labels[i])]) > float(rivals.max()):
+            if not inside or not props[i].violated_by(out[None])[0]:
                 found[i] = None
     return found
 

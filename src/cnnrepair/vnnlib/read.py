@@ -18,7 +18,9 @@ one file per box), a comparison mixing inputs and outputs, a product of two vari
 operator, an undeclared or out-of-range variable, an input without both bounds.
 
 The robustness form VNN-COMP's generators write, ``(or (and (>= Y_j Y_l)) ...)`` over every
-``j != l``, is recognised as "label ``l`` against every other class" (:meth:`VnnlibProperty.label`).
+``j != l``, is recognised as "label ``l`` against every other class" (:meth:`VnnlibProperty.label`),
+and the same over some of the other classes (a targeted property, as oval21's) as "label ``l``
+against those" (:meth:`VnnlibProperty.robustness`).
 
 The VNN-LIB 2.0 parser on PyPI (``vnnlib`` 1.0.2) refuses these files (it reads VNN-LIB 2.0 only),
 and its 0.0.1 release is an alpha source package that compiles with mypyc at install time, so this
@@ -67,7 +69,13 @@ class VnnlibProperty:
     def label(self) -> int | None:
         """``l`` when the violation is exactly "some other class scores at least as high as ``l``" (every case one row
         ``Y_l - Y_j <= 0``, over every ``j != l``): the robustness form; None for any other output constraint."""
-        C = self.num_outputs
+        form = self.robustness()
+        return form[0] if form is not None and len(form[1]) == self.num_outputs - 1 else None
+
+    def robustness(self) -> tuple[int, tuple[int, ...]] | None:
+        """``(l, rivals)`` when the violation is "one of ``rivals`` scores at least as high as ``l``" (every case one row
+        ``Y_l - Y_j <= 0``): the robustness form over every other class, or a targeted one over some of them (oval21's
+        properties name one target class); None for any other output constraint."""
         label, rivals = None, set()
         for case in self.violation:
             if case.A.shape[0] != 1 or case.b[0] != 0.0:
@@ -81,7 +89,7 @@ class VnnlibProperty:
                 return None
             label = lab
             rivals.add(rival)
-        return label if label is not None and rivals == set(range(C)) - {label} else None
+        return None if label is None else (label, tuple(sorted(rivals)))
 
     def violated_by(self, y: np.ndarray, tol: float = 0.0) -> np.ndarray:
         """For outputs ``y`` (N x num_outputs): does any case of the violation hold (to ``tol``)?"""

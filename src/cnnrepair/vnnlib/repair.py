@@ -195,6 +195,8 @@ def _records(plan: PropertyPlan, after: list[PropertyCheck] | None, todo: np.nda
     for i, (path, check) in enumerate(zip(plan.files, plan.checks)):
         rec = {"file": path.name, "label": check.label, "before": check.status, "bound_before": check.bound,
                "role": "repaired" if i in repaired else "kept"}
+        if check.rivals is not None:  # targeted: bounded and repaired as the stronger property against every class
+            rec.update(rivals=list(check.rivals), form="targeted: proved and repaired as robust against every class, which implies it")
         if after is not None:
             rec.update(after=after[i].status, bound_after=after[i].bound)
         out.append(rec)
@@ -234,7 +236,8 @@ def check_property_files(cert: Certificate, paths: list[Path], points, keep) -> 
             continue
         prop = read_vnnlib(path)
         lo, hi = pts.boxes[0][k].reshape(-1), pts.boxes[1][k].reshape(-1)
-        label = prop.label()
+        form = prop.robustness()
+        label = None if form is None else form[0]
         y = None if pts.y is None else int(pts.y[k])
         if prop.lower.shape != lo.shape or not (np.array_equal(prop.lower, lo) and np.array_equal(prop.upper, hi)):
             problems.append(f"property {entry['file']!r}: its box is not the {entry['set']} file's box {k}")
