@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from benchmarks.bounds import textbook_crown
-from cnnrepair.bounds import ball_box, feature_bounds, frozen_graph, margin_bounds, margin_rows, spec_bounds
+from cnnrepair.bounds import ball_box, feature_bounds, frozen_graph, margin_bounds, margin_rows, rival_bounds, spec_bounds
 from cnnrepair.certify import certify, worst_margins
 from cnnrepair.repair import last_layer
 
@@ -57,6 +57,33 @@ def test_margin_bounds_hold_at_every_sampled_corner_and_pgd_point_of_the_ball(na
         assert (bound <= _margins(model, xs, y) + tol).all()
     assert (bound <= _pgd_margin(model, lo, hi, y) + tol).all()
     assert (bound <= _margins(model, x, y) + tol).all()
+
+
+@pytest.mark.parametrize("zero_rival", [False, True])
+def test_each_rival_bound_holds_on_its_own_and_their_minimum_is_the_margin_bound(zero_rival):
+    model = _nets()["cnn"]
+    torch.manual_seed(5)
+    x = torch.rand(5, 1, 8, 8)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    lo, hi = ball_box(x, 0.03)
+    graph = _graph(model, x)
+    rows = rival_bounds(graph, lo, hi, y.numpy(), "crown", zero_rival=zero_rival)
+    C = _classes(model, x)
+    assert rows.shape == (5, C - 1 + int(zero_rival))
+    assert np.array_equal(rows.min(1), margin_bounds(graph, lo, hi, y.numpy(), "crown", zero_rival=zero_rival))
+    R = margin_rows(y.numpy(), C, zero_rival).numpy()  # the rows in the order rival_bounds bounds them
+    for trial in range(20):
+        u = torch.rand(lo.shape, generator=torch.Generator().manual_seed(trial), dtype=torch.float64)
+        with torch.no_grad():
+            out = model((lo + (hi - lo) * u).float()).double().numpy()
+        assert (rows <= np.einsum("nrc,nc->nr", R, out) + 1e-5).all()  # every row's bound holds on its own
+
+
+def _classes(model, x) -> int:
+    """How many outputs ``model`` has."""
+    with torch.no_grad():
+        return int(model(x[:1]).shape[1])
 
 
 @pytest.mark.parametrize("name", ["cnn", "residual", "mlp"])

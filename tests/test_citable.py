@@ -321,3 +321,28 @@ def test_a_ball_repair_of_an_nhwc_model_with_per_channel_normalisation_records_t
     capsys.readouterr()
     assert main(["repair", str(tmp_path / "nhwc.onnx"), "--points", str(pts), "--out", str(tmp_path / "bad"), "--layout", "nhwc"]) == 2
     assert "--spec ball" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_a_graph_the_bound_tracer_cannot_follow_is_refused_naming_its_onnx_node(tmp_path):
+    """A reshape whose target is computed data (Shape, then Mul: no longer a shape the interpreter keeps static) runs,
+    repairs, but cannot be traced for bounds: the one-line refusal names the node and its operator."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from cnnrepair import CnnRepairError, certify
+    from cnnrepair.formats import load_model
+
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Mul", ["s", "one"], ["t"]),
+             helper.make_node("Reshape", ["x", "t"], ["r"], name="reshape_dd"), helper.make_node("Gemm", ["r", "W", "b"], ["y"], transB=1)]
+    inits = [numpy_helper.from_array(np.array([1, 1], np.int64), "one"),
+             numpy_helper.from_array(np.random.default_rng(0).random((3, 4)).astype(np.float32), "W"),
+             numpy_helper.from_array(np.zeros(3, np.float32), "b")]
+    graph = helper.make_graph(nodes, "dd", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(tmp_path / "dd.onnx"))
+    model = load_model(tmp_path / "dd.onnx").module
+    x = torch.rand(4, 4)
+    y = model(x).argmax(1).numpy()
+    with pytest.raises(CnnRepairError, match=r"in ONNX node 'reshape_dd' \(Reshape\)") as err:
+        certify(model, x, y, eps=0.01)
+    assert "\n" not in str(err.value)

@@ -107,8 +107,9 @@ def export_graph(model: nn.Module, sample: Tensor) -> torch.fx.GraphModule:
     try:
         return torch.export.export(model, (sample,)).module()
     except Exception as exc:  # noqa: BLE001 - the exporter's many failure types mean one thing to the user
-        raise CnnRepairError(f"the model could not be traced to an ATen graph ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
-                             "export it with torch.export first") from None
+        where = "".join(f" {note}" for note in getattr(exc, "__notes__", []) if note.startswith("in ONNX node"))
+        raise CnnRepairError(f"the model could not be traced to an ATen graph ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+                             f"{where}; export it with torch.export first") from None
 
 
 def _get_attr(gm: torch.fx.GraphModule, target: str) -> Tensor:

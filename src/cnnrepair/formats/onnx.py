@@ -158,7 +158,13 @@ class OnnxModule(nn.Module):
             if kind == "linear":
                 env[b] = getattr(self, c)(env[a])
             else:
-                outs = _run(a, b, [env[i] if i else None for i in a.input], x.shape[0])
+                try:
+                    outs = _run(a, b, [env[i] if i else None for i in a.input], x.shape[0])
+                except CnnRepairError:
+                    raise
+                except Exception as exc:  # a tracer's failure (torch.export) names the ONNX node it stopped in
+                    exc.add_note(f"in ONNX node {a.name or '(unnamed)'!r} ({a.op_type})")
+                    raise
                 for name, val in zip(a.output, outs):
                     env[name] = val
         return env[self.output_name]

@@ -113,6 +113,8 @@ def _targeted_margins(model: nn.Module, lower: np.ndarray, upper: np.ndarray, fo
     labels = np.asarray([f[0] for f in forms], np.int64)
     sample = torch.as_tensor((lower[:2] + upper[:2]) / 2, dtype=torch.float32)
     lay = last_layer(model, sample)
+    if lay.kind == "svm-rbf":  # no linear logits to bound row by row: the bound against every class stands
+        return np.full(len(forms), -np.inf)
     graph = frozen_graph(model, lay.name, sample, through=True)
     rows = rival_bounds(graph, torch.as_tensor(lower), torch.as_tensor(upper), labels, method, zero_rival=lay.zero_rival)
     out = np.empty(len(forms))
