@@ -62,7 +62,8 @@ def property_boxes(props: list[VnnlibProperty], input_shape: tuple[int, ...], nu
 def check_properties(model: nn.Module, props: list[VnnlibProperty], input_shape: tuple[int, ...], method: str = "crown",
                      seed: int = 0) -> list[PropertyCheck]:
     """Each property's status on ``model`` (see the module docstring). ``method``: the bound (ibp, crown, alpha-crown)."""
-    from cnnrepair.certify import certify_boxes
+    from cnnrepair.bounds import frozen_graph, rival_bounds
+    from cnnrepair.repair.layer import last_layer
     from cnnrepair.runtime import eval_mode, first_output, model_device
 
     if not props:
@@ -71,16 +72,16 @@ def check_properties(model: nn.Module, props: list[VnnlibProperty], input_shape:
     with torch.no_grad():
         C = first_output(model(torch.zeros((1, *input_shape), device=model_device(model)))).shape[1]
     lower, upper, labels = property_boxes(props, input_shape, C)
-    bound = np.maximum(certify_boxes(model, lower, upper, labels, method).margins, _box_margins(model, lower, upper, labels, method))
-    targeted = [i for i, p in enumerate(props) if len(p.robustness()[1]) < C - 1]
-    if targeted:  # against its own classes only: at least the bound against every class
-        bound[targeted] = np.maximum(bound[targeted], _targeted_margins(model, lower[targeted], upper[targeted],
-                                                                        [props[i].robustness() for i in targeted], method))
+    forms = [p.robustness() for p in props]
+    sample = torch.as_tensor((lower[:2] + upper[:2]) / 2, dtype=torch.float32)
+    lay = last_layer(model, sample)
+    graph = frozen_graph(model, lay.name, sample, through=True)
+    rows = rival_bounds(graph, torch.as_tensor(lower), torch.as_tensor(upper), labels, method, zero_rival=lay.zero_rival)
+    bound = np.maximum(_own_rows(rows, forms, lay.zero_rival), _box_margins(model, lay, lower, upper, labels, method))
     found = _counterexamples(model, lower, upper, labels, seed, props)
     out = []
     for i, p in enumerate(props):
-        rivals = p.robustness()[1]
-        rivals = None if len(rivals) == C - 1 else rivals
+        rivals = None if len(forms[i][1]) == C - 1 else forms[i][1]
         if found[i] is not None:
             out.append(PropertyCheck(p.name, "violated", int(labels[i]), float(bound[i]), found[i], rivals))
         else:
@@ -88,41 +89,28 @@ def check_properties(model: nn.Module, props: list[VnnlibProperty], input_shape:
     return out
 
 
-def _box_margins(model: nn.Module, lower: np.ndarray, upper: np.ndarray, labels: np.ndarray, method: str) -> np.ndarray:
+def _own_rows(rows: np.ndarray, forms: list[tuple[int, tuple[int, ...]]], zero_rival: bool) -> np.ndarray:
+    """Per box, the smallest bound (``rows``: :func:`cnnrepair.bounds.rival_bounds`) over the rows of its property's
+    own classes (every other class: the margin bound itself), and of the zero rival when a ReLU ends the model."""
+    classes = rows.shape[1] + 1 - int(zero_rival)
+    out = np.empty(len(forms))
+    for i, (label, rivals) in enumerate(forms):
+        others = [j for j in range(classes) if j != label]  # the row order of margin_rows
+        keep = [r for r, j in enumerate(others) if j in rivals] + ([len(others)] if zero_rival else [])
+        out[i] = rows[i, keep].min()
+    return out
+
+
+def _box_margins(model: nn.Module, lay, lower: np.ndarray, upper: np.ndarray, labels: np.ndarray, method: str) -> np.ndarray:
     """The other sound bound: the last layer's worst case over the feature box (what the ball repair constrains, so a
     box the repair certified is proved here too; the bound on the logit differences is tighter on most boxes, not all)."""
     from cnnrepair.bounds import feature_bounds
     from cnnrepair.certify import worst_margins
-    from cnnrepair.repair.layer import last_layer
 
-    lay = last_layer(model, torch.as_tensor((lower[:2] + upper[:2]) / 2, dtype=torch.float32))
     if lay.kind == "svm-rbf":
         return np.full(len(labels), -np.inf)
     fb = feature_bounds(model, lay.name, torch.as_tensor(lower), torch.as_tensor(upper), method)
     return worst_margins(fb, labels, lay.weight, lay.bias, lay.zero_rival)
-
-
-def _targeted_margins(model: nn.Module, lower: np.ndarray, upper: np.ndarray, forms: list[tuple[int, tuple[int, ...]]],
-                      method: str) -> np.ndarray:
-    """Per box, a lower bound of ``min over the property's classes j of logit[l] - logit[j]`` (and of ``logit[l]``
-    itself when a ReLU ends the model) over it: :func:`cnnrepair.bounds.rival_bounds`, the rows of the other classes
-    dropped."""
-    from cnnrepair.bounds import frozen_graph, rival_bounds
-    from cnnrepair.repair.layer import last_layer
-
-    labels = np.asarray([f[0] for f in forms], np.int64)
-    sample = torch.as_tensor((lower[:2] + upper[:2]) / 2, dtype=torch.float32)
-    lay = last_layer(model, sample)
-    if lay.kind == "svm-rbf":  # no linear logits to bound row by row: the bound against every class stands
-        return np.full(len(forms), -np.inf)
-    graph = frozen_graph(model, lay.name, sample, through=True)
-    rows = rival_bounds(graph, torch.as_tensor(lower), torch.as_tensor(upper), labels, method, zero_rival=lay.zero_rival)
-    out = np.empty(len(forms))
-    for i, (label, rivals) in enumerate(forms):
-        others = [j for j in range(rows.shape[1] + 1 - int(lay.zero_rival)) if j != label]  # the row order of margin_rows
-        keep = [r for r, j in enumerate(others) if j in rivals] + ([len(others)] if lay.zero_rival else [])
-        out[i] = rows[i, keep].min()
-    return out
 
 
 def _counterexamples(model: nn.Module, lower: np.ndarray, upper: np.ndarray, labels: np.ndarray, seed: int,
