@@ -92,7 +92,7 @@ def run(data_dir: Path, shapes: tuple[str, ...] = tuple(SHAPES), repair_images: 
             row = {"network": shape, "layer": layer, "position": where, "keep_points": int(len(yk)) if keep else 0,
                    "later_biases": later, "status": r.status, "seconds": seconds, "notes": list(r.notes)}
             solver = r.certificate.solver if r.certificate is not None else {}
-            row["lp"] = {k: solver.get(k) for k in ("rows", "columns", "pattern_rows", "rounds", "weights")}
+            row["lp"] = {k: solver.get(k) for k in ("rows", "columns", "pattern_rows", "pattern_bounds", "rounds", "weights")}
             if r.ok:
                 after = {"repair": accuracy(r.model, xr, yr), "generalisation": accuracy(r.model, xg, yg),
                          "clean": accuracy(r.model, x_clean, y_test)}
@@ -143,7 +143,8 @@ def table(d: dict) -> str:
         acc = d["networks"][r["network"]]["accuracy"]
         net = f"{r['network']} ({100 * acc['clean']:.1f} / {100 * acc['generalisation']:.1f})"
         lp = r["lp"]
-        size = f"{lp['rows']:,} ({lp['pattern_rows']:,})" if lp.get("rows") is not None and lp.get("pattern_rows") is not None else (
+        bounds = f", {lp['pattern_bounds']:,} as bounds" if lp.get("pattern_bounds") else ""
+        size = f"{lp['rows']:,} ({lp['pattern_rows']:,}{bounds})" if lp.get("rows") is not None and lp.get("pattern_rows") is not None else (
             f"{lp['rows']:,}" if lp.get("rows") is not None else "-")
         lb = "free" if r.get("later_biases") else "kept"
         if r["status"] != "repaired":
@@ -218,3 +219,76 @@ registry.section("any_layer*.json", order=175, title=_title,
                                    help="the change's norm (l1+linf: APRNN's and PRDNN's mean + max; default: l1)")))
 def _cli(args):
     return run(args.data_dir, registry.names(args.shapes, SHAPES, "shape"), keep_images=args.keep, time_limit=args.time_limit, norm=args.norm)
+
+
+PATTERN_CASES = (("3x100", "3", False), ("3x100", "3", True), ("9x100", "15", False), ("9x100", "15", True))
+
+
+def run_pattern_bounds(data_dir: Path, repeats: int = 2, keep_images: int = 1000, seed: int = 0, time_limit: float = 300.0) -> Path:
+    """Side by side in one run: the hidden-layer repair with the single-unit pattern rows of points with u columns held as
+    column bounds (``cnnrepair.repair.hidden.PATTERN_BOUNDS``) and as rows, alternating, on the any-layer task's layer
+    before the last with 1,000 keep points; writes benchmarks/results/pattern_bounds.json."""
+    import cnnrepair.repair.hidden as hidden
+    from benchmarks.common import machine, write_result
+    from cnnrepair import RepairSpec, SolveOptions, repair_classifier
+    from cnnrepair.corruptions import fog
+    from cnnrepair.data import load_dataset, to_float
+
+    ds = load_dataset("mnist", data_dir)
+    xtr, ytr = to_float(ds.x_train), torch.as_tensor(ds.y_train, dtype=torch.long)
+    x_fog = to_float(fog(ds.x_test, severity=5, seed=seed))
+    xr, yr = x_fog[:100], ds.y_test[:100]
+    order = np.random.default_rng(seed).permutation(len(ds.y_train))[:3 * keep_images]
+    rows, models = [], {}
+    try:
+        for shape, layer, later in PATTERN_CASES:
+            if shape not in models:
+                models[shape] = train(shape, xtr, ytr, 3, seed)[0]
+            model = models[shape]
+            with torch.no_grad():
+                ok = model(xtr[order]).argmax(1).numpy() == ds.y_train[order]
+            keep = (xtr[order][ok][:keep_images], ds.y_train[order][ok][:keep_images])
+            times: dict[str, list[float]] = {"bounds": [], "rows": []}
+            l1: dict[str, float | None] = {}
+            for _ in range(repeats):
+                for mode in ("bounds", "rows"):
+                    hidden.PATTERN_BOUNDS = mode == "bounds"
+                    t0 = time.perf_counter()
+                    r = repair_classifier(model, xr, yr, RepairSpec(margin=0.05, later_biases=later), layer=layer, keep=keep,
+                                          options=SolveOptions(time_limit=time_limit))
+                    times[mode].append(time.perf_counter() - t0)
+                    l1[mode] = r.certificate.change["l1"] if r.ok else None
+                    print(f"  {shape} layer {layer}{' later biases' if later else ''} {mode}: {r.status} in {times[mode][-1]:.1f}s", flush=True)
+            rows.append({"network": shape, "layer": layer, "later_biases": later, "keep_points": len(keep[1]), "seconds": times,
+                         "l1": l1, "ratio": float(np.median(times["rows"]) / np.median(times["bounds"]))})
+    finally:
+        hidden.PATTERN_BOUNDS = True
+    command = f"python -m benchmarks.run pattern-bounds --data-dir {data_dir}"
+    return write_result("pattern_bounds.json", {"machine": machine(), "command": command, "repeats": repeats, "rows": rows})
+
+
+def pattern_table(d: dict) -> str:
+    """Markdown: per case, the median seconds with bounds and with rows, their ratio, the L1 optimum of each."""
+    out = ["| network | layer | later biases | keep | s, as bounds (median) | s, as rows (median) | rows / bounds | L1 of the layer (bounds / rows) |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in d["rows"]:
+        l1 = " / ".join("-" if r["l1"][m] is None else f"{r['l1'][m]:.6g}" for m in ("bounds", "rows"))
+        out.append(f"| {r['network']} | {r['layer']} | {'free' if r['later_biases'] else 'kept'} | {r['keep_points']:,} | "
+                   f"{np.median(r['seconds']['bounds']):.1f} | {np.median(r['seconds']['rows']):.1f} | {r['ratio']:.2f} | {l1} |")
+    return "\n".join(out)
+
+
+registry.section("pattern_bounds.json", order=176,
+                 title=lambda d: "### Pattern rows as column bounds (repair of a layer inside the network)",
+                 intro=lambda d: (f"{registry.measured_on(d)}: the any-layer task's layer before the last with 1,000 keep points, "
+                                  "the single-unit pattern rows (the ReLU right after the layer) of points with their own "
+                                  "z-change columns held as column bounds or as rows, alternating, "
+                                  f"{d['repeats']} runs each in one process."),
+                 table=pattern_table)
+
+
+@registry.command("pattern-bounds", "hidden-layer repair with single-unit pattern rows as column bounds against rows, side by side",
+                  order=76, arguments=registry.arguments(registry.MNIST_DIR,
+                                                         registry.arg("--repeats", type=int, default=2, help="runs of each mode")))
+def _cli_pattern(args):
+    return run_pattern_bounds(args.data_dir, repeats=args.repeats)

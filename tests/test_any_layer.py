@@ -139,6 +139,8 @@ def test_the_optimum_equals_an_independent_lp_of_the_same_pattern_preserving_pro
     assert abs(sol.objective - ref.fun) <= 1e-6 * ref.fun
     assert sol.lower_bound <= sol.objective and sol.gap <= 1e-6
     assert 0 < sol.size["pattern_rows"] and sol.size["rows"] < ref.n_rows  # rows were generated, not all written down
+    if case == "mlp-hidden":  # a ReLU right after the layer: the points with u columns hold those patterns as bounds
+        assert 0 < sol.size["pattern_bounds"] <= sol.size["pattern_rows"]
     if later_biases:  # more freedom: never a larger change than the layer alone (when the layer alone can do it)
         assert len(sol.delta_later) == sum(size for _, _, size in prog.later)
         fixed = _independent_optimum(model, layer, x, labels, required, pools)
@@ -440,3 +442,24 @@ def test_a_hidden_layer_of_an_onnx_file_or_a_state_dict_is_repaired_in_its_forma
     assert (own[:4] - other[:4] >= 0.05 - 1e-6).all() and (own[4:] > other[4:]).all()
     assert main(["verify", str(out / "certificate.json"), "--model", str(saved), *extra, "--points", str(tmp_path / "p.npz"),
                  "--keep", str(tmp_path / "k.npz"), "--original", str(src)]) == 0
+
+
+def test_pattern_rows_held_as_bounds_or_as_rows_reach_the_same_optimum(monkeypatch):
+    """The single-unit pattern rows of points with u columns are column bounds by default; as rows (the benchmark's other
+    side) the program is the same: the same optimum, a certified gap both ways."""
+    import cnnrepair.repair.hidden as hidden
+
+    torch.manual_seed(7)
+    model, x = _mlp(), torch.randn(40, 6)
+    labels = _task(model, x, 5)
+    required = np.concatenate([np.full(5, 0.05), np.zeros(35)])
+    out = {}
+    for flag in (True, False):
+        monkeypatch.setattr(hidden, "PATTERN_BOUNDS", flag)
+        prog = hidden_program(model, "2", x, labels, required, 5)
+        prog.warm["active"] = np.ones(len(x), bool)
+        sol = solve_hidden(prog)
+        assert sol.ok and sol.gap <= 1e-6
+        assert (sol.size["pattern_bounds"] > 0) == flag
+        out[flag] = sol.objective
+    assert abs(out[True] - out[False]) <= 1e-7 * out[False]

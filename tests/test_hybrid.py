@@ -91,7 +91,7 @@ def test_recorded_accuracy_matches_an_independent_scikit_learn_fit(digits_run, d
     feats = np.load(digits_run / "features.npz")
     xtr, xte = feats["train"].astype(np.float64), feats["test"].astype(np.float64)
     lh = make_pipeline(StandardScaler(), LinearSVC(C=res["hybrid"]["lh"]["C"], dual="auto", max_iter=5000, random_state=0))
-    kh = make_pipeline(StandardScaler(), OneVsRestClassifier(SVC(kernel="rbf", C=res["hybrid"]["kh"]["C"], gamma="scale")))
+    kh = make_pipeline(StandardScaler(), OneVsRestClassifier(SVC(kernel="rbf", C=res["hybrid"]["kh"]["C"], gamma=res["hybrid"]["kh"]["gamma"])))
     for name, pipe in (("lh", lh), ("kh", kh)):
         acc = float((pipe.fit(xtr, digits.y_train).predict(xte) == digits.y_test).mean())
         assert res["accuracy"][name] == pytest.approx(acc, abs=1e-12), name
@@ -114,3 +114,62 @@ def test_hybrid_shows_progress_while_fitting(digits_run, tmp_path, monkeypatch):
     feats = P.stage_features(run, model, open_dataset(run))
     P.stage_hybrid(run, model, open_dataset(run), feats, P.HybridSettings(kinds=("lh", "kh")), progress=lambda d, *a: seen.append(d))
     assert any(d.startswith("fitting LH") for d in seen) and any(d.startswith("fitting KH") for d in seen)
+
+
+def test_hyperparameters_are_chosen_on_a_held_out_split_and_recorded(digits_run, digits):
+    """The default grids are searched: every score is recorded, the chosen C is the best held-out score, and one grid
+    point's score is what scikit-learn alone gets on the same stratified split."""
+    from sklearn.model_selection import train_test_split
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+
+    from cnnrepair.paper.pipeline import KH_GRID, LH_GRID
+
+    res = RunDir(digits_run).results
+    feats = np.load(digits_run / "features.npz")["train"].astype(np.float64)
+    for kind, grid in (("lh", LH_GRID), ("kh", KH_GRID)):
+        search = res["hybrid"][kind]["search"]
+        scores = [g["holdout_accuracy"] for g in search["grid"]]
+        assert [g["C"] for g in search["grid"]] == list(grid) and len(scores) == len(grid)
+        best = search["grid"][int(np.argmax(scores))]  # argmax: the first of equal scores, the documented tie rule
+        assert res["hybrid"][kind]["C"] == best["C"] == search["chosen"]["C"]
+        assert search["fit_on"] + search["holdout"] == len(digits.y_train) and search["seconds"] > 0
+    search = res["hybrid"]["lh"]["search"]
+    fit_idx, held_idx = train_test_split(np.arange(len(digits.y_train)), test_size=0.1, random_state=0, stratify=digits.y_train)
+    assert len(held_idx) == search["holdout"]
+    C = search["grid"][1]["C"]
+    pipe = make_pipeline(StandardScaler(), LinearSVC(C=C, dual="auto", max_iter=5000, random_state=0))
+    acc = float((pipe.fit(feats[fit_idx], digits.y_train[fit_idx]).predict(feats[held_idx]) == digits.y_train[held_idx]).mean())
+    assert search["grid"][1]["holdout_accuracy"] == pytest.approx(acc, abs=1e-12)
+
+
+def test_one_value_skips_the_search(digits_run, tmp_path):
+    from cnnrepair.cli import main
+
+    run = copy_run(digits_run, tmp_path)
+    assert main(["--quiet", "hybrid", "--out", str(run.path), "--lh-c", "0.05", "--kh-c", "3", "--kh-gamma", "0.01"]) == 0
+    res = run.results
+    assert res["hybrid"]["lh"]["C"] == 0.05 and res["hybrid"]["lh"]["search"] is None
+    assert (res["hybrid"]["kh"]["C"], res["hybrid"]["kh"]["gamma"]) == (3.0, 0.01) and res["hybrid"]["kh"]["search"] is None
+    assert load_head(run.path / "models/kh.pt").gamma.item() == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lh-c", "0.1,0.1"], "repeats a value"), (["--kh-gamma", "auto"], "numbers or 'scale'"),
+    (["--kh-gamma", "-1"], "must be > 0 or 'scale'"), (["--holdout", "0.7"], "--holdout must lie between"),
+    (["--lh-c", "0"], "C must be > 0"),
+])
+def test_bad_search_options_are_refused_in_one_line(digits_run, tmp_path, capsys, args, message):
+    from cnnrepair.cli import main
+
+    run = copy_run(digits_run, tmp_path)
+    before = (run.path / "results.json").read_bytes()
+    try:
+        code = main(["hybrid", "--out", str(run.path), *args])
+    except SystemExit as exc:  # argparse's own refusal of a value it cannot read
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and "Traceback" not in "\n".join(err)
+    assert (run.path / "results.json").read_bytes() == before

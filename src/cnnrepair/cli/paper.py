@@ -49,8 +49,15 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_hybrid_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lh-c", type=float, default=0.01, help="C of the linear SVM (LH), on standardised features (default 0.01)")
-    p.add_argument("--kh-c", type=float, default=10.0, help="C of the RBF SVM (KH) (default 10)")
+    p.add_argument("--lh-c", type=_float_list, default=None,
+                   help="C of the linear SVM (LH), on standardised features; several (comma-separated): the one with the best "
+                        "accuracy on a held-out share of the training set, then refitted on all of it (default 0.001,0.01,0.1; "
+                        "one value skips the search)")
+    p.add_argument("--kh-c", type=_float_list, default=None, help="C of the RBF SVM (KH), chosen the same way (default 1,10,100)")
+    p.add_argument("--kh-gamma", type=_gamma_list, default=None,
+                   help="gamma of the RBF SVM (KH): numbers or 'scale' (1 / features), chosen with --kh-c (default scale)")
+    p.add_argument("--holdout", type=float, default=0.1,
+                   help="share of the training set held out to choose --lh-c / --kh-c / --kh-gamma among several (default 0.1)")
     p.add_argument("--kh-train-size", type=int, default=None,
                    help="fit KH on a stratified subset of this many training features (faster; default: all, exact)")
     p.add_argument("--no-kh", action="store_true", help="skip KH (exact RBF SVC is slow on large feature sets)")
@@ -70,6 +77,15 @@ def _list_of(kind: type, what: str, example: str) -> Callable[[str], list]:
     return parse
 
 _eps_list = _list_of(float, "numbers", "0.025,0.05")
+
+_float_list = _list_of(float, "numbers", "0.001,0.01,0.1")
+
+
+def _gamma(text: str) -> float | str:
+    return "scale" if text.strip() == "scale" else float(text)
+
+
+_gamma_list = _list_of(_gamma, "numbers or 'scale'", "scale,0.001")
 
 _int_list = _list_of(int, "integers", "1,50")
 
@@ -136,7 +152,9 @@ def _hybrid_settings(args: argparse.Namespace, seed: int = 0):
     """The hybrid options gathered into HybridSettings, which checks them."""
     from cnnrepair.paper.pipeline import HybridSettings
 
-    return HybridSettings(args.lh_c, args.kh_c, args.kh_train_size, ("lh",) if args.no_kh else ("lh", "kh"), args.svm_jobs, seed)
+    grids = {k: tuple(v) for k, v in (("lh_c", args.lh_c), ("kh_c", args.kh_c), ("kh_gamma", args.kh_gamma)) if v is not None}
+    return HybridSettings(kh_train_size=args.kh_train_size, kinds=("lh",) if args.no_kh else ("lh", "kh"), svm_jobs=args.svm_jobs,
+                          seed=seed, holdout=args.holdout, **grids)
 
 
 def _attack_plan(args: argparse.Namespace, dataset: str, seed: int = 0) -> list:
@@ -242,6 +260,10 @@ def _cmd_hybrid(args: argparse.Namespace, bars: Bars, run=None, ds=None, model=N
     res = run.results
     for k in kinds:
         h = res["hybrid"][k]
+        if h.get("search"):
+            shown = "; ".join(", ".join(f"{n} {v:g}" if isinstance(v, float) else f"{n} {v}" for n, v in g.items()
+                                        if n in ("C", "gamma")) + f": {100 * g['holdout_accuracy']:.2f}%" for g in h["search"]["grid"])
+            say(f"{k.upper()}: held-out accuracy ({h['search']['holdout']:,} training samples) {shown}")
         say(f"{k.upper()}: test accuracy {100 * res['accuracy'][k]:.2f}% (fit {res['timings_s'][f'fit_{k}']:.1f}s on {h['n_train']} samples, "
             f"max |torch - sklearn| = {h['max_abs_diff_vs_sklearn']:.1e})")
     return run, ds, model, hybrids

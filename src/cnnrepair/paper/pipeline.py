@@ -117,48 +117,116 @@ def stage_features(run: RunDir, model: SplitNet, ds: Dataset, progress: Progress
     return feats
 
 
+LH_GRID = (0.001, 0.01, 0.1)  # C of LH tried on the held-out split by default
+KH_GRID = (1.0, 10.0, 100.0)  # C of KH tried by default (gamma "scale": 1 / features, on standardised features)
+
+
+def _grid(values, what: str) -> tuple:
+    """A grid option as a tuple (one number is a grid of one: no search)."""
+    grid = tuple(values) if isinstance(values, (tuple, list)) else (values,)
+    if not grid:
+        raise CnnRepairError(f"{what} names no value; give one, or several to choose among on a held-out split")
+    return grid
+
+
 @dataclass(frozen=True)
 class HybridSettings:
-    """How the hybrids are fitted: C of the linear SVM (LH) and of the RBF SVM (KH), KH's training subset
-    (None: every training feature), which heads, LH's parallel jobs (-1: every core) and the seed."""
+    """How the hybrids are fitted.
 
-    lh_c: float = 0.01
-    kh_c: float = 10.0
+    ``lh_c``, ``kh_c``, ``kh_gamma``: one value each fixes it; several are a grid, each point fitted on the training
+    features less a stratified ``holdout`` share and scored on that share, the best (ties: the first in grid order)
+    refitted on the whole training set (``results.json`` records every score). ``kh_train_size``: KH's training subset
+    (None: every training feature; the search uses the same size), ``kinds``: which heads, ``svm_jobs``: LH's parallel
+    jobs (-1: every core), ``seed``: the subsets' and splits' seed."""
+
+    lh_c: float | tuple[float, ...] = LH_GRID
+    kh_c: float | tuple[float, ...] = KH_GRID
     kh_train_size: int | None = None
     kinds: tuple[str, ...] = ("lh", "kh")
     svm_jobs: int = 1
     seed: int = 0
+    kh_gamma: float | str | tuple[float | str, ...] = ("scale",)
+    holdout: float = 0.1
 
     def __post_init__(self) -> None:
-        if not (self.lh_c > 0 and self.kh_c > 0 and np.isfinite(self.lh_c) and np.isfinite(self.kh_c)):
-            raise CnnRepairError(f"the SVMs' C must be > 0 (--lh-c, --kh-c; got {self.lh_c}, {self.kh_c})")
+        object.__setattr__(self, "lh_c", _grid(self.lh_c, "--lh-c"))
+        object.__setattr__(self, "kh_c", _grid(self.kh_c, "--kh-c"))
+        object.__setattr__(self, "kh_gamma", _grid(self.kh_gamma, "--kh-gamma"))
+        for c in self.lh_c + self.kh_c:
+            if isinstance(c, bool) or not isinstance(c, (int, float)) or not (c > 0 and np.isfinite(c)):
+                raise CnnRepairError(f"the SVMs' C must be > 0 (--lh-c, --kh-c; got {c!r})")
+        for g in self.kh_gamma:
+            if g != "scale" and (isinstance(g, bool) or not isinstance(g, (int, float)) or not (g > 0 and np.isfinite(g))):
+                raise CnnRepairError(f"--kh-gamma must be > 0 or 'scale' (got {g!r})")
+        for name, grid in (("--lh-c", self.lh_c), ("--kh-c", self.kh_c), ("--kh-gamma", self.kh_gamma)):
+            if len(set(grid)) != len(grid):
+                raise CnnRepairError(f"{name} repeats a value ({', '.join(map(str, grid))}); give each once")
         if isinstance(self.svm_jobs, bool) or not isinstance(self.svm_jobs, int) or self.svm_jobs == 0 or self.svm_jobs < -1:
             raise CnnRepairError(f"--svm-jobs must be >= 1, or -1 for every core (got {self.svm_jobs})")
         if self.kh_train_size is not None and self.kh_train_size < 20:
             raise CnnRepairError(f"--kh-train-size {self.kh_train_size} is too small; use at least 10 per class (e.g. 1000)")
         if not self.kinds or len(set(self.kinds)) != len(self.kinds) or not set(self.kinds) <= {"lh", "kh"}:
             raise CnnRepairError(f"hybrid kinds must be lh and/or kh, each once (got {self.kinds!r})")
+        if not 0.0 < self.holdout < 0.5:
+            raise CnnRepairError(f"--holdout must lie between 0 and 0.5 (a share of the training set; got {self.holdout})")
+
+    def grid(self, kind: str) -> list[dict]:
+        """The hyper-parameters tried for ``kind`` (``lh``: C; ``kh``: C x gamma), in grid order."""
+        if kind == "lh":
+            return [{"C": float(c)} for c in self.lh_c]
+        return [{"C": float(c), "gamma": g if g == "scale" else float(g)} for c in self.kh_c for g in self.kh_gamma]
+
+
+def select_hyperparameters(kind: str, fit, x: np.ndarray, y: np.ndarray, settings: HybridSettings,
+                           progress: Progress | None = None) -> tuple[dict, dict | None]:
+    """(the chosen hyper-parameters, the search's record or None when the grid has one point): each grid point fitted
+    (``fit(x, y, **params)`` -> head, pipeline, FitInfo) on ``x, y`` less a stratified held-out share and scored on it."""
+    grid = settings.grid(kind)
+    if len(grid) == 1:
+        return grid[0], None
+    from sklearn.model_selection import train_test_split
+
+    fit_idx, held_idx = train_test_split(np.arange(len(y)), test_size=settings.holdout, random_state=settings.seed, stratify=y)
+    fit_idx, held_idx = np.sort(fit_idx), np.sort(held_idx)
+    scores = []
+    for i, params in enumerate(grid):
+        shown = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in params.items())
+        with elapsed(progress, f"choosing {kind.upper()}: {i + 1}/{len(grid)} ({shown}) on {len(fit_idx):,}, scoring on {len(held_idx):,}"):
+            _, pipe, info = fit(x[fit_idx], y[fit_idx], **params)
+        acc = float((pipe.predict(np.asarray(x[held_idx], np.float64)) == y[held_idx]).mean())
+        scores.append({**params, "holdout_accuracy": acc, "seconds": info.seconds, "converged": info.converged})
+    best = max(range(len(grid)), key=lambda i: (scores[i]["holdout_accuracy"], -i))
+    record = {"fit_on": int(len(fit_idx)), "holdout": int(len(held_idx)), "seed": settings.seed, "grid": scores,
+              "chosen": grid[best], "rule": "best held-out accuracy (ties: first in grid order), refitted on the whole training set"}
+    return grid[best], record
 
 
 def stage_hybrid(run: RunDir, model: SplitNet, ds: Dataset, feats: dict[str, np.ndarray], settings: HybridSettings | None = None,
                  progress: Progress | None = None) -> dict[str, HybridNet]:
-    """Fit LH and KH on the cached features; record accuracy, agreement with scikit-learn and timings."""
+    """Fit LH and KH on the cached features (their hyper-parameters chosen on a held-out split when a grid is given);
+    record accuracy, the search, agreement with scikit-learn and timings."""
     s = settings or HybridSettings()
     if s.kh_train_size is not None and "kh" in s.kinds and s.kh_train_size < 10 * ds.num_classes:
         raise CnnRepairError(f"--kh-train-size {s.kh_train_size} is too small; use at least {10 * ds.num_classes}")
-    lh_c, kh_c, kh_train_size, seed, kinds, lh_jobs = s.lh_c, s.kh_c, s.kh_train_size, s.seed, s.kinds, s.svm_jobs
     out, acc, timing, info = {}, {}, {}, {}
-    for kind in kinds:
+
+    def fit_lh(x, y, C):
+        return fit_linear_svm(x, y, C=C, seed=s.seed, n_jobs=s.svm_jobs)
+
+    def fit_kh(x, y, C, gamma):
+        return fit_rbf_svm(x, y, C=C, gamma=gamma)
+
+    for kind in s.kinds:
         xtr, ytr = feats["train"], ds.y_train
-        if kind == "kh" and kh_train_size and kh_train_size < len(ytr):
-            idx = stratified_subset(ytr, kh_train_size, seed)
+        if kind == "kh" and s.kh_train_size and s.kh_train_size < len(ytr):
+            idx = stratified_subset(ytr, s.kh_train_size, s.seed)
             xtr, ytr = xtr[idx], ytr[idx]
-        if kind == "lh":
-            with elapsed(progress, f"fitting LH on {len(ytr):,} x {xtr.shape[1]:,} features"):
-                head, pipe, fit = fit_linear_svm(xtr, ytr, C=lh_c, seed=seed, n_jobs=lh_jobs)
-        else:
-            with elapsed(progress, f"fitting KH on {len(ytr):,} x {xtr.shape[1]:,} features"):
-                head, pipe, fit = fit_rbf_svm(xtr, ytr, C=kh_c)
+        fit = fit_lh if kind == "lh" else fit_kh
+        t0 = time.perf_counter()
+        params, search = select_hyperparameters(kind, fit, xtr, ytr, s, progress)
+        search_s = time.perf_counter() - t0
+        with elapsed(progress, f"fitting {kind.upper()} on {len(ytr):,} x {xtr.shape[1]:,} features"):
+            head, pipe, fitted = fit(xtr, ytr, **params)
         with torch.no_grad():
             torch_dec = head(torch.as_tensor(feats["test"])).double().numpy()
         with elapsed(progress, f"checking {kind.upper()} against scikit-learn on {len(feats['test']):,} test features"):
@@ -167,14 +235,16 @@ def stage_hybrid(run: RunDir, model: SplitNet, ds: Dataset, feats: dict[str, np.
             sk_dec = np.stack([-sk_dec, sk_dec], 1)
         hybrid = HybridNet(model.features, head.to(model_device(model))).eval()
         acc[kind] = float((torch_dec.argmax(1) == ds.y_test).mean())
-        timing[f"fit_{kind}"] = fit.seconds
-        info[kind] = {"C": lh_c if kind == "lh" else kh_c, "n_train": fit.n_train, "n_support": fit.n_support,
-                      "converged": fit.converged, "sklearn_accuracy": float((pipe.classes_[sk_dec.argmax(1)] == ds.y_test).mean()),
-                      "max_abs_diff_vs_sklearn": float(np.abs(torch_dec - sk_dec).max())}
+        timing[f"fit_{kind}"] = fitted.seconds
+        if search is not None:
+            search["seconds"] = search_s
+        info[kind] = {**params, "n_train": fitted.n_train, "n_support": fitted.n_support,
+                      "converged": fitted.converged, "sklearn_accuracy": float((pipe.classes_[sk_dec.argmax(1)] == ds.y_test).mean()),
+                      "max_abs_diff_vs_sklearn": float(np.abs(torch_dec - sk_dec).max()), "search": search}
         save_head(run.sub(f"models/{kind}.pt"), head, info[kind])
         out[kind] = hybrid
-    params = {k: sum(b.numel() for b in h.head.buffers()) for k, h in out.items()}
-    run.update_results(accuracy=acc, timings_s=timing, hybrid=info, params=params)
+    params_count = {k: sum(b.numel() for b in h.head.buffers()) for k, h in out.items()}
+    run.update_results(accuracy=acc, timings_s=timing, hybrid=info, params=params_count)
     return out
 
 

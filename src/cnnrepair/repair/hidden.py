@@ -19,6 +19,10 @@ far too many. Its structure is used instead:
 * the change that a solve proposes moves every margin and pre-activation of every point by one
   Jacobian-vector product (``torch.func.jvp``): rows are generated (violated ones added, re-solved)
   as the last-layer program does with its margin rows;
+* a point with many dense rows gets its own columns ``u_k = dz_k`` (see :class:`_Master`); its pattern
+  rows on a single unit (the ReLU right after the layer: ``sign * (z_k + u_k)_i >= 0``) are then
+  bounds of one ``u`` column, not rows, so the simplex basis does not grow with them; a bound's
+  multiplier is its column's reduced cost;
 * L1-minimal changes are sparse: weight entries (columns) are generated too, priced by
   ``|sum_r y_r g_r patches_r^T| > 1`` from the rows' multipliers ``y``, one matrix product.
 
@@ -61,6 +65,7 @@ ALL_COLUMNS = 2000  # weights up to this size take every entry as a column from 
 COLUMNS_PER_ROUND = 500
 ROWS_PER_ROUND = 2000
 UNIT_ROWS = 3  # a point of a linear layer gets its own z-change columns once it has this many dense rows
+PATTERN_BOUNDS = True  # single-unit pattern rows of such points as column bounds (False: as rows; for side-by-side timing)
 
 
 @dataclass
@@ -502,6 +507,12 @@ class _Master:
         self.u_col: dict[int, int] = {}  # point -> its first u column
         self.def_row: dict[int, int] = {}  # point -> its first definition row
         self.dense_rows: dict[int, int] = {}  # point -> how many dense rows it has
+        # a pattern row on one u column (a ReLU right after the layer, at a point with u columns) is that column's bound,
+        # not a row: column -> {side: generated row}, and per generated row its column and coefficient (0: a real row)
+        self.bound_of: dict[int, dict[str, int]] = {}
+        self.row_col: list[int] = []
+        self.row_coef: list[float] = []
+        self._rhs = np.zeros(0)  # every generated row's scaled right-hand side
 
     def _add_cols(self, cost, upper, starts=None, idx=None, vals=None, lower=None) -> int:
         first, k = self.ncols, len(cost)
@@ -627,28 +638,77 @@ class _Master:
             if self.nb:
                 C = sp.coo_matrix(_bias_coef(self.prog, G[sel]) / norm[sel][:, None])
                 blocks.append(_split(C.data, sel[C.row], self.bias_col + 2 * C.col, (n, self.ncols)))
+        bound = self._bound_rows(Gz, Ge, pts, in_u, elastic, norm, rhs, first)
         if in_u.any():
-            sel = np.flatnonzero(in_u)
+            sel = np.flatnonzero(in_u & (bound < 0))
             C = sp.coo_matrix(Gz[sel] / norm[sel][:, None])
-            base = np.asarray([self.u_col[int(k)] for k in pts[sel]])
+            base = np.asarray([self.u_col[int(k)] for k in pts[sel]], np.int64)
             blocks.append(sp.coo_matrix((C.data, (sel[C.row], base[C.row] + C.col)), shape=(n, self.ncols)))
         if self.nl:
             C = sp.coo_matrix(Ge / norm[:, None])
             blocks.append(_split(C.data, C.row, self.later_col + 2 * C.col, (n, self.ncols)))
         e = np.flatnonzero(elastic)
         blocks.append(sp.coo_matrix((np.ones(len(e)), (e, slack_of[e])), shape=(n, self.ncols)))
-        A = sp.csr_matrix(sum(blocks[1:], blocks[0]))
-        row = self._add_rows(rhs / norm, np.full(n, np.inf), A)
-        self.row_index.extend(range(row, row + n))
+        real = np.flatnonzero(bound < 0)
+        A = sp.csr_matrix(sum(blocks[1:], blocks[0]))[real]
+        row = self._add_rows(rhs[real] / norm[real], np.full(len(real), np.inf), A)
+        index = np.full(n, -1, np.int64)
+        index[real] = row + np.arange(len(real))
+        self.row_index.extend(index.tolist())
         self.row_norm.extend(norm.tolist())
         self.row_slack.extend(slack_of.tolist())
         self.row_in_u.extend(in_u.tolist())
 
+    def _bound_rows(self, Gz: np.ndarray, Ge: np.ndarray, pts: np.ndarray, in_u: np.ndarray, elastic: np.ndarray,
+                    norm: np.ndarray, rhs: np.ndarray, first: int) -> np.ndarray:
+        """Per new row, the u column it bounds (-1: a real row). A pattern row whose only coefficient is on one u column
+        of its point (``s u >= rhs``: a ReLU right after the layer) becomes that column's lower or upper bound, unless
+        another row bounds that side already; its multiplier is then the column's reduced cost (:meth:`solution`)."""
+        out = np.full(len(pts), -1, np.int64)
+        single = in_u & ~elastic & ((Gz != 0).sum(1) == 1) & PATTERN_BOUNDS
+        if Ge.shape[1]:
+            single &= ~(Ge != 0).any(1)
+        changed = []
+        for r in np.flatnonzero(single):
+            i = int(np.flatnonzero(Gz[r])[0])
+            col = self.u_col[int(pts[r])] + i
+            coef = float(Gz[r, i] / norm[r])
+            side = "lower" if coef > 0 else "upper"
+            sides = self.bound_of.setdefault(col, {})
+            if side in sides:
+                continue
+            sides[side] = first + int(r)
+            out[r] = col
+            changed.append(col)
+        self.row_col.extend(out.tolist())
+        self.row_coef.extend(np.where(out >= 0, Gz[np.arange(len(pts)), np.argmax(Gz != 0, 1)] / norm, 0.0).tolist())
+        self._rhs = np.concatenate([self._rhs, rhs / norm])
+        self._apply_bounds(sorted(set(changed)))
+        return out
+
+    def _apply_bounds(self, cols: list[int]) -> None:
+        """Write the bounds of these u columns from the rows that bound them (``coef * u >= rhs``)."""
+        if not cols:
+            return
+        lo, hi = np.full(len(cols), -np.inf), np.full(len(cols), np.inf)
+        for j, col in enumerate(cols):
+            for side, r in self.bound_of[col].items():
+                v = self._rhs[r] / self.row_coef[r]
+                if side == "lower":
+                    lo[j] = v
+                else:
+                    hi[j] = v
+        self.h.changeColsBounds(len(cols), np.asarray(cols, np.int32), lo, hi)
+
     def set_rhs(self, rhs: np.ndarray) -> None:
         """New right-hand sides for every generated row (a re-solve with raised margins starts from the last basis)."""
         n = len(self.row_norm)
-        self.h.changeRowsBounds(n, np.asarray(self.row_index, np.int32), np.asarray(rhs[:n]) / np.asarray(self.row_norm),
-                                np.full(n, np.inf))
+        index = np.asarray(self.row_index, np.int64)
+        real = np.flatnonzero(index >= 0)
+        scaled = np.asarray(rhs[:n]) / np.asarray(self.row_norm)
+        self.h.changeRowsBounds(len(real), index[real].astype(np.int32), scaled[real], np.full(len(real), np.inf))
+        self._rhs = scaled
+        self._apply_bounds(sorted(self.bound_of))
 
     def raise_price(self, factor: float) -> None:
         """Make every row's shortfall ``factor`` times dearer (at most ``max_price``)."""
@@ -681,7 +741,12 @@ class _Master:
         if len(cols):
             dW[np.asarray(self.entries, np.int64)] = x[cols] - x[cols + 1]
         db = x[self.bias_col:self.bias_col + 2 * O:2] - x[self.bias_col + 1:self.bias_col + 2 * O:2] if self.nb else np.zeros(O)
-        y = np.maximum(np.asarray(sol.row_dual)[np.asarray(self.row_index, np.int64)], 0.0) / np.asarray(self.row_norm) * self.scale
+        index = np.asarray(self.row_index, np.int64)
+        col, coef = np.asarray(self.row_col, np.int64), np.asarray(self.row_coef)
+        dual = np.where(index >= 0, np.asarray(sol.row_dual)[np.maximum(index, 0)], 0.0)
+        bounded = col >= 0  # a bound row's multiplier: its column's reduced cost over its coefficient (coef u >= rhs)
+        dual[bounded] = np.asarray(sol.col_dual)[col[bounded]] / coef[bounded]
+        y = np.maximum(dual, 0.0) / np.asarray(self.row_norm) * self.scale
         slack = np.asarray(self.row_slack, np.int64)
         l0 = self.later_col
         de = x[l0:l0 + 2 * self.nl:2] - x[l0 + 1:l0 + 2 * self.nl:2]
@@ -774,7 +839,8 @@ def solve_hidden(prog: HiddenProgram, time_limit: float | None = None) -> Margin
         status = "iteration_limit"
     cols = np.asarray(master.entries)
     size = {"rows": len(rows), "columns": int(len(cols)) + (0 if prog.freeze_bias else O) + len(de), "weights": int(n_w),
-            "rounds": rounds, "pattern_rows": int(sum(1 for w in rows.what if w[0] != "margin"))}
+            "rounds": rounds, "pattern_rows": int(sum(1 for w in rows.what if w[0] != "margin")),
+            "pattern_bounds": int((np.asarray(master.row_col, np.int64) >= 0).sum())}  # pattern rows written as column bounds
     if prog.later:
         size["later_bias_entries"] = len(de)
     seconds = time.perf_counter() - t0
