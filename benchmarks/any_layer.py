@@ -51,35 +51,49 @@ def train(shape: str, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) 
     return model, fit(model, x, y, epochs, seed)
 
 
+def fog_task(data_dir: Path, keep_images: int, seed: int):
+    """(dataset, training images as floats, their labels as a tensor, the fog test images, the fog seconds, the order the
+    keep candidates are drawn in): what every case of the task shares."""
+    from cnnrepair.corruptions import fog
+    from cnnrepair.data import load_dataset, to_float
+
+    ds = load_dataset("mnist", data_dir)
+    xtr, ytr = to_float(ds.x_train), torch.as_tensor(ds.y_train, dtype=torch.long)
+    t0 = time.perf_counter()
+    x_fog = to_float(fog(ds.x_test, severity=5, seed=seed))
+    fog_s = time.perf_counter() - t0
+    order = np.random.default_rng(seed).permutation(len(ds.y_train))[:3 * keep_images]
+    return ds, xtr, ytr, x_fog, fog_s, order
+
+
+def keep_set(model: nn.Module, xtr: torch.Tensor, labels: np.ndarray, order: np.ndarray, keep_images: int):
+    """The first ``keep_images`` training images of ``order`` that ``model`` classifies correctly, with their labels."""
+    with torch.no_grad():
+        ok = model(xtr[order]).argmax(1).numpy() == labels[order]
+    return xtr[order][ok][:keep_images], labels[order][ok][:keep_images]
+
+
 def run(data_dir: Path, shapes: tuple[str, ...] = tuple(SHAPES), repair_images: int = 100, keep_images: int = 1000,
         margin: float = 0.05, epochs: int = 3, seed: int = 0, time_limit: float = 600.0, norm: str = "l1") -> Path:
     """Every (network, layer, keep) case; writes benchmarks/results/any_layer.json (``any_layer_<norm>.json`` for a norm
     other than L1)."""
     from benchmarks.common import machine, write_result
     from cnnrepair import RepairSpec, SolveOptions, repair_classifier
-    from cnnrepair.corruptions import fog
-    from cnnrepair.data import load_dataset, to_float
+    from cnnrepair.data import to_float
     from cnnrepair.runtime import accuracy
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    ds = load_dataset("mnist", data_dir)
-    xtr, ytr = to_float(ds.x_train), torch.as_tensor(ds.y_train, dtype=torch.long)
+    ds, xtr, ytr, x_fog, fog_s, order = fog_task(data_dir, keep_images, seed)
     x_clean, y_test = to_float(ds.x_test), ds.y_test
-    t0 = time.perf_counter()
-    x_fog = to_float(fog(ds.x_test, severity=5, seed=seed))
-    fog_s = time.perf_counter() - t0
     xr, yr = x_fog[:repair_images], y_test[:repair_images]
     xg, yg = x_fog[repair_images:], y_test[repair_images:]
-    order = np.random.default_rng(seed).permutation(len(ds.y_train))[:3 * keep_images]
     nets, rows = {}, []
     for shape in shapes:
         model, train_s = train(shape, xtr, ytr, epochs, seed)
         before = {"repair": accuracy(model, xr, yr), "generalisation": accuracy(model, xg, yg), "clean": accuracy(model, x_clean, y_test)}
         nets[shape] = {"train_seconds": train_s, "epochs": epochs, "accuracy": before}
         print(f"{shape}: trained in {train_s:.0f}s, clean {100 * before['clean']:.2f}%, fog {100 * before['generalisation']:.2f}%", flush=True)
-        with torch.no_grad():
-            ok = model(xtr[order]).argmax(1).numpy() == ds.y_train[order]
-        xk, yk = xtr[order][ok][:keep_images], ds.y_train[order][ok][:keep_images]
+        xk, yk = keep_set(model, xtr, ds.y_train, order, keep_images)
         linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
         cases = [(layer, keep, later) for layer in reversed(linear[1:][-3:])  # the last layer and the two before it (not the input)
                  for later in ((False,) if layer == linear[-1] else (False, True)) for keep in (False, True)]
@@ -231,23 +245,16 @@ def run_pattern_bounds(data_dir: Path, repeats: int = 2, keep_images: int = 1000
     import cnnrepair.repair.hidden as hidden
     from benchmarks.common import machine, write_result
     from cnnrepair import RepairSpec, SolveOptions, repair_classifier
-    from cnnrepair.corruptions import fog
-    from cnnrepair.data import load_dataset, to_float
 
-    ds = load_dataset("mnist", data_dir)
-    xtr, ytr = to_float(ds.x_train), torch.as_tensor(ds.y_train, dtype=torch.long)
-    x_fog = to_float(fog(ds.x_test, severity=5, seed=seed))
+    ds, xtr, ytr, x_fog, _, order = fog_task(data_dir, keep_images, seed)
     xr, yr = x_fog[:100], ds.y_test[:100]
-    order = np.random.default_rng(seed).permutation(len(ds.y_train))[:3 * keep_images]
     rows, models = [], {}
     try:
         for shape, layer, later in PATTERN_CASES:
             if shape not in models:
                 models[shape] = train(shape, xtr, ytr, 3, seed)[0]
             model = models[shape]
-            with torch.no_grad():
-                ok = model(xtr[order]).argmax(1).numpy() == ds.y_train[order]
-            keep = (xtr[order][ok][:keep_images], ds.y_train[order][ok][:keep_images])
+            keep = keep_set(model, xtr, ds.y_train, order, keep_images)
             times: dict[str, list[float]] = {"bounds": [], "rows": []}
             l1: dict[str, float | None] = {}
             for _ in range(repeats):

@@ -240,7 +240,7 @@ def _cmd_train(args: argparse.Namespace, bars: Bars, run=None):
 
 
 def _cmd_hybrid(args: argparse.Namespace, bars: Bars, run=None, ds=None, model=None):
-    from cnnrepair.paper.pipeline import load_nn, open_dataset, stage_features, stage_hybrid
+    from cnnrepair.paper.pipeline import describe_params, load_nn, open_dataset, stage_features, stage_hybrid
     from cnnrepair.paper.rundir import RunDir
 
     run = run or RunDir(args.out)
@@ -261,8 +261,7 @@ def _cmd_hybrid(args: argparse.Namespace, bars: Bars, run=None, ds=None, model=N
     for k in kinds:
         h = res["hybrid"][k]
         if h.get("search"):
-            shown = "; ".join(", ".join(f"{n} {v:g}" if isinstance(v, float) else f"{n} {v}" for n, v in g.items()
-                                        if n in ("C", "gamma")) + f": {100 * g['holdout_accuracy']:.2f}%" for g in h["search"]["grid"])
+            shown = "; ".join(f"{describe_params(g)}: {100 * g['holdout_accuracy']:.2f}%" for g in h["search"]["grid"])
             say(f"{k.upper()}: held-out accuracy ({h['search']['holdout']:,} training samples) {shown}")
         say(f"{k.upper()}: test accuracy {100 * res['accuracy'][k]:.2f}% (fit {res['timings_s'][f'fit_{k}']:.1f}s on {h['n_train']} samples, "
             f"max |torch - sklearn| = {h['max_abs_diff_vs_sklearn']:.1e})")

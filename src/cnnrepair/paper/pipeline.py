@@ -177,6 +177,11 @@ class HybridSettings:
         return [{"C": float(c), "gamma": g if g == "scale" else float(g)} for c in self.kh_c for g in self.kh_gamma]
 
 
+def describe_params(params: dict) -> str:
+    """A grid point as ``C 0.01, gamma scale`` (its hyper-parameters only, not its scores)."""
+    return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in params.items() if k in ("C", "gamma"))
+
+
 def select_hyperparameters(kind: str, fit, x: np.ndarray, y: np.ndarray, settings: HybridSettings,
                            progress: Progress | None = None) -> tuple[dict, dict | None]:
     """(the chosen hyper-parameters, the search's record or None when the grid has one point): each grid point fitted
@@ -190,8 +195,7 @@ def select_hyperparameters(kind: str, fit, x: np.ndarray, y: np.ndarray, setting
     fit_idx, held_idx = np.sort(fit_idx), np.sort(held_idx)
     scores = []
     for i, params in enumerate(grid):
-        shown = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in params.items())
-        with elapsed(progress, f"choosing {kind.upper()}: {i + 1}/{len(grid)} ({shown}) on {len(fit_idx):,}, scoring on {len(held_idx):,}"):
+        with elapsed(progress, f"choosing {kind.upper()}: {i + 1}/{len(grid)} ({describe_params(params)}) on {len(fit_idx):,}, scoring on {len(held_idx):,}"):
             _, pipe, info = fit(x[fit_idx], y[fit_idx], **params)
         acc = float((pipe.predict(np.asarray(x[held_idx], np.float64)) == y[held_idx]).mean())
         scores.append({**params, "holdout_accuracy": acc, "seconds": info.seconds, "converged": info.converged})

@@ -512,7 +512,6 @@ class _Master:
         self.bound_of: dict[int, dict[str, int]] = {}
         self.row_col: list[int] = []
         self.row_coef: list[float] = []
-        self._rhs = np.zeros(0)  # every generated row's scaled right-hand side
 
     def _add_cols(self, cost, upper, starts=None, idx=None, vals=None, lower=None) -> int:
         first, k = self.ncols, len(cost)
@@ -638,7 +637,7 @@ class _Master:
             if self.nb:
                 C = sp.coo_matrix(_bias_coef(self.prog, G[sel]) / norm[sel][:, None])
                 blocks.append(_split(C.data, sel[C.row], self.bias_col + 2 * C.col, (n, self.ncols)))
-        bound = self._bound_rows(Gz, Ge, pts, in_u, elastic, norm, rhs, first)
+        bound = self._bound_rows(Gz, Ge, pts, in_u & ~elastic, norm, first)
         if in_u.any():
             sel = np.flatnonzero(in_u & (bound < 0))
             C = sp.coo_matrix(Gz[sel] / norm[sel][:, None])
@@ -658,17 +657,18 @@ class _Master:
         self.row_norm.extend(norm.tolist())
         self.row_slack.extend(slack_of.tolist())
         self.row_in_u.extend(in_u.tolist())
+        self._apply_bounds(sorted(set(bound[bound >= 0].tolist())), rows.rhs)
 
-    def _bound_rows(self, Gz: np.ndarray, Ge: np.ndarray, pts: np.ndarray, in_u: np.ndarray, elastic: np.ndarray,
-                    norm: np.ndarray, rhs: np.ndarray, first: int) -> np.ndarray:
+    def _bound_rows(self, Gz: np.ndarray, Ge: np.ndarray, pts: np.ndarray, candidate: np.ndarray, norm: np.ndarray,
+                    first: int) -> np.ndarray:
         """Per new row, the u column it bounds (-1: a real row). A pattern row whose only coefficient is on one u column
         of its point (``s u >= rhs``: a ReLU right after the layer) becomes that column's lower or upper bound, unless
-        another row bounds that side already; its multiplier is then the column's reduced cost (:meth:`solution`)."""
+        another row bounds that side already; its multiplier is then the column's reduced cost (:meth:`solution`).
+        ``candidate``: the new rows that may (pattern rows at points with u columns); ``first``: the first one's index."""
         out = np.full(len(pts), -1, np.int64)
-        single = in_u & ~elastic & ((Gz != 0).sum(1) == 1) & PATTERN_BOUNDS
+        single = candidate & ((Gz != 0).sum(1) == 1) & PATTERN_BOUNDS
         if Ge.shape[1]:
             single &= ~(Ge != 0).any(1)
-        changed = []
         for r in np.flatnonzero(single):
             i = int(np.flatnonzero(Gz[r])[0])
             col = self.u_col[int(pts[r])] + i
@@ -679,21 +679,19 @@ class _Master:
                 continue
             sides[side] = first + int(r)
             out[r] = col
-            changed.append(col)
         self.row_col.extend(out.tolist())
         self.row_coef.extend(np.where(out >= 0, Gz[np.arange(len(pts)), np.argmax(Gz != 0, 1)] / norm, 0.0).tolist())
-        self._rhs = np.concatenate([self._rhs, rhs / norm])
-        self._apply_bounds(sorted(set(changed)))
         return out
 
-    def _apply_bounds(self, cols: list[int]) -> None:
-        """Write the bounds of these u columns from the rows that bound them (``coef * u >= rhs``)."""
+    def _apply_bounds(self, cols: list[int], rhs) -> None:
+        """Write the bounds of these u columns from the generated rows that bound them (``coef * u >= rhs``, scaled by each
+        row's norm; ``rhs``: every generated row's right-hand side)."""
         if not cols:
             return
         lo, hi = np.full(len(cols), -np.inf), np.full(len(cols), np.inf)
         for j, col in enumerate(cols):
             for side, r in self.bound_of[col].items():
-                v = self._rhs[r] / self.row_coef[r]
+                v = rhs[r] / self.row_norm[r] / self.row_coef[r]
                 if side == "lower":
                     lo[j] = v
                 else:
@@ -707,8 +705,7 @@ class _Master:
         real = np.flatnonzero(index >= 0)
         scaled = np.asarray(rhs[:n]) / np.asarray(self.row_norm)
         self.h.changeRowsBounds(len(real), index[real].astype(np.int32), scaled[real], np.full(len(real), np.inf))
-        self._rhs = scaled
-        self._apply_bounds(sorted(self.bound_of))
+        self._apply_bounds(sorted(self.bound_of), rhs)
 
     def raise_price(self, factor: float) -> None:
         """Make every row's shortfall ``factor`` times dearer (at most ``max_price``)."""
