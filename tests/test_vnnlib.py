@@ -35,6 +35,10 @@ def test_a_written_property_reads_back_as_its_box_and_label(tmp_path):
     assert np.array_equal(again.lower, lo) and again.label() == 2
 
 
+_GENERAL = "".join(f"(declare-const X_{i} Real)" for i in range(6)) + "".join(f"(declare-const Y_{j} Real)" for j in range(3)) + \
+    "".join(f"(assert (>= X_{i} 0.1))(assert (<= X_{i} 0.3))" for i in range(6)) + "(assert (or (<= Y_0 0.2) (>= (+ Y_1 Y_2) 0.5)))"
+"""A general linear output constraint over 6 inputs and 3 outputs: it holds when Y_0 > 0.2 and Y_1 + Y_2 < 0.5."""
+
 VNNCOMP_STYLE = """; mnistfc-style: comments, and-blocks of input bounds, strict and reversed comparisons, linear terms
 (declare-const X_0 Real)
 (declare-const X_1 Real)
@@ -240,8 +244,12 @@ def test_checking_refuses_a_property_the_model_cannot_take_in_one_line():
         check_properties(model, [prop], (1, 2, 3))
     two_rows = parse_vnnlib(VNNCOMP_STYLE.replace("X_1 Real)", "X_1 Real)" + "".join(f"(declare-const X_{i} Real)(assert (<= X_{i} 1))"
                                                                                       f"(assert (>= X_{i} 0))" for i in range(2, 6))), "lin.vnnlib")
-    with pytest.raises(CnnRepairError, match="lin.vnnlib: its output constraint is not the robustness form"):
+    with pytest.raises(CnnRepairError, match="lin.vnnlib: case 2 of its violation is a conjunction of 2 output comparisons"):
         check_properties(model, [two_rows], (1, 2, 3))
+    relu = nn.Sequential(nn.Flatten(), nn.Linear(6, 3), nn.ReLU()).eval()
+    general = parse_vnnlib(_GENERAL.replace("Y_0 0.2", "Y_0 0.2"), "general.vnnlib")
+    with pytest.raises(CnnRepairError, match="general.vnnlib: a relu ends the model"):
+        check_properties(relu, [general], (1, 2, 3))
 
 
 # cnnrepair repair MODEL --vnnlib / --instances: the verification workflow from the command line -------------------------
@@ -249,9 +257,9 @@ def test_checking_refuses_a_property_the_model_cannot_take_in_one_line():
 import json  # noqa: E402
 
 
-def _eran_style(tmp_path, seed: int = 0):
-    """A tiny ONNX network as ERAN writes them (Gemm, Relu, Gemm, then a final Relu), and eight box properties around
-    points: two the model violates at their centres, six that hold there."""
+def _eran_style(tmp_path, seed: int = 0, final_relu: bool = True):
+    """A tiny ONNX network as ERAN writes them (Gemm, Relu, Gemm, then a final Relu unless ``final_relu`` is False), and
+    eight box properties around points: two the model violates at their centres, six that hold there."""
     from onnx import TensorProto, helper, numpy_helper
     import onnx
 
@@ -261,7 +269,8 @@ def _eran_style(tmp_path, seed: int = 0):
         net[2].bias += 1.0  # logits mostly above 0, as a trained ERAN net's winning logit is
     W1, b1, W2, b2 = (t.detach().numpy() for t in (net[0].weight, net[0].bias, net[2].weight, net[2].bias))
     nodes = [helper.make_node("Gemm", ["x", "W1", "b1"], ["h0"], name="fc1", transB=1), helper.make_node("Relu", ["h0"], ["h1"]),
-             helper.make_node("Gemm", ["h1", "W2", "b2"], ["z"], name="fc2", transB=1), helper.make_node("Relu", ["z"], ["y"])]
+             helper.make_node("Gemm", ["h1", "W2", "b2"], ["z"], name="fc2", transB=1),
+             helper.make_node("Relu" if final_relu else "Identity", ["z"], ["y"])]
     inits = [numpy_helper.from_array(a, n) for a, n in ((W1, "W1"), (b1, "b1"), (W2, "W2"), (b2, "b2"))]
     graph = helper.make_graph(nodes, "eran", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], inits)
@@ -308,23 +317,75 @@ def test_repair_from_vnnlib_fixes_the_violated_properties_keeps_the_others_and_v
     assert "prop_0.vnnlib" in capsys.readouterr().err
 
 
-def test_a_targeted_property_is_repaired_as_the_stronger_untargeted_one_and_recorded_so(tmp_path, capsys):
+def test_a_targeted_property_is_repaired_against_its_own_class_at_no_more_cost_and_verified(tmp_path, capsys):
     model, props, net = _eran_style(tmp_path)
     prop = read_vnnlib(props[0])
     with torch.no_grad():
         winner = int(net(torch.as_tensor((prop.lower + prop.upper) / 2, dtype=torch.float32)[None]).argmax())
     label = prop.label()
+    full = tmp_path / "full"
+    assert main(["repair", str(model), "--vnnlib", *map(str, props), "--out", str(full), "--margin", "0.02"]) == 0
     text = props[0].read_text()
     targeted = text[:text.index("(assert (or")] + f"(assert (>= Y_{winner} Y_{label}))\n"  # oval21's form: one target class
     props[0].write_text(targeted)
     out = tmp_path / "out"
     assert main(["repair", str(model), "--vnnlib", *map(str, props), "--out", str(out), "--margin", "0.02"]) == 0
     report = json.loads((out / "properties.json").read_text())["properties"]
-    assert report[0]["before"] == "violated" and report[0]["rivals"] == [winner] and "every class" in report[0]["form"]
+    assert report[0]["before"] == "violated" and report[0]["rivals"] == [winner] and "its own classes" in report[0]["form"]
     assert report[0]["after"] == "holds" and "rivals" not in report[1]
+    with np.load(out / "points.npz") as pts:  # its rows: the label against the target, and (a ReLU ends the model) nothing more
+        live = np.isfinite(pts["rows_offset"][0])
+        assert live.sum() == 1 and np.array_equal(pts["rows_coef"][0][live][0], np.eye(3)[label] - np.eye(3)[winner])
+    cert, cert_full = (json.loads((d / "certificate.json").read_text()) for d in (out, full))
+    assert cert["output_rows"]["pairwise"] and cert_full.get("output_rows") is None
+    assert cert["objective"] <= cert_full["objective"] * (1 + 1e-6)  # a weaker property never costs more
     args = ["verify", str(out / "certificate.json"), "--model", str(out / "repaired.onnx"), "--points", str(out / "points.npz"),
             "--keep", str(out / "keep.npz"), "--original", str(model), "--vnnlib", *map(str, props)]
     assert main(args) == 0
+    pytest.importorskip("maraboupy", reason="maraboupy 2.0.0 has wheels for CPython 3.11 only (the test extra installs it there)")
+    code, _, _ = _marabou(out / "repaired.onnx", props[0])  # an independent complete verifier proves it on the saved file
+    assert code == "unsat"
+
+
+def test_general_linear_output_constraints_are_repaired_kept_verified_and_proved_by_marabou(tmp_path, capsys):
+    model, props, net = _eran_style(tmp_path, seed=2, final_relu=False)
+    with torch.no_grad():
+        centre = [net(torch.as_tensor((read_vnnlib(p).lower + read_vnnlib(p).upper) / 2, dtype=torch.float32)[None])[0].numpy()
+                  for p in props[:3]]
+    head = props[0].read_text()
+    for i, shift in ((0, 0.3), (2, -2.0)):  # property 0 is violated (Y_0 must rise by 0.3), property 2 holds with room
+        text = props[i].read_text()
+        y = centre[i]
+        props[i].write_text(text[:text.index("(assert (or")] + f"(assert (or (<= Y_0 {y[0] + shift:.6f}) (>= (+ Y_1 Y_2) {y[1] + y[2] + 1.0:.6f})))\n")
+    assert head != props[0].read_text()
+    out = tmp_path / "out"
+    assert main(["repair", str(model), "--vnnlib", *map(str, props), "--out", str(out), "--margin", "0.02"]) == 0
+    report = json.loads((out / "properties.json").read_text())["properties"]
+    assert report[0]["before"] == "violated" and report[0]["label"] is None and "linear output" in report[0]["form"]
+    assert report[2]["before"] == "holds" and report[2]["role"] == "kept" and report[2]["after"] == "holds"
+    assert all(r["after"] == "holds" for r in report)
+    cert = json.loads((out / "certificate.json").read_text())
+    assert cert["output_rows"]["pairwise"] is False and cert["gap"] <= 1e-6
+    props_set = {e["file"]: e["set"] for e in cert["properties"]}
+    assert props_set["prop_0.vnnlib"] == props_set["prop_2.vnnlib"] == "points"
+    args = ["verify", str(out / "certificate.json"), "--model", str(out / "repaired.onnx"), "--points", str(out / "points.npz"),
+            "--keep", str(out / "keep.npz"), "--original", str(model), "--vnnlib", *map(str, props)]
+    assert main(args) == 0
+    pts = dict(np.load(out / "points.npz"))
+    pts["rows_offset"] = pts["rows_offset"] - 0.5  # weaker rows than the property's: verify --vnnlib names the mismatch
+    np.savez(tmp_path / "weaker.npz", **pts)
+    from cnnrepair.vnnlib.repair import check_property_files
+    from cnnrepair.modelrepair import load_points
+    from cnnrepair.repair.certificate import Certificate
+
+    problems, _ = check_property_files(Certificate.read(out / "certificate.json"), props, load_points(tmp_path / "weaker.npz", "points"),
+                                       load_points(out / "keep.npz", "keep", labels_required=False))
+    assert problems and "output rows are not the points file's rows" in problems[0]
+    pytest.importorskip("maraboupy", reason="maraboupy 2.0.0 has wheels for CPython 3.11 only (the test extra installs it there)")
+    code, _, _ = _marabou(out / "repaired.onnx", props[0])  # an independent complete verifier proves it on the saved file
+    assert code == "unsat"
+    code, _, _ = _marabou(model, props[0])  # and finds it violated before
+    assert code == "sat"
 
 
 def test_repair_from_instances_csv_takes_the_models_lines_and_marabou_proves_what_it_wrote(tmp_path, capsys):

@@ -18,7 +18,7 @@ from cnnrepair.certify import Certification, certify, pgd_accuracy
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.formats import LoadedModel, load_model, save_model
 from cnnrepair.points import InputSpec, MadePoints, PointsSettings, make_points
-from cnnrepair.repair import Certificate, ClassifierRepair, Points, RepairSpec, SolveOptions, last_layer, repair_classifier
+from cnnrepair.repair import Certificate, ClassifierRepair, OutputRows, Points, RepairSpec, SolveOptions, last_layer, repair_classifier
 from cnnrepair.verify import Verification, verify_certificate
 from cnnrepair.vnnlib import BallProperty, PropertyCheck, VnnlibProperty, check_properties, read_vnnlib, write_properties
 
@@ -28,7 +28,7 @@ from cnnrepair import moved as _moved_modules  # noqa: E402 - old module paths (
 
 _moved_modules.install()
 __all__ = ["AssessSettings", "BallInputs", "BallProperty", "Certificate", "Certification", "ClassifierRepair", "CnnRepairError", "FeatureBounds", "InputSpec",
-           "LoadedModel", "MadePoints", "Points", "PointsSettings", "PropertyCheck", "RepairSpec", "SolveOptions", "Verification", "VnnlibProperty",
+           "LoadedModel", "MadePoints", "OutputRows", "Points", "PointsSettings", "PropertyCheck", "RepairSpec", "SolveOptions", "Verification", "VnnlibProperty",
            "__version__", "assess", "ball_box", "certify", "check_properties",
            "feature_bounds", "frozen_graph", "last_layer", "load_model", "make_points", "margin_bounds", "pgd_accuracy", "read_vnnlib", "repair_classifier",
            "save_model",

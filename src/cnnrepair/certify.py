@@ -155,15 +155,16 @@ def pgd_counterexamples(model: nn.Module, lower, upper, y, steps: int = 50, rest
                         batch_size: int = 256) -> list[np.ndarray | None]:
     """Per box ``[lower, upper]`` (model units, float32), the first input PGD (margin loss, ``restarts`` random starts,
     ``steps`` steps each, on the model's device) visits that the model does not give label ``y`` (its margin not > 0), or
-    None. A box with no float32 point (lower above upper somewhere) is never searched."""
+    None. ``y`` may also be :class:`cnnrepair.repair.outputs.OutputRows` over the model's outputs: the margin is then the
+    smallest row value. A box with no float32 point (lower above upper somewhere) is never searched."""
     gen = torch.Generator().manual_seed(seed)
     dev = model_device(model)
     lower = torch.as_tensor(np.asarray(lower) if not isinstance(lower, torch.Tensor) else lower).float()
     upper = torch.as_tensor(np.asarray(upper) if not isinstance(upper, torch.Tensor) else upper).float()
-    labels = torch.as_tensor(np.asarray(y, np.int64))
-    found: list[np.ndarray | None] = [None] * len(labels)
-    for i in range(0, len(labels), batch_size):
-        lo, hi, yb = lower[i:i + batch_size], upper[i:i + batch_size], labels[i:i + batch_size]
+    margin_of = _margin_fn(y)
+    found: list[np.ndarray | None] = [None] * len(lower)
+    for i in range(0, len(lower), batch_size):
+        lo, hi = lower[i:i + batch_size], upper[i:i + batch_size]
         searchable = (lo <= hi).flatten(1).all(1)
         top = hi.maximum(lo)
         width = (hi - lo).clamp(min=0)
@@ -172,10 +173,7 @@ def pgd_counterexamples(model: nn.Module, lower, upper, y, steps: int = 50, rest
             x = torch.minimum(lo + width * torch.rand(lo.shape, generator=gen), top)
             for _ in range(steps + 1):
                 x.requires_grad_(True)
-                out = first_output(model(x.to(dev))).cpu()
-                own = out.gather(1, yb[:, None])[:, 0]
-                other = out.masked_fill(nn.functional.one_hot(yb, out.shape[1]).bool(), float("-inf")).max(1).values
-                margin = own - other
+                margin = margin_of(first_output(model(x.to(dev))).cpu(), slice(i, i + len(x)))
                 for k in torch.nonzero(~(margin > 0).detach() & searchable).flatten().tolist():  # NaN counts as found
                     if found[i + k] is None:
                         found[i + k] = x[k].detach().numpy().copy()
@@ -183,6 +181,30 @@ def pgd_counterexamples(model: nn.Module, lower, upper, y, steps: int = 50, rest
                 with torch.no_grad():
                     x = torch.minimum(torch.maximum(x - step * grad.sign(), lo), top)
     return found
+
+
+def _margin_fn(y):
+    """``(outputs, batch slice) -> margins``: a label's (own output minus the best other), or the smallest row value."""
+    from cnnrepair.repair.outputs import OutputRows
+
+    if isinstance(y, OutputRows):
+        coef, live = torch.as_tensor(y.coef), torch.as_tensor(y.live)
+        offset = torch.as_tensor(np.where(y.live, y.offset, 0.0))
+
+        def rows(out: torch.Tensor, sl: slice) -> torch.Tensor:
+            v = torch.einsum("nrc,nc->nr", coef[sl].to(out.dtype), out) - offset[sl].to(out.dtype)
+            return v.masked_fill(~live[sl], float("inf")).min(1).values
+
+        return rows
+    labels = torch.as_tensor(np.asarray(y, np.int64))
+
+    def label(out: torch.Tensor, sl: slice) -> torch.Tensor:
+        yb = labels[sl]
+        own = out.gather(1, yb[:, None])[:, 0]
+        other = out.masked_fill(nn.functional.one_hot(yb, out.shape[1]).bool(), float("-inf")).max(1).values
+        return own - other
+
+    return label
 
 
 def pgd_accuracy(model: nn.Module, lower, upper, y, steps: int = 50, restarts: int = 5, seed: int = 0,

@@ -24,6 +24,7 @@ from cnnrepair.repair import Points, RepairSpec, SolveOptions, last_layer, repai
 from cnnrepair.repair.layer import ending_layer
 from cnnrepair.repair.certificate import Certificate, FileRef
 from cnnrepair.repair.measure import layout_margins, model_logits, module_logits_fn
+from cnnrepair.repair.outputs import OutputRows
 
 
 @dataclass
@@ -36,6 +37,7 @@ class PointsFile:
     y: np.ndarray | None
     lower: np.ndarray | None = None
     upper: np.ndarray | None = None
+    rows: OutputRows | None = None  # 'rows_coef' and 'rows_offset': each point's own output rows (cnnrepair.repair.outputs)
 
     @property
     def boxes(self) -> tuple[np.ndarray, np.ndarray] | None:
@@ -61,7 +63,22 @@ def load_points(path: Path, what: str, labels_required: bool = True) -> PointsFi
         raise CnnRepairError(f"{path}: 'y' must hold one integer label per input ({len(x)}), got {y.dtype} of shape {y.shape}")
     lower, upper = _input_boxes(path, data, x)
     return PointsFile(Path(path), torch.from_numpy(np.ascontiguousarray(x, np.float32)), None if y is None else y.astype(np.int64),
-                      lower, upper)
+                      lower, upper, _output_rows(path, data, len(x)))
+
+
+def _output_rows(path: Path, data: dict, n: int) -> OutputRows | None:
+    """The file's 'rows_coef' (N x rows x outputs) and 'rows_offset' (N x rows; -inf: no such row), both or neither."""
+    if "rows_coef" not in data and "rows_offset" not in data:
+        return None
+    if "rows_coef" not in data or "rows_offset" not in data:
+        raise CnnRepairError(f"{path}: output rows need both 'rows_coef' and 'rows_offset'; save both or neither")
+    try:
+        rows = OutputRows.of(data["rows_coef"], data["rows_offset"])
+    except CnnRepairError as exc:
+        raise CnnRepairError(f"{path}: {exc}") from None
+    if len(rows) != n:
+        raise CnnRepairError(f"{path}: output rows for {len(rows)} points but 'x' holds {n}; give one set of rows per input")
+    return rows
 
 
 def _input_boxes(path: Path, data: dict, x: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -139,6 +156,10 @@ def prepare(files: RepairFiles, spec: RepairSpec, layer: str | None = None, ball
         raise
     except Exception as exc:  # noqa: BLE001 - the model cannot run on these inputs
         raise CnnRepairError(f"{points.path}: the model cannot run on these inputs ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
+    if keep is not None and keep.rows is not None:
+        raise CnnRepairError(f"{keep.path}: keep points keep their labels; output rows ('rows_coef', 'rows_offset') are for repair points")
+    if points.rows is not None and points.rows.num_classes != C:
+        raise CnnRepairError(f"{points.path}: its output rows are over {points.rows.num_classes} outputs but the model has {C}")
     for pts in (points, keep):
         if pts is not None and pts.y is not None and len(pts.y) and (pts.y.min() < 0 or pts.y.max() >= C):
             raise CnnRepairError(f"{pts.path}: labels must lie in 0..{C - 1} for this {C}-class model (got {pts.y.min()}..{pts.y.max()})")
@@ -217,7 +238,8 @@ def repair_into(job: RepairJob, stage: Path, options: SolveOptions | None = None
         boxes = job.points.boxes or _boxes(job, job.points.x)
         if keep is not None:
             keep_in = keep.boxes or (job.ball.boxes(keep.x, job.spec.keep_eps) if job.spec.keep_eps > 0 else None)
-    result = repair_classifier(job.model.module, Points(job.points.x, job.points.y, boxes=boxes), spec=job.spec, layer=job.layer,
+    result = repair_classifier(job.model.module, Points(job.points.x, job.points.y, boxes=boxes, rows=job.points.rows), spec=job.spec,
+                               layer=job.layer,
                                keep=None if keep is None else Points(keep.x, keep.y, boxes=keep_in), options=options)
     cert = result.certificate
     if cert.ball is not None:
@@ -255,7 +277,7 @@ def _measure_saved(cert: Certificate, target: Path, job: RepairJob, repaired: to
     """Fill the certificate's margins from the saved file (every batch layout) and list what it does not keep."""
     own = runtime_fn(target)  # the format's own runtime, where it is not the loaded module (then the file is not loaded again)
     fn = own or module_logits_fn(load_model(target, job.model.factory, job.model.input_shape).module)
-    by_layout = layout_margins(fn, job.points.x, job.points.y, cert.ending_name)
+    by_layout = layout_margins(fn, job.points.x, job.points.y, cert.ending_name, job.points.rows)
     after = by_layout.min(0)
     for p, m in zip(cert.points, after):
         p.margin_after = float(m)

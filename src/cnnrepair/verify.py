@@ -44,6 +44,7 @@ from cnnrepair.repair.certificate import Certificate, below_margin, claims_off, 
 from cnnrepair.repair.measure import change_norms, change_summary, layout_margins, module_logits_fn
 from cnnrepair.repair.coincide import shared_features
 from cnnrepair.repair.ending import ending_record
+from cnnrepair.repair.outputs import OutputRows, program_rows
 from cnnrepair.repair.program import GAP, MarginProblem, box_margins, change_cost
 
 RTOL = 1e-5  # relative tolerance for re-measured margins (float32 outputs)
@@ -106,13 +107,14 @@ def verify_certificate(cert_path: Path, model_path: Path, points_path: Path, kee
     if lay1 is None:
         return v
     _points(v, cert, points)
+    _output_rows(v, cert, points)
     _properties(v, cert, [_file(p, "VNN-LIB file") for p in properties], points, keep)
     _margins_after(v, cert, spec, model_path, model, points, keep)
     _consistency(v, cert, spec)
     fb = None
     if spec.kind == "ball" and len(points.x) == len(cert.points):
         fb = _ball_bounds(cert, model, points)  # the frozen part is the original's (checked with --original)
-        v.problems += _check_ball(cert, lay1, fb)
+        v.problems += _check_ball(cert, lay1, fb, points.rows)
         v.checked.append("certified ball margins (recomputed bounds)")
     if original_path is not None:
         original = load_model(original_path, factory, shape).module
@@ -215,9 +217,22 @@ def _properties(v: Verification, cert: Certificate, paths: list[Path], points: P
     v.checked += checked
 
 
+def _output_rows(v: Verification, cert: Certificate, points: PointsFile) -> None:
+    """The points file's output rows are the ones the certificate's margins are over (or neither has any)."""
+    if (cert.output_rows is None) != (points.rows is None):
+        v.problems.append("the certificate's margins are over output rows, but the points file holds none" if points.rows is None
+                          else "the points file holds output rows ('rows_coef', 'rows_offset'), but the certificate's margins are labels'")
+    elif points.rows is not None:
+        got = points.rows.record()
+        if any(cert.output_rows.get(k) != got[k] for k in ("points", "rows", "pairwise")):
+            v.problems.append(f"the points file holds {got['rows']} output rows for {got['points']} points, the certificate says "
+                              f"{cert.output_rows.get('rows')} for {cert.output_rows.get('points')}")
+        v.checked.append("output rows (the points file's, counted)")
+
+
 def _margins_after(v: Verification, cert: Certificate, spec: RepairSpec, model_path: Path, model, points: PointsFile, keep: PointsFile | None) -> None:
     fn = saved_logits_fn(model_path, model)
-    by_layout = layout_margins(fn, points.x, points.y, cert.ending_name)
+    by_layout = layout_margins(fn, points.x, points.y, cert.ending_name, points.rows)
     after = by_layout.min(0)
     v.problems += cert.check_claims(after, np.zeros(0) if keep is None else _keep_margins(v, cert, spec, fn, keep))
     claimed_layouts = cert.margins_by_layout
@@ -324,10 +339,11 @@ def _input_boxes(cert: Certificate, pts: PointsFile, key: str, source: str) -> t
     return inputs.boxes(pts.x, eps if key == "boxes" else cert.spec["keep_eps"])
 
 
-def _check_ball(cert: Certificate, lay, fb) -> list[str]:
-    """Every point's worst-case margin over its recomputed feature box ``fb`` under the repaired layer."""
+def _check_ball(cert: Certificate, lay, fb, rows: OutputRows | None = None) -> list[str]:
+    """Every point's worst-case margin over its recomputed feature box ``fb`` under the repaired layer (over its own output
+    ``rows`` when it has them)."""
     labels = np.array([p.label for p in cert.points], np.int64)
-    worst = box_margins(lay.weight, lay.bias, fb.centre, fb.radius, labels, lay.zero_rival)
+    worst = _box_margins(lay, lay.weight, lay.bias, fb.centre, fb.radius, labels, rows)
     claimed = np.array([p.certified_margin_after for p in cert.points], np.float64)
     return (below_margin(worst, cert.spec["margin"], "ball(s) not certified to keep their label with margin {m:g}",
                          "point {k}: worst case {v:.6g}")
@@ -389,7 +405,7 @@ def _against_original(v: Verification, cert: Certificate, spec: RepairSpec, orig
     for key, value in change.items():
         if not _close(cert.change[key], value, 1e-9):
             v.problems.append(f"change.{key} is {value:.9g}, the certificate says {cert.change[key]}")
-    before = layout_margins(module_logits_fn(original), points.x, points.y, cert.ending_name).min(0)
+    before = layout_margins(module_logits_fn(original), points.x, points.y, cert.ending_name, points.rows).min(0)
     claimed_before = np.array([p.margin_before for p in cert.points], np.float64)
     v.problems += claims_off(claimed_before, before, RTOL, "margin(s) before the repair differ from the original model",
                              "point {k}: certificate {c:.6g}, measured {v:.6g}")
@@ -448,7 +464,7 @@ def _optimality(cert: Certificate, spec: RepairSpec, original, lay0, dW, db, poi
     if spec.kind == "ball":
         fb = fb if fb is not None else _ball_bounds(cert, original, points)
         feats, radii = fb.centre, fb.radius
-        worst0 = box_margins(lay0.weight, lay0.bias, feats, radii, labels, lay0.zero_rival)
+        worst0 = _box_margins(lay0, lay0.weight, lay0.bias, feats, radii, labels, points.rows)
         claimed0 = np.array([p.certified_margin_before for p in cert.points], np.float64)
         problems += claims_off(claimed0, worst0, 1e-6, "certified margin(s) before differ from the recomputed bounds",
                                "point {k}: certificate {c:.6g}, recomputed {v:.6g}")
@@ -469,8 +485,9 @@ def _optimality(cert: Certificate, spec: RepairSpec, original, lay0, dW, db, poi
         labels = np.concatenate([labels, ky])
         required = np.concatenate([required, cert.keep.required])
         prices = np.concatenate([prices, np.full(len(ky), np.inf if spec.keep_price is None else spec.keep_price)])
+    rows = None if points.rows is None else program_rows(points.rows, labels[len(points.x):], lay0.weight.shape[0], lay0.zero_rival)
     problem = MarginProblem(lay0.weight, lay0.bias, feats, labels, required, prices, spec.norm, spec.freeze_bias, spec.max_change, radii,
-                            lay0.zero_rival)
+                            lay0.zero_rival and rows is None, rows)
     achieved = problem.point_margins(dW, db)  # float64, exact for these features (the worst case over a box)
     scale = np.abs(feats).sum(1) * np.abs(lay0.weight + dW).max() + np.abs(lay0.bias + db).max(initial=0.0)
     short = np.flatnonzero(np.isinf(prices) & (achieved < required - 1e-5 * (1 + np.abs(required) + scale)))
@@ -489,6 +506,14 @@ def _optimality(cert: Certificate, spec: RepairSpec, original, lay0, dW, db, poi
     if bound < cert.lower_bound * (1 - GAP) - 1e-12:  # float32 features recomputed here may differ by rounding
         problems.append(f"the multipliers prove a lower bound of {bound:.9g}, not the certified {cert.lower_bound:.9g}")
     return problems
+
+
+def _box_margins(lay, weight, bias, centre, radius, labels, rows: OutputRows | None) -> np.ndarray:
+    """The repair points' worst-case margins over their feature boxes: their labels', or their own rows' as the program holds
+    them (a final ReLU's label rows included)."""
+    if rows is None:
+        return box_margins(weight, bias, centre, radius, labels, lay.zero_rival)
+    return program_rows(rows, [], weight.shape[0], lay.zero_rival).box_margins(weight, bias, centre, radius)
 
 
 def _keep_balls(cert: Certificate, spec: RepairSpec, lay0, dW, db, kf, keep_radii, ky, held) -> list[str]:

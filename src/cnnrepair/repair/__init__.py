@@ -21,6 +21,7 @@ from cnnrepair.repair.ending import ENDINGS, Ending, register_ending
 from cnnrepair.repair.inputs import Points, SolveOptions
 from cnnrepair.repair.layer import LastLayer, candidate_layers, last_layer
 from cnnrepair.repair.margins import find_conflicts, solve_margins
+from cnnrepair.repair.outputs import OutputRows
 from cnnrepair.repair.program import NORMS, MarginProblem, MarginSolution, certified_lower_bound, margins_of
 from cnnrepair.repair.spec import SPECS, RepairSpec
 from cnnrepair.repair.targets import (
@@ -37,7 +38,7 @@ from cnnrepair.repair.targets import (
 )
 
 __all__ = [
-    "ENDINGS", "SPECS", "Certificate", "ClassifierRepair", "Ending", "FileRef", "KeepClaim", "LastLayer", "PointClaim", "Points", "RepairSpec", "SolveOptions", "candidate_layers", "last_layer", "repair_classifier",
+    "ENDINGS", "SPECS", "Certificate", "ClassifierRepair", "Ending", "FileRef", "KeepClaim", "LastLayer", "OutputRows", "PointClaim", "Points", "RepairSpec", "SolveOptions", "candidate_layers", "last_layer", "repair_classifier",
     "AUTO_IPM_POINTS", "NORMS", "SOLVERS", "BoundConstraints", "ClassLP", "MarginProblem", "MarginSolution",
     "RepairProblem", "RepairResult", "TargetConstraints", "certified_lower_bound", "default_threads",
     "find_conflicts", "margins_of", "register_ending", "repair", "solve_ball", "solve_margins", "wilcoxon_select",

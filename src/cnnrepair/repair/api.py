@@ -26,6 +26,7 @@ from cnnrepair.repair.inputs import DEFAULT_TIME_LIMIT, Points, SolveOptions, as
 from cnnrepair.repair.layer import LastLayer, ending_layer, last_layer
 from cnnrepair.repair.margins import solve_margins
 from cnnrepair.repair.measure import change_summary, robust_margins
+from cnnrepair.repair.outputs import OutputRows, as_rows, program_rows
 from cnnrepair.repair.program import MarginProblem, MarginSolution, box_margins
 from cnnrepair.repair.spec import RepairSpec
 from cnnrepair.runtime import eval_mode
@@ -53,6 +54,7 @@ class _Work:
     keep_before: np.ndarray
     options: SolveOptions
     t0: float
+    rows: OutputRows | None = None  # the repair points' own output rows (as measured on the model's output), if any
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -155,6 +157,9 @@ def _gather(x, y, keep, options, old: dict) -> tuple[Points, Points | None, Solv
             keep = replace(keep, boxes=old["keep_input_boxes"])
     if keep is not None and keep.targets is not None:
         raise CnnRepairError("keep points take no targets: they keep the model's own logits under the targets spec")
+    if keep is not None and keep.rows is not None:
+        raise CnnRepairError("keep points keep their labels: give output rows for repair points only (a property that holds "
+                             "stays proved as a repair point with its rows)")
     return points, keep, options or SolveOptions()
 
 
@@ -173,17 +178,20 @@ def _repair(model: nn.Module, points: Points, spec: RepairSpec, keep: Points | N
     if layer is not None and layer != ending_layer(model, xt):
         from cnnrepair.repair.hidden_api import repair_hidden
 
+        if points.rows is not None:
+            raise CnnRepairError("points with their own output rows are repaired in the layer that ends the model; drop --layer")
         return repair_hidden(model, xt, ya, keep, spec, layer, options)
     if spec.later_biases:
         raise CnnRepairError("later biases move only in a repair of a layer inside the network; name one with --layer (`cnnrepair layers MODEL` lists them)")
     lay = last_layer(model, xt, layer)
     C = lay.shape[0]
     check_labels(ya, C, "repair points")
+    rows = _point_rows(points.rows, len(ya), C, lay.ending, spec)
     kx, ky = (None, None)
     if keep is not None:
         kx, ky = as_inputs(keep.x, keep.y, "keep points", C, tuple(xt.shape[1:]), dtype)
     F, FK = shared_features(lay, xt, kx)  # one feature vector per distinct input, wherever it appears
-    base = robust_margins(model, xt, ya, lay.ending)
+    base = robust_margins(model, xt, ya, lay.ending, rows)
     if kx is not None and len(kx):
         logits_k = FK @ lay.weight.T + lay.bias
         ky = logits_k.argmax(1) if ky is None else ky
@@ -192,7 +200,7 @@ def _repair(model: nn.Module, points: Points, spec: RepairSpec, keep: Points | N
         FK, ky, keep_before = np.zeros((0, F.shape[1])), np.zeros(0, np.int64), np.zeros(0)
     if spec.freeze_bias is False and not lay.has_bias:
         spec = replace(spec, freeze_bias=True)
-    work = _Work(lay, spec, xt, F, ya, kx, FK, ky, base, keep_before, options, t0)
+    work = _Work(lay, spec, xt, F, ya, kx, FK, ky, base, keep_before, options, t0, rows)
     with threadpool_limits(limits=options.threads or default_threads()):
         if spec.kind == "targets":
             if lay.ending != "none":
@@ -201,7 +209,7 @@ def _repair(model: nn.Module, points: Points, spec: RepairSpec, keep: Points | N
             return _targets(work, points.targets)
         eps = float(torch.finfo(dtype).eps) if dtype is not None else float(np.finfo(np.float32).eps)
         noise = feature_noise(lay, xt, F, eps)
-        clash = _coinciding(work, noise)
+        clash = _coinciding(work, noise) if rows is None else None  # (labels say nothing of whom rows separate)
         if clash is not None:
             return clash
         box = keep_box = None
@@ -218,6 +226,19 @@ def _repair(model: nn.Module, points: Points, spec: RepairSpec, keep: Points | N
                                                     "(measured on a sample, floored at float32 rounding); points closer than the "
                                                     "tolerance count as one point"}
         return result
+
+
+def _point_rows(value, n: int, classes: int, ending: str, spec: RepairSpec) -> OutputRows | None:
+    """The repair points' output rows (None: their labels'), checked against the layer, its ending and the spec."""
+    rows = as_rows(value, n, classes)
+    if rows is None:
+        return None
+    if spec.kind == "targets":
+        raise CnnRepairError("output rows are margins the pointwise or ball spec enforces; the targets spec fits logits (drop it)")
+    if ending != "none" and not rows.pairwise():
+        raise CnnRepairError(f"a {ending} follows the repaired layer: only rows 'Y_label > Y_j' keep their meaning through it; "
+                             "general linear output rows need a model whose last linear layer gives its output")
+    return rows
 
 
 def _coinciding(w: _Work, noise: float) -> ClassifierRepair | None:
@@ -305,6 +326,7 @@ def _pointwise(w: _Work, box=None, keep_box=None) -> ClassifierRepair:
     feats = np.vstack([w.F if box is None else box.centre, keep_centre])
     radii = None if box is None else np.vstack([box.radius, keep_radius])
     labels = np.concatenate([ya, ky])
+    rows = None if w.rows is None else program_rows(w.rows, ky, lay.shape[0], lay.zero_rival)
     required = np.concatenate([np.full(K, spec.margin), np.full(NK, spec.keep_margin)])
     prices = np.concatenate([np.full(K, np.inf), np.full(NK, np.inf if spec.keep_price is None else spec.keep_price)])
     hard = np.isinf(prices)
@@ -314,9 +336,9 @@ def _pointwise(w: _Work, box=None, keep_box=None) -> ClassifierRepair:
 
     def solve(req: np.ndarray) -> MarginSolution:
         last[:] = [MarginProblem(lay.weight, lay.bias, feats, labels, req, prices, spec.norm, spec.freeze_bias, spec.max_change, radii,
-                                 lay.zero_rival)]
+                                 lay.zero_rival and rows is None, rows)]
         remaining = max(1e-3, w.options.seconds - w.elapsed())
-        if last[0].has_boxes:
+        if last[0].has_boxes or last[0].rows is not None:  # (output rows of any direction: the box program, boxes of zero width)
             return solve_ball(last[0], time_limit=remaining)
         sol = solve_margins(last[0], time_limit=remaining, start=previous[0] if previous else None,  # a re-solve starts from the rows that bound
                             progress=w.options.progress, device=w.options.solver_device)
@@ -325,7 +347,7 @@ def _pointwise(w: _Work, box=None, keep_box=None) -> ClassifierRepair:
 
     def measure(sol: MarginSolution):
         repaired = lay.replaced(lay.weight + sol.delta_weight, lay.bias + sol.delta_bias)
-        after = robust_margins(repaired, w.xt, ya, lay.ending)  # the smallest over several batch layouts
+        after = robust_margins(repaired, w.xt, ya, lay.ending, w.rows)  # the smallest over several batch layouts
         keep_after = robust_margins(repaired, w.kx, ky, lay.ending) if NK else np.zeros(0)
         if box is None:
             return repaired, np.concatenate([after, keep_after]), (after, keep_after)
@@ -417,6 +439,8 @@ def _certificate(w: _Work, status: str, sol: MarginSolution, problem: MarginProb
         solver={"name": _solver_name(problem, sol), "status": sol.status, "seconds": sol.seconds, "rounds": sol.rounds, **sol.size,
                 "lp_objective": float(sol.objective) if np.isfinite(sol.objective) else None, "lp_gap": sol.gap if sol.ok else None},
         lower_bound_witness={key: np.asarray(val).tolist() for key, val in sol.witness.items()}, ending=lay.ending_record())
+    if w.rows is not None:
+        cert.output_rows = w.rows.record()
     if status == "infeasible":
         cert.conflicts = [{"index": int(k) if k < K else int(k - K), "set": "points" if k < K else "keep",
                            "label": int(problem.labels[k])} for k in (sol.conflicts if sol.conflicts is not None else [])]

@@ -135,6 +135,7 @@ class Certificate:
     later_biases: dict[str, Any] | None = None
     ending: dict[str, Any] | None = None  # what follows the layer (name, note; absent: nothing): cnnrepair.repair.ending
     properties: list[dict] | None = None  # VNN-LIB files the points came from: file, sha256, set (points / keep), index
+    output_rows: dict[str, Any] | None = None  # the repair points' own output rows (cnnrepair.repair.outputs), if any
     points_file: FileRef | None = None
     keep_file: FileRef | None = None
     notes: list[str] | None = None
@@ -211,11 +212,13 @@ def witness_bound(problem: MarginProblem, witness: dict) -> float:
         return 0.0
     point, cls = np.asarray(witness["point"], np.int64), np.asarray(witness["class"], np.int64)
     rows = None
-    if problem.has_boxes and witness.get("pairs") is not None:
-        from cnnrepair.repair.ball import sigma_rows
+    if problem.has_boxes and (witness.get("directions") is not None or witness.get("pairs") is not None):
+        from cnnrepair.repair.ball import pair_directions, sigma_rows
 
-        rows = sigma_rows(problem, point, cls, np.asarray(witness["pairs"], np.int64).reshape(-1, 2),
-                          np.asarray(witness["sigma"], np.float64).reshape(-1, problem.weight.shape[1]))
+        C, n = problem.weight.shape
+        dirs = (np.asarray(witness["directions"], np.float64).reshape(-1, C) if witness.get("directions") is not None
+                else pair_directions(witness["pairs"], C))  # (a certificate from before output rows: class pairs)
+        rows = sigma_rows(problem, point, cls, dirs, np.asarray(witness["sigma"], np.float64).reshape(-1, n))
     return certified_lower_bound(problem, point, cls, np.asarray(witness["multiplier"], np.float64), sigma_rows=rows)
 
 
@@ -363,7 +366,7 @@ def _check_schema(cert) -> None:
     notes = _need(cert, "notes", list, "certificate", optional=True)
     if notes is not None and not all(isinstance(n, str) for n in notes):
         raise _Malformed("notes must be a list of strings")
-    for key in ("lower_bound_witness", "feature_noise", "ball", "conditioning", "patterns"):
+    for key in ("lower_bound_witness", "feature_noise", "ball", "conditioning", "patterns", "output_rows"):
         _need(cert, key, dict, "certificate", optional=True)
     later = _need(cert, "later_biases", dict, "certificate", optional=True)
     if later is not None:

@@ -30,12 +30,18 @@ class Points:
     default: :func:`cnnrepair.bounds.ball_box` of ``spec.eps`` or ``spec.keep_eps``, pixels in [0, 1]).
     ``targets`` (N x classes): the target logits of the ``targets`` spec (default: +1 for the label,
     -1 elsewhere, the paper's label targets); repair points only.
+    ``rows``: each repair point's own linear rows over the outputs in place of its label's (an
+    :class:`cnnrepair.repair.outputs.OutputRows`, or a pair (coef N x R x C, offset N x R)): point ``k``
+    then needs ``coef[k, r] . z >= offset[k, r] + margin`` for each of its rows (a targeted property, a
+    general linear output constraint); its margin is its smallest row value. Pointwise and ball specs,
+    the model's last layer; through a ReLU, softmax or log-softmax ending only rows ``z_y - z_j``.
     """
 
     x: Any
     y: Any = None
     boxes: tuple[Any, Any] | None = None
     targets: Any = None
+    rows: Any = None
 
     def __post_init__(self) -> None:
         if self.boxes is not None and (not isinstance(self.boxes, (tuple, list)) or len(self.boxes) != 2):

@@ -206,8 +206,8 @@ def solve_margins(p: MarginProblem, time_limit: float | None = None, max_rounds:
     """
     from cnnrepair.repair.highs import highs_status, set_time_limit, run as run_highs
 
-    if p.has_boxes:
-        raise CnnRepairError("points with feature boxes need the box program: cnnrepair.repair.ball.solve_ball")
+    if p.has_boxes or p.rows is not None:
+        raise CnnRepairError("points with feature boxes or their own output rows need the box program: cnnrepair.repair.ball.solve_ball")
     t0 = time.perf_counter()
     C, n = p.weight.shape
     N = len(p.labels)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from cnnrepair.repair.ending import ending as ending_named
+from cnnrepair.repair.outputs import OutputRows
 from cnnrepair.repair.program import margins_of
 from cnnrepair.runtime import eval_mode, first_output, model_device
 
@@ -40,15 +41,17 @@ def in_layout(logits_of, x, batch_size: int, reverse: bool) -> np.ndarray:
     return res
 
 
-def layout_margins(logits_of, x, y: np.ndarray, ending: str = "none") -> np.ndarray:
+def layout_margins(logits_of, x, y: np.ndarray, ending: str = "none", rows: OutputRows | None = None) -> np.ndarray:
     """Margins (len(LAYOUTS) x N) of ``logits_of`` in every layout of :data:`LAYOUTS`; ``ending``: what ends the model
-    (:mod:`cnnrepair.repair.ending`), whose ``scores`` turn its outputs into values whose differences are the margins."""
+    (:mod:`cnnrepair.repair.ending`), whose ``scores`` turn its outputs into values whose differences are the margins.
+    ``rows``: each point's own output rows (:mod:`cnnrepair.repair.outputs`), whose smallest value is its margin."""
     y = np.asarray(y, np.int64)
     if len(y) == 0:
         return np.zeros((len(LAYOUTS), 0))
     x = torch.as_tensor(x)
     scores = ending_named(ending).scores
-    return np.stack([margins_of(scores(in_layout(logits_of, x, b, r)), y) for b, r in LAYOUTS])
+    margin = (lambda s: margins_of(s, y)) if rows is None else rows.margins
+    return np.stack([margin(scores(in_layout(logits_of, x, b, r))) for b, r in LAYOUTS])
 
 
 def module_logits_fn(model: nn.Module):
@@ -64,11 +67,12 @@ def module_logits_fn(model: nn.Module):
     return run
 
 
-def robust_margins(model: nn.Module, x, y: np.ndarray, ending: str = "none") -> np.ndarray:
-    """Each input's smallest margin over the batch layouts of :data:`LAYOUTS` (through the model's ``ending``)."""
+def robust_margins(model: nn.Module, x, y: np.ndarray, ending: str = "none", rows: OutputRows | None = None) -> np.ndarray:
+    """Each input's smallest margin over the batch layouts of :data:`LAYOUTS` (through the model's ``ending``; of its own
+    output ``rows`` when given)."""
     if len(y) == 0:
         return np.zeros(0)
-    return layout_margins(module_logits_fn(model), x, y, ending).min(0)
+    return layout_margins(module_logits_fn(model), x, y, ending, rows).min(0)
 
 
 def model_logits(model: nn.Module, x: np.ndarray | torch.Tensor, batch_size: int = 512) -> np.ndarray:

@@ -29,6 +29,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from cnnrepair.errors import CnnRepairError
+from cnnrepair.repair.outputs import OutputRows
 
 NORMS = ("l1", "linf", "l1+linf")
 GAP = 1e-6  # certified relative gap a solve must reach
@@ -56,6 +57,7 @@ class MarginProblem:
     max_change: float | None = None
     radii: np.ndarray | None = None  # N x n: a point's features lie anywhere in features +- radii (its whole box must keep the label)
     zero_rival: bool = False  # one more rival per point: a logit fixed at 0 (class index C; a ReLU after the layer)
+    rows: OutputRows | None = None  # each point's own rows over the logits (cnnrepair.repair.outputs) in place of its label's
 
     def __post_init__(self) -> None:
         self.weight = np.asarray(self.weight, np.float64)
@@ -88,6 +90,13 @@ class MarginProblem:
                 raise CnnRepairError("feature radii must be finite and >= 0")
             if not self.radii.any():
                 self.radii = None
+        if self.rows is not None:
+            if len(self.rows) != N or self.rows.num_classes != C:
+                raise CnnRepairError(f"output rows for {len(self.rows)} points over {self.rows.num_classes} logits, but there are {N} "
+                                     f"points and {C} logits")
+            if self.zero_rival:
+                raise CnnRepairError("output rows carry a final ReLU's rows themselves (OutputRows.with_zero_rival); "
+                                     "leave zero_rival off")
 
     @property
     def has_boxes(self) -> bool:
@@ -98,12 +107,13 @@ class MarginProblem:
         idx = np.asarray(points, np.int64)
         return MarginProblem(self.weight, self.bias, self.features[idx], self.labels[idx], self.margins[idx], self.prices[idx],
                              self.norm, self.freeze_bias, self.max_change, None if self.radii is None else self.radii[idx],
-                             self.zero_rival)
+                             self.zero_rival, None if self.rows is None else self.rows.subset(idx))
 
     @property
     def num_rivals(self) -> int:
-        """Columns of :meth:`row_shortfall`: the classes, and the fixed zero logit (index C) with ``zero_rival``."""
-        return self.num_classes + int(self.zero_rival)
+        """Columns of :meth:`row_shortfall`: the classes, and the fixed zero logit (index C) with ``zero_rival``; each
+        point's own rows (:attr:`rows`) when it has them."""
+        return self.rows.num_rows if self.rows is not None else self.num_classes + int(self.zero_rival)
 
     def padded(self, dW: np.ndarray | None = None, db: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(weight, bias) after a change, with the zero rival's row (all zeros) appended when there is one."""
@@ -115,7 +125,11 @@ class MarginProblem:
 
     def row_shortfall(self, dW: np.ndarray | None = None, db: np.ndarray | None = None) -> np.ndarray:
         """N x C (C + 1 with the zero rival): required margin minus the (worst-case, over each box) logit difference to each
-        rival; -inf at the label."""
+        rival; -inf at the label. With :attr:`rows`: N x rows, the margin minus each row's worst-case value (-inf: no row)."""
+        if self.rows is not None:
+            W = self.weight if dW is None else self.weight + dW
+            b = self.bias if db is None else self.bias + db
+            return self.margins[:, None] - self.rows.box_values(W, b, self.features, self.radii)
         W, b = self.padded(dW, db)
         N = len(self.labels)
         out = np.empty((N, W.shape[0]))
@@ -162,7 +176,8 @@ class MarginProblem:
 
     def shortfall(self, logits: np.ndarray) -> np.ndarray:
         """Per point: how far its smallest margin over the other classes (and the zero rival) is below its required margin (>= 0)."""
-        return np.maximum(0.0, self.margins - margins_of(logits, self.labels, self.zero_rival))
+        got = self.rows.margins(logits) if self.rows is not None else margins_of(logits, self.labels, self.zero_rival)
+        return np.maximum(0.0, self.margins - got)
 
     def change_cost(self, dW: np.ndarray, db: np.ndarray) -> float:
         """The norm of a change (frozen biases must be zero)."""
@@ -232,24 +247,33 @@ def certified_lower_bound(p: MarginProblem, point: np.ndarray, cls: np.ndarray, 
         total = np.bincount(point, weights=y, minlength=len(p.labels))
         cap = np.where(total > 0, np.minimum(1.0, p.prices / np.maximum(total, 1e-300)), 1.0)
         y[soft] *= cap[point[soft]]
-    lab = p.labels[point]
     F = p.features[point]
     if p.radii is not None:
         sig = np.zeros_like(F) if sigma_rows is None else np.clip(np.asarray(sigma_rows, np.float64), -1.0, 1.0)
         F = F - sig * p.radii[point]
-    W, b0 = p.padded()  # the zero rival (index C) has logit 0 and no entries
-    r = p.margins[point] - (np.einsum("ij,ij->i", F, W[lab] - W[cls]) + b0[lab] - b0[cls])
+    A, off = row_coefs(p, point, cls)
+    r = p.margins[point] + off - (np.einsum("ic,ic->i", A, F @ p.weight.T + p.bias))
     base = float(r @ y)
-    C, n = p.weight.shape
-    R = p.num_rivals
-    Z = np.zeros((R, n))
-    np.add.at(Z, lab, y[:, None] * F)
-    np.add.at(Z, cls, -y[:, None] * F)
-    z = np.abs(Z[:C].ravel())
+    Ay = A * y[:, None]  # rows x C: each row's multiplier on every class's logit
+    z = np.abs((Ay.T @ F).ravel())
     if not p.freeze_bias:
-        z = np.concatenate([z, np.abs(np.bincount(lab, y, R) - np.bincount(cls, y, R))[:C]])
+        z = np.concatenate([z, np.abs(Ay.sum(0))])
     a, b = p.norm_coefficients()
     return dual_bound(base, z, a, b, p.max_change)
+
+
+def row_coefs(p: MarginProblem, point: np.ndarray, cls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(coefficients on the C logits, offsets) of rows (point, cls): ``e_y - e_cls`` (``e_y`` for the zero rival, class C)
+    and offset 0 in the label form, the points' own rows (:attr:`MarginProblem.rows`, ``cls`` their row index) otherwise."""
+    point, cls = np.asarray(point, np.int64), np.asarray(cls, np.int64)
+    if p.rows is not None:
+        return p.rows.coef[point, cls], p.rows.offset[point, cls]
+    C = p.num_classes
+    A = np.zeros((len(point), C))
+    A[np.arange(len(point)), p.labels[point]] = 1.0
+    real = cls < C
+    A[np.flatnonzero(real), cls[real]] -= 1.0
+    return A, np.zeros(len(point))
 
 
 def dual_bound(base: float, z: np.ndarray, a: float, b: float, bound: float | None) -> float:

@@ -91,6 +91,17 @@ class VnnlibProperty:
             rivals.add(rival)
         return None if label is None else (label, tuple(sorted(rivals)))
 
+    def output_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(coef R x outputs, offset R): the property holds when every row ``coef . Y > offset`` (each case of the violation
+        is one row ``a . Y <= b``, excluded by ``a . Y > b``); a one-line error for a case of several rows, whose
+        exclusion is a disjunction no linear program holds."""
+        wide = [k for k, case in enumerate(self.violation) if case.A.shape[0] != 1]
+        if wide:
+            raise CnnRepairError(f"{self.name}: case {wide[0] + 1} of its violation is a conjunction of {self.violation[wide[0]].A.shape[0]} "
+                                 "output comparisons; ruling it out is a disjunction that no linear program holds (only cases of one "
+                                 "comparison each, as the robustness and targeted forms and 'Y_j <= c' are, are repaired)")
+        return np.stack([case.A[0] for case in self.violation]), np.array([case.b[0] for case in self.violation], np.float64)
+
     def violated_by(self, y: np.ndarray, tol: float = 0.0) -> np.ndarray:
         """For outputs ``y`` (N x num_outputs): does any case of the violation hold (to ``tol``)?"""
         y = np.atleast_2d(np.asarray(y, np.float64))

@@ -32,7 +32,8 @@ from cnnrepair.modelrepair import REPAIR_OUTPUTS, RepairFiles, prepare, repair_i
 from cnnrepair.outdir import OutputDir
 from cnnrepair.repair import RepairSpec, SolveOptions
 from cnnrepair.repair.certificate import Certificate
-from cnnrepair.vnnlib.check import PropertyCheck, float32_inside, check_properties, property_boxes
+from cnnrepair.repair.outputs import OutputRows
+from cnnrepair.vnnlib.check import PropertyCheck, float32_inside, check_properties, property_set
 from cnnrepair.vnnlib.read import VnnlibProperty, read_instances, read_vnnlib
 
 OUTPUTS = frozenset(REPAIR_OUTPUTS | {"points.npz", "keep.npz", "properties.json", "instances.csv"})
@@ -82,16 +83,23 @@ class PropertyPlan:
     upper: np.ndarray
     labels: np.ndarray
     keep: tuple[np.ndarray, np.ndarray] | None = None  # the extra keep points (x float32, labels), after the kept properties
+    rows: OutputRows | None = None  # each property's output rows, when some property is not a label's against every class
+    full_label: np.ndarray | None = None  # per property: the robustness form against every other class
+
+    def _kept(self, i: int) -> bool:
+        """A property our bounds prove that a keep point (its label, its box) holds exactly: the robustness form."""
+        return self.checks[i].status == "holds" and (self.rows is None or bool(self.full_label[i]))
 
     @property
     def to_repair(self) -> np.ndarray:
-        """The properties not proved on the model (violated or unknown): the repair points."""
-        return np.array([i for i, c in enumerate(self.checks) if c.status != "holds"], np.int64)
+        """The repair points: the properties not proved on the model (violated or unknown), and, when properties carry
+        output rows, the proved ones that are not a label's against every class (held there through their own rows)."""
+        return np.array([i for i in range(len(self.checks)) if not self._kept(i)], np.int64)
 
     @property
     def held(self) -> np.ndarray:
-        """The properties our bounds prove on the model: the keep points (their boxes stay certified)."""
-        return np.array([i for i, c in enumerate(self.checks) if c.status == "holds"], np.int64)
+        """The properties our bounds prove on the model that keep points hold: the keep points (their boxes stay certified)."""
+        return np.array([i for i in range(len(self.checks)) if self._kept(i)], np.int64)
 
 
 def plan_properties(files: PropertyFiles, bounds: str = "crown") -> PropertyPlan:
@@ -104,11 +112,12 @@ def plan_properties(files: PropertyFiles, bounds: str = "crown") -> PropertyPlan
         raise CnnRepairError(f"{Path(files.model).name} does not record its input shape; give it with --input-shape (e.g. 1,28,28)")
     props = [read_vnnlib(Path(p)) for p in files.properties]
     checks = check_properties(model.module, props, tuple(shape), bounds)
-    lower, upper, labels = property_boxes(props, tuple(shape), props[0].num_outputs)
+    ps = property_set(props, tuple(shape), props[0].num_outputs)
     timeouts = tuple(files.timeouts) or (DEFAULT_TIMEOUT,) * len(props)
     keep = _keep_points(model, files.keep, tuple(shape)) if files.keep is not None else None
-    return PropertyPlan(model, tuple(shape), tuple(Path(p) for p in files.properties), timeouts, props, checks, lower, upper, labels,
-                        keep)
+    rows = None if ps.full_label.all() else ps.rows  # all in the robustness form: labels say it all, as before
+    return PropertyPlan(model, tuple(shape), tuple(Path(p) for p in files.properties), timeouts, props, checks, ps.lower, ps.upper,
+                        ps.labels, keep, rows, ps.full_label)
 
 
 def _keep_points(model: LoadedModel, path: Path, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -125,9 +134,11 @@ def _keep_points(model: LoadedModel, path: Path, shape: tuple[int, ...]) -> tupl
     return pts.x.numpy(), np.asarray(y, np.int64)
 
 
-def _points(plan: PropertyPlan, idx: np.ndarray, path: Path, extra: tuple[np.ndarray, np.ndarray] | None = None) -> None:
-    """An .npz of the properties ``idx``: a float32 input inside each box (its centre, rounded inward), the label, the box;
-    ``extra`` (inputs, labels) follow, each its own box of zero width."""
+def _points(plan: PropertyPlan, idx: np.ndarray, path: Path, extra: tuple[np.ndarray, np.ndarray] | None = None,
+            rows: bool = False) -> None:
+    """An .npz of the properties ``idx``: a float32 input inside each box (its centre, rounded inward), the label, the box
+    (and with ``rows`` each property's output rows, 'rows_coef' and 'rows_offset'); ``extra`` (inputs, labels) follow,
+    each its own box of zero width."""
     lo32, hi32 = float32_inside(plan.lower[idx], plan.upper[idx])
     lo32, hi32 = lo32.numpy(), hi32.numpy()
     empty = np.flatnonzero((lo32 > hi32).reshape(len(idx), -1).any(1)) if len(idx) else np.zeros(0, np.int64)
@@ -139,7 +150,11 @@ def _points(plan: PropertyPlan, idx: np.ndarray, path: Path, extra: tuple[np.nda
     if extra is not None:
         x, y = np.concatenate([x, extra[0]]), np.concatenate([y, extra[1]])
         lower, upper = np.concatenate([lower, extra[0].astype(np.float64)]), np.concatenate([upper, extra[0].astype(np.float64)])
-    atomic_write(path, lambda p: np.savez(p, x=x, y=y, lower=lower, upper=upper))
+    extra_rows = {}
+    if rows and plan.rows is not None:
+        sub = plan.rows.subset(idx)
+        extra_rows = {"rows_coef": sub.coef, "rows_offset": sub.offset}
+    atomic_write(path, lambda p: np.savez(p, x=x, y=y, lower=lower, upper=upper, **extra_rows))
 
 
 @dataclass
@@ -166,7 +181,7 @@ def repair_properties(plan: PropertyPlan, spec: RepairSpec, out: Path, options: 
             records = _records(plan, None)
             write_json(stage / "properties.json", {"model": plan.model.path.name, "repaired": False, "properties": records})
             return PropertyRepair(None, records)
-        _points(plan, todo, stage / "points.npz")
+        _points(plan, todo, stage / "points.npz", rows=True)
         has_keep = len(held) or plan.keep is not None
         if has_keep:
             _points(plan, held, stage / "keep.npz", plan.keep)
@@ -195,8 +210,12 @@ def _records(plan: PropertyPlan, after: list[PropertyCheck] | None, todo: np.nda
     for i, (path, check) in enumerate(zip(plan.files, plan.checks)):
         rec = {"file": path.name, "label": check.label, "before": check.status, "bound_before": check.bound,
                "role": "repaired" if i in repaired else "kept"}
-        if check.rivals is not None:  # targeted: bounded and repaired as the stronger property against every class
-            rec.update(rivals=list(check.rivals), form="targeted: proved and repaired as robust against every class, which implies it")
+        if check.rivals is not None:  # targeted: bounded and repaired against its own classes (its output rows)
+            rec.update(rivals=list(check.rivals), form="targeted: proved and repaired against its own classes")
+        elif check.label is None:
+            rec.update(form="linear output constraints: proved and repaired through its output rows")
+        if plan.rows is not None and check.status == "holds" and i in repaired:
+            rec["role"] = "kept"  # held through its own rows as a repair point (keep points hold labels only)
         if after is not None:
             rec.update(after=after[i].status, bound_after=after[i].bound)
         out.append(rec)
@@ -241,6 +260,18 @@ def check_property_files(cert: Certificate, paths: list[Path], points, keep) -> 
         y = None if pts.y is None else int(pts.y[k])
         if prop.lower.shape != lo.shape or not (np.array_equal(prop.lower, lo) and np.array_equal(prop.upper, hi)):
             problems.append(f"property {entry['file']!r}: its box is not the {entry['set']} file's box {k}")
-        elif label is None or label != y:
-            problems.append(f"property {entry['file']!r}: its label {label} is not the {entry['set']} file's label {y}")
-    return problems, [f"{len(cert.properties or [])} property file(s): boxes and labels against the points and keep files"]
+        elif pts.rows is not None:
+            if not _same_rows(prop, pts.rows.subset([k])):
+                problems.append(f"property {entry['file']!r}: its output rows are not the {entry['set']} file's rows {k}")
+        elif label is None or label != y or (entry["set"] == "points" and prop.label() is None):
+            problems.append(f"property {entry['file']!r}: its label {label} (against every other class) is not the {entry['set']} "
+                            f"file's label {y}")
+    return problems, [f"{len(cert.properties or [])} property file(s): boxes, labels and output rows against the points and keep files"]
+
+
+def _same_rows(prop: VnnlibProperty, rows: OutputRows) -> bool:
+    """Are the points file's rows (one point) exactly the property's, as the repair wrote them?"""
+    A, b = prop.output_rows()
+    own = OutputRows.of(A[None], b[None])
+    live = rows.live[0]
+    return bool(live.sum() == len(b) and np.array_equal(rows.coef[0, live], own.coef[0]) and np.array_equal(rows.offset[0, live], own.offset[0]))
