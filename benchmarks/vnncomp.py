@@ -28,6 +28,7 @@ import json
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -302,3 +303,163 @@ registry.section("vnncomp.json", order=96, title=lambda d: "### VNN-COMP's workf
 def _cli(args):
     return run({"mnist": args.data_dir, "cifar10": args.cifar_dir}, registry.names(args.networks, NETWORKS, "network"), args.n,
                marabou=args.marabou, marabou_cap=args.marabou_cap, keep=args.keep, time_limit=args.time_limit, alone=args.alone)
+
+
+# Targeted properties (oval21's form: the label against one class), repaired exactly and as the stronger property ----------
+
+FORMS = ("targeted", "every class")  # how each property is written: against its target only, or against every other class
+
+
+def _form_run(model_path: Path, work: Path, props: list, form: str, time_limit: float, held: tuple) -> dict:
+    """The properties written in one ``form`` into ``work`` and ``cnnrepair repair --instances --keep`` run on them (its own
+    process); what its files say. ``held``: (held-out inputs, labels) for the accuracy after."""
+    from benchmarks.common import run_cnnrepair
+
+    work.mkdir(parents=True)
+    rows = []
+    for i, p in enumerate(props):
+        (work / f"prop_{i}.vnnlib").write_text(p.text() if form == "targeted" else replace(p, rivals=None).text())
+        rows.append(f"model.onnx,prop_{i}.vnnlib,60\n")
+    (work / "instances.csv").write_text("".join(rows))
+    args = ["repair", str(model_path), "--instances", str(work / "instances.csv"), "--keep", str(model_path.parent / "keep.npz"),
+            "--out", str(work / "fixed"), "--time-limit", f"{time_limit:g}"]
+    wall, proc = run_cnnrepair(args)
+    rec: dict = {"form": form, "wall_s": wall}
+    if not (work / "fixed" / "properties.json").exists():
+        return {**rec, "status": "failed", "error": proc.stderr.strip()[-300:]}
+    report = json.loads((work / "fixed" / "properties.json").read_text())["properties"]
+    rec["before"] = {s: sum(r["before"] == s for r in report) for s in ("violated", "holds", "unknown")}
+    if not (work / "fixed" / "certificate.json").exists():
+        return {**rec, "status": "every property held", "proved_after": rec["before"]["holds"]}
+    cert = json.loads((work / "fixed" / "certificate.json").read_text())
+    rec.update(status=cert["status"], repaired=len(cert["points"]), solver_s=cert["solver"].get("seconds"))
+    if cert["status"] == "repaired":
+        rec.update(proved_after=sum(r.get("after") == "holds" for r in report), change_l1=cert["objective"], gap=cert["gap"],
+                   keep_labels_kept=cert["keep"]["labels_kept"] - (cert["keep"]["count"] - len(np.load(model_path.parent / "keep.npz")["x"])),
+                   accuracy_after=_accuracy(work / "fixed" / "repaired.onnx", *held))
+    rec["report"] = report
+    return rec
+
+
+def _targeted_case(model, name: str, eps: float, data: tuple, order: np.ndarray, n: int, work: Path, marabou: int, marabou_cap: float,
+                   time_limit: float) -> dict:
+    """One (network, eps): ``n`` targeted properties (each correctly classified test image against its runner-up class, the
+    class PGD reaches first) repaired as they are and, side by side, written against every other class (what the repair did
+    with them before output rows): the change each needs, its ratio, the drawdown, the seconds."""
+    from cnnrepair.vnnlib import BallProperty
+
+    x, y, xk = data
+    work.mkdir(parents=True)
+    np.savez(work / "keep.npz", x=xk.astype(np.float32))
+    src = work / "model.onnx"
+    _onnx(model, x, src)
+    with torch.no_grad():
+        logits = model(x[torch.as_tensor(order)]).numpy()
+    right = logits.argmax(1) == y[order]
+    picked, runner = order[right][:n], np.argsort(-logits[right], 1)[:n, 1]
+    props = [BallProperty(x[k].numpy().reshape(-1), int(y[k]), eps, 10, (0.0, 1.0), (int(t),)) for k, t in zip(picked, runner)]
+    held_out = np.setdiff1d(np.arange(len(y)), picked)[:2000]
+    held = (x[torch.as_tensor(held_out)].numpy(), y[held_out])
+    rec = {"network": name, "eps": eps, "properties": len(props), "keep_points": len(xk), "accuracy_before": _accuracy(src, *held),
+           "command": f"cnnrepair repair WORK/model.onnx --instances WORK/<form>/instances.csv --keep WORK/keep.npz --out WORK/<form>/fixed "
+                      f"--time-limit {time_limit:g}"}
+    for form in FORMS:
+        rec[form] = _form_run(src, work / form.replace(" ", "_"), props, form, time_limit, held)
+    t, e = rec["targeted"], rec["every class"]
+    if t.get("change_l1") and e.get("change_l1") is not None:
+        rec["change_ratio"] = e["change_l1"] / t["change_l1"]  # above 1: the stronger property needs more change
+    if marabou and NETWORKS[name][0] == "mnist" and t.get("status") == "repaired":
+        rec["marabou"] = _marabou_checks(work / "targeted" / "fixed", t["report"], marabou, marabou_cap)
+    for form in FORMS:
+        rec[form].pop("report", None)
+    return rec
+
+
+def run_targeted(data_dirs: dict, networks: tuple[str, ...] = ("256x2", "32x2"), n: int = 15, epochs: int = 3, seed: int = 0,
+                 marabou: int = 3, marabou_cap: float = 120.0, keep: int = 500, time_limit: float = 300.0) -> Path:
+    """Every (network, eps) of ``networks``: vnncomp_targeted.json."""
+    from benchmarks.common import machine, write_result
+
+    rows, trained = [], {}
+    for name in networks:
+        model, x, y, xk, train_s = _network(name, data_dirs, epochs, seed, keep)
+        trained[name] = {"train_seconds": train_s}
+        order = np.random.default_rng(seed).permutation(len(y))[:5 * n]
+        for eps in NETWORKS[name][2]:
+            with tempfile.TemporaryDirectory(prefix="cnnrepair-targeted-") as tmp:
+                rows.append(_targeted_case(model, name, eps, (x, y, xk), order, n, Path(tmp) / "case", marabou, marabou_cap, time_limit))
+            r = rows[-1]
+            print(f"{name} eps {eps:.4g}: targeted {r['targeted'].get('status')} L1 {r['targeted'].get('change_l1')}, every class "
+                  f"{r['every class'].get('status')} L1 {r['every class'].get('change_l1')}", flush=True)
+    used = {NETWORKS[m][0] for m in networks}
+    dirs = " ".join(f"{flag} {data_dirs[k]}" for k, flag in (("mnist", "--data-dir"), ("cifar10", "--cifar-dir")) if k in used)
+    cmd = (f"python -m benchmarks.run vnncomp-targeted {dirs} --networks {','.join(networks)} --n {n} --keep {keep} "
+           f"--marabou {marabou} --marabou-cap {marabou_cap:g} --time-limit {time_limit:g}")
+    return write_result("vnncomp_targeted.json", {"machine": machine(), "command": cmd,
+                                                  "task": {"properties": n, "keep": keep, "epochs": epochs, "seed": seed, "marabou": marabou,
+                                                           "time_limit_s": time_limit, "marabou_cap_s": marabou_cap},
+                                                  "networks": trained, "rows": rows})
+
+
+def _form_cell(f: dict, n: int) -> str:
+    b = f.get("before", {})
+    head = f"{b.get('violated', '-')} / {b.get('holds', '-')} / {b.get('unknown', '-')}"
+    if f.get("status") != "repaired":
+        return f"{head}; {f.get('status', '-')}"
+    acc = f"{100 * f['accuracy_after']:.2f}"
+    return f"{head}; {f['proved_after']}/{n} proved after, L1 {f['change_l1']:.4g}, {acc} % after, {f['wall_s']:.1f} s"
+
+
+def targeted_table(d: dict) -> str:
+    lines = ["| network | eps | properties | accuracy before (%) | targeted, repaired as it is: violated / proved / unknown before; after | "
+             "the same against every class | change ratio (every class / targeted) | Marabou on repaired |",
+             "| --- | ---: | ---: | ---: | --- | --- | ---: | --- |"]
+    for r in d["rows"]:
+        ratio = f"{r['change_ratio']:.2f}" if r.get("change_ratio") is not None else "-"
+        lines.append(f"| {r['network']} | {r['eps']:.4g} | {r['properties']} | {100 * r['accuracy_before']:.2f} | "
+                     f"{_form_cell(r['targeted'], r['properties'])} | {_form_cell(r['every class'], r['properties'])} | {ratio} | "
+                     f"{_marabou_cell(r)} |")
+    return "\n".join(lines)
+
+
+def _targeted_intro(d: dict) -> str:
+    t = d["task"]
+    return (f"{registry.measured_on(d)}. `{d['command']}`. Networks trained here ({t['epochs']} epochs, seed {t['seed']}); "
+            f"{t['properties']} properties per row in oval21's targeted form: a correctly classified test image (a seeded random "
+            "draw), its eps-ball clipped to [0, 1], and its label against one class, the runner-up at the image. Side by side in "
+            "one run, on the same images and the same keep points "
+            f"({t['keep']} training images the network gets right): the properties repaired as they are (output rows: the label "
+            "against its target) and written against every other class (the stronger property a repair took in their place "
+            "before output rows). Each cell: violated / proved / unknown before; proved after on the saved file (CROWN); the "
+            "change (L1 of the last layer); accuracy on 2,000 other test images after (onnxruntime); the whole command's "
+            f"seconds. Marabou: the first {t['marabou']} repaired targeted properties on the repaired MNIST file, each capped "
+            f"at {t['marabou_cap_s']:g} s.")
+
+
+def targeted_headline(d: dict) -> list[str]:
+    ratios = [f"{r['network']} eps {r['eps']:.4g}: {r['change_ratio']:.2f}x" for r in d["rows"] if r.get("change_ratio") is not None]
+    if not ratios:
+        return []
+    return [f"**Targeted VNN-LIB properties** (oval21's form) are repaired against their own class: the stronger property "
+            f"against every class needed this much more change (L1) in one side-by-side run ({'; '.join(ratios)}; "
+            f"`{d['command']}`).", ""]
+
+
+registry.section("vnncomp_targeted.json", order=97,
+                 title=lambda d: "### Targeted properties: repaired against their own class, side by side with every class",
+                 intro=_targeted_intro, table=targeted_table, headline=targeted_headline)
+
+
+@registry.command("vnncomp-targeted", "oval21-style targeted properties on VNN-COMP-shaped MLPs: repaired as they are vs against "
+                  "every class, side by side", order=97, arguments=registry.arguments(
+                      registry.MNIST_DIR,
+                      registry.arg("--networks", default="256x2,32x2", help="comma-separated (256x2,256x4,32x2)"),
+                      registry.arg("--n", type=int, default=15, help="properties per network and eps (default 15)"),
+                      registry.arg("--keep", type=int, default=500, help="keep points: training images the network gets right (default 500)"),
+                      registry.arg("--marabou", type=int, default=3, help="repaired targeted properties Marabou re-checks per row"),
+                      registry.arg("--marabou-cap", type=float, default=120.0, help="seconds per Marabou run (default 120)"),
+                      registry.arg("--time-limit", type=float, default=300.0, help="the repair's --time-limit per run (default 300)")))
+def _cli_targeted(args):
+    mnist = {k: v for k, v in NETWORKS.items() if v[0] == "mnist"}
+    return run_targeted({"mnist": args.data_dir}, registry.names(args.networks, mnist, "network"), args.n, marabou=args.marabou,
+                        marabou_cap=args.marabou_cap, keep=args.keep, time_limit=args.time_limit)

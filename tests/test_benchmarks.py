@@ -283,3 +283,32 @@ def test_vnncomp_benchmark_checks_repairs_and_reproves_generated_properties(tmp_
         assert rec["marabou"][0]["answer"] in ("unsat", "timeout")  # never sat: that would refute the repair
     table = vnncomp.table({"rows": [rec]})
     assert table.count("\n") == 2 and "32x2" in table
+
+
+def test_targeted_benchmark_repairs_both_forms_side_by_side(tmp_path):
+    """One (network, eps) case of the targeted benchmark on a small 784-32-32-10 net: the same properties repaired as they
+    are (the label against its runner-up) and against every class, each by the whole command, read back from its files."""
+    import numpy as np
+    import torch
+
+    from benchmarks import vnncomp
+    from benchmarks.any_layer import mlp
+
+    torch.manual_seed(0)
+    model = mlp(3, 32).eval()
+    x = torch.rand(40, 1, 28, 28)
+    with torch.no_grad():
+        y = model(x).argmax(1).numpy()
+    rec = vnncomp._targeted_case(model, "32x2", 0.004, (x, y, x[30:].numpy()), np.arange(30), 4, tmp_path / "case", 1, 20.0, 60.0)
+    t, e = rec["targeted"], rec["every class"]
+    assert rec["properties"] == 4 and sum(t["before"].values()) == sum(e["before"].values()) == 4
+    assert t["before"]["violated"] <= e["before"]["violated"] and t["before"]["violated"] >= 1  # a weaker property: fewer violated
+    assert t["status"] == e["status"] == "repaired"
+    for f in (t, e):  # the properties not proved before are repaired, and proved after on the saved file
+        assert f["repaired"] == f["before"]["violated"] + f["before"]["unknown"] and f["proved_after"] >= f["repaired"]
+    assert rec["change_ratio"] > 1  # this seeded case: the stronger property needs more change
+    assert t["keep_labels_kept"] == e["keep_labels_kept"] == 10
+    if rec.get("marabou") and rec["marabou"][0].get("status") != "not run":
+        assert rec["marabou"][0]["answer"] in ("unsat", "timeout")
+    table = vnncomp.targeted_table({"rows": [rec]})
+    assert table.count("\n") == 2 and "32x2" in table

@@ -178,8 +178,8 @@ def test_general_rows_are_refused_through_a_softmax_and_under_the_targets_spec()
         repair_classifier(soft, Points(x, [0, 0], rows=rows), spec=RepairSpec())
     with pytest.raises(CnnRepairError, match="targets spec"):
         repair_classifier(_tiny_model(), Points(x, [0, 0], rows=rows), spec=RepairSpec(kind="targets"))
-    with pytest.raises(CnnRepairError, match="repair points only"):
-        repair_classifier(_tiny_model(), Points(x, [0, 0]), spec=RepairSpec(), keep=Points(x, rows=rows))
+    with pytest.raises(CnnRepairError, match="drop --layer"):
+        repair_classifier(_tiny_model(), Points(x, [0, 0]), spec=RepairSpec(), keep=Points(x, rows=rows), layer="0")
 
 
 def test_a_points_file_with_bad_rows_is_refused_in_one_line(tmp_path):
@@ -198,3 +198,27 @@ def test_a_points_file_with_bad_rows_is_refused_in_one_line(tmp_path):
     np.savez(tmp_path / "good.npz", x=x, y=[0, 1], rows_coef=np.full((2, 1, 3), 2.0), rows_offset=np.ones((2, 1)))
     rows = load_points(tmp_path / "good.npz", "points file").rows
     assert rows is not None and rows.coef.max() == 1.0 and rows.offset[0, 0] == 0.5
+
+
+def test_keep_points_keep_their_own_rows():
+    import torch
+
+    from cnnrepair import Points, RepairSpec, repair_classifier
+    from cnnrepair.repair.measure import model_logits
+
+    model = _tiny_model(3)
+    x = torch.rand(4, 5, dtype=torch.float64)
+    kx = torch.rand(15, 5, dtype=torch.float64)
+    L, K = model_logits(model, x), model_logits(model, kx)
+    y = (L.argmax(1) + 1) % 3  # every repair point must change its label
+    coef = np.zeros((15, 1, 3))
+    coef[:, 0, 2] = -1.0  # keep: logit 2 may not rise by more than 0.05
+    keep_rows = OutputRows.of(coef, -(K[:, 2:3] + 0.05))
+    res = repair_classifier(model, Points(x, y), spec=RepairSpec(margin=0.1), keep=Points(kx, rows=keep_rows))
+    assert res.status == "repaired", res.notes
+    after = model_logits(res.model, kx)
+    assert (after[:, 2] <= K[:, 2] + 0.05 + 1e-9).all()
+    assert res.certificate.keep.smallest_margin_after == pytest.approx(keep_rows.margins(after).min(), abs=1e-9)
+    assert set(res.certificate.output_rows) == {"keep_points", "note"}
+    free = repair_classifier(model, Points(x, y), spec=RepairSpec(margin=0.1))
+    assert free.certificate.objective <= res.certificate.objective * (1 + 1e-9)

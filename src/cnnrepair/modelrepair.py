@@ -156,10 +156,9 @@ def prepare(files: RepairFiles, spec: RepairSpec, layer: str | None = None, ball
         raise
     except Exception as exc:  # noqa: BLE001 - the model cannot run on these inputs
         raise CnnRepairError(f"{points.path}: the model cannot run on these inputs ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
-    if keep is not None and keep.rows is not None:
-        raise CnnRepairError(f"{keep.path}: keep points keep their labels; output rows ('rows_coef', 'rows_offset') are for repair points")
-    if points.rows is not None and points.rows.num_classes != C:
-        raise CnnRepairError(f"{points.path}: its output rows are over {points.rows.num_classes} outputs but the model has {C}")
+    for pts in (points, keep):
+        if pts is not None and pts.rows is not None and pts.rows.num_classes != C:
+            raise CnnRepairError(f"{pts.path}: its output rows are over {pts.rows.num_classes} outputs but the model has {C}")
     for pts in (points, keep):
         if pts is not None and pts.y is not None and len(pts.y) and (pts.y.min() < 0 or pts.y.max() >= C):
             raise CnnRepairError(f"{pts.path}: labels must lie in 0..{C - 1} for this {C}-class model (got {pts.y.min()}..{pts.y.max()})")
@@ -240,7 +239,7 @@ def repair_into(job: RepairJob, stage: Path, options: SolveOptions | None = None
             keep_in = keep.boxes or (job.ball.boxes(keep.x, job.spec.keep_eps) if job.spec.keep_eps > 0 else None)
     result = repair_classifier(job.model.module, Points(job.points.x, job.points.y, boxes=boxes, rows=job.points.rows), spec=job.spec,
                                layer=job.layer,
-                               keep=None if keep is None else Points(keep.x, keep.y, boxes=keep_in), options=options)
+                               keep=None if keep is None else Points(keep.x, keep.y, boxes=keep_in, rows=keep.rows), options=options)
     cert = result.certificate
     if cert.ball is not None:
         cert.ball.update(job.ball.as_dict())
@@ -285,7 +284,7 @@ def _measure_saved(cert: Certificate, target: Path, job: RepairJob, repaired: to
     keep = job.keep
     km = np.zeros(0)
     if keep is not None and cert.keep.count:
-        km = layout_margins(fn, keep.x, np.asarray(cert.keep.labels, np.int64), cert.ending_name).min(0)  # the labels repair kept
+        km = layout_margins(fn, keep.x, np.asarray(cert.keep.labels, np.int64), cert.ending_name, keep.rows).min(0)  # as repair kept them
         cert.keep.smallest_margin_after = float(km.min())
         cert.keep.labels_kept = int((km > 0).sum())
         if cert.keep.below_keep_margin is not None:

@@ -44,7 +44,7 @@ from cnnrepair.repair.certificate import Certificate, below_margin, claims_off, 
 from cnnrepair.repair.measure import change_norms, change_summary, layout_margins, module_logits_fn
 from cnnrepair.repair.coincide import shared_features
 from cnnrepair.repair.ending import ending_record
-from cnnrepair.repair.outputs import OutputRows, program_rows
+from cnnrepair.repair.outputs import OutputRows, program_rows, rows_record
 from cnnrepair.repair.program import GAP, MarginProblem, box_margins, change_cost
 
 RTOL = 1e-5  # relative tolerance for re-measured margins (float32 outputs)
@@ -107,7 +107,7 @@ def verify_certificate(cert_path: Path, model_path: Path, points_path: Path, kee
     if lay1 is None:
         return v
     _points(v, cert, points)
-    _output_rows(v, cert, points)
+    _output_rows(v, cert, points, keep)
     _properties(v, cert, [_file(p, "VNN-LIB file") for p in properties], points, keep)
     _margins_after(v, cert, spec, model_path, model, points, keep)
     _consistency(v, cert, spec)
@@ -217,17 +217,21 @@ def _properties(v: Verification, cert: Certificate, paths: list[Path], points: P
     v.checked += checked
 
 
-def _output_rows(v: Verification, cert: Certificate, points: PointsFile) -> None:
-    """The points file's output rows are the ones the certificate's margins are over (or neither has any)."""
-    if (cert.output_rows is None) != (points.rows is None):
-        v.problems.append("the certificate's margins are over output rows, but the points file holds none" if points.rows is None
-                          else "the points file holds output rows ('rows_coef', 'rows_offset'), but the certificate's margins are labels'")
-    elif points.rows is not None:
-        got = points.rows.record()
-        if any(cert.output_rows.get(k) != got[k] for k in ("points", "rows", "pairwise")):
-            v.problems.append(f"the points file holds {got['rows']} output rows for {got['points']} points, the certificate says "
-                              f"{cert.output_rows.get('rows')} for {cert.output_rows.get('points')}")
-        v.checked.append("output rows (the points file's, counted)")
+def _output_rows(v: Verification, cert: Certificate, points: PointsFile, keep: PointsFile | None) -> None:
+    """The points and keep files' output rows are the ones the certificate's margins are over (or none has any)."""
+    got = rows_record(points.rows, None if keep is None else keep.rows)
+    claimed = cert.output_rows
+    if (got is None) != (claimed is None):
+        v.problems.append("the certificate's margins are over output rows, but neither file holds any" if got is None
+                          else "the points or keep file holds output rows ('rows_coef', 'rows_offset'), but the certificate's margins "
+                               "are labels'")
+        return
+    if got is None:
+        return
+    for key in ("repair_points", "keep_points"):
+        if got.get(key) != claimed.get(key):
+            v.problems.append(f"output_rows.{key} is {claimed.get(key)}, the files hold {got.get(key)}")
+    v.checked.append("output rows (the points and keep files', counted)")
 
 
 def _margins_after(v: Verification, cert: Certificate, spec: RepairSpec, model_path: Path, model, points: PointsFile, keep: PointsFile | None) -> None:
@@ -253,7 +257,7 @@ def _keep_margins(v: Verification, cert: Certificate, spec: RepairSpec, fn, keep
     if keep.y is not None and not np.array_equal(keep.y, labels):
         k = int(np.flatnonzero(keep.y != labels)[0])
         v.problems.append(f"keep label(s) differ from the keep file (keep point {k}: certificate {labels[k]}, file {keep.y[k]})")
-    km = layout_margins(fn, keep.x, labels, cert.ending_name).min(0) if len(labels) else np.zeros(0)
+    km = layout_margins(fn, keep.x, labels, cert.ending_name, keep.rows).min(0) if len(labels) else np.zeros(0)
     if len(km):
         if not _close(block.smallest_margin_after, float(km.min())):
             v.problems.append(f"the keep points' smallest margin is {km.min():.6g}, the certificate says {block.smallest_margin_after}")
@@ -343,7 +347,7 @@ def _check_ball(cert: Certificate, lay, fb, rows: OutputRows | None = None) -> l
     """Every point's worst-case margin over its recomputed feature box ``fb`` under the repaired layer (over its own output
     ``rows`` when it has them)."""
     labels = np.array([p.label for p in cert.points], np.int64)
-    worst = _box_margins(lay, lay.weight, lay.bias, fb.centre, fb.radius, labels, rows)
+    worst = box_margins(lay.weight, lay.bias, fb.centre, fb.radius, labels, lay.zero_rival, rows)
     claimed = np.array([p.certified_margin_after for p in cert.points], np.float64)
     return (below_margin(worst, cert.spec["margin"], "ball(s) not certified to keep their label with margin {m:g}",
                          "point {k}: worst case {v:.6g}")
@@ -410,7 +414,8 @@ def _against_original(v: Verification, cert: Certificate, spec: RepairSpec, orig
     v.problems += claims_off(claimed_before, before, RTOL, "margin(s) before the repair differ from the original model",
                              "point {k}: certificate {c:.6g}, measured {v:.6g}")
     if keep is not None and cert.keep.count and len(keep.x) == cert.keep.count:
-        kb = layout_margins(module_logits_fn(original), keep.x, np.asarray(cert.keep.labels, np.int64), cert.ending_name).min(0)
+        kb = layout_margins(module_logits_fn(original), keep.x, np.asarray(cert.keep.labels, np.int64), cert.ending_name,
+                            keep.rows).min(0)
         if not _close(cert.keep.smallest_margin_before, float(kb.min())):
             v.problems.append(f"the keep points' smallest margin before is {kb.min():.6g}, the certificate says "
                               f"{cert.keep.smallest_margin_before}")
@@ -464,7 +469,7 @@ def _optimality(cert: Certificate, spec: RepairSpec, original, lay0, dW, db, poi
     if spec.kind == "ball":
         fb = fb if fb is not None else _ball_bounds(cert, original, points)
         feats, radii = fb.centre, fb.radius
-        worst0 = _box_margins(lay0, lay0.weight, lay0.bias, feats, radii, labels, points.rows)
+        worst0 = box_margins(lay0.weight, lay0.bias, feats, radii, labels, lay0.zero_rival, points.rows)
         claimed0 = np.array([p.certified_margin_before for p in cert.points], np.float64)
         problems += claims_off(claimed0, worst0, 1e-6, "certified margin(s) before differ from the recomputed bounds",
                                "point {k}: certificate {c:.6g}, recomputed {v:.6g}")
@@ -478,14 +483,17 @@ def _optimality(cert: Certificate, spec: RepairSpec, original, lay0, dW, db, poi
             from cnnrepair.repair.api import keep_boxes
 
             # the keep file's boxes, or the keep balls in the repair balls' convention
-            kf, keep_radii, held = keep_boxes(original, lay0, spec, keep.x, ky, kf, _input_boxes(cert, keep, "keep_boxes", "keep file"))
-            problems += _keep_balls(cert, spec, lay0, dW, db, kf, keep_radii, ky, held)
+            kf, keep_radii, held = keep_boxes(original, lay0, spec, keep.x, ky, kf, _input_boxes(cert, keep, "keep_boxes", "keep file"),
+                                              keep.rows)
+            problems += _keep_balls(cert, spec, lay0, dW, db, (kf, keep_radii, ky, keep.rows), held)
         feats = np.vstack([feats, kf])
         radii = None if radii is None else np.vstack([radii, keep_radii])
         labels = np.concatenate([labels, ky])
         required = np.concatenate([required, cert.keep.required])
         prices = np.concatenate([prices, np.full(len(ky), np.inf if spec.keep_price is None else spec.keep_price)])
-    rows = None if points.rows is None else program_rows(points.rows, labels[len(points.x):], lay0.weight.shape[0], lay0.zero_rival)
+    with_keep = len(labels) > len(points.x)  # (the keep points joined the program above)
+    rows = program_rows([(points.rows, points.y), (keep.rows if with_keep else None, labels[len(points.x):])], lay0.weight.shape[0],
+                        lay0.zero_rival)
     problem = MarginProblem(lay0.weight, lay0.bias, feats, labels, required, prices, spec.norm, spec.freeze_bias, spec.max_change, radii,
                             lay0.zero_rival and rows is None, rows)
     achieved = problem.point_margins(dW, db)  # float64, exact for these features (the worst case over a box)
@@ -508,21 +516,15 @@ def _optimality(cert: Certificate, spec: RepairSpec, original, lay0, dW, db, poi
     return problems
 
 
-def _box_margins(lay, weight, bias, centre, radius, labels, rows: OutputRows | None) -> np.ndarray:
-    """The repair points' worst-case margins over their feature boxes: their labels', or their own rows' as the program holds
-    them (a final ReLU's label rows included)."""
-    if rows is None:
-        return box_margins(weight, bias, centre, radius, labels, lay.zero_rival)
-    return program_rows(rows, [], weight.shape[0], lay.zero_rival).box_margins(weight, bias, centre, radius)
-
-
-def _keep_balls(cert: Certificate, spec: RepairSpec, lay0, dW, db, kf, keep_radii, ky, held) -> list[str]:
-    """The keep balls certified before (recomputed) and after (under the repaired layer) against the certificate's counts."""
+def _keep_balls(cert: Certificate, spec: RepairSpec, lay0, dW, db, boxes: tuple, held) -> list[str]:
+    """The keep balls certified before (recomputed) and after (under the repaired layer) against the certificate's counts;
+    ``boxes``: the keep points' (centres, radii, labels, output rows or None)."""
+    kf, keep_radii, ky, keep_rows = boxes
     problems = []
     block = cert.keep
     if block.balls_certified_before != int(held.sum()):
         problems.append(f"{int(held.sum())} keep balls are certified before the repair, the certificate says {block.balls_certified_before}")
-    worst = box_margins(lay0.weight + dW, lay0.bias + db, kf, keep_radii, ky, lay0.zero_rival)
+    worst = box_margins(lay0.weight + dW, lay0.bias + db, kf, keep_radii, ky, lay0.zero_rival, keep_rows)
     after = int((worst[held] >= spec.keep_margin).sum())
     if block.balls_certified_after != after:
         problems.append(f"{after} of those keep balls are certified after it, the certificate says {block.balls_certified_after}")

@@ -26,7 +26,7 @@ from cnnrepair.repair.inputs import DEFAULT_TIME_LIMIT, Points, SolveOptions, as
 from cnnrepair.repair.layer import LastLayer, ending_layer, last_layer
 from cnnrepair.repair.margins import solve_margins
 from cnnrepair.repair.measure import change_summary, robust_margins
-from cnnrepair.repair.outputs import OutputRows, as_rows, program_rows
+from cnnrepair.repair.outputs import OutputRows, as_rows, program_rows, rows_record
 from cnnrepair.repair.program import MarginProblem, MarginSolution, box_margins
 from cnnrepair.repair.spec import RepairSpec
 from cnnrepair.runtime import eval_mode
@@ -55,6 +55,7 @@ class _Work:
     options: SolveOptions
     t0: float
     rows: OutputRows | None = None  # the repair points' own output rows (as measured on the model's output), if any
+    keep_rows: OutputRows | None = None  # the keep points' own output rows, if any
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -157,9 +158,6 @@ def _gather(x, y, keep, options, old: dict) -> tuple[Points, Points | None, Solv
             keep = replace(keep, boxes=old["keep_input_boxes"])
     if keep is not None and keep.targets is not None:
         raise CnnRepairError("keep points take no targets: they keep the model's own logits under the targets spec")
-    if keep is not None and keep.rows is not None:
-        raise CnnRepairError("keep points keep their labels: give output rows for repair points only (a property that holds "
-                             "stays proved as a repair point with its rows)")
     return points, keep, options or SolveOptions()
 
 
@@ -178,7 +176,7 @@ def _repair(model: nn.Module, points: Points, spec: RepairSpec, keep: Points | N
     if layer is not None and layer != ending_layer(model, xt):
         from cnnrepair.repair.hidden_api import repair_hidden
 
-        if points.rows is not None:
+        if points.rows is not None or (keep is not None and keep.rows is not None):
             raise CnnRepairError("points with their own output rows are repaired in the layer that ends the model; drop --layer")
         return repair_hidden(model, xt, ya, keep, spec, layer, options)
     if spec.later_biases:
@@ -190,17 +188,18 @@ def _repair(model: nn.Module, points: Points, spec: RepairSpec, keep: Points | N
     kx, ky = (None, None)
     if keep is not None:
         kx, ky = as_inputs(keep.x, keep.y, "keep points", C, tuple(xt.shape[1:]), dtype)
+    keep_rows = None if keep is None else _point_rows(keep.rows, len(kx), C, lay.ending, spec)
     F, FK = shared_features(lay, xt, kx)  # one feature vector per distinct input, wherever it appears
     base = robust_margins(model, xt, ya, lay.ending, rows)
     if kx is not None and len(kx):
         logits_k = FK @ lay.weight.T + lay.bias
         ky = logits_k.argmax(1) if ky is None else ky
-        keep_before = robust_margins(model, kx, ky, lay.ending)
+        keep_before = robust_margins(model, kx, ky, lay.ending, keep_rows)
     else:
-        FK, ky, keep_before = np.zeros((0, F.shape[1])), np.zeros(0, np.int64), np.zeros(0)
+        FK, ky, keep_before, keep_rows = np.zeros((0, F.shape[1])), np.zeros(0, np.int64), np.zeros(0), None
     if spec.freeze_bias is False and not lay.has_bias:
         spec = replace(spec, freeze_bias=True)
-    work = _Work(lay, spec, xt, F, ya, kx, FK, ky, base, keep_before, options, t0, rows)
+    work = _Work(lay, spec, xt, F, ya, kx, FK, ky, base, keep_before, options, t0, rows, keep_rows)
     with threadpool_limits(limits=options.threads or default_threads()):
         if spec.kind == "targets":
             if lay.ending != "none":
@@ -209,7 +208,7 @@ def _repair(model: nn.Module, points: Points, spec: RepairSpec, keep: Points | N
             return _targets(work, points.targets)
         eps = float(torch.finfo(dtype).eps) if dtype is not None else float(np.finfo(np.float32).eps)
         noise = feature_noise(lay, xt, F, eps)
-        clash = _coinciding(work, noise) if rows is None else None  # (labels say nothing of whom rows separate)
+        clash = _coinciding(work, noise) if rows is None and keep_rows is None else None  # (labels say nothing of whom rows separate)
         if clash is not None:
             return clash
         box = keep_box = None
@@ -218,7 +217,7 @@ def _repair(model: nn.Module, points: Points, spec: RepairSpec, keep: Points | N
             graph = _frozen(model, lay, xt)  # traced once for the repair points' and the keep points' balls
             box = _feature_boxes(graph, lay, spec, lo, hi, F)
             given = keep is not None and keep.boxes is not None  # keep boxes given are kept whatever spec.keep_eps says
-            keep_box = (keep_boxes(graph, lay, spec, kx, ky, FK, keep.boxes if given else None)
+            keep_box = (keep_boxes(graph, lay, spec, kx, ky, FK, keep.boxes if given else None, keep_rows)
                         if (spec.keep_eps > 0 or given) and len(ky) else None)
         result = _pointwise(work, box, keep_box)
         result.certificate.feature_noise = {"linf": noise, "tolerance": TOLERANCE * noise,
@@ -278,17 +277,17 @@ def _frozen(model: nn.Module, lay: LastLayer, xt: torch.Tensor):
 
 
 def keep_boxes(model, lay: LastLayer, spec: RepairSpec, kx: torch.Tensor, ky: np.ndarray, FK: np.ndarray,
-               input_boxes: tuple | None = None):
+               input_boxes: tuple | None = None, rows: OutputRows | None = None):
     """(centres, radii, certified-before mask) of the keep points: boxes where their ball is certified, the point elsewhere.
 
     ``model``: the model, or its graph from :func:`cnnrepair.bounds.frozen_graph`; ``input_boxes``:
     (lower, upper) of each keep point's ball in model units (default: :func:`cnnrepair.bounds.ball_box`
-    of ``spec.keep_eps``, pixels in [0, 1], no normalisation)."""
+    of ``spec.keep_eps``, pixels in [0, 1], no normalisation); ``rows``: the keep points' own output rows (None: labels)."""
     from cnnrepair.bounds import ball_box, feature_bounds
 
     lo, hi = ball_box(kx, spec.keep_eps) if input_boxes is None else input_boxes
     fb = feature_bounds(model, lay.name, lo, hi, spec.bounds)
-    worst = box_margins(lay.weight, lay.bias, fb.centre, fb.radius, ky, lay.zero_rival)
+    worst = box_margins(lay.weight, lay.bias, fb.centre, fb.radius, ky, lay.zero_rival, rows)
     held = worst >= spec.keep_margin
     centre = np.where(held[:, None], fb.centre, FK)
     radius = np.where(held[:, None], fb.radius, 0.0)
@@ -326,7 +325,7 @@ def _pointwise(w: _Work, box=None, keep_box=None) -> ClassifierRepair:
     feats = np.vstack([w.F if box is None else box.centre, keep_centre])
     radii = None if box is None else np.vstack([box.radius, keep_radius])
     labels = np.concatenate([ya, ky])
-    rows = None if w.rows is None else program_rows(w.rows, ky, lay.shape[0], lay.zero_rival)
+    rows = program_rows([(w.rows, ya), (w.keep_rows, ky)], lay.shape[0], lay.zero_rival)
     required = np.concatenate([np.full(K, spec.margin), np.full(NK, spec.keep_margin)])
     prices = np.concatenate([np.full(K, np.inf), np.full(NK, np.inf if spec.keep_price is None else spec.keep_price)])
     hard = np.isinf(prices)
@@ -348,7 +347,7 @@ def _pointwise(w: _Work, box=None, keep_box=None) -> ClassifierRepair:
     def measure(sol: MarginSolution):
         repaired = lay.replaced(lay.weight + sol.delta_weight, lay.bias + sol.delta_bias)
         after = robust_margins(repaired, w.xt, ya, lay.ending, w.rows)  # the smallest over several batch layouts
-        keep_after = robust_margins(repaired, w.kx, ky, lay.ending) if NK else np.zeros(0)
+        keep_after = robust_margins(repaired, w.kx, ky, lay.ending, w.keep_rows) if NK else np.zeros(0)
         if box is None:
             return repaired, np.concatenate([after, keep_after]), (after, keep_after)
         worst = last[0].point_margins(*_saved_change(lay, repaired))  # the guarantee: the worst case over each box, as stored
@@ -439,8 +438,7 @@ def _certificate(w: _Work, status: str, sol: MarginSolution, problem: MarginProb
         solver={"name": _solver_name(problem, sol), "status": sol.status, "seconds": sol.seconds, "rounds": sol.rounds, **sol.size,
                 "lp_objective": float(sol.objective) if np.isfinite(sol.objective) else None, "lp_gap": sol.gap if sol.ok else None},
         lower_bound_witness={key: np.asarray(val).tolist() for key, val in sol.witness.items()}, ending=lay.ending_record())
-    if w.rows is not None:
-        cert.output_rows = w.rows.record()
+    cert.output_rows = rows_record(w.rows, w.keep_rows)
     if status == "infeasible":
         cert.conflicts = [{"index": int(k) if k < K else int(k - K), "set": "points" if k < K else "keep",
                            "label": int(problem.labels[k])} for k in (sol.conflicts if sol.conflicts is not None else [])]

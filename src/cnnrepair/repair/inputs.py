@@ -33,8 +33,9 @@ class Points:
     ``rows``: each repair point's own linear rows over the outputs in place of its label's (an
     :class:`cnnrepair.repair.outputs.OutputRows`, or a pair (coef N x R x C, offset N x R)): point ``k``
     then needs ``coef[k, r] . z >= offset[k, r] + margin`` for each of its rows (a targeted property, a
-    general linear output constraint); its margin is its smallest row value. Pointwise and ball specs,
-    the model's last layer; through a ReLU, softmax or log-softmax ending only rows ``z_y - z_j``.
+    general linear output constraint); its margin is its smallest row value. Repair and keep points
+    (a keep point then keeps its rows), pointwise and ball specs, the model's last layer; through a
+    ReLU, softmax or log-softmax ending only rows ``z_y - z_j``.
     """
 
     x: Any

@@ -92,9 +92,7 @@ class OutputRows:
 
     def record(self) -> dict:
         """What a certificate records of them (the rows themselves live in the points file its sha256 names)."""
-        return {"points": len(self), "rows": int(self.live.sum()), "pairwise": self.pairwise(),
-                "note": "each repair point's margin is its smallest row value coef . logits - offset (rows_coef, rows_offset "
-                        "of the points file, each row scaled to a largest |coefficient| of 1), not a label's margin"}
+        return {"points": len(self), "rows": int(self.live.sum()), "pairwise": self.pairwise()}
 
     def subset(self, points) -> OutputRows:
         idx = np.asarray(points, np.int64)
@@ -151,11 +149,24 @@ class OutputRows:
         return self.box_values(weight, bias, centre, radius).min(1)
 
 
-def program_rows(own: OutputRows, keep_labels, classes: int, zero_rival: bool) -> OutputRows:
-    """The rows a repair's program holds: the repair points' own (with a final ReLU's label rows, :meth:`OutputRows.with_zero_rival`),
-    then the keep points' label rows; what :mod:`cnnrepair.verify` rebuilds to recompute the bound."""
-    own = own.with_zero_rival() if zero_rival else own
-    return OutputRows.stack([own, OutputRows.from_labels(keep_labels, classes, zero_rival)])
+def program_rows(parts: list[tuple[OutputRows | None, np.ndarray]], classes: int, zero_rival: bool) -> OutputRows | None:
+    """The rows a repair's program holds for sets of points in order (repair points, then keep points): each set's own
+    rows (with a final ReLU's label rows, :meth:`OutputRows.with_zero_rival`) or, for a set without rows (None), its
+    labels' rows; None when no set has rows of its own (labels say it all). What :mod:`cnnrepair.verify` rebuilds."""
+    if all(rows is None for rows, _ in parts):
+        return None
+    return OutputRows.stack([OutputRows.from_labels(labels, classes, zero_rival) if rows is None
+                             else (rows.with_zero_rival() if zero_rival else rows) for rows, labels in parts])
+
+
+def rows_record(points: OutputRows | None, keep: OutputRows | None) -> dict | None:
+    """The certificate's ``output_rows`` block: each set's counts (absent: that set keeps labels), None when neither has rows."""
+    if points is None and keep is None:
+        return None
+    out = {key: rows.record() for key, rows in (("repair_points", points), ("keep_points", keep)) if rows is not None}
+    out["note"] = ("a point with rows has as its margin its smallest row value coef . output - offset (rows_coef, rows_offset of "
+                   "its file, each row scaled to a largest |coefficient| of 1), not a label's margin")
+    return out
 
 
 def as_rows(value, num_points: int, classes: int) -> OutputRows | None:

@@ -29,7 +29,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from cnnrepair.errors import CnnRepairError
-from cnnrepair.repair.outputs import OutputRows
+from cnnrepair.repair.outputs import OutputRows, program_rows
 
 NORMS = ("l1", "linf", "l1+linf")
 GAP = 1e-6  # certified relative gap a solve must reach
@@ -192,10 +192,13 @@ class MarginProblem:
 
 
 def box_margins(weight: np.ndarray, bias: np.ndarray, centre: np.ndarray, radius: np.ndarray | None, labels: np.ndarray,
-                zero_rival: bool = False) -> np.ndarray:
+                zero_rival: bool = False, rows: OutputRows | None = None) -> np.ndarray:
     """Per point, the smallest margin of a linear layer over the point's feature box ``centre +- radius`` (``None``: the
     point itself): min over the other classes j of ``logit[y] - logit[j]`` there (and of ``logit[y]`` itself with
-    ``zero_rival``). Exact for a box: each difference is linear in the features."""
+    ``zero_rival``); with ``rows``, of the points' own rows as a program holds them (:func:`program_rows`). Exact for a
+    box: each row is linear in the features."""
+    if rows is not None:
+        return program_rows([(rows, labels)], np.shape(weight)[0], zero_rival).box_margins(weight, bias, centre, radius)
     return MarginProblem(weight, bias, centre, labels, 0.0, radii=radius, zero_rival=zero_rival).point_margins()
 
 

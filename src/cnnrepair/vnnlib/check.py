@@ -112,7 +112,7 @@ def check_properties(model: nn.Module, props: list[VnnlibProperty], input_shape:
         bad = next(p.name for i, p in enumerate(props) if not ps.rows.subset([i]).pairwise())
         raise CnnRepairError(f"{bad}: a {lay.ending} ends the model, and only comparisons 'Y_label > Y_j' keep their meaning on the "
                              "logits through it; general linear output constraints need a model whose last linear layer is its output")
-    logit_rows = program_rows(ps.rows, [], C, lay.zero_rival)  # rows over the logits (a final ReLU's label rows added)
+    logit_rows = program_rows([(ps.rows, ps.labels)], C, lay.zero_rival)  # rows over the logits (a final ReLU's label rows added)
     graph = frozen_graph(model, lay.name, sample, through=True)
     bound = np.maximum(_row_bounds(graph, ps, logit_rows, method), _box_margins(model, lay, ps, logit_rows, method))
     found = _counterexamples(model, ps, seed, props)

@@ -1,16 +1,18 @@
 """Repair the VNN-LIB properties a model violates, keep the ones it satisfies: ``cnnrepair repair MODEL --vnnlib ...``.
 
 The verification workflow is "a verifier found this property violated; fix the network so that it
-holds; verify again". :func:`plan_properties` reads each property (the robustness form: the input
-box and its label; anything else is refused by name) and checks it on the model
+holds; verify again". :func:`plan_properties` reads each property (the input box and its output rows:
+the robustness form, a targeted one, or general linear output constraints; a case of several
+comparisons is refused by name) and checks it on the model
 (:func:`cnnrepair.vnnlib.check.check_properties`: a PGD counterexample makes it ``violated``, our
 bounds prove it ``holds``, neither is ``unknown``). :func:`repair_properties` then runs one ball
 repair in the output folder: the violated and unknown properties are its repair points (each box
 exactly as the file states it, a float32 point inside it as the point), the ones that hold are its
 keep points (their boxes kept certified), followed by any keep points the user gives (clean inputs,
 boxes of zero width: the drawdown control of any repair). It writes ``points.npz`` and ``keep.npz`` (inputs,
-labels, ``lower`` / ``upper`` boxes: what ``cnnrepair verify`` recomputes the bounds from), the
-repaired model and its certificate (which names every property file by sha256, so that
+labels, ``lower`` / ``upper`` boxes: what ``cnnrepair verify`` recomputes the bounds from; when some
+property is not the robustness form, every point's output rows too, ``rows_coef`` and
+``rows_offset``, the extra keep points' labels written as rows), the repaired model and its certificate (which names every property file by sha256, so that
 ``verify --vnnlib`` recomputes each box and label from the files), ``properties.json`` (each
 property's status before and after, rechecked on the saved model) and, for every property the
 repaired model is proved to satisfy, a copy ``proved_<i>_<name>`` with ``instances.csv`` beside it,
@@ -84,22 +86,16 @@ class PropertyPlan:
     labels: np.ndarray
     keep: tuple[np.ndarray, np.ndarray] | None = None  # the extra keep points (x float32, labels), after the kept properties
     rows: OutputRows | None = None  # each property's output rows, when some property is not a label's against every class
-    full_label: np.ndarray | None = None  # per property: the robustness form against every other class
-
-    def _kept(self, i: int) -> bool:
-        """A property our bounds prove that a keep point (its label, its box) holds exactly: the robustness form."""
-        return self.checks[i].status == "holds" and (self.rows is None or bool(self.full_label[i]))
 
     @property
     def to_repair(self) -> np.ndarray:
-        """The repair points: the properties not proved on the model (violated or unknown), and, when properties carry
-        output rows, the proved ones that are not a label's against every class (held there through their own rows)."""
-        return np.array([i for i in range(len(self.checks)) if not self._kept(i)], np.int64)
+        """The properties not proved on the model (violated or unknown): the repair points."""
+        return np.array([i for i, c in enumerate(self.checks) if c.status != "holds"], np.int64)
 
     @property
     def held(self) -> np.ndarray:
-        """The properties our bounds prove on the model that keep points hold: the keep points (their boxes stay certified)."""
-        return np.array([i for i in range(len(self.checks)) if self._kept(i)], np.int64)
+        """The properties our bounds prove on the model: the keep points (their boxes stay certified)."""
+        return np.array([i for i, c in enumerate(self.checks) if c.status == "holds"], np.int64)
 
 
 def plan_properties(files: PropertyFiles, bounds: str = "crown") -> PropertyPlan:
@@ -117,7 +113,7 @@ def plan_properties(files: PropertyFiles, bounds: str = "crown") -> PropertyPlan
     keep = _keep_points(model, files.keep, tuple(shape)) if files.keep is not None else None
     rows = None if ps.full_label.all() else ps.rows  # all in the robustness form: labels say it all, as before
     return PropertyPlan(model, tuple(shape), tuple(Path(p) for p in files.properties), timeouts, props, checks, ps.lower, ps.upper,
-                        ps.labels, keep, rows, ps.full_label)
+                        ps.labels, keep, rows)
 
 
 def _keep_points(model: LoadedModel, path: Path, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -151,8 +147,10 @@ def _points(plan: PropertyPlan, idx: np.ndarray, path: Path, extra: tuple[np.nda
         x, y = np.concatenate([x, extra[0]]), np.concatenate([y, extra[1]])
         lower, upper = np.concatenate([lower, extra[0].astype(np.float64)]), np.concatenate([upper, extra[0].astype(np.float64)])
     extra_rows = {}
-    if rows and plan.rows is not None:
+    if rows and plan.rows is not None:  # the properties' own rows; the extra keep points' labels as rows
         sub = plan.rows.subset(idx)
+        if extra is not None:
+            sub = OutputRows.stack([sub, OutputRows.from_labels(extra[1], plan.rows.num_classes)])
         extra_rows = {"rows_coef": sub.coef, "rows_offset": sub.offset}
     atomic_write(path, lambda p: np.savez(p, x=x, y=y, lower=lower, upper=upper, **extra_rows))
 
@@ -184,7 +182,7 @@ def repair_properties(plan: PropertyPlan, spec: RepairSpec, out: Path, options: 
         _points(plan, todo, stage / "points.npz", rows=True)
         has_keep = len(held) or plan.keep is not None
         if has_keep:
-            _points(plan, held, stage / "keep.npz", plan.keep)
+            _points(plan, held, stage / "keep.npz", plan.keep, rows=True)
         files = RepairFiles(plan.model.path, stage / "points.npz", stage / "keep.npz" if has_keep else None,
                             plan.model.factory, plan.input_shape)
         job = prepare(files, spec, loaded=plan.model)  # the model read and checked by plan_properties
@@ -214,8 +212,6 @@ def _records(plan: PropertyPlan, after: list[PropertyCheck] | None, todo: np.nda
             rec.update(rivals=list(check.rivals), form="targeted: proved and repaired against its own classes")
         elif check.label is None:
             rec.update(form="linear output constraints: proved and repaired through its output rows")
-        if plan.rows is not None and check.status == "holds" and i in repaired:
-            rec["role"] = "kept"  # held through its own rows as a repair point (keep points hold labels only)
         if after is not None:
             rec.update(after=after[i].status, bound_after=after[i].bound)
         out.append(rec)

@@ -20,13 +20,20 @@ from cnnrepair.io import atomic_write
 
 @dataclass(frozen=True)
 class BoxProperty:
-    """Every input in the box ``[lower, upper]`` (the model's input units) keeps label ``label``."""
+    """Every input in the box ``[lower, upper]`` (the model's input units) keeps label ``label`` (against ``rivals`` only,
+    a targeted property as oval21 states them, when given; default: every other class)."""
 
     lower: np.ndarray
     upper: np.ndarray
     label: int
     num_classes: int
     note: str = "every input of the box"
+    rivals: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.rivals is not None and (not self.rivals or any(not 0 <= j < self.num_classes or j == self.label for j in self.rivals)):
+            raise CnnRepairError(f"rivals must be other classes than the label {self.label}, in 0..{self.num_classes - 1} "
+                                 f"(got {self.rivals})")
 
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """Lower and upper bounds of every input variable (flattened, C order)."""
@@ -35,13 +42,14 @@ class BoxProperty:
     def text(self) -> str:
         """The property in VNN-LIB."""
         lo, hi = self.bounds()
-        lines = [f"; {self.note} keeps label {self.label}",
+        against = "" if self.rivals is None else f" against class(es) {', '.join(map(str, self.rivals))}"
+        lines = [f"; {self.note} keeps label {self.label}{against}",
                  "; the assertions describe a violation: unsat means the property holds"]
         lines += [f"(declare-const X_{i} Real)" for i in range(len(lo))]
         lines += [f"(declare-const Y_{j} Real)" for j in range(self.num_classes)]
         for i, (a, b) in enumerate(zip(lo, hi)):
             lines += [f"(assert (>= X_{i} {float(a)!r}))", f"(assert (<= X_{i} {float(b)!r}))"]
-        others = [j for j in range(self.num_classes) if j != self.label]
+        others = [j for j in range(self.num_classes) if j != self.label] if self.rivals is None else sorted(set(self.rivals))
         lines.append("(assert (or " + " ".join(f"(and (>= Y_{j} Y_{self.label}))" for j in others) + "))")
         return "\n".join(lines) + "\n"
 
@@ -55,6 +63,7 @@ class BallProperty:
     eps: float
     num_classes: int
     domain: tuple[float, float] | None = (0.0, 1.0)
+    rivals: tuple[int, ...] | None = None  # a targeted property: the label against these classes only
 
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """Lower and upper bounds of every input variable (flattened, C order)."""
@@ -68,7 +77,7 @@ class BallProperty:
         """The property in VNN-LIB."""
         lo, hi = self.bounds()
         note = f"every input within {self.eps!r} (L-inf) of the point, in {self.domain},"
-        return BoxProperty(lo, hi, self.label, self.num_classes, note).text()
+        return BoxProperty(lo, hi, self.label, self.num_classes, note, self.rivals).text()
 
 
 def check_timeout(timeout: float) -> float:
