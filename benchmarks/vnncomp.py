@@ -440,8 +440,11 @@ def targeted_headline(d: dict) -> list[str]:
     ratios = [f"{r['network']} eps {r['eps']:.4g}: {r['change_ratio']:.2f}x" for r in d["rows"] if r.get("change_ratio") is not None]
     if not ratios:
         return []
+    rest = [f"{r['network']} eps {r['eps']:.4g}: {r['targeted'].get('status')} / {r['every class'].get('status')}"
+            for r in d["rows"] if r.get("change_ratio") is None]
+    tail = f"; not repaired in the last layer, targeted / every class: {'; '.join(rest)}" if rest else ""
     return [f"**Targeted VNN-LIB properties** (oval21's form) are repaired against their own class: the stronger property "
-            f"against every class needed this much more change (L1) in one side-by-side run ({'; '.join(ratios)}; "
+            f"against every class needed this much more change (L1) in one side-by-side run ({'; '.join(ratios)}{tail}; "
             f"`{d['command']}`).", ""]
 
 

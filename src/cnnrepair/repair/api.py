@@ -402,7 +402,7 @@ def last_layer_tensors(model: nn.Module, lay: LastLayer) -> tuple[np.ndarray, np
 
 def _solver_name(problem: MarginProblem, sol: MarginSolution) -> str:
     """The module and method that solved the program, as the certificate records it."""
-    if problem.has_boxes:
+    if problem.has_boxes or problem.rows is not None:
         return "cnnrepair.repair.ball (box LP on HiGHS, row generation)"
     if sol.size.get("method") == "interior point":
         return "cnnrepair.repair.rows_ipm (structured interior point, row generation)"
