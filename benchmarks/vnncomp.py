@@ -137,7 +137,7 @@ def _alone(src: Path, work: Path, report: list[dict], limit: int, time_limit: fl
 
 
 def _case(model, name: str, eps: float, data: tuple, order: np.ndarray, n: int, work: Path, marabou: int, marabou_cap: float,
-          time_limit: float = 300.0, alone: int = 5) -> dict:
+          time_limit: float = 300.0, alone: int = 5, flags: tuple[str, ...] = ()) -> dict:
     """One (network, eps): properties written, ``cnnrepair repair --instances --keep`` run, its files read. ``data``: test
     inputs, test labels, keep inputs."""
     from benchmarks.common import run_cnnrepair
@@ -157,7 +157,7 @@ def _case(model, name: str, eps: float, data: tuple, order: np.ndarray, n: int, 
         rows.append(f"model.onnx,prop_{i}.vnnlib,60\n")
     (work / "instances.csv").write_text("".join(rows))
     args = ["repair", str(src), "--instances", str(work / "instances.csv"), "--keep", str(work / "keep.npz"), "--out", str(work / "fixed"),
-            "--time-limit", f"{time_limit:g}"]
+            "--time-limit", f"{time_limit:g}", *flags]
     wall, proc = run_cnnrepair(args)
     rec = {"network": name, "eps": eps, "properties": len(picked), "keep_points": len(xk), "wall_s": wall,
            "command": "cnnrepair " + " ".join(a.replace(str(work), "WORK") for a in args)}
@@ -174,7 +174,7 @@ def _case(model, name: str, eps: float, data: tuple, order: np.ndarray, n: int, 
         return {**rec, "status": "every property held", "proved_after": before["holds"]}
     cert = json.loads(cert_path.read_text())
     rec.update(status=cert["status"], repaired=len(cert["points"]), kept=cert["keep"]["count"] - len(xk),
-)
+               dropped=sum(r["role"] == "dropped" for r in report))
     if cert["status"] != "repaired":
         return {**rec, "notes": cert.get("notes"), "solver": cert["solver"].get("status")}
     held_out = np.setdiff1d(np.arange(len(y)), picked)[:2000]
@@ -466,3 +466,86 @@ def _cli_targeted(args):
     mnist = {k: v for k, v in NETWORKS.items() if v[0] == "mnist"}
     return run_targeted({"mnist": args.data_dir}, registry.names(args.networks, mnist, "network"), args.n, marabou=args.marabou,
                         marabou_cap=args.marabou_cap, keep=args.keep, time_limit=args.time_limit)
+
+
+# The properties that conflict dropped (--drop-conflicts), where the whole set cannot be repaired together ---------------
+
+def run_drop(data_dirs: dict, networks: tuple[str, ...] = ("256x2", "32x2"), n: int = 15, marabou: int = 2,
+             marabou_cap: float = 60.0, keep: int = 500, time_limit: float = 120.0) -> Path:
+    """Every (network, eps) of ``networks`` as :func:`run` measures it, with ``--drop-conflicts`` (and no runs alone):
+    vnncomp_drop.json. The networks, images and properties are :func:`run`'s (same seed, same epochs)."""
+    from benchmarks.common import machine, write_result
+
+    rows, trained, epochs, seed = [], {}, 3, 0
+    for name in networks:
+        model, x, y, xk, train_s = _network(name, data_dirs, epochs, seed, keep)
+        trained[name] = {"train_seconds": train_s}
+        order = np.random.default_rng(seed).permutation(len(y))[:5 * n]
+        for eps in NETWORKS[name][2]:
+            with tempfile.TemporaryDirectory(prefix="cnnrepair-drop-") as tmp:
+                rows.append(_case(model, name, eps, (x, y, xk), order, n, Path(tmp) / "case", marabou, marabou_cap, time_limit, 0,
+                                  ("--drop-conflicts",)))
+            r = rows[-1]
+            print(f"{name} eps {eps:.4g}: {r.get('before')} -> {r.get('status')}, dropped {r.get('dropped')}, proved after "
+                  f"{r.get('proved_after')}, {r['wall_s']:.1f} s", flush=True)
+    cmd = (f"python -m benchmarks.run vnncomp-drop --data-dir {data_dirs['mnist']} --networks {','.join(networks)} --n {n} --keep {keep} "
+           f"--marabou {marabou} --marabou-cap {marabou_cap:g} --time-limit {time_limit:g}")
+    return write_result("vnncomp_drop.json", {"machine": machine(), "command": cmd,
+                                              "task": {"properties": n, "keep": keep, "epochs": epochs, "seed": seed, "marabou": marabou,
+                                                       "time_limit_s": time_limit, "marabou_cap_s": marabou_cap},
+                                              "networks": trained, "rows": rows})
+
+
+def drop_table(d: dict) -> str:
+    lines = ["| network | eps | properties | violated / proved / unknown before | status | dropped | proved after (repaired, kept) | "
+             "change (L1) | whole command (s) | accuracy before -> after | Marabou on repaired |",
+             "| --- | ---: | ---: | --- | --- | ---: | --- | ---: | ---: | --- | --- |"]
+    for r in d["rows"]:
+        b = r.get("before", {})
+        after = ("-" if r.get("proved_after") is None else
+                 f"{r['proved_after']}/{r['properties']} ({r.get('repaired_proved_after', '-')}/{r.get('repaired', '-')}, "
+                 f"{r.get('kept_proved_after', '-')}/{r.get('kept', '-')})")
+        acc = f"{100 * r['accuracy_before']:.2f} -> {100 * r['accuracy_after']:.2f}" if "accuracy_after" in r else "-"
+        change = f"{r['change_l1']:.4g}" if r.get("change_l1") is not None else "-"
+        lines.append(f"| {r['network']} | {r['eps']:.4g} | {r['properties']} | {b.get('violated', '-')} / {b.get('holds', '-')} / "
+                     f"{b.get('unknown', '-')} | {r.get('status', '-')} | {r.get('dropped', '-')} | {after} | {change} | "
+                     f"{r['wall_s']:.1f} | {acc} | {_marabou_cell(r)} |")
+    return "\n".join(lines)
+
+
+def _drop_intro(d: dict) -> str:
+    t = d["task"]
+    return (f"{registry.measured_on(d)}. `{d['command']}`. The networks, images, properties and {t['keep']} keep points of the "
+            "table above (the same seed), the whole `cnnrepair repair --instances --drop-conflicts` command in its own process: "
+            "where the properties not proved cannot all be repaired together, the most violated of each conflicting set is "
+            "dropped and the rest repaired again (dropped: how many). Proved after: on the saved file (CROWN); accuracy on 2,000 "
+            f"other test images (onnxruntime); Marabou: the first {t['marabou']} repaired properties, each capped at "
+            f"{t['marabou_cap_s']:g} s; `--time-limit {t['time_limit_s']:g}` per repair.")
+
+
+def drop_headline(d: dict) -> list[str]:
+    cells = [f"{r['network']} eps {r['eps']:.4g}: {r.get('repaired', 0)} repaired, {r.get('dropped', 0)} dropped ({r.get('status')})"
+             for r in d["rows"] if r.get("dropped")]
+    if not cells:
+        return []
+    return [f"**Conflicting properties dropped** (`--drop-conflicts`): where the properties cannot all be repaired together, "
+            f"{'; '.join(cells)} (`{d['command']}`).", ""]
+
+
+registry.section("vnncomp_drop.json", order=98, title=lambda d: "### The properties that conflict dropped (--drop-conflicts)",
+                 intro=_drop_intro, table=drop_table, headline=drop_headline)
+
+
+@registry.command("vnncomp-drop", "the VNN-COMP workflow with --drop-conflicts: the properties that cannot be repaired together "
+                  "dropped, the rest repaired", order=98, arguments=registry.arguments(
+                      registry.MNIST_DIR,
+                      registry.arg("--networks", default="256x2,32x2", help="comma-separated (256x2,256x4,32x2)"),
+                      registry.arg("--n", type=int, default=15, help="properties per network and eps (default 15)"),
+                      registry.arg("--keep", type=int, default=500, help="keep points: training images the network gets right (default 500)"),
+                      registry.arg("--marabou", type=int, default=2, help="repaired properties Marabou re-checks per row"),
+                      registry.arg("--marabou-cap", type=float, default=60.0, help="seconds per Marabou run (default 60)"),
+                      registry.arg("--time-limit", type=float, default=120.0, help="the repair's --time-limit per run (default 120)")))
+def _cli_drop(args):
+    mnist = {k: v for k, v in NETWORKS.items() if v[0] == "mnist"}
+    return run_drop({"mnist": args.data_dir}, registry.names(args.networks, mnist, "network"), args.n, args.marabou, args.marabou_cap,
+                    args.keep, args.time_limit)

@@ -317,6 +317,34 @@ def test_repair_from_vnnlib_fixes_the_violated_properties_keeps_the_others_and_v
     assert "prop_0.vnnlib" in capsys.readouterr().err
 
 
+def test_drop_conflicts_drops_the_most_violated_of_a_conflicting_set_and_repairs_the_rest(tmp_path, capsys):
+    model, props, _ = _eran_style(tmp_path)
+    prop = read_vnnlib(props[0])
+    twin = tmp_path / "prop_twin.vnnlib"  # the same box as property 0, another label: no change gives both
+    twin.write_text(BoxProperty(prop.lower, prop.upper, (prop.label() + 1) % 3, 3).text())
+    files = [*map(str, props), str(twin)]
+    stuck = tmp_path / "stuck"
+    assert main(["repair", str(model), "--vnnlib", *files, "--out", str(stuck), "--margin", "0.02"]) == 1
+    assert json.loads((stuck / "certificate.json").read_text())["status"] == "infeasible"
+    out = tmp_path / "out"
+    assert main(["repair", str(model), "--vnnlib", *files, "--out", str(out), "--margin", "0.02", "--drop-conflicts"]) == 0
+    assert "1 dropped (they conflicted)" in capsys.readouterr().err
+    report = {r["file"]: r for r in json.loads((out / "properties.json").read_text())["properties"]}
+    dropped = [f for f, r in report.items() if r["role"] == "dropped"]
+    assert len(dropped) == 1 and dropped[0] in ("prop_0.vnnlib", "prop_twin.vnnlib")
+    other = "prop_twin.vnnlib" if dropped[0] == "prop_0.vnnlib" else "prop_0.vnnlib"
+    assert report[dropped[0]]["bound_before"] <= report[other]["bound_before"]  # the more violated one went
+    assert all(r["after"] == "holds" for r in report.values() if r["role"] == "repaired")
+    cert = json.loads((out / "certificate.json").read_text())
+    assert cert["status"] == "repaired" and dropped[0] in cert["notes"][-1] and len(cert["points"]) == 2
+    assert dropped[0] not in {p["file"] for p in cert["properties"]}  # the certificate names what it covers
+    assert main(["verify", str(out / "certificate.json"), "--model", str(out / "repaired.onnx"), "--points", str(out / "points.npz"),
+                 "--keep", str(out / "keep.npz"), "--original", str(model), "--vnnlib", *files]) == 0
+    x = tmp_path / "p.npz"
+    np.savez(x, x=np.zeros((1, 5), np.float32), y=[0])
+    assert main(["repair", str(model), "--points", str(x), "--out", str(tmp_path / "o"), "--drop-conflicts"]) == 2
+
+
 def test_a_targeted_property_is_repaired_against_its_own_class_at_no_more_cost_and_verified(tmp_path, capsys):
     model, props, net = _eran_style(tmp_path)
     prop = read_vnnlib(props[0])

@@ -22,6 +22,8 @@ def _add_model_repair_args(p: argparse.ArgumentParser) -> None:
                    "optional 'lower' / 'upper' (x's shape): each point's input box for the ball spec")
     _add_property_args(p, "VNN-LIB robustness properties instead of --points: the ones the model violates (or that are not proved) "
                           "are repaired as boxes, the proved ones kept (with --keep points too)")
+    p.add_argument("--drop-conflicts", action="store_true", help="with --vnnlib / --instances: when the properties cannot all be "
+                   "repaired together, drop the most violated of each conflicting set and repair the rest (recorded as dropped)")
     p.add_argument("--out", type=Path, required=True, help="folder for repaired.pt2 / repaired.onnx (the model's format) and certificate.json")
     p.add_argument("--spec", choices=["pointwise", "ball", "targets"], default=None,
                    help="pointwise: every point gets its label with --margin (guaranteed, minimal change); ball: every input "
@@ -127,6 +129,9 @@ def _model_repair_job(args: argparse.Namespace):
     props, timeouts = _property_paths(args)
     if props or args.points is None:
         return _property_job(args, props, timeouts)
+    if args.drop_conflicts:
+        raise CnnRepairError("--drop-conflicts drops VNN-LIB properties (--vnnlib / --instances) that conflict; with --points, "
+                             "drop it (the certificate of an infeasible repair names the conflicting points)")
     args.spec = args.spec or "pointwise"
     output_dir(args.out, [args.model, args.points, args.keep], args.overwrite).check()
     if args.spec != "ball" and (args.eps is not None or args.mean is not None or args.std is not None or args.layout != "auto"):
@@ -180,7 +185,8 @@ def _cmd_property_repair(args: argparse.Namespace, bars: Bars) -> int:
     say(f"{len(plan.checks)} propert{'y' if len(plan.checks) == 1 else 'ies'} on {plan.model.path.name}: {counts['violated']} violated (a counterexample), "
         f"{counts['holds']} proved ({args.bounds} bounds), {counts['unknown']} unknown")
     t0 = time.perf_counter()
-    done = repair_properties(plan, args.property_spec, args.out, replace(args.options, progress=bars), args.overwrite)
+    done = repair_properties(plan, args.property_spec, args.out, replace(args.options, progress=bars), args.overwrite,
+                             args.drop_conflicts)
     if done.certificate is None:
         say(f"every property is proved on the model already: nothing to repair; wrote {args.out / 'properties.json'}")
         return 0
@@ -190,8 +196,9 @@ def _cmd_property_repair(args: argparse.Namespace, bars: Bars) -> int:
             f"details in {args.out / 'certificate.json'}")
         return 1
     proved = sum(r.get("after") == "holds" for r in done.records)
+    dropped = sum(r["role"] == "dropped" for r in done.records)
     say(f"repaired in {time.perf_counter() - t0:.1f}s: change {args.norm} {cert.objective:.6g} (certified >= {cert.lower_bound:.6g}); "
-        f"{len(cert.points)} properties repaired, {cert.keep.count} kept")
+        f"{len(cert.points)} properties repaired, {cert.keep.count} kept" + (f", {dropped} dropped (they conflicted)" if dropped else ""))
     say(f"after: {proved} of {len(done.records)} properties proved on the saved model; wrote {args.out / cert.model.file}, "
         f"certificate.json, properties.json and proved_*.vnnlib with instances.csv (for any VNN-COMP verifier)")
     return 0

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import scipy.sparse as sp
 
-INTERRUPT_WAIT = 5.0  # seconds to wait for HiGHS to stop after Ctrl-C before giving up on it
+INTERRUPT_WAIT = 2.0  # seconds to wait for HiGHS to stop after Ctrl-C before giving up on it (its interior point checks late)
 
 
 @contextlib.contextmanager

@@ -165,9 +165,14 @@ class PropertyRepair:
 
 
 def repair_properties(plan: PropertyPlan, spec: RepairSpec, out: Path, options: SolveOptions | None = None,
-                      overwrite: bool = False) -> PropertyRepair:
+                      overwrite: bool = False, drop_conflicts: bool = False) -> PropertyRepair:
     """Repair the properties not proved on the model as ball specs, keeping the proved ones; write the folder ``out``
-    (see the module docstring). ``spec``: the ball spec's margins, norm, bounds (its kind and eps are the boxes')."""
+    (see the module docstring). ``spec``: the ball spec's margins, norm, bounds (its kind and eps are the boxes').
+
+    ``drop_conflicts``: when they cannot all be repaired together (``infeasible``, with a set of properties that conflict),
+    the most violated property of that set (the lowest bound before) is dropped and the rest repaired again, until they
+    can be or none is left; each dropped property is recorded (``role: dropped``). A greedy choice: the properties repaired
+    are a feasible set, not always the largest one."""
     if spec.kind != "ball":
         raise CnnRepairError(f"VNN-LIB properties are input boxes: they are repaired with the ball spec, not {spec.kind}; drop --spec")
     spec = replace(spec, eps=0.0, keep_eps=0.0)
@@ -179,35 +184,55 @@ def repair_properties(plan: PropertyPlan, spec: RepairSpec, out: Path, options: 
             records = _records(plan, None)
             write_json(stage / "properties.json", {"model": plan.model.path.name, "repaired": False, "properties": records})
             return PropertyRepair(None, records)
-        _points(plan, todo, stage / "points.npz", rows=True)
         has_keep = len(held) or plan.keep is not None
         if has_keep:
             _points(plan, held, stage / "keep.npz", plan.keep, rows=True)
-        files = RepairFiles(plan.model.path, stage / "points.npz", stage / "keep.npz" if has_keep else None,
-                            plan.model.factory, plan.input_shape)
-        job = prepare(files, spec, loaded=plan.model)  # the model read and checked by plan_properties
-        cert = repair_into(job, stage, options)
+        dropped: list[int] = []
+        while True:
+            _points(plan, todo, stage / "points.npz", rows=True)
+            files = RepairFiles(plan.model.path, stage / "points.npz", stage / "keep.npz" if has_keep else None,
+                                plan.model.factory, plan.input_shape)
+            job = prepare(files, spec, loaded=plan.model)  # the model read and checked by plan_properties
+            cert = repair_into(job, stage, options)
+            drop = _to_drop(plan, cert, todo) if drop_conflicts and len(todo) > 1 else None
+            if drop is None:
+                break
+            dropped.append(drop)
+            todo = todo[todo != drop]
         cert.properties = [{"file": plan.files[i].name, "sha256": sha256(plan.files[i]), "set": which, "index": k}
                            for which, idx in (("points", todo), ("keep", held)) for k, i in enumerate(idx)]
+        if dropped:
+            cert.notes = (cert.notes or []) + [f"{len(dropped)} propert{'y' if len(dropped) == 1 else 'ies'} dropped, in this order, "
+                                               "as they conflicted with the others: " + ", ".join(plan.files[i].name for i in dropped)]
         after = None
         if cert.status == "repaired":
             repaired = load_model(stage / cert.model.file, job.model.factory, plan.input_shape).module
             after = check_properties(repaired, plan.properties, plan.input_shape, spec.bounds)
             _proved(plan, after, stage, cert.model.file)
-        records = _records(plan, after, todo)
+        records = _records(plan, after, todo, dropped)
         write_json(stage / "properties.json", {"model": plan.model.path.name, "repaired": cert.status == "repaired",
                                                "properties": records})
         cert.write(stage / "certificate.json")
     return PropertyRepair(cert, records)
 
 
-def _records(plan: PropertyPlan, after: list[PropertyCheck] | None, todo: np.ndarray | None = None) -> list[dict]:
+def _to_drop(plan: PropertyPlan, cert: Certificate, todo: np.ndarray) -> int | None:
+    """The property to drop after an infeasible repair: of the repair points in its conflicting set, the most violated
+    (the lowest bound before; the first of equals); None when the repair is not infeasible or names no repair point."""
+    if cert.status != "infeasible":
+        return None
+    named = [int(todo[c["index"]]) for c in cert.conflicts or [] if c["set"] == "points" and 0 <= c["index"] < len(todo)]
+    return min(named, key=lambda i: (plan.checks[i].bound, i)) if named else None
+
+
+def _records(plan: PropertyPlan, after: list[PropertyCheck] | None, todo: np.ndarray | None = None,
+             dropped: list[int] = ()) -> list[dict]:
     """Per property: its file, label, status and bound before, and after (on the saved repaired model) when repaired."""
     repaired = set() if todo is None else {int(i) for i in todo}
     out = []
     for i, (path, check) in enumerate(zip(plan.files, plan.checks)):
         rec = {"file": path.name, "label": check.label, "before": check.status, "bound_before": check.bound,
-               "role": "repaired" if i in repaired else "kept"}
+               "role": "repaired" if i in repaired else "dropped" if i in dropped else "kept"}
         if check.rivals is not None:  # targeted: bounded and repaired against its own classes (its output rows)
             rec.update(rivals=list(check.rivals), form="targeted: proved and repaired against its own classes")
         elif check.label is None:
