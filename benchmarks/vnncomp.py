@@ -524,12 +524,15 @@ def _drop_intro(d: dict) -> str:
 
 
 def drop_headline(d: dict) -> list[str]:
-    cells = [f"{r['network']} eps {r['eps']:.4g}: {r.get('repaired', 0)} repaired, {r.get('dropped', 0)} dropped ({r.get('status')})"
-             for r in d["rows"] if r.get("dropped")]
+    cells = [f"{r['network']} eps {r['eps']:.4g}: {r['dropped']} of {r['dropped'] + r['repaired']} unproved properties dropped, the "
+             f"other {r['repaired']} repaired ({r.get('repaired_proved_after', 0)} proved after), accuracy "
+             f"{100 * r['accuracy_before']:.2f} -> {100 * r['accuracy_after']:.2f} %, {r['wall_s']:.0f} s"
+             for r in d["rows"] if r.get("dropped") and r.get("status") == "repaired"]
+    stuck = [f"{r['network']} eps {r['eps']:.4g}" for r in d["rows"] if r.get("status") not in ("repaired", "every property held")]
     if not cells:
         return []
-    return [f"**Conflicting properties dropped** (`--drop-conflicts`): where the properties cannot all be repaired together, "
-            f"{'; '.join(cells)} (`{d['command']}`).", ""]
+    tail = f"; {', '.join(stuck)}: stopped at the time limit before naming a conflict, so nothing to drop" if stuck else ""
+    return [f"**Conflicting properties dropped** (`--drop-conflicts`): {'; '.join(cells)}{tail} (`{d['command']}`).", ""]
 
 
 registry.section("vnncomp_drop.json", order=98, title=lambda d: "### The properties that conflict dropped (--drop-conflicts)",

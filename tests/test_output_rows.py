@@ -116,6 +116,9 @@ def test_a_final_relu_adds_the_label_row_to_pairwise_rows_only():
     rows = OutputRows.from_labels(y, 3)
     z = rows.with_zero_rival()
     assert z.num_rows == 4 and np.array_equal(z.coef[:, 3], np.eye(3)[y])
+    two = OutputRows.of(np.array([[[1.0, -1.0, 0.0], [0.0, -1.0, 1.0]]]), np.zeros((1, 2)))  # Y_0 > Y_1 and Y_2 > Y_1
+    z2 = two.with_zero_rival()
+    assert sorted(map(tuple, z2.coef[0][z2.live[0]][2:])) == [(0.0, 0.0, 1.0), (1.0, 0.0, 0.0)]  # both favoured logits beat 0
     general = OutputRows.of(np.ones((2, 1, 3)), np.zeros((2, 1)))
     with pytest.raises(CnnRepairError, match="ReLU"):
         general.with_zero_rival()

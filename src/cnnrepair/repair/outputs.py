@@ -107,17 +107,20 @@ class OutputRows:
         return bool(((ones == 1) & (minus == 1) & ((A != 0).sum(1) == 2)).all() and (self.offset[live] == 0).all())
 
     def with_zero_rival(self) -> OutputRows:
-        """Pairwise rows for logits a ReLU follows: each point gets one more row ``e_y`` (its classes' own logit beats 0),
-        so that ``relu(z_y) - relu(z_j) >= m`` whenever the program's rows hold (:mod:`cnnrepair.repair.ending`)."""
+        """Pairwise rows for logits a ReLU follows: each point gets one more row ``e_p`` per class ``p`` its rows favour (that
+        class's own logit beats 0), so that ``relu(z_p) - relu(z_j) >= m`` whenever the program's rows hold
+        (:mod:`cnnrepair.repair.ending`)."""
         if not self.pairwise():
             raise CnnRepairError("a ReLU follows the repaired layer: only rows 'Y_label > Y_j' (the label form or a targeted one) "
                                  "keep their meaning through it; general linear output rows need the logits themselves")
         N, C = len(self), self.num_classes
-        own = np.zeros((N, 1, C))
-        has = self.live.any(1)
-        pos = np.argmax(np.where(self.live[..., None], self.coef, 0.0).max(1), axis=1)  # the class every row favours
-        own[np.arange(N), 0, pos] = 1.0
-        return OutputRows(np.concatenate([self.coef, own], 1), np.concatenate([self.offset, np.where(has, 0.0, -np.inf)[:, None]], 1))
+        favoured = (np.where(self.live[..., None], self.coef, 0.0) == 1.0).any(1)  # N x C: the classes some row of a point favours
+        E = max(int(favoured.sum(1).max(initial=0)), 1)
+        own, off = np.zeros((N, E, C)), np.full((N, E), -np.inf)
+        for k in range(N):
+            for e, p in enumerate(np.flatnonzero(favoured[k])):
+                own[k, e, p], off[k, e] = 1.0, 0.0
+        return OutputRows(np.concatenate([self.coef, own], 1), np.concatenate([self.offset, off], 1))
 
     def values(self, logits: np.ndarray) -> np.ndarray:
         """N x R: ``coef . z - offset`` per row (-inf where a point has no row)."""
