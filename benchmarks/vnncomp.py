@@ -305,6 +305,21 @@ def _cli(args):
                marabou=args.marabou, marabou_cap=args.marabou_cap, keep=args.keep, time_limit=args.time_limit, alone=args.alone)
 
 
+MNIST_NETWORKS = {k: v for k, v in NETWORKS.items() if v[0] == "mnist"}
+
+
+def _mnist_arguments(marabou: int, marabou_cap: float, time_limit: float):
+    """The arguments of a benchmark over :data:`MNIST_NETWORKS` with generated properties (its defaults as given)."""
+    return registry.arguments(
+        registry.MNIST_DIR,
+        registry.arg("--networks", default="256x2,32x2", help="comma-separated (256x2,256x4,32x2)"),
+        registry.arg("--n", type=int, default=15, help="properties per network and eps (default 15)"),
+        registry.arg("--keep", type=int, default=500, help="keep points: training images the network gets right (default 500)"),
+        registry.arg("--marabou", type=int, default=marabou, help="repaired properties Marabou re-checks per row"),
+        registry.arg("--marabou-cap", type=float, default=marabou_cap, help=f"seconds per Marabou run (default {marabou_cap:g})"),
+        registry.arg("--time-limit", type=float, default=time_limit, help=f"the repair's --time-limit per run (default {time_limit:g})"))
+
+
 # Targeted properties (oval21's form: the label against one class), repaired exactly and as the stronger property ----------
 
 FORMS = ("targeted", "every class")  # how each property is written: against its target only, or against every other class
@@ -454,17 +469,9 @@ registry.section("vnncomp_targeted.json", order=97,
 
 
 @registry.command("vnncomp-targeted", "oval21-style targeted properties on VNN-COMP-shaped MLPs: repaired as they are vs against "
-                  "every class, side by side", order=97, arguments=registry.arguments(
-                      registry.MNIST_DIR,
-                      registry.arg("--networks", default="256x2,32x2", help="comma-separated (256x2,256x4,32x2)"),
-                      registry.arg("--n", type=int, default=15, help="properties per network and eps (default 15)"),
-                      registry.arg("--keep", type=int, default=500, help="keep points: training images the network gets right (default 500)"),
-                      registry.arg("--marabou", type=int, default=3, help="repaired targeted properties Marabou re-checks per row"),
-                      registry.arg("--marabou-cap", type=float, default=120.0, help="seconds per Marabou run (default 120)"),
-                      registry.arg("--time-limit", type=float, default=300.0, help="the repair's --time-limit per run (default 300)")))
+                  "every class, side by side", order=97, arguments=_mnist_arguments(marabou=3, marabou_cap=120.0, time_limit=300.0))
 def _cli_targeted(args):
-    mnist = {k: v for k, v in NETWORKS.items() if v[0] == "mnist"}
-    return run_targeted({"mnist": args.data_dir}, registry.names(args.networks, mnist, "network"), args.n, marabou=args.marabou,
+    return run_targeted({"mnist": args.data_dir}, registry.names(args.networks, MNIST_NETWORKS, "network"), args.n, marabou=args.marabou,
                         marabou_cap=args.marabou_cap, keep=args.keep, time_limit=args.time_limit)
 
 
@@ -540,15 +547,7 @@ registry.section("vnncomp_drop.json", order=98, title=lambda d: "### The propert
 
 
 @registry.command("vnncomp-drop", "the VNN-COMP workflow with --drop-conflicts: the properties that cannot be repaired together "
-                  "dropped, the rest repaired", order=98, arguments=registry.arguments(
-                      registry.MNIST_DIR,
-                      registry.arg("--networks", default="256x2,32x2", help="comma-separated (256x2,256x4,32x2)"),
-                      registry.arg("--n", type=int, default=15, help="properties per network and eps (default 15)"),
-                      registry.arg("--keep", type=int, default=500, help="keep points: training images the network gets right (default 500)"),
-                      registry.arg("--marabou", type=int, default=2, help="repaired properties Marabou re-checks per row"),
-                      registry.arg("--marabou-cap", type=float, default=60.0, help="seconds per Marabou run (default 60)"),
-                      registry.arg("--time-limit", type=float, default=120.0, help="the repair's --time-limit per run (default 120)")))
+                  "dropped, the rest repaired", order=98, arguments=_mnist_arguments(marabou=2, marabou_cap=60.0, time_limit=120.0))
 def _cli_drop(args):
-    mnist = {k: v for k, v in NETWORKS.items() if v[0] == "mnist"}
-    return run_drop({"mnist": args.data_dir}, registry.names(args.networks, mnist, "network"), args.n, args.marabou, args.marabou_cap,
+    return run_drop({"mnist": args.data_dir}, registry.names(args.networks, MNIST_NETWORKS, "network"), args.n, args.marabou, args.marabou_cap,
                     args.keep, args.time_limit)
