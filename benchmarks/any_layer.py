@@ -136,12 +136,14 @@ def run(data_dir: Path, shapes: tuple[str, ...] = tuple(SHAPES), repair_images: 
                                                              "machine": "Gurobi, 32 cores"},
                      "PRDNN (PLDI'21), 9x200, as reported": {"drawdown": 3.92, "generalisation": 6.55}},
            "rows": rows}
-    return write_result(result_name(norm), out)
+    return write_result(result_name(norm, shapes), out)
 
 
-def result_name(norm: str) -> str:
-    """The results file of a run in ``norm``."""
-    return "any_layer.json" if norm == "l1" else f"any_layer_{norm.replace('+', '_')}.json"
+def result_name(norm: str, shapes: tuple[str, ...] = tuple(SHAPES)) -> str:
+    """The results file of a run in ``norm`` on ``shapes`` (a run on some of the networks, for example with a longer time
+    limit, gets a file of its own instead of replacing the whole table)."""
+    name = "any_layer" + ("" if norm == "l1" else f"_{norm.replace('+', '_')}")
+    return name + ("" if tuple(shapes) == tuple(SHAPES) else "_" + "_".join(shapes)) + ".json"
 
 
 def _norm_words(d: dict) -> str:
@@ -216,7 +218,8 @@ def _intro(d: dict) -> str:
 
 def _title(d: dict) -> str:
     norm = d["task"].get("norm", "l1")
-    return "### Repair of a layer inside the network (APRNN's MNIST fog task" + ("" if norm == "l1" else f", norm {norm}") + ")"
+    nets = "" if tuple(d["networks"]) == tuple(SHAPES) else ", " + ", ".join(d["networks"]) + f", time limit {d['task']['time_limit']:g} s"
+    return "### Repair of a layer inside the network (APRNN's MNIST fog task" + ("" if norm == "l1" else f", norm {norm}") + nets + ")"
 
 
 registry.section("any_layer*.json", order=175, title=_title,

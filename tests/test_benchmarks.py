@@ -312,3 +312,18 @@ def test_targeted_benchmark_repairs_both_forms_side_by_side(tmp_path):
         assert rec["marabou"][0]["answer"] in ("unsat", "timeout")
     table = vnncomp.targeted_table({"rows": [rec]})
     assert table.count("\n") == 2 and "32x2" in table
+
+
+def test_any_layer_run_on_some_networks_gets_its_own_file_and_title():
+    """A run of the any-layer benchmark on some of the networks (say one, with a longer time limit) writes a file of its
+    own instead of replacing the whole table, and its section says which networks and what limit."""
+    from benchmarks import any_layer
+
+    assert any_layer.result_name("l1") == "any_layer.json"
+    assert any_layer.result_name("l1+linf") == "any_layer_l1_linf.json"
+    assert any_layer.result_name("l1", ("9x200",)) == "any_layer_9x200.json"
+    assert any_layer.result_name("l1+linf", ("3x100", "9x100")) == "any_layer_l1_linf_3x100_9x100.json"
+    whole = {"networks": dict.fromkeys(any_layer.SHAPES), "task": {"norm": "l1", "time_limit": 120.0}}
+    some = {"networks": {"9x200": None}, "task": {"norm": "l1", "time_limit": 300.0}}
+    assert any_layer._title(whole) == "### Repair of a layer inside the network (APRNN's MNIST fog task)"
+    assert any_layer._title(some).endswith("fog task, 9x200, time limit 300 s)")
