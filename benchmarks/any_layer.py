@@ -28,6 +28,7 @@ from torch import nn
 from benchmarks import registry
 
 SHAPES = {"3x100": (3, 100), "9x100": (9, 100), "9x200": (9, 200)}
+KEEP_IMAGES = 1000  # keep points in the whole table's runs with keep points
 
 
 def mlp(depth: int, width: int) -> nn.Sequential:
@@ -73,7 +74,7 @@ def keep_set(model: nn.Module, xtr: torch.Tensor, labels: np.ndarray, order: np.
     return xtr[order][ok][:keep_images], labels[order][ok][:keep_images]
 
 
-def run(data_dir: Path, shapes: tuple[str, ...] = tuple(SHAPES), repair_images: int = 100, keep_images: int = 1000,
+def run(data_dir: Path, shapes: tuple[str, ...] = tuple(SHAPES), repair_images: int = 100, keep_images: int = KEEP_IMAGES,
         margin: float = 0.05, epochs: int = 3, seed: int = 0, time_limit: float = 600.0, norm: str = "l1") -> Path:
     """Every (network, layer, keep) case; writes benchmarks/results/any_layer.json (``any_layer_<norm>.json`` for a norm
     other than L1)."""
@@ -120,13 +121,8 @@ def run(data_dir: Path, shapes: tuple[str, ...] = tuple(SHAPES), repair_images: 
             print(f"  {layer} ({where}) keep={len(yk) if keep else 0}{' later biases' if later else ''}: {r.status} in {seconds:.1f}s" + (
                 f", efficacy {100 * row['efficacy']:.0f}%, drawdown {row['drawdown']:.2f}, generalisation {row['generalisation']:+.2f}, "
                 f"L1 {row['l1']:.3g}" if r.ok else f" ({'; '.join(r.notes)[:120]})"), flush=True)
-    command = f"python -m benchmarks.run any-layer --data-dir {data_dir} --time-limit {time_limit:g}"
-    if tuple(shapes) != tuple(SHAPES):
-        command += f" --shapes {','.join(shapes)}"
-    if keep_images != 1000:
-        command += f" --keep {keep_images}"
-    if norm != "l1":
-        command += f" --norm {norm}"
+    command = f"python -m benchmarks.run any-layer --data-dir {data_dir} --time-limit {time_limit:g}" + "".join(
+        f" {option} {value}" for option, value, _ in _variant(norm, shapes, keep_images))
     out = {"machine": machine(), "command": command,
            "task": {"corruption": "fog", "severity": 5, "seed": seed, "repair_images": repair_images,
                     "generalisation_images": int(len(yg)), "keep_images": keep_images, "margin": margin, "spec": "pointwise",
@@ -136,14 +132,26 @@ def run(data_dir: Path, shapes: tuple[str, ...] = tuple(SHAPES), repair_images: 
                                                              "machine": "Gurobi, 32 cores"},
                      "PRDNN (PLDI'21), 9x200, as reported": {"drawdown": 3.92, "generalisation": 6.55}},
            "rows": rows}
-    return write_result(result_name(norm, shapes), out)
+    return write_result(result_name(norm, shapes, keep_images), out)
 
 
-def result_name(norm: str, shapes: tuple[str, ...] = tuple(SHAPES)) -> str:
-    """The results file of a run in ``norm`` on ``shapes`` (a run on some of the networks, for example with a longer time
-    limit, gets a file of its own instead of replacing the whole table)."""
-    name = "any_layer" + ("" if norm == "l1" else f"_{norm.replace('+', '_')}")
-    return name + ("" if tuple(shapes) == tuple(SHAPES) else "_" + "_".join(shapes)) + ".json"
+def _variant(norm: str, shapes: tuple[str, ...], keep_images: int) -> list[tuple[str, str, str]]:
+    """The settings of a run that differ from the whole L1 table's: (option, its value on the command line, its part of
+    the results file's name), so that the command and the file name always name the same settings."""
+    out = []
+    if norm != "l1":
+        out.append(("--norm", norm, norm.replace("+", "_")))
+    if tuple(shapes) != tuple(SHAPES):
+        out.append(("--shapes", ",".join(shapes), "_".join(shapes)))
+    if keep_images != KEEP_IMAGES:
+        out.append(("--keep", str(keep_images), f"keep{keep_images}"))
+    return out
+
+
+def result_name(norm: str, shapes: tuple[str, ...] = tuple(SHAPES), keep_images: int = KEEP_IMAGES) -> str:
+    """The results file of a run: a run in another norm, on some of the networks (for example with a longer time limit)
+    or with another number of keep points gets a file of its own instead of replacing the whole table."""
+    return "_".join(["any_layer"] + [part for _, _, part in _variant(norm, shapes, keep_images)]) + ".json"
 
 
 def _norm_words(d: dict) -> str:
@@ -219,7 +227,9 @@ def _intro(d: dict) -> str:
 def _title(d: dict) -> str:
     norm = d["task"].get("norm", "l1")
     nets = "" if tuple(d["networks"]) == tuple(SHAPES) else ", " + ", ".join(d["networks"]) + f", time limit {d['task']['time_limit']:g} s"
-    return "### Repair of a layer inside the network (APRNN's MNIST fog task" + ("" if norm == "l1" else f", norm {norm}") + nets + ")"
+    keep = d["task"].get("keep_images", KEEP_IMAGES)
+    return ("### Repair of a layer inside the network (APRNN's MNIST fog task" + ("" if norm == "l1" else f", norm {norm}") + nets
+            + ("" if keep == KEEP_IMAGES else f", {keep:,} keep points") + ")")
 
 
 registry.section("any_layer*.json", order=175, title=_title,
@@ -231,7 +241,7 @@ registry.section("any_layer*.json", order=175, title=_title,
                       registry.MNIST_DIR,
                       registry.arg("--shapes", default=",".join(SHAPES), help="comma-separated network shapes (3x100,9x100,9x200)"),
                       registry.arg("--time-limit", type=float, default=600.0, help="seconds per repair"),
-                      registry.arg("--keep", type=int, default=1000, help="keep points in the runs with keep points"),
+                      registry.arg("--keep", type=int, default=KEEP_IMAGES, help="keep points in the runs with keep points"),
                       registry.arg("--norm", choices=["l1", "linf", "l1+linf"], default="l1",
                                    help="the change's norm (l1+linf: APRNN's and PRDNN's mean + max; default: l1)")))
 def _cli(args):

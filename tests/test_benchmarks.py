@@ -323,7 +323,10 @@ def test_any_layer_run_on_some_networks_gets_its_own_file_and_title():
     assert any_layer.result_name("l1+linf") == "any_layer_l1_linf.json"
     assert any_layer.result_name("l1", ("9x200",)) == "any_layer_9x200.json"
     assert any_layer.result_name("l1+linf", ("3x100", "9x100")) == "any_layer_l1_linf_3x100_9x100.json"
+    assert any_layer.result_name("l1", keep_images=500) == "any_layer_keep500.json"  # another keep set: not the table's file
     whole = {"networks": dict.fromkeys(any_layer.SHAPES), "task": {"norm": "l1", "time_limit": 120.0}}
     some = {"networks": {"9x200": None}, "task": {"norm": "l1", "time_limit": 300.0}}
     assert any_layer._title(whole) == "### Repair of a layer inside the network (APRNN's MNIST fog task)"
     assert any_layer._title(some).endswith("fog task, 9x200, time limit 300 s)")
+    fewer = {"networks": dict.fromkeys(any_layer.SHAPES), "task": {"norm": "l1", "time_limit": 120.0, "keep_images": 500}}
+    assert any_layer._title(fewer).endswith("fog task, 500 keep points)")
