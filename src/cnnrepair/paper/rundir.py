@@ -27,7 +27,7 @@ def library_versions() -> dict[str, str]:
            "numpy": numpy.__version__, "scipy": scipy.__version__, "scikit-learn": sklearn.__version__}
     from importlib.metadata import PackageNotFoundError, version
 
-    for dist in ("highspy", "foolbox", "cvxopt", "cvxpy"):
+    for dist in ("highspy", "foolbox", "cvxopt", "cvxpy", "onnx", "onnxruntime", "ml_dtypes"):
         try:
             out[dist] = version(dist)
         except PackageNotFoundError:
