@@ -237,3 +237,70 @@ def test_bounds_on_cuda_agree_with_the_cpu():
             fc = feature_bounds(frozen_graph(model, lay, x), lay, lo, hi, method)
             fg = feature_bounds(frozen_graph(model, lay, x, device="cuda"), lay, lo, hi, method)
             assert np.allclose(fc.lower, fg.lower, rtol=1e-9, atol=1e-9) and np.allclose(fc.upper, fg.upper, rtol=1e-9, atol=1e-9)
+
+
+def _conv_stack():
+    """Convolutions (padding, stride 2), ReLUs and max-pools, disjoint and overlapping, then a batch norm and linear layers."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.ReLU(),
+                        nn.Conv2d(6, 5, 2), nn.ReLU(), nn.MaxPool2d(2, stride=1), nn.BatchNorm2d(5), nn.Conv2d(5, 4, 1), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    net[8].running_mean.uniform_(-0.5, 0.5)
+    net[8].running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+@pytest.mark.parametrize("budget", [None, 40])
+def test_convolution_neurons_walked_in_windows_get_the_bounds_of_the_rows_written_out_whole(monkeypatch, budget):
+    """CROWN's walk from convolution neurons in windows of their receptive field is the same walk without the zeros: every
+    node's bounds and the specification's agree with the dense walk to roundoff, blocks at the map's edges and one-row
+    chunks (``budget``: a tiny memory budget, one position per block) included."""
+    import importlib
+
+    propagate = importlib.import_module("cnnrepair.bounds.propagate")
+    model = _conv_stack()
+    x = torch.rand(3, 1, 16, 16)
+    lo, hi = ball_box(x, 0.1)
+    graph = _graph(model, x)
+    with torch.no_grad():
+        y = model(x).argmax(1).numpy()
+    if budget is not None:
+        monkeypatch.setattr(propagate, "memory_budget", lambda device="cpu": budget)
+    walked = []
+    by_window = propagate._tighten_by_window
+    monkeypatch.setattr(propagate, "_tighten_by_window", lambda *a: walked.append(a[2]) or by_window(*a))
+    out = {}
+    for windows in (True, False):
+        monkeypatch.setattr(propagate, "WINDOWS", windows)
+        graph.cache.clear()
+        out[windows] = (propagate.node_bounds(graph, lo, hi, "crown"), spec_bounds(graph, lo, hi, margin_rows(y, 3), "crown"))
+    convs = [op.node for op in graph.ops if op.window is not None]
+    walks = convs[1:3]  # the first is exact (its input is the box); the last has no unstable neuron in IBP's box already
+    assert len(convs) == 4 and set(walked) == set(walks)
+    (win_nodes, win_spec), (dense_nodes, dense_spec) = out[True], out[False]
+    for node, (l_d, h_d) in dense_nodes.items():
+        l_w, h_w = win_nodes[node]
+        assert torch.allclose(l_w, l_d, rtol=1e-12, atol=1e-12) and torch.allclose(h_w, h_d, rtol=1e-12, atol=1e-12), node
+    assert torch.allclose(win_spec, dense_spec, rtol=1e-12, atol=1e-12)
+    ibp = propagate.node_bounds(graph, lo, hi, "ibp")
+    assert all(float((dense_nodes[n][1] - dense_nodes[n][0]).sum()) < 0.999 * float((ibp[n][1] - ibp[n][0]).sum())
+               for n in walks)  # every walk tightened IBP's box
+
+
+def test_a_convolutions_window_adjoint_is_its_dense_adjoint_cropped():
+    """On every corner and edge of the map: the window's rows on the input, written out whole, are the dense adjoint's."""
+    from cnnrepair.bounds.window import Window
+
+    model = _conv_stack()
+    x = torch.rand(2, 1, 16, 16)
+    graph = _graph(model, x)
+    for op in (o for o in graph.ops if o.window is not None):
+        src_shape = graph.op(op.inputs[0]).shape
+        C, H, W = op.shape
+        for top, left, h, w in ((0, 0, 1, 1), (H - 1, W - 1, 1, 1), (0, max(0, W - 2), min(2, H), min(2, W)), (H // 2, 0, 1, W)):
+            a = torch.randn(2, 3, C, h, w, dtype=torch.float64)
+            win = Window(a, top, left, (C, H, W))
+            got, const = op.window(win, src_shape)
+            grad, bias = op.transpose(win.dense().reshape(6, C, H, W), src_shape)
+            assert torch.allclose(got.dense(), grad.reshape(2, 3, *src_shape), atol=1e-12)
+            assert torch.allclose(const, win.dense().reshape(2, 3, -1) @ bias.reshape(-1), atol=1e-12)

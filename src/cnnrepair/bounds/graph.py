@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cnnrepair.bounds.window import ConvWindow
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.graph_linear import linear_nodes
 
@@ -68,6 +69,7 @@ class Op:
     linear: object = None  # affine: x -> L x, the linear part (no constant)
     transpose: object = None  # affine, optional: (rows of coefficients on the output, input shape) -> (L^T rows, constant c or None)
     rows_of: object = None  # affine, optional: (B x S output neuron indices, input shape) -> (their rows of L, B x S x input shape; c, B x S)
+    window: object = None  # affine, optional: (a Window of rows on the output, input shape) -> (their Window on the input, constant B x S)
     shape: tuple[int, ...] = ()  # per-example output shape
     diagonal: bool = False  # affine: each output is one input times a constant plus a constant (the image of a box is a box)
 
@@ -344,7 +346,7 @@ def _weighted(site: Site) -> Op | None:
         return site.call(x, {1: consts[node.args[1]].abs(), 2: None})
 
     return Op(node, "affine", [site.src], run=site.run, abs_linear=abs_lin, linear=lambda x: site.call(x, {2: None}),
-              transpose=_weighted_transpose(node, consts), rows_of=_weighted_rows(node, consts))
+              transpose=_weighted_transpose(node, consts), rows_of=_weighted_rows(node, consts), window=_weighted_window(node, consts))
 
 
 @bound_rule(*(PASS_THROUGH - {operator.getitem}))
@@ -452,6 +454,22 @@ def _weighted_transpose(node: torch.fx.Node, consts: dict):
         const = None if b is None else b.reshape(-1, 1, 1).expand(*rows.shape[1:])
         return grad, const
     return adjoint
+
+
+def _weighted_window(node: torch.fx.Node, consts: dict):
+    """The adjoint of a 2-d convolution on rows that sit in one window of its output (:mod:`cnnrepair.bounds.window`);
+    None for any other layer, grouped or dilated convolutions and string paddings."""
+    w = consts[node.args[1]]
+    a = list(node.args) + [None] * 7
+    stride, padding, dilation, groups = a[3] or [1, 1], a[4] or [0, 0], a[5] or [1, 1], a[6] or 1
+    if node.target != aten.conv2d.default or isinstance(padding, str) or groups != 1 or w.ndim != 4:
+        return None
+    st, pd, dl = (tuple([v] * 2 if not isinstance(v, (list, tuple)) else list(v)) for v in (stride, padding, dilation))
+    if dl != (1, 1):
+        return None
+    bias_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    b = consts.get(bias_arg) if isinstance(bias_arg, torch.fx.Node) else None
+    return ConvWindow(w, b, st, pd)
 
 
 def _weighted_rows(node: torch.fx.Node, consts: dict):

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from cnnrepair.bounds.graph import Op, maxpool
+from cnnrepair.bounds.window import Window
 
 KINDS: dict[str, Kind] = {}
 
@@ -49,6 +50,12 @@ class Kind:
         src = op.inputs[0]
         const = box_constant(a, *bounds[op.node], n_low)
         return [(src, torch.zeros(a.shape[0], a.shape[1], *bounds[src][0].shape[1:], dtype=a.dtype, device=a.device), const)]
+
+    def backward_window(self, op: Op, win: Window, bounds: dict, n_low: int, slopes: Tensor | None = None) -> list[tuple] | None:
+        """:meth:`backward` for rows that sit in one spatial window of the output (:mod:`cnnrepair.bounds.window`),
+        returning windows where it can; None (the default): the rows are written out whole and :meth:`backward` takes
+        them. Either way the numbers are the same."""
+        return None
 
 
 @bound_kind
@@ -102,6 +109,12 @@ class Affine(Kind):
         src = op.inputs[0]
         return [(src, *_affine_back(op, a, src_shape=bounds[src][0].shape[1:]))]
 
+    def backward_window(self, op, win, bounds, n_low, slopes=None):
+        if op.window is None:
+            return None
+        src = op.inputs[0]
+        return [(src, *op.window(win, bounds[src][0].shape[1:]))]
+
 
 @bound_kind
 class Relu(Kind):
@@ -116,6 +129,17 @@ class Relu(Kind):
 
     def backward(self, op, a, bounds, n_low, slopes=None):
         lo, hi = bounds[op.inputs[0]]
+        return [(op.inputs[0], *self._back(a, lo, hi, n_low, slopes))]
+
+    def backward_window(self, op, win, bounds, n_low, slopes=None):
+        lo, hi = bounds[op.inputs[0]]
+        if lo.ndim != 4:
+            return None
+        coef, const = self._back(win.a, win.crop(lo), win.crop(hi), n_low, None if slopes is None else win.crop(slopes))
+        return [(op.inputs[0], win.like(coef), const)]
+
+    @staticmethod
+    def _back(a: Tensor, lo: Tensor, hi: Tensor, n_low: int, slopes: Tensor | None) -> tuple[Tensor, Tensor]:
         up_slope, up_const, low_slope = relu_lines(lo.unsqueeze(1), hi.unsqueeze(1))
         if slopes is not None:  # rows' own lower slopes where the neuron is unstable
             low_slope = torch.where((lo < 0).unsqueeze(1) & (hi > 0).unsqueeze(1), slopes, low_slope)
@@ -128,7 +152,7 @@ class Relu(Kind):
         B, n = a.shape[0], up_const[0].numel()
         c = up_const.reshape(B, n, 1)
         const = torch.cat([torch.bmm(al.clamp(max=0).reshape(B, -1, n), c), torch.bmm(au.clamp(min=0).reshape(B, -1, n), c)], 1)
-        return [(op.inputs[0], coef, const[:, :, 0])]
+        return coef, const[:, :, 0]
 
 
 @bound_kind
@@ -144,6 +168,21 @@ class MaxPool(Kind):
 
     def backward(self, op, a, bounds, n_low, slopes=None):
         lo, hi = bounds[op.inputs[0]]
+        return [(op.inputs[0], *self._back(op, a, lo, hi, n_low))]
+
+    def backward_window(self, op, win, bounds, n_low, slopes=None):
+        lo, hi = bounds[op.inputs[0]]
+        k = pool_disjoint(op)
+        if lo.ndim != 4 or k is None:
+            return None  # windows of the input overlap or run past it: the rows are written out whole
+        h, w = win.size
+        top, left = win.top * k[0], win.left * k[1]
+        inner = win.like(lo.new_zeros(0, 0, 1, h * k[0], w * k[1]), top, left, tuple(lo.shape[1:]))  # the input's window
+        coef, const = self._back(op, win.a, inner.crop(lo), inner.crop(hi), n_low)
+        return [(op.inputs[0], inner.like(coef), const)]
+
+    @staticmethod
+    def _back(op: Op, a: Tensor, lo: Tensor, hi: Tensor, n_low: int) -> tuple[Tensor, Tensor]:
         idx, exact, hi_out = pool_choice(op, lo, hi)
         B = lo.shape[0]
         exact = exact.unsqueeze(1).to(a.dtype)
@@ -154,7 +193,20 @@ class MaxPool(Kind):
         R, C = coef.shape[1], lo.shape[1]
         out = torch.zeros(B, R, C, lo.shape[2] * lo.shape[3], dtype=a.dtype, device=a.device)
         out = out.scatter_add(3, idx.flatten(2).unsqueeze(1).expand(B, R, C, -1), coef.flatten(3))
-        return [(op.inputs[0], out.reshape(B, R, *lo.shape[1:]), const)]
+        return out.reshape(B, R, *lo.shape[1:]), const
+
+
+def _pair(v) -> tuple[int, int]:
+    return tuple(v) if isinstance(v, (list, tuple)) else (v, v)
+
+
+def pool_disjoint(op: Op) -> tuple[int, int] | None:
+    """A max-pool's kernel when its windows tile the input (stride = kernel, no padding or dilation, floor mode), else None."""
+    kernel, stride, padding, dilation, ceil = op.run
+    k = _pair(kernel)
+    if k != _pair(stride) or any(_pair(padding)) or _pair(dilation) != (1, 1) or ceil:
+        return None
+    return k
 
 
 def row_signs(a: Tensor, n_low: int) -> Tensor:

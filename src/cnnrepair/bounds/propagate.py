@@ -35,13 +35,15 @@ import torch
 from torch import Tensor
 
 from cnnrepair.bounds.graph import PASS_THROUGH, FrozenGraph, Op
-from cnnrepair.bounds.kinds import KINDS, box_constant, row_signs
+from cnnrepair.bounds.kinds import KINDS, box_constant, pool_disjoint, row_signs
+from cnnrepair.bounds.window import Window, add, dense
 from cnnrepair.errors import CnnRepairError
 
 METHODS = ("ibp", "crown", "alpha-crown")
 _WIDEN = 1e-9  # relative (to the bound's magnitude plus its width) outward widening of every result
 _FLOOR = 1e-12  # absolute part of that widening
 _MAX_BUDGET = 1_000_000  # elements of one back-substitution tensor at most (float64: 8 MB; measured: larger ones run slower)
+WINDOWS = True  # a convolution's neurons walked back in windows (False: rows written out whole; for side-by-side timing and tests)
 
 
 @dataclass(frozen=True)
@@ -219,8 +221,10 @@ def _tighten(graph: FrozenGraph, bounds: dict, node: torch.fx.Node, rows: Tensor
     # each input's own neurons first (a stable sort keeps them in order), padded to the largest count
     order = torch.sort((~want).to(torch.int8), dim=1, stable=True).indices[:, :R]
     valid = torch.arange(R, device=lo.device).unsqueeze(0) < counts.unsqueeze(1)
-    flat_lo, flat_hi = lo.reshape(B, -1).clone(), hi.reshape(B, -1).clone()
     op = graph.op(node)
+    if WINDOWS and alpha is None and op.window is not None and len(op.shape) == 3:
+        return _tighten_by_window(graph, bounds, node, want, box, inputs)
+    flat_lo, flat_hi = lo.reshape(B, -1).clone(), hi.reshape(B, -1).clone()
     n = flat_lo.shape[1]
     chunk = max(1, memory_budget(lo.device) // (2 * B * graph.widest(node)))
     for start in range(0, R, chunk):
@@ -244,30 +248,115 @@ def _tighten(graph: FrozenGraph, bounds: dict, node: torch.fx.Node, rows: Tensor
     return flat_lo.reshape(lo.shape), flat_hi.reshape(hi.shape)
 
 
+def _tighten_by_window(graph: FrozenGraph, bounds: dict, node: torch.fx.Node, want: Tensor, box: tuple[Tensor, Tensor],
+                       inputs: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """:func:`_tighten` for a convolution's neurons, walked back a block of output positions at a time as rows in a
+    window (:mod:`cnnrepair.bounds.window`): the same bounds, without the zeros outside each block's receptive field."""
+    lo, hi = box
+    B = lo.shape[0]
+    C, H, W = graph.op(node).shape
+    want = want.reshape(B, C, H, W)
+    new_lo, new_hi = lo.clone(), hi.clone()
+    side, chunk = _window_block(graph, node, B, lo.device)
+    for top in range(0, H, side):
+        for left in range(0, W, side):
+            here = want[:, :, top:top + side, left:left + side]
+            h, w = here.shape[-2:]
+            here = here.reshape(B, -1)
+            counts = here.sum(1)
+            R = int(counts.max())
+            if R == 0:
+                continue
+            order = torch.sort((~here).to(torch.int8), dim=1, stable=True).indices[:, :R]
+            valid = torch.arange(R, device=lo.device).unsqueeze(0) < counts.unsqueeze(1)
+            blo, bhi = new_lo[:, :, top:top + h, left:left + w].reshape(B, -1), new_hi[:, :, top:top + h, left:left + w].reshape(B, -1)
+            for start in range(0, R, chunk):
+                part, ok = order[:, start:start + chunk], valid[:, start:start + chunk]
+                S = part.shape[1]
+                one = torch.zeros(B, S, C * h * w, dtype=torch.float64, device=lo.device)
+                one.scatter_(2, part.unsqueeze(2), ok.to(torch.float64).unsqueeze(2))
+                rows = torch.cat([one, one], 1).reshape(B, 2 * S, C, h, w)  # lower-bound rows, then upper-bound rows
+                out = _backward(graph, bounds, node, Window(rows, top, left, (C, H, W)), S, inputs)
+                cur_lo, cur_hi = blo.gather(1, part), bhi.gather(1, part)
+                blo.scatter_(1, part, torch.where(ok, torch.maximum(cur_lo, out[:, :S]), cur_lo))
+                bhi.scatter_(1, part, torch.where(ok, torch.minimum(cur_hi, out[:, S:]), cur_hi))
+            new_lo[:, :, top:top + h, left:left + w] = blo.reshape(B, C, h, w)
+            new_hi[:, :, top:top + h, left:left + w] = bhi.reshape(B, C, h, w)
+    return new_lo, new_hi
+
+
+def _window_block(graph: FrozenGraph, node: torch.fx.Node, batch: int, device) -> tuple[int, int]:
+    """(side of the square blocks of output positions walked together, rows per walk) for a convolution's neurons:
+    the largest side whose every neuron fits in one walk under the memory budget, from how far each block's window
+    grows on the way back (convolutions and disjoint max-pools widen it, ReLUs keep it; from any other operation on,
+    the walk is written out whole)."""
+    key = ("window block", node, batch)
+    if key in graph.cache:
+        return graph.cache[key]
+    budget = memory_budget(device)
+    C, H, W = graph.op(node).shape
+
+    def per_row(side: int) -> int:
+        h = w = side
+        widest, cur = C * h * w, node
+        for op in reversed(graph.upto(node)):
+            if op.node != cur:
+                continue
+            if op.kind == "input":
+                break
+            cur = op.inputs[0]
+            shape = graph.op(cur).shape
+            if len(shape) != 3 or not (op.kind == "relu" or (op.kind == "maxpool" and pool_disjoint(op))
+                                       or (op.kind == "affine" and op.window is not None)):
+                return max(widest, graph.widest(op.node))  # written out whole from here on
+            if op.kind == "affine":
+                kh, kw, sh, sw = op.window.extent
+                h, w = min(shape[1], (h - 1) * sh + kh), min(shape[2], (w - 1) * sw + kw)
+            elif op.kind == "maxpool":
+                kh, kw = pool_disjoint(op)
+                h, w = h * kh, w * kw
+            widest = max(widest, shape[0] * h * w)
+        return widest
+
+    side = 1
+    while side < max(H, W) and (2 * side) ** 2 * C <= budget // (2 * batch * per_row(2 * side)):
+        side *= 2
+    chunk = max(1, budget // (2 * batch * per_row(side)))
+    graph.cache[key] = (side, chunk)
+    return side, chunk
+
+
 def _backward(graph: FrozenGraph, bounds: dict, node: torch.fx.Node, a: Tensor, n_low: int, inputs: tuple[Tensor, Tensor],
               slopes: dict | None = None, stop: set | None = None) -> Tensor:
     """B x rows: lower bounds of the first ``n_low`` rows' linear functions (``a``: B x rows x node's shape) of
     ``node``'s value over the input box, upper bounds of the others. ``slopes``: alpha-CROWN's lower ReLU
     slopes by ReLU node; ``stop``: nodes whose box is taken instead of walking further back."""
     lower, upper = inputs
-    B = a.shape[0]
-    A: dict[torch.fx.Node, Tensor] = {node: a}
-    bias = torch.zeros(B, a.shape[1], dtype=torch.float64, device=a.device)
+    rows = a.a if isinstance(a, Window) else a
+    B = rows.shape[0]
+    A: dict[torch.fx.Node, Tensor | Window] = {node: a}
+    bias = torch.zeros(B, rows.shape[1], dtype=torch.float64, device=rows.device)
     for op in reversed(graph.upto(node)):
         if op.node not in A or op.kind == "input":
             continue
         coef = A.pop(op.node)
         if stop and op.node in stop:
-            bias = bias + box_constant(coef, *bounds[op.node], n_low)
+            bias = bias + box_constant(dense(coef), *bounds[op.node], n_low)
             continue
+        kind = _kind(op)
         kwargs = {"slopes": slopes[op.node]} if slopes and op.node in slopes else {}
-        for src, a_src, b in _kind(op).backward(op, coef, bounds, n_low, **kwargs):
-            A[src] = A[src] + a_src if src in A else a_src
+        steps = kind.backward_window(op, coef, bounds, n_low, **kwargs) if isinstance(coef, Window) else None
+        if steps is None:
+            steps = kind.backward(op, dense(coef), bounds, n_low, **kwargs)
+        for src, a_src, b in steps:
+            A[src] = add(A[src], a_src) if src in A else a_src
             bias = bias + b
     a_in = A.get(graph.ops[0].node)
     if a_in is None:
         return bias
-    return bias + box_constant(a_in, lower, upper, n_low)
+    if isinstance(a_in, Window) and lower.ndim == 4:
+        return bias + box_constant(a_in.a, a_in.crop(lower), a_in.crop(upper), n_low)
+    return bias + box_constant(dense(a_in), lower, upper, n_low)
 
 
 def _optimised(graph: FrozenGraph, bounds: dict, node: torch.fx.Node, a: Tensor, n_low: int, inputs: tuple[Tensor, Tensor],
