@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from cnnrepair.bounds.graph import Op, maxpool
-from cnnrepair.bounds.window import Window
+from cnnrepair.bounds.window import Window, crop
 
 KINDS: dict[str, Kind] = {}
 
@@ -55,6 +55,11 @@ class Kind:
         """:meth:`backward` for rows that sit in one spatial window of the output (:mod:`cnnrepair.bounds.window`),
         returning windows where it can; None (the default): the rows are written out whole and :meth:`backward` takes
         them. Either way the numbers are the same."""
+        return None
+
+    def window_extent(self, op: Op, size: tuple[int, int], src_shape: tuple[int, ...]) -> tuple[int, int] | None:
+        """The (height, width) on the input (of shape ``src_shape``) of a window of ``size`` on the output, when
+        :meth:`backward_window` crosses it; None: it does not."""
         return None
 
 
@@ -115,6 +120,12 @@ class Affine(Kind):
         src = op.inputs[0]
         return [(src, *op.window(win, bounds[src][0].shape[1:]))]
 
+    def window_extent(self, op, size, src_shape):
+        if op.window is None:
+            return None
+        kh, kw, sh, sw = op.window.extent
+        return min(src_shape[1], (size[0] - 1) * sh + kh), min(src_shape[2], (size[1] - 1) * sw + kw)
+
 
 @bound_kind
 class Relu(Kind):
@@ -137,6 +148,9 @@ class Relu(Kind):
             return None
         coef, const = self._back(win.a, win.crop(lo), win.crop(hi), n_low, None if slopes is None else win.crop(slopes))
         return [(op.inputs[0], win.like(coef), const)]
+
+    def window_extent(self, op, size, src_shape):
+        return size
 
     @staticmethod
     def _back(a: Tensor, lo: Tensor, hi: Tensor, n_low: int, slopes: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -175,11 +189,13 @@ class MaxPool(Kind):
         k = pool_disjoint(op)
         if lo.ndim != 4 or k is None:
             return None  # windows of the input overlap or run past it: the rows are written out whole
-        h, w = win.size
-        top, left = win.top * k[0], win.left * k[1]
-        inner = win.like(lo.new_zeros(0, 0, 1, h * k[0], w * k[1]), top, left, tuple(lo.shape[1:]))  # the input's window
-        coef, const = self._back(op, win.a, inner.crop(lo), inner.crop(hi), n_low)
-        return [(op.inputs[0], inner.like(coef), const)]
+        top, left, size = win.top * k[0], win.left * k[1], (win.size[0] * k[0], win.size[1] * k[1])  # the input's window
+        coef, const = self._back(op, win.a, crop(lo, top, left, size), crop(hi, top, left, size), n_low)
+        return [(op.inputs[0], Window(coef, top, left, tuple(lo.shape[1:])), const)]
+
+    def window_extent(self, op, size, src_shape):
+        k = pool_disjoint(op)
+        return None if k is None else (size[0] * k[0], size[1] * k[1])
 
     @staticmethod
     def _back(op: Op, a: Tensor, lo: Tensor, hi: Tensor, n_low: int) -> tuple[Tensor, Tensor]:

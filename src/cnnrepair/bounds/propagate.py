@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from cnnrepair.bounds.graph import PASS_THROUGH, FrozenGraph, Op
-from cnnrepair.bounds.kinds import KINDS, box_constant, pool_disjoint, row_signs
+from cnnrepair.bounds.kinds import KINDS, box_constant, row_signs
 from cnnrepair.bounds.window import Window, add, dense
 from cnnrepair.errors import CnnRepairError
 
@@ -288,12 +288,12 @@ def _tighten_by_window(graph: FrozenGraph, bounds: dict, node: torch.fx.Node, wa
 def _window_block(graph: FrozenGraph, node: torch.fx.Node, batch: int, device) -> tuple[int, int]:
     """(side of the square blocks of output positions walked together, rows per walk) for a convolution's neurons:
     the largest side whose every neuron fits in one walk under the memory budget, from how far each block's window
-    grows on the way back (convolutions and disjoint max-pools widen it, ReLUs keep it; from any other operation on,
-    the walk is written out whole)."""
-    key = ("window block", node, batch)
+    grows on the way back (each kind's ``window_extent``; from an operation that has none on, the walk is written out
+    whole)."""
+    budget = memory_budget(device)
+    key = ("window block", node, batch, budget)
     if key in graph.cache:
         return graph.cache[key]
-    budget = memory_budget(device)
     C, H, W = graph.op(node).shape
 
     def per_row(side: int) -> int:
@@ -306,15 +306,10 @@ def _window_block(graph: FrozenGraph, node: torch.fx.Node, batch: int, device) -
                 break
             cur = op.inputs[0]
             shape = graph.op(cur).shape
-            if len(shape) != 3 or not (op.kind == "relu" or (op.kind == "maxpool" and pool_disjoint(op))
-                                       or (op.kind == "affine" and op.window is not None)):
+            grown = _kind(op).window_extent(op, (h, w), shape) if len(shape) == 3 else None
+            if grown is None:
                 return max(widest, graph.widest(op.node))  # written out whole from here on
-            if op.kind == "affine":
-                kh, kw, sh, sw = op.window.extent
-                h, w = min(shape[1], (h - 1) * sh + kh), min(shape[2], (w - 1) * sw + kw)
-            elif op.kind == "maxpool":
-                kh, kw = pool_disjoint(op)
-                h, w = h * kh, w * kw
+            h, w = grown
             widest = max(widest, shape[0] * h * w)
         return widest
 

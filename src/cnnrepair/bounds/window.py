@@ -35,8 +35,7 @@ class Window:
 
     def crop(self, x: Tensor) -> Tensor:
         """The window's part of ``x`` (any leading dims, then C x H x W)."""
-        h, w = self.size
-        return x[..., self.top:self.top + h, self.left:self.left + w]
+        return crop(x, self.top, self.left, self.size)
 
     def dense(self) -> Tensor:
         """The rows written out whole (B x rows x C x H x W)."""
@@ -49,6 +48,11 @@ class Window:
     def like(self, a: Tensor, top: int | None = None, left: int | None = None, full: tuple | None = None) -> Window:
         """Other rows in this window (or another one)."""
         return Window(a, self.top if top is None else top, self.left if left is None else left, self.full if full is None else full)
+
+
+def crop(x: Tensor, top: int, left: int, size: tuple[int, int]) -> Tensor:
+    """The part of ``x`` (any leading dims, then C x H x W) in the window of ``size`` whose corner is at (top, left)."""
+    return x[..., top:top + size[0], left:left + size[1]]
 
 
 def add(x: Tensor | Window, y: Tensor | Window) -> Tensor | Window:
