@@ -124,7 +124,7 @@ def run(mnist_dir: Path, cifar_dir: Path | None, images: int = 100, seed: int = 
                 c = certify(model, x, y, eps, method)
                 found[method] = (c.margins, time.perf_counter() - t0)
             if any(isinstance(m, nn.Conv2d) for m in model.modules()):  # the same CROWN, convolution neurons walked dense
-                propagate = importlib.import_module("cnnrepair.bounds.propagate")
+                propagate = importlib.import_module("cnnrepair.bounds.propagate")  # the module: the package's name is its function
                 propagate.WINDOWS = False
                 try:
                     t0 = time.perf_counter()

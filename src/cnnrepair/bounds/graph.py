@@ -428,6 +428,12 @@ def _monotone(site: Site) -> Op | None:
               diagonal=site.node.target not in _AVERAGES)
 
 
+def _conv_args(node: torch.fx.Node) -> tuple:
+    """A 2-d convolution node's (stride, padding, dilation, groups), ATen's defaults where the node leaves them out."""
+    a = list(node.args) + [None] * 7
+    return a[3] or [1, 1], a[4] or [0, 0], a[5] or [1, 1], a[6] or 1
+
+
 def _weighted_transpose(node: torch.fx.Node, consts: dict):
     """The adjoint of a linear layer or 2-d convolution, applied to rows of output coefficients."""
     t = node.target
@@ -438,8 +444,7 @@ def _weighted_transpose(node: torch.fx.Node, consts: dict):
         return lambda a, shape: (a @ w, None if b is None else b)
     if t != aten.conv2d.default:
         return None
-    a = list(node.args) + [None] * 7
-    stride, padding, dilation, groups = a[3] or [1, 1], a[4] or [0, 0], a[5] or [1, 1], a[6] or 1
+    stride, padding, dilation, groups = _conv_args(node)
     if isinstance(padding, str):
         return None
 
@@ -460,8 +465,7 @@ def _weighted_window(node: torch.fx.Node, consts: dict):
     """The adjoint of a 2-d convolution on rows that sit in one window of its output (:mod:`cnnrepair.bounds.window`);
     None for any other layer, grouped or dilated convolutions and string paddings."""
     w = consts[node.args[1]]
-    a = list(node.args) + [None] * 7
-    stride, padding, dilation, groups = a[3] or [1, 1], a[4] or [0, 0], a[5] or [1, 1], a[6] or 1
+    stride, padding, dilation, groups = _conv_args(node)
     if node.target != aten.conv2d.default or isinstance(padding, str) or groups != 1 or w.ndim != 4:
         return None
     st, pd, dl = (tuple([v] * 2 if not isinstance(v, (list, tuple)) else list(v)) for v in (stride, padding, dilation))
@@ -485,8 +489,7 @@ def _weighted_rows(node: torch.fx.Node, consts: dict):
 
     if t == aten.linear.default and w.ndim == 2:
         return lambda idx, shape: (w[idx], const(idx))
-    a = list(node.args) + [None] * 7
-    stride, padding, dilation, groups = a[3] or [1, 1], a[4] or [0, 0], a[5] or [1, 1], a[6] or 1
+    stride, padding, dilation, groups = _conv_args(node)
     if t != aten.conv2d.default or isinstance(padding, str) or groups != 1 or w.ndim != 4:
         return None
     st, pd, dl = ([v] * 2 if not isinstance(v, (list, tuple)) else list(v) for v in (stride, padding, dilation))

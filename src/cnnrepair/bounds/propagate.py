@@ -218,12 +218,12 @@ def _tighten(graph: FrozenGraph, bounds: dict, node: torch.fx.Node, rows: Tensor
     R = int(counts.max()) if B else 0
     if R == 0:
         return lo, hi
-    # each input's own neurons first (a stable sort keeps them in order), padded to the largest count
-    order = torch.sort((~want).to(torch.int8), dim=1, stable=True).indices[:, :R]
-    valid = torch.arange(R, device=lo.device).unsqueeze(0) < counts.unsqueeze(1)
     op = graph.op(node)
     if WINDOWS and alpha is None and op.window is not None and len(op.shape) == 3:
         return _tighten_by_window(graph, bounds, node, want, box, inputs)
+    # each input's own neurons first (a stable sort keeps them in order), padded to the largest count
+    order = torch.sort((~want).to(torch.int8), dim=1, stable=True).indices[:, :R]
+    valid = torch.arange(R, device=lo.device).unsqueeze(0) < counts.unsqueeze(1)
     flat_lo, flat_hi = lo.reshape(B, -1).clone(), hi.reshape(B, -1).clone()
     n = flat_lo.shape[1]
     chunk = max(1, memory_budget(lo.device) // (2 * B * graph.widest(node)))
@@ -321,10 +321,10 @@ def _window_block(graph: FrozenGraph, node: torch.fx.Node, batch: int, device) -
     return side, chunk
 
 
-def _backward(graph: FrozenGraph, bounds: dict, node: torch.fx.Node, a: Tensor, n_low: int, inputs: tuple[Tensor, Tensor],
+def _backward(graph: FrozenGraph, bounds: dict, node: torch.fx.Node, a: Tensor | Window, n_low: int, inputs: tuple[Tensor, Tensor],
               slopes: dict | None = None, stop: set | None = None) -> Tensor:
-    """B x rows: lower bounds of the first ``n_low`` rows' linear functions (``a``: B x rows x node's shape) of
-    ``node``'s value over the input box, upper bounds of the others. ``slopes``: alpha-CROWN's lower ReLU
+    """B x rows: lower bounds of the first ``n_low`` rows' linear functions (``a``: B x rows x node's shape, or a
+    :class:`Window` of them) of ``node``'s value over the input box, upper bounds of the others. ``slopes``: alpha-CROWN's lower ReLU
     slopes by ReLU node; ``stop``: nodes whose box is taken instead of walking further back."""
     lower, upper = inputs
     rows = a.a if isinstance(a, Window) else a

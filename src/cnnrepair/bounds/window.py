@@ -45,9 +45,9 @@ class Window:
         out[..., self.top:self.top + h, self.left:self.left + w] = self.a
         return out
 
-    def like(self, a: Tensor, top: int | None = None, left: int | None = None, full: tuple | None = None) -> Window:
-        """Other rows in this window (or another one)."""
-        return Window(a, self.top if top is None else top, self.left if left is None else left, self.full if full is None else full)
+    def like(self, a: Tensor) -> Window:
+        """Other rows in this window."""
+        return Window(a, self.top, self.left, self.full)
 
 
 def crop(x: Tensor, top: int, left: int, size: tuple[int, int]) -> Tensor:
@@ -63,6 +63,7 @@ def add(x: Tensor | Window, y: Tensor | Window) -> Tensor | Window:
 
 
 def dense(x: Tensor | Window) -> Tensor:
+    """Rows written out whole, whether they come as a window or not."""
     return x.dense() if isinstance(x, Window) else x
 
 
