@@ -144,8 +144,6 @@ class Relu(Kind):
 
     def backward_window(self, op, win, bounds, n_low, slopes=None):
         lo, hi = bounds[op.inputs[0]]
-        if lo.ndim != 4:
-            return None
         coef, const = self._back(win.a, win.crop(lo), win.crop(hi), n_low, None if slopes is None else win.crop(slopes))
         return [(op.inputs[0], win.like(coef), const)]
 
@@ -187,7 +185,7 @@ class MaxPool(Kind):
     def backward_window(self, op, win, bounds, n_low, slopes=None):
         lo, hi = bounds[op.inputs[0]]
         k = pool_disjoint(op)
-        if lo.ndim != 4 or k is None:
+        if k is None:
             return None  # windows of the input overlap or run past it: the rows are written out whole
         top, left, size = win.top * k[0], win.left * k[1], (win.size[0] * k[0], win.size[1] * k[1])  # the input's window
         coef, const = self._back(op, win.a, crop(lo, top, left, size), crop(hi, top, left, size), n_low)

@@ -214,21 +214,14 @@ def _tighten(graph: FrozenGraph, bounds: dict, node: torch.fx.Node, rows: Tensor
     lo, hi = box
     B = lo.shape[0]
     want = rows.reshape(B, -1)
-    counts = want.sum(1)
-    R = int(counts.max()) if B else 0
-    if R == 0:
+    if not B or not want.any():
         return lo, hi
     op = graph.op(node)
     if WINDOWS and alpha is None and op.window is not None and len(op.shape) == 3:
         return _tighten_by_window(graph, bounds, node, want, box, inputs)
-    # each input's own neurons first (a stable sort keeps them in order), padded to the largest count
-    order = torch.sort((~want).to(torch.int8), dim=1, stable=True).indices[:, :R]
-    valid = torch.arange(R, device=lo.device).unsqueeze(0) < counts.unsqueeze(1)
     flat_lo, flat_hi = lo.reshape(B, -1).clone(), hi.reshape(B, -1).clone()
-    n = flat_lo.shape[1]
-    chunk = max(1, memory_budget(lo.device) // (2 * B * graph.widest(node)))
-    for start in range(0, R, chunk):
-        part, ok = order[:, start:start + chunk], valid[:, start:start + chunk]
+
+    def walk(part: Tensor, ok: Tensor) -> Tensor:
         S = part.shape[1]
         okf = ok.to(torch.float64)
         if op.rows_of is not None:  # the layer's own rows: the walk starts at its input
@@ -237,15 +230,37 @@ def _tighten(graph: FrozenGraph, bounds: dict, node: torch.fx.Node, rows: Tensor
             rows = rows * okf.reshape(B, S, *([1] * (rows.ndim - 2)))  # a padding row is all zero
             a, bias, at = torch.cat([rows, rows], 1), torch.cat([const, const], 1) * torch.cat([okf, okf], 1), src
         else:
-            one = torch.zeros(B, S, n, dtype=torch.float64, device=lo.device)
-            one.scatter_(2, part.unsqueeze(2), okf.unsqueeze(2))
-            one = one.reshape(B, S, *op.shape)
-            a, bias, at = torch.cat([one, one], 1), 0.0, node  # lower-bound rows, then upper-bound rows
-        out = bias + (_optimised(graph, bounds, at, a, S, inputs, alpha) if alpha else _backward(graph, bounds, at, a, S, inputs))
+            a, bias, at = _one_hot(part, ok, want.shape[1]).reshape(B, 2 * S, *op.shape), 0.0, node
+        return bias + (_optimised(graph, bounds, at, a, S, inputs, alpha) if alpha else _backward(graph, bounds, at, a, S, inputs))
+
+    _walk_marked(want, (flat_lo, flat_hi), max(1, memory_budget(lo.device) // (2 * B * graph.widest(node))), walk)
+    return flat_lo.reshape(lo.shape), flat_hi.reshape(hi.shape)
+
+
+def _walk_marked(want: Tensor, box: tuple[Tensor, Tensor], chunk: int, walk) -> None:
+    """Tighten ``box`` (B x n lower and upper bounds, in place) at the neurons ``want`` marks (B x n): each input's own
+    neurons first (a stable sort keeps them in order), padded to the largest count, ``chunk`` at a time;
+    ``walk(part, ok)`` bounds the neurons ``part`` (B x S indices; ``ok``: not padding) as B x 2S rows, lower then upper."""
+    flat_lo, flat_hi = box
+    counts = want.sum(1)
+    R = int(counts.max()) if len(counts) else 0
+    order = torch.sort((~want).to(torch.int8), dim=1, stable=True).indices[:, :R]
+    valid = torch.arange(R, device=want.device).unsqueeze(0) < counts.unsqueeze(1)
+    for start in range(0, R, chunk):
+        part, ok = order[:, start:start + chunk], valid[:, start:start + chunk]
+        S = part.shape[1]
+        out = walk(part, ok)
         cur_lo, cur_hi = flat_lo.gather(1, part), flat_hi.gather(1, part)
         flat_lo.scatter_(1, part, torch.where(ok, torch.maximum(cur_lo, out[:, :S]), cur_lo))
         flat_hi.scatter_(1, part, torch.where(ok, torch.minimum(cur_hi, out[:, S:]), cur_hi))
-    return flat_lo.reshape(lo.shape), flat_hi.reshape(hi.shape)
+
+
+def _one_hot(part: Tensor, ok: Tensor, n: int) -> Tensor:
+    """B x 2S x n: a one-hot row per neuron of ``part`` (zero where ``ok`` marks padding), twice (lower, then upper)."""
+    B, S = part.shape
+    one = torch.zeros(B, S, n, dtype=torch.float64, device=part.device)
+    one.scatter_(2, part.unsqueeze(2), ok.to(torch.float64).unsqueeze(2))
+    return torch.cat([one, one], 1)
 
 
 def _tighten_by_window(graph: FrozenGraph, bounds: dict, node: torch.fx.Node, want: Tensor, box: tuple[Tensor, Tensor],
@@ -261,27 +276,18 @@ def _tighten_by_window(graph: FrozenGraph, bounds: dict, node: torch.fx.Node, wa
     for top in range(0, H, side):
         for left in range(0, W, side):
             here = want[:, :, top:top + side, left:left + side]
-            h, w = here.shape[-2:]
-            here = here.reshape(B, -1)
-            counts = here.sum(1)
-            R = int(counts.max())
-            if R == 0:
+            if not here.any():
                 continue
-            order = torch.sort((~here).to(torch.int8), dim=1, stable=True).indices[:, :R]
-            valid = torch.arange(R, device=lo.device).unsqueeze(0) < counts.unsqueeze(1)
-            blo, bhi = new_lo[:, :, top:top + h, left:left + w].reshape(B, -1), new_hi[:, :, top:top + h, left:left + w].reshape(B, -1)
-            for start in range(0, R, chunk):
-                part, ok = order[:, start:start + chunk], valid[:, start:start + chunk]
-                S = part.shape[1]
-                one = torch.zeros(B, S, C * h * w, dtype=torch.float64, device=lo.device)
-                one.scatter_(2, part.unsqueeze(2), ok.to(torch.float64).unsqueeze(2))
-                rows = torch.cat([one, one], 1).reshape(B, 2 * S, C, h, w)  # lower-bound rows, then upper-bound rows
-                out = _backward(graph, bounds, node, Window(rows, top, left, (C, H, W)), S, inputs)
-                cur_lo, cur_hi = blo.gather(1, part), bhi.gather(1, part)
-                blo.scatter_(1, part, torch.where(ok, torch.maximum(cur_lo, out[:, :S]), cur_lo))
-                bhi.scatter_(1, part, torch.where(ok, torch.minimum(cur_hi, out[:, S:]), cur_hi))
-            new_lo[:, :, top:top + h, left:left + w] = blo.reshape(B, C, h, w)
-            new_hi[:, :, top:top + h, left:left + w] = bhi.reshape(B, C, h, w)
+            h, w = here.shape[-2:]
+            block = (slice(None), slice(None), slice(top, top + h), slice(left, left + w))
+            blo, bhi = new_lo[block].reshape(B, -1), new_hi[block].reshape(B, -1)
+
+            def walk(part: Tensor, ok: Tensor, h=h, w=w, top=top, left=left) -> Tensor:
+                rows = _one_hot(part, ok, C * h * w).reshape(B, -1, C, h, w)
+                return _backward(graph, bounds, node, Window(rows, top, left, (C, H, W)), part.shape[1], inputs)
+
+            _walk_marked(here.reshape(B, -1), (blo, bhi), chunk, walk)
+            new_lo[block], new_hi[block] = blo.reshape(B, C, h, w), bhi.reshape(B, C, h, w)
     return new_lo, new_hi
 
 
@@ -349,7 +355,7 @@ def _backward(graph: FrozenGraph, bounds: dict, node: torch.fx.Node, a: Tensor |
     a_in = A.get(graph.ops[0].node)
     if a_in is None:
         return bias
-    if isinstance(a_in, Window) and lower.ndim == 4:
+    if isinstance(a_in, Window):
         return bias + box_constant(a_in.a, a_in.crop(lower), a_in.crop(upper), n_low)
     return bias + box_constant(dense(a_in), lower, upper, n_low)
 
