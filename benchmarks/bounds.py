@@ -34,6 +34,7 @@ from torch import nn
 from benchmarks import registry
 
 DENSE = "crown, rows written out whole"
+IMAGES = 100  # test images per model in the committed table's run
 MLPS = {"mnist 784-256x2-10": 2, "mnist 784-256x4-10": 4}
 
 
@@ -100,7 +101,7 @@ def _models(mnist_dir: Path, cifar_dir: Path | None, seed: int) -> list[tuple[st
     return out
 
 
-def run(mnist_dir: Path, cifar_dir: Path | None, images: int = 100, seed: int = 0) -> Path:
+def run(mnist_dir: Path, cifar_dir: Path | None, images: int = IMAGES, seed: int = 0) -> Path:
     """Every (model, eps, method); writes benchmarks/results/bounds.json."""
     from benchmarks.common import machine, write_result
     from cnnrepair.bounds import ball_box, feature_bounds, margin_rows
@@ -154,14 +155,21 @@ def run(mnist_dir: Path, cifar_dir: Path | None, images: int = 100, seed: int = 
                 print(f"  eps {eps:.4g} {method}: {row['certified']}/{len(y)} certified, mean bound {row['mean_margin_bound']:.3f}, "
                       f"{1000 * row['seconds_per_image']:.1f} ms/image", flush=True)
     command = f"python -m benchmarks.run bounds --data-dir {mnist_dir}" + (f" --cifar-dir {cifar_dir}" if cifar_dir else "")
-    if images != 100:
+    if images != IMAGES:
         command += f" --images {images}"
     out = {"machine": machine(), "command": command, "task": {"images": images, "seed": seed, "training": "Adam lr 1e-3, batch 128"},
            "networks": nets, "rows": rows,
            "auto_LiRPA": ("not run: auto_LiRPA 0.7 is not on PyPI; its one PyPI release, 0.3, requires torch < 1.13 (no Python 3.11 "
                           "wheel), and installed with --no-deps beside torch 2.13 (numpy < 2) it fails at import: "
                           "torch.onnx.symbolic_helper._set_opset_version no longer exists")}
-    return write_result("bounds.json", out)
+    return write_result(result_name(images, cifar_dir is not None), out)
+
+
+def result_name(images: int = IMAGES, cifar: bool = True) -> str:
+    """The results file of a run: one on another number of images, or without the CIFAR-10 model, gets a file of its own
+    instead of replacing the whole table."""
+    parts = ([] if images == IMAGES else [f"images{images}"]) + ([] if cifar else ["mnist_only"])
+    return "_".join(["bounds", *parts]) + ".json"
 
 
 def table(d: dict) -> str:
@@ -198,7 +206,7 @@ def headline(d: dict) -> list[str]:
                   "run. auto_LiRPA could not be installed here (see docs/results.md).", ""]
 
 
-registry.section("bounds.json", order=165, title=lambda d: "### Bounds: certified accuracy with IBP, CROWN and alpha-CROWN",
+registry.section("bounds*.json", order=165, title=lambda d: "### Bounds: certified accuracy with IBP, CROWN and alpha-CROWN",
                  intro=lambda d: f"`{d['command']}`; {registry.measured_on(d)}; the first {d['task']['images']} test images per model; "
                                  "an image is certified when every logit difference's lower bound over its ball is positive.",
                  table=table, headline=headline)
@@ -208,6 +216,6 @@ registry.section("bounds.json", order=165, title=lambda d: "### Bounds: certifie
                   order=165, arguments=registry.arguments(
                       registry.arg("--data-dir", type=Path, default=Path("../shared/datasets/mnist"), help="the MNIST IDX folder"),
                       registry.arg("--cifar-dir", type=Path, default=None, help="the CIFAR-10 data (e.g. ../shared/datasets/cifar10-jpeg.tar.gz)"),
-                      registry.arg("--images", type=int, default=100, help="test images per model")))
+                      registry.arg("--images", type=int, default=IMAGES, help=f"test images per model (default {IMAGES})")))
 def _cli(args):
     return run(args.data_dir, args.cifar_dir, args.images)

@@ -33,6 +33,7 @@ import torch
 from benchmarks import registry
 
 NETWORKS = {"3x100": ((3, 100), "fog"), "256x2": ((3, 256), "misclassified"), "9x200": ((9, 200), "fog")}
+CAP_S = 300.0  # seconds each solve may take in the committed table's run
 PROGRAMS = {"L1": ("l1", None), "L-inf": ("linf", None), "PRDNN": ("l1+linf", 3.0)}
 
 
@@ -130,7 +131,7 @@ def _command(model, xr, yr, xk, work: Path) -> dict:
 
 
 def run(data_dir: Path, shapes: tuple[str, ...] = tuple(NETWORKS), repair: int = 100, keep: int = 1000, margin: float = 0.05,
-        epochs: int = 3, seed: int = 0, cap: float = 300.0) -> Path:
+        epochs: int = 3, seed: int = 0, cap: float = CAP_S) -> Path:
     """Every (network, program): ours and HiGHS's whole LP side by side, then the whole command; keep_speed.json."""
     from benchmarks.common import compare, machine, write_result
     from benchmarks.lp_scaling import timed
@@ -158,12 +159,20 @@ def run(data_dir: Path, shapes: tuple[str, ...] = tuple(NETWORKS), repair: int =
         with tempfile.TemporaryDirectory(prefix="cnnrepair-keep-speed-") as tmp:
             commands.append({"network": shape, "train_seconds": train_s, **_command(model, xr, yr, xk, Path(tmp))})
         print(f"{shape}: cnnrepair repair {commands[-1]['wall_s']:.1f} s ({commands[-1]['status']})", flush=True)
-    cmd = f"python -m benchmarks.run keep-speed --data-dir {data_dir} --cap {cap:g}"
-    return write_result("keep_speed.json", {
+    cmd = f"python -m benchmarks.run keep-speed --data-dir {data_dir} --cap {cap:g}" + (
+        "" if tuple(shapes) == tuple(NETWORKS) else f" --shapes {','.join(shapes)}")
+    return write_result(result_name(shapes, cap), {
         "machine": machine(), "command": cmd, "cap_s": cap,
         "task": {"repair": repair, "keep": keep, "margin": margin, "epochs": epochs, "seed": seed,
                  "programs": {k: {"norm": v[0], "max_change": v[1]} for k, v in PROGRAMS.items()}},
         "rows": rows, "commands": commands})
+
+
+def result_name(shapes: tuple[str, ...] = tuple(NETWORKS), cap: float = CAP_S) -> str:
+    """The results file of a run: one on some of the networks or under another cap gets a file of its own instead of
+    replacing the whole table."""
+    parts = ([] if tuple(shapes) == tuple(NETWORKS) else ["_".join(shapes)]) + ([] if cap == CAP_S else [f"cap{cap:g}"])
+    return "_".join(["keep_speed", *parts]) + ".json"
 
 
 def table(d: dict) -> str:
@@ -225,7 +234,7 @@ def _intro(d: dict) -> str:
             "saved file's check in onnxruntime.")
 
 
-registry.section("keep_speed.json", order=95, title=lambda d: "### Keep-heavy repairs on the benchmark's own networks",
+registry.section("keep_speed*.json", order=95, title=lambda d: "### Keep-heavy repairs on the benchmark's own networks",
                  intro=_intro, table=table, headline=headline)
 
 
@@ -233,6 +242,6 @@ registry.section("keep_speed.json", order=95, title=lambda d: "### Keep-heavy re
                   arguments=registry.arguments(
                       registry.MNIST_DIR,
                       registry.arg("--shapes", default=",".join(NETWORKS), help="comma-separated networks (3x100,256x2,9x200)"),
-                      registry.arg("--cap", type=float, default=300.0, help="seconds each solve may take (default 300)")))
+                      registry.arg("--cap", type=float, default=CAP_S, help=f"seconds each solve may take (default {CAP_S:g})")))
 def _cli(args):
     return run(args.data_dir, registry.names(args.shapes, NETWORKS, "network"), cap=args.cap)

@@ -1,3 +1,4 @@
+import fnmatch
 import json
 import os
 
@@ -312,6 +313,24 @@ def test_targeted_benchmark_repairs_both_forms_side_by_side(tmp_path):
         assert rec["marabou"][0]["answer"] in ("unsat", "timeout")
     table = vnncomp.targeted_table({"rows": [rec]})
     assert table.count("\n") == 2 and "32x2" in table
+
+
+def test_bounds_and_keep_speed_runs_with_other_settings_get_their_own_files():
+    """A bounds run on fewer images or without CIFAR-10, and a keep-speed run on some networks or under another cap, write
+    files of their own instead of replacing the committed tables; the README picks up each committed table."""
+    from benchmarks import bounds, keep_speed, registry
+
+    assert bounds.result_name() == "bounds.json"
+    assert bounds.result_name(20) == "bounds_images20.json"
+    assert bounds.result_name(cifar=False) == "bounds_mnist_only.json"
+    assert bounds.result_name(20, False) == "bounds_images20_mnist_only.json"
+    assert keep_speed.result_name() == "keep_speed.json"
+    assert keep_speed.result_name(("9x200",)) == "keep_speed_9x200.json"
+    assert keep_speed.result_name(cap=60.0) == "keep_speed_cap60.json"
+    assert keep_speed.result_name(("3x100", "256x2"), 60.0) == "keep_speed_3x100_256x2_cap60.json"
+    patterns = [sec.pattern for sec in registry.SECTIONS]
+    for module in (bounds, keep_speed):
+        assert sum(fnmatch.fnmatch(module.result_name(), p) for p in patterns) == 1  # the committed table has one section
 
 
 def test_any_layer_run_on_some_networks_gets_its_own_file_and_title():
