@@ -134,6 +134,47 @@ def _same_solution_on(device: str, cases) -> int:
     return compared
 
 
+@pytest.mark.parametrize("device", ["cpu", "torch:cpu"])
+def test_the_normal_matrix_solves_with_the_matrix_written_out_whole(device):
+    """The interior point's normal matrix, built class by class (SciPy on one triangle; torch), solves with
+    A diag(theta) A^T + B diag(De) B^T + diag(Ds) + kappa g g^T written out whole, to 1e-10: rows in any order, rows
+    touching one class only (the zero rival), a class with no free entries, several rows per point."""
+    from cnnrepair.repair.normal import normal_matrix
+
+    rng = np.random.default_rng(3)
+    C, nc, m = 5, 7, 60
+    lab = rng.integers(0, C, m)
+    riv = (lab + 1 + rng.integers(0, C, m)) % (C + 1)  # C: the zero rival, no entries
+    riv[riv == lab] = C
+    point = rng.integers(0, 25, m)
+    free = np.array([e for e in range(C * nc) if e // nc != 3])  # class 3 has no free entries
+    G = rng.normal(size=(m, nc))
+    A = np.zeros((m, len(free)))
+    by_class = []
+    for c in range(C):
+        idx = np.flatnonzero((lab == c) | (riv == c))
+        sign = np.where(lab[idx] == c, 1.0, -1.0)
+        pos = np.flatnonzero(free // nc == c)
+        Gc = sign[:, None] * G[np.ix_(idx, free[pos] % nc)]
+        A[np.ix_(idx, pos)] += Gc
+        by_class.append((idx, np.asfortranarray(Gc), pos))
+    points, row_point = np.unique(point, return_inverse=True)
+    ii, jj = np.meshgrid(np.arange(m), np.arange(m), indexing="ij")
+    pair = (row_point[ii] == row_point[jj]) & (ii >= jj)
+    same = (ii[pair], jj[pair], row_point[ii[pair]])
+    theta, De, Ds = rng.uniform(0.1, 2.0, len(free)), rng.uniform(0.1, 2.0, len(points)), rng.uniform(0.1, 2.0, m)
+    g, kappa = rng.normal(size=m), 0.7
+    B = np.zeros((m, len(points)))
+    B[np.arange(m), row_point] = 1.0
+    M = A @ np.diag(theta) @ A.T + B @ np.diag(De) @ B.T + np.diag(Ds) + kappa * np.outer(g, g)
+    normal = normal_matrix(m, by_class, same, device)
+    rhs = rng.normal(size=m)
+    for rank_one in (None, (kappa, g)):
+        assert normal.factor(theta, De, Ds, rank_one)
+        want = np.linalg.solve(M if rank_one else M - kappa * np.outer(g, g), rhs)
+        assert np.abs(normal.solve(rhs) - want).max() <= 1e-10 * np.abs(want).max()
+
+
 def test_the_torch_normal_matrix_gives_the_cpu_answer_for_every_norm_and_bound():
     """The torch implementation of the interior point's normal matrix (the CUDA path), run on the CPU, reaches the SciPy
     path's optimum to 1e-9 relative in every norm x bias x keep x bound case, and the solution records where it ran."""
