@@ -11,6 +11,7 @@ NAME is one of:
   field     the repair field's measures on MNIST-C fog (efficacy, drawdown, generalisation)
   margins   pointwise repair program: our solver against HiGHS on the whole LP (L1 and PRDNN's program)
   margin-threads  the pointwise program with one and two BLAS threads
+  highs-rule  the pointwise program's HiGHS path with dual simplex and with HiGHS's interior point, side by side
   prdnn     PRDNN itself (pip prdnn 1.0 on Gurobi, its own interpreter) against our solver on its program
   large-k   the targets program with 2,000-60,000 repair points: our interior point against HiGHS (and on CUDA)
   workflow  cnnrepair points + repair + verify on the MNIST run's models exported as ONNX, timed
@@ -382,7 +383,7 @@ def readme() -> Path:
 
 
 # every benchmark module, imported so that it registers its command and its results sections
-MODULES = ("any_layer", "attack_overhead", "bounds", "certified", "field", "keep_speed", "k1_ceiling", "kh_scaling", "large_k", "linear_ceiling", "lp_scaling",
+MODULES = ("any_layer", "attack_overhead", "bounds", "certified", "field", "highs_rule", "keep_speed", "k1_ceiling", "kh_scaling", "large_k", "linear_ceiling", "lp_scaling",
            "margin_speed", "threads", "versus_prdnn", "vnncomp", "workflow")
 
 

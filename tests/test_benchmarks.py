@@ -147,6 +147,18 @@ def test_margin_speed_benchmark_agrees_with_highs_on_the_whole_lp():
         assert row["relative_difference"] <= 1e-6  # the same program, the same optimum
 
 
+def test_highs_rule_benchmark_solves_each_program_both_ways_to_the_same_optimum():
+    from benchmarks.highs_rule import run, table
+
+    out = json.loads(run(quick=True, cap=60).read_text())
+    assert [r["program"] for r in out["rows"]] == ["L1", "PRDNN"]
+    for row in out["rows"]:
+        assert row["simplex"]["status"] == "ok" and row["ipm"]["status"] == "ok"
+        assert (row["simplex"]["algorithm"], row["ipm"]["algorithm"]) == ("simplex", "ipm")  # each ran what it says
+        assert row["relative_difference"] <= 1e-6 and row["rule"] == "simplex"  # 20 points short: below the rule's threshold
+    assert "| dual simplex |" in table(out)
+
+
 def test_large_k_benchmark_agrees_with_highs_and_times_both_sides():
     import torch
 

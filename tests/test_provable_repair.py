@@ -78,6 +78,15 @@ def _problem(seed: int, norm: str, freeze_bias: bool, keep: str, max_change: flo
                          None if max_change is None else max_change * scale)
 
 
+def _feasible(norm: str, freeze_bias: bool, keep: str, max_change: float | None, seeds: int = 3):
+    """(problem, linprog's optimum) for each seed whose problem the reference finds feasible."""
+    for seed in range(seeds):
+        p = _problem(seed, norm, freeze_bias, keep, max_change)
+        ref = reference_optimum(p)
+        if np.isfinite(ref):
+            yield p, ref
+
+
 CASES = [(norm, fb, keep, mc) for norm in ("l1", "linf", "l1+linf") for fb in (False, True)
          for keep, mc in (("none", None), ("hard", None), ("soft", None), ("hard", 4.0))]
 
@@ -373,20 +382,14 @@ def test_the_interior_point_on_a_support_reaches_the_restricted_optimum():
 def test_an_interior_point_that_leaves_dust_is_re_solved_on_its_support(monkeypatch):
     """When dropping the tiny changes of an interior point breaks a hard margin, the solve goes on with only the
     entries that moved: still the optimum, every hard margin met, and no more entries changed than that support."""
-    import cnnrepair.repair.margins as M
     import cnnrepair.repair.rows_ipm as R
 
-    monkeypatch.setattr(M, "_IPM_ROWS", 1)
     calls = []
     original = R._on_support
     monkeypatch.setattr(R, "_sparsify", lambda *a: None)  # as if the dust could not simply be dropped
     monkeypatch.setattr(R, "_on_support", lambda *a: calls.append(original(*a)) or calls[-1])
     solved = 0
-    for seed in range(3):
-        p = _problem(seed, "l1", False, "hard", None)
-        ref = reference_optimum(p)
-        if not np.isfinite(ref):
-            continue
+    for p, ref in _feasible("l1", False, "hard", None):
         solved += 1
         s = solve_margins(p)
         assert calls and calls[-1] is not None
@@ -621,17 +624,28 @@ def test_the_papers_experiment_runs_the_pointwise_spec_on_the_same_points(digits
     assert main([*base, "--spec", "pointwise", "--selection", "none,wilcoxon", "--variant", "pw2"]) == 2
 
 
-@pytest.mark.parametrize("keep,freeze_bias", [("none", False), ("hard", True), ("soft", False)])
-def test_the_interior_point_path_reaches_the_same_optimum(monkeypatch, keep, freeze_bias):
+def test_highs_takes_dual_simplex_for_a_few_short_points_and_its_interior_point_for_many(monkeypatch):
+    """The HiGHS path's algorithm follows the points short at the start (highs_algorithm), is recorded in the solution's
+    size, and either reaches the reference optimum."""
     import cnnrepair.repair.margins as M
 
-    monkeypatch.setattr(M, "_IPM_ROWS", 1)  # every L1 problem takes the structured interior point
+    assert M.highs_algorithm(M._IPM_POINTS - 1) == "simplex" and M.highs_algorithm(M._IPM_POINTS) == "ipm"
+    default, solved = M._IPM_POINTS, 0
+    for p, ref in _feasible("l1", False, "hard", None):
+        solved += 1
+        assert int((p.row_shortfall().max(1) > 0).sum()) < default
+        for threshold, algorithm in ((default, "simplex"), (1, "ipm")):
+            monkeypatch.setattr(M, "_IPM_POINTS", threshold)
+            s = solve_margins(p, method="highs")
+            assert s.ok and s.size["highs_algorithm"] == algorithm
+            assert s.objective == pytest.approx(ref, rel=1e-6) and s.gap <= 1e-6
+    assert solved >= 1
+
+
+@pytest.mark.parametrize("keep,freeze_bias", [("none", False), ("hard", True), ("soft", False)])
+def test_the_interior_point_path_reaches_the_same_optimum(keep, freeze_bias):
     solved = 0
-    for seed in range(3):
-        p = _problem(seed, "l1", freeze_bias, keep, None)
-        ref = reference_optimum(p)
-        if not np.isfinite(ref):
-            continue
+    for p, ref in _feasible("l1", freeze_bias, keep, None):
         solved += 1
         s = solve_margins(p)
         assert s.ok and s.size.get("method") == "interior point"
