@@ -43,18 +43,11 @@ def _programs(data_dir: Path | None, quick: bool):
     from benchmarks.margin_speed import problem
 
     if not quick:
-        from benchmarks.keep_speed import NETWORKS, _points, _problem
-        from cnnrepair.corruptions import fog
-        from cnnrepair.data import load_dataset, to_float
+        from benchmarks.keep_speed import _problem, trained
 
-        ds = load_dataset("mnist", data_dir)
-        x_fog = to_float(fog(ds.x_test[:100], severity=5, seed=0))
-        order = np.random.default_rng(0).permutation(len(ds.y_train))[:3000]
-        for shape in NETWORKS:
-            model, xr, yr, xk, yk, _ = _points(shape, ds, x_fog, order, 3, 0, 100, 1000)
-            model.eval()
+        for shape, model, xr, yr, xk, yk, _ in trained(data_dir):
             for program in ("L1", "PRDNN"):
-                yield f"{shape}, 100 repair + 1,000 keep points", program, _problem(model, xr, yr, xk, yk, program, 0.05)
+                yield f"{shape}, {len(yr)} repair + {len(yk):,} keep points", program, _problem(model, xr, yr, xk, yk, program, 0.05)
     for K, n, program in QUICK if quick else RANDOM:
         norm, bound = PROGRAMS[program]
         yield f"random, {K:,} repair points on {n} features", program, problem(K, n, 0, norm, bound)

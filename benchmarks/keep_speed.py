@@ -60,6 +60,21 @@ def _points(shape: str, ds, x_fog: torch.Tensor, order: np.ndarray, epochs: int,
     return model, xr, np.asarray(yr), pool[right], ds.y_train[order][right], train_s
 
 
+def trained(data_dir: Path, shapes: tuple[str, ...] = tuple(NETWORKS), repair: int = 100, keep: int = 1000, epochs: int = 3,
+            seed: int = 0):
+    """For each network, trained here: (shape, model in eval mode, repair inputs, their labels, keep inputs, keep labels,
+    training seconds), the task of this benchmark's table."""
+    from cnnrepair.corruptions import fog
+    from cnnrepair.data import load_dataset, to_float
+
+    ds = load_dataset("mnist", data_dir)
+    x_fog = to_float(fog(ds.x_test[:repair], severity=5, seed=seed))
+    order = np.random.default_rng(seed).permutation(len(ds.y_train))[:3 * keep]
+    for shape in shapes:
+        model, xr, yr, xk, yk, train_s = _points(shape, ds, x_fog, order, epochs, seed, repair, keep)
+        yield shape, model.eval(), xr, yr, xk, yk, train_s
+
+
 def _problem(model, xr, yr, xk, yk, program: str, margin: float):
     from cnnrepair.repair import MarginProblem
 
@@ -135,16 +150,9 @@ def run(data_dir: Path, shapes: tuple[str, ...] = tuple(NETWORKS), repair: int =
     """Every (network, program): ours and HiGHS's whole LP side by side, then the whole command; keep_speed.json."""
     from benchmarks.common import compare, machine, write_result
     from benchmarks.lp_scaling import timed
-    from cnnrepair.corruptions import fog
-    from cnnrepair.data import load_dataset, to_float
 
-    ds = load_dataset("mnist", data_dir)
-    x_fog = to_float(fog(ds.x_test[:repair], severity=5, seed=seed))
-    order = np.random.default_rng(seed).permutation(len(ds.y_train))[:3 * keep]
     rows, commands = [], []
-    for shape in shapes:
-        model, xr, yr, xk, yk, train_s = _points(shape, ds, x_fog, order, epochs, seed, repair, keep)
-        model.eval()
+    for shape, model, xr, yr, xk, yk, train_s in trained(data_dir, shapes, repair, keep, epochs, seed):
         for program in PROGRAMS:
             p = _problem(model, xr, yr, xk, yk, program, margin)
             row = {"network": shape, "program": program, "points": len(yr), "keep": len(yk), "features": p.features.shape[1],

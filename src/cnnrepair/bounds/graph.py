@@ -428,32 +428,40 @@ def _monotone(site: Site) -> Op | None:
               diagonal=site.node.target not in _AVERAGES)
 
 
+def pair(v) -> tuple[int, int]:
+    """A 2-d setting (kernel, stride, padding, dilation) as (height, width), however the node wrote it."""
+    return tuple(v) if isinstance(v, (list, tuple)) else (v, v)
+
+
 def _conv_args(node: torch.fx.Node) -> tuple:
-    """A 2-d convolution node's (stride, padding, dilation, groups), ATen's defaults where the node leaves them out."""
+    """A 2-d convolution node's (stride, padding, dilation, groups), ATen's defaults where the node leaves them out; stride,
+    dilation and a numeric padding as (height, width) pairs (a padding such as "same" stays a string)."""
     a = list(node.args) + [None] * 7
-    return a[3] or [1, 1], a[4] or [0, 0], a[5] or [1, 1], a[6] or 1
+    padding = a[4] or [0, 0]
+    return pair(a[3] or [1, 1]), padding if isinstance(padding, str) else pair(padding), pair(a[5] or [1, 1]), a[6] or 1
+
+
+def _bias(node: torch.fx.Node, consts: dict) -> Tensor | None:
+    """A linear layer's or convolution's bias, None when it has none."""
+    bias_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    return consts.get(bias_arg) if isinstance(bias_arg, torch.fx.Node) else None
 
 
 def _weighted_transpose(node: torch.fx.Node, consts: dict):
     """The adjoint of a linear layer or 2-d convolution, applied to rows of output coefficients."""
     t = node.target
-    w = consts[node.args[1]]
-    bias_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    b = consts.get(bias_arg) if isinstance(bias_arg, torch.fx.Node) else None
+    w, b = consts[node.args[1]], _bias(node, consts)
     if t == aten.linear.default:
         return lambda a, shape: (a @ w, None if b is None else b)
     if t != aten.conv2d.default:
         return None
-    stride, padding, dilation, groups = _conv_args(node)
-    if isinstance(padding, str):
+    st, pd, dl, groups = _conv_args(node)
+    if isinstance(pd, str):
         return None
 
     def adjoint(rows, shape):
         h, wd = shape[-2:]
         k = w.shape[-2:]
-        st = stride if isinstance(stride, (list, tuple)) else [stride] * 2
-        pd = padding if isinstance(padding, (list, tuple)) else [padding] * 2
-        dl = dilation if isinstance(dilation, (list, tuple)) else [dilation] * 2
         out_pad = [(size + 2 * pd[i] - dl[i] * (k[i] - 1) - 1) % st[i] for i, size in enumerate((h, wd))]
         grad = F.conv_transpose2d(rows, w, None, st, pd, out_pad, groups, dl)
         const = None if b is None else b.reshape(-1, 1, 1).expand(*rows.shape[1:])
@@ -465,34 +473,26 @@ def _weighted_window(node: torch.fx.Node, consts: dict):
     """The adjoint of a 2-d convolution on rows that sit in one window of its output (:mod:`cnnrepair.bounds.window`);
     None for any other layer, grouped or dilated convolutions and string paddings."""
     w = consts[node.args[1]]
-    stride, padding, dilation, groups = _conv_args(node)
-    if node.target != aten.conv2d.default or isinstance(padding, str) or groups != 1 or w.ndim != 4:
+    st, pd, dl, groups = _conv_args(node)
+    if node.target != aten.conv2d.default or isinstance(pd, str) or groups != 1 or w.ndim != 4 or dl != (1, 1):
         return None
-    st, pd, dl = (tuple([v] * 2 if not isinstance(v, (list, tuple)) else list(v)) for v in (stride, padding, dilation))
-    if dl != (1, 1):
-        return None
-    bias_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    b = consts.get(bias_arg) if isinstance(bias_arg, torch.fx.Node) else None
-    return ConvWindow(w, b, st, pd)
+    return ConvWindow(w, _bias(node, consts), st, pd)
 
 
 def _weighted_rows(node: torch.fx.Node, consts: dict):
     """Rows of a linear layer's or 2-d convolution's matrix by output neuron, read off the weight (a walk from single
     neurons starts there instead of multiplying one-hot rows through the layer)."""
     t = node.target
-    w = consts[node.args[1]]
-    bias_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    b = consts.get(bias_arg) if isinstance(bias_arg, torch.fx.Node) else None
+    w, b = consts[node.args[1]], _bias(node, consts)
 
     def const(c):
         return torch.zeros(c.shape, dtype=w.dtype, device=c.device) if b is None else b[c]
 
     if t == aten.linear.default and w.ndim == 2:
         return lambda idx, shape: (w[idx], const(idx))
-    stride, padding, dilation, groups = _conv_args(node)
-    if t != aten.conv2d.default or isinstance(padding, str) or groups != 1 or w.ndim != 4:
+    st, pd, dl, groups = _conv_args(node)
+    if t != aten.conv2d.default or isinstance(pd, str) or groups != 1 or w.ndim != 4:
         return None
-    st, pd, dl = ([v] * 2 if not isinstance(v, (list, tuple)) else list(v) for v in (stride, padding, dilation))
     cout, cin, kh, kw = w.shape
 
     def rows(idx, shape):

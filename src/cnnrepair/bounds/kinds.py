@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from cnnrepair.bounds.graph import Op, maxpool
+from cnnrepair.bounds.graph import Op, maxpool, pair
 from cnnrepair.bounds.window import Window, crop
 
 KINDS: dict[str, Kind] = {}
@@ -210,15 +210,11 @@ class MaxPool(Kind):
         return out.reshape(B, R, *lo.shape[1:]), const
 
 
-def _pair(v) -> tuple[int, int]:
-    return tuple(v) if isinstance(v, (list, tuple)) else (v, v)
-
-
 def pool_disjoint(op: Op) -> tuple[int, int] | None:
     """A max-pool's kernel when its windows tile the input (stride = kernel, no padding or dilation, floor mode), else None."""
     kernel, stride, padding, dilation, ceil = op.run
-    k = _pair(kernel)
-    if k != _pair(stride) or any(_pair(padding)) or _pair(dilation) != (1, 1) or ceil:
+    k = pair(kernel)
+    if k != pair(stride) or any(pair(padding)) or pair(dilation) != (1, 1) or ceil:
         return None
     return k
 
