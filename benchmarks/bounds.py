@@ -7,7 +7,9 @@ the JPEG q75 set). Per model and eps (MNIST 0.02 and 0.05, CIFAR-10 2/255, VNN-C
 ``images`` test images: seconds per image, images certified (label kept over the whole ball; an
 image the model gets wrong is never certified) and the mean lower bound of the margin, for
 
-* ``ibp``, ``crown``, ``alpha-crown``: :func:`cnnrepair.certify` (the specification bounded itself);
+* ``ibp``, ``crown``, ``alpha-crown``: :func:`cnnrepair.certify` (the specification bounded itself), and on the MLPs
+  ``alpha-crown-full`` (every walk's slopes optimised, as auto_LiRPA's alpha-CROWN; on the CNNs its walks, written out
+  whole, take far too long for this table);
 * ``crown, rows written out whole`` (CNNs): the same CROWN with every convolution neuron's walk written
   out over the whole map instead of its receptive field's window (``cnnrepair.bounds.propagate.WINDOWS``
   off): the same bounds, the time side by side;
@@ -16,14 +18,20 @@ image the model gets wrong is never certified) and the mean lower bound of the m
 * ``textbook CROWN`` (MLPs): an independent numpy CROWN (:func:`textbook_crown`), the reference
   the issue names; ours must certify at least as many.
 
-auto_LiRPA is not in the table: 0.7 is not on PyPI, and its one PyPI release (0.3) requires torch < 1.13,
-which has no Python 3.11 wheel; installed beside torch 2.13 with --no-deps it fails at import (the
-result file records what was tried).
+* ``auto_LiRPA IBP``, ``auto_LiRPA CROWN``, ``auto_LiRPA alpha-CROWN`` (with ``--lirpa-python``): auto_LiRPA, the
+  library behind alpha-beta-CROWN, on the same models (rebuilt from their weights), boxes and rows, in its own
+  interpreter (:mod:`benchmarks.bounds_lirpa_worker`), right after ours, on the same cores and threads. Its one PyPI
+  release, 0.3, needs torch < 1.13 and so Python <= 3.10 (0.7 is not on PyPI):
+  ``python3.10 -m venv .venv-lirpa && .venv-lirpa/bin/pip install torch==1.12.1 torchvision==0.13.1 'numpy<2' tqdm
+  auto-lirpa==0.3``. Its alpha-CROWN optimises the slopes of every layer's bounds, ours those of the specification's.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +42,10 @@ from torch import nn
 from benchmarks import registry
 
 DENSE = "crown, rows written out whole"
+FULL = "alpha-crown-full"  # run on the MLPs only: its walks are written out whole, 70 s per image on the paper's CNN (random weights)
+LIRPA = "auto_LiRPA "  # the start of the methods auto_LiRPA ran
+LIRPA_BATCH = 50  # auto_LiRPA's inputs per compute_bounds call
+WORKER = Path(__file__).resolve().parent / "bounds_lirpa_worker.py"
 IMAGES = 100  # test images per model in the committed table's run
 MLPS = {"mnist 784-256x2-10": 2, "mnist 784-256x4-10": 4}
 
@@ -64,6 +76,50 @@ def textbook_crown(Ws: list[np.ndarray], bs: list[np.ndarray], lo: np.ndarray, h
         L.append(back(k, eye, True))
         U.append(back(k, eye, False))
     return back(len(Ws) - 1, rows, True)
+
+
+def layer_list(model: nn.Module) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """The layers of a sequential model (or of the paper's ``head(features(x))``) in order, as the auto_LiRPA worker
+    rebuilds them: each layer's kind and settings, and its weights as ``layer{i}_weight`` / ``layer{i}_bias``."""
+    parts = [model.features, model.head] if isinstance(getattr(model, "head", None), nn.Sequential) else [model]
+    specs: list[dict] = []
+    arrays: dict[str, np.ndarray] = {}
+    for m in (m for part in parts for m in part):
+        i = len(specs)
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            arrays[f"layer{i}_weight"] = m.weight.detach().float().numpy()
+            arrays[f"layer{i}_bias"] = m.bias.detach().float().numpy()
+            specs.append({"kind": "linear"} if isinstance(m, nn.Linear) else
+                         {"kind": "conv2d", "stride": list(m.stride), "padding": list(m.padding)})
+        elif isinstance(m, nn.ReLU):
+            specs.append({"kind": "relu"})
+        elif isinstance(m, nn.Flatten):
+            specs.append({"kind": "flatten"})
+        elif isinstance(m, nn.MaxPool2d):
+            pair = [(v, v) if isinstance(v, int) else tuple(v) for v in (m.kernel_size, m.stride, m.padding)]
+            specs.append({"kind": "maxpool2d", "kernel": list(pair[0]), "stride": list(pair[1]), "padding": list(pair[2])})
+        else:
+            raise ValueError(f"the auto_LiRPA worker does not rebuild {type(m).__name__}")
+    return specs, arrays
+
+
+def lirpa_bounds(python: str, model: nn.Module, lower, upper, labels: np.ndarray, threads: int, timeout: float = 3600) -> dict:
+    """auto_LiRPA's IBP / CROWN / alpha-CROWN margins and seconds for these boxes, from its own interpreter ``python``
+    (:mod:`benchmarks.bounds_lirpa_worker`); ``{"status": "error", ...}`` when it fails."""
+    specs, arrays = layer_list(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        src, lay, dst = Path(tmp) / "in.npz", Path(tmp) / "layers.json", Path(tmp) / "out.json"
+        np.savez(src, lower=np.asarray(lower, np.float64), upper=np.asarray(upper, np.float64), labels=np.asarray(labels, np.int64),
+                 **arrays)
+        lay.write_text(json.dumps(specs))
+        try:
+            proc = subprocess.run([python, str(WORKER), str(src), str(lay), str(dst), "--threads", str(threads),
+                                   "--batch", str(LIRPA_BATCH)], capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"status": "timeout", "cap_s": timeout}
+        if proc.returncode != 0 or not dst.exists():
+            return {"status": "error", "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
+        return {"status": "ok", **json.loads(dst.read_text())}
 
 
 def small_cifar_cnn() -> nn.Sequential:
@@ -101,8 +157,9 @@ def _models(mnist_dir: Path, cifar_dir: Path | None, seed: int) -> list[tuple[st
     return out
 
 
-def run(mnist_dir: Path, cifar_dir: Path | None, images: int = IMAGES, seed: int = 0) -> Path:
-    """Every (model, eps, method); writes benchmarks/results/bounds.json."""
+def run(mnist_dir: Path, cifar_dir: Path | None, images: int = IMAGES, seed: int = 0, lirpa_python: str | None = None) -> Path:
+    """Every (model, eps, method), auto_LiRPA's too when ``lirpa_python`` (an interpreter with auto_LiRPA) is given;
+    writes benchmarks/results/bounds.json."""
     from benchmarks.common import machine, write_result
     from cnnrepair.bounds import ball_box, feature_bounds, margin_rows
     from cnnrepair.certify import certify, worst_margins
@@ -110,7 +167,7 @@ def run(mnist_dir: Path, cifar_dir: Path | None, images: int = IMAGES, seed: int
     from cnnrepair.runtime import accuracy
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    rows, nets = [], {}
+    rows, nets, lirpa = [], {}, None
     for name, model, x_test, y_test, eps_grid, info in _models(mnist_dir, cifar_dir, seed):
         x, y = x_test[:images], np.asarray(y_test[:images], np.int64)
         with torch.no_grad():
@@ -120,7 +177,7 @@ def run(mnist_dir: Path, cifar_dir: Path | None, images: int = IMAGES, seed: int
         lay = last_layer(model, x[:2])
         for eps in eps_grid:
             found = {}
-            for method in ("ibp", "crown", "alpha-crown"):
+            for method in ("ibp", "crown", "alpha-crown") + (FULL,) * (name in MLPS):  # every walk optimised: dense, slow on CNNs
                 t0 = time.perf_counter()
                 c = certify(model, x, y, eps, method)
                 found[method] = (c.margins, time.perf_counter() - t0)
@@ -145,6 +202,18 @@ def run(mnist_dir: Path, cifar_dir: Path | None, images: int = IMAGES, seed: int
                 ref = np.array([textbook_crown(Ws, bs, lo[i].reshape(-1).numpy(), hi[i].reshape(-1).numpy(), spec[i]).min()
                                 for i in range(len(y))])
                 found["textbook CROWN (numpy)"] = (ref, time.perf_counter() - t0)
+            if lirpa_python:
+                got = lirpa_bounds(lirpa_python, model, lo, hi, y, torch.get_num_threads())
+                if got["status"] != "ok":
+                    raise RuntimeError(f"auto_LiRPA failed on {name}, eps {eps}: {got}")
+                lirpa = lirpa or {k: got[k] for k in ("auto_LiRPA", "torch", "python", "dtype", "threads", "batch", "alpha_steps",
+                                                      "bound_opts")} | {"failed": []}
+                for method, r in got["methods"].items():
+                    if "error" in r:
+                        lirpa["failed"].append({"model": name, "eps": eps, "method": method, "error": r["error"]})
+                        print(f"  eps {eps:.4g} {LIRPA}{method}: failed: {r['error']}", flush=True)
+                    else:
+                        found[LIRPA + method] = (np.asarray(r["margins"]), r["seconds"])
             for method, (m, s) in found.items():
                 row = {"model": name, "eps": eps, "method": method, "images": int(len(y)), "certified": int((m > 0).sum()),
                        "mean_margin_bound": float(np.mean(m)), "seconds_per_image": s / len(y)}
@@ -157,12 +226,25 @@ def run(mnist_dir: Path, cifar_dir: Path | None, images: int = IMAGES, seed: int
     command = f"python -m benchmarks.run bounds --data-dir {mnist_dir}" + (f" --cifar-dir {cifar_dir}" if cifar_dir else "")
     if images != IMAGES:
         command += f" --images {images}"
+    if lirpa_python:
+        command += " --lirpa-python LIRPA_PYTHON"
     out = {"machine": machine(), "command": command, "task": {"images": images, "seed": seed, "training": "Adam lr 1e-3, batch 128"},
-           "networks": nets, "rows": rows,
-           "auto_LiRPA": ("not run: auto_LiRPA 0.7 is not on PyPI; its one PyPI release, 0.3, requires torch < 1.13 (no Python 3.11 "
-                          "wheel), and installed with --no-deps beside torch 2.13 (numpy < 2) it fails at import: "
-                          "torch.onnx.symbolic_helper._set_opset_version no longer exists")}
+           "networks": nets, "rows": rows, "auto_LiRPA": lirpa or NO_LIRPA}
     return write_result(result_name(images, cifar_dir is not None), out)
+
+
+NO_LIRPA = "not run: give --lirpa-python, an interpreter with auto_LiRPA 0.3 (see the module's docstring)"
+
+
+def lirpa_note(d: dict) -> str:
+    """What the auto_LiRPA rows are (or why there are none)."""
+    a = d.get("auto_LiRPA")
+    if not isinstance(a, dict):
+        return f"auto_LiRPA: {a}"
+    return (f"auto_LiRPA {a['auto_LiRPA']} (torch {a['torch']}, Python {a['python']}, {a['dtype']}, {a['threads']} thread(s), "
+            f"{a['batch']} images per call, alpha-CROWN {a['alpha_steps']} steps) ran on the same models, boxes and rows in its "
+            "own interpreter, right after ours; its time is compute_bounds alone, ours includes tracing the model"
+            + "".join(f"; its {f['method']} failed on {f['model']} (eps {f['eps']:.4g}): {f['error']}" for f in a.get("failed", [])))
 
 
 def result_name(images: int = IMAGES, cifar: bool = True) -> str:
@@ -179,15 +261,23 @@ def table(d: dict) -> str:
                      f"{1000 * r['seconds_per_image']:.1f} |")
     nets = "; ".join(f"{k}: {100 * v['test_accuracy']:.2f}% test accuracy ({v['epochs']} epoch(s), {v['train_seconds']:.0f} s)"
                      for k, v in d["networks"].items())
-    return "\n".join(lines + ["", f"Networks: {nets}. {d['auto_LiRPA']}."])
+    return "\n".join(lines + ["", f"Networks: {nets}. {lirpa_note(d)}."])
 
 
 def headline(d: dict) -> list[str]:
-    """README lines: per model and eps, images certified and ms per image, CROWN and alpha-CROWN against the references."""
+    """README lines: per model and eps, images certified and ms per image, CROWN and alpha-CROWN against the references
+    (auto_LiRPA's when it ran), and how many times faster our CROWN is than auto_LiRPA's."""
+    ran = isinstance(d.get("auto_LiRPA"), dict)
+    cols = ["ibp", "crown", "alpha-crown", FULL, "crown, feature box", "textbook CROWN (numpy)", DENSE]
+    names = ["IBP", "CROWN", "alpha-CROWN", "alpha-CROWN, every walk", "CROWN via the feature box", "textbook CROWN",
+             "CROWN, rows written out whole"]
+    if ran:
+        cols += [LIRPA + "CROWN", LIRPA + "alpha-CROWN"]
+        names += ["auto_LiRPA CROWN", "auto_LiRPA alpha-CROWN", "auto_LiRPA's CROWN time / ours",
+                  "auto_LiRPA's alpha-CROWN time / ours (every walk)"]
     out = [f"**Certified accuracy bounds** (networks trained by the benchmark, first {d['task']['images']} test images; "
            f"`{d['command']}`, {d['machine']['cores']} cores):", "",
-           "| model | eps | IBP | CROWN | alpha-CROWN | CROWN via the feature box | textbook CROWN | CROWN, rows written out whole |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "| model | eps | " + " | ".join(names) + " |", "| --- | --- | " + " | ".join("---" for _ in names) + " |"]
     keys = []
     for r in d["rows"]:
         if (r["model"], r["eps"]) not in keys:
@@ -195,15 +285,23 @@ def headline(d: dict) -> list[str]:
     for model, eps in keys:
         by = {r["method"]: r for r in d["rows"] if r["model"] == model and r["eps"] == eps}
 
+        failed = {LIRPA + f["method"] for f in d["auto_LiRPA"].get("failed", []) if (f["model"], f["eps"]) == (model, eps)} if ran else set()
+
         def cell(m):
             r = by.get(m)
-            return "-" if r is None else f"{r['certified']} ({1000 * r['seconds_per_image']:.0f} ms)"
+            return ("failed" if m in failed else "-") if r is None else f"{r['certified']} ({1000 * r['seconds_per_image']:.0f} ms)"
 
-        out.append(f"| {model} | {eps:.4g} | {cell('ibp')} | {cell('crown')} | {cell('alpha-crown')} | {cell('crown, feature box')} | "
-                   f"{cell('textbook CROWN (numpy)')} | {cell(DENSE)} |")
+        cells = [cell(c) for c in cols]
+        if ran:
+            ours, theirs = by.get("crown"), by.get(LIRPA + "CROWN")
+            cells.append("-" if not (ours and theirs) else f"{theirs['seconds_per_image'] / ours['seconds_per_image']:.2f}x")
+            ours, theirs = by.get(FULL), by.get(LIRPA + "alpha-CROWN")
+            cells.append("-" if not (ours and theirs) else f"{theirs['seconds_per_image'] / ours['seconds_per_image']:.2f}x")
+        out.append(f"| {model} | {eps:.4g} | " + " | ".join(cells) + " |")
+    note = (f"{lirpa_note(d)}." if ran else "auto_LiRPA was not run in this table (see docs/results.md).")
     return out + ["", "Images certified (time per image). On the CNNs CROWN walks each convolution neuron back in the window of its "
-                  "receptive field; the last column is the same CROWN with those walks written out over the whole map, in the same "
-                  "run. auto_LiRPA could not be installed here (see docs/results.md).", ""]
+                  "receptive field; the column of rows written out whole is the same CROWN with those walks over the whole map, "
+                  f"in the same run. {note}", ""]
 
 
 registry.section("bounds*.json", order=165, title=lambda d: "### Bounds: certified accuracy with IBP, CROWN and alpha-CROWN",
@@ -216,6 +314,8 @@ registry.section("bounds*.json", order=165, title=lambda d: "### Bounds: certifi
                   order=165, arguments=registry.arguments(
                       registry.arg("--data-dir", type=Path, default=Path("../shared/datasets/mnist"), help="the MNIST IDX folder"),
                       registry.arg("--cifar-dir", type=Path, default=None, help="the CIFAR-10 data (e.g. ../shared/datasets/cifar10-jpeg.tar.gz)"),
-                      registry.arg("--images", type=int, default=IMAGES, help=f"test images per model (default {IMAGES})")))
+                      registry.arg("--images", type=int, default=IMAGES, help=f"test images per model (default {IMAGES})"),
+                      registry.arg("--lirpa-python", default=None,
+                                   help="an interpreter with auto_LiRPA 0.3 (torch 1.12, Python <= 3.10): its bounds side by side")))
 def _cli(args):
-    return run(args.data_dir, args.cifar_dir, args.images)
+    return run(args.data_dir, args.cifar_dir, args.images, lirpa_python=args.lirpa_python)

@@ -345,6 +345,36 @@ def test_bounds_and_keep_speed_runs_with_other_settings_get_their_own_files():
         assert sum(fnmatch.fnmatch(module.result_name(), p) for p in patterns) == 1  # the committed table has one section
 
 
+def test_the_auto_lirpa_worker_rebuilds_each_benchmark_model_and_its_rows_and_reports_a_missing_library():
+    """The auto_LiRPA worker runs in an interpreter of its own, so it gets the models as layer lists: rebuilt there, each of
+    the bounds benchmark's models (MLP, the paper's CNN, the CIFAR-10 cnn_4layer) computes the same logits, and its rows are
+    margin_rows; an interpreter without auto_LiRPA is a failure that says so, not a crash of the benchmark."""
+    import sys
+
+    import torch
+
+    from benchmarks import bounds, bounds_lirpa_worker as worker
+    from benchmarks.any_layer import mlp
+    from cnnrepair.bounds import margin_rows
+    from cnnrepair.paper.models import mnist_nn
+
+    torch.manual_seed(0)
+    for model, shape in ((mlp(3, 16), (1, 28, 28)), (mnist_nn(), (1, 28, 28)), (bounds.small_cifar_cnn(), (3, 32, 32))):
+        model.eval()
+        x = torch.rand(3, *shape)
+        specs, arrays = bounds.layer_list(model)
+        rebuilt = worker.build(specs, arrays)
+        with torch.no_grad():
+            assert torch.allclose(rebuilt(x), model(x), atol=1e-5)
+    labels = np.array([3, 0, 9])
+    assert torch.equal(worker.rows(labels, 10).double(), margin_rows(labels, 10))
+    x = torch.rand(2, 1, 28, 28)
+    got = bounds.lirpa_bounds(sys.executable, mlp(2, 8).eval(), x, x + 0.01, np.array([1, 2]), 1, timeout=120)
+    assert got["status"] == "error" and "auto_LiRPA" in " ".join(got["error"])
+    with pytest.raises(ValueError, match="does not rebuild"):
+        bounds.layer_list(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2), torch.nn.Tanh()))
+
+
 def test_any_layer_run_on_some_networks_gets_its_own_file_and_title():
     """A run of the any-layer benchmark on some of the networks (say one, with a longer time limit) writes a file of its
     own instead of replacing the whole table, and its section says which networks and what limit."""

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from cnnrepair.attacks import attack, check_eps, get_attack
+from cnnrepair.bounds import METHODS
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.data import to_float
 from cnnrepair.points import InputSpec, PixelModel, chance_warning
@@ -31,7 +32,7 @@ class AssessSettings:
     n: int = 1000
     seed: int = 0
     pgd_steps: int = 40
-    certify: str | None = None  # "ibp", "crown" or "alpha-crown": also the certified accuracy at each eps (sound bounds over each ball)
+    certify: str | None = None  # a bound method (cnnrepair.bounds.METHODS): also the certified accuracy at each eps (sound bounds over each ball)
     split: str | None = None  # which split the images are (recorded; matched against the point sets' recorded split)
     scheduler: str | None = None  # a Dask scheduler's address: certified accuracy bounded on its workers
 
@@ -42,8 +43,8 @@ class AssessSettings:
             raise CnnRepairError(f"--attack must be fgsm or pgd (got {self.attack!r})")
         if self.n < 1:
             raise CnnRepairError(f"--n must be >= 1 (got {self.n})")
-        if self.certify not in (None, "ibp", "crown", "alpha-crown"):
-            raise CnnRepairError(f"--certify must be ibp, crown or alpha-crown (got {self.certify!r})")
+        if self.certify is not None and self.certify not in METHODS:
+            raise CnnRepairError(f"--certify must be one of {', '.join(METHODS)} (got {self.certify!r})")
         if self.scheduler is not None and self.certify is None:
             raise CnnRepairError("--scheduler spreads certification over a Dask cluster: give --certify too")
 

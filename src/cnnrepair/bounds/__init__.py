@@ -9,9 +9,10 @@
 Two kinds of result: :func:`feature_bounds`, a box on the repaired layer's input (what the repair
 LP constrains: each feature's own range), and :func:`margin_bounds`, the specification itself (the
 logit differences, the last layer folded into the backward pass), which certified accuracy uses and
-which is tighter than the worst case of the last layer over the feature box. Three methods behind
+which is tighter than the worst case of the last layer over the feature box. Four methods behind
 both (:mod:`cnnrepair.bounds.propagate`): interval bound propagation (``ibp``), CROWN's linear
-relaxation with back-substitution (``crown``) and its optimised slopes (``alpha-crown``), over the
+relaxation with back-substitution (``crown``), its last walk's slopes optimised (``alpha-crown``)
+and every walk's (``alpha-crown-full``, as auto_LiRPA's alpha-CROWN), over the
 graph :mod:`cnnrepair.bounds.graph` extracts from any model ``torch.export`` can trace (convolution,
 linear, batch norm, average and max pooling, ReLU, flatten/reshape, normalisation by stored
 tensors, residual sums). Inputs are bounded in batches sized to the memory free

@@ -14,6 +14,10 @@
 * ``alpha-crown``: CROWN, then the lower ReLU slopes of the last walk (the features, or the
   specification's rows) optimised by projected gradient steps, one slope per row and neuron; every
   slope in [0, 1] gives a sound bound, so every step's bound is kept where it is tighter.
+* ``alpha-crown-full``: the same for every walk, the intermediate values' too (each neuron's bound
+  with slopes of its own), as auto_LiRPA's alpha-CROWN optimises every layer's: tighter boxes, and so
+  tighter relaxations after them, at about twenty walks for each one. A walk with optimised slopes is
+  written out over the whole map (not in windows), so on convolutional networks it is slow.
 
 How each kind of operation is crossed (its interval and backward rules) is one registered object
 per kind in :mod:`cnnrepair.bounds.kinds`; this module runs the passes. A walk's rows are chunked so
@@ -39,7 +43,8 @@ from cnnrepair.bounds.kinds import KINDS, box_constant, row_signs
 from cnnrepair.bounds.window import Window, add, dense
 from cnnrepair.errors import CnnRepairError
 
-METHODS = ("ibp", "crown", "alpha-crown")
+METHODS = ("ibp", "crown", "alpha-crown", "alpha-crown-full")
+ALPHA_METHODS = ("alpha-crown", "alpha-crown-full")  # the methods that optimise slopes
 _WIDEN = 1e-9  # relative (to the bound's magnitude plus its width) outward widening of every result
 _FLOOR = 1e-12  # absolute part of that widening
 _MAX_BUDGET = 1_000_000  # elements of one back-substitution tensor at most (float64: 8 MB; measured: larger ones run slower)
@@ -91,7 +96,8 @@ def node_bounds(graph: FrozenGraph, lower: Tensor, upper: Tensor, method: str = 
         need = plan.need.get(op.node)
         if method != "ibp" and need is not None:
             rows = _unstable(lo, hi) if need == "unstable" else hi > 0 if need == "live" else torch.ones_like(lo, dtype=torch.bool)
-            optimise = (alpha or AlphaSettings()) if method == "alpha-crown" and op.node in plan.final else None
+            every = method == "alpha-crown-full" or (method == "alpha-crown" and op.node in plan.final)
+            optimise = (alpha or AlphaSettings()) if every else None
             lo, hi = _tighten(graph, bounds, op.node, rows, (lo, hi), (lower, upper), optimise)
         if plan.widen[op.node]:
             # against float64 roundoff; ReLU, max-pool and reshapes are exact on their input's (widened) box
@@ -113,7 +119,7 @@ def spec_bounds(graph: FrozenGraph, lower: Tensor, upper: Tensor, rows: Tensor, 
         op = graph.op(target)
         stop = set(op.inputs) if _kind(op).linear_map else {target}
         out = _backward(graph, bounds, target, rows, rows.shape[1], (lower, upper), stop=stop)
-    elif method == "alpha-crown":
+    elif method in ALPHA_METHODS:
         out = _optimised(graph, bounds, target, rows, rows.shape[1], (lower, upper), alpha or AlphaSettings())
     else:
         out = _backward(graph, bounds, target, rows, rows.shape[1], (lower, upper))
@@ -171,17 +177,26 @@ def _plan(graph: FrozenGraph, features: bool) -> _Plan:
         box[op.node] = op.kind == "input" or (op.kind == "affine" and op.diagonal and src_box)
         exact[op.node] = box[op.node] or (op.kind == "affine" and src_box)
         widen[op.node] = kind.linear_map and not _passes(op)
+
+    def box_read(node):  # a max-pool (or another kind but ReLU whose relaxation is built from the box) reads the value
+        return any(r.kind != "relu" and _kind(r).nonlinear for r in through(node))
+
     final = _feature_sources(graph) if features else {}
     need = {}
     for op in graph.ops:
         if not widen[op.node] or exact[op.node]:
             continue
         readers = through(op.node)
+        relus = [r for r in readers if r.kind == "relu"]
         if op.node in final:
             need[op.node] = final[op.node]
-        elif any(r.kind != "relu" and _kind(r).nonlinear for r in readers):
+        elif box_read(op.node):
             need[op.node] = "all"  # a max-pool (or a kind crossed by its box) reads it directly
-        elif any(r.kind == "relu" for r in readers):  # a stable neuron's ReLU is exact whatever its box
+        elif any(box_read(r.node) for r in relus):
+            # a ReLU whose output a max-pool reads: a stable neuron's ReLU is exact, but the max-pool's relaxation is
+            # built from the ReLU's output box, so every neuron that is not dead (whose output is not exactly 0) matters
+            need[op.node] = "live"
+        elif relus:  # a stable neuron's ReLU is exact whatever its box
             need[op.node] = "unstable"
     plan = _Plan(need, widen, final)
     graph.cache[key] = plan

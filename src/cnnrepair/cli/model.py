@@ -10,6 +10,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from cnnrepair.bounds import METHODS as BOUND_METHODS
 from cnnrepair.cli.common import Bars, Command, say
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.outdir import names
@@ -31,9 +32,10 @@ def _add_model_repair_args(p: argparse.ArgumentParser) -> None:
                         "pointwise; ball with --vnnlib / --instances)")
     p.add_argument("--eps", type=float, default=None, help="ball spec: L-infinity radius in pixels (an 'eps' array in the points file "
                    "gives one per point, 0 for a pointwise point)")
-    p.add_argument("--bounds", choices=["crown", "alpha-crown", "ibp"], default="crown", help="ball spec: how the features are bounded "
-                   "over each ball: crown (linear relaxation, back-substituted), alpha-crown (its slopes optimised: tighter, slower) or "
-                   "ibp (intervals, fastest) (default: crown)")
+    p.add_argument("--bounds", choices=BOUND_METHODS, default="crown", help="ball spec: how the features are bounded "
+                   "over each ball: crown (linear relaxation, back-substituted), alpha-crown (its last walk's slopes optimised: tighter, "
+                   "slower), alpha-crown-full (every walk's slopes optimised, as auto_LiRPA's alpha-CROWN: tighter still, much slower) "
+                   "or ibp (intervals, fastest) (default: crown)")
     p.add_argument("--keep-eps", type=float, default=0.0, help="ball spec: keep points whose ball of this radius is certified before "
                    "the repair stay certified (default: 0, keep points keep their own label)")
     p.add_argument("--mean", default=None, help="ball spec: per-channel mean the model subtracts from [0, 1] pixels (the ball is in pixels)")
@@ -517,7 +519,7 @@ def _configure_evaluate(p: argparse.ArgumentParser) -> None:
     _add_images_args(p)
     p.add_argument("--eps", default="0.05,0.1", help="attack radii in pixel units, comma-separated (default 0.05,0.1)")
     p.add_argument("--attack", choices=["fgsm", "pgd"], default="fgsm")
-    p.add_argument("--certify", choices=["ibp", "crown", "alpha-crown"], default=None,
+    p.add_argument("--certify", choices=BOUND_METHODS, default=None,
                    help="also report certified accuracy at each --eps: images whose whole ball provably keeps the label")
     p.add_argument("--scheduler", default=None, metavar="ADDRESS",
                    help="with --certify: a Dask scheduler (tcp://host:8786) whose workers bound batches of the images")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from cnnrepair.bounds import METHODS as BOUND_METHODS
 from cnnrepair.errors import CnnRepairError
 from cnnrepair.repair.program import NORMS
 
 SPECS = ("pointwise", "ball", "targets")
-BOUND_METHODS = ("crown", "alpha-crown", "ibp")
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class RepairSpec:
       ``max_change`` if set.
     * ``ball`` (certified): as ``pointwise``, but every input within L-infinity distance ``eps`` (pixels,
       clipped to [0, 1]; or the boxes given to the repair call) of a repair point gets its label with
-      ``margin``, proven through sound bounds (``bounds``: ``crown``, ``alpha-crown`` or ``ibp``) on the features the
+      ``margin``, proven through sound bounds (``bounds``: ``crown``, ``alpha-crown``, ``alpha-crown-full`` or ``ibp``) on the features the
       frozen part of the network computes over the ball; exact for those feature boxes. With
       ``keep_eps`` > 0, keep points whose ball of that radius is certified before the repair must
       stay certified after it (the others keep their own label, as pointwise keep points).
