@@ -23,7 +23,7 @@ image the model gets wrong is never certified) and the mean lower bound of the m
   interpreter (:mod:`benchmarks.bounds_lirpa_worker`), right after ours, on the same cores and threads. Its one PyPI
   release, 0.3, needs torch < 1.13 and so Python <= 3.10 (0.7 is not on PyPI):
   ``python3.10 -m venv .venv-lirpa && .venv-lirpa/bin/pip install torch==1.12.1 torchvision==0.13.1 'numpy<2' tqdm
-  auto-lirpa==0.3``. Its alpha-CROWN optimises the slopes of every layer's bounds, ours those of the specification's.
+  auto-lirpa==0.3``. Its alpha-CROWN optimises the slopes of every walk, as our ``alpha-crown-full`` does.
 """
 
 from __future__ import annotations
