@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import shutil
 import subprocess
 import tempfile
 import time
@@ -40,6 +41,7 @@ import torch
 from torch import nn
 
 from benchmarks import registry
+from cnnrepair.errors import CnnRepairError
 
 DENSE = "crown, rows written out whole"
 FULL = "alpha-crown-full"  # run on the MLPs only: its walks are written out whole, 70 s per image on the paper's CNN (random weights)
@@ -82,6 +84,8 @@ def layer_list(model: nn.Module) -> tuple[list[dict], dict[str, np.ndarray]]:
     """The layers of a sequential model (or of the paper's ``head(features(x))``) in order, as the auto_LiRPA worker
     rebuilds them: each layer's kind and settings, and its weights as ``layer{i}_weight`` / ``layer{i}_bias``."""
     parts = [model.features, model.head] if isinstance(getattr(model, "head", None), nn.Sequential) else [model]
+    from cnnrepair.bounds.graph import pair
+
     specs: list[dict] = []
     arrays: dict[str, np.ndarray] = {}
     for m in (m for part in parts for m in part):
@@ -96,8 +100,8 @@ def layer_list(model: nn.Module) -> tuple[list[dict], dict[str, np.ndarray]]:
         elif isinstance(m, nn.Flatten):
             specs.append({"kind": "flatten"})
         elif isinstance(m, nn.MaxPool2d):
-            pair = [(v, v) if isinstance(v, int) else tuple(v) for v in (m.kernel_size, m.stride, m.padding)]
-            specs.append({"kind": "maxpool2d", "kernel": list(pair[0]), "stride": list(pair[1]), "padding": list(pair[2])})
+            kernel, stride, padding = (list(pair(v)) for v in (m.kernel_size, m.stride, m.padding))
+            specs.append({"kind": "maxpool2d", "kernel": kernel, "stride": stride, "padding": padding})
         else:
             raise ValueError(f"the auto_LiRPA worker does not rebuild {type(m).__name__}")
     return specs, arrays
@@ -166,6 +170,9 @@ def run(mnist_dir: Path, cifar_dir: Path | None, images: int = IMAGES, seed: int
     from cnnrepair.repair import last_layer
     from cnnrepair.runtime import accuracy
 
+    if lirpa_python and shutil.which(lirpa_python) is None:  # before any training
+        raise CnnRepairError(f"--lirpa-python {lirpa_python}: no such interpreter; give the python of an environment with auto_LiRPA "
+                             "0.3 (docs/guide.md says how to make one)")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rows, nets, lirpa = [], {}, None
     for name, model, x_test, y_test, eps_grid, info in _models(mnist_dir, cifar_dir, seed):
@@ -230,7 +237,7 @@ def run(mnist_dir: Path, cifar_dir: Path | None, images: int = IMAGES, seed: int
         command += " --lirpa-python LIRPA_PYTHON"
     out = {"machine": machine(), "command": command, "task": {"images": images, "seed": seed, "training": "Adam lr 1e-3, batch 128"},
            "networks": nets, "rows": rows, "auto_LiRPA": lirpa or NO_LIRPA}
-    return write_result(result_name(images, cifar_dir is not None), out)
+    return write_result(result_name(images, cifar_dir is not None, lirpa_python is not None), out)
 
 
 NO_LIRPA = "not run: give --lirpa-python, an interpreter with auto_LiRPA 0.3 (see the module's docstring)"
@@ -247,10 +254,10 @@ def lirpa_note(d: dict) -> str:
             + "".join(f"; its {f['method']} failed on {f['model']} (eps {f['eps']:.4g}): {f['error']}" for f in a.get("failed", [])))
 
 
-def result_name(images: int = IMAGES, cifar: bool = True) -> str:
-    """The results file of a run: one on another number of images, or without the CIFAR-10 model, gets a file of its own
-    instead of replacing the whole table."""
-    parts = ([] if images == IMAGES else [f"images{images}"]) + ([] if cifar else ["mnist_only"])
+def result_name(images: int = IMAGES, cifar: bool = True, lirpa: bool = True) -> str:
+    """The results file of a run: one on another number of images, without the CIFAR-10 model or without auto_LiRPA gets a
+    file of its own instead of replacing the whole table."""
+    parts = ([] if images == IMAGES else [f"images{images}"]) + ([] if cifar else ["mnist_only"]) + ([] if lirpa else ["no_lirpa"])
     return "_".join(["bounds", *parts]) + ".json"
 
 

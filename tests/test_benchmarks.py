@@ -336,6 +336,7 @@ def test_bounds_and_keep_speed_runs_with_other_settings_get_their_own_files():
     assert bounds.result_name(20) == "bounds_images20.json"
     assert bounds.result_name(cifar=False) == "bounds_mnist_only.json"
     assert bounds.result_name(20, False) == "bounds_images20_mnist_only.json"
+    assert bounds.result_name(lirpa=False) == "bounds_no_lirpa.json"  # a run without auto_LiRPA keeps the side-by-side table
     assert keep_speed.result_name() == "keep_speed.json"
     assert keep_speed.result_name(("9x200",)) == "keep_speed_9x200.json"
     assert keep_speed.result_name(cap=60.0) == "keep_speed_cap60.json"
@@ -371,6 +372,7 @@ def test_the_auto_lirpa_worker_rebuilds_each_benchmark_model_and_its_rows_and_re
     x = torch.rand(2, 1, 28, 28)
     got = bounds.lirpa_bounds(sys.executable, mlp(2, 8).eval(), x, x + 0.01, np.array([1, 2]), 1, timeout=120)
     assert got["status"] == "error" and "auto_LiRPA" in " ".join(got["error"])
+    assert bench.main(["bounds", "--data-dir", "nowhere", "--lirpa-python", "/no/such/python"]) == 2  # before any training
     with pytest.raises(ValueError, match="does not rebuild"):
         bounds.layer_list(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2), torch.nn.Tanh()))
 
