@@ -8,8 +8,8 @@ the JPEG q75 set). Per model and eps (MNIST 0.02 and 0.05, CIFAR-10 2/255, VNN-C
 image the model gets wrong is never certified) and the mean lower bound of the margin, for
 
 * ``ibp``, ``crown``, ``alpha-crown``: :func:`cnnrepair.certify` (the specification bounded itself), and on the MLPs
-  ``alpha-crown-full`` (every walk's slopes optimised, as auto_LiRPA's alpha-CROWN; on the CNNs its walks, written out
-  whole, take far too long for this table);
+  ``alpha-crown-full`` (every walk's slopes optimised, as auto_LiRPA's alpha-CROWN; on the CNNs, about 16 s an image on
+  the paper's, too long for this table: :mod:`benchmarks.bounds_windows` times it there);
 * ``crown, rows written out whole`` (CNNs): the same CROWN with every convolution neuron's walk written
   out over the whole map instead of its receptive field's window (``cnnrepair.bounds.propagate.WINDOWS``
   off): the same bounds, the time side by side;
@@ -44,7 +44,7 @@ from benchmarks import registry
 from cnnrepair.errors import CnnRepairError
 
 DENSE = "crown, rows written out whole"
-FULL = "alpha-crown-full"  # run on the MLPs only: its walks are written out whole, 70 s per image on the paper's CNN (random weights)
+FULL = "alpha-crown-full"  # run on the MLPs only: about 16 s per image on the paper's CNN (benchmarks/results/alpha_windows.json)
 LIRPA = "auto_LiRPA "  # the start of the methods auto_LiRPA ran
 LIRPA_BATCH = 50  # auto_LiRPA's inputs per compute_bounds call
 WORKER = Path(__file__).resolve().parent / "bounds_lirpa_worker.py"
@@ -132,11 +132,22 @@ def small_cifar_cnn() -> nn.Sequential:
                          nn.Linear(2048, 100), nn.ReLU(), nn.Linear(100, 10))
 
 
+def paper_cnn(ds, seed: int) -> tuple[str, nn.Module, torch.Tensor, np.ndarray, tuple, dict]:
+    """The paper's MNIST CNN trained one epoch on the dataset ``ds`` (seeded): (name, model, test images, labels, eps, info)."""
+    from benchmarks.common import fit
+    from cnnrepair.data import to_float
+    from cnnrepair.paper.models import mnist_nn
+
+    torch.manual_seed(seed)
+    cnn = mnist_nn()
+    s = fit(cnn, to_float(ds.x_train), torch.as_tensor(ds.y_train, dtype=torch.long), 1, seed)
+    return "mnist CNN (the paper's)", cnn, to_float(ds.x_test), ds.y_test, (0.02, 0.05), {"train_seconds": s, "epochs": 1}
+
+
 def _models(mnist_dir: Path, cifar_dir: Path | None, seed: int) -> list[tuple[str, nn.Module, torch.Tensor, np.ndarray, tuple, dict]]:
     from benchmarks.any_layer import mlp
     from benchmarks.common import fit
     from cnnrepair.data import load_dataset, to_float
-    from cnnrepair.paper.models import mnist_nn
 
     out = []
     ds = load_dataset("mnist", mnist_dir)
@@ -147,10 +158,7 @@ def _models(mnist_dir: Path, cifar_dir: Path | None, seed: int) -> list[tuple[st
         model = mlp(depth + 1, 256)
         s = fit(model, xtr, ytr, 3, seed)
         out.append((name, model, xte, ds.y_test, (0.02, 0.05), {"train_seconds": s, "epochs": 3}))
-    torch.manual_seed(seed)
-    cnn = mnist_nn()
-    s = fit(cnn, xtr, ytr, 1, seed)
-    out.append(("mnist CNN (the paper's)", cnn, xte, ds.y_test, (0.02, 0.05), {"train_seconds": s, "epochs": 1}))
+    out.append(paper_cnn(ds, seed))
     if cifar_dir is not None:
         cds = load_dataset("cifar10", cifar_dir)
         cx, cy = to_float(cds.x_train), torch.as_tensor(cds.y_train, dtype=torch.long)
@@ -184,7 +192,7 @@ def run(mnist_dir: Path, cifar_dir: Path | None, images: int = IMAGES, seed: int
         lay = last_layer(model, x[:2])
         for eps in eps_grid:
             found = {}
-            for method in ("ibp", "crown", "alpha-crown") + (FULL,) * (name in MLPS):  # every walk optimised: dense, slow on CNNs
+            for method in ("ibp", "crown", "alpha-crown") + (FULL,) * (name in MLPS):  # every walk optimised: slow on CNNs
                 t0 = time.perf_counter()
                 c = certify(model, x, y, eps, method)
                 found[method] = (c.margins, time.perf_counter() - t0)

@@ -393,3 +393,35 @@ def test_any_layer_run_on_some_networks_gets_its_own_file_and_title():
     assert any_layer._title(some).endswith("fog task, 9x200, time limit 300 s)")
     fewer = {"networks": dict.fromkeys(any_layer.SHAPES), "task": {"norm": "l1", "time_limit": 120.0, "keep_images": 500}}
     assert any_layer._title(fewer).endswith("fog task, 500 keep points)")
+
+
+def test_alpha_windows_benchmark_times_both_walks_on_the_same_bounds(tmp_path, monkeypatch):
+    """The windows / whole-map benchmark runs each method both ways on the same images (here a small stand-in for the
+    paper's CNN): the whole-map rows carry their time over the windows' and the same margin bounds, and the table renders
+    under a section of its own (not the bounds table's)."""
+    import fnmatch
+
+    import torch
+    from torch import nn
+
+    from benchmarks import bounds, bounds_windows, registry
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 6, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(6 * 3 * 3, 10)).eval()
+    x = torch.rand(3, 1, 12, 12)
+    with torch.no_grad():
+        y = model(x).argmax(1).numpy()
+    monkeypatch.setattr(bounds, "paper_cnn", lambda ds, seed: ("stand-in CNN", model, x, y, (0.02,), {"train_seconds": 0.0, "epochs": 1}))
+    monkeypatch.setattr("cnnrepair.data.load_dataset", lambda name, path: None)
+    d = json.loads(bounds_windows.run(tmp_path / "mnist", images=2).read_text())
+    rows = d["rows"]
+    assert [(r["method"], r["walks"]) for r in rows] == [(m, w) for m in bounds_windows.METHODS for w in ("windows", "whole map")]
+    for windows, whole in zip(rows[::2], rows[1::2]):
+        assert whole["time_over_windows"] > 0 and whole["largest_relative_difference"] < 1e-9
+        assert (windows["certified"], windows["images"]) == (whole["certified"], 2)
+    assert rows[2]["mean_margin_bound"] >= rows[0]["mean_margin_bound"] - 1e-9  # every walk optimised: never looser than CROWN
+    patterns = [sec.pattern for sec in registry.SECTIONS]
+    assert [p for p in patterns if fnmatch.fnmatch("alpha_windows.json", p)] == ["alpha_windows.json"]
+    assert "| alpha-crown-full | whole map |" in bounds_windows.table(d)

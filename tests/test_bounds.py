@@ -266,12 +266,14 @@ def _conv_stack_boxes(eps: float):
     return propagate, _graph(model, x), lo, hi, y
 
 
-@pytest.mark.parametrize("budget", [None, 40])
-def test_convolution_neurons_walked_in_windows_get_the_bounds_of_the_rows_written_out_whole(monkeypatch, budget):
+@pytest.mark.parametrize("method, budget", [("crown", None), ("crown", 40), ("alpha-crown-full", None)])
+def test_convolution_neurons_walked_in_windows_get_the_bounds_of_the_rows_written_out_whole(monkeypatch, method, budget):
     """CROWN's walk from convolution neurons in windows of their receptive field is the same walk without the zeros: every
     node's bounds and the specification's agree with the dense walk to roundoff, blocks at the map's edges and one-row
-    chunks (``budget``: a tiny memory budget, one position per block) included."""
+    chunks (``budget``: a tiny memory budget, one position per block) included; with every walk's slopes optimised
+    (alpha-crown-full), slopes held on each walk's windows reach the same bounds as slopes over the whole map."""
     propagate, graph, lo, hi, y = _conv_stack_boxes(0.1)
+    alpha = propagate.AlphaSettings(steps=5) if method in propagate.ALPHA_METHODS else None
     if budget is not None:
         monkeypatch.setattr(propagate, "memory_budget", lambda device="cpu": budget)
     walked = []
@@ -281,7 +283,8 @@ def test_convolution_neurons_walked_in_windows_get_the_bounds_of_the_rows_writte
     for windows in (True, False):
         monkeypatch.setattr(propagate, "WINDOWS", windows)
         graph.cache.clear()
-        out[windows] = (propagate.node_bounds(graph, lo, hi, "crown"), spec_bounds(graph, lo, hi, margin_rows(y, 3), "crown"))
+        out[windows] = (propagate.node_bounds(graph, lo, hi, method, alpha),
+                        spec_bounds(graph, lo, hi, margin_rows(y, 3), method, alpha))
     convs = [op.node for op in graph.ops if op.window is not None]
     walks = convs[1:3]  # the first is exact (its input is the box); the last has no unstable neuron in IBP's box already
     assert len(convs) == 4 and set(walked) == set(walks)
@@ -293,6 +296,10 @@ def test_convolution_neurons_walked_in_windows_get_the_bounds_of_the_rows_writte
     ibp = propagate.node_bounds(graph, lo, hi, "ibp")
     assert all(float((dense_nodes[n][1] - dense_nodes[n][0]).sum()) < 0.999 * float((ibp[n][1] - ibp[n][0]).sum())
                for n in walks)  # every walk tightened IBP's box
+    if alpha is not None:  # and the windows' slopes moved: tighter than CROWN on the walked convolution and after it
+        crown = propagate.node_bounds(graph, lo, hi, "crown")
+        width = lambda b, n: float((b[n][1] - b[n][0]).sum())  # noqa: E731
+        assert all(width(win_nodes, n) < width(crown, n) for n in (walks[0], graph.target))
 
 
 @pytest.mark.parametrize("features", [False, True])

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from cnnrepair.bounds.graph import Op, maxpool, pair
-from cnnrepair.bounds.window import Window, crop
+from cnnrepair.bounds.window import Window, crop, dense
 
 KINDS: dict[str, Kind] = {}
 
@@ -140,11 +140,11 @@ class Relu(Kind):
 
     def backward(self, op, a, bounds, n_low, slopes=None):
         lo, hi = bounds[op.inputs[0]]
-        return [(op.inputs[0], *self._back(a, lo, hi, n_low, slopes))]
+        return [(op.inputs[0], *self._back(a, lo, hi, n_low, dense(slopes) if slopes is not None else None))]
 
     def backward_window(self, op, win, bounds, n_low, slopes=None):
         lo, hi = bounds[op.inputs[0]]
-        coef, const = self._back(win.a, win.crop(lo), win.crop(hi), n_low, None if slopes is None else win.crop(slopes))
+        coef, const = self._back(win.a, win.crop(lo), win.crop(hi), n_low, None if slopes is None else _in_window(slopes, win))
         return [(op.inputs[0], win.like(coef), const)]
 
     def window_extent(self, op, size, src_shape):
@@ -165,6 +165,16 @@ class Relu(Kind):
         c = up_const.reshape(B, n, 1)
         const = torch.cat([torch.bmm(al.clamp(max=0).reshape(B, -1, n), c), torch.bmm(au.clamp(min=0).reshape(B, -1, n), c)], 1)
         return coef, const[:, :, 0]
+
+
+def _in_window(slopes: Tensor | Window, win: Window) -> Tensor:
+    """The slopes of the rows of ``win`` on its window: held for that window already (a walk's slopes are made for
+    the windows it crosses), or cropped from slopes over the whole map."""
+    if isinstance(slopes, Window):
+        if (slopes.top, slopes.left, slopes.size) != (win.top, win.left, win.size):
+            raise ValueError("alpha-CROWN slopes were made for another window than the walk crosses")
+        return slopes.a
+    return win.crop(slopes)
 
 
 @bound_kind

@@ -16,8 +16,8 @@
   slope in [0, 1] gives a sound bound, so every step's bound is kept where it is tighter.
 * ``alpha-crown-full``: the same for every walk, the intermediate values' too (each neuron's bound
   with slopes of its own), as auto_LiRPA's alpha-CROWN optimises every layer's: tighter boxes, and so
-  tighter relaxations after them, at about twenty walks for each one. A walk with optimised slopes is
-  written out over the whole map (not in windows), so on convolutional networks it is slow.
+  tighter relaxations after them, at about twenty walks for each one. A convolution's neurons are
+  walked in windows here too, with slopes only for the part of each ReLU their window covers.
 
 How each kind of operation is crossed (its interval and backward rules) is one registered object
 per kind in :mod:`cnnrepair.bounds.kinds`; this module runs the passes. A walk's rows are chunked so
@@ -40,7 +40,7 @@ from torch import Tensor
 
 from cnnrepair.bounds.graph import PASS_THROUGH, FrozenGraph, Op
 from cnnrepair.bounds.kinds import KINDS, box_constant, row_signs
-from cnnrepair.bounds.window import Window, add, dense
+from cnnrepair.bounds.window import Window, add, crop, dense
 from cnnrepair.errors import CnnRepairError
 
 METHODS = ("ibp", "crown", "alpha-crown", "alpha-crown-full")
@@ -232,8 +232,8 @@ def _tighten(graph: FrozenGraph, bounds: dict, node: torch.fx.Node, rows: Tensor
     if not B or not want.any():
         return lo, hi
     op = graph.op(node)
-    if WINDOWS and alpha is None and op.window is not None and len(op.shape) == 3:
-        return _tighten_by_window(graph, bounds, node, want, box, inputs)
+    if WINDOWS and op.window is not None and len(op.shape) == 3:
+        return _tighten_by_window(graph, bounds, node, want, box, inputs, alpha)
     flat_lo, flat_hi = lo.reshape(B, -1).clone(), hi.reshape(B, -1).clone()
 
     def walk(part: Tensor, ok: Tensor) -> Tensor:
@@ -279,9 +279,10 @@ def _one_hot(part: Tensor, ok: Tensor, n: int) -> Tensor:
 
 
 def _tighten_by_window(graph: FrozenGraph, bounds: dict, node: torch.fx.Node, want: Tensor, box: tuple[Tensor, Tensor],
-                       inputs: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+                       inputs: tuple[Tensor, Tensor], alpha: AlphaSettings | None) -> tuple[Tensor, Tensor]:
     """:func:`_tighten` for a convolution's neurons, walked back a block of output positions at a time as rows in a
-    window (:mod:`cnnrepair.bounds.window`): the same bounds, without the zeros outside each block's receptive field."""
+    window (:mod:`cnnrepair.bounds.window`): the same bounds, without the zeros outside each block's receptive field
+    (with ``alpha``, each walk's slopes optimised, held only on the windows it crosses)."""
     lo, hi = box
     B = lo.shape[0]
     C, H, W = graph.op(node).shape
@@ -298,8 +299,10 @@ def _tighten_by_window(graph: FrozenGraph, bounds: dict, node: torch.fx.Node, wa
             blo, bhi = new_lo[block].reshape(B, -1), new_hi[block].reshape(B, -1)
 
             def walk(part: Tensor, ok: Tensor, h=h, w=w, top=top, left=left) -> Tensor:
-                rows = _one_hot(part, ok, C * h * w).reshape(B, -1, C, h, w)
-                return _backward(graph, bounds, node, Window(rows, top, left, (C, H, W)), part.shape[1], inputs)
+                rows = Window(_one_hot(part, ok, C * h * w).reshape(B, -1, C, h, w), top, left, (C, H, W))
+                if alpha is not None:
+                    return _optimised(graph, bounds, node, rows, part.shape[1], inputs, alpha)
+                return _backward(graph, bounds, node, rows, part.shape[1], inputs)
 
             _walk_marked(here.reshape(B, -1), (blo, bhi), chunk, walk)
             new_lo[block], new_hi[block] = blo.reshape(B, C, h, w), bhi.reshape(B, C, h, w)
@@ -343,10 +346,12 @@ def _window_block(graph: FrozenGraph, node: torch.fx.Node, batch: int, device) -
 
 
 def _backward(graph: FrozenGraph, bounds: dict, node: torch.fx.Node, a: Tensor | Window, n_low: int, inputs: tuple[Tensor, Tensor],
-              slopes: dict | None = None, stop: set | None = None) -> Tensor:
+              slopes: dict | None = None, stop: set | None = None, crossed: dict | None = None) -> Tensor:
     """B x rows: lower bounds of the first ``n_low`` rows' linear functions (``a``: B x rows x node's shape, or a
     :class:`Window` of them) of ``node``'s value over the input box, upper bounds of the others. ``slopes``: alpha-CROWN's lower ReLU
-    slopes by ReLU node; ``stop``: nodes whose box is taken instead of walking further back."""
+    slopes by ReLU node (over the whole map, or a :class:`Window` of the part the walk crosses); ``stop``: nodes whose
+    box is taken instead of walking further back; ``crossed``: filled with where the walk meets each ReLU (by node: the
+    window's (top, left, size), or None where its rows are written out whole)."""
     lower, upper = inputs
     rows = a.a if isinstance(a, Window) else a
     B = rows.shape[0]
@@ -360,6 +365,8 @@ def _backward(graph: FrozenGraph, bounds: dict, node: torch.fx.Node, a: Tensor |
             bias = bias + box_constant(dense(coef), *bounds[op.node], n_low)
             continue
         kind = _kind(op)
+        if crossed is not None and op.kind == "relu":
+            crossed[op.node] = (coef.top, coef.left, coef.size) if isinstance(coef, Window) else None
         kwargs = {"slopes": slopes[op.node]} if slopes and op.node in slopes else {}
         steps = kind.backward_window(op, coef, bounds, n_low, **kwargs) if isinstance(coef, Window) else None
         if steps is None:
@@ -375,24 +382,31 @@ def _backward(graph: FrozenGraph, bounds: dict, node: torch.fx.Node, a: Tensor |
     return bias + box_constant(dense(a_in), lower, upper, n_low)
 
 
-def _optimised(graph: FrozenGraph, bounds: dict, node: torch.fx.Node, a: Tensor, n_low: int, inputs: tuple[Tensor, Tensor],
-               alpha: AlphaSettings) -> Tensor:
-    """:func:`_backward` with each row's lower ReLU slopes optimised (alpha-CROWN): the tightest bound any step found."""
-    params = {}
-    for op in graph.upto(node):  # every ReLU the walk crosses, the one it may start at included
-        if op.kind == "relu":
-            lo, hi = bounds[op.inputs[0]]
-            if _unstable(lo, hi).any():
-                init = (hi > -lo).double().unsqueeze(1).expand(a.shape[0], a.shape[1], *lo.shape[1:])
-                params[op.node] = init.clone().requires_grad_(True)
-    best = _backward(graph, bounds, node, a, n_low, inputs)
+def _optimised(graph: FrozenGraph, bounds: dict, node: torch.fx.Node, a: Tensor | Window, n_low: int,
+               inputs: tuple[Tensor, Tensor], alpha: AlphaSettings) -> Tensor:
+    """:func:`_backward` with each row's lower ReLU slopes optimised (alpha-CROWN): the tightest bound any step found.
+    Slopes are made for every ReLU the walk crosses (the one it may start at included) with an unstable neuron where
+    the walk's rows are non-zero: on the window the walk has there, or the whole map."""
+    crossed: dict = {}
+    best = _backward(graph, bounds, node, a, n_low, inputs, crossed=crossed)
+    rows = a.a if isinstance(a, Window) else a
+    params, slopes = {}, {}
+    for relu, where in crossed.items():
+        lo, hi = bounds[graph.op(relu).inputs[0]]
+        if where is not None:
+            lo, hi = crop(lo, *where), crop(hi, *where)
+        if _unstable(lo, hi).any():
+            init = (hi > -lo).double().unsqueeze(1).expand(rows.shape[0], rows.shape[1], *lo.shape[1:])
+            params[relu] = init.clone().requires_grad_(True)
+            full = tuple(bounds[graph.op(relu).inputs[0]][0].shape[1:])
+            slopes[relu] = params[relu] if where is None else Window(params[relu], where[0], where[1], full)
     if not params:
         return best
     sign = row_signs(best, n_low)
     opt = torch.optim.Adam(list(params.values()), lr=alpha.lr)
     for _ in range(alpha.steps):
         with torch.enable_grad():
-            out = _backward(graph, bounds, node, a, n_low, inputs, slopes=params)
+            out = _backward(graph, bounds, node, a, n_low, inputs, slopes=slopes)
             best = torch.where(sign > 0, torch.maximum(best, out.detach()), torch.minimum(best, out.detach()))
             loss = -(out * sign).sum()
             opt.zero_grad()
@@ -402,5 +416,5 @@ def _optimised(graph: FrozenGraph, bounds: dict, node: torch.fx.Node, a: Tensor,
             for p in params.values():
                 p.clamp_(0.0, 1.0)
     with torch.no_grad():  # the last step's slopes too (each step is sound: keep the tightest bound per row)
-        out = _backward(graph, bounds, node, a, n_low, inputs, slopes=params)
+        out = _backward(graph, bounds, node, a, n_low, inputs, slopes=slopes)
     return torch.where(sign > 0, torch.maximum(best, out), torch.minimum(best, out))
