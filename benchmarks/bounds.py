@@ -35,6 +35,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -42,6 +43,9 @@ from torch import nn
 
 from benchmarks import registry
 from cnnrepair.errors import CnnRepairError
+
+if TYPE_CHECKING:
+    from cnnrepair.data import Dataset
 
 DENSE = "crown, rows written out whole"
 FULL = "alpha-crown-full"  # run on the MLPs only: about 16 s per image on the paper's CNN (benchmarks/results/alpha_windows.json)
@@ -132,7 +136,7 @@ def small_cifar_cnn() -> nn.Sequential:
                          nn.Linear(2048, 100), nn.ReLU(), nn.Linear(100, 10))
 
 
-def paper_cnn(ds, seed: int) -> tuple[str, nn.Module, torch.Tensor, np.ndarray, tuple, dict]:
+def paper_cnn(ds: Dataset, seed: int) -> tuple[str, nn.Module, torch.Tensor, np.ndarray, tuple, dict]:
     """The paper's MNIST CNN trained one epoch on the dataset ``ds`` (seeded): (name, model, test images, labels, eps, info)."""
     from benchmarks.common import fit
     from cnnrepair.data import to_float
