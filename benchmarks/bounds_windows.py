@@ -26,7 +26,8 @@ METHODS = ("crown", "alpha-crown-full")
 
 
 def run(mnist_dir: Path, images: int = IMAGES, seed: int = 0) -> Path:
-    """Both methods, windows on and off, side by side; writes benchmarks/results/alpha_windows.json."""
+    """Both methods, windows on and off, side by side; writes benchmarks/results/alpha_windows.json (another number of
+    images: a file of its own, :func:`result_name`)."""
     from benchmarks.bounds import paper_cnn
     from benchmarks.common import machine, write_result
     from cnnrepair.certify import certify
@@ -42,6 +43,7 @@ def run(mnist_dir: Path, images: int = IMAGES, seed: int = 0) -> Path:
     rows, found = [], {}
     for method in METHODS:
         for windows in (True, False):
+            print(f"  {method}, {'windows' if windows else 'whole map'}: bounding {len(y)} images ...", flush=True)
             propagate.WINDOWS = windows
             try:
                 t0 = time.perf_counter()
@@ -62,7 +64,12 @@ def run(mnist_dir: Path, images: int = IMAGES, seed: int = 0) -> Path:
     command = f"python -m benchmarks.run bounds-windows --data-dir {mnist_dir}" + (f" --images {images}" if images != IMAGES else "")
     out = {"machine": machine(), "command": command, "task": {"images": images, "eps": EPS, "seed": seed, "model": name},
            "network": info, "rows": rows}
-    return write_result("alpha_windows.json", out)
+    return write_result(result_name(images), out)
+
+
+def result_name(images: int = IMAGES) -> str:
+    """The results file of a run: one on another number of images gets its own instead of replacing the table."""
+    return "alpha_windows.json" if images == IMAGES else f"alpha_windows_images{images}.json"
 
 
 def table(d: dict) -> str:
@@ -78,7 +85,7 @@ def table(d: dict) -> str:
                               f"{n['train_seconds']:.0f} s); eps {d['task']['eps']:g}."])
 
 
-registry.section("alpha_windows.json", order=166,
+registry.section("alpha_windows*.json", order=166,
                  title=lambda d: "### Bounds: alpha-CROWN's walks in windows against the whole map (the paper's MNIST CNN)",
                  intro=lambda d: f"{registry.measured_on(d)}; the first {d['task']['images']} test images; both "
                                  "ways in one run, the same bounds to roundoff.",

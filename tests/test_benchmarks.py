@@ -423,5 +423,7 @@ def test_alpha_windows_benchmark_times_both_walks_on_the_same_bounds(tmp_path, m
         assert (windows["certified"], windows["images"]) == (whole["certified"], 2)
     assert rows[2]["mean_margin_bound"] >= rows[0]["mean_margin_bound"] - 1e-9  # every walk optimised: never looser than CROWN
     patterns = [sec.pattern for sec in registry.SECTIONS]
-    assert [p for p in patterns if fnmatch.fnmatch("alpha_windows.json", p)] == ["alpha_windows.json"]
+    assert [p for p in patterns if fnmatch.fnmatch("alpha_windows.json", p)] == ["alpha_windows*.json"]
+    assert bounds_windows.result_name() == "alpha_windows.json" and bounds_windows.result_name(2) == "alpha_windows_images2.json"
+    assert (tmp_path / "alpha_windows_images2.json").is_file()  # a run on other images leaves the committed table alone
     assert "| alpha-crown-full | whole map |" in bounds_windows.table(d)
