@@ -182,6 +182,8 @@ def run(mnist_dir: Path, cifar_dir: Path | None, images: int = IMAGES, seed: int
     from cnnrepair.repair import last_layer
     from cnnrepair.runtime import accuracy
 
+    if images < 1:  # before any training
+        raise CnnRepairError(f"--images {images}: give at least 1 test image per model")
     if lirpa_python and shutil.which(lirpa_python) is None:  # before any training
         raise CnnRepairError(f"--lirpa-python {lirpa_python}: no such interpreter; give the python of an environment with auto_LiRPA "
                              "0.3 (docs/guide.md says how to make one)")

@@ -426,4 +426,6 @@ def test_alpha_windows_benchmark_times_both_walks_on_the_same_bounds(tmp_path, m
     assert [p for p in patterns if fnmatch.fnmatch("alpha_windows.json", p)] == ["alpha_windows*.json"]
     assert bounds_windows.result_name() == "alpha_windows.json" and bounds_windows.result_name(2) == "alpha_windows_images2.json"
     assert (tmp_path / "alpha_windows_images2.json").is_file()  # a run on other images leaves the committed table alone
+    for name in ("bounds", "bounds-windows"):  # a bad count is refused in one line before any training
+        assert bench.main([name, "--data-dir", "nowhere", "--images", "0"]) == 2
     assert "| alpha-crown-full | whole map |" in bounds_windows.table(d)

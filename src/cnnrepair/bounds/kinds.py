@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from cnnrepair.bounds.graph import Op, maxpool, pair
-from cnnrepair.bounds.window import Window, crop, dense
+from cnnrepair.bounds.window import Window, crop
 
 KINDS: dict[str, Kind] = {}
 
@@ -140,7 +140,7 @@ class Relu(Kind):
 
     def backward(self, op, a, bounds, n_low, slopes=None):
         lo, hi = bounds[op.inputs[0]]
-        return [(op.inputs[0], *self._back(a, lo, hi, n_low, dense(slopes) if slopes is not None else None))]
+        return [(op.inputs[0], *self._back(a, lo, hi, n_low, slopes))]
 
     def backward_window(self, op, win, bounds, n_low, slopes=None):
         lo, hi = bounds[op.inputs[0]]

@@ -393,12 +393,12 @@ def _optimised(graph: FrozenGraph, bounds: dict, node: torch.fx.Node, a: Tensor 
     params, slopes = {}, {}
     for relu, where in crossed.items():
         lo, hi = bounds[graph.op(relu).inputs[0]]
+        full = tuple(lo.shape[1:])
         if where is not None:
             lo, hi = crop(lo, *where), crop(hi, *where)
         if _unstable(lo, hi).any():
             init = (hi > -lo).double().unsqueeze(1).expand(rows.shape[0], rows.shape[1], *lo.shape[1:])
             params[relu] = init.clone().requires_grad_(True)
-            full = tuple(bounds[graph.op(relu).inputs[0]][0].shape[1:])
             slopes[relu] = params[relu] if where is None else Window(params[relu], where[0], where[1], full)
     if not params:
         return best
