@@ -19,6 +19,7 @@ pattern, and a keep point's when the change would cost it its margin (``cnnrepai
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -74,12 +75,70 @@ def keep_set(model: nn.Module, xtr: torch.Tensor, labels: np.ndarray, order: np.
     return xtr[order][ok][:keep_images], labels[order][ok][:keep_images]
 
 
+@dataclass(frozen=True)
+class Sets:
+    """What every case of a network is measured on: the repair points, the held-out images whose accuracy is the
+    generalisation, the clean test set (drawdown), the keep points, and the network's accuracies before repair."""
+
+    xr: torch.Tensor
+    yr: np.ndarray
+    xg: torch.Tensor
+    yg: np.ndarray
+    x_clean: torch.Tensor
+    y_clean: np.ndarray
+    xk: torch.Tensor
+    yk: np.ndarray
+    before: dict
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row of a table: which network and layer (and where it sits), with the keep points or not, later biases free or not."""
+
+    network: str
+    layer: str
+    where: str
+    keep: bool
+    later: bool
+
+
+def repair_case(model: nn.Module, case: Case, sets: Sets, spec, time_limit: float) -> dict:
+    """Repair ``case.layer`` of ``model`` on the repair points (with the keep points when ``case.keep``), timed, and the case's
+    row (status, seconds, LP size, and when repaired efficacy, drawdown, generalisation and the change); prints one line."""
+    network, layer, where, keep, later = case.network, case.layer, case.where, case.keep, case.later
+    from cnnrepair import SolveOptions, repair_classifier
+    from cnnrepair.runtime import accuracy
+
+    t1 = time.perf_counter()
+    r = repair_classifier(model, sets.xr, sets.yr, spec, layer=layer, keep=(sets.xk, sets.yk) if keep else None,
+                          options=SolveOptions(time_limit=time_limit))
+    seconds = time.perf_counter() - t1
+    nkeep = int(len(sets.yk)) if keep else 0
+    row = {"network": network, "layer": layer, "position": where, "keep_points": nkeep, "later_biases": later, "status": r.status,
+           "seconds": seconds, "notes": list(r.notes)}
+    solver = r.certificate.solver if r.certificate is not None else {}
+    row["lp"] = {k: solver.get(k) for k in ("rows", "columns", "pattern_rows", "pattern_bounds", "rounds", "weights")}
+    if r.ok:
+        after = {"repair": accuracy(r.model, sets.xr, sets.yr), "generalisation": accuracy(r.model, sets.xg, sets.yg),
+                 "clean": accuracy(r.model, sets.x_clean, sets.y_clean)}
+        c = r.certificate
+        extra = c.later_biases or {"l1": 0.0, "linf": 0.0}
+        before = sets.before
+        row.update(after=after, efficacy=after["repair"], drawdown=100 * (before["clean"] - after["clean"]),
+                   generalisation=100 * (after["generalisation"] - before["generalisation"]),
+                   l1=c.change["l1"] + extra["l1"], linf=max(c.change["linf"], extra["linf"]), nonzero=c.change["nonzero"], gap=c.gap)
+    print(f"  {layer} ({where}) keep={nkeep}{' later biases' if later else ''}: {r.status} in {seconds:.1f}s" + (
+        f", efficacy {100 * row['efficacy']:.0f}%, drawdown {row['drawdown']:.2f}, generalisation {row['generalisation']:+.2f}, "
+        f"L1 {row['l1']:.3g}" if r.ok else f" ({'; '.join(r.notes)[:120]})"), flush=True)
+    return row
+
+
 def run(data_dir: Path, shapes: tuple[str, ...] = tuple(SHAPES), repair_images: int = 100, keep_images: int = KEEP_IMAGES,
         margin: float = 0.05, epochs: int = 3, seed: int = 0, time_limit: float = 600.0, norm: str = "l1") -> Path:
     """Every (network, layer, keep) case; writes benchmarks/results/any_layer.json (``any_layer_<norm>.json`` for a norm
     other than L1)."""
     from benchmarks.common import machine, write_result
-    from cnnrepair import RepairSpec, SolveOptions, repair_classifier
+    from cnnrepair import RepairSpec
     from cnnrepair.data import to_float
     from cnnrepair.runtime import accuracy
 
@@ -98,29 +157,11 @@ def run(data_dir: Path, shapes: tuple[str, ...] = tuple(SHAPES), repair_images: 
         linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
         cases = [(layer, keep, later) for layer in reversed(linear[1:][-3:])  # the last layer and the two before it (not the input)
                  for later in ((False,) if layer == linear[-1] else (False, True)) for keep in (False, True)]
+        sets = Sets(xr, yr, xg, yg, x_clean, y_test, xk, yk, before)
         for layer, keep, later in cases:
-            t1 = time.perf_counter()
-            r = repair_classifier(model, xr, yr, RepairSpec(margin=margin, later_biases=later, norm=norm), layer=layer,
-                                  keep=(xk, yk) if keep else None, options=SolveOptions(time_limit=time_limit))
-            seconds = time.perf_counter() - t1
             where = "last" if layer == linear[-1] else f"hidden ({len(linear) - 1 - linear.index(layer)} before the last)"
-            row = {"network": shape, "layer": layer, "position": where, "keep_points": int(len(yk)) if keep else 0,
-                   "later_biases": later, "status": r.status, "seconds": seconds, "notes": list(r.notes)}
-            solver = r.certificate.solver if r.certificate is not None else {}
-            row["lp"] = {k: solver.get(k) for k in ("rows", "columns", "pattern_rows", "pattern_bounds", "rounds", "weights")}
-            if r.ok:
-                after = {"repair": accuracy(r.model, xr, yr), "generalisation": accuracy(r.model, xg, yg),
-                         "clean": accuracy(r.model, x_clean, y_test)}
-                c = r.certificate
-                extra = c.later_biases or {"l1": 0.0, "linf": 0.0}
-                row.update(after=after, efficacy=after["repair"], drawdown=100 * (before["clean"] - after["clean"]),
-                           generalisation=100 * (after["generalisation"] - before["generalisation"]),
-                           l1=c.change["l1"] + extra["l1"], linf=max(c.change["linf"], extra["linf"]), nonzero=c.change["nonzero"],
-                           gap=c.gap)
-            rows.append(row)
-            print(f"  {layer} ({where}) keep={len(yk) if keep else 0}{' later biases' if later else ''}: {r.status} in {seconds:.1f}s" + (
-                f", efficacy {100 * row['efficacy']:.0f}%, drawdown {row['drawdown']:.2f}, generalisation {row['generalisation']:+.2f}, "
-                f"L1 {row['l1']:.3g}" if r.ok else f" ({'; '.join(r.notes)[:120]})"), flush=True)
+            rows.append(repair_case(model, Case(shape, layer, where, keep, later), sets,
+                                    RepairSpec(margin=margin, later_biases=later, norm=norm), time_limit))
     command = f"python -m benchmarks.run any-layer --data-dir {data_dir} --time-limit {time_limit:g}" + "".join(
         f" {option} {value}" for option, value, _ in _variant(norm, shapes, keep_images))
     out = {"machine": machine(), "command": command,
@@ -161,7 +202,8 @@ def _norm_words(d: dict) -> str:
 
 def table(d: dict) -> str:
     """Markdown: per network, layer and keep set, the field's three measures, the change, seconds and LP size."""
-    out = ["| network (clean / fog acc.) | layer | later biases | keep | status | efficacy | drawdown (points) | generalisation (points) | L1 | L-inf | s | LP rows (pattern) |",
+    held = d["task"].get("held_out", "fog")
+    out = [f"| network (clean / {held} acc.) | layer | later biases | keep | status | efficacy | drawdown (points) | generalisation (points) | L1 | L-inf | s | LP rows (pattern) |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in d["rows"]:
         acc = d["networks"][r["network"]]["accuracy"]
@@ -177,6 +219,8 @@ def table(d: dict) -> str:
             continue
         out.append(f"| {net} | {r['layer']} ({r['position']}) | {lb} | {r['keep_points']:,} | repaired | {100 * r['efficacy']:.0f}% | "
                    f"{r['drawdown']:.2f} | {r['generalisation']:+.2f} | {r['l1']:.3g} | {r['linf']:.3g} | {r['seconds']:.1f} | {size} |")
+    if "peers" not in d:
+        return "\n".join(out)
     a = d["peers"]["APRNN (PLDI'23), 9x200, as reported"]
     p = d["peers"]["PRDNN (PLDI'21), 9x200, as reported"]
     out += ["", f"For scale (their own 9x200 network and fog set, not rerun here): APRNN reports {a['drawdown']}% drawdown for "

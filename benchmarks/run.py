@@ -383,7 +383,7 @@ def readme() -> Path:
 
 
 # every benchmark module, imported so that it registers its command and its results sections
-MODULES = ("any_layer", "attack_overhead", "bounds", "bounds_windows", "certified", "field", "highs_rule", "keep_speed", "k1_ceiling", "kh_scaling", "large_k", "linear_ceiling", "lp_scaling",
+MODULES = ("any_layer", "any_layer_cifar", "attack_overhead", "bounds", "bounds_windows", "certified", "field", "highs_rule", "keep_speed", "k1_ceiling", "kh_scaling", "large_k", "linear_ceiling", "lp_scaling",
            "margin_speed", "threads", "versus_prdnn", "vnncomp", "workflow")
 
 

@@ -429,3 +429,54 @@ def test_alpha_windows_benchmark_times_both_walks_on_the_same_bounds(tmp_path, m
     for name in ("bounds", "bounds-windows"):  # a bad count is refused in one line before any training
         assert bench.main([name, "--data-dir", "nowhere", "--images", "0"]) == 2
     assert "| alpha-crown-full | whole map |" in bounds_windows.table(d)
+
+
+def test_any_layer_cifar_benchmark_repairs_a_convolution_on_fgsm_images(tmp_path, monkeypatch, capsys):
+    """The CIFAR-10 any-layer benchmark's pieces on a small seeded CNN: the FGSM split holds only images the network got
+    right and the attack fooled, inside the eps-ball; a case repairs the second convolution with keep points and measures
+    it; the table names the held-out set; too few fooled images and a bad --eps are one-line errors before any training."""
+    import torch
+
+    from benchmarks import any_layer_cifar as alc
+    from benchmarks.any_layer import Case, Sets
+    from cnnrepair import RepairSpec
+    from cnnrepair.errors import CnnRepairError
+    from cnnrepair.runtime import accuracy
+
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), nn.ReLU(), nn.Conv2d(4, 4, 3, 1, 1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 10)).eval()
+    x = torch.rand(60, 1, 1, 1) * torch.rand(60, 3, 8, 8)
+    common.fit(model, x, (x.mean((1, 2, 3)) * 20).long().clamp(0, 9), 30, 0)  # a network the attack can fool
+    with torch.no_grad():
+        y = model(x).argmax(1).numpy()
+    eps = 0.1
+    xr, yr, xg, yg, fooled = alc.adversarial_sets(model, x, y, eps, 4)
+    assert len(yr) == 4 and len(yg) == fooled - 4 >= 1
+    with torch.no_grad():
+        assert (model(xr).argmax(1).numpy() != yr).all() and (model(xg).argmax(1).numpy() != yg).all()
+    assert float(xr.min()) >= 0 and float(xr.max()) <= 1
+    with pytest.raises(CnnRepairError, match="--eps"):
+        alc.adversarial_sets(model, x, y, eps, fooled)
+    before = {"repair": 0.0, "generalisation": accuracy(model, xg, yg), "clean": accuracy(model, x, y)}
+    sets = Sets(xr, yr, xg, yg, x, y, x[:10], y[:10], before)
+    row = alc.repair_case(model, Case("tiny", "2", "hidden (the second convolution)", False, False), sets, RepairSpec(margin=0.05), 60.0)
+    assert row["status"] == "repaired" and row["efficacy"] == 1.0 and row["keep_points"] == 0
+    assert row["lp"]["rows"] > 0 and row["l1"] > 0 and row["generalisation"] > 0
+    # with these keep points no change of the convolution keeps every pattern: the row says so and carries no measures
+    stuck = alc.repair_case(model, Case("tiny", "2", "hidden (the second convolution)", True, False), sets, RepairSpec(margin=0.05), 60.0)
+    assert stuck["status"] == "infeasible" and stuck["keep_points"] == 10 and "drawdown" not in stuck
+    d = {"machine": {"cores": 2, "measured": "today"}, "command": "cmd",
+         "task": {"eps": eps, "held_out": "adversarial", "repair_images": 4, "keep_images": 10, "time_limit": 60.0,
+                  "generalisation_images": len(yg), "margin": 0.05, "training": "none"},
+         "networks": {"cnn_4layer": {"accuracy": before}}, "rows": [{**r, "network": "cnn_4layer"} for r in (row, stuck)]}
+    table = alc.any_layer_table(d)
+    assert "clean / adversarial acc." in table and table.count("\n") == 3 and "APRNN" not in table
+    assert "| infeasible |" in table
+    assert "2 (hidden (the second convolution)) infeasible (0 s)." in alc.headline(d)[0]  # the case with keep points
+    assert alc.result_name() == "cifar10_any_layer.json" and alc.result_name(0.02) == "cifar10_any_layer_eps0.02.json"
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
+    assert bench.main(["any-layer-cifar", "--cifar-dir", str(tmp_path / "nowhere"), "--eps", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "epsilon 3" in err[0] and not (tmp_path / "results").exists()
