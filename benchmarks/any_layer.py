@@ -21,12 +21,16 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
 from benchmarks import registry
+
+if TYPE_CHECKING:
+    from cnnrepair import RepairSpec
 
 SHAPES = {"3x100": (3, 100), "9x100": (9, 100), "9x200": (9, 200)}
 KEEP_IMAGES = 1000  # keep points in the whole table's runs with keep points
@@ -102,13 +106,13 @@ class Case:
     later: bool
 
 
-def repair_case(model: nn.Module, case: Case, sets: Sets, spec, time_limit: float) -> dict:
+def repair_case(model: nn.Module, case: Case, sets: Sets, spec: RepairSpec, time_limit: float) -> dict:
     """Repair ``case.layer`` of ``model`` on the repair points (with the keep points when ``case.keep``), timed, and the case's
     row (status, seconds, LP size, and when repaired efficacy, drawdown, generalisation and the change); prints one line."""
-    network, layer, where, keep, later = case.network, case.layer, case.where, case.keep, case.later
     from cnnrepair import SolveOptions, repair_classifier
     from cnnrepair.runtime import accuracy
 
+    network, layer, where, keep, later = case.network, case.layer, case.where, case.keep, case.later
     t1 = time.perf_counter()
     r = repair_classifier(model, sets.xr, sets.yr, spec, layer=layer, keep=(sets.xk, sets.yk) if keep else None,
                           options=SolveOptions(time_limit=time_limit))

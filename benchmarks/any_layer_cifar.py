@@ -118,7 +118,7 @@ def headline(d: dict) -> list[str]:
     return [f"**Repair of a layer inside a CIFAR-10 CNN** (the paper's adversarial setting on a cnn_4layer trained by the "
             f"benchmark, clean {100 * d['networks']['cnn_4layer']['accuracy']['clean']:.1f}%; {d['task']['repair_images']} FGSM "
             f"images repaired, {d['task']['keep_images']:,} keep points, minimal L1; `{d['command']}`, {d['machine']['cores']} cores), "
-            "drawdown / generalisation on held-out FGSM images in points: " + "; ".join(parts) + ".", ""]
+            "drawdown on the clean test set / generalisation on the held-out FGSM images, in points: " + "; ".join(parts) + ".", ""]
 
 
 registry.section("cifar10_any_layer*.json", order=176,
