@@ -30,7 +30,7 @@ from torch import nn
 from benchmarks import registry
 
 if TYPE_CHECKING:
-    from cnnrepair import RepairSpec
+    from cnnrepair import RepairSpec, SolveOptions
 
 SHAPES = {"3x100": (3, 100), "9x100": (9, 100), "9x200": (9, 200)}
 KEEP_IMAGES = 1000  # keep points in the whole table's runs with keep points
@@ -106,16 +106,16 @@ class Case:
     later: bool
 
 
-def repair_case(model: nn.Module, case: Case, sets: Sets, spec: RepairSpec, time_limit: float) -> dict:
+def repair_case(model: nn.Module, case: Case, sets: Sets, spec: RepairSpec, options: SolveOptions) -> dict:
     """Repair ``case.layer`` of ``model`` on the repair points (with the keep points when ``case.keep``), timed, and the case's
     row (status, seconds, LP size, and when repaired efficacy, drawdown, generalisation and the change); prints one line."""
-    from cnnrepair import SolveOptions, repair_classifier
+    from cnnrepair import repair_classifier
     from cnnrepair.runtime import accuracy
 
     network, layer, where, keep, later = case.network, case.layer, case.where, case.keep, case.later
     t1 = time.perf_counter()
     r = repair_classifier(model, sets.xr, sets.yr, spec, layer=layer, keep=(sets.xk, sets.yk) if keep else None,
-                          options=SolveOptions(time_limit=time_limit))
+                          options=options)
     seconds = time.perf_counter() - t1
     nkeep = int(len(sets.yk)) if keep else 0
     row = {"network": network, "layer": layer, "position": where, "keep_points": nkeep, "later_biases": later, "status": r.status,
@@ -142,10 +142,11 @@ def run(data_dir: Path, shapes: tuple[str, ...] = tuple(SHAPES), repair_images: 
     """Every (network, layer, keep) case; writes benchmarks/results/any_layer.json (``any_layer_<norm>.json`` for a norm
     other than L1)."""
     from benchmarks.common import machine, write_result
-    from cnnrepair import RepairSpec
+    from cnnrepair import RepairSpec, SolveOptions
     from cnnrepair.data import to_float
     from cnnrepair.runtime import accuracy
 
+    options = SolveOptions(time_limit=time_limit)  # checked before the data loads and any network trains
     torch.set_num_threads(max(1, torch.get_num_threads()))
     ds, xtr, ytr, x_fog, fog_s, order = fog_task(data_dir, keep_images, seed)
     x_clean, y_test = to_float(ds.x_test), ds.y_test
@@ -165,7 +166,7 @@ def run(data_dir: Path, shapes: tuple[str, ...] = tuple(SHAPES), repair_images: 
         for layer, keep, later in cases:
             where = "last" if layer == linear[-1] else f"hidden ({len(linear) - 1 - linear.index(layer)} before the last)"
             rows.append(repair_case(model, Case(shape, layer, where, keep, later), sets,
-                                    RepairSpec(margin=margin, later_biases=later, norm=norm), time_limit))
+                                    RepairSpec(margin=margin, later_biases=later, norm=norm), options))
     command = f"python -m benchmarks.run any-layer --data-dir {data_dir} --time-limit {time_limit:g}" + "".join(
         f" {option} {value}" for option, value, _ in _variant(norm, shapes, keep_images))
     out = {"machine": machine(), "command": command,
@@ -204,6 +205,11 @@ def _norm_words(d: dict) -> str:
     return {"l1": "L1", "linf": "L-infinity", "l1+linf": "mean + max |change|, APRNN's and PRDNN's objective"}[norm]
 
 
+def status_word(row: dict) -> str:
+    """A row's status as its tables print it: ``time limit`` where the solver stopped there, else the status."""
+    return "time limit" if any("time_limit" in n for n in row.get("notes", [])) else row["status"]
+
+
 def table(d: dict) -> str:
     """Markdown: per network, layer and keep set, the field's three measures, the change, seconds and LP size."""
     held = d["task"].get("held_out", "fog")
@@ -218,8 +224,7 @@ def table(d: dict) -> str:
             f"{lp['rows']:,}" if lp.get("rows") is not None else "-")
         lb = "free" if r.get("later_biases") else "kept"
         if r["status"] != "repaired":
-            status = "time limit" if any("time_limit" in n for n in r.get("notes", [])) else r["status"]
-            out.append(f"| {net} | {r['layer']} ({r['position']}) | {lb} | {r['keep_points']:,} | {status} | - | - | - | - | - | {r['seconds']:.1f} | {size} |")
+            out.append(f"| {net} | {r['layer']} ({r['position']}) | {lb} | {r['keep_points']:,} | {status_word(r)} | - | - | - | - | - | {r['seconds']:.1f} | {size} |")
             continue
         out.append(f"| {net} | {r['layer']} ({r['position']}) | {lb} | {r['keep_points']:,} | repaired | {100 * r['efficacy']:.0f}% | "
                    f"{r['drawdown']:.2f} | {r['generalisation']:+.2f} | {r['l1']:.3g} | {r['linf']:.3g} | {r['seconds']:.1f} | {size} |")

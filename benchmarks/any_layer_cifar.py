@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from benchmarks import registry
-from benchmarks.any_layer import KEEP_IMAGES, Case, Sets, repair_case
+from benchmarks.any_layer import KEEP_IMAGES, Case, Sets, repair_case, status_word
 from benchmarks.any_layer import table as any_layer_table
 
 EPS = 0.01  # FGSM's epsilon on the [0, 1] pixel scale (the paper's CIFAR-10 grid runs 0.001 to 0.025)
@@ -55,10 +55,13 @@ def run(cifar_dir: Path, repair_images: int = 100, keep_images: int = KEEP_IMAGE
     from benchmarks.any_layer import keep_set
     from benchmarks.bounds import small_cifar_cnn
     from benchmarks.common import fit, machine, write_result
-    from cnnrepair import RepairSpec
+    from cnnrepair import RepairSpec, SolveOptions
+    from cnnrepair.attacks import check_eps
     from cnnrepair.data import load_dataset, to_float
     from cnnrepair.runtime import accuracy
 
+    check_eps(eps)  # the settings, before the data loads and the network trains
+    options = SolveOptions(time_limit=time_limit)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     ds = load_dataset("cifar10", cifar_dir)
     xtr, ytr = to_float(ds.x_train), torch.as_tensor(ds.y_train, dtype=torch.long)
@@ -80,7 +83,7 @@ def run(cifar_dir: Path, repair_images: int = 100, keep_images: int = KEEP_IMAGE
         for later in ((False,) if where == "last" else (False, True)):
             for keep in (False, True):
                 rows.append(repair_case(model, Case("cnn_4layer", layer, where, keep, later), sets,
-                                        RepairSpec(margin=margin, later_biases=later), time_limit))
+                                        RepairSpec(margin=margin, later_biases=later), options))
     out = {"machine": machine(),
            "command": f"python -m benchmarks.run any-layer-cifar --cifar-dir {cifar_dir} --time-limit {time_limit:g} --eps {eps:g}",
            "task": {"attack": "fgsm", "eps": eps, "seed": seed, "repair_images": repair_images, "generalisation_images": int(len(yg)),
@@ -111,8 +114,7 @@ def headline(d: dict) -> list[str]:
             continue
         lb = ", later biases free" if r["later_biases"] else ""
         if r["status"] != "repaired":
-            status = "time limit" if any("time_limit" in n for n in r.get("notes", [])) else r["status"]
-            parts.append(f"{r['layer']} ({r['position']}{lb}) {status} ({r['seconds']:.0f} s)")
+            parts.append(f"{r['layer']} ({r['position']}{lb}) {status_word(r)} ({r['seconds']:.0f} s)")
         else:
             parts.append(f"{r['layer']} ({r['position']}{lb}) {r['drawdown']:.2f} / {r['generalisation']:+.2f} in {r['seconds']:.0f} s")
     return [f"**Repair of a layer inside a CIFAR-10 CNN** (the paper's adversarial setting on a cnn_4layer trained by the "
@@ -133,7 +135,4 @@ registry.section("cifar10_any_layer*.json", order=176,
                       registry.arg("--time-limit", type=float, default=300.0, help="seconds per repair"),
                       registry.arg("--eps", type=float, default=EPS, help="FGSM's epsilon on the [0, 1] pixel scale")))
 def _cli(args):
-    from cnnrepair.attacks import check_eps
-
-    check_eps(args.eps)  # before the data loads and the network trains
     return run(args.cifar_dir, eps=args.eps, time_limit=args.time_limit)

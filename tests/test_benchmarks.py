@@ -439,7 +439,7 @@ def test_any_layer_cifar_benchmark_repairs_a_convolution_on_fgsm_images(tmp_path
 
     from benchmarks import any_layer_cifar as alc
     from benchmarks.any_layer import Case, Sets
-    from cnnrepair import RepairSpec
+    from cnnrepair import RepairSpec, SolveOptions
     from cnnrepair.errors import CnnRepairError
     from cnnrepair.runtime import accuracy
 
@@ -461,11 +461,11 @@ def test_any_layer_cifar_benchmark_repairs_a_convolution_on_fgsm_images(tmp_path
         alc.adversarial_sets(model, x, y, eps, fooled)
     before = {"repair": 0.0, "generalisation": accuracy(model, xg, yg), "clean": accuracy(model, x, y)}
     sets = Sets(xr, yr, xg, yg, x, y, x[:10], y[:10], before)
-    row = alc.repair_case(model, Case("tiny", "2", "hidden (the second convolution)", False, False), sets, RepairSpec(margin=0.05), 60.0)
+    row = alc.repair_case(model, Case("tiny", "2", "hidden (the second convolution)", False, False), sets, RepairSpec(margin=0.05), SolveOptions(time_limit=60.0))
     assert row["status"] == "repaired" and row["efficacy"] == 1.0 and row["keep_points"] == 0
     assert row["lp"]["rows"] > 0 and row["l1"] > 0 and row["generalisation"] > 0
     # with these keep points no change of the convolution keeps every pattern: the row says so and carries no measures
-    stuck = alc.repair_case(model, Case("tiny", "2", "hidden (the second convolution)", True, False), sets, RepairSpec(margin=0.05), 60.0)
+    stuck = alc.repair_case(model, Case("tiny", "2", "hidden (the second convolution)", True, False), sets, RepairSpec(margin=0.05), SolveOptions(time_limit=60.0))
     assert stuck["status"] == "infeasible" and stuck["keep_points"] == 10 and "drawdown" not in stuck
     d = {"machine": {"cores": 2, "measured": "today"}, "command": "cmd",
          "task": {"eps": eps, "held_out": "adversarial", "repair_images": 4, "keep_images": 10, "time_limit": 60.0,
@@ -480,3 +480,6 @@ def test_any_layer_cifar_benchmark_repairs_a_convolution_on_fgsm_images(tmp_path
     assert bench.main(["any-layer-cifar", "--cifar-dir", str(tmp_path / "nowhere"), "--eps", "3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "epsilon 3" in err[0] and not (tmp_path / "results").exists()
+    assert bench.main(["any-layer-cifar", "--cifar-dir", str(tmp_path / "nowhere"), "--time-limit", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # the settings are checked before the data is read
+    assert len(err) == 1 and "time limit" in err[0] and not (tmp_path / "results").exists()
