@@ -62,7 +62,9 @@ ELASTIC_PRICE = 1e4  # first price of a unit of (row-scaled) shortfall in the re
 MAX_ELASTIC_PRICE = 1e10
 MAX_ROUNDS = 200
 ALL_COLUMNS = 2000  # weights up to this size take every entry as a column from the start
-COLUMNS_PER_ROUND = 500
+COLUMNS_PER_ROUND = 500  # a round adds at most this many priced-out weight entries, or 1 / COLUMN_SHARE of the weight
+COLUMN_SHARE = 16  # if that is more: on a large layer most of the time is the re-solve after each round, so it takes
+# fewer, larger rounds (docs/design.md: 246 s -> 114 s on a 9x200 layer with 1,000 keep points, development runs)
 ROWS_PER_ROUND = 2000
 UNIT_ROWS = 3  # a point of a linear layer gets its own z-change columns once it has this many dense rows
 PATTERN_BOUNDS = True  # single-unit pattern rows of such points as column bounds (False: as rows; for side-by-side timing)
@@ -776,7 +778,7 @@ def solve_hidden(prog: HiddenProgram, time_limit: float | None = None) -> Margin
         cols = np.arange(n_w)
     elif cols is None:
         M, _ = _price(prog, np.asarray(rows.grad), np.asarray(rows.point), np.ones(len(rows)))
-        cols = np.sort(np.argsort(-np.abs(M).ravel())[:COLUMNS_PER_ROUND])
+        cols = np.sort(np.argsort(-np.abs(M).ravel())[:_per_round(n_w)])
     prog.warm.update(rows=rows, cols=cols)
     active = prog.warm.get("active")  # the points the program has rows for: every repair point, the keep points it needed
     if active is None:
@@ -820,7 +822,7 @@ def solve_hidden(prog: HiddenProgram, time_limit: float | None = None) -> Margin
         active[entering] = True
         found = _violations(prog, change, rows, tol, active)
         if len(out_cols):
-            worst = out_cols[np.argsort(-np.abs(M).ravel()[out_cols])][:COLUMNS_PER_ROUND]
+            worst = out_cols[np.argsort(-np.abs(M).ravel()[out_cols])][:_per_round(n_w)]
             master.add_cols(np.sort(worst))
             prog.warm["cols"] = np.asarray(master.entries)
         if found:
@@ -863,6 +865,11 @@ def solve_hidden(prog: HiddenProgram, time_limit: float | None = None) -> Margin
     lower = min(dual_bound(float(np.asarray(rows.rhs) @ y), zz, a, b, bound), objective)  # over every entry, in the program or not
     return MarginSolution("optimal", dW.reshape(prog.weight.shape), db, objective, lower, time.perf_counter() - t0, rounds, size,
                           delta_later=de if prog.later else None)
+
+
+def _per_round(n_w: int) -> int:
+    """Weight entries a round of column generation adds (at most), for a weight of ``n_w`` entries."""
+    return max(COLUMNS_PER_ROUND, n_w // COLUMN_SHARE)
 
 
 def _priced_out(master: _Master, price: np.ndarray) -> np.ndarray:
